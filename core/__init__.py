@@ -1,0 +1,1 @@
+"""OuroMamba Studio engine: models, scan, data, training and evaluation (no UI imports here)."""

@@ -1,0 +1,75 @@
+"""Top-1 evaluation with progress and cancel, returning a plain record that carries its provenance."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from threading import Event
+
+import torch
+from torch import nn
+
+from core.data import LabelledImages
+from core.errors import StudioError
+
+Progress = Callable[[int, int], None]
+
+
+class Cancelled(StudioError):
+    """The user cancelled; whatever was finished is kept by the caller."""
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    correct: int
+    total: int
+    seconds: float
+    device: str
+    data: str
+    predictions: list[int] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "predictions"}
+
+
+def hardware_label(device: torch.device) -> str:
+    """Which hardware produced a timing, e.g. 'CPU (2 threads, x86_64)' or 'NVIDIA H100 80GB HBM3'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: LabelledImages, batch_size: int = 500, progress: Progress | None = None,
+            cancel: Event | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Predicted class of every image, in order. Raises :class:`Cancelled` when ``cancel`` is set."""
+    if batch_size < 1:
+        raise StudioError(f"batch size must be at least 1, got {batch_size}")
+    device = torch.device(device)
+    model.eval().to(device)
+    predictions = []
+    for start in range(0, len(data), batch_size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"evaluation cancelled after {start} of {len(data)} images")
+        batch = data.normalized(start, start + batch_size).to(device)
+        predictions.append(model(batch).argmax(-1).cpu())
+        if progress is not None:
+            progress(min(start + batch_size, len(data)), len(data))
+    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+
+
+def evaluate(model: nn.Module, data: LabelledImages, batch_size: int = 500, progress: Progress | None = None,
+             cancel: Event | None = None, device: str | torch.device = "cpu") -> EvalResult:
+    """Top-1 accuracy (%) of ``model`` on ``data``, with the time it took and on which hardware."""
+    if len(data) == 0:
+        raise StudioError("nothing to evaluate: the dataset is empty")
+    start = time.perf_counter()
+    predictions = predict(model, data, batch_size, progress, cancel, device)
+    seconds = time.perf_counter() - start
+    correct = int((predictions == data.labels).sum())
+    return EvalResult(top1=100.0 * correct / len(data), correct=correct, total=len(data), seconds=seconds,
+                      device=hardware_label(torch.device(device)), data=data.source,
+                      predictions=predictions.tolist())

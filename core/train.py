@@ -1,0 +1,167 @@
+"""Train a Vim classifier on Fashion-MNIST; writes safetensors + a model card. Reproducible from the card.
+
+    python -m core.train --out assets/default_model --epochs 40 --seed 0
+
+The last 5,000 training images are held out for validation (model selection never sees the test set);
+test accuracy is measured afterwards on the CPU by ``python -m core.cli card-eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core.data import LabelledImages, load_fashion_mnist
+from core.eval import evaluate, hardware_label
+from core.models import VisionMamba, create_vim, save_safetensors
+
+VALIDATION_SIZE = 5000
+
+
+def split_train_val(train: LabelledImages) -> tuple[LabelledImages, LabelledImages]:
+    cut = len(train) - VALIDATION_SIZE
+    fit = LabelledImages(train.images[:cut], train.labels[:cut], train.classes, train.source + "[:55000]")
+    val = LabelledImages(train.images[cut:], train.labels[cut:], train.classes, train.source + "[55000:]")
+    return fit, val
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random shifts of up to ``pad`` pixels (zero fill) and horizontal flips, batched on the device."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), value=float(images.min()))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]
+    out = padded[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+    flip = torch.rand(n, generator=generator, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(args: argparse.Namespace) -> tuple[VisionMamba, dict]:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    overrides = {k: v for k, v in dict(embed_dim=args.embed_dim, depth=args.depth,
+                                       drop_path_rate=args.drop_path).items() if v is not None}
+    model = create_vim(args.model, **overrides).to(device)
+    fit, val = split_train_val(load_fashion_mnist("train", args.data))
+    images = fit.normalized().to(device)
+    labels = fit.labels.to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in model.no_weight_decay()]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or n in model.no_weight_decay()]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    steps_per_epoch = len(fit) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    warmup = steps_per_epoch * args.warmup_epochs
+    epochs = args.epochs
+    history, step, started = [], 0, time.perf_counter()
+    epoch = 0
+    while epoch < epochs:
+        model.train()
+        order = torch.randperm(len(fit), generator=generator, device=device)
+        running = 0.0
+        for i in range(steps_per_epoch):
+            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup, args.lr)
+            logits = model(augment(images[idx], generator))
+            loss = F.cross_entropy(logits, labels[idx], label_smoothing=args.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            running += loss.item()
+            step += 1
+        val_top1 = evaluate(model, val, batch_size=1000, device=device).top1
+        history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_top1": val_top1,
+                        "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(history[-1]), flush=True)
+        epoch += 1
+        if epoch == 1 and args.time_budget_min:
+            # fit the schedule into the budget once the first epoch's time is known; the card records
+            # the resulting epoch count, so `--epochs N` alone reproduces the run
+            fitting = int(args.time_budget_min * 60 / history[0]["seconds"])
+            epochs = max(1, min(epochs, fitting))
+            total_steps = steps_per_epoch * epochs
+    model = model.cpu().eval()
+    info = {"epochs": epochs, "history": history, "val_top1": history[-1]["val_top1"], "train_device": hardware_label(device),
+            "train_seconds": round(time.perf_counter() - started, 1)}
+    return model, info
+
+
+def _without_budget(argv: list[str], epochs: int) -> list[str]:
+    """The command line with the time budget replaced by the epoch count it led to."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--time-budget-min", "--epochs"):
+            skip = True
+            continue
+        if not arg.startswith(("--time-budget-min=", "--epochs=")):
+            out.append(arg)
+    return [*out, "--epochs", str(epochs)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vim_fmnist_patch4_28_midclstok")
+    parser.add_argument("--embed-dim", type=int)
+    parser.add_argument("--depth", type=int)
+    parser.add_argument("--drop-path", type=float, default=0.05)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--warmup-epochs", type=int, default=2)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget-min", type=float,
+                        help="cap the epochs so that training fits this many minutes (decided after epoch 1)")
+    parser.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (model.safetensors + card.json)")
+    args = parser.parse_args(argv)
+    model, info = train(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model, args.out / "model.safetensors")
+    argv_used = sys.argv[1:] if argv is None else argv
+    card = {
+        "name": args.model,
+        "config": model.cfg.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training_command": "python -m core.train " + shlex.join(argv_used),
+        "reproduce_command": "python -m core.train " + shlex.join(_without_budget(argv_used, info["epochs"])),
+        "seed": args.seed,
+        "data": "Fashion-MNIST train[:55000] (train[55000:] held out for validation); test = t10k (10,000)",
+        "preprocessing": "pixels / 255, normalised with mean 0.2860, std 0.3530 (1 channel, 28×28)",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        **info,
+    }
+    (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"saved {args.out}: val top-1 {info['val_top1']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
