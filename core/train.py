@@ -54,6 +54,17 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def train_step(model: VisionMamba, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               label_smoothing: float = 0.0) -> float:
+    """One optimisation step (gradient clipped at norm 1); returns the loss."""
+    loss = F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 def train(args: argparse.Namespace) -> tuple[VisionMamba, dict]:
     torch.manual_seed(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -83,13 +94,8 @@ def train(args: argparse.Namespace) -> tuple[VisionMamba, dict]:
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, args.lr)
-            logits = model(augment(images[idx], generator))
-            loss = F.cross_entropy(logits, labels[idx], label_smoothing=args.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            running += loss.item()
+            running += train_step(model, optimizer, augment(images[idx], generator), labels[idx],
+                                  args.label_smoothing)
             step += 1
         val_top1 = evaluate(model, val, batch_size=1000, device=device).top1
         history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_top1": val_top1,

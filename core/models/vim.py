@@ -198,7 +198,7 @@ class VisionMamba(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, cfg.embed_dim))
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linear, as Vim
         self.layers = nn.ModuleList(Block(cfg, i, rates[i]) for i in range(cfg.depth))
         self.norm_f = RMSNorm(cfg.embed_dim, cfg.norm_eps)
         self.head_drop = nn.Dropout(cfg.drop_rate)
