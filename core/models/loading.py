@@ -44,7 +44,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], VimConfi
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        if "Unsupported global" in str(err) or "GLOBAL" in str(err):  # it names a callable to import
             raise StudioError(f"{_describe(path)} is a pickle that wants to run code, which we never do; "
                               "re-save it as a plain state dict or as safetensors") from None
         raise StudioError(f"{_describe(path)} is not a readable checkpoint (truncated or not a PyTorch file)") from None

@@ -1,0 +1,35 @@
+"""The embedded default model: its card is complete and its accuracy is what the card says."""
+
+import pytest
+
+from core.data import load_fashion_mnist
+from core.default_model import load_default_model
+from core.eval import evaluate
+
+
+@pytest.fixture(scope="module")
+def default():
+    return load_default_model()
+
+
+def test_card_records_how_the_model_was_made(default):
+    model, card = default
+    for key in ("config", "training_command", "reproduce_command", "seed", "data", "date", "test_top1",
+                "val_top1", "train_device", "grid_choice"):
+        assert key in card, key
+    assert card["config"] == model.cfg.to_dict()
+    assert card["parameters"] == sum(p.numel() for p in model.parameters())
+    assert model.cfg.seq_len == 50 and model.cfg.cls_position == 24
+
+
+def test_accuracy_on_fixed_1000_image_subset_matches_the_card(default):
+    """First 1,000 test images (100 per class is not guaranteed, the order is the file's).
+
+    The card's test_top1 is measured on all 10,000 images; a 1,000-image subset sits within ±3 points
+    of it (binomial sd ≈ 1 point). The floor of 85 % catches a broken load or preprocessing.
+    """
+    model, card = default
+    result = evaluate(model, load_fashion_mnist("test").subset(1000))
+    assert result.total == 1000
+    assert abs(result.top1 - card["test_top1"]) < 3.0
+    assert result.top1 >= 85.0
