@@ -14,7 +14,7 @@ import math
 import shlex
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -109,7 +109,8 @@ def train(args: argparse.Namespace) -> tuple[VisionMamba, dict]:
             epochs = max(1, min(epochs, fitting))
             total_steps = steps_per_epoch * epochs
     model = model.cpu().eval()
-    info = {"epochs": epochs, "history": history, "val_top1": history[-1]["val_top1"], "train_device": hardware_label(device),
+    info = {"epochs": epochs, "history": history, "val_top1": history[-1]["val_top1"],
+            "train_device": hardware_label(device),
             "train_seconds": round(time.perf_counter() - started, 1)}
     return model, info
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "data": "Fashion-MNIST train[:55000] (train[55000:] held out for validation); test = t10k (10,000)",
         "preprocessing": "pixels / 255, normalised with mean 0.2860, std 0.3530 (1 channel, 28×28)",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         **info,
     }

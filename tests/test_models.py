@@ -185,7 +185,8 @@ def test_wrong_input_size_is_one_clear_line():
 
 
 def test_checkpoint_of_another_architecture(tmp_path: Path):
-    resnet_like = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64), "fc.weight": torch.zeros(10, 64)}
+    resnet_like = {"conv1.weight": torch.zeros(64, 3, 7, 7), "bn1.weight": torch.ones(64),
+                   "fc.weight": torch.zeros(10, 64)}
     torch.save({"model": resnet_like}, tmp_path / "resnet.pth")
     with pytest.raises(StudioError, match="not a Vision Mamba checkpoint.*conv1.weight"):
         load_checkpoint(tmp_path / "resnet.pth")

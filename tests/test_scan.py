@@ -54,7 +54,7 @@ def test_gradients_of_fast_path_match_reference():
     ref_in = [t.clone().requires_grad_() for t in inputs]
     (selective_scan_fast(*fast_in) ** 2).sum().backward()
     (selective_scan_ref(*ref_in) ** 2).sum().backward()
-    for name, a, b in zip("u delta A B C D z".split(), fast_in, ref_in, strict=True):
+    for name, a, b in zip(["u", "delta", "A", "B", "C", "D", "z"], fast_in, ref_in, strict=True):
         assert rel_err(a.grad, b.grad) < 1e-4, name
 
 
