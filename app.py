@@ -1,0 +1,46 @@
+"""Start OuroMamba Studio: ``python app.py [--host HOST] [--port PORT] [--checkpoint FILE]``.
+
+Serves on 127.0.0.1 unless told otherwise, and never phones home. A bad checkpoint prints one line and
+exits with 2, like the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# before gradio is imported (it reads these at import): no usage analytics, no Hugging Face Hub look-ups,
+# no GUI backend for plots on a headless server
+for _name, _value in {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}.items():
+    os.environ.setdefault(_name, _value)
+
+# one evaluation at a time: concurrent ones would only slow each other down and make the timings meaningless
+CONCURRENCY_LIMIT = 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python app.py", description="OuroMamba Studio (Gradio app)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--checkpoint", help="Vim checkpoint to show (default: the embedded default model)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from app.ui import DEFAULT_CHECKPOINT, build_app  # imports gradio, so only after the defaults above
+    from core.errors import StudioError
+
+    try:
+        demo = build_app(args.checkpoint or DEFAULT_CHECKPOINT)
+    except StudioError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The Gradio app of OuroMamba Studio: layout and wiring only; every computation lives in :mod:`core`."""

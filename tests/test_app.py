@@ -1,0 +1,106 @@
+"""The app served in-process and driven through its API, as a script or another program would use it."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from gradio_client import Client
+
+from app.ui import DEFAULT_CHECKPOINT, build_app
+from core.default_model import load_card
+from core.errors import StudioError
+from core.models import create_vim, save_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_app_script():
+    """app.py by path: ``import app`` finds the package app/, not the script beside it."""
+    spec = importlib.util.spec_from_file_location("studio_app_script", ROOT / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _markdown(demo: gr.Blocks) -> str:
+    """All the page's Markdown text, as built (before any event changes it)."""
+    return "\n".join(str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown))
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The default app on a free local port, closed after the module's tests."""
+    demo = build_app()
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo, Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def test_evaluate_small_subset(served):
+    _, client = served
+    text, record = client.predict(50, api_name="/evaluate")
+    assert record["total"] == 50 and 0 <= record["top1"] <= 100 and record["correct"] <= 50
+    assert record["device"].startswith("CPU") and "CPU timing" in text
+    top1 = float(re.search(r"Top-1: ([\d.]+) %", text).group(1))
+    assert top1 == pytest.approx(record["top1"], abs=0.01)
+    assert f"{record['correct']} / 50 correct" in text
+
+
+def test_repeated_request_is_served_from_cache(served):
+    _, client = served
+    first = client.predict(20, api_name="/evaluate")[1]
+    again = client.predict(20, api_name="/evaluate")[1]
+    assert not first["cached"] and again["cached"]
+    assert again["top1"] == first["top1"] and again["seconds"] == first["seconds"]
+
+
+@pytest.mark.parametrize("count", [0, 20000, -3])
+def test_out_of_range_count_is_a_message_and_the_app_keeps_serving(served, count):
+    _, client = served
+    text, record = client.predict(count, api_name="/evaluate")
+    assert record is None
+    assert text.startswith("**Error:**") and "from 1 to 10,000" in text and str(count) in text
+    assert client.predict(5, api_name="/evaluate")[1]["total"] == 5
+
+
+def test_page_shows_header_and_model_card(served):
+    texts = _markdown(served[0])
+    assert "OuroMamba Studio" in texts and "Vision Mamba" in texts
+    card = load_card()
+    for expected in (card["name"], f"embed_dim={card['config']['embed_dim']}", f"{card['parameters']:,}",
+                     card["training_command"], f"| **Seed** | {card['seed']} |", f"{card['val_top1']:.2f} %",
+                     f"{card['test_top1']:.2f} %"):
+        assert expected in texts, expected
+
+
+def test_checkpoint_without_card_shows_its_architecture(tmp_path: Path):
+    checkpoint = Path(shutil.copy(DEFAULT_CHECKPOINT, tmp_path / "mine.safetensors"))
+    texts = _markdown(build_app(checkpoint))
+    assert str(checkpoint) in texts and "embed_dim=" in texts and "No card.json beside this checkpoint" in texts
+
+
+def test_checkpoint_for_other_images_is_refused_at_start(tmp_path: Path):
+    model = create_vim("vim_fmnist_patch4_28_midclstok", in_chans=3, num_classes=100, embed_dim=16, depth=1)
+    checkpoint = save_safetensors(model, tmp_path / "rgb.safetensors")
+    with pytest.raises(StudioError, match="evaluates on Fashion-MNIST .* 3 channel"):
+        build_app(checkpoint)
+
+
+def test_script_defaults_to_localhost():
+    args = _load_app_script().parse_args([])
+    assert (args.host, args.port, args.checkpoint) == ("127.0.0.1", 7860, None)
+
+
+def test_script_bad_checkpoint_is_one_line(tmp_path: Path, capsys):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00garbage")
+    assert _load_app_script().main(["--checkpoint", str(junk)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a readable checkpoint" in err and "\n" not in err

@@ -1,0 +1,81 @@
+"""The page in a real browser (Debian's chromium, headless): what a person sees and clicks."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from app.ui import build_app
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+TOP1 = re.compile(r"Top-1: \d+\.\d\d %")
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    demo = build_app()
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail("chromium is not installed; install it with `sudo apt-get install chromium`")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def _open(browser: Browser, url: str) -> Page:
+    """A fresh tab, i.e. a separate Gradio session."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    expect(page.locator("#header")).to_contain_text("OuroMamba Studio", timeout=20_000)
+    return page
+
+
+def test_header_card_and_a_small_evaluation(browser: Browser, url: str):
+    page = _open(browser, url)
+    expect(page.locator("#header")).to_contain_text("Vision Mamba")
+    card = page.locator("#model-card")
+    expect(card).to_be_visible()
+    for text in ("Parameters", "Training command", "Seed", "Validation top-1", "Test top-1"):
+        expect(card).to_contain_text(text)
+    page.locator("#eval-count input").fill("50")
+    page.locator("#eval-run").click()
+    result = page.locator("#eval-result")
+    expect(result).to_contain_text(TOP1, timeout=25_000)
+    expect(result).to_contain_text("/ 50 correct")
+    expect(result).to_contain_text("a CPU timing")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "app_evaluate.png", full_page=True)
+    page.close()
+
+
+def test_cancel_stops_only_its_own_tab(browser: Browser, url: str):
+    running, other = _open(browser, url), _open(browser, url)
+    running.locator("#eval-count input").fill("10000")
+    running.locator("#eval-run").click()
+    expect(running.get_by_text(re.compile(r"Evaluating - [\d.]+%"))).to_be_visible(timeout=20_000)
+    other.locator("#eval-cancel").click()
+    expect(other.get_by_text("Nothing to cancel")).to_be_visible(timeout=10_000)
+    running.locator("#eval-cancel").click()
+    result = running.locator("#eval-result")
+    expect(result).to_contain_text("Stopped", timeout=15_000)
+    expect(result).to_contain_text("of 10000 images")
+    running.close()
+    other.close()
