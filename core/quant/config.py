@@ -1,0 +1,108 @@
+"""QuantConfig: everything that defines a quantization run; serialised with every result for provenance."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from core.errors import StudioError
+
+METHODS = {
+    "ouromamba": "OuroMamba: per-time-step dynamic outlier channels at high precision, static per-token inliers",
+    "static_outliers": "OuroMamba with a static outlier list: channels chosen once at calibration",
+    "ptq4vm": "PTQ4VM-style: static per-token activation scales, per-channel weights",
+    "ptq4vm_smooth": "PTQ4VM-style with a SmoothQuant-style smoothing scale (α) on linear inputs",
+    "dynamic_per_token": "dynamic per-token activation scales, no outlier handling",
+    "per_tensor": "static per-tensor min-max (weights and activations)",
+}
+SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
+OVERRIDE_FIELDS = {"w_bits", "a_bits", "o_bits", "skip"}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A quantization run: method, bit-widths, outlier rule and per-site overrides.
+
+    ``o_bits`` 16 keeps outlier channels in floating point (the release's W4A8 "O16" setting). ``overrides``
+    maps site-name patterns (fnmatch, e.g. ``"layers.0.*"`` or ``"*.out_proj.*"``) to field changes
+    (``w_bits``, ``a_bits``, ``o_bits``) or ``{"skip": True}`` to keep those sites in floating point.
+    """
+
+    method: str = "ouromamba"
+    w_bits: int = 4
+    a_bits: int = 4
+    o_bits: int = 8
+    k: float = 3.0
+    k_delta: float = 4.0
+    n_refresh: int = 10
+    weight_group_size: int = 0  # 0: one scale per output channel; g > 0: per channel and group of g inputs
+    clip_p: float = 2.4
+    smoothing_alpha: float = 0.5
+    release_compatible: bool = False
+    overrides: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise StudioError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("w_bits", "a_bits"):
+            _check_bits(name, getattr(self, name))
+        _check_bits("o_bits", self.o_bits, allow_float=True)
+        if self.k < 0 or self.k_delta < 0:
+            raise StudioError(f"k must be ≥ 0 (got k={self.k}, k_delta={self.k_delta})")
+        if self.n_refresh < 1:
+            raise StudioError(f"n_refresh must be at least 1 time-step (got {self.n_refresh})")
+        if self.weight_group_size < 0:
+            raise StudioError(f"weight_group_size must be 0 (per channel) or positive (got {self.weight_group_size})")
+        if not 0 <= self.smoothing_alpha <= 1:
+            raise StudioError(f"smoothing_alpha must be in [0, 1] (got {self.smoothing_alpha})")
+        for pattern, change in self.overrides.items():
+            unknown = set(change) - OVERRIDE_FIELDS
+            if unknown:
+                raise StudioError(f"override {pattern!r} sets unknown fields {sorted(unknown)}; "
+                                  f"allowed: {sorted(OVERRIDE_FIELDS)}")
+            for name in ("w_bits", "a_bits"):
+                if name in change:
+                    _check_bits(f"{pattern}: {name}", change[name])
+            if "o_bits" in change:
+                _check_bits(f"{pattern}: o_bits", change["o_bits"], allow_float=True)
+
+    @property
+    def label(self) -> str:
+        outliers = f"O{self.o_bits}" if self.method in ("ouromamba", "static_outliers") else ""
+        return f"{self.method} W{self.w_bits}A{self.a_bits}{outliers}"
+
+    def for_site(self, name: str) -> QuantConfig | None:
+        """The config as it applies to one site after overrides (in order), or None if the site is skipped."""
+        config = self
+        for pattern, change in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                if change.get("skip"):
+                    return None
+                config = replace(config, **{k: v for k, v in change.items() if k != "skip"}, overrides={})
+        return config
+
+    def check_overrides(self, site_names: list[str]) -> None:
+        """Every override pattern must match at least one site of the model."""
+        for pattern in self.overrides:
+            if not fnmatch.filter(site_names, pattern):
+                example = site_names[0] if site_names else "?"
+                raise StudioError(f"override {pattern!r} matches no site of this model (site names look like "
+                                  f"{example!r})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise StudioError(f"unknown QuantConfig fields {unknown}")
+        return cls(**values)
+
+
+def _check_bits(name: str, bits: int, allow_float: bool = False) -> None:
+    allowed = set(range(2, 9)) | ({16} if allow_float else set())
+    if bits not in allowed:
+        extra = " or 16 (floating point)" if allow_float else ""
+        raise StudioError(f"{name} must be an integer from 2 to 8{extra}, got {bits}")

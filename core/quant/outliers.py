@@ -1,0 +1,90 @@
+"""Per-time-step outlier channel detection of OuroMamba-Quant (method doc §3.2, §7.1–7.2, §7.8).
+
+Time runs along dim 1 of x (batch, L, C) in windows of ``n_refresh`` steps aligned to step 0. In each window
+and for each sample the outlier set starts empty (the refresh) and only grows. At step t:
+
+1. the dynamic inlier scale S^D(t) is measured on the channels not yet in the set;
+2. if S^D(t) > S^I(t), the calibrated static inlier scale, detection runs: with a = |x_t| over the token's
+   current inlier channels, channels with a > mean(a) + k·std(a) join the set;
+3. the set at step t (after detection) is that step's outlier mask.
+
+Per-sample trigger by default (results do not depend on the rest of the batch). ``release_compatible``
+reproduces the released code instead: the trigger is OR-ed over the batch, and mean/std are taken over all
+C channels of the inlier tensor (flagged channels counted as zeros).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+DynamicScale = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def max_abs_scale(qmax: int) -> DynamicScale:
+    """S^D for symmetric inliers: max |x| over the inlier channels / qmax."""
+    def scale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x.abs().masked_fill(mask, 0).amax(dim=-1) / qmax
+    return scale
+
+
+def range_scale(levels: int) -> DynamicScale:
+    """S^D for asymmetric inliers (Δ): (max − min) over the inlier channels / levels."""
+    def scale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        high = x.masked_fill(mask, float("-inf")).amax(dim=-1)
+        low = x.masked_fill(mask, float("inf")).amin(dim=-1)
+        return torch.nan_to_num((high - low) / levels, nan=0.0, posinf=0.0, neginf=0.0)
+    return scale
+
+
+def _threshold(magnitude: torch.Tensor, mask: torch.Tensor, k: float, release_compatible: bool) -> torch.Tensor:
+    """mean + k·std of |x| (unbiased) over the token's inlier channels (over all channels when release-compatible)."""
+    if release_compatible:
+        inlier_magnitude = magnitude.masked_fill(mask, 0)
+        return inlier_magnitude.mean(-1) + k * inlier_magnitude.std(-1)
+    keep = (~mask).to(magnitude.dtype)
+    count = keep.sum(-1)
+    mean = (magnitude * keep).sum(-1) / count.clamp(min=1)
+    var = (((magnitude - mean[..., None]) ** 2) * keep).sum(-1) / (count - 1).clamp(min=1)
+    return mean + k * var.sqrt()
+
+
+def outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, dynamic_scale: DynamicScale, k: float,
+                  n_refresh: int, release_compatible: bool = False) -> torch.Tensor:
+    """Boolean outlier mask (batch, L, C) for activations x (batch, L, C) and static scales (L,).
+
+    All windows run in parallel; the loop is over the n_refresh positions inside a window.
+    """
+    batch, length, channels = x.shape
+    windows = -(-length // n_refresh)
+    pad = windows * n_refresh - length
+    # padded steps get an infinite static scale: they never trigger and are cut off at the end
+    xw = F.pad(x, (0, 0, 0, pad)).view(batch, windows, n_refresh, channels)
+    scale_w = F.pad(static_scale.to(x.dtype), (0, pad), value=float("inf")).view(windows, n_refresh)
+    magnitude_w = xw.abs()
+    mask = torch.zeros(batch, windows, channels, dtype=torch.bool, device=x.device)
+    masks = []
+    for i in range(n_refresh):
+        x_i, magnitude = xw[:, :, i], magnitude_w[:, :, i]
+        trigger = dynamic_scale(x_i, mask) > scale_w[:, i]
+        if release_compatible:
+            trigger = trigger.any(dim=0, keepdim=True).expand_as(trigger)
+        theta = _threshold(magnitude, mask, k, release_compatible)
+        mask = mask | ((magnitude > theta[..., None]) & trigger[..., None])
+        masks.append(mask)
+    return torch.stack(masks, dim=2).view(batch, windows * n_refresh, channels)[:, :length]
+
+
+def strip_outliers(x: torch.Tensor, k: float, n_refresh: int) -> torch.Tensor:
+    """x with the bulk-detected outliers zeroed, for calibrating the inlier scales (method doc §3.2):
+    per token, flag |x| > mean + k·std over its channels, OR-accumulate the flags within each window."""
+    batch, length, channels = x.shape
+    magnitude = x.abs()
+    flags = magnitude > (magnitude.mean(-1, keepdim=True) + k * magnitude.std(-1, keepdim=True))
+    windows = -(-length // n_refresh)
+    pad = windows * n_refresh - length
+    flags_w = F.pad(flags, (0, 0, 0, pad)).view(batch, windows, n_refresh, channels)
+    accumulated = flags_w.to(torch.uint8).cummax(dim=2).values.bool()
+    return x.masked_fill(accumulated.view(batch, -1, channels)[:, :length], 0)

@@ -1,0 +1,174 @@
+"""``quantize(model, config, calib_images) -> QuantizedVim``: a config in, a new fake-quantized model out.
+
+The FP model is never modified: it is deep-copied, every quantized site gets its own quantizer (per layer
+and per scan direction), activation quantizers are calibrated on one full-precision pass over the
+calibration images, and the copy runs with an interceptor that routes each site through its quantizer.
+
+Which tensors (method doc §3.2): the inputs and weights of in_proj, x_proj, dt_proj and out_proj; Δ before
+softplus (asymmetric, k_delta); B and C (per token over d_state); A and D (each as one token). Patch embed,
+conv1d, norms, the z gate and the head stay in floating point.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from threading import Event
+
+import torch
+from torch import nn
+
+from core.errors import StudioError
+from core.eval import Cancelled
+from core.intercept import DIRECTIONS, Interceptor, Site, intercepting, set_interceptor
+from core.models import VisionMamba
+from core.quant.config import QuantConfig
+from core.quant.quantizers import (
+    DynamicPerTokenQuantizer,
+    OutlierAwareQuantizer,
+    PerTensorQuantizer,
+    PerTokenStaticQuantizer,
+    SingleToken,
+    WeightQuantizer,
+    smoothing_scale,
+)
+
+LINEARS = ("in_proj", "out_proj", "x_proj", "dt_proj")
+SHARED_LINEARS = ("in_proj", "out_proj")
+S6_TENSORS = ("delta_pre", "A", "B", "C", "D")
+CalibrationProgress = Callable[[str, int, int], None]
+
+
+def quantized_sites(model: VisionMamba) -> list[Site]:
+    """The sites OuroMamba-Quant touches, in forward order."""
+    sites = []
+    for layer in range(model.cfg.depth):
+        sites += [Site(layer, "in_proj.input"), Site(layer, "in_proj.weight")]
+        for direction in DIRECTIONS:
+            sites += [Site(layer, f"{name}.{part}", direction) for name in ("x_proj", "dt_proj")
+                      for part in ("input", "weight")]
+            sites += [Site(layer, name, direction) for name in S6_TENSORS]
+        sites += [Site(layer, "out_proj.input"), Site(layer, "out_proj.weight")]
+    return sites
+
+
+def _linear_weight(model: VisionMamba, site: Site) -> torch.Tensor:
+    mixer = model.layers[site.layer].mixer
+    linear = site.tensor.split(".")[0]
+    suffix = "_b" if site.direction == "bwd" and linear not in SHARED_LINEARS else ""
+    return getattr(mixer, linear + suffix).weight
+
+
+def _activation_quantizer(config: QuantConfig, site: Site) -> nn.Module:
+    asymmetric = site.tensor == "delta_pre"
+    k = config.k_delta if asymmetric else config.k
+    method = config.method
+    if method == "per_tensor":
+        quantizer = PerTensorQuantizer(config.a_bits, asymmetric, config.clip_p)
+    elif method == "dynamic_per_token":
+        quantizer = DynamicPerTokenQuantizer(config.a_bits, asymmetric, config.clip_p)
+    elif method in ("ptq4vm", "ptq4vm_smooth"):
+        quantizer = PerTokenStaticQuantizer(config.a_bits, asymmetric, config.clip_p)
+    else:
+        quantizer = OutlierAwareQuantizer(config.a_bits, config.o_bits, k, config.n_refresh, asymmetric,
+                                          config.clip_p, config.release_compatible,
+                                          static_channels=method == "static_outliers")
+    return SingleToken(quantizer) if site.tensor in ("A", "D") else quantizer
+
+
+class QuantInterceptor(Interceptor):
+    """Routes each site's tensor through its quantizer (sites without one pass unchanged)."""
+
+    def __init__(self, quantizers: dict[str, nn.Module]):
+        self.quantizers = quantizers
+
+    def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        quantizer = self.quantizers.get(site.name)
+        return x if quantizer is None else quantizer(x)
+
+
+class _Calibrator(Interceptor):
+    """One FP pass: each activation quantizer calibrates on the tensor at its site, which passes unchanged."""
+
+    def __init__(self, quantizers: dict[str, nn.Module], weights: dict[str, torch.Tensor], alpha: float | None,
+                 progress: CalibrationProgress | None, cancel: Event | None):
+        self.quantizers, self.weights, self.alpha = quantizers, weights, alpha
+        self.progress, self.cancel, self.done = progress, cancel, 0
+
+    def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        quantizer = self.quantizers.get(site.name)
+        if quantizer is None or site.tensor.endswith(".weight"):
+            return x
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"calibration cancelled after {self.done} of {len(self.quantizers)} sites")
+        if self.alpha is not None and site.name in self.weights:
+            quantizer.smoothing = smoothing_scale(x, self.weights[site.name], self.alpha)
+        quantizer.calibrate(x)
+        self.done += 1
+        if self.progress is not None:
+            self.progress(site.name, self.done, len(self.quantizers))
+        return x
+
+
+class QuantizedVim(nn.Module):
+    """A fake-quantized copy of a Vim: ``model`` runs every quantized site through ``quantizers``.
+
+    ``provenance`` (config, calibration source and size, time) travels with every result it produces.
+    """
+
+    def __init__(self, model: VisionMamba, config: QuantConfig, quantizers: dict[str, nn.Module],
+                 provenance: dict):
+        super().__init__()
+        self.model, self.config, self.provenance = model, config, provenance
+        # ModuleDict keys cannot contain dots; ":" stands in for them
+        self.quantizers = nn.ModuleDict({name.replace(".", ":"): q for name, q in quantizers.items()})
+        set_interceptor(self.model, QuantInterceptor(quantizers))
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def check_input(self, x: torch.Tensor) -> None:
+        self.model.check_input(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def quantize(model: VisionMamba, config: QuantConfig, calib_images: torch.Tensor,
+             progress: CalibrationProgress | None = None, cancel: Event | None = None) -> QuantizedVim:
+    """Quantize a copy of ``model`` as ``config`` says, calibrated on ``calib_images`` (n, C, H, W)."""
+    if calib_images.ndim != 4 or len(calib_images) == 0:
+        raise StudioError("calibration needs at least one image batch shaped (n, channels, height, width)")
+    model.check_input(calib_images)
+    start = time.perf_counter()
+    qmodel = copy.deepcopy(model).eval()
+    set_interceptor(qmodel, None)
+    sites = quantized_sites(qmodel)
+    config.check_overrides([s.name for s in sites])
+    quantizers: dict[str, nn.Module] = {}
+    linear_inputs: dict[str, torch.Tensor] = {}  # input site name → weight, for smoothing
+    for site in sites:
+        site_config = config.for_site(site.name)
+        if site_config is None or site.tensor.endswith(".weight"):
+            continue
+        quantizers[site.name] = _activation_quantizer(site_config, site)
+        if site.tensor.endswith(".input"):
+            linear_inputs[site.name] = _linear_weight(qmodel, site)
+    alpha = config.smoothing_alpha if config.method == "ptq4vm_smooth" else None
+    calibrator = _Calibrator(quantizers, linear_inputs, alpha, progress, cancel)
+    with torch.no_grad(), intercepting(qmodel, calibrator):
+        qmodel(calib_images)
+    for site in sites:
+        site_config = config.for_site(site.name)
+        if site_config is None or not site.tensor.endswith(".weight"):
+            continue
+        input_quantizer = quantizers.get(site.name.replace(".weight", ".input"))
+        smoothing = getattr(input_quantizer, "smoothing", None)
+        quantizers[site.name] = WeightQuantizer(_linear_weight(qmodel, site), site_config.w_bits,
+                                                site_config.weight_group_size, site_config.clip_p,
+                                                per_tensor=config.method == "per_tensor", smoothing=smoothing)
+    provenance = {"config": config.to_dict(), "calibration_images": len(calib_images),
+                  "calibration_seconds": round(time.perf_counter() - start, 2)}
+    return QuantizedVim(qmodel, config, quantizers, provenance)

@@ -1,0 +1,213 @@
+"""Quantizer modules: one per interception site, calibrated once on full-precision activations.
+
+Activation quantizers see (batch, L, C) with time along dim 1 (A and D are viewed as one token of E·N and
+E channels). Each is either symmetric (±qmax) or asymmetric (unsigned levels + zero point, for Δ before
+softplus). Scales that calibration sets are ``nn.Parameter``s, so block reconstruction can learn them
+through the straight-through rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.errors import StudioError
+from core.quant.fake import (
+    FULL_PRECISION_BITS,
+    MIN_SCALE,
+    asymmetric_levels,
+    asymmetric_params,
+    fake_quant_asymmetric,
+    fake_quant_symmetric,
+    search_asymmetric_clip,
+    search_symmetric_clip,
+    symmetric_qmax,
+)
+from core.quant.outliers import max_abs_scale, outlier_masks, range_scale, strip_outliers
+
+
+class ActivationQuantizer(nn.Module):
+    """Base: ``calibrate(x)`` once, then ``forward(x)`` fake-quantizes. ``smoothing`` (C,) divides the input
+    first (its inverse multiplies the matching weight), as SmoothQuant."""
+
+    def __init__(self, bits: int, asymmetric: bool = False, clip_p: float = 2.4):
+        super().__init__()
+        self.bits, self.asymmetric, self.clip_p = bits, asymmetric, clip_p
+        self.qmax = asymmetric_levels(bits) if asymmetric else symmetric_qmax(bits)
+        self.smoothing: torch.Tensor | None = None
+
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.smoothing is None else x / self.smoothing
+
+    def _quant(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        if self.asymmetric:
+            return fake_quant_asymmetric(x, scale, zero, self.qmax)
+        return fake_quant_symmetric(x, scale, self.qmax)
+
+    def _dynamic(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-(sample, token) scale from the values themselves (restricted to ``keep`` if given)."""
+        if self.asymmetric:
+            high = x if keep is None else x.masked_fill(~keep, float("-inf"))
+            low = x if keep is None else x.masked_fill(~keep, float("inf"))
+            high, low = high.amax(-1, keepdim=True), low.amin(-1, keepdim=True)
+            high, low = torch.nan_to_num(high, neginf=0.0), torch.nan_to_num(low, posinf=0.0)
+            scale, zero = asymmetric_params(low, high, self.qmax)
+            return fake_quant_asymmetric(x, scale, zero, self.qmax)
+        magnitude = x.abs() if keep is None else x.abs() * keep
+        return fake_quant_symmetric(x, magnitude.amax(-1, keepdim=True) / self.qmax, self.qmax)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PerTensorQuantizer(ActivationQuantizer):
+    """One static scale (and zero point) from the calibration min/max: the simplest baseline."""
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        x = self._smooth(x).detach()
+        if self.asymmetric:
+            scale, zero = asymmetric_params(x.min(), x.max(), self.qmax)
+            self.register_buffer("zero_point", zero.reshape(1))
+        else:
+            scale, self.zero_point = (x.abs().max() / self.qmax).clamp(min=MIN_SCALE), None
+        self.scale = nn.Parameter(scale.reshape(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._quant(self._smooth(x), self.scale, self.zero_point)
+
+
+class DynamicPerTokenQuantizer(ActivationQuantizer):
+    """A scale per (sample, token) measured at run time; nothing to calibrate, no outlier handling."""
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._dynamic(self._smooth(x))
+
+
+class PerTokenStaticQuantizer(ActivationQuantizer):
+    """A static scale per time-step t (PTQ4VM-style), clip-searched on the calibration activations."""
+
+    def _search(self, x: torch.Tensor) -> None:
+        per_token = x.detach().transpose(0, 1).reshape(x.shape[1], -1)  # (L, batch·C)
+        if self.asymmetric:
+            scale, zero = search_asymmetric_clip(per_token, self.qmax, self.clip_p)
+            self.register_buffer("zero_point", zero)
+        else:
+            scale, self.zero_point = search_symmetric_clip(per_token, self.qmax, self.clip_p), None
+        self.scale = nn.Parameter(scale)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        self._search(self._smooth(x))
+
+    def _token_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if x.shape[1] != self.scale.shape[0]:
+            raise StudioError(f"this quantizer was calibrated for {self.scale.shape[0]} time-steps, got {x.shape[1]}")
+        zero = None if self.zero_point is None else self.zero_point[:, None]
+        return self.scale[:, None], zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero = self._token_params(x)
+        return self._quant(self._smooth(x), scale, zero)
+
+
+class OutlierAwareQuantizer(PerTokenStaticQuantizer):
+    """OuroMamba-Quant: static per-token inlier scale S^I(t) (clip-searched on outlier-stripped calibration
+    data) and outlier channels at ``outlier_bits`` with a dynamic per-(sample, token) scale.
+
+    ``static_channels`` False: outliers detected at every time-step (mean + k·std, windows of n_refresh).
+    True: the baseline with a fixed list, chosen at calibration as the channels most often flagged by the
+    dynamic rule, as many as the dynamic rule flags per token on average (the same budget, but fixed).
+    """
+
+    def __init__(self, bits: int, outlier_bits: int, k: float, n_refresh: int, asymmetric: bool = False,
+                 clip_p: float = 2.4, release_compatible: bool = False, static_channels: bool = False):
+        super().__init__(bits, asymmetric, clip_p)
+        self.outlier_bits, self.k, self.n_refresh = outlier_bits, k, n_refresh
+        self.release_compatible, self.static_channels = release_compatible, static_channels
+        self.outlier = None if outlier_bits >= FULL_PRECISION_BITS else ActivationQuantizer(outlier_bits, asymmetric)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        x = self._smooth(x).detach()
+        self._search(strip_outliers(x, self.k, self.n_refresh))
+        if self.static_channels:
+            masks = self.masks(x)
+            budget = max(1, round(float(masks.sum(-1).float().mean())))
+            frequency = masks.float().mean(dim=(0, 1))
+            static = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+            static[frequency.topk(budget).indices] = True
+            self.register_buffer("static_mask", static)
+
+    def dynamic_scale_fn(self):
+        return range_scale(self.qmax) if self.asymmetric else max_abs_scale(self.qmax)
+
+    def masks(self, x: torch.Tensor) -> torch.Tensor:
+        """The outlier mask (batch, L, C) this quantizer applies to (smoothed) x."""
+        if self.static_channels and hasattr(self, "static_mask"):
+            return self.static_mask.expand_as(x)
+        return outlier_masks(x.detach(), self.scale.detach(), self.dynamic_scale_fn(), self.k, self.n_refresh,
+                             self.release_compatible)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._smooth(x)
+        scale, zero = self._token_params(x)
+        mask = self.masks(x)
+        inliers = self._quant(x.masked_fill(mask, 0), scale, zero)
+        outliers = x if self.outlier is None else self.outlier._dynamic(x, keep=mask)
+        return torch.where(mask, outliers, inliers)
+
+
+class SingleToken(nn.Module):
+    """Quantize a static tensor (A: E×N, D: E) as one token whose channels are all its elements."""
+
+    def __init__(self, quantizer: ActivationQuantizer):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        self.quantizer.calibrate(x.reshape(1, 1, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(x.reshape(1, 1, -1)).reshape(x.shape)
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric weights: a clip-searched scale per output channel (and per group of ``group_size`` inputs),
+    or one per tensor (min-max). ``smoothing`` (in_features,) multiplies the columns first."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int = 0, clip_p: float = 2.4,
+                 per_tensor: bool = False, smoothing: torch.Tensor | None = None):
+        super().__init__()
+        rows, cols = weight.shape
+        self.group_size = group_size or cols
+        if cols % self.group_size:
+            raise StudioError(f"weight_group_size {group_size} does not divide the {cols} inputs of a weight")
+        self.qmax = symmetric_qmax(bits)
+        self.smoothing = smoothing
+        w = self._grouped(weight.detach())
+        if per_tensor:
+            scale = (w.abs().max() / self.qmax).clamp(min=MIN_SCALE).reshape(1, 1, 1)
+        else:
+            scale = search_symmetric_clip(w.reshape(-1, self.group_size), self.qmax, clip_p)
+            scale = scale.reshape(rows, -1, 1)
+        self.scale = nn.Parameter(scale)
+
+    def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.smoothing is not None:
+            weight = weight * self.smoothing
+        return weight.reshape(weight.shape[0], -1, self.group_size)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quant_symmetric(self._grouped(weight), self.scale, self.qmax).reshape(weight.shape)
+
+
+def smoothing_scale(activation: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant: s_c = max|x_c|^α / max|W_:,c|^(1−α) per input channel c (x divided by s, W multiplied)."""
+    act_max = activation.detach().abs().amax(dim=(0, 1)).clamp(min=1e-5)
+    weight_max = weight.detach().abs().amax(dim=0).clamp(min=1e-5)
+    return (act_max.pow(alpha) / weight_max.pow(1 - alpha)).clamp(min=1e-5)
+
