@@ -81,6 +81,8 @@ def strip_outliers(x: torch.Tensor, k: float, n_refresh: int) -> torch.Tensor:
     """x with the bulk-detected outliers zeroed, for calibrating the inlier scales (method doc §3.2):
     per token, flag |x| > mean + k·std over its channels, OR-accumulate the flags within each window."""
     batch, length, channels = x.shape
+    if channels < 2:  # no spread to measure: nothing stands out
+        return x
     magnitude = x.abs()
     flags = magnitude > (magnitude.mean(-1, keepdim=True) + k * magnitude.std(-1, keepdim=True))
     windows = -(-length // n_refresh)

@@ -1,0 +1,235 @@
+"""OuroMamba-Quant: quantizer math on hand-computed examples, the outlier rule, configs and the API."""
+
+import pytest
+import torch
+
+from core.errors import StudioError
+from core.quant import QuantConfig, quantize, quantized_sites
+from core.quant.fake import (
+    asymmetric_params,
+    fake_quant_asymmetric,
+    fake_quant_symmetric,
+    search_symmetric_clip,
+    symmetric_qmax,
+)
+from core.quant.outliers import max_abs_scale, outlier_masks, strip_outliers
+from core.quant.quantizers import OutlierAwareQuantizer, PerTokenStaticQuantizer, WeightQuantizer
+
+# ---- rounding, clamping, symmetric and asymmetric grids ----
+
+
+def test_symmetric_rounding_and_clamping_by_hand():
+    x = torch.tensor([0.0, 0.24, 0.25, 0.26, 0.75, -0.5, 1.9, -3.0])
+    # scale 0.5, 4 bits → levels −7…7: 0.24/0.5 = 0.48 → 0; 0.25 → 0.5 → 0 (half to even); 0.26 → 1;
+    # 0.75 → 1.5 → 2; −0.5 → −1; 1.9 → 3.8 → 4; −3.0 → −6
+    assert fake_quant_symmetric(x, torch.tensor(0.5), symmetric_qmax(4)).tolist() == \
+        [0.0, 0.0, 0.0, 0.5, 1.0, -0.5, 2.0, -3.0]
+    assert fake_quant_symmetric(torch.tensor([9.0, -9.0]), torch.tensor(1.0), 7).tolist() == [7.0, -7.0]
+    assert symmetric_qmax(8) == 127 and symmetric_qmax(4) == 7
+
+
+def test_asymmetric_zero_point_by_hand():
+    scale, zero = asymmetric_params(torch.tensor(-1.0), torch.tensor(2.0), 15)  # 4-bit unsigned, 0…15
+    assert scale.item() == pytest.approx(0.2) and zero.item() == 5.0
+    x = torch.tensor([-1.0, -0.05, 0.0, 0.31, 2.0, 5.0, -4.0])
+    # round(x/0.2) + 5 clamped to [0, 15], minus 5, times 0.2
+    assert torch.allclose(fake_quant_asymmetric(x, scale, zero, 15),
+                          torch.tensor([-1.0, 0.0, 0.0, 0.4, 2.0, 2.0, -1.0]))
+    scale, zero = asymmetric_params(torch.tensor(0.5), torch.tensor(3.5), 15)  # range widened to include 0
+    assert scale.item() == pytest.approx(3.5 / 15) and zero.item() == 0
+
+
+def test_straight_through_gradients_reach_input_and_scale():
+    x = torch.tensor([0.3, -0.8, 5.0], requires_grad=True)
+    scale = torch.tensor(0.5, requires_grad=True)
+    fake_quant_symmetric(x, scale, 7).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]  # the clamped element gets none
+    assert scale.grad is not None and scale.grad != 0
+
+
+def test_clip_search_clips_a_gaussian_and_keeps_a_uniform_row():
+    gaussian = torch.randn(10000, generator=torch.Generator().manual_seed(0))
+    uniform = torch.linspace(-1, 1, 10000)
+    scales = search_symmetric_clip(torch.stack([gaussian, uniform]), qmax=7)
+    clip = scales[0] * 7 / gaussian.abs().max()
+    assert 0.4 < clip < 0.95  # rounding error traded against clipping the tails
+    assert scales[1] * 7 > 0.85 and scales[1] * 7 > clip + 0.1
+
+
+# ---- the per-time-step outlier rule ----
+
+
+def planted(batch=2, length=30, channels=32, seed=0):
+    """Gaussian activations; in sample 0 channel (3t mod C) is 40 at step t: an outlier that moves."""
+    x = torch.randn(batch, length, channels, generator=torch.Generator().manual_seed(seed))
+    for t in range(length):
+        x[0, t, (3 * t) % channels] = 40.0
+    return x
+
+
+def test_moving_outlier_is_detected_at_every_step_and_accumulates_within_windows():
+    x = planted()
+    masks = outlier_masks(x, torch.full((30,), 0.2), max_abs_scale(7), k=3.0, n_refresh=10)
+    assert all(masks[0, t, (3 * t) % 32] for t in range(30))
+    counts = masks[0].sum(-1).tolist()
+    assert counts[0] >= 1 and counts[10] < counts[9] and counts[20] < counts[19]  # reset at window starts
+    assert all(counts[t] >= counts[t - 1] for t in range(1, 30) if t % 10)  # only grows inside a window
+    assert all(masks[0, t, (3 * (t - 1)) % 32] for t in range(1, 30) if t % 10)  # stays flagged in its window
+
+
+def test_window_reset_by_hand():
+    x = torch.zeros(1, 4, 16)
+    x[0, :, :] = 1.0
+    x[0, 0, 5] = 100.0  # outlier at step 0 only
+    masks = outlier_masks(x, torch.full((4,), 0.01), max_abs_scale(7), k=3.0, n_refresh=2)
+    assert masks[0, :, 5].tolist() == [True, True, False, False]  # kept for its window, dropped after refresh
+
+
+def test_no_trigger_when_inliers_fit_the_static_scale():
+    x = planted()
+    masks = outlier_masks(x, torch.full((30,), 100.0), max_abs_scale(7), k=3.0, n_refresh=10)
+    assert not masks.any()
+
+
+def test_per_sample_trigger_is_independent_of_the_batch():
+    x = planted(batch=3)
+    scale = torch.full((30,), 0.8)
+    together = outlier_masks(x, scale, max_abs_scale(7), 3.0, 10)
+    alone = torch.cat([outlier_masks(x[i:i + 1], scale, max_abs_scale(7), 3.0, 10) for i in range(3)])
+    assert torch.equal(together, alone)
+
+
+def test_release_compatible_trigger_is_batch_wide():
+    x = planted(batch=2)
+    x[1] *= 0.01  # a quiet sample: never triggers by itself
+    x[1, 4, 7] = 0.3  # but has a clear outlier of its own at step 4 (0.3 / 7 < 0.05: no trigger alone)
+    scale = torch.full((30,), 0.05)
+    own = outlier_masks(x, scale, max_abs_scale(7), 3.0, 10)
+    release = outlier_masks(x, scale, max_abs_scale(7), 3.0, 10, release_compatible=True)
+    assert not own[1].any()  # per sample: the quiet sample never triggers
+    assert release[1, 4, 7]  # OR over the batch: sample 0's trigger makes sample 1 detect too
+
+
+def test_strip_outliers_zeroes_flags_for_the_rest_of_the_window():
+    x = planted(batch=1)
+    stripped = strip_outliers(x, 3.0, 10)
+    assert stripped[0, 0, 0] == 0 and stripped[0, 5, 0] == 0 and stripped[0, 12, 0] != 0
+
+
+def test_static_list_misses_a_moving_outlier_that_dynamic_detection_keeps():
+    calib = planted(batch=4, length=30)
+    dynamic = OutlierAwareQuantizer(4, 8, k=3.0, n_refresh=10)
+    static = OutlierAwareQuantizer(4, 8, k=3.0, n_refresh=10, static_channels=True)
+    dynamic.calibrate(calib)
+    static.calibrate(calib)
+    test = planted(batch=1, length=30, seed=1)
+    planted_channel = torch.tensor([(3 * t) % 32 for t in range(30)])
+    with torch.no_grad():
+        err_dynamic = (dynamic(test) - test)[0, torch.arange(30), planted_channel].abs()
+        err_static = (static(test) - test)[0, torch.arange(30), planted_channel].abs()
+    assert static.static_mask.sum() < 32
+    assert err_dynamic.max() < 0.2  # the 40s take the 8-bit outlier path at every step (step 40/127)
+    assert (err_static > 10).sum() > 20  # a fixed list covers the moving channel at few steps only
+
+
+def test_outliers_in_floating_point_with_16_bits():
+    q = OutlierAwareQuantizer(4, 16, k=3.0, n_refresh=10)
+    x = planted(batch=1)
+    q.calibrate(x)
+    with torch.no_grad():
+        out = q(x)
+    assert all(out[0, t, (3 * t) % 32] == 40.0 for t in range(30))
+
+
+def test_per_token_scales_are_learnable_and_tied_to_the_sequence_length():
+    q = PerTokenStaticQuantizer(4)
+    q.calibrate(torch.randn(4, 10, 8))
+    assert isinstance(q.scale, torch.nn.Parameter) and q.scale.shape == (10,)
+    q(torch.randn(2, 10, 8)).sum().backward()
+    assert q.scale.grad is not None and q.scale.grad.abs().sum() > 0
+    with pytest.raises(StudioError, match="calibrated for 10 time-steps, got 12"):
+        q(torch.randn(1, 12, 8))
+
+
+def test_weight_quantizer_groups_and_rows():
+    w = torch.randn(6, 8)
+    q = WeightQuantizer(w, bits=4, group_size=4)
+    assert q.scale.shape == (6, 2, 1)
+    wq = q(w)
+    levels = (wq.reshape(6, 2, 4) / q.scale).round()
+    assert torch.allclose(wq.reshape(6, 2, 4), levels * q.scale) and levels.abs().max() <= 7
+    with pytest.raises(StudioError, match="does not divide"):
+        WeightQuantizer(w, bits=4, group_size=3)
+
+
+# ---- configs ----
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(w_bits=0), "w_bits must be an integer from 2 to 8"),
+    (dict(a_bits=16), "a_bits must be"),
+    (dict(o_bits=12), "o_bits must be .* or 16"),
+    (dict(k=-1.0), "k must be ≥ 0"),
+    (dict(n_refresh=0), "n_refresh must be at least 1"),
+    (dict(method="gptq"), "unknown method"),
+    (dict(overrides={"layers.0.*": {"bits": 3}}), "unknown fields"),
+])
+def test_bad_configs_are_rejected_clearly(kwargs, message):
+    with pytest.raises(StudioError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_config_round_trip_and_overrides():
+    config = QuantConfig(method="ptq4vm", overrides={"layers.1.*": {"a_bits": 8}, "*.out_proj.*": {"skip": True}})
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    assert config.for_site("layers.1.fwd.B").a_bits == 8 and config.for_site("layers.0.fwd.B").a_bits == 4
+    assert config.for_site("layers.0.out_proj.input") is None
+
+
+# ---- the API on a small Vim ----
+
+
+@pytest.fixture(scope="module")
+def small_vim():
+    from core.models import VimConfig, VisionMamba
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=28, patch_size=4, stride=4, in_chans=1, num_classes=10, embed_dim=16, depth=2)
+    return VisionMamba(cfg).eval(), torch.randn(8, 1, 28, 28)
+
+
+def test_quantize_leaves_the_fp_model_untouched_and_covers_every_site(small_vim):
+    model, images = small_vim
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    qmodel = quantize(model, QuantConfig(w_bits=4, a_bits=4), images)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(m.interceptor is None for m in model.modules() if hasattr(m, "interceptor"))
+    names = {s.name for s in quantized_sites(model)}
+    assert {k.replace(":", ".") for k in qmodel.quantizers} == names
+    assert len(names) == 2 * (4 + 2 * (4 + 5))
+    with torch.no_grad():
+        assert not torch.allclose(qmodel(images), model(images))
+
+
+def test_unknown_override_names_are_rejected(small_vim):
+    model, images = small_vim
+    with pytest.raises(StudioError, match="matches no site"):
+        quantize(model, QuantConfig(overrides={"layers.7.*": {"skip": True}}), images)
+
+
+def test_skipping_every_site_gives_the_fp_model(small_vim):
+    model, images = small_vim
+    qmodel = quantize(model, QuantConfig(overrides={"*": {"skip": True}}), images)
+    with torch.no_grad():
+        assert torch.equal(qmodel(images), model(images))
+
+
+def test_w8a8_on_the_default_model_is_within_one_point_of_fp():
+    from core.data import load_fashion_mnist
+    from core.default_model import load_default_model
+    from core.eval import evaluate
+    model, _ = load_default_model()
+    calib = load_fashion_mnist("train").normalized(0, 32)
+    test = load_fashion_mnist("test").subset(500)
+    fp = evaluate(model, test).top1
+    quantized = evaluate(quantize(model, QuantConfig(w_bits=8, a_bits=8), calib), test).top1
+    assert abs(quantized - fp) <= 1.0
