@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.errors import StudioError
-from core.quant import QuantConfig, quantize, quantized_sites
+from core.quant import QuantConfig, ReconstructionConfig, quantize, quantized_sites
 from core.quant.fake import (
     asymmetric_params,
     fake_quant_asymmetric,
@@ -14,6 +14,9 @@ from core.quant.fake import (
 )
 from core.quant.outliers import max_abs_scale, outlier_masks, strip_outliers
 from core.quant.quantizers import OutlierAwareQuantizer, PerTokenStaticQuantizer, WeightQuantizer
+from core.quant.reconstruct import block_parameters, reconstruct
+
+STATIC_ONLY = ReconstructionConfig(epochs=0)
 
 # ---- rounding, clamping, symmetric and asymmetric grids ----
 
@@ -180,7 +183,8 @@ def test_bad_configs_are_rejected_clearly(kwargs, message):
 
 
 def test_config_round_trip_and_overrides():
-    config = QuantConfig(method="ptq4vm", overrides={"layers.1.*": {"a_bits": 8}, "*.out_proj.*": {"skip": True}})
+    config = QuantConfig(method="ptq4vm", overrides={"layers.1.*": {"a_bits": 8}, "*.out_proj.*": {"skip": True}},
+                         reconstruction=ReconstructionConfig(epochs=3, lr=1e-3))
     assert QuantConfig.from_dict(config.to_dict()) == config
     assert config.for_site("layers.1.fwd.B").a_bits == 8 and config.for_site("layers.0.fwd.B").a_bits == 4
     assert config.for_site("layers.0.out_proj.input") is None
@@ -200,7 +204,7 @@ def small_vim():
 def test_quantize_leaves_the_fp_model_untouched_and_covers_every_site(small_vim):
     model, images = small_vim
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    qmodel = quantize(model, QuantConfig(w_bits=4, a_bits=4), images)
+    qmodel = quantize(model, QuantConfig(w_bits=4, a_bits=4, reconstruction=STATIC_ONLY), images)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(m.interceptor is None for m in model.modules() if hasattr(m, "interceptor"))
     names = {s.name for s in quantized_sites(model)}
@@ -213,12 +217,12 @@ def test_quantize_leaves_the_fp_model_untouched_and_covers_every_site(small_vim)
 def test_unknown_override_names_are_rejected(small_vim):
     model, images = small_vim
     with pytest.raises(StudioError, match="matches no site"):
-        quantize(model, QuantConfig(overrides={"layers.7.*": {"skip": True}}), images)
+        quantize(model, QuantConfig(overrides={"layers.7.*": {"skip": True}}, reconstruction=STATIC_ONLY), images)
 
 
 def test_skipping_every_site_gives_the_fp_model(small_vim):
     model, images = small_vim
-    qmodel = quantize(model, QuantConfig(overrides={"*": {"skip": True}}), images)
+    qmodel = quantize(model, QuantConfig(overrides={"*": {"skip": True}}, reconstruction=STATIC_ONLY), images)
     with torch.no_grad():
         assert torch.equal(qmodel(images), model(images))
 
@@ -231,5 +235,39 @@ def test_w8a8_on_the_default_model_is_within_one_point_of_fp():
     calib = load_fashion_mnist("train").normalized(0, 32)
     test = load_fashion_mnist("test").subset(500)
     fp = evaluate(model, test).top1
-    quantized = evaluate(quantize(model, QuantConfig(w_bits=8, a_bits=8), calib), test).top1
+    quantized = evaluate(quantize(model, QuantConfig(w_bits=8, a_bits=8, reconstruction=STATIC_ONLY), calib), test).top1
     assert abs(quantized - fp) <= 1.0
+
+
+@pytest.fixture(scope="module")
+def default_model_and_calibration():
+    from core.data import load_fashion_mnist
+    from core.default_model import load_default_model
+    model, _ = load_default_model()
+    return model, load_fashion_mnist("train").normalized(0, 16)
+
+
+@pytest.mark.parametrize("method", ["ouromamba", "ptq4vm_smooth"])
+def test_reconstruction_lowers_every_block_loss_and_trains_every_scale(default_model_and_calibration, method):
+    model, images = default_model_and_calibration
+    qmodel = quantize(model, QuantConfig(method=method, w_bits=4, a_bits=4, reconstruction=STATIC_ONLY), images)
+    before = {name: p.detach().clone() for name, p in qmodel.quantizers.named_parameters()}
+    seen = []
+    report = reconstruct(qmodel, model, images, ReconstructionConfig(epochs=2, batch_size=8),
+                         progress=lambda stage, done, total, loss: seen.append((stage, done, total)))
+    assert seen == [("reconstruct", i, 4) for i in range(1, 5)]
+    assert all(block["loss_after"] < block["loss_before"] for block in report), report
+    unchanged = [name for name, p in qmodel.quantizers.named_parameters() if torch.equal(p, before[name])]
+    assert not unchanged, f"scales that received no update: {unchanged}"
+    assert len(block_parameters(qmodel, 0)) == len(before) // 4
+
+
+def test_reconstruction_can_be_cancelled(small_vim):
+    import threading
+
+    from core.eval import Cancelled
+    model, images = small_vim
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled, match="cancelled"):
+        quantize(model, QuantConfig(reconstruction=ReconstructionConfig(epochs=1)), images, cancel=cancel)

@@ -241,19 +241,22 @@ class VisionMamba(nn.Module):
                               f"resize the images, or load the checkpoint with img_size={x.shape[-1]} "
                               "to resample its position embedding")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-norm features of the CLS token, (batch, embed_dim)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The token sequence entering the first block: patches, the CLS token in the middle, positions."""
         self.check_input(x)
         tokens = self.patch_embed(x)
         cls = self.cfg.cls_position
         cls_token = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
         tokens = torch.cat([tokens[:, :cls], cls_token, tokens[:, cls:]], dim=1)
-        hidden = self.pos_drop(tokens + self.pos_embed.to(tokens.dtype))
-        residual = None
+        return self.pos_drop(tokens + self.pos_embed.to(tokens.dtype))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm features of the CLS token, (batch, embed_dim)."""
+        hidden, residual = self.embed(x), None
         for block in self.layers:
             hidden, residual = block(hidden, residual)
         residual = residual + self.layers[-1].drop_path(hidden).float()
-        return self.norm_f(residual)[:, cls].to(x.dtype)
+        return self.norm_f(residual)[:, self.cfg.cls_position].to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_drop(self.forward_features(x)))

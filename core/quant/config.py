@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from core.errors import StudioError
@@ -17,6 +18,26 @@ METHODS = {
 }
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 OVERRIDE_FIELDS = {"w_bits", "a_bits", "o_bits", "skip"}
+# progress(stage, done, total, loss): stage "calibrate" counts sites, "reconstruct" counts blocks (with loss)
+Progress = Callable[[str, int, int, float | None], None]
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """Block-wise reconstruction after the static calibration (defaults: the release's, §7.7).
+    ``epochs`` 0 keeps the clip-searched scales."""
+
+    epochs: int = 10
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    batch_size: int = 32
+    grad_clip: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise StudioError(f"reconstruction needs epochs ≥ 0, batch_size ≥ 1 and lr > 0 (got epochs="
+                              f"{self.epochs}, batch_size={self.batch_size}, lr={self.lr})")
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,7 @@ class QuantConfig:
     smoothing_alpha: float = 0.5
     release_compatible: bool = False
     overrides: dict[str, dict] = field(default_factory=dict)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -78,7 +100,7 @@ class QuantConfig:
             if fnmatch.fnmatchcase(name, pattern):
                 if change.get("skip"):
                     return None
-                config = replace(config, **{k: v for k, v in change.items() if k != "skip"}, overrides={})
+                config = replace(config, **{k: v for k, v in change.items() if k != "skip"})
         return config
 
     def check_overrides(self, site_names: list[str]) -> None:
@@ -98,6 +120,9 @@ class QuantConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise StudioError(f"unknown QuantConfig fields {unknown}")
+        values = dict(values)
+        if isinstance(values.get("reconstruction"), dict):
+            values["reconstruction"] = ReconstructionConfig(**values["reconstruction"])
         return cls(**values)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from threading import Event
 
 import torch
@@ -23,7 +22,8 @@ from core.errors import StudioError
 from core.eval import Cancelled
 from core.intercept import DIRECTIONS, Interceptor, Site, intercepting, set_interceptor
 from core.models import VisionMamba
-from core.quant.config import QuantConfig
+from core.quant.config import Progress, QuantConfig
+from core.quant.model import QuantizedVim
 from core.quant.quantizers import (
     DynamicPerTokenQuantizer,
     OutlierAwareQuantizer,
@@ -33,11 +33,11 @@ from core.quant.quantizers import (
     WeightQuantizer,
     smoothing_scale,
 )
+from core.quant.reconstruct import reconstruct
 
 LINEARS = ("in_proj", "out_proj", "x_proj", "dt_proj")
 SHARED_LINEARS = ("in_proj", "out_proj")
 S6_TENSORS = ("delta_pre", "A", "B", "C", "D")
-CalibrationProgress = Callable[[str, int, int], None]
 
 
 def quantized_sites(model: VisionMamba) -> list[Site]:
@@ -77,22 +77,11 @@ def _activation_quantizer(config: QuantConfig, site: Site) -> nn.Module:
     return SingleToken(quantizer) if site.tensor in ("A", "D") else quantizer
 
 
-class QuantInterceptor(Interceptor):
-    """Routes each site's tensor through its quantizer (sites without one pass unchanged)."""
-
-    def __init__(self, quantizers: dict[str, nn.Module]):
-        self.quantizers = quantizers
-
-    def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
-        quantizer = self.quantizers.get(site.name)
-        return x if quantizer is None else quantizer(x)
-
-
 class _Calibrator(Interceptor):
     """One FP pass: each activation quantizer calibrates on the tensor at its site, which passes unchanged."""
 
     def __init__(self, quantizers: dict[str, nn.Module], weights: dict[str, torch.Tensor], alpha: float | None,
-                 progress: CalibrationProgress | None, cancel: Event | None):
+                 progress: Progress | None, cancel: Event | None):
         self.quantizers, self.weights, self.alpha = quantizers, weights, alpha
         self.progress, self.cancel, self.done = progress, cancel, 0
 
@@ -107,38 +96,14 @@ class _Calibrator(Interceptor):
         quantizer.calibrate(x)
         self.done += 1
         if self.progress is not None:
-            self.progress(site.name, self.done, len(self.quantizers))
+            self.progress("calibrate", self.done, len(self.quantizers), None)
         return x
 
 
-class QuantizedVim(nn.Module):
-    """A fake-quantized copy of a Vim: ``model`` runs every quantized site through ``quantizers``.
-
-    ``provenance`` (config, calibration source and size, time) travels with every result it produces.
-    """
-
-    def __init__(self, model: VisionMamba, config: QuantConfig, quantizers: dict[str, nn.Module],
-                 provenance: dict):
-        super().__init__()
-        self.model, self.config, self.provenance = model, config, provenance
-        # ModuleDict keys cannot contain dots; ":" stands in for them
-        self.quantizers = nn.ModuleDict({name.replace(".", ":"): q for name, q in quantizers.items()})
-        set_interceptor(self.model, QuantInterceptor(quantizers))
-
-    @property
-    def cfg(self):
-        return self.model.cfg
-
-    def check_input(self, x: torch.Tensor) -> None:
-        self.model.check_input(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
-
 def quantize(model: VisionMamba, config: QuantConfig, calib_images: torch.Tensor,
-             progress: CalibrationProgress | None = None, cancel: Event | None = None) -> QuantizedVim:
-    """Quantize a copy of ``model`` as ``config`` says, calibrated on ``calib_images`` (n, C, H, W)."""
+             progress: Progress | None = None, cancel: Event | None = None) -> QuantizedVim:
+    """Quantize a copy of ``model`` as ``config`` says, calibrated on ``calib_images`` (n, C, H, W):
+    static scales from one FP pass, then block-wise reconstruction (``config.reconstruction``)."""
     if calib_images.ndim != 4 or len(calib_images) == 0:
         raise StudioError("calibration needs at least one image batch shaped (n, channels, height, width)")
     model.check_input(calib_images)
@@ -169,6 +134,9 @@ def quantize(model: VisionMamba, config: QuantConfig, calib_images: torch.Tensor
         quantizers[site.name] = WeightQuantizer(_linear_weight(qmodel, site), site_config.w_bits,
                                                 site_config.weight_group_size, site_config.clip_p,
                                                 per_tensor=config.method == "per_tensor", smoothing=smoothing)
-    provenance = {"config": config.to_dict(), "calibration_images": len(calib_images),
-                  "calibration_seconds": round(time.perf_counter() - start, 2)}
-    return QuantizedVim(qmodel, config, quantizers, provenance)
+    quantized = QuantizedVim(qmodel, config, quantizers, {"config": config.to_dict(),
+                                                          "calibration_images": len(calib_images)})
+    if config.reconstruction.epochs:
+        reconstruct(quantized, model, calib_images, config.reconstruction, progress, cancel)
+    quantized.provenance["calibration_seconds"] = round(time.perf_counter() - start, 2)
+    return quantized

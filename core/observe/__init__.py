@@ -1,0 +1,39 @@
+"""Statistics behind the app's outlier heatmaps and error charts, as tidy (long-format) pandas frames.
+
+``capture`` records tensors at interception sites; ``time_channel_stats`` and ``histogram`` describe one
+tensor; ``outlier_timeline``, ``static_list_misses`` and ``dynamic_outlier_summary`` show where outlier
+channels are and how much they move; ``error_report``, ``layer_output_error`` and ``layer_sensitivity``
+show what quantization costs, per site and per layer. No plotting library is imported here.
+"""
+
+from core.observe.outliers import (
+    OutlierParams,
+    OutlierTimeline,
+    detect_outliers,
+    dynamic_outlier_summary,
+    outlier_quantizer,
+    outlier_timeline,
+    quantizer_at,
+    static_list_misses,
+    window_counts,
+)
+from core.observe.probe import SHARED, QuantProbe, parse_site, plugged, site_quantizers
+from core.observe.quant_error import error_report, layer_output_error
+from core.observe.sensitivity import layer_sensitivity, only_layer, top1
+from core.observe.stats import (
+    ErrorSums,
+    capture,
+    capture_quantizer_inputs,
+    cosine_similarity,
+    histogram,
+    sqnr_db,
+    time_channel_stats,
+)
+
+__all__ = [
+    "SHARED", "ErrorSums", "OutlierParams", "OutlierTimeline", "QuantProbe",
+    "capture", "capture_quantizer_inputs", "cosine_similarity", "detect_outliers", "dynamic_outlier_summary",
+    "error_report", "histogram", "layer_output_error", "layer_sensitivity", "only_layer", "outlier_quantizer",
+    "outlier_timeline", "parse_site", "plugged", "quantizer_at", "site_quantizers", "sqnr_db",
+    "static_list_misses", "time_channel_stats", "top1", "window_counts",
+]

@@ -1,0 +1,277 @@
+"""Where outlier channels are and how much they move: the data behind the app's outlier timeline charts.
+
+OuroMamba's premise is that activation outlier channels change across time-steps, so a channel list fixed
+at calibration misses many of them. These functions show, for one site, which (time-step, channel) cells
+the detection rule flags, how large the per-window outlier list O_list grows, how many of its channels are
+new compared with the previous window, and what a fixed list would miss; and for a whole quantized model,
+which layers have the most dynamic outliers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from core.errors import StudioError
+from core.intercept import Site
+from core.observe.probe import parse_site, run_probe, site_columns, site_quantizers
+from core.observe.stats import _as_tokens, _select_image, grid_frame
+from core.quant import QuantizedVim
+from core.quant.fake import asymmetric_levels, symmetric_qmax
+from core.quant.outliers import max_abs_scale, outlier_masks, range_scale
+from core.quant.quantizers import OutlierAwareQuantizer, SingleToken
+
+
+@dataclass(frozen=True)
+class OutlierParams:
+    """The detection rule without a quantizer: threshold k, window n_refresh and the static inlier scale
+    S^I (one float, or one per time-step); ``bits``/``asymmetric`` give the dynamic scale S^D it is
+    compared with (max|x|/qmax, or range/levels for Δ)."""
+
+    k: float
+    n_refresh: int
+    static_scale: float | torch.Tensor
+    bits: int = 8
+    asymmetric: bool = False
+    release_compatible: bool = False
+
+
+OutlierSource = OutlierAwareQuantizer | SingleToken | OutlierParams | Mapping
+
+
+@dataclass(frozen=True)
+class OutlierTimeline:
+    """Result of :func:`outlier_timeline`.
+
+    ``mask``: the boolean outlier mask (batch, L, C) of all images. ``cells``: ``time_step, channel,
+    fraction_flagged`` (share of images with that cell flagged; plus ``flagged`` for the chosen image).
+    ``steps``: ``time_step, window, outlier_channels, fraction_outlier, inlier_scale``. ``windows``:
+    ``window, first_step, last_step, olist_size, new_channels_vs_previous_window`` (NaN for window 0,
+    which has no previous list).
+    """
+
+    mask: torch.Tensor
+    cells: pd.DataFrame
+    steps: pd.DataFrame
+    windows: pd.DataFrame
+
+
+def outlier_quantizer(source: nn.Module) -> OutlierAwareQuantizer:
+    """The OutlierAwareQuantizer in ``source`` (unwrapping A/D's SingleToken), or a StudioError saying why not."""
+    quantizer = source.quantizer if isinstance(source, SingleToken) else source
+    if not isinstance(quantizer, OutlierAwareQuantizer):
+        raise StudioError(f"this site is quantized by {type(quantizer).__name__}, which keeps no outlier channels; "
+                          "outlier timelines need the 'ouromamba' or 'static_outliers' method")
+    if not hasattr(quantizer, "scale"):
+        raise StudioError("this outlier quantizer is not calibrated yet (quantize() calibrates it)")
+    return quantizer
+
+
+def quantizer_at(qmodel: QuantizedVim, site: str) -> nn.Module:
+    """The quantizer of ``site`` in ``qmodel`` (A and D: the SingleToken wrapper)."""
+    quantizers = site_quantizers(qmodel)
+    if site not in quantizers:
+        raise StudioError(f"{site!r} is not quantized in this model (skipped, or not a quantized site); "
+                          f"quantized sites look like {next(iter(quantizers), '?')!r}")
+    return quantizers[site]
+
+
+def _params(source: OutlierParams | Mapping) -> OutlierParams:
+    if isinstance(source, OutlierParams):
+        return source
+    try:
+        return OutlierParams(**source)
+    except TypeError as err:
+        raise StudioError(f"outlier parameters need k, n_refresh and static_scale ({err})") from None
+
+
+def detect_outliers(x: torch.Tensor, source: OutlierSource, dynamic_rule: bool = False) -> tuple[torch.Tensor, int,
+                                                                                               torch.Tensor]:
+    """Outlier mask (batch, L, C) of ``x`` (the tensor entering the quantizer), the window length and S^I (L,).
+
+    With a quantizer this is exactly the mask it applies (its smoothing, k, n_refresh, static scale, trigger
+    mode; a static-list quantizer's fixed list). ``dynamic_rule`` asks for the per-time-step rule even of a
+    static-list quantizer: what a dynamic detector would have flagged.
+    """
+    if isinstance(source, nn.Module):
+        if isinstance(source, SingleToken) and x.dim() != 3:
+            x = x.reshape(1, 1, -1)
+        quantizer = outlier_quantizer(source)
+        x = _as_tokens(x).detach()
+        static_scale = quantizer.scale.detach().to(x.device)
+        if static_scale.shape[0] != x.shape[1]:
+            raise StudioError(f"the quantizer was calibrated for {static_scale.shape[0]} time-steps, the tensor has "
+                              f"{x.shape[1]}")
+        if quantizer.smoothing is not None:
+            x = x / quantizer.smoothing
+        if dynamic_rule:
+            mask = outlier_masks(x, static_scale, quantizer.dynamic_scale_fn(), quantizer.k, quantizer.n_refresh,
+                                 quantizer.release_compatible)
+        else:
+            mask = quantizer.masks(x).expand_as(x).clone()
+        return mask, quantizer.n_refresh, static_scale
+    params = _params(source)
+    if params.n_refresh < 1:
+        raise StudioError(f"n_refresh must be at least 1 time-step (got {params.n_refresh})")
+    x = _as_tokens(x).detach()
+    static_scale = torch.as_tensor(params.static_scale, dtype=x.dtype, device=x.device).reshape(-1)
+    static_scale = static_scale.expand(x.shape[1]) if static_scale.numel() == 1 else static_scale
+    if static_scale.shape[0] != x.shape[1]:
+        raise StudioError(f"static_scale has {static_scale.shape[0]} time-steps, the tensor has {x.shape[1]}")
+    if params.asymmetric:
+        dynamic = range_scale(asymmetric_levels(params.bits))
+    else:
+        dynamic = max_abs_scale(symmetric_qmax(params.bits))
+    mask = outlier_masks(x, static_scale, dynamic, params.k, params.n_refresh, params.release_compatible)
+    return mask, params.n_refresh, static_scale
+
+
+def window_ends(length: int, n_refresh: int) -> list[int]:
+    """Index of the last time-step of every refresh window (the last window may be short)."""
+    return [min(start + n_refresh, length) - 1 for start in range(0, length, n_refresh)]
+
+
+def window_counts(mask: torch.Tensor, n_refresh: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image: outlier channels per time-step (b, L), O_list size at each window's end (b, W) and channels
+    of each O_list not in the previous window's (b, W−1). O_list only grows inside a window, so its end
+    state is the window's whole list."""
+    lists = mask[:, window_ends(mask.shape[1], n_refresh)]
+    new = (lists[:, 1:] & ~lists[:, :-1]).sum(-1)
+    return mask.sum(-1), lists.sum(-1), new
+
+
+def outlier_timeline(x: torch.Tensor, source: OutlierSource, image: int | None = None,
+                     dynamic_rule: bool = False) -> OutlierTimeline:
+    """Which (time-step, channel) cells are outliers at a site, and how the per-window O_list moves.
+
+    ``x`` is the tensor entering the quantizer (batch, L, C); ``source`` an OutlierAwareQuantizer (or its
+    SingleToken) or explicit :class:`OutlierParams`. Detection runs on the whole batch (the release's
+    batch-wide trigger depends on it); ``image`` then restricts the counts to one image and adds its boolean
+    ``flagged`` column to ``cells``.
+    """
+    mask, n_refresh, static_scale = detect_outliers(x, source, dynamic_rule)
+    chosen = _select_image(mask, image)
+    cells = grid_frame(mask.float().mean(0), "fraction_flagged")
+    if image is not None:
+        cells["flagged"] = chosen[0].cpu().numpy().reshape(-1)
+    per_step, sizes, new = window_counts(chosen, n_refresh)
+    length, channels = mask.shape[1], mask.shape[2]
+    outlier_channels = per_step.float().mean(0).cpu().numpy()
+    steps = pd.DataFrame({
+        "time_step": np.arange(length),
+        "window": np.arange(length) // n_refresh,
+        "outlier_channels": outlier_channels,
+        "fraction_outlier": outlier_channels / channels,
+        "inlier_scale": static_scale.detach().float().cpu().numpy(),
+    })
+    ends = window_ends(length, n_refresh)
+    new_mean = new.float().mean(0).cpu().numpy()
+    windows = pd.DataFrame({
+        "window": np.arange(len(ends)),
+        "first_step": np.arange(len(ends)) * n_refresh,
+        "last_step": ends,
+        "olist_size": sizes.float().mean(0).cpu().numpy(),
+        "new_channels_vs_previous_window": np.concatenate([[np.nan], new_mean]),
+    })
+    return OutlierTimeline(mask, cells, steps, windows)
+
+
+def static_list_misses(x: torch.Tensor, dynamic_mask: torch.Tensor, static_mask: torch.Tensor) -> pd.DataFrame:
+    """Per time-step, the dynamically detected outlier channels that a fixed channel list misses.
+
+    Missed channels are quantized with the inlier scale and clipped, so ``missed_max_abs`` (largest |x|
+    among them over the batch, 0 when none) shows how much that costs. ``static_mask`` is (C,) or broadcasts
+    to x; columns: ``time_step, dynamic_outliers, missed, missed_fraction, missed_max_abs`` (counts are means
+    over the images).
+    """
+    x = _as_tokens(x).detach()
+    dynamic_mask = _as_tokens(dynamic_mask).bool()
+    if dynamic_mask.shape != x.shape:
+        raise StudioError(f"dynamic mask {tuple(dynamic_mask.shape)} does not match the tensor {tuple(x.shape)}")
+    try:
+        static_mask = static_mask.bool().to(x.device).expand_as(x)
+    except RuntimeError:
+        raise StudioError(f"static mask {tuple(static_mask.shape)} does not fit the tensor {tuple(x.shape)}; "
+                          "pass one flag per channel") from None
+    missed = dynamic_mask & ~static_mask
+    dynamic_count = dynamic_mask.sum(-1).float().mean(0)
+    missed_count = missed.sum(-1).float().mean(0)
+    missed_max = (x.abs() * missed).amax(dim=(0, 2)).float()
+    fraction = torch.where(dynamic_count > 0, missed_count / dynamic_count.clamp(min=1e-12), 0.0)
+    return pd.DataFrame({
+        "time_step": np.arange(x.shape[1]),
+        "dynamic_outliers": dynamic_count.cpu().numpy(),
+        "missed": missed_count.cpu().numpy(),
+        "missed_fraction": fraction.cpu().numpy(),
+        "missed_max_abs": missed_max.cpu().numpy(),
+    })
+
+
+class _SiteOutlierSums:
+    """Running totals of one site's outlier counts over batches."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self.flagged = self.tokens = self.list_sum = self.lists = self.new_sum = self.pairs = 0
+
+    def add(self, mask: torch.Tensor, n_refresh: int) -> None:
+        per_step, sizes, new = window_counts(mask, n_refresh)
+        self.flagged += int(per_step.sum())
+        self.tokens += per_step.numel()
+        self.list_sum += int(sizes.sum())
+        self.lists += sizes.numel()
+        self.new_sum += int(new.sum())
+        self.pairs += new.numel()
+
+
+def _ratio(total: int, count: int) -> float:
+    return total / count if count else math.nan
+
+
+def dynamic_outlier_summary(qmodel: QuantizedVim, images: torch.Tensor, batch_size: int | None = None,
+                            include_single_token: bool = False) -> pd.DataFrame:
+    """Per outlier-aware site of ``qmodel``: how many outlier channels per token, how big the O_list of a
+    window gets and how many of its channels are new versus the previous window — which layers have the most
+    dynamic outliers, i.e. whether the paper's premise (outliers move across time-steps) holds for a model.
+
+    Counts come from the per-time-step rule on the tensors entering each quantizer in the quantized model
+    (for a static-list quantizer too: what a dynamic detector would flag; ``static_list`` marks those rows).
+    A and D (one token, no time axis) are left out unless ``include_single_token``. Columns: ``site, layer,
+    direction, tensor, channels, outlier_channels_per_token, fraction_outlier, olist_size,
+    new_channels_vs_previous_window, static_list``.
+    """
+    sources: dict[str, nn.Module] = {}
+    for name, quantizer in site_quantizers(qmodel).items():
+        single = isinstance(quantizer, SingleToken)
+        inner = quantizer.quantizer if single else quantizer
+        if isinstance(inner, OutlierAwareQuantizer) and (include_single_token or not single):
+            sources[name] = quantizer
+    if not sources:
+        raise StudioError(f"no site of this model is quantized with outlier channels (method "
+                          f"{qmodel.config.method!r}); use 'ouromamba' or 'static_outliers'")
+    sums: dict[str, _SiteOutlierSums] = {}
+
+    def observe(site: Site, x: torch.Tensor, _: torch.Tensor) -> None:
+        mask, n_refresh, _scale = detect_outliers(x, sources[site.name], dynamic_rule=True)
+        sums.setdefault(site.name, _SiteOutlierSums(mask.shape[-1])).add(mask, n_refresh)
+
+    run_probe(qmodel, images, set(sources), observe, batch_size)
+    rows = []
+    for name, totals in sums.items():
+        per_token = _ratio(totals.flagged, totals.tokens)
+        rows.append({
+            **site_columns(parse_site(name)),
+            "channels": totals.channels,
+            "outlier_channels_per_token": per_token,
+            "fraction_outlier": per_token / totals.channels,
+            "olist_size": _ratio(totals.list_sum, totals.lists),
+            "new_channels_vs_previous_window": _ratio(totals.new_sum, totals.pairs),
+            "static_list": bool(outlier_quantizer(sources[name]).static_channels),
+        })
+    return pd.DataFrame(rows)

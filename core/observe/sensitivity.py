@@ -1,0 +1,67 @@
+"""Layer sensitivity: quantize one layer at a time and see which ones cost the most accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from threading import Event
+
+import pandas as pd
+import torch
+from torch import nn
+
+from core.errors import StudioError
+from core.eval import Cancelled
+from core.observe.probe import batches, eval_mode, model_device, vim_of
+from core.quant import QuantConfig, quantize
+
+Progress = Callable[[int, int], None]
+
+
+def top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+         cancel: Event | None = None) -> float:
+    """Top-1 accuracy (%) of ``model`` on normalised ``images`` and their ``labels``."""
+    labels = torch.as_tensor(labels).reshape(-1)
+    if len(labels) != len(images):
+        raise StudioError(f"{len(images)} images but {len(labels)} labels")
+    device = model_device(vim_of(model))
+    correct = 0
+    with torch.no_grad(), eval_mode(model):
+        for start, batch in zip(range(0, len(images), batch_size), batches(images, batch_size), strict=True):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"evaluation cancelled after {start} of {len(images)} images")
+            predictions = model(batch.to(device)).argmax(-1).cpu()
+            correct += int((predictions == labels[start:start + len(batch)]).sum())
+    return 100.0 * correct / len(images)
+
+
+def only_layer(config: QuantConfig, layer: int, depth: int) -> QuantConfig:
+    """``config`` with every layer but ``layer`` kept in floating point (the user's overrides stay, first)."""
+    skips = {f"layers.{other}.*": {"skip": True} for other in range(depth) if other != layer}
+    return replace(config, overrides={**config.overrides, **skips})
+
+
+def layer_sensitivity(model: nn.Module, config: QuantConfig, calib_images: torch.Tensor, eval_images: torch.Tensor,
+                      eval_labels: torch.Tensor, progress: Progress | None = None, cancel: Event | None = None,
+                      batch_size: int = 500) -> pd.DataFrame:
+    """Top-1 with only layer j quantized (as ``config`` says), for every j, and the drop versus FP in points.
+
+    Tells which layers to keep at higher precision (``QuantConfig.overrides``). One calibration and one
+    evaluation per layer; ``progress(done, depth)`` after each; raises :class:`core.eval.Cancelled` once
+    ``cancel`` is set. Columns: ``layer, top1, drop_vs_fp``; the FP top-1 is in ``frame.attrs["fp_top1"]``.
+    """
+    depth = len(vim_of(model).layers)
+    fp_top1 = top1(model, eval_images, eval_labels, batch_size, cancel)
+    rows = []
+    for layer in range(depth):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"layer sensitivity cancelled after {layer} of {depth} layers")
+        qmodel = quantize(model, only_layer(config, layer, depth), calib_images, cancel=cancel)
+        accuracy = top1(qmodel, eval_images, eval_labels, batch_size, cancel)
+        rows.append({"layer": layer, "top1": accuracy, "drop_vs_fp": fp_top1 - accuracy})
+        del qmodel
+        if progress is not None:
+            progress(layer + 1, depth)
+    frame = pd.DataFrame(rows)
+    frame.attrs["fp_top1"] = fp_top1
+    return frame
