@@ -271,3 +271,26 @@ def test_reconstruction_can_be_cancelled(small_vim):
     cancel.set()
     with pytest.raises(Cancelled, match="cancelled"):
         quantize(model, QuantConfig(reconstruction=ReconstructionConfig(epochs=1)), images, cancel=cancel)
+
+
+def test_release_compatible_shares_s6_quantizers_between_directions(small_vim):
+    model, images = small_vim
+    qmodel = quantize(model, QuantConfig(release_compatible=True, reconstruction=STATIC_ONLY), images)
+    q = qmodel.quantizers
+    for tensor in ("delta_pre", "A", "B", "C", "D"):
+        assert q[f"layers:0:fwd:{tensor}"] is q[f"layers:0:bwd:{tensor}"]
+    assert q["layers:0:fwd:x_proj:input"] is not q["layers:0:bwd:x_proj:input"]
+    separate = quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images).quantizers
+    assert separate["layers:0:fwd:B"] is not separate["layers:0:bwd:B"]
+
+
+def test_state_quantization_inside_the_recurrence(small_vim):
+    model, images = small_vim
+    plain = quantize(model, QuantConfig(w_bits=8, a_bits=8, reconstruction=STATIC_ONLY), images)
+    with_state = quantize(model, QuantConfig(w_bits=8, a_bits=8, quantize_state=True, reconstruction=STATIC_ONLY),
+                          images)
+    assert with_state.quantizers["layers:1:bwd:h"].scale.shape == (50,)
+    assert "layers:1:bwd:h" not in plain.quantizers
+    with torch.no_grad():
+        a, b = plain(images), with_state(images)
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.1)  # 8-bit states: a small change

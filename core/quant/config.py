@@ -44,9 +44,12 @@ class ReconstructionConfig:
 class QuantConfig:
     """A quantization run: method, bit-widths, outlier rule and per-site overrides.
 
-    ``o_bits`` 16 keeps outlier channels in floating point (the release's W4A8 "O16" setting). ``overrides``
-    maps site-name patterns (fnmatch, e.g. ``"layers.0.*"`` or ``"*.out_proj.*"``) to field changes
-    (``w_bits``, ``a_bits``, ``o_bits``) or ``{"skip": True}`` to keep those sites in floating point.
+    ``release_compatible`` reproduces the released code: a batch-wide outlier trigger, mean/std over all
+    channels, and S6 quantizers (Δ, A, B, C, D) shared by both scan directions (calibrated by the backward
+    pass, which runs second). ``o_bits`` 16 keeps outlier channels in floating point (the release's W4A8
+    "O16" setting). ``overrides`` maps site-name patterns (fnmatch, e.g. ``"layers.0.*"`` or
+    ``"*.out_proj.*"``) to field changes (``w_bits``, ``a_bits``, ``o_bits``) or ``{"skip": True}`` to keep
+    those sites in floating point.
     """
 
     method: str = "ouromamba"
@@ -60,6 +63,7 @@ class QuantConfig:
     clip_p: float = 2.4
     smoothing_alpha: float = 0.5
     release_compatible: bool = False
+    quantize_state: bool = False  # h inside the recurrence, a_bits, static per-step scale (off: as the release)
     overrides: dict[str, dict] = field(default_factory=dict)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 

@@ -8,17 +8,24 @@ from torch import nn
 from core.intercept import Interceptor, Site, set_interceptor
 from core.models import VimConfig, VisionMamba
 from core.quant.config import QuantConfig
+from core.quant.quantizers import StateQuantizer
 
 
 class QuantInterceptor(Interceptor):
-    """Routes each site's tensor through its quantizer (sites without one pass unchanged)."""
+    """Routes each site's tensor through its quantizer (sites without one pass unchanged); scan states go
+    through a :class:`StateQuantizer` at every step when the config quantizes them."""
 
     def __init__(self, quantizers: dict[str, nn.Module]):
         self.quantizers = quantizers
+        self.wants_states = any(isinstance(q, StateQuantizer) for q in quantizers.values())
 
     def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         quantizer = self.quantizers.get(site.name)
         return x if quantizer is None else quantizer(x)
+
+    def intercept_state(self, site: Site, step: int, h: torch.Tensor) -> torch.Tensor:
+        quantizer = self.quantizers.get(site.name)
+        return h if quantizer is None else quantizer.quantize_step(step, h)
 
 
 class QuantizedVim(nn.Module):

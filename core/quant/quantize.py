@@ -30,6 +30,7 @@ from core.quant.quantizers import (
     PerTensorQuantizer,
     PerTokenStaticQuantizer,
     SingleToken,
+    StateQuantizer,
     WeightQuantizer,
     smoothing_scale,
 )
@@ -40,8 +41,8 @@ SHARED_LINEARS = ("in_proj", "out_proj")
 S6_TENSORS = ("delta_pre", "A", "B", "C", "D")
 
 
-def quantized_sites(model: VisionMamba) -> list[Site]:
-    """The sites OuroMamba-Quant touches, in forward order."""
+def quantized_sites(model: VisionMamba, include_states: bool = False) -> list[Site]:
+    """The sites OuroMamba-Quant touches, in forward order (the scan states h only if asked)."""
     sites = []
     for layer in range(model.cfg.depth):
         sites += [Site(layer, "in_proj.input"), Site(layer, "in_proj.weight")]
@@ -49,6 +50,8 @@ def quantized_sites(model: VisionMamba) -> list[Site]:
             sites += [Site(layer, f"{name}.{part}", direction) for name in ("x_proj", "dt_proj")
                       for part in ("input", "weight")]
             sites += [Site(layer, name, direction) for name in S6_TENSORS]
+            if include_states:
+                sites.append(Site(layer, "h", direction))
         sites += [Site(layer, "out_proj.input"), Site(layer, "out_proj.weight")]
     return sites
 
@@ -61,6 +64,8 @@ def _linear_weight(model: VisionMamba, site: Site) -> torch.Tensor:
 
 
 def _activation_quantizer(config: QuantConfig, site: Site) -> nn.Module:
+    if site.tensor == "h":
+        return StateQuantizer(config.a_bits)
     asymmetric = site.tensor == "delta_pre"
     k = config.k_delta if asymmetric else config.k
     method = config.method
@@ -84,6 +89,13 @@ class _Calibrator(Interceptor):
                  progress: Progress | None, cancel: Event | None):
         self.quantizers, self.weights, self.alpha = quantizers, weights, alpha
         self.progress, self.cancel, self.done = progress, cancel, 0
+        self.wants_states = any(isinstance(q, StateQuantizer) for q in quantizers.values())
+
+    def intercept_state(self, site: Site, step: int, h: torch.Tensor) -> torch.Tensor:
+        quantizer = self.quantizers.get(site.name)
+        if quantizer is not None:
+            quantizer.observe_step(step, h)
+        return h
 
     def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         quantizer = self.quantizers.get(site.name)
@@ -110,13 +122,17 @@ def quantize(model: VisionMamba, config: QuantConfig, calib_images: torch.Tensor
     start = time.perf_counter()
     qmodel = copy.deepcopy(model).eval()
     set_interceptor(qmodel, None)
-    sites = quantized_sites(qmodel)
+    sites = quantized_sites(qmodel, include_states=config.quantize_state)
     config.check_overrides([s.name for s in sites])
     quantizers: dict[str, nn.Module] = {}
     linear_inputs: dict[str, torch.Tensor] = {}  # input site name → weight, for smoothing
     for site in sites:
         site_config = config.for_site(site.name)
         if site_config is None or site.tensor.endswith(".weight"):
+            continue
+        shared = site.name.replace(".bwd.", ".fwd.")
+        if config.release_compatible and site.tensor in S6_TENSORS and shared in quantizers:
+            quantizers[site.name] = quantizers[shared]  # one quantizer for both directions, as the release
             continue
         quantizers[site.name] = _activation_quantizer(site_config, site)
         if site.tensor.endswith(".input"):
@@ -125,6 +141,9 @@ def quantize(model: VisionMamba, config: QuantConfig, calib_images: torch.Tensor
     calibrator = _Calibrator(quantizers, linear_inputs, alpha, progress, cancel)
     with torch.no_grad(), intercepting(qmodel, calibrator):
         qmodel(calib_images)
+    for quantizer in quantizers.values():
+        if isinstance(quantizer, StateQuantizer):
+            quantizer.finish_calibration()
     for site in sites:
         site_config = config.for_site(site.name)
         if site_config is None or not site.tensor.endswith(".weight"):

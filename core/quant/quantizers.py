@@ -161,6 +161,32 @@ class OutlierAwareQuantizer(PerTokenStaticQuantizer):
         return torch.where(mask, outliers, inliers)
 
 
+class StateQuantizer(nn.Module):
+    """The scan state h_t (batch, E, N) quantized inside the recurrence, symmetric, with a static scale per
+    step: the calibration max |h_t| / qmax (min-max; a clip search over every state element would cost more
+    than the whole calibration). Error introduced here feeds back through h_t = Ā_t h_{t−1} + ….
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.qmax = symmetric_qmax(bits)
+        self._peaks: list[torch.Tensor] = []
+
+    def observe_step(self, step: int, h: torch.Tensor) -> None:
+        peak = h.detach().abs().max()
+        if step == len(self._peaks):
+            self._peaks.append(peak)
+        else:
+            self._peaks[step] = torch.maximum(self._peaks[step], peak)
+
+    def finish_calibration(self) -> None:
+        self.scale = nn.Parameter((torch.stack(self._peaks) / self.qmax).clamp(min=MIN_SCALE))
+        self._peaks = []
+
+    def quantize_step(self, step: int, h: torch.Tensor) -> torch.Tensor:
+        return fake_quant_symmetric(h, self.scale[step], self.qmax)
+
+
 class SingleToken(nn.Module):
     """Quantize a static tensor (A: E×N, D: E) as one token whose channels are all its elements."""
 
