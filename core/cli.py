@@ -1,4 +1,4 @@
-"""Command line: ``python -m core.cli {info,eval,card-eval}``. Bad input prints one line and exits with 2."""
+"""Command line: ``python -m core {info,eval,card-eval,quantize}``. Bad input prints one line and exits with 2."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from core.data import load_fashion_mnist
 from core.default_model import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_card
 from core.errors import StudioError
 from core.eval import evaluate
+from core.experiments import accuracy_table, run_quantization, write_records
 from core.models import load_checkpoint
+from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig
 
 
 def _progress(done: int, total: int) -> None:
@@ -49,6 +51,34 @@ def cmd_card_eval(args: argparse.Namespace) -> None:
           f"{result.device}; written to {directory / CARD_FILE}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Quantize with every requested method × setting, print an accuracy table, write CSV + JSON records."""
+    model = load_checkpoint(args.checkpoint)
+    data = load_fashion_mnist("test", args.data)
+    if args.limit:
+        data = data.subset(args.limit)
+    fp = evaluate(model, data, progress=_progress)
+    print(f"FP32: {fp.top1:.2f}% on {fp.total} test images ({fp.seconds:.1f} s, {fp.device})", file=sys.stderr)
+    settings = [SETTINGS[s] for s in args.setting] if args.setting else [(args.w_bits, args.a_bits)]
+    records = []
+    for method in args.method:
+        for w_bits, a_bits in settings:
+            config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, o_bits=args.outlier_bits, k=args.k,
+                                 n_refresh=args.n_refresh, release_compatible=args.release_compatible,
+                                 quantize_state=args.quantize_state,
+                                 reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
+            print(f"{config.label}: calibrating on {args.n_calib} {args.calib} images", file=sys.stderr)
+            record = run_quantization(model, Path(args.checkpoint).parent.name, config, data, fp.top1, args.calib,
+                                      args.n_calib, args.seed, args.data, eval_progress=_progress)
+            print(f"  top-1 {record.top1:.2f}% ({record.delta_vs_fp:+.2f}), calibration "
+                  f"{record.calibration_seconds:.1f} s, eval {record.eval_seconds:.1f} s", file=sys.stderr)
+            records.append(record)
+            write_records(records, args.out, args.name)  # after every run: an interruption loses nothing
+    print(f"FP32 {fp.top1:.2f}% on {fp.total} images; quantized top-1 (Δ vs FP):")
+    print(accuracy_table(records))
+    print(f"records: {Path(args.out) / args.name}.csv / .json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.cli", description="OuroMamba Studio engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +97,26 @@ def main(argv: list[str] | None = None) -> int:
     card.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR))
     card.add_argument("--data")
     card.set_defaults(run=cmd_card_eval)
+    quant = sub.add_parser("quantize", help="quantize the model and report test top-1 per method and setting")
+    quant.add_argument("checkpoint", nargs="?", default=default_weights)
+    quant.add_argument("--method", nargs="+", default=["ouromamba"], choices=list(METHODS))
+    quant.add_argument("--setting", nargs="+", choices=list(SETTINGS), help="e.g. W4A4 W4A8 (overrides the bits)")
+    quant.add_argument("--w-bits", type=int, default=4)
+    quant.add_argument("--a-bits", type=int, default=4)
+    quant.add_argument("--outlier-bits", type=int, default=8, help="8, or 16 to keep outliers in floating point")
+    quant.add_argument("--k", type=float, default=3.0)
+    quant.add_argument("--n-refresh", type=int, default=10)
+    quant.add_argument("--release-compatible", action="store_true")
+    quant.add_argument("--quantize-state", action="store_true", help="quantize h inside the recurrence")
+    quant.add_argument("--calib", default="real", help="real | noise | a folder of images")
+    quant.add_argument("--n-calib", type=int, default=128)
+    quant.add_argument("--recon-epochs", type=int, default=10, help="block reconstruction epochs (0: none)")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
+    quant.add_argument("--limit", type=int, help="only the first N test images")
+    quant.add_argument("--out", default="results/quant", help="directory for the CSV/JSON records")
+    quant.add_argument("--name", default="runs", help="file name (without extension) of the records")
+    quant.set_defaults(run=cmd_quantize)
     args = parser.parse_args(argv)
     try:
         args.run(args)

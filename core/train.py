@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from core.data import LabelledImages, load_fashion_mnist
+from core.data.fashion_mnist import VALIDATION_SIZE
 from core.eval import evaluate, hardware_label
 from core.models import VisionMamba, create_vim, save_safetensors
-
-VALIDATION_SIZE = 5000
 
 
 def split_train_val(train: LabelledImages) -> tuple[LabelledImages, LabelledImages]:

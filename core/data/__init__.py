@@ -1,5 +1,6 @@
 """Datasets: Fashion-MNIST (the default model's data) and ImageFolder directories (ImageNet val layout)."""
 
+from core.data.calibration import BUILTIN_SOURCES, calibration_images
 from core.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -13,5 +14,5 @@ from core.data.image_folder import VIM_EVAL_MEAN, VIM_EVAL_STD, load_image_folde
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "LabelledImages",
     "find_fashion_mnist", "load_fashion_mnist",
-    "VIM_EVAL_MEAN", "VIM_EVAL_STD", "load_image_folder", "vim_eval_transform",
+    "BUILTIN_SOURCES", "calibration_images", "VIM_EVAL_MEAN", "VIM_EVAL_STD", "load_image_folder", "vim_eval_transform",
 ]

@@ -21,6 +21,10 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 # Mean and std of the 60,000 training images' pixels in [0, 1].
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
+# The last 5,000 training images are held out for validation (model selection); training and calibration
+# draw from the first 55,000 only.
+VALIDATION_SIZE = 5000
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "FASHION_MNIST_DIR"
 _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -44,6 +48,9 @@ class LabelledImages:
     def subset(self, count: int) -> LabelledImages:
         """The first ``count`` items (a fixed, reproducible subset)."""
         return LabelledImages(self.images[:count], self.labels[:count], self.classes, self.source)
+
+    def select(self, indices: torch.Tensor) -> LabelledImages:
+        return LabelledImages(self.images[indices], self.labels[indices], self.classes, self.source)
 
     def normalized(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Float images (n, 1, H, W) normalised with the Fashion-MNIST training mean/std."""

@@ -91,8 +91,10 @@ def _params(source: OutlierParams | Mapping) -> OutlierParams:
         raise StudioError(f"outlier parameters need k, n_refresh and static_scale ({err})") from None
 
 
-def detect_outliers(x: torch.Tensor, source: OutlierSource, dynamic_rule: bool = False) -> tuple[torch.Tensor, int,
-                                                                                               torch.Tensor]:
+Detection = tuple[torch.Tensor, int, torch.Tensor]
+
+
+def detect_outliers(x: torch.Tensor, source: OutlierSource, dynamic_rule: bool = False) -> Detection:
     """Outlier mask (batch, L, C) of ``x`` (the tensor entering the quantizer), the window length and S^I (L,).
 
     With a quantizer this is exactly the mask it applies (its smoothing, k, n_refresh, static scale, trigger

@@ -18,7 +18,7 @@ from core.observe.probe import (
     vim_of,
 )
 from core.observe.stats import ErrorSums, capture
-from core.quant import QuantizedVim
+from core.quant import QuantizedVim, quantized_sites
 
 
 def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor,
@@ -33,7 +33,8 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
     bits, sqnr_db, cosine, sqnr_db_vs_fp_model, cosine_vs_fp_model``. Sums run over all images; the FP
     tensors of one batch at every site are held at once, so lower ``batch_size`` for large models.
     """
-    quantizers = site_quantizers(qmodel)
+    stored = site_quantizers(qmodel)
+    quantizers = {site.name: stored[site.name] for site in quantized_sites(vim_of(qmodel)) if site.name in stored}
     watched = set(quantizers)
     local: dict[str, ErrorSums] = {name: ErrorSums() for name in quantizers}
     end_to_end: dict[str, ErrorSums] = {name: ErrorSums() for name in quantizers}

@@ -1,0 +1,68 @@
+"""Calibration image sets: real training images, Gaussian noise, or a folder of images the user names.
+
+Every set is reproducible from (source, count, seed) and comes back normalised like the model's input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+
+from core.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, VALIDATION_SIZE, load_fashion_mnist
+from core.data.image_folder import vim_eval_transform
+from core.errors import StudioError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+BUILTIN_SOURCES = ("real", "noise")
+
+
+def calibration_images(source: str, count: int, seed: int, img_size: int = 28, in_chans: int = 1,
+                       data_root: str | None = None) -> torch.Tensor:
+    """``count`` images (count, in_chans, img_size, img_size) from ``source``: "real" (a seeded sample of
+    Fashion-MNIST's training images, never the held-out validation or the test set), "noise" (N(0, 1) in
+    the normalised input space) or a folder of images."""
+    if count < 1:
+        raise StudioError(f"the calibration set needs at least 1 image, got {count}")
+    generator = torch.Generator().manual_seed(seed)
+    if source == "noise":
+        return torch.randn(count, in_chans, img_size, img_size, generator=generator)
+    if source == "real":
+        if (img_size, in_chans) != (28, 1):
+            raise StudioError("real calibration images are Fashion-MNIST (28×28, 1 channel); for other models "
+                              "give a folder of images")
+        train = load_fashion_mnist("train", data_root)
+        pool = len(train) - VALIDATION_SIZE
+        if count > pool:
+            raise StudioError(f"at most {pool} real calibration images, asked for {count}")
+        chosen = torch.randperm(pool, generator=generator)[:count]
+        return train.select(chosen).normalized()
+    return _folder_images(Path(source), count, generator, img_size, in_chans)
+
+
+def _folder_images(folder: Path, count: int, generator: torch.Generator, img_size: int,
+                   in_chans: int) -> torch.Tensor:
+    if not folder.is_dir():
+        raise StudioError(f"calibration source {str(folder)!r} is neither 'real', 'noise' nor a folder")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise StudioError(f"no images (.png, .jpg, …) under '{folder}'")
+    if in_chans == 1:
+        transform = transforms.Compose([
+            transforms.Grayscale(), transforms.Resize((img_size, img_size), transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(), transforms.Normalize((FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,))])
+    else:
+        transform = transforms.Compose([transforms.Lambda(lambda im: im.convert("RGB")), vim_eval_transform(img_size)])
+    order = torch.randperm(len(files), generator=generator).tolist()
+    images = []
+    for index in order[:count]:
+        try:
+            with Image.open(files[index]) as image:
+                images.append(transform(image))
+        except (UnidentifiedImageError, OSError) as err:
+            raise StudioError(f"'{files[index]}' is not a readable image ({err.__class__.__name__}); "
+                              "remove it or fix it") from None
+    return torch.stack(images)
+

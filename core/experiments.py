@@ -1,0 +1,97 @@
+"""Quantization runs as plain records: config + calibration + accuracy + timings + provenance.
+
+The CLI prints them, the app shows them and the exports write them; every number carries what it takes
+to reproduce it (model, config, calibration source/count/seed, data, versions, hardware, date).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from threading import Event
+
+import torch
+
+from core.data import LabelledImages, calibration_images
+from core.eval import evaluate
+from core.models import VisionMamba
+from core.quant import QuantConfig, quantize
+from core.quant.config import Progress
+
+
+@dataclass
+class RunRecord:
+    model: str
+    method: str
+    setting: str
+    calibration: dict
+    top1: float
+    fp_top1: float
+    delta_vs_fp: float
+    test_images: int
+    calibration_seconds: float
+    eval_seconds: float
+    hardware: str
+    config: dict
+    reconstruction: list[dict] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+    date: str = ""
+
+    def flat(self) -> dict:
+        """One CSV row: scalars as they are, nested fields as JSON."""
+        return {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in asdict(self).items()}
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__}
+
+
+def run_quantization(model: VisionMamba, model_name: str, config: QuantConfig, test: LabelledImages,
+                     fp_top1: float, calib_source: str, n_calib: int, seed: int, data_root: str | None = None,
+                     progress: Progress | None = None, cancel: Event | None = None,
+                     eval_progress: Callable[[int, int], None] | None = None) -> RunRecord:
+    """Calibrate, quantize and evaluate one configuration."""
+    cfg = model.cfg
+    calib = calibration_images(calib_source, n_calib, seed, cfg.img_size, cfg.in_chans, data_root)
+    torch.manual_seed(seed)
+    qmodel = quantize(model, config, calib, progress, cancel)
+    result = evaluate(qmodel, test, progress=eval_progress, cancel=cancel)
+    setting = f"W{config.w_bits}A{config.a_bits}" + (f"O{config.o_bits}" if config.method in
+                                                      ("ouromamba", "static_outliers") else "")
+    return RunRecord(
+        model=model_name, method=config.method, setting=setting,
+        calibration={"source": calib_source, "images": n_calib, "seed": seed},
+        top1=round(result.top1, 2), fp_top1=round(fp_top1, 2), delta_vs_fp=round(result.top1 - fp_top1, 2),
+        test_images=result.total, calibration_seconds=qmodel.provenance["calibration_seconds"],
+        eval_seconds=round(result.seconds, 2), hardware=result.device, config=config.to_dict(),
+        reconstruction=qmodel.provenance.get("reconstruction", {}).get("blocks", []), versions=versions(),
+        date=datetime.now(UTC).isoformat(timespec="seconds"))
+
+
+def write_records(records: list[RunRecord], directory: str | Path, name: str) -> tuple[Path, Path]:
+    """``name``.csv (one row per run) and ``name``.json (full records) under ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = directory / f"{name}.csv", directory / f"{name}.json"
+    rows = [r.flat() for r in records]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
+    return csv_path, json_path
+
+
+def accuracy_table(records: list[RunRecord]) -> str:
+    """Markdown: one row per method, one column per setting (top-1 and Δ vs FP)."""
+    settings = list(dict.fromkeys(r.setting.split("O")[0] for r in records))
+    methods = list(dict.fromkeys(r.method for r in records))
+    cell = {(r.method, r.setting.split("O")[0]): f"{r.top1:.2f} ({r.delta_vs_fp:+.2f})" for r in records}
+    lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    lines += [f"| {m} | " + " | ".join(cell.get((m, s), "–") for s in settings) + " |" for m in methods]
+    return "\n".join(lines)
