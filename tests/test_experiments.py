@@ -1,0 +1,59 @@
+"""Calibration sources, run records and the quantize command line."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core.cli import main
+from core.data import calibration_images
+from core.errors import StudioError
+
+
+def test_real_and_noise_sets_are_seeded_and_shaped():
+    real = calibration_images("real", 6, seed=3)
+    assert real.shape == (6, 1, 28, 28) and torch.equal(real, calibration_images("real", 6, seed=3))
+    assert not torch.equal(real, calibration_images("real", 6, seed=4))
+    noise = calibration_images("noise", 4, seed=0)
+    assert noise.shape == (4, 1, 28, 28) and torch.equal(noise, calibration_images("noise", 4, seed=0))
+
+
+def test_folder_source_and_its_errors(tmp_path: Path):
+    for i in range(3):
+        Image.new("RGB", (40 + i, 30), (i * 50, 100, 200)).save(tmp_path / f"im{i}.png")
+    images = calibration_images(str(tmp_path), 2, seed=0)
+    assert images.shape == (2, 1, 28, 28)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(StudioError, match="not a readable image"):
+        calibration_images(str(tmp_path), 4, seed=0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(StudioError, match="no images"):
+        calibration_images(str(empty), 1, seed=0)
+    with pytest.raises(StudioError, match="neither 'real', 'noise' nor a folder"):
+        calibration_images("imagenet", 1, seed=0)
+    with pytest.raises(StudioError, match="at least 1 image"):
+        calibration_images("noise", 0, seed=0)
+
+
+def test_quantize_command_writes_records_with_provenance(tmp_path: Path, capsys):
+    code = main(["quantize", "--method", "ptq4vm", "dynamic_per_token", "--setting", "W8A8", "--limit", "40",
+                 "--n-calib", "8", "--recon-epochs", "0", "--out", str(tmp_path), "--name", "runs"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| ptq4vm |" in out and "| dynamic_per_token |" in out
+    records = json.loads((tmp_path / "runs.json").read_text())
+    assert [r["method"] for r in records] == ["ptq4vm", "dynamic_per_token"]
+    first = records[0]
+    assert first["calibration"] == {"source": "real", "images": 8, "seed": 0}
+    assert first["test_images"] == 40 and 0 <= first["top1"] <= 100
+    assert first["config"]["w_bits"] == 8 and "torch" in first["versions"] and first["date"]
+    assert (tmp_path / "runs.csv").read_text().count("\n") == 3
+
+
+def test_quantize_command_bad_input_is_one_line(capsys):
+    assert main(["quantize", "--w-bits", "0", "--limit", "5", "--n-calib", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "w_bits must be" in err
