@@ -1,0 +1,58 @@
+"""Fake-quant cost on the CPU: W4A4 evaluation of the default model vs FP, and calibration time.
+
+    python bench/bench_quant.py [--limit N]
+
+Writes results/quant_cpu.{csv,md}. The quantized model here is a simulation (fake quantization in fp32):
+its timings say what the CPU path costs, not what quantized kernels would gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_header, write_results  # noqa: E402
+from core.data import calibration_images, load_fashion_mnist  # noqa: E402
+from core.default_model import load_default_model  # noqa: E402
+from core.eval import evaluate  # noqa: E402
+from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--limit", type=int, help="only the first N test images (default: all 10,000)")
+    args = parser.parse_args()
+    model, _ = load_default_model()
+    test = load_fashion_mnist("test")
+    if args.limit:
+        test = test.subset(args.limit)
+    calib = calibration_images("real", 128, seed=0)
+    fp = evaluate(model, test)
+    rows = [{"what": "FP32 eval", "method": "fp32", "images": fp.total, "seconds": round(fp.seconds, 2),
+             "vs_fp": "1.00x", "top1": f"{fp.top1:.2f}", "hardware": fp.device}]
+    for method in ("ouromamba", "ptq4vm", "dynamic_per_token"):
+        for epochs in (0, 10):
+            config = QuantConfig(method=method, w_bits=4, a_bits=4, reconstruction=ReconstructionConfig(epochs=epochs))
+            start = time.perf_counter()
+            qmodel = quantize(model, config, calib)
+            calibration = time.perf_counter() - start
+            rows.append({"what": f"calibration, 128 images, {epochs} reconstruction epochs", "method": config.label,
+                         "images": 128, "seconds": round(calibration, 2), "vs_fp": "", "top1": "",
+                         "hardware": fp.device})
+            if epochs == 10:
+                result = evaluate(qmodel, test)
+                rows.append({"what": "W4A4 fake-quant eval", "method": config.label, "images": result.total,
+                             "seconds": round(result.seconds, 2), "vs_fp": f"{result.seconds / fp.seconds:.2f}x",
+                             "top1": f"{result.top1:.2f}", "hardware": result.device})
+    command = "python bench/bench_quant.py" + (f" --limit {args.limit}" if args.limit else "")
+    write_results("quant_cpu", rows, machine_header(torch.device("cpu")), command)
+
+
+if __name__ == "__main__":
+    main()
