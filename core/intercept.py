@@ -154,9 +154,12 @@ def set_interceptor(model: nn.Module, interceptor: Interceptor | None) -> None:
 
 @contextmanager
 def intercepting(model: nn.Module, interceptor: Interceptor) -> Iterator[Interceptor]:
-    """``with intercepting(model, Recorder()) as rec: model(x)`` — unplugs again on exit."""
+    """``with intercepting(model, Recorder()) as rec: model(x)`` — puts back what each tap had on exit
+    (a quantized model keeps its quantizers; chain them with :class:`Chain` to observe through them)."""
+    saved = [(m, m.interceptor) for m in model.modules() if isinstance(m, Tapped)]
     set_interceptor(model, interceptor)
     try:
         yield interceptor
     finally:
-        set_interceptor(model, None)
+        for module, previous in saved:
+            module.interceptor = previous

@@ -17,7 +17,7 @@ from core.observe.outliers import (
     static_list_misses,
     window_counts,
 )
-from core.observe.probe import SHARED, QuantProbe, parse_site, plugged, site_quantizers
+from core.observe.probe import SHARED, QuantProbe, parse_site, site_quantizers
 from core.observe.quant_error import error_report, layer_output_error
 from core.observe.sensitivity import layer_sensitivity, only_layer, top1
 from core.observe.stats import (
@@ -34,6 +34,6 @@ __all__ = [
     "SHARED", "ErrorSums", "OutlierParams", "OutlierTimeline", "QuantProbe",
     "capture", "capture_quantizer_inputs", "cosine_similarity", "detect_outliers", "dynamic_outlier_summary",
     "error_report", "histogram", "layer_output_error", "layer_sensitivity", "only_layer", "outlier_quantizer",
-    "outlier_timeline", "parse_site", "plugged", "quantizer_at", "site_quantizers", "sqnr_db",
+    "outlier_timeline", "parse_site", "quantizer_at", "site_quantizers", "sqnr_db",
     "static_list_misses", "time_channel_stats", "top1", "window_counts",
 ]

@@ -1,9 +1,8 @@
 """Plumbing shared by the observers: plug an interceptor in *next to* whatever a model already runs, see the
 tensor before and after each quantizer, and name sites in the columns the charts group by.
 
-A :class:`~core.quant.QuantizedVim` keeps its ``QuantInterceptor`` plugged in for good, so observers must
-restore it afterwards (``core.intercept.intercepting`` unplugs everything on exit, which would silently
-turn a quantized model back into the FP one).
+A :class:`~core.quant.QuantizedVim` keeps its ``QuantInterceptor`` plugged in for good;
+``core.intercept.intercepting`` puts it back after an observer is done.
 """
 
 from __future__ import annotations
@@ -15,12 +14,14 @@ import torch
 from torch import nn
 
 from core.errors import StudioError
-from core.intercept import DIRECTIONS, Interceptor, Site, Tapped
+from core.intercept import DIRECTIONS, Interceptor, Site, Tapped, intercepting
 from core.quant import QuantizedVim
 
 SHARED = "shared"  # the ``direction`` column of sites shared by both scan directions (in_proj, out_proj)
 STATIC_TENSORS = ("A", "D")  # parameters quantized as one token: no batch or time dimension
 SiteCallback = Callable[[Site, torch.Tensor, torch.Tensor], None]
+StateCallback = Callable[[Site, int, torch.Tensor, torch.Tensor], None]
+STATE = "h"  # the scan state site: quantized per step inside the recurrence when the config asks
 
 
 def vim_of(model: nn.Module) -> nn.Module:
@@ -34,19 +35,6 @@ def current_interceptor(model: nn.Module) -> Interceptor | None:
         if isinstance(module, Tapped):
             return module.interceptor
     return None
-
-
-@contextmanager
-def plugged(model: nn.Module, interceptor: Interceptor) -> Iterator[Interceptor]:
-    """Plug ``interceptor`` into every tap of ``model`` and put back what each tap had before on exit."""
-    saved = [(m, m.interceptor) for m in model.modules() if isinstance(m, Tapped)]
-    for module, _ in saved:
-        module.interceptor = interceptor
-    try:
-        yield interceptor
-    finally:
-        for module, previous in saved:
-            module.interceptor = previous
 
 
 @contextmanager
@@ -115,11 +103,13 @@ class QuantProbe(Interceptor):
     """Runs the model's own interceptor and reports (site, tensor before, tensor after) at watched sites.
 
     Wrapped around a QuantizedVim's router, "before" is the quantizer's input in the quantized model and
-    "after" its fake-quantized output, which is what the per-site error and outlier statistics need.
+    "after" its fake-quantized output, which is what the per-site error and outlier statistics need. Scan
+    states (quantized per step when the config quantizes them) go to ``state_callback(site, step, h, ĥ)``.
     """
 
-    def __init__(self, inner: Interceptor | None, watched: set[str], callback: SiteCallback):
-        self.inner, self.watched, self.callback = inner, watched, callback
+    def __init__(self, inner: Interceptor | None, watched: set[str], callback: SiteCallback,
+                 state_callback: StateCallback | None = None):
+        self.inner, self.watched, self.callback, self.state_callback = inner, watched, callback, state_callback
         self.wants_states = bool(inner is not None and inner.wants_states)
 
     def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
@@ -129,15 +119,18 @@ class QuantProbe(Interceptor):
         return out
 
     def intercept_state(self, site: Site, step: int, h: torch.Tensor) -> torch.Tensor:
-        return h if self.inner is None else self.inner.intercept_state(site, step, h)
+        out = h if self.inner is None else self.inner.intercept_state(site, step, h)
+        if self.state_callback is not None and site.name in self.watched:
+            self.state_callback(site, step, h, out)
+        return out
 
 
 def run_probe(qmodel: QuantizedVim, images: torch.Tensor, watched: set[str], callback: SiteCallback,
-              batch_size: int | None = None) -> None:
+              batch_size: int | None = None, state_callback: StateCallback | None = None) -> None:
     """Run ``qmodel`` over ``images`` (in batches) with a :class:`QuantProbe` on ``watched`` sites."""
     vim = vim_of(qmodel)
-    probe = QuantProbe(current_interceptor(vim), watched, callback)
+    probe = QuantProbe(current_interceptor(vim), watched, callback, state_callback)
     device = model_device(vim)
-    with torch.no_grad(), eval_mode(qmodel), plugged(vim, probe):
+    with torch.no_grad(), eval_mode(qmodel), intercepting(vim, probe):
         for batch in batches(images, batch_size):
             qmodel(batch.to(device))

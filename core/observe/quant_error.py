@@ -8,6 +8,7 @@ from torch import nn
 
 from core.intercept import Site
 from core.observe.probe import (
+    STATE,
     batches,
     eval_mode,
     model_device,
@@ -29,24 +30,31 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
     (for weights: FP weight against quantizer(weight)). ``sqnr_db_vs_fp_model``/``cosine_vs_fp_model``
     compare the quantized tensor with the same site of ``fp_model`` on the same images, so they include the
     error accumulated upstream. ``kind`` is ``weight`` for linear weights (w_bits) and ``activation`` for
-    everything quantized with a_bits (A and D included). Columns: ``site, layer, direction, tensor, kind,
-    bits, sqnr_db, cosine, sqnr_db_vs_fp_model, cosine_vs_fp_model``. Sums run over all images; the FP
-    tensors of one batch at every site are held at once, so lower ``batch_size`` for large models.
+    everything quantized with a_bits (A, D and, with ``quantize_state``, the scan states h, per step).
+    Columns: ``site, layer, direction, tensor, kind, bits, sqnr_db, cosine, sqnr_db_vs_fp_model,
+    cosine_vs_fp_model``. Sums run over all images; the FP tensors of one batch at every site are held at
+    once, so lower ``batch_size`` for large models.
     """
     stored = site_quantizers(qmodel)
-    quantizers = {site.name: stored[site.name] for site in quantized_sites(vim_of(qmodel)) if site.name in stored}
+    order = [site.name for site in quantized_sites(vim_of(qmodel), include_states=True)]
+    quantizers = {name: stored[name] for name in order if name in stored}
     watched = set(quantizers)
     local: dict[str, ErrorSums] = {name: ErrorSums() for name in quantizers}
     end_to_end: dict[str, ErrorSums] = {name: ErrorSums() for name in quantizers}
     reference: dict[str, torch.Tensor] = {}
+    states = any(parse_site(name).tensor == STATE for name in quantizers)
 
     def observe(site: Site, x: torch.Tensor, xq: torch.Tensor) -> None:
         local[site.name].add(x, xq)
         end_to_end[site.name].add(reference[site.name], xq)
 
+    def observe_state(site: Site, step: int, h: torch.Tensor, hq: torch.Tensor) -> None:
+        local[site.name].add(h, hq)
+        end_to_end[site.name].add(reference[site.name][:, step], hq)
+
     for batch in batches(images, batch_size):
-        reference = capture(fp_model, batch, watched)
-        run_probe(qmodel, batch, watched, observe)
+        reference = capture(fp_model, batch, watched, record_states=states)
+        run_probe(qmodel, batch, watched, observe, state_callback=observe_state)
     rows = []
     for name in quantizers:  # forward order
         site = parse_site(name)

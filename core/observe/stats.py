@@ -16,14 +16,13 @@ import torch
 from torch import nn
 
 from core.errors import StudioError
-from core.intercept import Chain, Recorder
+from core.intercept import Chain, Recorder, intercepting
 from core.observe.probe import (
     batches,
     current_interceptor,
     eval_mode,
     is_static,
     model_device,
-    plugged,
     run_probe,
     site_quantizers,
     vim_of,
@@ -47,7 +46,7 @@ def capture(model: nn.Module, images: torch.Tensor, sites: Iterable[str] | None 
     with torch.no_grad(), eval_mode(model):
         for batch in batches(images, batch_size):
             recorder = Recorder(names, record_states)
-            with plugged(vim, recorder if inner is None else Chain(inner, recorder)):
+            with intercepting(vim, recorder if inner is None else Chain(inner, recorder)):
                 model(batch.to(device))
             for name, tensor in recorder.tensors.items():
                 parts.setdefault(name, []).append(tensor)
@@ -178,6 +177,17 @@ def capture_quantizer_inputs(qmodel: nn.Module, images: torch.Tensor, sites: Ite
     if unknown:
         raise StudioError(f"not quantized in this model: {unknown}")
     parts: dict[str, list[torch.Tensor]] = {}
-    run_probe(qmodel, images, names, lambda site, x, _: parts.setdefault(site.name, []).append(x.detach().clone()),
-              batch_size)
+    steps: dict[str, list[torch.Tensor]] = {}
+
+    def keep(site, x: torch.Tensor, _: torch.Tensor) -> None:
+        parts.setdefault(site.name, []).append(x.detach().clone())
+
+    def keep_state(site, step: int, h: torch.Tensor, _: torch.Tensor) -> None:
+        if step == 0 and site.name in steps:  # a new batch: stack the previous one's steps (batch, L, E, N)
+            parts.setdefault(site.name, []).append(torch.stack(steps.pop(site.name), dim=1))
+        steps.setdefault(site.name, []).append(h.detach().clone())
+
+    run_probe(qmodel, images, names, keep, batch_size, keep_state)
+    for name, chunk in steps.items():
+        parts.setdefault(name, []).append(torch.stack(chunk, dim=1))
     return {name: chunks[0] if is_static(name) else torch.cat(chunks) for name, chunks in parts.items()}

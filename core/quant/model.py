@@ -41,6 +41,7 @@ class QuantizedVim(nn.Module):
         # ModuleDict keys cannot contain dots; ":" stands in for them
         self.quantizers = nn.ModuleDict({name.replace(".", ":"): q for name, q in quantizers.items()})
         set_interceptor(self.model, QuantInterceptor(quantizers))
+        self.eval()
 
     @property
     def cfg(self) -> VimConfig:

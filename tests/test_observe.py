@@ -1,0 +1,302 @@
+"""Observers: planted outliers land in the right cells, hand-computed window counts, SQNR formula, per-site
+error report on the default model, histograms, layer sensitivity, and quantized models left untouched."""
+
+import math
+import threading
+from dataclasses import fields
+
+import pytest
+import torch
+
+import core.observe.sensitivity as sensitivity
+from core.data import load_fashion_mnist
+from core.default_model import load_default_model
+from core.errors import StudioError
+from core.eval import Cancelled
+from core.models import VimConfig, VisionMamba
+from core.observe import (
+    OutlierParams,
+    capture,
+    capture_quantizer_inputs,
+    cosine_similarity,
+    dynamic_outlier_summary,
+    error_report,
+    histogram,
+    layer_output_error,
+    layer_sensitivity,
+    outlier_timeline,
+    parse_site,
+    quantizer_at,
+    sqnr_db,
+    static_list_misses,
+    time_channel_stats,
+)
+from core.quant import QuantConfig, quantize, quantized_sites
+from core.quant.quantizers import OutlierAwareQuantizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads make these ops 10–40×
+    slower whenever the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def static_config(**kwargs) -> QuantConfig:
+    """Calibration only: block reconstruction (where this version has it) would dominate test time."""
+    if "reconstruction" in {f.name for f in fields(QuantConfig)}:
+        from core.quant import ReconstructionConfig
+        kwargs["reconstruction"] = ReconstructionConfig(epochs=0)
+    return QuantConfig(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic tensors
+
+
+PLANTED = [3, 7, 11, 14]  # the outlier channel of each window of 5 time-steps
+
+
+def planted_tensor() -> torch.Tensor:
+    torch.manual_seed(0)
+    x = 0.5 * torch.randn(4, 20, 16)
+    for t in range(20):
+        x[:, t, PLANTED[t // 5]] = 40.0 * (-1) ** t
+    return x
+
+
+def test_moving_planted_outlier_is_found_where_it_is_and_a_static_list_misses_it():
+    x = planted_tensor()
+    dynamic = OutlierAwareQuantizer(4, 8, k=3.0, n_refresh=5)
+    dynamic.calibrate(x)
+    timeline = outlier_timeline(x, dynamic)
+    assert torch.equal(timeline.mask, dynamic.masks(x))
+    cells = timeline.cells.set_index(["time_step", "channel"])["fraction_flagged"]
+    for t in range(20):
+        assert cells[(t, PLANTED[t // 5])] == 1.0
+    heat = time_channel_stats(x)
+    assert heat.loc[heat.groupby("time_step")["max_abs"].idxmax(), "channel"].tolist() == \
+        [PLANTED[t // 5] for t in range(20)]
+    assert len(timeline.windows) == 4 and math.isnan(timeline.windows["new_channels_vs_previous_window"][0])
+    assert (timeline.windows["new_channels_vs_previous_window"][1:] >= 1).all()  # the outlier moved
+    assert (timeline.steps["window"] == [t // 5 for t in range(20)]).all()
+    assert torch.allclose(torch.tensor(timeline.steps["inlier_scale"].to_numpy()), dynamic.scale.detach())
+
+    static = OutlierAwareQuantizer(4, 8, k=3.0, n_refresh=5, static_channels=True)
+    static.calibrate(x)
+    static_timeline = outlier_timeline(x, static)
+    assert (static_timeline.mask == static.static_mask).all()  # the fixed list, at every step
+    assert torch.equal(outlier_timeline(x, static, dynamic_rule=True).mask, timeline.mask)
+    misses = static_list_misses(x, timeline.mask, static.static_mask)
+    missed_windows = [w for w, channel in enumerate(PLANTED) if not static.static_mask[channel]]
+    assert len(missed_windows) >= 2  # a list of the per-token budget cannot hold four moving channels
+    for w in missed_windows:
+        rows = misses[misses["time_step"] // 5 == w]
+        assert (rows["missed"] >= 1).all() and (rows["missed_max_abs"] >= 40).all()
+
+
+def hand_case() -> torch.Tensor:
+    """Image 0: outlier at ch1 (t0), ch2 (t1, t2), ch5 (t3); image 1: no outlier. Windows of 2 steps."""
+    x = torch.ones(2, 4, 8)
+    for t, channel in enumerate([1, 2, 2, 5]):
+        x[0, t, channel] = 100.0
+    return x
+
+
+def test_window_frames_match_a_hand_computed_case():
+    x = hand_case()
+    params = OutlierParams(k=1.0, n_refresh=2, static_scale=0.0)
+    # image 0: O_list {1} → {1, 2} | refresh | {2} → {2, 5}; image 1: never flagged
+    timeline = outlier_timeline(x, params)
+    assert timeline.steps["outlier_channels"].tolist() == [0.5, 1.0, 0.5, 1.0]
+    assert timeline.steps["fraction_outlier"].tolist() == [0.5 / 8, 1 / 8, 0.5 / 8, 1 / 8]
+    assert timeline.windows["olist_size"].tolist() == [1.0, 1.0]
+    assert timeline.windows["new_channels_vs_previous_window"].tolist()[1] == 0.5  # ch5 new for image 0 only
+    assert timeline.windows[["first_step", "last_step"]].values.tolist() == [[0, 1], [2, 3]]
+    cells = timeline.cells.set_index(["time_step", "channel"])["fraction_flagged"]
+    assert cells[(1, 1)] == 0.5 and cells[(2, 1)] == 0.0 and cells[(3, 2)] == 0.5 and cells.sum() == 3.0
+
+    one = outlier_timeline(x, {"k": 1.0, "n_refresh": 2, "static_scale": torch.zeros(4)}, image=0)
+    assert one.steps["outlier_channels"].tolist() == [1, 2, 1, 2]
+    assert one.windows["olist_size"].tolist() == [2, 2]
+    assert one.windows["new_channels_vs_previous_window"].tolist()[1] == 1
+    flagged = one.cells[one.cells["flagged"]]
+    assert sorted(zip(flagged["time_step"], flagged["channel"], strict=True)) == \
+        [(0, 1), (1, 1), (1, 2), (2, 2), (3, 2), (3, 5)]
+
+    static_mask = torch.zeros(8, dtype=torch.bool)
+    static_mask[1] = True
+    misses = static_list_misses(x, timeline.mask, static_mask)
+    assert misses["dynamic_outliers"].tolist() == [0.5, 1.0, 0.5, 1.0]
+    assert misses["missed"].tolist() == [0.0, 0.5, 0.5, 1.0]
+    assert misses["missed_max_abs"].tolist() == [0.0, 100.0, 100.0, 100.0]
+    assert misses["missed_fraction"].tolist() == [0.0, 0.5, 1.0, 1.0]
+    with pytest.raises(StudioError, match="time-steps"):
+        outlier_timeline(x, OutlierParams(k=1.0, n_refresh=2, static_scale=torch.zeros(3)))
+
+
+def test_sqnr_and_cosine_follow_the_formula():
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 8)
+    assert sqnr_db(x, x.clone()) == math.inf and cosine_similarity(x, x) == pytest.approx(1.0)
+    assert sqnr_db(torch.ones(1000), torch.ones(1000) + 0.1) == pytest.approx(20.0)  # 10·log10(1 / 0.01)
+    noisy = x + 0.05 * torch.randn_like(x)
+    expected = 10 * math.log10(float((x.double() ** 2).sum() / ((x - noisy).double() ** 2).sum()))
+    assert sqnr_db(x, noisy) == pytest.approx(expected)
+    assert cosine_similarity(x, noisy) == pytest.approx(float(torch.nn.functional.cosine_similarity(
+        x.reshape(-1), noisy.reshape(-1), dim=0)), abs=1e-6)
+    assert cosine_similarity(x, -x) == pytest.approx(-1.0)
+
+
+def test_histogram_counts_every_value():
+    torch.manual_seed(0)
+    x = torch.randn(7, 13, 5)
+    frame = histogram(x, bins=30, log=True)
+    assert list(frame.columns) == ["bin_left", "bin_right", "count", "log_count"] and len(frame) == 30
+    assert frame["count"].sum() == x.numel()
+    assert frame["bin_left"].iloc[0] == pytest.approx(float(x.min()))
+    assert frame["bin_right"].iloc[-1] == pytest.approx(float(x.max()))
+    assert histogram(torch.full((10,), 3.0), bins=4)["count"].sum() == 10
+    assert histogram(torch.tensor([1.0, float("nan"), 2.0]), bins=2)["count"].sum() == 2
+
+
+def test_time_channel_stats_of_the_batch_and_of_one_image():
+    x = torch.zeros(2, 3, 4)
+    x[0, 1, 2], x[1, 1, 2], x[1, 0, 3] = 5.0, -7.0, 2.0
+    batch = time_channel_stats(x).set_index(["time_step", "channel"])["max_abs"]
+    assert len(batch) == 12 and batch[(1, 2)] == 7.0 and batch[(0, 3)] == 2.0
+    first = time_channel_stats(x, image=0).set_index(["time_step", "channel"])["max_abs"]
+    assert first[(1, 2)] == 5.0 and first[(0, 3)] == 0.0
+    with pytest.raises(StudioError, match="out of range"):
+        time_channel_stats(x, image=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The default model
+
+
+@pytest.fixture(scope="module")
+def default_setup():
+    model, _ = load_default_model()
+    data = load_fashion_mnist("test")
+    images = data.normalized(0, 16)
+    qmodel = quantize(model, static_config(method="ptq4vm", w_bits=8, a_bits=8), images)
+    return model, qmodel, images, data
+
+
+def test_capture_fp_and_quantized_leaves_the_quantized_model_as_it_was(default_setup):
+    model, qmodel, images, _ = default_setup
+    with torch.no_grad():
+        before = qmodel(images)
+    flags = [m.training for m in qmodel.modules()]
+    site = "layers.1.fwd.x_proj.input"
+    fp = capture(model, images, [site, "layers.1.fwd.A"], batch_size=5)
+    q = capture(qmodel, images, [site])
+    assert fp[site].shape == (16, 50, 128) and fp["layers.1.fwd.A"].shape == (128, 16)
+    assert not torch.equal(fp[site], q[site])  # the quantized model records quantized tensors
+    inputs = capture_quantizer_inputs(qmodel, images, [site])
+    assert torch.equal(qmodel.quantizers[site.replace(".", ":")](inputs[site]), q[site])
+    assert [m.training for m in qmodel.modules()] == flags
+    with torch.no_grad():
+        assert torch.equal(qmodel(images), before)
+    with pytest.raises(StudioError, match="no tensor passed"):
+        capture(model, images[:2], ["layers.9.in_proj.input"])
+
+
+def test_error_report_has_one_row_per_quantized_site(default_setup):
+    model, qmodel, images, _ = default_setup
+    report = error_report(model, qmodel, images[:8], batch_size=4)
+    assert report["site"].tolist() == [s.name for s in quantized_sites(model) if s.name in set(report["site"])]
+    assert sorted(report["site"]) == sorted(key.replace(":", ".") for key in qmodel.quantizers)
+    assert {"site", "layer", "direction", "tensor", "kind", "sqnr_db", "cosine"} <= set(report.columns)
+    assert report["sqnr_db"].map(math.isfinite).all() and (report["sqnr_db"] > 0).all()
+    assert (report["cosine"] > 0.9).all() and (report["cosine"] <= 1 + 1e-9).all()
+    assert set(report["kind"]) == {"weight", "activation"} and set(report["bits"]) == {8}
+    weight_row = report.set_index("site").loc["layers.2.out_proj.weight"]
+    weight = model.layers[2].mixer.out_proj.weight
+    expected = sqnr_db(weight, qmodel.quantizers["layers:2:out_proj:weight"](weight))
+    assert weight_row["sqnr_db"] == pytest.approx(expected) and weight_row["direction"] == "shared"
+    first = report.set_index("site").loc["layers.0.in_proj.input"]  # nothing upstream is quantized
+    assert first["sqnr_db_vs_fp_model"] == pytest.approx(first["sqnr_db"])
+
+    layers = layer_output_error(model, qmodel, images[:8])
+    assert layers["layer"].tolist() == [0, 1, 2, 3]
+    assert layers["sqnr_db"].map(math.isfinite).all() and (layers["cosine"] > 0.9).all()
+    assert layer_output_error(model, model, images[:2])["sqnr_db"].eq(math.inf).all()
+
+
+def test_layer_sensitivity_quantizes_one_layer_at_a_time(default_setup, monkeypatch):
+    model, _, images, data = default_setup
+    quantized_layers = []
+
+    def spy(*args, **kwargs):
+        qmodel = quantize(*args, **kwargs)
+        quantized_layers.append({parse_site(key.replace(":", ".")).layer for key in qmodel.quantizers})
+        return qmodel
+
+    monkeypatch.setattr(sensitivity, "quantize", spy)
+    calls = []
+    config = static_config(method="dynamic_per_token", w_bits=8, a_bits=8)
+    frame = layer_sensitivity(model, config, images[:4], data.normalized(0, 20), data.labels[:20],
+                              progress=lambda i, n: calls.append((i, n)))
+    assert frame["layer"].tolist() == [0, 1, 2, 3] and list(frame.columns) == ["layer", "top1", "drop_vs_fp"]
+    assert quantized_layers == [{0}, {1}, {2}, {3}]
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert (frame["drop_vs_fp"] == frame.attrs["fp_top1"] - frame["top1"]).all()
+    assert frame["top1"].between(0, 100).all()
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        layer_sensitivity(model, config, images[:4], data.normalized(0, 20), data.labels[:20], cancel=cancel)
+
+
+@pytest.fixture(scope="module")
+def tiny_ouromamba():
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=28, patch_size=4, stride=4, in_chans=1, num_classes=10, embed_dim=16, depth=2)
+    model, images = VisionMamba(cfg).eval(), torch.randn(6, 1, 28, 28)
+    config = static_config(method="ouromamba", w_bits=8, a_bits=4, n_refresh=10, quantize_state=True)
+    return model, quantize(model, config, images[:4]), images
+
+
+def test_dynamic_outlier_summary_ranks_sites_of_an_ouromamba_model(tiny_ouromamba):
+    model, qmodel, images = tiny_ouromamba
+    summary = dynamic_outlier_summary(qmodel, images, batch_size=3)
+    per_layer = 1 + 2 * 5 + 1  # in_proj, (x_proj, dt_proj, delta_pre, B, C) per direction, out_proj
+    assert len(summary) == 2 * per_layer and not summary["tensor"].isin(["A", "D", "h"]).any()
+    assert {"layer", "direction", "tensor", "outlier_channels_per_token", "olist_size",
+            "new_channels_vs_previous_window"} <= set(summary.columns)
+    assert (summary["olist_size"] >= summary["outlier_channels_per_token"] - 1e-9).all()  # lists only grow
+    site = "layers.1.fwd.x_proj.input"
+    row = summary.set_index("site").loc[site]
+    x = capture_quantizer_inputs(qmodel, images, [site], batch_size=3)[site]
+    timeline = outlier_timeline(x[:3], quantizer_at(qmodel, site))
+    second = outlier_timeline(x[3:], quantizer_at(qmodel, site))
+    per_token = (timeline.steps["outlier_channels"].mean() + second.steps["outlier_channels"].mean()) / 2
+    assert row["outlier_channels_per_token"] == pytest.approx(per_token)
+    with_ad = dynamic_outlier_summary(qmodel, images[:2], include_single_token=True)
+    assert with_ad["tensor"].isin(["A", "D"]).sum() == 8
+    ptq = quantize(model, static_config(method="dynamic_per_token"), images[:2])
+    with pytest.raises(StudioError, match="outlier channels"):
+        dynamic_outlier_summary(ptq, images[:2])
+    with pytest.raises(StudioError, match="keeps no outlier"):
+        outlier_timeline(x, quantizer_at(ptq, site))
+
+
+def test_error_report_covers_scan_states_quantized_inside_the_recurrence(tiny_ouromamba):
+    model, qmodel, images = tiny_ouromamba
+    report = error_report(model, qmodel, images[:4], batch_size=3).set_index("site")
+    assert len(report) == len(qmodel.quantizers)
+    states = report[report["tensor"] == "h"]
+    assert sorted(states.index) == sorted(f"layers.{i}.{d}.h" for i in range(2) for d in ("fwd", "bwd"))
+    assert states["sqnr_db"].map(math.isfinite).all() and (states["sqnr_db"] > 0).all()
+    site = "layers.0.bwd.h"
+    h = capture_quantizer_inputs(qmodel, images[:4], [site], batch_size=3)[site]
+    assert h.shape == (4, 50, 32, 16)
+    quantizer = qmodel.quantizers[site.replace(".", ":")]
+    hq = torch.stack([quantizer.quantize_step(t, h[:, t]) for t in range(50)], dim=1)
+    assert states.loc[site, "sqnr_db"] == pytest.approx(sqnr_db(h, hq))
+    assert torch.equal(capture(qmodel, images[:4], [site], record_states=True)[site], hq)
