@@ -1,4 +1,4 @@
-"""Command line: ``python -m core {info,eval,card-eval,quantize}``. Bad input prints one line and exits with 2."""
+"""Command line: ``python -m core {info,eval,card-eval,quantize,outliers}``; bad input: one line, exit 2."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from core.data import load_fashion_mnist
+from core.data import calibration_images, load_fashion_mnist
 from core.default_model import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_card
 from core.errors import StudioError
 from core.eval import evaluate
 from core.experiments import accuracy_table, run_quantization, write_records
 from core.models import load_checkpoint
-from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig
+from core.observe import dynamic_outlier_summary
+from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, quantize
 
 
 def _progress(done: int, total: int) -> None:
@@ -79,6 +80,26 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"records: {Path(args.out) / args.name}.csv / .json")
 
 
+def cmd_outliers(args: argparse.Namespace) -> None:
+    """Per-site statistics of the per-time-step outlier rule: does the outlier set move across time-steps?"""
+    model = load_checkpoint(args.checkpoint)
+    cfg = model.cfg
+    calib = calibration_images(args.calib, args.n_calib, args.seed, cfg.img_size, cfg.in_chans, args.data)
+    config = QuantConfig(method="ouromamba", w_bits=4, a_bits=args.a_bits, k=args.k, n_refresh=args.n_refresh,
+                         reconstruction=ReconstructionConfig(epochs=0))
+    qmodel = quantize(model, config, calib)
+    images = load_fashion_mnist("test", args.data).subset(args.images).normalized()
+    summary = dynamic_outlier_summary(qmodel, images).sort_values("new_channels_vs_previous_window",
+                                                                  ascending=False)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(out, index=False)
+    print(summary.head(args.top).to_string(index=False))
+    print(f"{len(summary)} sites → {out} (inlier scales from {args.n_calib} {args.calib} images, seed {args.seed}; "
+          f"statistics on the first {args.images} test images; a_bits {args.a_bits}, k {args.k}, "
+          f"n_refresh {args.n_refresh})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.cli", description="OuroMamba Studio engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--out", default="results/quant", help="directory for the CSV/JSON records")
     quant.add_argument("--name", default="runs", help="file name (without extension) of the records")
     quant.set_defaults(run=cmd_quantize)
+    outl = sub.add_parser("outliers", help="per-site statistics of the per-time-step outlier rule")
+    outl.add_argument("checkpoint", nargs="?", default=default_weights)
+    outl.add_argument("--a-bits", type=int, default=4, help="inlier bits (sets the calibrated inlier scales)")
+    outl.add_argument("--k", type=float, default=3.0)
+    outl.add_argument("--n-refresh", type=int, default=10)
+    outl.add_argument("--calib", default="real")
+    outl.add_argument("--n-calib", type=int, default=128)
+    outl.add_argument("--images", type=int, default=256, help="test images the statistics are measured on")
+    outl.add_argument("--seed", type=int, default=0)
+    outl.add_argument("--data")
+    outl.add_argument("--top", type=int, default=12, help="rows to print")
+    outl.add_argument("--out", default="results/quant/outlier_stats.csv")
+    outl.set_defaults(run=cmd_outliers)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -57,3 +57,13 @@ def test_quantize_command_bad_input_is_one_line(capsys):
     assert main(["quantize", "--w-bits", "0", "--limit", "5", "--n-calib", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "w_bits must be" in err
+
+
+def test_outliers_command_writes_per_site_statistics(tmp_path: Path, capsys):
+    out = tmp_path / "stats.csv"
+    assert main(["outliers", "--images", "8", "--n-calib", "8", "--out", str(out), "--top", "3"]) == 0
+    import pandas as pd
+    frame = pd.read_csv(out)
+    assert len(frame) == 4 * (2 + 2 * 5)  # per layer: in/out_proj inputs + per direction x/dt_proj, Δ, B, C
+    assert (frame["olist_size"] >= frame["outlier_channels_per_token"]).all()
+    assert "sites →" in capsys.readouterr().out
