@@ -15,7 +15,7 @@ Every tensor OuroMamba-Quant touches passes through a named site (:mod:`core.int
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch import nn
 
 from core.errors import StudioError
 from core.intercept import BACKWARD, FORWARD, Tapped, layer_sites
+from core.records import checked_fields
 from core.ssm import selective_scan
 
 
@@ -77,11 +78,7 @@ class VimConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> VimConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise StudioError(f"unknown Vim config fields {unknown}; known fields: {sorted(known)}")
-        return cls(**values)
+        return cls(**checked_fields(cls, values, "Vim config"))
 
 
 class RMSNorm(nn.Module):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from core.errors import StudioError
+from core.records import checked_fields
 
 METHODS = {
     "ouromamba": "OuroMamba: per-time-step dynamic outlier channels at high precision, static per-token inliers",
@@ -120,11 +121,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> QuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise StudioError(f"unknown QuantConfig fields {unknown}")
-        values = dict(values)
+        values = checked_fields(cls, values, "QuantConfig")
         if isinstance(values.get("reconstruction"), dict):
             values["reconstruction"] = ReconstructionConfig(**values["reconstruction"])
         return cls(**values)
