@@ -119,3 +119,23 @@ def test_recorder_selects_by_name():
     with intercepting(model, Recorder(names=["layers.1.bwd.B"])) as rec, torch.no_grad():
         model(x)
     assert list(rec.tensors) == ["layers.1.bwd.B"]
+
+
+class ScaleSite(Interceptor):
+    def __init__(self, name, factor):
+        self.name, self.factor = name, factor
+
+    def intercept(self, site, x):
+        return x * self.factor if site.name == self.name else x
+
+
+def test_a_linear_input_site_feeds_only_its_linear():
+    """Scaling x_proj's input and dividing its weight by the same factor must change nothing: the scan's
+    u is not the x_proj input site's output (a smoothing scale there must not leak into the scan)."""
+    model, x = model_and_input()
+    with torch.no_grad():
+        plain = model(x)
+        with intercepting(model, Chain(ScaleSite("layers.0.fwd.x_proj.input", 3.0),
+                                       ScaleSite("layers.0.fwd.x_proj.weight", 1 / 3.0))):
+            scaled = model(x)
+    assert torch.allclose(plain, scaled, atol=1e-5)

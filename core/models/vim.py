@@ -139,8 +139,9 @@ class BiMambaMixer(Tapped):
         length = xz.shape[1]
         x, z = xz.chunk(2, dim=-1)
         u = F.silu(conv1d(x.transpose(1, 2))[..., :length].transpose(1, 2))  # causal: first L outputs
-        u = self.tap(site["x_proj.input", direction], u)
-        x_dbl = F.linear(u, self.tap(site["x_proj.weight", direction], x_proj.weight))
+        # the site is x_proj's input: what the interceptor returns feeds x_proj only, the scan keeps u
+        x_dbl = F.linear(self.tap(site["x_proj.input", direction], u),
+                         self.tap(site["x_proj.weight", direction], x_proj.weight))
         rank, n_state = dt_proj.in_features, a_log.shape[1]
         dt, B, C = torch.split(x_dbl, [rank, n_state, n_state], dim=-1)
         dt = self.tap(site["dt_proj.input", direction], dt)
