@@ -1,10 +1,11 @@
-"""Command line: ``python -m core {info,eval,card-eval,quantize,outliers}``; bad input: one line, exit 2."""
+"""Command line: ``python -m core {info,eval,card-eval,generate,quantize,outliers}``; bad input: one line, exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 from core.data import calibration_images, load_fashion_mnist
@@ -12,6 +13,7 @@ from core.default_model import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_
 from core.errors import StudioError
 from core.eval import evaluate
 from core.experiments import accuracy_table, run_quantization, write_records
+from core.gen import GEN_PRESETS, GEN_SOURCES, GenConfig, GenProgress, generate, save_generated
 from core.models import load_checkpoint
 from core.observe import dynamic_outlier_summary
 from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, quantize
@@ -50,6 +52,27 @@ def cmd_card_eval(args: argparse.Namespace) -> None:
     (directory / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     print(f"test top-1 {result.top1:.2f}% ({result.correct}/{result.total}) in {result.seconds:.1f} s on "
           f"{result.device}; written to {directory / CARD_FILE}")
+
+
+def _gen_progress(update: GenProgress) -> None:
+    losses = " ".join(f"{name} {value:.4f}" for name, value in update.losses.items())
+    print(f"\rbatch {update.batch + 1}/{update.batches} iteration {update.iteration}/{update.iterations}: {losses}",
+          end="\n" if update.iteration == update.iterations else "", file=sys.stderr, flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Make a calibration set (OuroMamba-Gen or a baseline) and save it as PNGs + manifest.json."""
+    model = load_checkpoint(args.checkpoint)
+    names = {f.name for f in fields(GenConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if overrides.get("layers") is not None:
+        overrides["layers"] = tuple(overrides["layers"])
+    config = replace(GEN_PRESETS[args.preset], **overrides)
+    result = generate(model, config, progress=_gen_progress, data_root=args.data)
+    folder = save_generated(result, args.out)
+    hits = sum(t is None or p == t for p, t in zip(result.predictions, result.targets, strict=True))
+    print(f"{len(result.images)} {config.source} images in {result.seconds:.1f} s → {folder} (FP prediction = target "
+          f"for {hits}; mean confidence {sum(result.confidences) / len(result.confidences):.3f})")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -118,6 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     card.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR))
     card.add_argument("--data")
     card.set_defaults(run=cmd_card_eval)
+    gen = sub.add_parser("generate", help="synthetic calibration images (OuroMamba-Gen) or a baseline set")
+    gen.add_argument("checkpoint", nargs="?", default=default_weights)
+    gen.add_argument("--preset", choices=list(GEN_PRESETS), default="fidelity", help="defaults the flags override")
+    gen.add_argument("--source", choices=list(GEN_SOURCES))
+    for flag, kind in (("count", int), ("iterations", int), ("batch-size", int), ("lr", float),
+                       ("neighbourhood", int), ("top-k", int), ("temperature", float),
+                       ("contrastive-weight", float), ("output-weight", float), ("pse-weight", float),
+                       ("tv-weight", float), ("l2-weight", float), ("max-shift", int), ("seed", int)):
+        gen.add_argument(f"--{flag}", type=kind)
+    gen.add_argument("--output-loss", choices=["ce", "mae"])
+    gen.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    gen.add_argument("--layers", type=int, nargs="+", help="layers of the contrastive loss (default: all)")
+    gen.add_argument("--data", help="Fashion-MNIST directory, for --source real")
+    gen.add_argument("--out", required=True, help="folder for the PNGs and manifest.json")
+    gen.set_defaults(run=cmd_generate)
     quant = sub.add_parser("quantize", help="quantize the model and report test top-1 per method and setting")
     quant.add_argument("checkpoint", nargs="?", default=default_weights)
     quant.add_argument("--method", nargs="+", default=["ouromamba"], choices=list(METHODS))

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from threading import Event
 
@@ -22,6 +20,7 @@ from core.eval import evaluate
 from core.models import VisionMamba
 from core.quant import QuantConfig, quantize
 from core.quant.config import Progress
+from core.records import utc_now, versions
 
 
 @dataclass
@@ -47,10 +46,6 @@ class RunRecord:
         return {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in asdict(self).items()}
 
 
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__}
-
-
 def run_quantization(model: VisionMamba, model_name: str, config: QuantConfig, test: LabelledImages,
                      fp_top1: float, calib_source: str, n_calib: int, seed: int, data_root: str | None = None,
                      progress: Progress | None = None, cancel: Event | None = None,
@@ -70,7 +65,7 @@ def run_quantization(model: VisionMamba, model_name: str, config: QuantConfig, t
         test_images=result.total, calibration_seconds=qmodel.provenance["calibration_seconds"],
         eval_seconds=round(result.seconds, 2), hardware=result.device, config=config.to_dict(),
         reconstruction=qmodel.provenance.get("reconstruction", {}).get("blocks", []), versions=versions(),
-        date=datetime.now(UTC).isoformat(timespec="seconds"))
+        date=utc_now())
 
 
 def write_records(records: list[RunRecord], directory: str | Path, name: str) -> tuple[Path, Path]:

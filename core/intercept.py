@@ -78,8 +78,15 @@ class Interceptor:
     def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    #: Ask the scan to hand every state h_t over at once, after the scan, as (batch, L, E, N) with its autograd
+    #: history (:meth:`collect_states`). Read-only, and it costs keeping the states, so it is off by default.
+    collects_states: bool = False
+
     def intercept_state(self, site: Site, step: int, h: torch.Tensor) -> torch.Tensor:
         return h
+
+    def collect_states(self, site: Site, states: torch.Tensor) -> None:
+        """All scan states of one direction, in scan order; called only when ``collects_states``."""
 
 
 class Chain(Interceptor):
@@ -88,6 +95,7 @@ class Chain(Interceptor):
     def __init__(self, *interceptors: Interceptor):
         self.interceptors = interceptors
         self.wants_states = any(i.wants_states for i in interceptors)
+        self.collects_states = any(i.collects_states for i in interceptors)
 
     def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         for interceptor in self.interceptors:
@@ -98,6 +106,11 @@ class Chain(Interceptor):
         for interceptor in self.interceptors:
             h = interceptor.intercept_state(site, step, h)
         return h
+
+    def collect_states(self, site: Site, states: torch.Tensor) -> None:
+        for interceptor in self.interceptors:
+            if interceptor.collects_states:
+                interceptor.collect_states(site, states)
 
 
 class Recorder(Interceptor):

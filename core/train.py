@@ -14,7 +14,6 @@ import math
 import shlex
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from core.data import LabelledImages, load_fashion_mnist
 from core.data.fashion_mnist import VALIDATION_SIZE
 from core.eval import evaluate, hardware_label
 from core.models import VisionMamba, create_vim, save_safetensors
+from core.records import utc_now
 
 
 def split_train_val(train: LabelledImages) -> tuple[LabelledImages, LabelledImages]:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "data": "Fashion-MNIST train[:55000] (train[55000:] held out for validation); test = t10k (10,000)",
         "preprocessing": "pixels / 255, normalised with mean 0.2860, std 0.3530 (1 channel, 28×28)",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "torch": torch.__version__,
         **info,
     }

@@ -12,11 +12,18 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
 from core.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, VALIDATION_SIZE, load_fashion_mnist
-from core.data.image_folder import vim_eval_transform
+from core.data.image_folder import VIM_EVAL_MEAN, VIM_EVAL_STD, vim_eval_transform
 from core.errors import StudioError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 BUILTIN_SOURCES = ("real", "noise")
+
+
+def input_normalization(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of the model input: Fashion-MNIST's for 1 channel, ImageNet's (Vim) for 3."""
+    if in_chans == 1:
+        return (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
+    return VIM_EVAL_MEAN[:in_chans], VIM_EVAL_STD[:in_chans]
 
 
 def calibration_images(source: str, count: int, seed: int, img_size: int = 28, in_chans: int = 1,
@@ -52,7 +59,7 @@ def _folder_images(folder: Path, count: int, generator: torch.Generator, img_siz
     if in_chans == 1:
         transform = transforms.Compose([
             transforms.Grayscale(), transforms.Resize((img_size, img_size), transforms.InterpolationMode.BICUBIC),
-            transforms.ToTensor(), transforms.Normalize((FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,))])
+            transforms.ToTensor(), transforms.Normalize(*input_normalization(1))])
     else:
         transform = transforms.Compose([transforms.Lambda(lambda im: im.convert("RGB")), vim_eval_transform(img_size)])
     order = torch.randperm(len(files), generator=generator).tolist()

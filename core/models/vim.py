@@ -151,12 +151,17 @@ class BiMambaMixer(Tapped):
         B = self.tap(site["B", direction], B)
         C = self.tap(site["C", direction], C)
         D = self.tap(site["D", direction], d_skip.float())
-        state_fn = None
-        if self.interceptor is not None and self.interceptor.wants_states:
-            h_site, interceptor = site["h", direction], self.interceptor
+        interceptor, h_site = self.interceptor, site["h", direction]
+        state_fn, collect = None, interceptor is not None and interceptor.collects_states
+        if interceptor is not None and interceptor.wants_states:
             state_fn = lambda step, h: interceptor.intercept_state(h_site, step, h)  # noqa: E731
-        return selective_scan(u, delta_pre, A, B, C, D, z, delta_softplus=True, state_fn=state_fn,
-                              impl=self.scan_impl)
+        out = selective_scan(u, delta_pre, A, B, C, D, z, delta_softplus=True, return_states=collect,
+                             state_fn=state_fn, impl=self.scan_impl)
+        if not collect:
+            return out
+        y, states = out
+        interceptor.collect_states(h_site, states)
+        return y
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         site = self.sites
