@@ -228,6 +228,21 @@ def test_error_report_has_one_row_per_quantized_site(default_setup):
     assert layer_output_error(model, model, images[:2])["sqnr_db"].eq(math.inf).all()
 
 
+def test_error_report_of_smoothed_sites_compares_what_the_quantizer_rounds(default_setup):
+    """With a smoothing scale s the input quantizer returns Q(x / s): its error is against x / s (and the
+    weight's against W · s), not against x — at 8 bits that is a small error, not a meaningless one."""
+    model, _, images, _ = default_setup
+    smooth = quantize(model, static_config(method="ptq4vm_smooth", w_bits=8, a_bits=8), images)
+    report = error_report(model, smooth, images[:8], batch_size=8).set_index("site")
+    for name in ("layers.1.fwd.x_proj.input", "layers.1.out_proj.input", "layers.1.out_proj.weight"):
+        assert report.loc[name, "sqnr_db"] > 25 and report.loc[name, "cosine"] > 0.99, name
+    quantizer = smooth.quantizers["layers:1:out_proj:weight"]
+    weight = model.layers[1].mixer.out_proj.weight
+    assert quantizer.smoothing is not None
+    expected = sqnr_db(weight * quantizer.smoothing, quantizer(weight))
+    assert report.loc["layers.1.out_proj.weight", "sqnr_db"] == pytest.approx(expected)
+
+
 def test_layer_sensitivity_quantizes_one_layer_at_a_time(default_setup, monkeypatch):
     model, _, images, data = default_setup
     quantized_layers = []

@@ -26,11 +26,13 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
                  batch_size: int | None = 16) -> pd.DataFrame:
     """One row per quantized site: SQNR (dB) and cosine between a tensor and its fake-quantized version.
 
-    ``sqnr_db``/``cosine`` measure the quantizer alone: its input in the quantized model against its output
-    (for weights: FP weight against quantizer(weight)). ``sqnr_db_vs_fp_model``/``cosine_vs_fp_model``
-    compare the quantized tensor with the same site of ``fp_model`` on the same images, so they include the
-    error accumulated upstream. ``kind`` is ``weight`` for linear weights (w_bits) and ``activation`` for
-    everything quantized with a_bits (A, D and, with ``quantize_state``, the scan states h, per step).
+    ``sqnr_db``/``cosine`` measure the quantizer alone: what it rounds in the quantized model against its
+    output (for weights: the FP weight against quantizer(weight)); with a smoothing scale s that is x / s for
+    inputs and W · s for weights, the tensors whose product the layer computes.
+    ``sqnr_db_vs_fp_model``/``cosine_vs_fp_model`` compare the quantized tensor with the same site of
+    ``fp_model`` on the same images, so they include the error accumulated upstream.
+    ``kind`` is ``weight`` for linear weights (w_bits) and ``activation`` for everything quantized with
+    a_bits (A, D and, with ``quantize_state``, the scan states h, per step).
     Columns: ``site, layer, direction, tensor, kind, bits, sqnr_db, cosine, sqnr_db_vs_fp_model,
     cosine_vs_fp_model``. Sums run over all images; the FP tensors of one batch at every site are held at
     once, so lower ``batch_size`` for large models.
@@ -45,8 +47,9 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
     states = any(parse_site(name).tensor == STATE for name in quantizers)
 
     def observe(site: Site, x: torch.Tensor, xq: torch.Tensor) -> None:
-        local[site.name].add(x, xq)
-        end_to_end[site.name].add(reference[site.name], xq)
+        smoothed = getattr(quantizers[site.name], "smoothed", lambda t: t)
+        local[site.name].add(smoothed(x), xq)
+        end_to_end[site.name].add(smoothed(reference[site.name]), xq)
 
     def observe_state(site: Site, step: int, h: torch.Tensor, hq: torch.Tensor) -> None:
         local[site.name].add(h, hq)

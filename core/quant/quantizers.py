@@ -36,7 +36,8 @@ class ActivationQuantizer(nn.Module):
         self.qmax = asymmetric_levels(bits) if asymmetric else symmetric_qmax(bits)
         self.smoothing: torch.Tensor | None = None
 
-    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        """What this quantizer rounds: x / s with a smoothing scale, else x (error reports compare against it)."""
         return x if self.smoothing is None else x / self.smoothing
 
     def _quant(self, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
@@ -67,7 +68,7 @@ class PerTensorQuantizer(ActivationQuantizer):
     """One static scale (and zero point) from the calibration min/max: the simplest baseline."""
 
     def calibrate(self, x: torch.Tensor) -> None:
-        x = self._smooth(x).detach()
+        x = self.smoothed(x).detach()
         if self.asymmetric:
             scale, zero = asymmetric_params(x.min(), x.max(), self.qmax)
             self.register_buffer("zero_point", zero.reshape(1))
@@ -76,7 +77,7 @@ class PerTensorQuantizer(ActivationQuantizer):
         self.scale = nn.Parameter(scale.reshape(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._quant(self._smooth(x), self.scale, self.zero_point)
+        return self._quant(self.smoothed(x), self.scale, self.zero_point)
 
 
 class DynamicPerTokenQuantizer(ActivationQuantizer):
@@ -86,7 +87,7 @@ class DynamicPerTokenQuantizer(ActivationQuantizer):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._dynamic(self._smooth(x))
+        return self._dynamic(self.smoothed(x))
 
 
 class PerTokenStaticQuantizer(ActivationQuantizer):
@@ -102,7 +103,7 @@ class PerTokenStaticQuantizer(ActivationQuantizer):
         self.scale = nn.Parameter(scale)
 
     def calibrate(self, x: torch.Tensor) -> None:
-        self._search(self._smooth(x))
+        self._search(self.smoothed(x))
 
     def _token_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if x.shape[1] != self.scale.shape[0]:
@@ -112,7 +113,7 @@ class PerTokenStaticQuantizer(ActivationQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = self._token_params(x)
-        return self._quant(self._smooth(x), scale, zero)
+        return self._quant(self.smoothed(x), scale, zero)
 
 
 class OutlierAwareQuantizer(PerTokenStaticQuantizer):
@@ -132,7 +133,7 @@ class OutlierAwareQuantizer(PerTokenStaticQuantizer):
         self.outlier = None if outlier_bits >= FULL_PRECISION_BITS else ActivationQuantizer(outlier_bits, asymmetric)
 
     def calibrate(self, x: torch.Tensor) -> None:
-        x = self._smooth(x).detach()
+        x = self.smoothed(x).detach()
         self._search(strip_outliers(x, self.k, self.n_refresh))
         if self.static_channels:
             masks = self.masks(x)
@@ -153,7 +154,7 @@ class OutlierAwareQuantizer(PerTokenStaticQuantizer):
                              self.release_compatible)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._smooth(x)
+        x = self.smoothed(x)
         scale, zero = self._token_params(x)
         mask = self.masks(x)
         inliers = self._quant(x.masked_fill(mask, 0), scale, zero)
@@ -222,10 +223,12 @@ class WeightQuantizer(nn.Module):
             scale = scale.reshape(rows, -1, 1)
         self.scale = nn.Parameter(scale)
 
+    def smoothed(self, weight: torch.Tensor) -> torch.Tensor:
+        """What this quantizer rounds: W · s with a smoothing scale, else W."""
+        return weight if self.smoothing is None else weight * self.smoothing
+
     def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.smoothing is not None:
-            weight = weight * self.smoothing
-        return weight.reshape(weight.shape[0], -1, self.group_size)
+        return self.smoothed(weight).reshape(weight.shape[0], -1, self.group_size)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return fake_quant_symmetric(self._grouped(weight), self.scale, self.qmax).reshape(weight.shape)
