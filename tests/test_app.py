@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import gradio as gr
@@ -104,3 +106,41 @@ def test_script_bad_checkpoint_is_one_line(tmp_path: Path, capsys):
     assert _load_app_script().main(["--checkpoint", str(junk)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not a readable checkpoint" in err and "\n" not in err
+
+
+GEN = "OuroMamba-Gen (contrastive + output loss)"
+
+
+def test_synthesize_makes_a_reproducible_downloadable_set(served):
+    _, client = served
+    status, _, gallery, real, manifest, download = client.predict(
+        GEN, 3, 4, "5", 12, 0.2, 1, 1, 0.2, 7, api_name="/synthesize")
+    assert "3 images from `ouromamba`" in status and "seed 7" in status and "on the CPU" in status
+    assert len(gallery) == 3 and all("target" in item["caption"] for item in gallery)
+    assert 1 <= len(real) <= 3 and all(item["caption"].startswith("real ") for item in real)
+    assert manifest["config"]["seed"] == 7 and manifest["config"]["neighbourhood"] == 5
+    assert len(manifest["images"]) == 3 and "torch" in manifest["versions"]
+    with zipfile.ZipFile(download) as archive:
+        names = archive.namelist()
+    assert sum(n.endswith(".png") for n in names) == 3 and any(n.endswith("manifest.json") for n in names)
+    again = client.predict(GEN, 3, 4, "5", 12, 0.2, 1, 1, 0.2, 7, api_name="/synthesize")
+    assert "Cached" in again[0] and again[4]["images"] == manifest["images"]
+
+
+def test_noise_source_needs_no_iterations(served):
+    _, client = served
+    status, _, gallery, real, manifest, _ = client.predict(
+        "Gaussian noise (no optimisation)", 2, 0, "5", 12, 0.2, 1, 1, 0.2, 0, api_name="/synthesize")
+    assert "2 images from `noise`" in status and len(gallery) == 2 and real == []
+    assert [image["target"] for image in manifest["images"]] == [None, None]
+
+
+def test_attention_maps_of_a_test_image_and_clear_errors(served):
+    _, client = served
+    plot, message = client.predict("test set", 3, 2, "bwd", "patch 30 (row 4, col 2)", "5", api_name="/attention")
+    assert message == "" and plot["type"] == "plotly"
+    figure = json.loads(plot["plot"])
+    assert [trace["type"] for trace in figure["data"]] == ["heatmap", "heatmap", "scatter", "heatmap", "scatter"]
+    assert "enhanced" in json.dumps(figure["layout"]["annotations"])
+    plot, message = client.predict("test set", 12_000, 2, "bwd", "CLS token", "5", api_name="/attention")
+    assert plot is None and message.startswith("**Error:**") and "#0–#9999" in message

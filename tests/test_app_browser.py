@@ -79,3 +79,40 @@ def test_cancel_stops_only_its_own_tab(browser: Browser, url: str):
     expect(result).to_contain_text("of 10000 images")
     running.close()
     other.close()
+
+
+def _set_number(page: Page, elem_id: str, value: int) -> None:
+    """Type into a slider's number box (what a person does to pick an exact value)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_synthesize_shows_live_losses_gallery_and_attention(browser: Browser, url: str):
+    page = _open(browser, url)
+    page.get_by_role("tab", name="Synthesize").click()
+    _set_number(page, "gen-count", 4)
+    _set_number(page, "gen-iterations", 12)
+    page.locator("#gen-run").click()
+    status = page.locator("#gen-status")
+    expect(status).to_contain_text("4 images from ouromamba", timeout=60_000)
+    expect(page.locator("#gen-gallery img")).to_have_count(4)
+    expect(page.locator("#gen-losses .js-plotly-plot")).to_be_visible()
+    expect(page.locator("#gen-download")).to_contain_text(".zip")
+    page.locator("#attention-run").click()
+    expect(page.locator("#attention-plot .js-plotly-plot")).to_be_visible(timeout=30_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "app_synthesize.png", full_page=True)
+    page.close()
+
+
+def test_synthesis_can_be_cancelled(browser: Browser, url: str):
+    page = _open(browser, url)
+    page.get_by_role("tab", name="Synthesize").click()
+    _set_number(page, "gen-count", 8)
+    _set_number(page, "gen-iterations", 2000)
+    page.locator("#gen-run").click()
+    expect(page.locator("#gen-status")).to_contain_text("Iteration", timeout=60_000)
+    page.locator("#gen-cancel").click()
+    expect(page.locator("#gen-status")).to_contain_text("Stopped", timeout=30_000)
+    page.close()

@@ -143,7 +143,13 @@ class GenResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per iteration, mean over batches
     provenance: dict = field(default_factory=dict)
 
-    def manifest(self, files: list[str]) -> dict:
+    def file_names(self) -> list[str]:
+        """PNG names of a saved set: index, and the target class when there is one (``00007_class3.png``)."""
+        return [f"{index:05d}" + ("" if target is None else f"_class{target}") + ".png"
+                for index, target in enumerate(self.targets)]
+
+    def manifest(self) -> dict:
+        files = self.file_names()
         return {
             "config": self.config.to_dict(), "seconds": round(self.seconds, 2), **self.provenance,
             "images": [{"file": f, "target": t, "prediction": p, "confidence": round(c, 5)}
@@ -258,7 +264,8 @@ def generate(model: VisionMamba, config: GenConfig, progress: GenCallback | None
         targets = None
     else:
         images = torch.randn(config.count, cfg.in_chans, cfg.img_size, cfg.img_size, generator=generator)
-        targets = class_balanced_targets(config.count, cfg.num_classes, generator)
+        optimised = config.source in OPTIMISED_SOURCES
+        targets = class_balanced_targets(config.count, cfg.num_classes, generator) if optimised else None
     history: list[dict[str, float]] = []
     if config.source in OPTIMISED_SOURCES and config.iterations > 0:
         bounds = _pixel_bounds(cfg.in_chans)
@@ -312,12 +319,9 @@ def save_generated(result: GenResult, folder: str | Path) -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        files = []
-        for index, (pixels, target) in enumerate(zip(to_pixels(result.images), result.targets, strict=True)):
-            name = f"{index:05d}" + ("" if target is None else f"_class{target}") + ".png"
+        for pixels, name in zip(to_pixels(result.images), result.file_names(), strict=True):
             Image.fromarray(pixels).save(folder / name)
-            files.append(name)
-        (folder / MANIFEST).write_text(json.dumps(result.manifest(files), indent=1))
+        (folder / MANIFEST).write_text(json.dumps(result.manifest(), indent=1))
     except OSError as err:
         raise StudioError(f"cannot write the images to '{folder}': {err.strerror or err}") from None
     return folder

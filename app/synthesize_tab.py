@@ -1,0 +1,279 @@
+"""The Synthesize tab: OuroMamba-Gen and its baselines with live losses and gallery, and attention maps."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from app.common import Run, Studio, error, stopped, wire_run
+from core.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from core.errors import StudioError
+from core.gen import GEN_PRESETS, GenConfig, GenResult, attention_maps, generate, save_generated, to_pixels
+
+SOURCES = {
+    "OuroMamba-Gen (contrastive + output loss)": "ouromamba",
+    "Gaussian noise (no optimisation)": "noise",
+    "Output loss only": "output_only",
+    "PSAQ-style (patch-similarity entropy + output loss)": "psaq",
+    "Real training images": "real",
+}
+MAX_COUNT, MAX_ITERATIONS = 256, 2000
+GALLERY_ZOOM = 4  # 28×28 images shown as 112×112, nearest neighbour: every pixel stays visible
+INTERACTIVE, FIDELITY = GEN_PRESETS["interactive"], GEN_PRESETS["fidelity"]
+
+EXPLAIN = """\
+**How OuroMamba-Gen works.** The images *are* the trainable variables: they start as Gaussian noise and are
+optimised so that the frozen model (1) classifies each one as a target class (**output loss**) and (2) gives
+its patches features that cluster — each patch close to its *top-K* most similar patches and far from the
+rest (**contrastive loss**). The features come from the scan's hidden states averaged over each patch's
+spatial **neighbourhood**, weighted by Δ (how strongly each token updates the state): Mamba scans a flattened
+sequence, so this puts the 2-D neighbourhood back. Lower **temperature** makes the contrast sharper.
+"""
+
+ATTENTION_EXPLAIN = """\
+**Implicit attention.** A Mamba layer's output at token *t* is a weighted sum of its inputs at tokens τ — the
+weights α(t, τ) are its implicit attention. The *plain* map is the row of one query token; the *enhanced*
+map replaces the query's state by the Δ-weighted average of its neighbourhood's states (what Gen's contrastive
+loss sees). The forward scan only sees tokens before the query, the backward scan only tokens after it.
+"""
+
+
+def _zoom(pixels: np.ndarray) -> np.ndarray:
+    return pixels.repeat(GALLERY_ZOOM, axis=0).repeat(GALLERY_ZOOM, axis=1)
+
+
+def _class_name(label: int | None) -> str:
+    return "—" if label is None else FASHION_MNIST_CLASSES[label]
+
+
+def gallery_items(result: GenResult) -> list[tuple[np.ndarray, str]]:
+    """Final images with target class, FP prediction and confidence in the caption."""
+    items = []
+    for index, (pixels, target, prediction, confidence) in enumerate(zip(
+            to_pixels(result.images), result.targets, result.predictions, result.confidences, strict=True)):
+        label = (f"#{index} {_class_name(prediction)} · FP {confidence:.2f}" if target is None else
+                 f"#{index} target {_class_name(target)} · FP {confidence:.2f}"
+                 + ("" if prediction == target else f" (predicts {_class_name(prediction)})"))
+        items.append((_zoom(pixels), label))
+    return items
+
+
+def real_examples(result: GenResult) -> list[tuple[np.ndarray, str]]:
+    """One real test image for each class the set targets, to set the synthetic ones beside."""
+    classes = sorted({t for t in result.targets if t is not None})
+    if not classes:
+        return []
+    test = load_fashion_mnist("test").subset(2000)
+    items = []
+    for label in classes:
+        index = int((test.labels == label).nonzero()[0, 0])
+        items.append((_zoom(to_pixels(test.normalized(index, index + 1))[0]), f"real {_class_name(label)}"))
+    return items
+
+
+def loss_figure(history: list[dict[str, float]], title: str) -> go.Figure:
+    figure = go.Figure()
+    names = list(history[0]) if history else []
+    for name in names:
+        figure.add_scatter(x=list(range(1, len(history) + 1)), y=[h[name] for h in history], name=name,
+                           mode="lines")
+    figure.update_layout(title=title, xaxis_title="iteration", yaxis_title="loss (unweighted terms, total weighted)",
+                         height=320, margin={"l": 50, "r": 10, "t": 40, "b": 40})
+    return figure
+
+
+def attention_figure(image: np.ndarray, maps: dict, query: int | str, grid: int, title: str) -> go.Figure:
+    """The image and the plain/enhanced maps (each scaled to its own maximum), the query patch marked."""
+    figure = make_subplots(1, 3, subplot_titles=("image", "plain α (query row)", "enhanced α_p (neighbourhood)"))
+    figure.add_heatmap(z=image[::-1], colorscale="gray", showscale=False, row=1, col=1)
+    for col, name in ((2, "plain"), (3, "enhanced")):
+        values = maps[name].numpy()
+        figure.add_heatmap(z=(values / max(values.max(), 1e-12))[::-1], colorscale="Viridis", zmin=0, zmax=1,
+                           showscale=col == 3, row=1, col=col)
+        if query != "cls":
+            row, column = divmod(int(query), grid)
+            figure.add_scatter(x=[column], y=[grid - 1 - row], mode="markers", showlegend=False,
+                               marker={"symbol": "x", "size": 12, "color": "red"}, row=1, col=col)
+    figure.update_xaxes(showticklabels=False)
+    for col in (1, 2, 3):  # square pixels and patches: each y axis follows its own x axis
+        figure.update_yaxes(showticklabels=False, scaleanchor=f"x{col if col > 1 else ''}", row=1, col=col)
+    figure.update_layout(title=title, height=340, margin={"l": 10, "r": 10, "t": 60, "b": 10})
+    return figure
+
+
+def _download(result: GenResult) -> str:
+    """The set saved as PNGs + manifest.json, zipped into a fresh temporary folder."""
+    folder = Path(tempfile.mkdtemp(prefix="ouromamba-gen-"))
+    name = f"{result.config.source}_{len(result.images)}_seed{result.config.seed}"
+    save_generated(result, folder / name)
+    return shutil.make_archive(str(folder / name), "zip", folder, name)
+
+
+def _summary(result: GenResult, cached: bool) -> str:
+    config = result.config
+    hits = sum(p == t for p, t in zip(result.predictions, result.targets, strict=True) if t is not None)
+    targeted = sum(t is not None for t in result.targets)
+    agreement = f" The FP model predicts the target class for {hits} of {targeted}." if targeted else ""
+    again = " Cached: made earlier with the same settings (same seed, same images)." if cached else ""
+    return (f"### {len(result.images)} images from `{config.source}`\n\n"
+            f"{config.iterations if config.source in ('ouromamba', 'output_only', 'psaq') else 0} iterations, "
+            f"seed {config.seed}, {result.seconds:.1f} s on the CPU.{agreement} Mean FP confidence "
+            f"{np.mean(result.confidences):.2f}.{again}")
+
+
+def build_synthesize_tab(studio: Studio) -> None:
+    model, cfg = studio.model, studio.model.cfg
+    cache: dict[str, GenResult] = {}
+
+    def finished(result: GenResult, cached: bool) -> tuple:
+        return (_summary(result, cached), loss_figure(result.history, "losses (mean over batches)"),
+                gallery_items(result), real_examples(result), result.manifest(), _download(result), result)
+
+    def message(text: str) -> tuple:
+        """Only the status changes; whatever the tab showed (a finished set included) stays."""
+        return (text, *(gr.skip(),) * 6)
+
+    def synthesize(source: str, count: float, iterations: float, neighbourhood: str, top_k: float,
+                   temperature: float, contrastive_weight: float, output_weight: float, lr: float, seed: float,
+                   run: Run | None, progress: gr.Progress = gr.Progress()):  # noqa: B008 (gradio's hook)
+        """Generate a calibration set; yields live previews and loss curves, then the final set."""
+        try:
+            if source not in SOURCES:
+                raise StudioError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
+            if not (1 <= count <= MAX_COUNT and 0 <= iterations <= MAX_ITERATIONS):
+                raise StudioError(f"images must be 1–{MAX_COUNT} and iterations 0–{MAX_ITERATIONS} "
+                                  f"(got {count} and {iterations})")
+            config = GenConfig(source=SOURCES[source], count=int(count), iterations=int(iterations),
+                               batch_size=min(int(count), FIDELITY.batch_size), neighbourhood=int(neighbourhood),
+                               top_k=int(top_k), temperature=float(temperature),
+                               contrastive_weight=float(contrastive_weight), output_weight=float(output_weight),
+                               lr=float(lr), seed=int(seed), preview_every=INTERACTIVE.preview_every,
+                               max_shift=0 if iterations < 200 else FIDELITY.max_shift,
+                               flip=iterations >= 200)
+        except (StudioError, TypeError, ValueError) as err:
+            yield message(error(err))
+            return
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key in cache:
+            yield finished(cache[key], cached=True)
+            return
+        run = run or Run()
+        updates: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = generate(model, config, progress=updates.put, cancel=run.cancel)
+            except StudioError as err:  # Cancelled included
+                outcome["error"] = err
+            finally:
+                updates.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        history: list[dict[str, float]] = []
+        progress(0, desc="Synthesizing")
+        while (update := updates.get()) is not None:
+            history = history[: update.iteration - 1] + [update.losses]
+            progress(update.fraction, desc=f"Synthesizing: batch {update.batch + 1}/{update.batches}")
+            if update.preview is not None:
+                status = (f"Iteration {update.iteration}/{update.iterations} of batch {update.batch + 1}/"
+                          f"{update.batches} · loss {update.losses['total']:.3f}")
+                preview = [(_zoom(p), f"#{update.batch * config.batch_size + i}")
+                           for i, p in enumerate(to_pixels(update.preview))]
+                yield status, loss_figure(history, f"losses, batch {update.batch + 1}"), preview, *(gr.skip(),) * 4
+        run.done = True
+        if "error" in outcome:
+            yield message(stopped(outcome["error"]) if run.cancel.is_set() else error(outcome["error"]))
+            return
+        cache[key] = outcome["result"]
+        yield finished(outcome["result"], cached=False)
+
+    def show_attention(result: GenResult | None, origin: str, index: float, layer: float, direction: str,
+                       query: str, neighbourhood: str) -> tuple[go.Figure | None, str]:
+        try:
+            index = int(index)
+            if origin == "generated set":
+                if result is None:
+                    raise StudioError("generate a set first, or pick a test image")
+                if not 0 <= index < len(result.images):
+                    raise StudioError(f"the set has images #0–#{len(result.images) - 1}, not #{index}")
+                image = result.images[index]
+            else:
+                if not 0 <= index < 10_000:
+                    raise StudioError(f"test images are #0–#9999, not #{index}")
+                image = load_fashion_mnist("test").normalized(index, index + 1)[0]
+            position = "cls" if query == "CLS token" else int(query.split()[1])
+            maps = attention_maps(model, image, int(layer), direction, position, int(neighbourhood))
+        except (StudioError, ValueError) as err:
+            return None, error(err)
+        pixels = to_pixels(image.unsqueeze(0))[0]
+        title = f"{origin} #{index}, layer {int(layer)}, {direction} scan, query {query}"
+        return attention_figure(pixels, maps, position, cfg.grid_size, title), ""
+
+    gr.Markdown(EXPLAIN)
+    with gr.Row():
+        with gr.Column(scale=1):
+            source = gr.Radio(list(SOURCES), value=next(iter(SOURCES)), label="Source", elem_id="gen-source")
+            count = gr.Slider(1, MAX_COUNT, INTERACTIVE.count, step=1, label="Images", elem_id="gen-count",
+                              info="The paper calibrates with 128.")
+            iterations = gr.Slider(0, MAX_ITERATIONS, INTERACTIVE.iterations, step=1, label="Iterations",
+                                   elem_id="gen-iterations",
+                                   info="The paper: 1000. On 2 CPU cores ~0.05 s per image and iteration. "
+                                        "From 200 on, random shifts and flips are added.")
+            neighbourhood = gr.Dropdown(["1", "3", "5", "7"], value=str(INTERACTIVE.neighbourhood),
+                                        label="Neighbourhood (p×p patches)", elem_id="gen-neighbourhood",
+                                        info="1 = plain states; 5×5 is the paper's best.")
+            top_k = gr.Slider(1, cfg.num_patches - 1, INTERACTIVE.top_k, step=1, label="Top-K positives",
+                              info="Patches counted as similar to each anchor patch.")
+            temperature = gr.Slider(0.05, 2.0, INTERACTIVE.temperature, step=0.05, label="Temperature τ")
+            with gr.Row():
+                contrastive_weight = gr.Number(INTERACTIVE.contrastive_weight, label="λ contrastive",
+                                               minimum=0, maximum=100)
+                output_weight = gr.Number(INTERACTIVE.output_weight, label="λ output", minimum=0, maximum=100)
+            with gr.Row():
+                lr = gr.Number(INTERACTIVE.lr, label="Learning rate", minimum=0.001, maximum=10)
+                seed = gr.Number(INTERACTIVE.seed, label="Seed", precision=0)
+            with gr.Row():
+                run_button = gr.Button("Synthesize", variant="primary", elem_id="gen-run")
+                cancel_button = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
+        with gr.Column(scale=2):
+            status = gr.Markdown("Pick a source and press **Synthesize**: 16 images take about a minute on 2 cores.",
+                                 elem_id="gen-status")
+            losses = gr.Plot(label="Losses", elem_id="gen-losses")
+            gallery = gr.Gallery(label="Synthetic images", columns=8, height="auto", elem_id="gen-gallery")
+            real = gr.Gallery(label="Real test images of the same classes", columns=8, height="auto",
+                              elem_id="gen-real")
+            with gr.Row():
+                download = gr.File(label="Download the set (PNGs + manifest.json)", elem_id="gen-download")
+            with gr.Accordion("Manifest: config, seed, versions (JSON)", open=False):
+                manifest = gr.JSON(show_label=False)
+    result_state = gr.State()
+    inputs = [source, count, iterations, neighbourhood, top_k, temperature, contrastive_weight, output_weight, lr,
+              seed]
+    wire_run(run_button, cancel_button, gr.State(), synthesize, inputs,
+             [status, losses, gallery, real, manifest, download, result_state], "synthesize")
+
+    gr.Markdown("## Implicit-attention maps\n\n" + ATTENTION_EXPLAIN)
+    with gr.Row():
+        origin = gr.Radio(["generated set", "test set"], value="test set", label="Image from")
+        index = gr.Number(0, label="Image #", precision=0)
+        layer = gr.Slider(0, cfg.depth - 1, cfg.depth - 1, step=1, label="Layer")
+        direction = gr.Radio(["fwd", "bwd"], value="fwd", label="Scan direction")
+        patches = [f"patch {i} (row {i // cfg.grid_size}, col {i % cfg.grid_size})" for i in range(cfg.num_patches)]
+        query = gr.Dropdown(["CLS token", *patches], value=patches[cfg.num_patches // 2 + cfg.grid_size],
+                            label="Query token")
+        map_neighbourhood = gr.Dropdown(["3", "5", "7"], value="5", label="Neighbourhood")
+        attention_button = gr.Button("Show attention", elem_id="attention-run")
+    attention_message = gr.Markdown()
+    attention_plot = gr.Plot(label="Attention", elem_id="attention-plot")
+    attention_button.click(show_attention, [result_state, origin, index, layer, direction, query, map_neighbourhood],
+                           [attention_plot, attention_message], api_name="attention")
