@@ -12,6 +12,7 @@ import gradio as gr
 
 from app.common import Studio
 from app.model_tab import DEFAULT_CHECKPOINT, build_model_tab
+from app.outliers_tab import build_outliers_tab
 from app.synthesize_tab import build_synthesize_tab
 from core.data import FASHION_MNIST_CLASSES
 from core.default_model import CARD_FILE, load_card
@@ -30,6 +31,8 @@ default model — a small Vim trained on Fashion-MNIST — or on a checkpoint yo
 * **Model** — the model card and its full-precision (FP32) accuracy on the Fashion-MNIST test set.
 * **Synthesize** — OuroMamba-Gen: calibration images made from the model alone, starting from noise, and the
   implicit-attention maps that show why they work.
+* **Outliers over time** — the activations OuroMamba-Quant sees, time-step by channel, with the outlier
+  channels it detects at each time-step and what a fixed outlier list would miss.
 """
 
 
@@ -59,4 +62,6 @@ def build_app(checkpoint: str | Path = DEFAULT_CHECKPOINT) -> gr.Blocks:
                 build_model_tab(studio)
             with gr.Tab("Synthesize", id="synthesize"):
                 build_synthesize_tab(studio)
+            with gr.Tab("Outliers over time", id="outliers"):
+                build_outliers_tab(studio)
     return demo

@@ -144,3 +144,21 @@ def test_attention_maps_of_a_test_image_and_clear_errors(served):
     assert "enhanced" in json.dumps(figure["layout"]["annotations"])
     plot, message = client.predict("test set", 12_000, 2, "bwd", "CLS token", "5", api_name="/attention")
     assert plot is None and message.startswith("**Error:**") and "#0–#9999" in message
+
+
+def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
+    _, client = served
+    status, summary, images = client.predict("4", "real", 8, 4, 0, api_name="/outliers_prepare")  # the key is state
+    assert status.startswith("Ready") and "8 real images" in status and summary["type"] == "plotly"
+    assert [choice[0] for choice in images["choices"]] == ["max over all images"] + [f"image #{i}" for i in range(4)]
+    text, heatmap, windows, misses = client.predict(1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2",
+                                                    3, 10, api_name="/outliers_view")
+    assert text.startswith("**layers.1.fwd.x_proj.input**, test image #2") and "of 128 channels" in text
+    assert all(plot["type"] == "plotly" for plot in (heatmap, windows, misses))
+    looser = client.predict(1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2", 1, 10,
+                            api_name="/outliers_view")[0]
+    strict_count = float(re.search(r"([\d.]+) of 128 channels", text).group(1))
+    assert float(re.search(r"([\d.]+) of 128 channels", looser).group(1)) > strict_count  # lower k, more outliers
+    shared = client.predict(0, "in_proj input (normed hidden state)", "bwd", "max over all images", 3, 50,
+                            api_name="/outliers_view")[0]
+    assert shared.startswith("**layers.0.in_proj.input**, max over images") and "one window only" in shared

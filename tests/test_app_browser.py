@@ -81,7 +81,7 @@ def test_cancel_stops_only_its_own_tab(browser: Browser, url: str):
     other.close()
 
 
-def _set_number(page: Page, elem_id: str, value: int) -> None:
+def _set_number(page: Page, elem_id: str, value: float) -> None:
     """Type into a slider's number box (what a person does to pick an exact value)."""
     box = page.locator(f"#{elem_id} input[type=number]")
     box.fill(str(value))
@@ -115,4 +115,19 @@ def test_synthesis_can_be_cancelled(browser: Browser, url: str):
     expect(page.locator("#gen-status")).to_contain_text("Iteration", timeout=60_000)
     page.locator("#gen-cancel").click()
     expect(page.locator("#gen-status")).to_contain_text("Stopped", timeout=30_000)
+    page.close()
+
+
+def test_outliers_heatmap_follows_the_k_slider(browser: Browser, url: str):
+    page = _open(browser, url)
+    page.get_by_role("tab", name="Outliers over time").click()
+    page.locator("#outliers-prepare").click()
+    expect(page.locator("#outliers-status")).to_contain_text("Ready", timeout=120_000)
+    text = page.locator("#outliers-text")
+    expect(text).to_contain_text("k = 3,", timeout=20_000)
+    expect(page.locator("#outliers-heatmap .js-plotly-plot")).to_be_visible(timeout=20_000)
+    _set_number(page, "outliers-k", 1.5)
+    expect(text).to_contain_text("k = 1.5,", timeout=20_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "app_outliers.png", full_page=True)
     page.close()

@@ -14,6 +14,7 @@ from core.observe.outliers import (
     outlier_quantizer,
     outlier_timeline,
     quantizer_at,
+    rule_of,
     static_list_misses,
     window_counts,
 )
@@ -34,6 +35,6 @@ __all__ = [
     "SHARED", "ErrorSums", "OutlierParams", "OutlierTimeline", "QuantProbe",
     "capture", "capture_quantizer_inputs", "cosine_similarity", "detect_outliers", "dynamic_outlier_summary",
     "error_report", "histogram", "layer_output_error", "layer_sensitivity", "only_layer", "outlier_quantizer",
-    "outlier_timeline", "parse_site", "quantizer_at", "site_quantizers", "sqnr_db",
+    "outlier_timeline", "parse_site", "quantizer_at", "rule_of", "site_quantizers", "sqnr_db",
     "static_list_misses", "time_channel_stats", "top1", "window_counts",
 ]

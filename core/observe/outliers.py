@@ -82,6 +82,16 @@ def quantizer_at(qmodel: QuantizedVim, site: str) -> nn.Module:
     return quantizers[site]
 
 
+def rule_of(source: nn.Module, k: float | None = None, n_refresh: int | None = None) -> OutlierParams:
+    """The outlier rule of a calibrated quantizer (its S^I(t), bits, trigger mode) as explicit parameters,
+    with ``k`` / ``n_refresh`` replaced: what the app's sliders re-run detection with, without recalibrating."""
+    quantizer = outlier_quantizer(source)
+    return OutlierParams(k=quantizer.k if k is None else k,
+                         n_refresh=quantizer.n_refresh if n_refresh is None else n_refresh,
+                         static_scale=quantizer.scale.detach(), bits=quantizer.bits,
+                         asymmetric=quantizer.asymmetric, release_compatible=quantizer.release_compatible)
+
+
 def _params(source: OutlierParams | Mapping) -> OutlierParams:
     if isinstance(source, OutlierParams):
         return source

@@ -90,3 +90,12 @@ def strip_outliers(x: torch.Tensor, k: float, n_refresh: int) -> torch.Tensor:
     flags_w = F.pad(flags, (0, 0, 0, pad)).view(batch, windows, n_refresh, channels)
     accumulated = flags_w.to(torch.uint8).cummax(dim=2).values.bool()
     return x.masked_fill(accumulated.view(batch, -1, channels)[:, :length], 0)
+
+
+def most_frequent_channels(masks: torch.Tensor) -> torch.Tensor:
+    """A fixed outlier list with the dynamic rule's budget: the channels flagged most often in ``masks``
+    (batch, L, C), as many as the rule flags per token on average (at least one). Returns (C,) bool."""
+    budget = max(1, round(float(masks.sum(-1).float().mean())))
+    chosen = torch.zeros(masks.shape[-1], dtype=torch.bool, device=masks.device)
+    chosen[masks.float().mean(dim=(0, 1)).topk(budget).indices] = True
+    return chosen

@@ -23,7 +23,7 @@ from core.quant.fake import (
     search_symmetric_clip,
     symmetric_qmax,
 )
-from core.quant.outliers import max_abs_scale, outlier_masks, range_scale, strip_outliers
+from core.quant.outliers import max_abs_scale, most_frequent_channels, outlier_masks, range_scale, strip_outliers
 
 
 class ActivationQuantizer(nn.Module):
@@ -136,12 +136,7 @@ class OutlierAwareQuantizer(PerTokenStaticQuantizer):
         x = self.smoothed(x).detach()
         self._search(strip_outliers(x, self.k, self.n_refresh))
         if self.static_channels:
-            masks = self.masks(x)
-            budget = max(1, round(float(masks.sum(-1).float().mean())))
-            frequency = masks.float().mean(dim=(0, 1))
-            static = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-            static[frequency.topk(budget).indices] = True
-            self.register_buffer("static_mask", static)
+            self.register_buffer("static_mask", most_frequent_channels(self.masks(x)))
 
     def dynamic_scale_fn(self):
         return range_scale(self.qmax) if self.asymmetric else max_abs_scale(self.qmax)

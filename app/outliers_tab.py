@@ -1,0 +1,213 @@
+"""The Outliers-over-time tab: |x| over time-step × channel with OuroMamba's detected outlier channels."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import torch
+
+from app.common import Run, Studio, error, stopped, wire_run
+from core.data import calibration_images, load_fashion_mnist
+from core.errors import StudioError
+from core.eval import Cancelled
+from core.intercept import DIRECTIONS, SHARED_TENSORS, Site
+from core.observe import (
+    capture_quantizer_inputs,
+    dynamic_outlier_summary,
+    outlier_timeline,
+    quantizer_at,
+    rule_of,
+    static_list_misses,
+    time_channel_stats,
+)
+from core.quant import QuantConfig, QuantizedVim, ReconstructionConfig, quantize
+from core.quant.outliers import most_frequent_channels
+
+TENSORS = {
+    "in_proj input (normed hidden state)": "in_proj.input",
+    "x_proj input (u, after conv1d + SiLU)": "x_proj.input",
+    "dt_proj input (low-rank δ)": "dt_proj.input",
+    "Δ before softplus": "delta_pre",
+    "B": "B",
+    "C": "C",
+    "out_proj input (merged scan output)": "out_proj.input",
+}
+ALL_IMAGES = "max over all images"
+MAX_IMAGES = 256
+
+EXPLAIN = """\
+**Time-steps.** Mamba reads the image as a sequence of patch tokens (row by row, with the CLS token in the
+middle); the *time-step* is a token's position in that scan (the backward branch scans the reversed sequence).
+**Outliers.** At each time-step, OuroMamba computes the mean and standard deviation of |x| over the token's
+inlier channels; channels above **mean + k·std** are outliers and stay in 8 bits while the rest go to 4 bits.
+Detection only runs when the token's inliers would not fit the calibrated 4-bit scale of that time-step.
+**Windows.** The outlier list O_list only grows within a window of **n_refresh** time-steps and is cleared at
+each window start, so channels that stop being outliers do not keep costing 8-bit work. A *static* list (chosen
+once, as many channels as the dynamic rule flags per token) misses channels that move — those get clipped.
+"""
+
+
+class Inspection:
+    """A model calibrated for inspection (inlier scales S^I(t) only, no reconstruction) and the tensors
+    entering its quantizers for the first N test images. Made once per setting, shared read-only by tabs."""
+
+    def __init__(self, qmodel: QuantizedVim, images: torch.Tensor, label: str):
+        self.qmodel, self.images, self.label = qmodel, images, label
+        self.inputs = capture_quantizer_inputs(qmodel, images)
+        self.summary = dynamic_outlier_summary(qmodel, images)
+
+
+def _site(layer: int, tensor: str, direction: str) -> str:
+    return Site(layer, tensor, None if tensor in SHARED_TENSORS else direction).name
+
+
+def heatmap_figure(x: torch.Tensor, mask: torch.Tensor, image: int | None, n_refresh: int, title: str) -> go.Figure:
+    """|x| (max over images, or one image's) over time-step × channel; detected outlier cells marked."""
+    stats = time_channel_stats(x, image)
+    grid = stats.pivot(index="channel", columns="time_step", values=stats.columns[-1])
+    figure = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="Viridis",
+                                  colorbar={"title": "|x|"}))
+    flagged = (mask[image] if image is not None else mask.float().mean(0) >= 0.5).nonzero()
+    figure.add_scatter(x=flagged[:, 0].tolist(), y=flagged[:, 1].tolist(), mode="markers", name="outlier",
+                       marker={"symbol": "square-open", "size": 6, "color": "red"})
+    for start in range(n_refresh, x.shape[1], n_refresh):
+        figure.add_vline(x=start - 0.5, line={"color": "white", "width": 1, "dash": "dot"})
+    figure.update_layout(title=title, xaxis_title="time-step (token position along the scan)",
+                         yaxis_title="channel", height=460, margin={"l": 50, "r": 10, "t": 50, "b": 40},
+                         legend={"orientation": "h", "y": -0.15})
+    return figure
+
+
+def windows_figure(windows: pd.DataFrame) -> go.Figure:
+    figure = go.Figure()
+    figure.add_bar(x=windows["window"], y=windows["olist_size"], name="O_list size at window end")
+    figure.add_bar(x=windows["window"], y=windows["new_channels_vs_previous_window"],
+                   name="new vs previous window")
+    figure.update_layout(title="O_list per refresh window", xaxis_title="window", yaxis_title="channels",
+                         barmode="group", height=300, margin={"l": 50, "r": 10, "t": 50, "b": 40})
+    return figure
+
+
+def misses_figure(misses: pd.DataFrame) -> go.Figure:
+    figure = go.Figure()
+    figure.add_scatter(x=misses["time_step"], y=misses["dynamic_outliers"], name="dynamic outliers", mode="lines")
+    figure.add_scatter(x=misses["time_step"], y=misses["missed"], name="missed by the static list", mode="lines")
+    figure.update_layout(title="What a static outlier list misses", xaxis_title="time-step",
+                         yaxis_title="channels per token", height=300, margin={"l": 50, "r": 10, "t": 50, "b": 40})
+    return figure
+
+
+def summary_figure(summary: pd.DataFrame) -> go.Figure:
+    """Which sites have the most moving outliers: new O_list channels per window, per site."""
+    figure = px.bar(summary, x="site", y="new_channels_vs_previous_window", color="tensor",
+                    hover_data=["olist_size", "outlier_channels_per_token", "channels"],
+                    title="Dynamic outliers per site: O_list channels new in each window (mean)")
+    figure.update_layout(height=360, margin={"l": 50, "r": 10, "t": 50, "b": 120}, xaxis_tickangle=-60)
+    return figure
+
+
+def build_outliers_tab(studio: Studio) -> None:
+    model, cfg = studio.model, studio.model.cfg
+    inspections: dict[tuple, Inspection] = {}
+
+    def prepare(a_bits: str, calib: str, n_calib: float, n_images: float, seed: float, run: Run | None,
+                progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
+        """Calibrate the inlier scales and capture the quantizer inputs of the first N test images."""
+        run = run or Run()
+        try:
+            if not (1 <= n_images <= MAX_IMAGES and 1 <= n_calib <= MAX_IMAGES):
+                raise StudioError(f"calibration and test images must be 1–{MAX_IMAGES} (got {n_calib} and {n_images})")
+            key = (int(a_bits), calib, int(n_calib), int(n_images), int(seed))
+            if key not in inspections:
+                progress(0, desc="Calibrating inlier scales")
+                calib_images = calibration_images(calib, int(n_calib), int(seed), cfg.img_size, cfg.in_chans)
+                config = QuantConfig(method="ouromamba", w_bits=4, a_bits=int(a_bits),
+                                     reconstruction=ReconstructionConfig(epochs=0))
+                qmodel = quantize(model, config, calib_images, cancel=run.cancel,
+                                  progress=lambda stage, done, total, _: progress((done, total), desc=stage))
+                progress(1, desc="Capturing activations")
+                images = load_fashion_mnist("test").normalized(0, int(n_images))
+                label = (f"A{a_bits} inlier scales from {int(n_calib)} {calib} images (seed {int(seed)}); "
+                         f"statistics of the first {int(n_images)} test images")
+                inspections[key] = Inspection(qmodel, images, label)
+        except Cancelled as err:
+            return stopped(err), gr.skip(), gr.skip(), gr.skip()
+        except StudioError as err:
+            return error(err), gr.skip(), gr.skip(), gr.skip()
+        finally:
+            run.done = True
+        inspection = inspections[key]
+        choices = [ALL_IMAGES, *(f"image #{i}" for i in range(len(inspection.images)))]
+        return (f"Ready: {inspection.label}.", summary_figure(inspection.summary), key,
+                gr.update(choices=choices, value="image #0"))
+
+    def show(key: tuple | None, layer: float, tensor: str, direction: str, image: str, k: float,
+             n_refresh: float) -> tuple:
+        if key is None or tuple(key) not in inspections:
+            return "Press **Calibrate & capture** first.", None, None, None
+        inspection = inspections[tuple(key)]
+        try:
+            site = _site(int(layer), TENSORS[tensor], direction)
+            x = inspection.inputs[site]
+            chosen = None if image == ALL_IMAGES else int(image.split("#")[1])
+            rule = rule_of(quantizer_at(inspection.qmodel, site), k=float(k), n_refresh=int(n_refresh))
+            timeline = outlier_timeline(x, rule, image=chosen)
+            mask = timeline.mask
+            static = most_frequent_channels(mask)
+            misses = static_list_misses(x if chosen is None else x[chosen:chosen + 1],
+                                        mask if chosen is None else mask[chosen:chosen + 1], static)
+        except (StudioError, KeyError, ValueError, IndexError) as err:
+            return error(err), None, None, None
+        shown = "max over images" if chosen is None else f"test image #{chosen}"
+        per_token = timeline.steps["outlier_channels"].mean()
+        windows = timeline.windows
+        moving = ("one window only: nothing to compare" if len(windows) < 2 else
+                  f"{windows['new_channels_vs_previous_window'].mean():.1f} of them new versus the previous window")
+        text = (f"**{site}**, {shown}: {per_token:.1f} of {x.shape[-1]} channels per token are outliers "
+                f"(k = {k:g}, n_refresh = {int(n_refresh)}); a window's O_list holds "
+                f"{windows['olist_size'].mean():.1f} channels, {moving}. A static list of the "
+                f"{int(static.sum())} most frequent outlier channel(s) misses {misses['missed'].mean():.1f} "
+                f"outlier channels per token. ({inspection.label}.)")
+        title = f"|x| at {site} ({shown}); red: detected outliers; dotted: window starts"
+        return (text, heatmap_figure(x, mask, chosen, int(n_refresh), title), windows_figure(timeline.windows),
+                misses_figure(misses))
+
+    gr.Markdown(EXPLAIN)
+    with gr.Row(equal_height=True):
+        a_bits = gr.Dropdown(["4", "6", "8"], value="4", label="Inlier bits", scale=1,
+                             info="Sets the calibrated inlier scale that triggers detection.")
+        calib = gr.Radio(["real", "noise"], value="real", label="Calibration source", scale=1)
+        n_calib = gr.Slider(1, MAX_IMAGES, 64, step=1, label="Calibration images", scale=2)
+        n_images = gr.Slider(1, MAX_IMAGES, 32, step=1, label="Test images to inspect", scale=2)
+        seed = gr.Number(0, label="Seed", precision=0, scale=1)
+        prepare_button = gr.Button("Calibrate & capture", variant="primary", elem_id="outliers-prepare", scale=1)
+        cancel_button = gr.Button("Cancel", variant="stop", scale=1)
+    status = gr.Markdown("Press **Calibrate & capture** (under a minute on 2 CPU cores).", elem_id="outliers-status")
+    with gr.Row():
+        layer = gr.Slider(0, cfg.depth - 1, 1, step=1, label="Layer")
+        tensor = gr.Dropdown(list(TENSORS), value="x_proj input (u, after conv1d + SiLU)", label="Tensor")
+        direction = gr.Radio(list(DIRECTIONS), value=DIRECTIONS[0], label="Scan direction",
+                             info="in_proj/out_proj inputs are shared by both.")
+        image = gr.Dropdown([ALL_IMAGES, *(f"image #{i}" for i in range(8))], value="image #0", label="Image")
+    with gr.Row():
+        k = gr.Slider(0.5, 8, 3, step=0.25, label="k (threshold = mean + k·std)", elem_id="outliers-k")
+        n_refresh = gr.Slider(1, cfg.seq_len, 10, step=1, label="n_refresh (window length in time-steps)",
+                              elem_id="outliers-refresh")
+    text = gr.Markdown(elem_id="outliers-text")
+    heatmap = gr.Plot(label="Outliers over time", elem_id="outliers-heatmap")
+    with gr.Row():
+        windows = gr.Plot(label="O_list per window", elem_id="outliers-windows")
+        misses = gr.Plot(label="Static list", elem_id="outliers-misses")
+    summary = gr.Plot(label="Per-site summary", elem_id="outliers-summary")
+    key = gr.State()
+    view_inputs = [key, layer, tensor, direction, image, k, n_refresh]
+    view_outputs = [text, heatmap, windows, misses]
+    run_state = gr.State()
+    wire_run(prepare_button, cancel_button, run_state, prepare, [a_bits, calib, n_calib, n_images, seed],
+             [status, summary, key, image], "outliers_prepare")
+    # detection is milliseconds: every control re-runs it live (k's event doubles as the API endpoint)
+    k.change(show, view_inputs, view_outputs, api_name="outliers_view")
+    for control in (key, layer, tensor, direction, image, n_refresh):
+        control.change(show, view_inputs, view_outputs, api_visibility="private")
