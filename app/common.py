@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
 from core.models import VisionMamba
 
@@ -53,6 +54,14 @@ def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.Stat
     run_button.click(arm, run_state, run_state, concurrency_limit=None, api_visibility="private").then(
         job, [*inputs, run_state], outputs, api_name=api_name)
     cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
+
+
+GALLERY_ZOOM = 4  # 28×28 images shown as 112×112, nearest neighbour: every pixel stays visible
+
+
+def zoom(pixels: np.ndarray) -> np.ndarray:
+    """An image enlarged for a gallery without blurring its pixels."""
+    return pixels.repeat(GALLERY_ZOOM, axis=0).repeat(GALLERY_ZOOM, axis=1)
 
 
 def error(message: object) -> str:

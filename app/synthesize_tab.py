@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import Run, Studio, error, stopped, wire_run
+from app.common import Run, Studio, error, stopped, wire_run, zoom
 from core.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from core.errors import StudioError
 from core.gen import GEN_PRESETS, GenConfig, GenResult, attention_maps, generate, save_generated, to_pixels
@@ -27,7 +27,6 @@ SOURCES = {
     "Real training images": "real",
 }
 MAX_COUNT, MAX_ITERATIONS = 256, 2000
-GALLERY_ZOOM = 4  # 28×28 images shown as 112×112, nearest neighbour: every pixel stays visible
 INTERACTIVE, FIDELITY = GEN_PRESETS["interactive"], GEN_PRESETS["fidelity"]
 
 EXPLAIN = """\
@@ -47,10 +46,6 @@ loss sees). The forward scan only sees tokens before the query, the backward sca
 """
 
 
-def _zoom(pixels: np.ndarray) -> np.ndarray:
-    return pixels.repeat(GALLERY_ZOOM, axis=0).repeat(GALLERY_ZOOM, axis=1)
-
-
 def _class_name(label: int | None) -> str:
     return "—" if label is None else FASHION_MNIST_CLASSES[label]
 
@@ -63,7 +58,7 @@ def gallery_items(result: GenResult) -> list[tuple[np.ndarray, str]]:
         label = (f"#{index} {_class_name(prediction)} · FP {confidence:.2f}" if target is None else
                  f"#{index} target {_class_name(target)} · FP {confidence:.2f}"
                  + ("" if prediction == target else f" (predicts {_class_name(prediction)})"))
-        items.append((_zoom(pixels), label))
+        items.append((zoom(pixels), label))
     return items
 
 
@@ -76,7 +71,7 @@ def real_examples(result: GenResult) -> list[tuple[np.ndarray, str]]:
     items = []
     for label in classes:
         index = int((test.labels == label).nonzero()[0, 0])
-        items.append((_zoom(to_pixels(test.normalized(index, index + 1))[0]), f"real {_class_name(label)}"))
+        items.append((zoom(to_pixels(test.normalized(index, index + 1))[0]), f"real {_class_name(label)}"))
     return items
 
 
@@ -187,7 +182,7 @@ def build_synthesize_tab(studio: Studio) -> None:
             if update.preview is not None:
                 status = (f"Iteration {update.iteration}/{update.iterations} of batch {update.batch + 1}/"
                           f"{update.batches} · loss {update.losses['total']:.3f}")
-                preview = [(_zoom(p), f"#{update.batch * config.batch_size + i}")
+                preview = [(zoom(p), f"#{update.batch * config.batch_size + i}")
                            for i, p in enumerate(to_pixels(update.preview))]
                 yield status, loss_figure(history, f"losses, batch {update.batch + 1}"), preview, *(gr.skip(),) * 4
         run.done = True

@@ -13,6 +13,7 @@ import gradio as gr
 from app.common import Studio
 from app.model_tab import DEFAULT_CHECKPOINT, build_model_tab
 from app.outliers_tab import build_outliers_tab
+from app.quantize_tab import build_compare_tab, build_quantize_tab, runs_file
 from app.synthesize_tab import build_synthesize_tab
 from core.data import FASHION_MNIST_CLASSES
 from core.default_model import CARD_FILE, load_card
@@ -33,6 +34,9 @@ default model — a small Vim trained on Fashion-MNIST — or on a checkpoint yo
   implicit-attention maps that show why they work.
 * **Outliers over time** — the activations OuroMamba-Quant sees, time-step by channel, with the outlier
   channels it detects at each time-step and what a fixed outlier list would miss.
+* **Quantize** — OuroMamba-Quant or a baseline at the bit-widths you choose, calibrated on real, noise or
+  synthetic images: accuracy against FP32, where the error comes from, which predictions changed.
+* **Compare** — every run so far (kept on disk) side by side, with CSV/JSON and a standalone HTML report.
 """
 
 
@@ -64,4 +68,9 @@ def build_app(checkpoint: str | Path = DEFAULT_CHECKPOINT) -> gr.Blocks:
                 build_synthesize_tab(studio)
             with gr.Tab("Outliers over time", id="outliers"):
                 build_outliers_tab(studio)
+            runs = runs_file()
+            with gr.Tab("Quantize", id="quantize"):
+                record = build_quantize_tab(studio, runs)
+            with gr.Tab("Compare", id="compare"):
+                build_compare_tab(runs, record)
     return demo

@@ -12,7 +12,7 @@ from core.data import calibration_images, load_fashion_mnist
 from core.default_model import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_card
 from core.errors import StudioError
 from core.eval import evaluate
-from core.experiments import accuracy_table, run_quantization, write_records
+from core.experiments import accuracy_table, quantize_and_evaluate, write_records
 from core.gen import GEN_PRESETS, GEN_SOURCES, GenConfig, GenProgress, generate, save_generated
 from core.models import load_checkpoint
 from core.observe import dynamic_outlier_summary
@@ -92,8 +92,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                                  quantize_state=args.quantize_state,
                                  reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
             print(f"{config.label}: calibrating on {args.n_calib} {args.calib} images", file=sys.stderr)
-            record = run_quantization(model, Path(args.checkpoint).parent.name, config, data, fp.top1, args.calib,
-                                      args.n_calib, args.seed, args.data, eval_progress=_progress)
+            record = quantize_and_evaluate(model, Path(args.checkpoint).parent.name, config, data, fp.top1,
+                                           args.calib, args.n_calib, args.seed, args.data,
+                                           eval_progress=_progress).record
             print(f"  top-1 {record.top1:.2f}% ({record.delta_vs_fp:+.2f}), calibration "
                   f"{record.calibration_seconds:.1f} s, eval {record.eval_seconds:.1f} s", file=sys.stderr)
             records.append(record)

@@ -16,11 +16,12 @@ from threading import Event
 import torch
 
 from core.data import LabelledImages, calibration_images
-from core.eval import evaluate
+from core.errors import StudioError
+from core.eval import EvalResult, evaluate
 from core.models import VisionMamba
-from core.quant import QuantConfig, quantize
+from core.quant import QuantConfig, QuantizedVim, quantize
 from core.quant.config import Progress
-from core.records import utc_now, versions
+from core.records import checked_fields, utc_now, versions
 
 
 @dataclass
@@ -45,20 +46,36 @@ class RunRecord:
         """One CSV row: scalars as they are, nested fields as JSON."""
         return {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> RunRecord:
+        return cls(**checked_fields(cls, values, "run record"))
 
-def run_quantization(model: VisionMamba, model_name: str, config: QuantConfig, test: LabelledImages,
-                     fp_top1: float, calib_source: str, n_calib: int, seed: int, data_root: str | None = None,
-                     progress: Progress | None = None, cancel: Event | None = None,
-                     eval_progress: Callable[[int, int], None] | None = None) -> RunRecord:
-    """Calibrate, quantize and evaluate one configuration."""
+
+@dataclass
+class QuantizationRun:
+    """A run's record plus what the app shows beyond it: the quantized model (for error charts) and the
+    evaluation with its per-image predictions."""
+
+    record: RunRecord
+    qmodel: QuantizedVim
+    evaluation: EvalResult
+
+
+def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConfig, test: LabelledImages,
+                          fp_top1: float, calib_source: str, n_calib: int, seed: int, data_root: str | None = None,
+                          progress: Progress | None = None, cancel: Event | None = None,
+                          eval_progress: Callable[[int, int], None] | None = None,
+                          eval_batch_size: int = 500) -> QuantizationRun:
+    """Calibrate, quantize and evaluate one configuration; keeps the quantized model and the predictions
+    beside the record (smaller ``eval_batch_size``: a finer progress bar and a quicker cancel)."""
     cfg = model.cfg
     calib = calibration_images(calib_source, n_calib, seed, cfg.img_size, cfg.in_chans, data_root)
     torch.manual_seed(seed)
     qmodel = quantize(model, config, calib, progress, cancel)
-    result = evaluate(qmodel, test, progress=eval_progress, cancel=cancel)
+    result = evaluate(qmodel, test, eval_batch_size, eval_progress, cancel)
     setting = f"W{config.w_bits}A{config.a_bits}" + (f"O{config.o_bits}" if config.method in
                                                       ("ouromamba", "static_outliers") else "")
-    return RunRecord(
+    record = RunRecord(
         model=model_name, method=config.method, setting=setting,
         calibration={"source": calib_source, "images": n_calib, "seed": seed},
         top1=round(result.top1, 2), fp_top1=round(fp_top1, 2), delta_vs_fp=round(result.top1 - fp_top1, 2),
@@ -66,6 +83,7 @@ def run_quantization(model: VisionMamba, model_name: str, config: QuantConfig, t
         eval_seconds=round(result.seconds, 2), hardware=result.device, config=config.to_dict(),
         reconstruction=qmodel.provenance.get("reconstruction", {}).get("blocks", []), versions=versions(),
         date=utc_now())
+    return QuantizationRun(record, qmodel, result)
 
 
 def write_records(records: list[RunRecord], directory: str | Path, name: str) -> tuple[Path, Path]:
@@ -80,6 +98,35 @@ def write_records(records: list[RunRecord], directory: str | Path, name: str) ->
         writer.writerows(rows)
     json_path.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
     return csv_path, json_path
+
+
+def append_record(record: RunRecord, path: str | Path) -> None:
+    """Add one run to a JSON-lines log (one record a line): every finished run is kept, whatever comes after,
+    and the runs of earlier sessions stay beside it."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(asdict(record)) + "\n")
+    except OSError as err:
+        raise StudioError(f"could not save the run to '{path}' ({err.strerror or err})") from None
+
+
+def load_records(path: str | Path) -> list[RunRecord]:
+    """Every run in a JSON-lines log, oldest first; no file yet means no runs."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(RunRecord.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, TypeError, StudioError) as err:
+            raise StudioError(f"line {number} of '{path}' is not a run record ({err}); fix or remove that line") \
+                from None
+    return records
 
 
 def accuracy_table(records: list[RunRecord]) -> str:

@@ -266,9 +266,12 @@ def generate(model: VisionMamba, config: GenConfig, progress: GenCallback | None
         images = torch.randn(config.count, cfg.in_chans, cfg.img_size, cfg.img_size, generator=generator)
         optimised = config.source in OPTIMISED_SOURCES
         targets = class_balanced_targets(config.count, cfg.num_classes, generator) if optimised else None
+    device = next(model.parameters()).device
+    images = images.to(device)
+    targets = None if targets is None else targets.to(device)
     history: list[dict[str, float]] = []
     if config.source in OPTIMISED_SOURCES and config.iterations > 0:
-        bounds = _pixel_bounds(cfg.in_chans)
+        bounds = tuple(bound.to(device) for bound in _pixel_bounds(cfg.in_chans))
         images = torch.maximum(torch.minimum(images, bounds[1]), bounds[0])
         batches = math.ceil(config.count / config.batch_size)
         sums: list[dict[str, float]] = [{} for _ in range(config.iterations)]
@@ -299,7 +302,7 @@ def _finish(model: VisionMamba, images: torch.Tensor, targets: torch.Tensor | No
     predictions = probabilities.argmax(-1)
     scored = predictions if targets is None else targets
     confidences = probabilities.gather(1, scored.unsqueeze(1)).squeeze(1)
-    return GenResult(images=images, targets=[None] * len(images) if targets is None else targets.tolist(),
+    return GenResult(images=images.cpu(), targets=[None] * len(images) if targets is None else targets.tolist(),
                      predictions=predictions.tolist(), confidences=confidences.tolist(), config=config,
                      seconds=seconds, history=[{k: round(v, 6) for k, v in h.items()} for h in history],
                      provenance=provenance())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -125,6 +126,22 @@ class QuantConfig:
         if isinstance(values.get("reconstruction"), dict):
             values["reconstruction"] = ReconstructionConfig(**values["reconstruction"])
         return cls(**values)
+
+
+def parse_overrides(text: str) -> dict[str, dict]:
+    """``QuantConfig.overrides`` from JSON text as a person types it (empty: none), e.g.
+    ``{"layers.0.*": {"w_bits": 8}}``; field names and values are checked by :class:`QuantConfig`."""
+    if not text.strip():
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StudioError(f"overrides are not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                          'example: {"layers.0.*": {"w_bits": 8}}') from None
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise StudioError('overrides must map site patterns to field changes, e.g. {"layers.0.*": {"w_bits": 8}} '
+                          'or {"*.out_proj.*": {"skip": true}}')
+    return overrides
 
 
 def _check_bits(name: str, bits: int, allow_float: bool = False) -> None:

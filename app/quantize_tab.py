@@ -1,0 +1,292 @@
+"""The Quantize tab (one configuration: top-1 vs FP, per-site SQNR, changed predictions) and the Compare tab
+(every run, this session's and earlier ones, from the run log on disk, with CSV/JSON/HTML downloads).
+
+Two builders share one run log (a JSON-lines file); Quantize appends to it, Compare reads it. Wiring::
+
+    runs = runs_file()
+    with gr.Tab("Quantize", id="quantize"):
+        record = build_quantize_tab(studio, runs)
+    with gr.Tab("Compare", id="compare"):
+        build_compare_tab(runs, record)
+
+Layer sensitivity (one calibration and evaluation per layer) is not offered: with the default 128 calibration
+images it takes over 2 minutes on 2 CPU cores (about 45 s with 200 test images), well past an interactive wait.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from app.common import Run, Studio, cell, error, stopped, wire_run, zoom
+from app.model_tab import BATCH_SIZE, DEFAULT_COUNT, TEST_IMAGES
+from core.data import BUILTIN_SOURCES, FASHION_MNIST_CLASSES, LabelledImages, load_fashion_mnist
+from core.errors import StudioError
+from core.eval import Cancelled, EvalResult, evaluate
+from core.experiments import RunRecord, append_record, load_records, quantize_and_evaluate, write_records
+from core.gen import to_pixels
+from core.observe import error_report
+from core.quant import METHODS, QuantConfig, ReconstructionConfig
+from core.quant.config import parse_overrides
+from core.report import FAKE_QUANT_NOTE, accuracy_figure, latency_figure, runs_frame, write_report
+
+RUNS_DIR_ENV = "OUROMAMBA_RUNS_DIR"
+DEFAULT_RUNS_DIR = Path(__file__).resolve().parent.parent / "results" / "app_runs"
+RUNS_FILE = "runs.jsonl"
+MAX_CALIB, MAX_EPOCHS = 1024, 100
+ERROR_IMAGES = 32  # SQNR on the first 32 test images: about a second on 2 CPU cores
+MAX_GALLERY = 48
+EXAMPLE_OVERRIDES = '{"layers.0.*": {"w_bits": 8}}'
+
+
+def runs_file() -> Path:
+    """The run log: ``$OUROMAMBA_RUNS_DIR/runs.jsonl``, else ``results/app_runs/runs.jsonl`` of the repository."""
+    return Path(os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR) / RUNS_FILE
+
+
+@dataclass
+class Shown:
+    """A finished run as the tab shows it; kept per configuration so that asking again is instant."""
+
+    record: RunRecord
+    figure: go.Figure
+    gallery: list[tuple[np.ndarray, str]]
+    changed: int
+    fixed: int
+    broken: int
+    saved: str
+
+
+def sqnr_figure(report: pd.DataFrame, images: int) -> go.Figure:
+    """Layers × tensors heatmap of each quantizer's SQNR (dB); hover adds bits, cosine and the SQNR against
+    the FP model (error accumulated upstream included)."""
+    report = report.assign(column=[t if d == "shared" else f"{d} {t}"
+                                   for d, t in zip(report["direction"], report["tensor"], strict=True)])
+    columns = list(dict.fromkeys(report["column"]))
+
+    def grid(name: str) -> pd.DataFrame:
+        return report.pivot(index="layer", columns="column", values=name).reindex(columns=columns)
+
+    sqnr = grid("sqnr_db").replace([np.inf, -np.inf], np.nan)
+    extra = np.dstack([grid(name).to_numpy(dtype=float) for name in ("bits", "cosine", "sqnr_db_vs_fp_model")])
+    figure = go.Figure(go.Heatmap(
+        z=sqnr.to_numpy(), x=columns, y=[f"layer {layer}" for layer in sqnr.index], customdata=extra,
+        colorscale="Viridis", colorbar={"title": "SQNR (dB)"}, texttemplate="%{z:.0f}",
+        hovertemplate="%{y}, %{x}<br>SQNR %{z:.1f} dB (%{customdata[0]} bits)<br>cosine %{customdata[1]:.4f}"
+                      "<br>SQNR vs FP model %{customdata[2]:.1f} dB<extra></extra>"))
+    figure.update_yaxes(autorange="reversed")
+    figure.update_layout(title=f"SQNR (dB) of every quantizer, per layer and tensor (first {images} test images)",
+                         height=360, margin={"l": 70, "r": 10, "t": 50, "b": 120})
+    return figure
+
+
+def changed_gallery(test: LabelledImages, fp: list[int], quantized: list[int]) -> list[tuple[np.ndarray, str]]:
+    """Test images whose predicted class changed, captioned true / FP / quantized class (first few only)."""
+    changed = [i for i, (a, b) in enumerate(zip(fp, quantized, strict=True)) if a != b][:MAX_GALLERY]
+    items = []
+    for index in changed:
+        pixels = to_pixels(test.normalized(index, index + 1))[0]
+        classes = (int(test.labels[index]), fp[index], quantized[index])
+        truth, before, after = (FASHION_MNIST_CLASSES[c] for c in classes)
+        items.append((zoom(pixels), f"#{index} true {truth} · FP {before} → quantized {after}"))
+    return items
+
+
+def summary_markdown(shown: Shown, cached: bool) -> str:
+    """Top-1 against FP with its provenance: config, calibration, data, time and hardware, versions, date."""
+    r, config = shown.record, shown.record.config
+    calib = r.calibration
+    epochs = config["reconstruction"]["epochs"]
+    overrides = f"`{cell(json.dumps(config['overrides']))}`" if config["overrides"] else "none"
+    kind = "CPU fake-quant timings" if r.hardware.startswith("CPU") else "GPU fake-quant timings"
+    rows = [("Configuration", f"`{r.method} {r.setting}`, k {config['k']}, n_refresh {config['n_refresh']}"),
+            ("Overrides", overrides),
+            ("Calibration", f"{calib['images']} `{cell(calib['source'])}` images, seed {calib['seed']}"),
+            ("Reconstruction", f"{epochs} epochs" if epochs else "none (clip-searched scales)"),
+            ("Predictions changed", f"{shown.changed:,} of {r.test_images:,} (FP wrong → right: {shown.fixed:,}; "
+                                    f"FP right → wrong: {shown.broken:,})"),
+            ("Time", f"calibration {r.calibration_seconds:.1f} s, evaluation {r.eval_seconds:.1f} s on {r.hardware}: "
+                     f"{kind}"),
+            ("Versions, date", f"{', '.join(f'{k} {v}' for k, v in r.versions.items())}; {r.date}")]
+    lines = [f"| **{name}** | {value} |" for name, value in rows]
+    table = "\n".join([lines[0], "|---|---|", *lines[1:]])  # the first row is the header, as the model card's
+    again = "\n\nCached: this configuration ran earlier in this app with the same seed and images." if cached else ""
+    return (f"### Top-1: {r.top1:.2f} % · FP32 {r.fp_top1:.2f} % · Δ {r.delta_vs_fp:+.2f} points\n\n"
+            f"On the first {r.test_images:,} Fashion-MNIST test images; FP32 measured on the same images.\n\n"
+            f"{table}\n\n{shown.saved}{again}")
+
+
+def build_quantize_tab(studio: Studio, runs: Path) -> gr.JSON:
+    """The Quantize tab; every fresh run is appended to ``runs``. Returns the record output, which changes
+    after every run (Compare listens to it)."""
+    model = studio.model
+    cache: dict[str, Shown] = {}
+    fp_results: dict[int, EvalResult] = {}
+
+    def finished(shown: Shown, cached: bool) -> tuple:
+        record = {**asdict(shown.record), "cached": cached, "changed_predictions": shown.changed}
+        return summary_markdown(shown, cached), shown.figure, shown.gallery, record
+
+    def quantize_run(method: str, w_bits: int, a_bits: int, o_bits: int, k: float, n_refresh: float,
+                     calib_source: str, calib_count: float, epochs: float, seed: float, test_count: float,
+                     overrides: str, run: Run | None,
+                     progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
+        """Quantize with one configuration, evaluate against FP32 on the same test images, log the run."""
+        try:
+            if test_count is None or not 1 <= test_count <= TEST_IMAGES:
+                raise StudioError(f"test images must be from 1 to {TEST_IMAGES:,} (got {test_count})")
+            if epochs is None or not 0 <= epochs <= MAX_EPOCHS:
+                raise StudioError(f"reconstruction epochs must be from 0 to {MAX_EPOCHS} (got {epochs})")
+            if None in (k, n_refresh, seed, calib_count):
+                raise StudioError("k, n_refresh, seed and the calibration images need a value")
+            source = (calib_source or "").strip()
+            if not source:
+                raise StudioError("choose a calibration source: real, noise, or a folder of images")
+            config = QuantConfig(method=method, w_bits=int(w_bits), a_bits=int(a_bits), o_bits=int(o_bits), k=float(k),
+                                 n_refresh=int(n_refresh), overrides=parse_overrides(overrides or ""),
+                                 reconstruction=ReconstructionConfig(epochs=int(epochs), seed=int(seed)))
+        except (StudioError, TypeError, ValueError) as err:
+            return error(err), gr.skip(), gr.skip(), None
+        calib_count, seed, test_count = int(calib_count), int(seed), int(test_count)
+        key = json.dumps({"config": config.to_dict(), "source": source, "calib": calib_count, "seed": seed,
+                          "test": test_count}, sort_keys=True)
+        if key in cache:
+            return finished(cache[key], cached=True)
+        run = run or Run()  # API calls come without a tab, hence without an armed run
+        test = load_fashion_mnist("test").subset(test_count)
+
+        def evaluating(what: str) -> Callable[[int, int], None]:
+            return lambda done, total: progress((done, total), desc=f"Evaluating {what}", unit="images")
+
+        def quantizing(stage: str, done: int, total: int, loss: float | None) -> None:
+            desc = "Calibrating" if loss is None else f"Reconstructing (block loss {loss:.3g})"
+            progress((done, total), desc=desc, unit="sites" if stage == "calibrate" else "blocks")
+
+        try:
+            if test_count not in fp_results:
+                fp_results[test_count] = evaluate(model, test, BATCH_SIZE, evaluating("FP32"), run.cancel)
+            fp = fp_results[test_count]
+            progress(0, desc="Calibrating")
+            result = quantize_and_evaluate(model, studio.checkpoint.parent.name, config, test, fp.top1, source,
+                                           calib_count, seed, progress=quantizing, cancel=run.cancel,
+                                           eval_progress=evaluating("the quantized model"),
+                                           eval_batch_size=BATCH_SIZE)
+            if run.cancel.is_set():
+                raise Cancelled("cancelled before the error report")
+            progress(1, desc="Measuring SQNR per quantizer")
+            report = error_report(model, result.qmodel, load_fashion_mnist("test").subset(ERROR_IMAGES).normalized())
+        except Cancelled as err:
+            return stopped(err), gr.skip(), gr.skip(), None
+        except StudioError as err:
+            return error(err), gr.skip(), gr.skip(), None
+        finally:
+            run.done = True
+        record, quantized = result.record, result.evaluation.predictions
+        try:
+            append_record(record, runs)
+            saved = "Saved to the run log: see **Compare**."
+        except StudioError as err:
+            saved = f"**Not saved:** {err}."
+        pairs = list(zip(test.labels.tolist(), fp.predictions, quantized, strict=True))
+        shown = Shown(record, sqnr_figure(report, ERROR_IMAGES), changed_gallery(test, fp.predictions, quantized),
+                      changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
+                      broken=sum(f == t and q != t for t, f, q in pairs), saved=saved)
+        cache[key] = shown
+        return finished(shown, cached=False)
+
+    gr.Markdown("## Quantize the model\n\nPick a method and bit-widths, calibrate, and compare the quantized model's "
+                "top-1 with FP32 on the same test images. " + FAKE_QUANT_NOTE)
+    with gr.Row():
+        with gr.Column(scale=1):
+            method = gr.Dropdown([(f"{name}: {text}", name) for name, text in METHODS.items()], value="ouromamba",
+                                 label="Method", elem_id="quant-method")
+            with gr.Row():
+                w_bits = gr.Radio([4, 6, 8], value=4, label="Weight bits", elem_id="quant-w-bits")
+                a_bits = gr.Radio([4, 6, 8], value=4, label="Inlier activation bits", elem_id="quant-a-bits")
+            o_bits = gr.Radio([("8", 8), ("16 (float)", 16)], value=8, label="Outlier bits",
+                              info="ouromamba and static_outliers only", elem_id="quant-o-bits")
+            with gr.Row():
+                k = gr.Number(3, label="k (outlier threshold, std devs)", elem_id="quant-k")
+                n_refresh = gr.Number(10, label="n_refresh (time-steps)", precision=0, elem_id="quant-n-refresh")
+            with gr.Row():
+                calib_source = gr.Dropdown(list(BUILTIN_SOURCES), value="real", allow_custom_value=True,
+                                           label="Calibration source", elem_id="quant-calib-source",
+                                           info="real, noise, or type a folder of images (e.g. a saved Synthesize "
+                                                "set, unzipped)")
+                calib_count = gr.Slider(1, MAX_CALIB, 128, step=1, label="Calibration images",
+                                        elem_id="quant-calib-count")
+            with gr.Row():
+                epochs = gr.Number(10, label="Reconstruction epochs (0 = none)", precision=0, elem_id="quant-epochs",
+                                   info=f"0 to {MAX_EPOCHS}")
+                seed = gr.Number(0, label="Seed", precision=0, elem_id="quant-seed")
+                test_count = gr.Number(DEFAULT_COUNT, label="Test images", precision=0, elem_id="quant-test-count",
+                                       info=f"the first N, 1 to {TEST_IMAGES:,}")
+            overrides = gr.Textbox("", label="Per-layer overrides (JSON)", placeholder=EXAMPLE_OVERRIDES, lines=2,
+                                   elem_id="quant-overrides",
+                                   info='Site patterns → w_bits / a_bits / o_bits, or {"skip": true} to keep them '
+                                        "in floating point")
+            with gr.Row():
+                run_button = gr.Button("Quantize", variant="primary", elem_id="quant-run")
+                cancel_button = gr.Button("Cancel", variant="stop", elem_id="quant-cancel")
+        with gr.Column(scale=2):
+            summary = gr.Markdown("Choose a configuration and press **Quantize**. On 2 CPU cores, 128 calibration "
+                                  "images and 10 reconstruction epochs take about 3 minutes (the bar moves once per "
+                                  "reconstructed block); 0 epochs and 8 images take seconds.", elem_id="quant-summary")
+            sqnr = gr.Plot(label="SQNR per layer and tensor", elem_id="quant-sqnr")
+            gallery = gr.Gallery(label=f"Test images whose prediction changed (first {MAX_GALLERY})", columns=6,
+                                 height="auto", elem_id="quant-changed")
+            with gr.Accordion("Record: config, calibration, versions, date (JSON)", open=False):
+                record = gr.JSON(show_label=False, elem_id="quant-record")
+    inputs = [method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed, test_count,
+              overrides]
+    wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, [summary, sqnr, gallery, record],
+             "quantize")
+    return record
+
+
+def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
+    """The Compare tab: the run log as a table and figures, refreshed on page load, on Refresh and whenever
+    ``updated`` (the Quantize tab's record) changes."""
+
+    def show() -> tuple:
+        """Status, table, accuracy and latency figures, and the CSV / JSON / HTML files of every logged run."""
+        try:
+            records = load_records(runs)
+        except StudioError as err:
+            return error(err), runs_frame([]), None, None, None, None, None
+        if not records:
+            return (f"No runs logged in `{runs}` yet: quantize once in the **Quantize** tab.", runs_frame([]),
+                    None, None, None, None, None)
+        folder = Path(tempfile.mkdtemp(prefix="ouromamba-runs-"))
+        csv_path, json_path = write_records(records, folder, "ouromamba_runs")
+        html_path = write_report(records, folder / "ouromamba_runs.html")
+        status = (f"{len(records)} run(s) from `{runs}` (this session's and earlier ones); Δ vs FP compares with FP32 "
+                  f"on the same test images. {FAKE_QUANT_NOTE}")
+        return (status, runs_frame(records), accuracy_figure(records), latency_figure(records), str(csv_path),
+                str(json_path), str(html_path))
+
+    gr.Markdown("## Compare runs")
+    with gr.Row():
+        status = gr.Markdown(elem_id="compare-status")
+        refresh = gr.Button("Refresh", elem_id="compare-refresh", scale=0)
+    table = gr.Dataframe(label="Runs", interactive=False, wrap=True, elem_id="compare-table")
+    with gr.Row():
+        accuracy = gr.Plot(label="Accuracy vs bits", elem_id="compare-accuracy")
+        latency = gr.Plot(label="Latency (fake-quant)", elem_id="compare-latency")
+    with gr.Row():
+        csv_file = gr.File(label="All runs (CSV)", elem_id="compare-csv")
+        json_file = gr.File(label="All runs (JSON)", elem_id="compare-json")
+        html_file = gr.File(label="Standalone HTML report", elem_id="compare-html")
+    outputs = [status, table, accuracy, latency, csv_file, json_file, html_file]
+    # reading the log is quick: never queue it behind a running quantization
+    gr.on([refresh.click, updated.change], show, None, outputs, api_name="compare", concurrency_limit=None)
+    gr.on(None, show, None, outputs, api_visibility="private", concurrency_limit=None)  # on page load

@@ -1,0 +1,51 @@
+"""OuroMamba-Gen cost on this machine: seconds per optimisation iteration, per source, for a batch of images.
+
+    python bench/bench_gen.py [--batch 64] [--iterations 3]
+
+Writes results/gen_cpu.{csv,md} (or gen_cuda when a GPU is present). One iteration = forward, every loss term,
+backward through the model and the scan (the hand-written adjoint), and the Adam step on the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_header, write_results  # noqa: E402
+from core.default_model import load_default_model  # noqa: E402
+from core.eval import hardware_label  # noqa: E402
+from core.gen import GenConfig, generate  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_default_model()
+    model.to(device)
+    rows = []
+    for source in ("output_only", "psaq", "ouromamba"):
+        config = GenConfig(source=source, count=args.batch, batch_size=args.batch, iterations=args.iterations)
+        generate(model, GenConfig(source=source, count=2, iterations=1))  # warm-up
+        result = generate(model, config)
+        per_iteration = result.seconds / args.iterations
+        rows.append({"source": source, "images": args.batch, "iterations": args.iterations,
+                     "seconds_per_iteration": round(per_iteration, 3),
+                     "ms_per_image_iteration": round(1000 * per_iteration / args.batch, 2),
+                     "minutes_for_128_images_x_1000_iterations": round(per_iteration * 128 / args.batch * 1000 / 60,
+                                                                       1),
+                     "hardware": hardware_label(device)})
+        print(rows[-1])
+    command = f"python bench/bench_gen.py --batch {args.batch} --iterations {args.iterations}"
+    write_results(f"gen_{device.type}", rows, machine_header(device), command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Quantization runs side by side: a table, accuracy-vs-bits and latency figures, and a standalone HTML report.
+
+The app's Compare tab shows the same table and figures the report embeds, so a downloaded report is what
+was on screen. Every row keeps its provenance (config, calibration, versions, date).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from core.errors import StudioError
+from core.experiments import RunRecord
+from core.records import utc_now, versions
+
+FAKE_QUANT_NOTE = ("Fake-quant timings: quantizers are simulated in floating point, so these times show the "
+                   "simulation's cost on the hardware named, not the speed of integer kernels.")
+
+
+def run_label(index: int, record: RunRecord) -> str:
+    """How one run is named in tables and figures: its position in the log, method and setting."""
+    return f"#{index + 1} {record.method} {record.setting}"
+
+
+def _calibration(record: RunRecord) -> str:
+    calib = record.calibration
+    return f"{calib.get('source')} × {calib.get('images')}, seed {calib.get('seed')}"
+
+
+def _ms_per_image(record: RunRecord) -> float:
+    return round(1000 * record.eval_seconds / max(record.test_images, 1), 3)
+
+
+def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
+    """One row per run, with everything needed to reproduce its numbers (the config as compact JSON)."""
+    return pd.DataFrame([{
+        "run": run_label(index, r), "model": r.model, "method": r.method, "setting": r.setting,
+        "calibration": _calibration(r), "top-1 (%)": r.top1, "FP top-1 (%)": r.fp_top1, "Δ vs FP": r.delta_vs_fp,
+        "test images": r.test_images, "eval ms / image": _ms_per_image(r), "hardware": r.hardware,
+        "calibration s": r.calibration_seconds, "date": r.date,
+        "versions": ", ".join(f"{k} {v}" for k, v in r.versions.items()),
+        "config": json.dumps(r.config, separators=(",", ":")),
+    } for index, r in enumerate(records)], columns=[
+        "run", "model", "method", "setting", "calibration", "top-1 (%)", "FP top-1 (%)", "Δ vs FP", "test images",
+        "eval ms / image", "hardware", "calibration s", "date", "versions", "config"])
+
+
+def _series(record: RunRecord) -> str:
+    """Runs of one method and outlier precision share a marker series (overrides are marked apart)."""
+    outliers = record.setting.partition("O")[2]
+    overrides = " + overrides" if record.config.get("overrides") else ""
+    return record.method + (f" O{outliers}" if outliers else "") + overrides
+
+
+def accuracy_figure(records: list[RunRecord]) -> go.Figure:
+    """Top-1 per weight/activation bit-width, one marker series per method, FP32 as dashed lines."""
+    bits = {(r.config.get("a_bits"), r.config.get("w_bits")) for r in records}
+    order = [f"W{w}A{a}" for a, w in sorted(bits)]
+    figure = go.Figure()
+    series: dict[str, list[tuple[int, RunRecord]]] = {}
+    for index, record in enumerate(records):
+        series.setdefault(_series(record), []).append((index, record))
+    for name, runs in series.items():
+        figure.add_scatter(
+            x=[r.setting.partition("O")[0] for _, r in runs], y=[r.top1 for _, r in runs],
+            mode="markers", name=name, marker={"size": 11},
+            text=[f"{run_label(i, r)}<br>calibration {_calibration(r)}<br>Δ vs FP {r.delta_vs_fp:+.2f} on "
+                  f"{r.test_images} test images<br>{r.date}" for i, r in runs],
+            hovertemplate="%{text}<br>top-1 %{y:.2f} %<extra></extra>")
+    for fp_top1, images in sorted({(r.fp_top1, r.test_images) for r in records}):
+        figure.add_hline(y=fp_top1, line_dash="dash", line_color="gray",
+                         annotation_text=f"FP32 {fp_top1:.2f} % ({images} test images)")
+    figure.update_xaxes(categoryorder="array", categoryarray=order, title="bit-widths (weights W, activations A)")
+    figure.update_layout(title="Top-1 accuracy vs bit-width", yaxis_title="top-1 (%)", height=420,
+                         margin={"l": 50, "r": 10, "t": 50, "b": 50})
+    return figure
+
+
+def latency_figure(records: list[RunRecord]) -> go.Figure:
+    """Evaluation time per test image of every run, coloured by the hardware that measured it."""
+    figure = go.Figure()
+    by_hardware: dict[str, list[tuple[int, RunRecord]]] = {}
+    for index, record in enumerate(records):
+        by_hardware.setdefault(record.hardware, []).append((index, record))
+    for hardware, runs in by_hardware.items():
+        kind = "CPU fake-quant" if hardware.startswith("CPU") else "GPU fake-quant"
+        figure.add_bar(x=[run_label(i, r) for i, r in runs], y=[_ms_per_image(r) for _, r in runs],
+                       name=f"{kind} timing: {hardware}",
+                       hovertemplate="%{x}<br>%{y:.3f} ms per image<extra>" + html.escape(hardware) + "</extra>")
+    cpu_only = all(r.hardware.startswith("CPU") for r in records)
+    figure.update_layout(
+        title=("CPU fake-quant timings: " if cpu_only else "Fake-quant timings: ") + "evaluation ms per test image",
+        yaxis_title="ms per image", height=380, legend={"orientation": "h", "y": -0.3},
+        margin={"l": 50, "r": 10, "t": 50, "b": 50})
+    return figure
+
+
+def html_report(records: list[RunRecord], title: str = "OuroMamba Studio: quantization runs") -> str:
+    """A single HTML page (plotly.js inlined: opens with no server and no network) with the figures, the
+    table and every full record."""
+    if not records:
+        raise StudioError("no runs to report yet: quantize at least once")
+    table = runs_frame(records).to_html(index=False, escape=True, border=0, classes="runs")
+    accuracy = accuracy_figure(records).to_html(full_html=False, include_plotlyjs=True)
+    latency = latency_figure(records).to_html(full_html=False, include_plotlyjs=False)
+    made = ", ".join(f"{k} {v}" for k, v in versions().items())
+    full = html.escape(json.dumps([asdict(r) for r in records], indent=2))
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; }}
+table.runs {{ border-collapse: collapse; font-size: 0.85em; }}
+table.runs th, table.runs td {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; }}
+td:last-child {{ font-family: monospace; max-width: 40em; word-break: break-all; }}
+</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>{len(records)} run(s). Report made {utc_now()} with {html.escape(made)}. Each row carries its own config,
+calibration (source × images, seed), test images, hardware, software versions and date.</p>
+<h2>Accuracy</h2>
+{accuracy}
+<h2>Latency</h2>
+<p>{html.escape(FAKE_QUANT_NOTE)}</p>
+{latency}
+<h2>Runs</h2>
+{table}
+<details><summary>Full records (JSON)</summary><pre>{full}</pre></details>
+</body>
+</html>
+"""
+
+
+def write_report(records: list[RunRecord], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html_report(records), encoding="utf-8")
+    return path

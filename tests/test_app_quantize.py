@@ -1,0 +1,250 @@
+"""The Quantize and Compare tabs served in-process and driven through their API, and the core helpers behind
+them: the run log (JSON lines), override parsing, the runs table, figures and the standalone HTML report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from app.common import Run, Studio
+from app.quantize_tab import RUNS_DIR_ENV, RUNS_FILE, build_compare_tab, build_quantize_tab, runs_file
+from app.ui import DEFAULT_CHECKPOINT
+from core.errors import StudioError
+from core.experiments import RunRecord, append_record, load_records
+from core.models import load_checkpoint
+from core.quant.config import parse_overrides
+from core.report import accuracy_figure, html_report, latency_figure, runs_frame, write_report
+
+# method, w_bits, a_bits, o_bits, k, n_refresh, calibration source, count, epochs, seed, test images, overrides
+FAST = ("ouromamba", 4, 4, 8, 3, 10, "real", 8, 0, 0, 40, "")
+
+
+def _serve(build) -> tuple[gr.Blocks, Client]:
+    with gr.Blocks() as demo:
+        build()
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    return demo, Client(demo.local_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("app_runs") / RUNS_FILE
+
+
+@pytest.fixture(scope="module")
+def served(runs: Path):
+    """Both tabs on one page, logging to a temporary run log, as app/ui.py wires them."""
+    studio = Studio(DEFAULT_CHECKPOINT, load_checkpoint(DEFAULT_CHECKPOINT), None)
+
+    def build() -> None:
+        with gr.Tab("Quantize"):
+            record = build_quantize_tab(studio, runs)
+        with gr.Tab("Compare"):
+            build_compare_tab(runs, record)
+
+    demo, client = _serve(build)
+    try:
+        yield demo, client
+    finally:
+        demo.close()
+
+
+def _job(demo: gr.Blocks, api_name: str):
+    return next(f.fn for f in demo.fns.values() if f.api_name == api_name)
+
+
+def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
+    _, client = served
+    text, plot, gallery, record = client.predict(*FAST, api_name="/quantize")
+    assert not record["cached"] and record["method"] == "ouromamba" and record["setting"] == "W4A4O8"
+    assert record["test_images"] == 40 and 0 <= record["top1"] <= 100 and 0 <= record["fp_top1"] <= 100
+    assert record["delta_vs_fp"] == pytest.approx(record["top1"] - record["fp_top1"], abs=0.011)
+    assert record["calibration"] == {"source": "real", "images": 8, "seed": 0}
+    assert record["config"]["reconstruction"]["epochs"] == 0 and "torch" in record["versions"] and record["date"]
+    assert f"Top-1: {record['top1']:.2f} %" in text and f"FP32 {record['fp_top1']:.2f} %" in text
+    assert "CPU fake-quant timings" in text and "8 `real` images, seed 0" in text
+    figure = json.loads(plot["plot"])
+    assert figure["data"][0]["type"] == "heatmap" and len(figure["data"][0]["y"]) == 4  # the default model's depth
+    assert len(gallery) == record["changed_predictions"] <= 40
+    assert all(" → quantized " in item["caption"] for item in gallery)
+    assert [r.top1 for r in load_records(runs)] == [record["top1"]]
+
+
+def test_repeated_run_is_cached_and_not_logged_again(served, runs: Path):
+    _, client = served
+    first = client.predict(*FAST, api_name="/quantize")[3]
+    text, _, _, again = client.predict(*FAST, api_name="/quantize")
+    assert again["cached"] and "Cached" in text
+    assert again["top1"] == first["top1"] and again["date"] == first["date"]
+    assert len(load_records(runs)) == 1
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ("{bad", "overrides are not valid JSON"),
+    ('["layers.0.*"]', "overrides must map site patterns"),
+    ('{"layers.0.*": {"bits": 8}}', "unknown fields ['bits']"),
+])
+def test_bad_overrides_are_one_line(served, overrides: str, expected: str):
+    _, client = served
+    text, _, _, record = client.predict(*FAST[:-1], overrides, api_name="/quantize")
+    assert record is None and text.startswith("**Error:**") and expected in text and "\n" not in text
+
+
+@pytest.mark.parametrize(("position", "value", "expected"), [
+    (10, 20_000, "test images must be from 1 to 10,000"), (8, -1, "epochs must be from 0 to 100"),
+    (5, 0, "n_refresh must be at least 1"), (6, "no/such/folder", "neither 'real', 'noise' nor a folder"),
+])
+def test_out_of_range_input_is_one_line(served, position: int, value, expected: str):
+    _, client = served
+    inputs = list(FAST)
+    inputs[position] = value
+    text, _, _, record = client.predict(*inputs, api_name="/quantize")
+    assert record is None and text.startswith("**Error:**") and expected in text and "\n" not in text
+
+
+def test_calibration_count_is_bounded_by_its_slider(served):
+    _, client = served
+    with pytest.raises(AppError, match="greater than maximum value 1024"):
+        client.predict(*FAST[:7], 2000, *FAST[8:], api_name="/quantize")
+
+
+def test_cancel_stops_the_run(served, runs: Path):
+    demo, _ = served
+    run = Run()
+
+    def progress(value, desc: str = "", unit: str = "") -> None:
+        """Press Cancel once calibration has gone through a few sites."""
+        if unit == "sites" and value[0] >= 3:
+            run.cancel.set()
+
+    before = len(load_records(runs))
+    text, *_, record = _job(demo, "quantize")(*FAST[:-2], 30, "", run, progress=progress)
+    assert text.startswith("**Stopped:**") and "calibration cancelled after 3 of" in text and record is None
+    assert run.done and len(load_records(runs)) == before
+
+
+def test_compare_lists_runs_and_downloads(served, runs: Path):
+    _, client = served
+    client.predict(*FAST, api_name="/quantize")
+    other = client.predict("per_tensor", 8, 8, 8, 3, 10, "noise", 8, 0, 1, 40, '{"layers.0.*": {"w_bits": 6}}',
+                           api_name="/quantize")[3]
+    assert other["setting"] == "W8A8" and other["calibration"]["source"] == "noise"
+    status, table, accuracy, latency, csv_file, json_file, html_file = client.predict(api_name="/compare")
+    assert status.startswith("2 run(s)") and "Fake-quant timings" in status
+    rows = [dict(zip(table["headers"], row, strict=True)) for row in table["data"]]
+    assert [(r["method"], r["setting"], r["calibration"]) for r in rows] == [
+        ("ouromamba", "W4A4O8", "real × 8, seed 0"), ("per_tensor", "W8A8", "noise × 8, seed 1")]
+    assert rows[1]["Δ vs FP"] == other["delta_vs_fp"] and rows[1]["hardware"].startswith("CPU")
+    assert json.loads(rows[1]["config"])["overrides"] == {"layers.0.*": {"w_bits": 6}}
+    assert "CPU fake-quant" in json.loads(latency["plot"])["layout"]["title"]["text"]
+    assert {t["name"] for t in json.loads(accuracy["plot"])["data"]} == {"ouromamba O8", "per_tensor + overrides"}
+    with open(csv_file, newline="") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["ouromamba", "per_tensor"]
+    assert [r["top1"] for r in json.loads(Path(json_file).read_text())] == [r["top-1 (%)"] for r in rows]
+    page = Path(html_file).read_text()
+    assert page.startswith("<!DOCTYPE html>") and "Top-1 accuracy vs bit-width" in page
+    assert 'class="plotly-graph-div"' in page and "per_tensor" in page and "noise × 8, seed 1" in page
+    assert "<script src=" not in page and len(page) > 1_000_000  # plotly.js inlined: no server, no network
+
+
+def test_runs_persist_for_a_new_app(served, runs: Path):
+    """Another app (a restart) on the same run log shows the runs logged before."""
+    _, client = served
+    client.predict(*FAST, api_name="/quantize")
+    demo, fresh = _serve(lambda: build_compare_tab(runs, gr.JSON()))
+    try:
+        status, table, *_ = fresh.predict(api_name="/compare")
+    finally:
+        demo.close()
+    assert status.startswith(f"{len(load_records(runs))} run(s)") and table["data"][0][2] == "ouromamba"
+
+
+def test_empty_and_broken_logs_are_messages(tmp_path: Path):
+    empty, broken = tmp_path / "none.jsonl", tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    demo, client = _serve(lambda: (build_compare_tab(empty, gr.JSON()), build_compare_tab(broken, gr.JSON())))
+    try:
+        endpoints = list(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+        (first, *_, html_file), (second, *_) = (client.predict(api_name=name) for name in endpoints)
+    finally:
+        demo.close()
+    assert first.startswith("No runs logged") and html_file is None
+    assert second.startswith("**Error:** line 1 of") and "not a run record" in second
+
+
+def test_runs_file_follows_the_environment(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv(RUNS_DIR_ENV, str(tmp_path))
+    assert runs_file() == tmp_path / RUNS_FILE
+    monkeypatch.delenv(RUNS_DIR_ENV)
+    assert runs_file().parent.parts[-2:] == ("results", "app_runs")
+
+
+# core helpers
+
+def _record(**changes) -> RunRecord:
+    record = RunRecord(model="default_model", method="ouromamba", setting="W4A8O8",
+                       calibration={"source": "real", "images": 128, "seed": 0}, top1=88.9, fp_top1=88.94,
+                       delta_vs_fp=-0.04, test_images=1000, calibration_seconds=30.0, eval_seconds=12.0,
+                       hardware="CPU (2 threads, x86_64)", config={"w_bits": 4, "a_bits": 8, "overrides": {}},
+                       versions={"python": "3.11", "torch": "2"}, date="2026-01-01T00:00:00+00:00")
+    return replace(record, **changes)
+
+
+def test_run_log_round_trip_and_errors(tmp_path: Path):
+    log = tmp_path / "deep" / "runs.jsonl"
+    assert load_records(log) == []
+    records = [_record(), _record(method="ptq4vm", setting="W4A4", config={"w_bits": 4, "a_bits": 4})]
+    for record in records:
+        append_record(record, log)
+    assert load_records(log) == records
+    with log.open("a") as f:
+        f.write('{"method": "x"}\n')
+    with pytest.raises(StudioError, match="line 3 of .* is not a run record"):
+        load_records(log)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(StudioError, match="could not save the run"):
+        append_record(records[0], blocked / "runs.jsonl")
+
+
+def test_parse_overrides():
+    assert parse_overrides("") == {} and parse_overrides("  \n") == {}
+    assert parse_overrides('{"layers.0.*": {"w_bits": 8}}') == {"layers.0.*": {"w_bits": 8}}
+    with pytest.raises(StudioError, match=r"not valid JSON \(.* line 1, column 2\)"):
+        parse_overrides("{oops}")
+    with pytest.raises(StudioError, match="must map site patterns"):
+        parse_overrides('{"layers.0.*": 8}')
+
+
+def test_table_figures_and_report():
+    records = [_record(), _record(method="per_tensor", setting="W8A8", top1=88.5, delta_vs_fp=-0.44,
+                                  config={"w_bits": 8, "a_bits": 8, "overrides": {}},
+                                  hardware="NVIDIA H100 80GB HBM3", eval_seconds=0.5)]
+    frame = runs_frame(records)
+    assert list(frame["run"]) == ["#1 ouromamba W4A8O8", "#2 per_tensor W8A8"]
+    assert list(frame["eval ms / image"]) == [12.0, 0.5] and list(frame["calibration"])[0] == "real × 128, seed 0"
+    assert runs_frame([]).empty and "config" in runs_frame([]).columns
+    accuracy = accuracy_figure(records)
+    assert list(accuracy.layout.xaxis.categoryarray) == ["W4A8", "W8A8"]
+    assert [t.name for t in accuracy.data] == ["ouromamba O8", "per_tensor"]
+    latency = latency_figure(records)
+    assert [t.name for t in latency.data] == ["CPU fake-quant timing: CPU (2 threads, x86_64)",
+                                              "GPU fake-quant timing: NVIDIA H100 80GB HBM3"]
+    assert latency.layout.title.text.startswith("Fake-quant timings")
+    assert latency_figure(records[:1]).layout.title.text.startswith("CPU fake-quant timings")
+    page = html_report(records)
+    assert page.count('class="plotly-graph-div"') == 2 and "#2 per_tensor W8A8" in page and "<table" in page
+    with pytest.raises(StudioError, match="no runs"):
+        html_report([])
+
+
+def test_write_report_makes_its_folder(tmp_path: Path):
+    path = write_report([_record()], tmp_path / "sub" / "report.html")
+    assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
