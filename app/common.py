@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,16 @@ def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.Stat
     run_button.click(arm, run_state, run_state, concurrency_limit=None, api_visibility="private").then(
         job, [*inputs, run_state], outputs, api_name=api_name)
     cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+SETS_DIR_ENV = "OUROMAMBA_SETS_DIR"
+COMMITTED_SETS = REPOSITORY / "results" / "gen" / "sets"  # the evidence sets (results/gen/README.md)
+
+
+def sets_dir() -> Path:
+    """Where Synthesize saves its sets for Quantize: ``$OUROMAMBA_SETS_DIR``, else ``results/app_sets``."""
+    return Path(os.environ.get(SETS_DIR_ENV) or REPOSITORY / "results" / "app_sets")
 
 
 GALLERY_ZOOM = 4  # 28×28 images shown as 112×112, nearest neighbour: every pixel stays visible

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import Run, Studio, cell, error, stopped, wire_run, zoom
+from app.common import COMMITTED_SETS, Run, Studio, cell, error, sets_dir, stopped, wire_run, zoom
 from app.model_tab import BATCH_SIZE, DEFAULT_COUNT, TEST_IMAGES
 from core.data import BUILTIN_SOURCES, FASHION_MNIST_CLASSES, LabelledImages, load_fashion_mnist
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
 from core.experiments import RunRecord, append_record, load_records, quantize_and_evaluate, write_records
-from core.gen import to_pixels
+from core.gen import saved_sets, to_pixels
 from core.observe import error_report
 from core.quant import METHODS, QuantConfig, ReconstructionConfig
 from core.quant.config import parse_overrides
@@ -46,6 +46,11 @@ MAX_CALIB, MAX_EPOCHS = 1024, 100
 ERROR_IMAGES = 32  # SQNR on the first 32 test images: about a second on 2 CPU cores
 MAX_GALLERY = 48
 EXAMPLE_OVERRIDES = '{"layers.0.*": {"w_bits": 8}}'
+
+
+def calibration_choices() -> list[str]:
+    """The built-in sources, then every saved set: this session's (Synthesize) and the committed evidence sets."""
+    return [*BUILTIN_SOURCES, *(str(folder) for folder in saved_sets(sets_dir(), COMMITTED_SETS))]
 
 
 def runs_file() -> Path:
@@ -218,12 +223,14 @@ def build_quantize_tab(studio: Studio, runs: Path) -> gr.JSON:
                 k = gr.Number(3, label="k (outlier threshold, std devs)", elem_id="quant-k")
                 n_refresh = gr.Number(10, label="n_refresh (time-steps)", precision=0, elem_id="quant-n-refresh")
             with gr.Row():
-                calib_source = gr.Dropdown(list(BUILTIN_SOURCES), value="real", allow_custom_value=True,
+                calib_source = gr.Dropdown(calibration_choices(), value="real", allow_custom_value=True,
                                            label="Calibration source", elem_id="quant-calib-source",
-                                           info="real, noise, or type a folder of images (e.g. a saved Synthesize "
-                                                "set, unzipped)")
+                                           info="real, noise, a set saved by Synthesize, or type a folder of images")
                 calib_count = gr.Slider(1, MAX_CALIB, 128, step=1, label="Calibration images",
                                         elem_id="quant-calib-count")
+                # sets saved by Synthesize since the page loaded appear when the list is opened
+                calib_source.focus(lambda: gr.update(choices=calibration_choices()), None, calib_source,
+                                   api_visibility="private")
             with gr.Row():
                 epochs = gr.Number(10, label="Reconstruction epochs (0 = none)", precision=0, elem_id="quant-epochs",
                                    info=f"0 to {MAX_EPOCHS}")

@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import Run, Studio, error, stopped, wire_run, zoom
+from app.common import Run, Studio, error, sets_dir, stopped, wire_run, zoom
 from core.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from core.errors import StudioError
 from core.gen import GEN_PRESETS, GenConfig, GenResult, attention_maps, generate, save_generated, to_pixels
@@ -105,15 +105,18 @@ def attention_figure(image: np.ndarray, maps: dict, query: int | str, grid: int,
     return figure
 
 
-def _download(result: GenResult) -> str:
-    """The set saved as PNGs + manifest.json, zipped into a fresh temporary folder."""
-    folder = Path(tempfile.mkdtemp(prefix="ouromamba-gen-"))
-    name = f"{result.config.source}_{len(result.images)}_seed{result.config.seed}"
-    save_generated(result, folder / name)
-    return shutil.make_archive(str(folder / name), "zip", folder, name)
+def _save(result: GenResult) -> tuple[Path, str]:
+    """The set saved as PNGs + manifest.json under the sets folder (Quantize lists it as a calibration source),
+    and the same folder zipped into a fresh temporary folder for the download."""
+    config = result.config
+    name = f"{config.source}_{len(result.images)}_it{config.iterations}_seed{config.seed}"
+    folder = save_generated(result, sets_dir() / name)
+    archive = shutil.make_archive(str(Path(tempfile.mkdtemp(prefix="ouromamba-gen-")) / name), "zip",
+                                  folder.parent, name)
+    return folder, archive
 
 
-def _summary(result: GenResult, cached: bool) -> str:
+def _summary(result: GenResult, folder: Path, cached: bool) -> str:
     config = result.config
     hits = sum(p == t for p, t in zip(result.predictions, result.targets, strict=True) if t is not None)
     targeted = sum(t is not None for t in result.targets)
@@ -122,7 +125,8 @@ def _summary(result: GenResult, cached: bool) -> str:
     return (f"### {len(result.images)} images from `{config.source}`\n\n"
             f"{config.iterations if config.source in ('ouromamba', 'output_only', 'psaq') else 0} iterations, "
             f"seed {config.seed}, {result.seconds:.1f} s on the CPU.{agreement} Mean FP confidence "
-            f"{np.mean(result.confidences):.2f}.{again}")
+            f"{np.mean(result.confidences):.2f}.{again}\n\nSaved as `{folder}`: pick it as the calibration source "
+            f"in **Quantize**.")
 
 
 def build_synthesize_tab(studio: Studio) -> None:
@@ -130,8 +134,9 @@ def build_synthesize_tab(studio: Studio) -> None:
     cache: dict[str, GenResult] = {}
 
     def finished(result: GenResult, cached: bool) -> tuple:
-        return (_summary(result, cached), loss_figure(result.history, "losses (mean over batches)"),
-                gallery_items(result), real_examples(result), result.manifest(), _download(result), result)
+        folder, archive = _save(result)
+        return (_summary(result, folder, cached), loss_figure(result.history, "losses (mean over batches)"),
+                gallery_items(result), real_examples(result), result.manifest(), archive, result)
 
     def message(text: str) -> tuple:
         """Only the status changes; whatever the tab showed (a finished set included) stays."""

@@ -13,6 +13,8 @@ import gradio as gr
 import pytest
 from gradio_client import Client
 
+from app.common import sets_dir
+from app.quantize_tab import calibration_choices
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.default_model import load_card
 from core.errors import StudioError
@@ -125,6 +127,9 @@ def test_synthesize_makes_a_reproducible_downloadable_set(served):
     assert sum(n.endswith(".png") for n in names) == 3 and any(n.endswith("manifest.json") for n in names)
     again = client.predict(GEN, 3, 4, "5", 12, 0.2, 1, 1, 0.2, 7, api_name="/synthesize")
     assert "Cached" in again[0] and again[4]["images"] == manifest["images"]
+    saved = Path(re.search(r"Saved as `([^`]+)`", status).group(1))
+    assert saved.parent == sets_dir() and len(list(saved.glob("*.png"))) == 3
+    assert str(saved) in calibration_choices()  # Quantize offers it as a calibration source
 
 
 def test_noise_source_needs_no_iterations(served):

@@ -12,7 +12,7 @@ from core.errors import StudioError
 from core.eval import Cancelled
 from core.gen import GenConfig, attention_maps, attention_rows, generate, patch_features, save_generated, trace_scans
 from core.gen.attention import neighbour_tokens, neighbourhood_matrix
-from core.gen.generate import class_balanced_targets, load_manifest
+from core.gen.generate import class_balanced_targets, load_manifest, saved_sets
 from core.gen.losses import patch_contrastive_loss, similarity_entropy_loss
 
 
@@ -188,6 +188,8 @@ def test_saved_sets_are_calibration_sources(model, tmp_path):
     one_level = 1 / 255 / 0.3530
     reloaded = {float(img.sum()) for img in images}
     assert all(min(abs(r - float(img.sum())) for r in reloaded) < one_level * 28 * 28 for img in result.images)
+    (tmp_path / "not-a-set").mkdir()
+    assert saved_sets(tmp_path, tmp_path / "missing") == [folder]
     (folder / "manifest.json").write_text(json.dumps({"config": {"source": "dream"}}))
     with pytest.raises(StudioError, match="unknown image source"):
         load_manifest(folder)

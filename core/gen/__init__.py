@@ -10,11 +10,12 @@ from core.gen.generate import (
     generate,
     load_manifest,
     save_generated,
+    saved_sets,
     to_pixels,
 )
 
 __all__ = [
     "attention_maps", "attention_rows", "patch_features", "trace_scans",
     "GEN_PRESETS", "GEN_SOURCES", "GenConfig", "GenProgress", "GenResult", "generate", "load_manifest",
-    "save_generated", "to_pixels",
+    "save_generated", "saved_sets", "to_pixels",
 ]

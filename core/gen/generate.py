@@ -330,6 +330,12 @@ def save_generated(result: GenResult, folder: str | Path) -> Path:
     return folder
 
 
+def saved_sets(*roots: str | Path) -> list[Path]:
+    """Folders under ``roots`` (one level down) that hold a saved set (a manifest.json), sorted by name."""
+    found = [p.parent for root in roots if Path(root).is_dir() for p in Path(root).glob(f"*/{MANIFEST}")]
+    return sorted(found, key=lambda p: (p.parent.name, p.name))
+
+
 def load_manifest(folder: str | Path) -> dict:
     """The manifest of a saved set, with its config checked."""
     path = Path(folder) / MANIFEST
