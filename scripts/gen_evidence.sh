@@ -22,7 +22,7 @@ case "${1:-}" in
         --out "results/gen/sets/$name" 2>&1 | tr '\r' '\n' | grep -v '^batch' || true
     done ;;
   quant)
-    for name in ouromamba contrastive_only output_only psaq noise real; do
+    for name in noise real ouromamba contrastive_only output_only psaq; do
       [ -f "results/gen/quant_$name.csv" ] && continue
       calib="results/gen/sets/$name"; [ "$name" = noise ] || [ "$name" = real ] && calib=$name
       # shellcheck disable=SC2086
