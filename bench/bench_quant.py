@@ -1,6 +1,6 @@
 """Fake-quant cost on the CPU: W4A4 evaluation of the default model vs FP, and calibration time.
 
-    python bench/bench_quant.py [--limit N]
+    python bench/bench_quant.py [--method ouromamba ...] [--limit N]
 
 Writes results/quant_cpu.{csv,md}. The quantized model here is a simulation (fake quantization in fp32):
 its timings say what the CPU path costs, not what quantized kernels would gain.
@@ -27,6 +27,7 @@ from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, help="only the first N test images (default: all 10,000)")
+    parser.add_argument("--method", nargs="+", default=["ouromamba"], help="methods to time (default: ouromamba)")
     args = parser.parse_args()
     model, _ = load_default_model()
     test = load_fashion_mnist("test")
@@ -36,7 +37,7 @@ def main() -> None:
     fp = evaluate(model, test)
     rows = [{"what": "FP32 eval", "method": "fp32", "images": fp.total, "seconds": round(fp.seconds, 2),
              "vs_fp": "1.00x", "top1": f"{fp.top1:.2f}", "hardware": fp.device}]
-    for method in ("ouromamba", "ptq4vm", "dynamic_per_token"):
+    for method in args.method:
         for epochs in (0, 10):
             config = QuantConfig(method=method, w_bits=4, a_bits=4, reconstruction=ReconstructionConfig(epochs=epochs))
             start = time.perf_counter()
@@ -50,7 +51,8 @@ def main() -> None:
                 rows.append({"what": "W4A4 fake-quant eval", "method": config.label, "images": result.total,
                              "seconds": round(result.seconds, 2), "vs_fp": f"{result.seconds / fp.seconds:.2f}x",
                              "top1": f"{result.top1:.2f}", "hardware": result.device})
-    command = "python bench/bench_quant.py" + (f" --limit {args.limit}" if args.limit else "")
+    command = "python bench/bench_quant.py --method " + " ".join(args.method)
+    command += f" --limit {args.limit}" if args.limit else ""
     write_results("quant_cpu", rows, machine_header(torch.device("cpu")), command)
 
 

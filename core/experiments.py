@@ -129,11 +129,12 @@ def load_records(path: str | Path) -> list[RunRecord]:
     return records
 
 
-def accuracy_table(records: list[RunRecord]) -> str:
-    """Markdown: one row per method, one column per setting (top-1 and Δ vs FP)."""
+def accuracy_table(records: list[RunRecord], row: Callable[[RunRecord], str] = lambda r: r.method,
+                   label: str = "method") -> str:
+    """Markdown: one row per ``row(record)`` (default: the method), one column per setting (top-1, Δ vs FP)."""
     settings = list(dict.fromkeys(r.setting.split("O")[0] for r in records))
-    methods = list(dict.fromkeys(r.method for r in records))
-    cell = {(r.method, r.setting.split("O")[0]): f"{r.top1:.2f} ({r.delta_vs_fp:+.2f})" for r in records}
-    lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-    lines += [f"| {m} | " + " | ".join(cell.get((m, s), "–") for s in settings) + " |" for m in methods]
+    rows = list(dict.fromkeys(row(r) for r in records))
+    cell = {(row(r), r.setting.split("O")[0]): f"{r.top1:.2f} ({r.delta_vs_fp:+.2f})" for r in records}
+    lines = [f"| {label} | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    lines += [f"| {name} | " + " | ".join(cell.get((name, s), "–") for s in settings) + " |" for name in rows]
     return "\n".join(lines)

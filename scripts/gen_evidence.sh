@@ -2,6 +2,7 @@
 # Regenerate results/gen: calibration sets from every source, then OuroMamba-Quant W4A4 / W4A8 calibrated on each.
 #   scripts/gen_evidence.sh sets     the optimised sets (about 10 minutes each on one CPU core at 100 iterations)
 #   scripts/gen_evidence.sh quant    calibrate + evaluate on the full test set per source (about 5 minutes each)
+#   scripts/gen_evidence.sh table    the markdown table of results/gen/README.md
 # Finished outputs are kept; delete one to redo it. ITERATIONS=1000 gives the paper's schedule (GPU advised).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,5 +30,16 @@ case "${1:-}" in
       .venv/bin/python -m core quantize --method ouromamba --setting W4A4 W4A8 --calib "$calib" --n-calib 128 \
         --out results/gen --name "quant_$name" $data 2>&1 | tr '\r' '\n' | grep -v 'images$' | tee "results/gen/quant_$name.log"
     done ;;
-  *) echo "usage: scripts/gen_evidence.sh sets|quant" >&2; exit 2 ;;
+  table)
+    .venv/bin/python - <<'PY'
+import json
+from pathlib import Path
+from core.experiments import RunRecord, accuracy_table
+records = [RunRecord.from_dict(r) for name in ("ouromamba", "contrastive_only", "output_only", "psaq", "noise", "real")
+           if Path(f"results/gen/quant_{name}.json").is_file()
+           for r in json.loads(Path(f"results/gen/quant_{name}.json").read_text())]
+print(accuracy_table(records, row=lambda r: Path(r.calibration["source"]).name, label="calibration source"))
+PY
+    ;;
+  *) echo "usage: scripts/gen_evidence.sh sets|quant|table" >&2; exit 2 ;;
 esac

@@ -1,0 +1,262 @@
+"""Kernel benchmark on a CUDA GPU: the mixed-precision GEMM and outlier detection at Vim's layer shapes.
+
+    python bench/bench_kernels.py [--quick]
+
+Per layer GEMM (in_proj D→2E, x_proj E→R+2N, dt_proj R→E, out_proj E→D; D = 192/384/768, E = 2D, N = 16,
+R = ceil(D/16)) at tokens = batch × 197 for batch 1, 16, 64: cuBLAS fp16 (``F.linear``) against our W8A8,
+W4A4 (no outlier path) and W4A4O8 with 1 %, 5 %, 10 % outlier channels, all with fp16 output; W4A4O8 also
+with ``detect_quant`` in front (fp16 activations in, ~5 % planted outliers); and ``detect_quant`` alone on
+every layer input (batch, 197, C). Every kernel is checked against its reference at the real shape before it
+is timed (the ``check`` column). Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed
+between calls; the method of the anchor table in docs/environment.md), in microseconds. ``floor_us`` is the
+time to move the operation's fewest bytes at the copy bandwidth measured at start.
+
+Writes results/kernels_<gpu>.{csv,md} and prints a summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_header, write_results  # noqa: E402
+from kernels.detect_quant import detect_quant, detect_quant_reference, empty_output, inlier_qmax  # noqa: E402
+from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference  # noqa: E402
+from kernels.packing import pack_int4  # noqa: E402
+
+MODELS = {"Vim-T": 192, "Vim-S": 384, "Vim-B": 768}
+BATCHES = (1, 16, 64)
+TOKENS = 197
+D_STATE = 16
+OUTLIER_PCTS = (1, 5, 10)
+GEMM_TOLERANCE = 2e-3  # fp16 output: ‖y − y_ref‖/‖y_ref‖ of rounding alone is ~3e-4
+
+
+def layer_shapes(d_model: int) -> list[tuple[str, int, int]]:
+    """(layer, K, N) of the four quantized linears of a Vim block."""
+    inner, rank = 2 * d_model, math.ceil(d_model / 16)
+    return [("in_proj", d_model, 2 * inner), ("x_proj", inner, rank + 2 * D_STATE), ("dt_proj", rank, inner),
+            ("out_proj", inner, d_model)]
+
+
+def median_us(fn: Callable[[], object]) -> float:
+    return 1000 * do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (median_us(lambda: dst.copy_(src)) * 1e-6)
+
+
+def gemm_operands(m: int, n: int, k: int, inlier_bits: int, weight_bits: int, outlier_pct: float,
+                  device: torch.device, g: torch.Generator) -> dict:
+    """Random codes (outlier channels zeroed in the inlier codes) and scales that dequantize to about ±1."""
+    qi, qw = inlier_qmax(inlier_bits), inlier_qmax(weight_bits)
+    inlier = torch.randint(-qi, qi + 1, (m, k), generator=g, dtype=torch.int8, device=device)
+    weight = torch.randint(-qw, qw + 1, (n, k), generator=g, dtype=torch.int8, device=device)
+    ops = {"inlier_scale": (torch.rand(m, generator=g, device=device) + 0.05) / qi,
+           "weight_scale": (torch.rand(n, generator=g, device=device) + 0.05) / qw}
+    if outlier_pct:
+        chosen = torch.rand(m, k, generator=g, device=device) < outlier_pct / 100
+        codes = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8, device=device)
+        inlier.masked_fill_(chosen, 0)
+        ops["outlier_codes"] = codes.masked_fill(~chosen, 0)
+        ops["outlier_scale"] = (torch.rand(m, generator=g, device=device) * 20 + 1) / 127
+    ops["inlier_codes"] = pack_int4(inlier) if inlier_bits == 4 else inlier
+    ops["weight"] = pack_int4(weight) if weight_bits == 4 else weight
+    return ops
+
+
+def activations(batch: int, channels: int, outlier_pct: float, device: torch.device,
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (batch, 197, C): U(−1, 1) inliers and ``outlier_pct`` % of the channels per token at ±30 … 40, moving
+    every step; and static scales that make every token with outliers trigger. Values sit far from every
+    detection threshold, so the kernel and the reference (different summation orders) must agree exactly."""
+    x = torch.rand(batch, TOKENS, channels, generator=g, device=device) * 2 - 1
+    per_step = max(1, round(channels * outlier_pct / 100))
+    steps = torch.arange(TOKENS, device=device)
+    for j in range(per_step):
+        start = torch.randint(0, channels, (batch, 1), generator=g, device=device)
+        channel = (start + 3 * steps + j * (channels // per_step)) % channels
+        value = 30 + 10 * torch.rand(batch, TOKENS, generator=g, device=device)
+        sign = torch.randint(0, 2, (batch, TOKENS), generator=g, device=device) * 2 - 1
+        x.scatter_(2, channel[..., None], (value * sign)[..., None])
+    return x.half(), torch.full((TOKENS,), 2.0 / inlier_qmax(4), device=device)
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def check_gemm(ops: dict) -> str:
+    y = mixed_gemm(**ops, out=torch.full((ops["inlier_scale"].numel(), ops["weight_scale"].numel()), float("nan"),
+                                         dtype=torch.float16, device=ops["weight"].device))
+    error = rel_error(y, mixed_gemm_reference(**ops))
+    return f"ok {error:.1e}" if error < GEMM_TOLERANCE else f"FAIL {error:.1e}"
+
+
+def check_detect(x: torch.Tensor, scale: torch.Tensor) -> str:
+    out = empty_output(x, 4)  # poisoned with values the kernel never writes
+    for buffer in (out.inlier_codes, out.outlier_codes, out.inlier_packed, out.inlier_scale, out.outlier_scale):
+        buffer.fill_({torch.int8: -128, torch.uint8: 0x88}.get(buffer.dtype, float("nan")))
+    got = detect_quant(x, scale, 3.0, 10, 4, out=out)
+    want = detect_quant_reference(x, scale, 3.0, 10, 4)
+    bad = [name for name, a, b in zip(got._fields, got, want, strict=True) if not torch.equal(a, b)]
+    return "ok exact" if not bad else "FAIL " + "/".join(bad)
+
+
+def gemm_bytes(m: int, n: int, k: int, variant: str) -> float:
+    """Fewest bytes a variant must move: its operands once, the fp16 output once, the scales."""
+    if variant == "fp16 cuBLAS":
+        return 2 * (m * k + n * k + m * n)
+    inlier = m * k / 2 if variant.startswith("W4A4") else m * k
+    weight = n * k / 2 if variant.startswith("W4") else n * k
+    outlier = m * k if "O8" in variant else 0
+    activation = 2 * m * k if "detect" in variant else 0  # the fp16 input of detect_quant
+    return inlier + weight + outlier + activation + 2 * m * n + 4 * (2 * m + n)
+
+
+def bench_gemms(device: torch.device, bandwidth: float, models: dict[str, int], batches: tuple[int, ...],
+                g: torch.Generator) -> list[dict]:
+    rows = []
+    for model, d_model in models.items():
+        for layer, k, n in layer_shapes(d_model):
+            for batch in batches:
+                m = batch * TOKENS
+                shape = {"kind": "gemm", "model": model, "layer": layer, "batch": batch, "M": m, "K": k, "N": n}
+                variants = {"W8A8": gemm_operands(m, n, k, 8, 8, 0, device, g),
+                            "W4A4": gemm_operands(m, n, k, 4, 4, 0, device, g)}
+                for pct in OUTLIER_PCTS:
+                    variants[f"W4A4O8 {pct}%"] = gemm_operands(m, n, k, 4, 4, pct, device, g)
+                x16 = torch.randn(m, k, generator=g, device=device).half()
+                w16 = (torch.randn(n, k, generator=g, device=device) / math.sqrt(k)).half()
+                fp16_us = median_us(lambda x16=x16, w16=w16: F.linear(x16, w16))
+                rows.append({**shape, "variant": "fp16 cuBLAS", "us": round(fp16_us, 2), "vs_fp16": 1.0,
+                             "TOP/s": round(2 * m * n * k / fp16_us / 1e6, 1),
+                             "floor_us": round(gemm_bytes(m, n, k, "fp16 cuBLAS") / bandwidth * 1e6, 2),
+                             "check": "baseline"})
+                for variant, ops in variants.items():
+                    check = check_gemm(ops)
+                    out = torch.empty(m, n, dtype=torch.float16, device=device)
+                    us = median_us(lambda ops=ops, out=out: mixed_gemm(**ops, out=out))
+                    rows.append({**shape, "variant": variant, "us": round(us, 2), "vs_fp16": round(fp16_us / us, 3),
+                                 "TOP/s": round(2 * m * n * k / us / 1e6, 1),
+                                 "floor_us": round(gemm_bytes(m, n, k, variant) / bandwidth * 1e6, 2),
+                                 "check": check})
+                rows.append(bench_detect_then_gemm(shape, fp16_us, bandwidth, device, g))
+                print(f"{model} {layer} batch {batch}: " + ", ".join(  # progress, in case the run is cut short
+                    f"{r['variant']} {r['us']} us {r['check']}" for r in rows if r.get("M") == m and
+                    r["model"] == model and r["layer"] == layer), flush=True)
+    return rows
+
+
+def bench_detect_then_gemm(shape: dict, fp16_us: float, bandwidth: float, device: torch.device,
+                           g: torch.Generator) -> dict:
+    """W4A4O8 from fp16 activations: detect_quant (5 % planted outliers) then the GEMM, timed together."""
+    m, k, n = shape["M"], shape["K"], shape["N"]
+    x, scale = activations(shape["batch"], k, 5, device, g)
+    weights = gemm_operands(16, n, k, 4, 4, 0, device, g)
+    weight, weight_scale = weights["weight"], weights["weight_scale"]
+    codes = empty_output(x, 4)
+    out = torch.empty(m, n, dtype=torch.float16, device=device)
+
+    def run() -> torch.Tensor:
+        q = detect_quant(x, scale, 3.0, 10, 4, out=codes)
+        return mixed_gemm(q.inlier_packed.view(m, -1), q.inlier_scale.view(-1), weight, weight_scale,
+                          q.outlier_codes.view(m, k), q.outlier_scale.view(-1), out=out)
+
+    run()
+    ref = mixed_gemm_reference(codes.inlier_packed.view(m, -1), codes.inlier_scale.view(-1), weight, weight_scale,
+                               codes.outlier_codes.view(m, k), codes.outlier_scale.view(-1))
+    error = rel_error(run(), ref)
+    flagged = 100 * float(codes.outlier_mask.float().mean())
+    us = median_us(run)
+    return {**shape, "variant": "W4A4O8 incl. detect", "outlier_pct": round(flagged, 2), "us": round(us, 2),
+            "vs_fp16": round(fp16_us / us, 3), "TOP/s": round(2 * m * n * k / us / 1e6, 1),
+            "floor_us": round(gemm_bytes(m, n, k, "W4A4O8 detect") / bandwidth * 1e6, 2),
+            "check": f"ok {error:.1e}" if error < GEMM_TOLERANCE else f"FAIL {error:.1e}"}
+
+
+def bench_detect(device: torch.device, bandwidth: float, models: dict[str, int], batches: tuple[int, ...],
+                 g: torch.Generator) -> list[dict]:
+    rows = []
+    for model, d_model in models.items():
+        inputs = {"in_proj": d_model, "x_proj/out_proj": 2 * d_model, "dt_proj": math.ceil(d_model / 16)}
+        for layer, channels in inputs.items():
+            for batch in batches:
+                x, scale = activations(batch, channels, 5, device, g)
+                check = check_detect(x, scale)
+                out = empty_output(x, 4)
+                us = median_us(lambda x=x, scale=scale, out=out: detect_quant(x, scale, 3.0, 10, 4, out=out))
+                elements = x.numel()
+                moved = elements * (2 + 1 + 0.5 + 1 + 1) + batch * TOKENS * 8  # fp16 in; codes, packed, mask out
+                rows.append({"kind": "detect_quant 4-bit", "model": model, "layer": layer, "batch": batch,
+                             "M": batch * TOKENS, "K": channels, "variant": "detect_quant",
+                             "outlier_pct": round(100 * float(out.outlier_mask.float().mean()), 2),
+                             "us": round(us, 2), "GB/s": round(moved / us / 1e3, 1),
+                             "floor_us": round(moved / bandwidth * 1e6, 2), "check": check})
+                print(f"detect_quant {model} {layer} batch {batch}: {us:.1f} us {check}", flush=True)
+    return rows
+
+
+def summary(rows: list[dict], bandwidth: float) -> str:
+    """Geometric-mean speed-up over cuBLAS fp16 per variant and batch; failed checks."""
+    lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", "", "geomean speed-up vs cuBLAS fp16 over the Vim layers:"]
+    gemm = [r for r in rows if r["kind"] == "gemm" and r["variant"] != "fp16 cuBLAS"]
+    for variant in dict.fromkeys(r["variant"] for r in gemm):
+        per_batch = []
+        for batch in sorted({r["batch"] for r in gemm}):
+            ratios = [r["vs_fp16"] for r in gemm if r["variant"] == variant and r["batch"] == batch]
+            per_batch.append(f"batch {batch}: {statistics.geometric_mean(ratios):.2f}x")
+        lines.append(f"  {variant:<22} " + ", ".join(per_batch))
+    detect = [r for r in rows if r["kind"].startswith("detect")]
+    if detect:
+        best = max(detect, key=lambda r: r["GB/s"])
+        lines.append(f"detect_quant: {min(r['us'] for r in detect):.1f} … {max(r['us'] for r in detect):.1f} us, "
+                     f"best {best['GB/s']} GB/s ({best['model']} {best['layer']} batch {best['batch']})")
+    failed = [f"{r['model']} {r['layer']} b{r['batch']} {r['variant']}: {r['check']}" for r in rows
+              if str(r["check"]).startswith("FAIL")]
+    lines.append(f"checks: {len(failed)} failed" + "".join(f"\n  {f}" for f in failed))
+    return "\n".join(lines)
+
+
+def gpu_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device)
+    found = re.search(r"\b([A-Z]{1,2}\d{2,4})\b", name)
+    return (found.group(1) if found else re.sub(r"[^A-Za-z0-9]+", "_", name)).lower()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="Vim-T and Vim-B at batch 1 and 64 only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py: no CUDA device (torch.cuda.is_available() is False); "
+                 "the CPU checks of the kernels are tests/test_kernels.py")
+    device = torch.device("cuda")
+    models = {k: v for k, v in MODELS.items() if not args.quick or k != "Vim-S"}
+    batches = (1, 64) if args.quick else BATCHES
+    g = torch.Generator(device=device).manual_seed(0)
+    bandwidth = copy_bandwidth(device)
+    rows = bench_gemms(device, bandwidth, models, batches, g) + bench_detect(device, bandwidth, models, batches, g)
+    torch.cuda.synchronize(device)
+    command = "python bench/bench_kernels.py" + (" --quick" if args.quick else "")
+    write_results(f"kernels_{gpu_slug(device)}", rows, machine_header(device), command)
+    print("\n" + summary(rows, bandwidth))
+
+
+if __name__ == "__main__":
+    main()

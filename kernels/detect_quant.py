@@ -1,0 +1,203 @@
+"""Fused per-time-step outlier detection + quantization (OuroMamba-Quant, method doc §3.2 and §7.1–7.3).
+
+For an activation x (batch, L, C) with time along L and calibrated static inlier scales S^I (L,), per sample
+and per window of ``n_refresh`` steps aligned to step 0, the outlier set starts empty and only grows. At step t:
+
+1. S^D(t) = max |x_t| over the current inlier channels / qmax_I;
+2. if S^D(t) > S^I(t): with a = |x_t| over the current inlier channels, channels with
+   a > mean(a) + k·std(a) (std unbiased, as the PyTorch quantizer) join the set;
+3. inliers (set channels zeroed) → codes clamp(round(x / S^I(t)), ±qmax_I) with qmax_I 7 or 127;
+   outliers → codes clamp(round(x / s_O), ±127) with s_O = max(max |x_outliers| / 127, 1e-8) per (sample, t).
+
+Rounding is half-to-even (torch.round). This is the per-sample rule of ``core.quant.outliers.outlier_masks``
+(not its ``release_compatible`` batch-wide trigger); inputs are upcast to fp32 before any arithmetic.
+
+Kernel: one program per (sample, window), walking the window's steps in order so that the outlier set stays
+in registers; the C channels form one block (next power of two, masked), so C up to a few thousand.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.packing import pack_int4
+
+OUTLIER_QMAX = 127
+MIN_SCALE = 1e-8  # the floor the PyTorch fake quantizer puts on every scale
+
+
+def inlier_qmax(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"inlier bits must be 4 or 8, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+class DetectQuantOutput(NamedTuple):
+    """Codes and scales for a (batch, L, C) activation; dequantized x ≈ inlier_codes · inlier_scale[..., None]
+    + outlier_codes · outlier_scale[..., None] (the supports are disjoint)."""
+
+    inlier_codes: torch.Tensor  # int8 (batch, L, C), outlier channels 0
+    inlier_packed: torch.Tensor | None  # uint8 (batch, L, C/2), two int4 per byte (kernels.packing); 4-bit only
+    outlier_mask: torch.Tensor  # bool (batch, L, C)
+    outlier_codes: torch.Tensor  # int8 (batch, L, C), inlier channels 0
+    inlier_scale: torch.Tensor  # fp32 (batch, L): max(S^I(t), 1e-8), repeated per sample
+    outlier_scale: torch.Tensor  # fp32 (batch, L)
+
+
+@triton.jit
+def _round_half_even(v):
+    """torch.round in fp32 for |v| < 2^22 (callers clamp first): floor(v + 0.5) would round 0.49999997 up."""
+    down = tl.floor(v)
+    frac = v - down
+    odd = (down - 2.0 * tl.floor(down * 0.5)) == 1.0
+    return tl.where((frac > 0.5) | ((frac == 0.5) & odd), down + 1.0, down)
+
+
+@triton.jit
+def _quantize(v, scale, qmax: tl.constexpr):
+    """clamp(round(v / scale), ±qmax) as fp32; clamping before rounding gives the same integers (qmax is one)."""
+    q = tl.math.div_rn(v, scale)
+    q = tl.minimum(tl.maximum(q, -qmax), qmax)
+    return _round_half_even(q)
+
+
+@triton.jit
+def _detect_quant_kernel(x_ptr, static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                         length, channels, n_refresh, k, stride_xb, stride_xt, stride_xc,
+                         INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr):
+    sample = tl.program_id(0)
+    start = tl.program_id(1) * n_refresh
+    offs = tl.arange(0, BLOCK_C)
+    valid = offs < channels
+    outlier = offs < 0  # the refresh: an empty set at the window start
+    for i in range(0, tl.minimum(n_refresh, length - start)):
+        t = start + i
+        x = tl.load(x_ptr + sample * stride_xb + t * stride_xt + offs * stride_xc, mask=valid, other=0.0)
+        x = x.to(tl.float32)
+        magnitude = tl.abs(x)
+        inlier = valid & ~outlier
+        static_scale = tl.load(static_scale_ptr + t)
+
+        # detection over the current inlier channels (same operation order as outlier_masks)
+        inlier_magnitude = tl.where(inlier, magnitude, 0.0)
+        dynamic_scale = tl.math.div_rn(tl.max(inlier_magnitude, axis=0), INLIER_QMAX * 1.0)
+        count = tl.sum(inlier.to(tl.float32), axis=0)
+        mean = tl.math.div_rn(tl.sum(inlier_magnitude, axis=0), tl.maximum(count, 1.0))
+        deviation = magnitude - mean
+        var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=0),
+                             tl.maximum(count - 1.0, 1.0))
+        theta = mean + k * tl.sqrt_rn(var)
+        theta = tl.where(dynamic_scale > static_scale, theta, float("inf"))  # no trigger: nothing stands out
+        outlier = outlier | (valid & (magnitude > theta))
+
+        row = (sample * length + t).to(tl.int64)
+        out = row * channels + offs
+        tl.store(mask_ptr + out, outlier.to(tl.uint8), mask=valid)
+
+        inlier_codes = _quantize(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), INLIER_QMAX)
+        inlier_codes = inlier_codes.to(tl.int32)
+        tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=valid)
+        if PACK:
+            low, high = tl.split(tl.reshape(inlier_codes, (BLOCK_C // 2, 2)))
+            pair = tl.arange(0, BLOCK_C // 2)
+            tl.store(packed_ptr + row * (channels // 2) + pair, ((low & 15) | ((high & 15) << 4)).to(tl.uint8),
+                     mask=pair < channels // 2)
+
+        outlier_peak = tl.max(tl.where(outlier, magnitude, 0.0), axis=0)
+        outlier_scale = tl.maximum(tl.math.div_rn(outlier_peak, 127.0), 1e-8)
+        outlier_codes = tl.where(outlier, _quantize(x, outlier_scale, 127.0), 0.0)
+        tl.store(outlier_ptr + out, outlier_codes.to(tl.int8), mask=valid)
+        tl.store(outlier_scale_ptr + row, outlier_scale)
+
+
+def _check(x: torch.Tensor, static_scale: torch.Tensor, n_refresh: int, bits: int) -> None:
+    if x.dim() != 3 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be a float (batch, L, C) tensor, got {tuple(x.shape)} {x.dtype}")
+    if static_scale.shape != (x.shape[1],):
+        raise ValueError(f"static_scale must be (L,) = ({x.shape[1]},), got {tuple(static_scale.shape)}")
+    if n_refresh < 1:
+        raise ValueError(f"n_refresh must be ≥ 1, got {n_refresh}")
+    if bits == 4 and x.shape[2] % 2:
+        raise ValueError(f"4-bit packing needs an even channel count, got {x.shape[2]}")
+    inlier_qmax(bits)
+
+
+def _output_layout(x: torch.Tensor, inlier_bits: int) -> list[tuple[tuple[int, ...], torch.dtype] | None]:
+    """(shape, dtype) of each DetectQuantOutput field for x."""
+    batch, length, channels = x.shape
+    packed = ((batch, length, channels // 2), torch.uint8) if inlier_bits == 4 else None
+    return [(x.shape, torch.int8), packed, (x.shape, torch.bool), (x.shape, torch.int8),
+            ((batch, length), torch.float32), ((batch, length), torch.float32)]
+
+
+def empty_output(x: torch.Tensor, inlier_bits: int) -> DetectQuantOutput:
+    """Uninitialized output buffers for ``detect_quant(x, …, inlier_bits, out=…)``."""
+    return DetectQuantOutput(*(None if spec is None else torch.empty(spec[0], dtype=spec[1], device=x.device)
+                               for spec in _output_layout(x, inlier_bits)))
+
+
+def detect_quant(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
+                 out: DetectQuantOutput | None = None) -> DetectQuantOutput:
+    """Triton: outlier masks, inlier/outlier codes and scales of x (batch, L, C), fp32/fp16/bf16, any strides.
+    ``out`` (from ``empty_output``) is written in place, so repeated calls allocate nothing."""
+    _check(x, static_scale, n_refresh, inlier_bits)
+    out = empty_output(x, inlier_bits) if out is None else out
+    for name, buffer, spec in zip(out._fields, out, _output_layout(x, inlier_bits), strict=True):
+        if spec is None and buffer is None:
+            continue
+        if spec is None or buffer is None or (buffer.shape, buffer.dtype) != spec or not buffer.is_contiguous() \
+                or buffer.device != x.device:
+            raise ValueError(f"out.{name} must be a contiguous buffer {spec} on {x.device}")
+    batch, length, channels = x.shape
+    static_scale = static_scale.to(device=x.device, dtype=torch.float32).contiguous()
+    pack = inlier_bits == 4
+    block = max(triton.next_power_of_2(channels), 2)
+    grid = (batch, triton.cdiv(length, n_refresh))
+    _detect_quant_kernel[grid](
+        x, static_scale, out.inlier_codes, out.inlier_packed if pack else out.inlier_codes,
+        out.outlier_mask.view(torch.uint8), out.outlier_codes, out.outlier_scale,
+        length, channels, n_refresh, float(k), x.stride(0), x.stride(1), x.stride(2),
+        INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block,
+        num_warps=max(1, min(8, block // 256)), enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
+    out.inlier_scale.copy_(static_scale.clamp(min=MIN_SCALE).expand(batch, length))
+    return out
+
+
+def detect_quant_reference(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,
+                           inlier_bits: int) -> DetectQuantOutput:
+    """PyTorch: the same function, step by step over the windows (all windows in parallel), in fp32."""
+    _check(x, static_scale, n_refresh, inlier_bits)
+    qmax = inlier_qmax(inlier_bits)
+    x = x.float()
+    batch, length, channels = x.shape
+    windows = -(-length // n_refresh)
+    pad = windows * n_refresh - length
+    xw = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, windows, n_refresh, channels)
+    static = static_scale.to(device=x.device, dtype=torch.float32)
+    static_w = torch.nn.functional.pad(static, (0, pad), value=float("inf")).view(windows, n_refresh)
+    mask = torch.zeros(batch, windows, channels, dtype=torch.bool, device=x.device)
+    masks = []
+    for i in range(n_refresh):
+        magnitude = xw[:, :, i].abs()
+        keep = (~mask).float()
+        trigger = magnitude.masked_fill(mask, 0).amax(-1) / qmax > static_w[:, i]
+        count = keep.sum(-1)
+        mean = (magnitude * keep).sum(-1) / count.clamp(min=1)
+        var = (((magnitude - mean[..., None]) ** 2) * keep).sum(-1) / (count - 1).clamp(min=1)
+        theta = mean + k * var.sqrt()
+        mask = mask | ((magnitude > theta[..., None]) & trigger[..., None])
+        masks.append(mask)
+    mask = torch.stack(masks, dim=2).view(batch, windows * n_refresh, channels)[:, :length]
+
+    inlier_scale = static.clamp(min=MIN_SCALE)
+    inlier = torch.clamp(torch.round(x.masked_fill(mask, 0) / inlier_scale[:, None]), -qmax, qmax).to(torch.int8)
+    outlier_scale = ((x.abs() * mask).amax(-1) / OUTLIER_QMAX).clamp(min=MIN_SCALE)
+    outlier = torch.clamp(torch.round(x / outlier_scale[..., None]), -OUTLIER_QMAX, OUTLIER_QMAX)
+    outlier = outlier.masked_fill(~mask, 0).to(torch.int8)
+    packed = pack_int4(inlier) if inlier_bits == 4 else None
+    return DetectQuantOutput(inlier, packed, mask, outlier, inlier_scale.expand(batch, length).contiguous(),
+                             outlier_scale)

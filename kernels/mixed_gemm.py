@@ -1,0 +1,211 @@
+"""Mixed-precision GEMM of OuroMamba-Quant: y = dequant(inlier codes + outlier codes) · dequant(W)ᵀ (+ bias).
+
+The method splits an activation along its channels, i.e. along the GEMM's reduction dimension K: every row
+(a token at time-step t) has inlier codes (4 or 8 bit, static scale S^I(t) per row) on some channels and
+8-bit outlier codes (dynamic scale per row) on the others. With per-output-channel weight scales s_W:
+
+    y[m, n] = s_W[n] · (s_I[m] · Σ_k A_I[m, k] W[n, k] + s_O[m] · Σ_k A_O[m, k] W[n, k]) + bias[n]
+
+Both sums are int8 × int8 dots with int32 accumulation (exact) in the same K loop; the scales act only in the
+epilogue. Unlike the released CUDA kernel, the outlier term is split along K (not along tokens), uses a
+per-row (not per-tensor) inlier scale, and carries the weight scale too.
+
+Layouts (row-major, last dimension K):
+- inlier codes: int8 (M, K), or uint8 (M, K/2) packed two int4 per byte (``kernels.packing``);
+- outlier codes: int8 (M, K), zero on inlier channels (dense: the cost does not depend on the outlier count);
+- weight: int8 (N, K) (W8) or uint8 (N, K/2) packed int4 (W4), as ``torch.nn.Linear.weight``;
+- scales: fp32 inlier (M,), outlier (M,), weight (N,); bias (N,) any float dtype; output fp16 or fp32 (M, N).
+When either operand is packed, the K loop runs over byte pairs and does one dot for the even and one for the
+odd elements (no register interleaving); unpacked operands are then loaded contiguously and split into even
+and odd halves in registers. Offsets are int32: M·K and M·N must stay below 2^31.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.packing import pack_int4, unpack_int4, unpack_int4_halves
+
+
+@triton.jit
+def _load_halves(ptr, offs_rows, stride_row, first_pair, stride_k, pairs, rows, ROWS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PACKED: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """(even-k, odd-k) int8 tiles for the BLOCK_K / 2 pairs from ``first_pair`` of an operand, shaped
+    (ROWS, BLOCK_K / 2) or (BLOCK_K / 2, ROWS). Packed: byte j holds pair j. Unpacked: one contiguous load of
+    the BLOCK_K elements, split in registers (keeps the load vectorized and pipelined)."""
+    if PACKED:
+        offs_k = first_pair + tl.arange(0, BLOCK_K // 2)
+        limit = pairs
+    else:
+        offs_k = 2 * first_pair + tl.arange(0, BLOCK_K)
+        limit = 2 * pairs
+    if ROWS_FIRST:
+        tile = tl.load(ptr + offs_rows[:, None] * stride_row + offs_k[None, :] * stride_k,
+                       mask=(offs_rows[:, None] < rows) & (offs_k[None, :] < limit), other=0)
+    else:
+        tile = tl.load(ptr + offs_rows[None, :] * stride_row + offs_k[:, None] * stride_k,
+                       mask=(offs_rows[None, :] < rows) & (offs_k[:, None] < limit), other=0)
+    if PACKED:
+        even, odd = unpack_int4_halves(tile)
+    elif ROWS_FIRST:
+        even, odd = tl.split(tl.reshape(tile, (ROWS, BLOCK_K // 2, 2)))
+    else:
+        even, odd = tl.split(tl.permute(tl.reshape(tile, (BLOCK_K // 2, 2, ROWS)), (0, 2, 1)))
+    return even, odd
+
+
+@triton.jit
+def _mixed_gemm_kernel(a_ptr, a_scale_ptr, o_ptr, o_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr,
+                       M, N, K, stride_am, stride_ak, stride_om, stride_ok, stride_wn, stride_wk, stride_ym, stride_yn,
+                       A_PACKED: tl.constexpr, W_PACKED: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+    # grouped launch order: GROUP_M row blocks share each column block of W while it sits in L2
+    pid = tl.program_id(0)
+    blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * blocks_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_size
+    pid_n = (pid % (GROUP_M * blocks_n)) // group_size
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+    acc_inlier = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_outlier = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if A_PACKED or W_PACKED:
+        pairs = K // 2
+        for p0 in range(0, pairs, BLOCK_K // 2):
+            w_even, w_odd = _load_halves(w_ptr, offs_n, stride_wn, p0, stride_wk, pairs, N, BLOCK_N, BLOCK_K,
+                                         W_PACKED, False)
+            a_even, a_odd = _load_halves(a_ptr, offs_m, stride_am, p0, stride_ak, pairs, M, BLOCK_M, BLOCK_K,
+                                         A_PACKED, True)
+            acc_inlier += tl.dot(a_even, w_even, out_dtype=tl.int32)
+            acc_inlier += tl.dot(a_odd, w_odd, out_dtype=tl.int32)
+            if HAS_OUTLIERS:
+                o_even, o_odd = _load_halves(o_ptr, offs_m, stride_om, p0, stride_ok, pairs, M, BLOCK_M, BLOCK_K,
+                                             False, True)
+                acc_outlier += tl.dot(o_even, w_even, out_dtype=tl.int32)
+                acc_outlier += tl.dot(o_odd, w_odd, out_dtype=tl.int32)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                        mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0)
+            a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
+            acc_inlier += tl.dot(a, w, out_dtype=tl.int32)
+            if HAS_OUTLIERS:
+                o = tl.load(o_ptr + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok, mask=a_mask, other=0)
+                acc_outlier += tl.dot(o, w, out_dtype=tl.int32)
+
+    # epilogue: per-row activation scale(s), then the per-column weight scale, then the bias
+    m_ok, n_ok = offs_m < M, offs_n < N
+    y = acc_inlier.to(tl.float32) * tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    if HAS_OUTLIERS:
+        y += acc_outlier.to(tl.float32) * tl.load(o_scale_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    y = y * tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _reduction_size(codes: torch.Tensor) -> int:
+    """K of an operand: its last dimension, doubled when it holds packed int4 bytes."""
+    if codes.dtype == torch.int8:
+        return codes.shape[-1]
+    if codes.dtype == torch.uint8:
+        return 2 * codes.shape[-1]
+    raise ValueError(f"codes must be int8 or packed int4 (uint8), got {codes.dtype}")
+
+
+def _check(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+           outlier_codes: torch.Tensor | None, outlier_scale: torch.Tensor | None,
+           bias: torch.Tensor | None) -> tuple[int, int, int]:
+    if inlier_codes.dim() != 2 or weight.dim() != 2:
+        raise ValueError("inlier codes (M, K) and weight (N, K) must be 2-D")
+    m, n, k = inlier_codes.shape[0], weight.shape[0], _reduction_size(inlier_codes)
+    if _reduction_size(weight) != k:
+        raise ValueError(f"activation K {k} and weight K {_reduction_size(weight)} differ")
+    if inlier_scale.shape != (m,) or weight_scale.shape != (n,):
+        raise ValueError(f"scales must be inlier (M,) = ({m},) and weight (N,) = ({n},)")
+    if (outlier_codes is None) != (outlier_scale is None):
+        raise ValueError("outlier codes and outlier scale come together")
+    if outlier_codes is not None and (outlier_codes.dtype != torch.int8 or outlier_codes.shape != (m, k)
+                                      or outlier_scale.shape != (m,)):
+        raise ValueError(f"outlier codes must be int8 (M, K) = ({m}, {k}) with an (M,) scale")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be (N,) = ({n},)")
+    return m, n, k
+
+
+def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by size class, no autotuning (the interpreter takes
+    one config, and compile time is scarce on the lent GPU). Few rows (batch 1): 64×64 tiles, for more
+    programs. Every dot keeps M, N, K ≥ 32 (int8 wgmma). ``python -m kernels.sm90_build`` checks that none of
+    these spills registers with two int32 accumulators."""
+    if m <= 1024:
+        return (64, 64, 64, 4, 4) if k <= 64 else (64, 64, 128, 4, 3)
+    if k <= 64:  # dt_proj (K = R): one K step; 128-wide tiles of unaligned K spill with two accumulators
+        return 128, 64, 64, 8, 4
+    return 128, 64 if n <= 64 else 128, 128, 8, 3
+
+
+def mixed_gemm(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: torch.Tensor,
+               weight_scale: torch.Tensor, outlier_codes: torch.Tensor | None = None,
+               outlier_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton: (M, N) = dequantized (inlier + outlier) activations × dequantized weightᵀ (+ bias), written to
+    ``out`` (any strides) when given."""
+    m, n, k = _check(inlier_codes, inlier_scale, weight, weight_scale, outlier_codes, outlier_scale, bias)
+    if out_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"output must be fp16 or fp32, got {out_dtype}")
+    a_packed, w_packed = inlier_codes.dtype == torch.uint8, weight.dtype == torch.uint8
+    if (a_packed or w_packed) and k % 2:
+        raise ValueError(f"a packed operand needs an even K, got {k}")
+    y = torch.empty(m, n, dtype=out_dtype, device=inlier_codes.device) if out is None else out
+    if y.shape != (m, n) or y.dtype != out_dtype:
+        raise ValueError(f"out must be {out_dtype} ({m}, {n}), got {y.dtype} {tuple(y.shape)}")
+    has_outliers, has_bias = outlier_codes is not None, bias is not None
+    outlier_codes = outlier_codes if has_outliers else inlier_codes  # placeholders: never read when absent
+    outlier_scale = outlier_scale.float().contiguous() if has_outliers else inlier_scale
+    block_m, block_n, block_k, warps, stages = _blocks(m, n, k)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _mixed_gemm_kernel[grid](
+        inlier_codes, inlier_scale.float().contiguous(), outlier_codes, outlier_scale, weight,
+        weight_scale.float().contiguous(), bias.contiguous() if has_bias else y, y, m, n, k,
+        inlier_codes.stride(0), inlier_codes.stride(1), outlier_codes.stride(0), outlier_codes.stride(1),
+        weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        A_PACKED=a_packed, W_PACKED=w_packed, HAS_OUTLIERS=has_outliers, HAS_BIAS=has_bias,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return y
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    codes = unpack_int4(codes) if codes.dtype == torch.uint8 else codes
+    return codes.double() * scale.double()[:, None]
+
+
+def mixed_gemm_reference(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: torch.Tensor,
+                         weight_scale: torch.Tensor, outlier_codes: torch.Tensor | None = None,
+                         outlier_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch: dequantize every operand and multiply in float64 (returns float64 (M, N))."""
+    _check(inlier_codes, inlier_scale, weight, weight_scale, outlier_codes, outlier_scale, bias)
+    x = _dequantize(inlier_codes, inlier_scale)
+    if outlier_codes is not None:
+        x = x + _dequantize(outlier_codes, outlier_scale)
+    y = x @ _dequantize(weight, weight_scale).T
+    return y if bias is None else y + bias.double()
+
+
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of a (N, K) weight with per-output-channel scales (N,): clamp(round(W / s), ±(2^(b−1) − 1)),
+    int8 for 8 bits, packed int4 (uint8 (N, K/2)) for 4 bits."""
+    if bits not in (4, 8):
+        raise ValueError(f"weight bits must be 4 or 8, got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    codes = torch.clamp(torch.round(weight.float() / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
+    return codes if bits == 8 else pack_int4(codes)

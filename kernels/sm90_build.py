@@ -1,0 +1,132 @@
+"""Build the kernels for Hopper (sm_90) on any machine, no GPU needed, and report what the compiler did.
+
+    python -m kernels.sm90_build          # every configuration the launchers pick at Vim's shapes (~1 min)
+    python -m kernels.sm90_build --quick  # the heaviest ones (what tests/test_kernels.py runs)
+
+The interpreter runs the kernels' arithmetic but not their lowering: a layout the GPU compiler rejects, a
+register spill or a loop that lost its software pipelining only shows on a real build. Triton compiles to a
+cubin here (ptxas ships with the triton wheel); ``cuobjdump`` reads registers and stack from it. Must run with
+TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import detect_quant as dq
+from kernels import mixed_gemm as mg
+
+HOPPER = GPUTarget("cuda", 90, 32)
+VARIANTS = {"W8A8": (False, False, False), "W8A8O8": (False, False, True), "W4A4": (True, True, False),
+            "W4A4O8": (True, True, True), "W4A8O8": (False, True, True)}
+
+
+class BuildReport(NamedTuple):
+    registers: int
+    stack_bytes: int  # > 0: spills to local memory
+    shared_bytes: int
+    async_copies: int  # cp.async groups in the pipelined loop (0: loads are not pipelined)
+    wgmma: bool
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def build(kernel: triton.JITFunction, types: dict[str, str], constants: dict[str, object], divisible: set[str],
+          num_warps: int, num_stages: int = 3, **options: object) -> BuildReport:
+    """Compile ``kernel`` for sm_90. ``types``: Triton types of the pointer/float arguments (others are i32);
+    ``divisible``: integer arguments the JIT would see as multiples of 16 (pointers always are)."""
+    if not isinstance(kernel, triton.JITFunction):
+        raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1): run this module without it")
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if types.get(name, "").startswith("*") or name in divisible}
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=HOPPER,
+                              options={"num_warps": num_warps, "num_stages": num_stages, **options})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    registers, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    ttgir = compiled.asm["ttgir"]
+    return BuildReport(registers, stack, compiled.metadata.shared, ttgir.count("async_copy_global_to_local"),
+                       "warp_group_dot" in ttgir)
+
+
+def build_gemm(variant: str, m: int, n: int, k: int) -> BuildReport:
+    """The mixed GEMM as ``mixed_gemm`` launches it for an (M, K) × (N, K)ᵀ problem, fp16 output."""
+    a_packed, w_packed, outliers = VARIANTS[variant]
+    block_m, block_n, block_k, warps, stages = mg._blocks(m, n, k)
+    types = {"a_ptr": "*u8" if a_packed else "*i8", "w_ptr": "*u8" if w_packed else "*i8", "o_ptr": "*i8",
+             "a_scale_ptr": "*fp32", "o_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+             "y_ptr": "*fp16"}
+    constants = {"A_PACKED": a_packed, "W_PACKED": w_packed, "HAS_OUTLIERS": outliers, "HAS_BIAS": False,
+                 "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+                 "stride_ak": 1, "stride_ok": 1, "stride_wk": 1, "stride_yn": 1}  # unit strides: the JIT's view
+    row_strides = {"stride_am": k // 2 if a_packed else k, "stride_om": k, "stride_wn": k // 2 if w_packed else k,
+                   "stride_ym": n, "M": m, "N": n, "K": k}
+    divisible = {name for name, value in row_strides.items() if value % 16 == 0}
+    return build(mg._mixed_gemm_kernel, types, constants, divisible, warps, stages)
+
+
+def build_detect(channels: int, bits: int) -> BuildReport:
+    """detect_quant for fp16 input with C channels, as the launcher picks block and warps."""
+    block = max(triton.next_power_of_2(channels), 2)
+    types = {"x_ptr": "*fp16", "static_scale_ptr": "*fp32", "inlier_ptr": "*i8", "packed_ptr": "*u8",
+             "mask_ptr": "*u8", "outlier_ptr": "*i8", "outlier_scale_ptr": "*fp32", "k": "fp32"}
+    constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4, "BLOCK_C": block}
+    return build(dq._detect_quant_kernel, types, constants, set(), max(1, min(8, block // 256)),
+                 enable_fp_fusion=False)
+
+
+def vim_gemm_shapes(d_models: tuple[int, ...] = (192, 384, 768),
+                    batches: tuple[int, ...] = (1, 16, 64)) -> list[tuple[int, int, int]]:
+    """(M, N, K) of in_proj, x_proj, dt_proj, out_proj of Vim (D = 192/384/768 for T/S/B), 197 tokens."""
+    shapes = []
+    for d_model in d_models:
+        inner, rank = 2 * d_model, math.ceil(d_model / 16)
+        for batch in batches:
+            m = 197 * batch
+            shapes += [(m, 2 * inner, d_model), (m, rank + 32, inner), (m, inner, rank), (m, d_model, inner)]
+    return shapes
+
+
+def main() -> int:
+    """One line per distinct build; exit status 1 if any spills or a GEMM misses wgmma."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="only the outlier variants, Vim-T/B at batch 1, 64")
+    args = parser.parse_args()
+    variants = ("W8A8O8", "W4A4O8") if args.quick else tuple(VARIANTS)
+    shapes = vim_gemm_shapes((192, 768), (1, 64)) if args.quick else vim_gemm_shapes()
+    seen: dict[tuple, BuildReport] = {}
+    for variant in variants:
+        for m, n, k in shapes:
+            blocks = mg._blocks(m, n, k)
+            key = (variant, blocks, m % 16 == 0, n % 16 == 0, k % 16 == 0, k % 32 == 0)
+            if key not in seen:
+                seen[key] = build_gemm(variant, m, n, k)
+                print(f"mixed_gemm {variant:<7} e.g. M={m} N={n} K={k} blocks {blocks}: {seen[key]}", flush=True)
+    for channels in (1536,) if args.quick else (12, 24, 48, 192, 384, 768, 1536):
+        for bits in (4, 8):
+            seen[("detect", channels, bits)] = report = build_detect(channels, bits)
+            print(f"detect_quant C={channels} {bits}-bit: {report}", flush=True)
+    bad = [key for key, report in seen.items() if report.stack_bytes or (key[0] != "detect" and not report.wgmma)]
+    print(f"{len(seen)} builds, {len(bad)} with spills or without wgmma" + "".join(f"\n  {key}" for key in bad))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Triton kernels against their PyTorch references, and against the fake-quant path of core.quant.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 at small, awkward shapes. On a CUDA machine with
+TRITON_INTERPRET=0 the same tests run compiled on the GPU, and KERNELS_REAL_SHAPES=1 adds Vim-size cases
+(scripts/gpu_check.sh). Integer outputs must match exactly; outputs are poisoned before every kernel run, with
+values the kernel never writes, so an unwritten element fails the comparison.
+
+Detection compares mean + k·std thresholds computed with a different summation order (Triton vs torch);
+``threshold_margin`` guards the test data against values within rounding distance of a threshold.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.detect_quant import (
+    DetectQuantOutput,
+    detect_quant,
+    detect_quant_reference,
+    empty_output,
+    inlier_qmax,
+)
+from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference, quantize_weight
+from kernels.packing import pack_int4, unpack_int4
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in {"1", "true", "on", "yes"}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
+real_shapes = pytest.mark.skipif(
+    DEVICE.type != "cuda" or os.environ.get("KERNELS_REAL_SHAPES") != "1",
+    reason="Vim-size case for the GPU: set KERNELS_REAL_SHAPES=1 and TRITON_INTERPRET=0 on a CUDA machine "
+           "(scripts/gpu_check.sh); the interpreter would take minutes")
+
+def core_quant():
+    """core.quant (imported by the few tests that compare with it) pulls in the model stack; on a machine
+    without timm/torchvision only those tests skip, the kernel tests still run."""
+    return pytest.importorskip("core.quant.outliers"), pytest.importorskip("core.quant.quantizers")
+
+
+NEVER_INT8 = -128  # codes stay in ±127
+NEVER_PACKED = 0x88  # two −8 nibbles: codes stay in ±7
+NEVER_MASK = 0xFF  # the mask is written as 0 or 1
+
+
+def moving_outliers(batch: int, length: int, channels: int, seed: int, gaussian: bool = True, per_step: int = 3,
+                    magnitudes: tuple[float, ...] = (4.0, 6.0, 10.0, 20.0, 40.0)) -> torch.Tensor:
+    """Activations (batch, L, C) with ``per_step`` outlier channels per token that move at a per-sample speed.
+    Inliers are N(0, 1) or U(−1, 1). With the default magnitudes moderate outliers can hide behind large ones;
+    U(−1, 1) inliers with only large outliers keep every value far from every threshold."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, channels, generator=g) if gaussian else \
+        torch.rand(batch, length, channels, generator=g) * 2 - 1
+    steps = torch.arange(length)
+    magnitudes = torch.tensor(magnitudes)
+    for j in range(per_step):
+        start = torch.randint(0, channels, (batch, 1), generator=g)
+        speed = torch.randint(1, 5, (batch, 1), generator=g)
+        channel = (start + speed * steps + j * (channels // per_step)) % channels
+        value = magnitudes[torch.randint(0, len(magnitudes), (batch, length), generator=g)]
+        sign = torch.randint(0, 2, (batch, length), generator=g) * 2 - 1
+        x.scatter_(2, channel[..., None], (value * sign)[..., None])
+    return x
+
+
+def static_scales(x: torch.Tensor, qmax: int, seed: int) -> torch.Tensor:
+    """S^I(t) between the inliers' and the outliers' range, so that some (sample, step) trigger and some don't."""
+    g = torch.Generator().manual_seed(seed)
+    peak = x.abs().amax(dim=(0, 2))
+    return peak * (0.02 + 0.6 * torch.rand(x.shape[1], generator=g)) / qmax
+
+
+def threshold_margin(x: torch.Tensor, mask: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,
+                     qmax: int) -> float:
+    """Smallest |‖x‖ − θ| / θ over the inlier channels of every triggered step, θ recomputed in float64 from
+    the set before that step: how far the data sits from a rounding-order-dependent decision."""
+    x, mask = x.double(), mask.clone()
+    before = torch.roll(mask, 1, dims=1)
+    before[:, ::n_refresh] = False  # window starts begin empty
+    magnitude, keep = x.abs(), ~before
+    count = keep.sum(-1)
+    mean = (magnitude * keep).sum(-1) / count.clamp(min=1)
+    std = (((magnitude - mean[..., None]) ** 2 * keep).sum(-1) / (count - 1).clamp(min=1)).sqrt()
+    theta = mean + k * std
+    triggered = magnitude.masked_fill(before, 0).amax(-1) / qmax > static_scale.double()
+    gap = ((magnitude - theta[..., None]).abs() / theta[..., None]).masked_fill(before | ~triggered[..., None], 1.0)
+    return float(gap.min())
+
+
+def poisoned_output(x: torch.Tensor, bits: int) -> DetectQuantOutput:
+    out = empty_output(x, bits)
+    for codes in (out.inlier_codes, out.outlier_codes):
+        codes.fill_(NEVER_INT8)
+    if out.inlier_packed is not None:
+        out.inlier_packed.fill_(NEVER_PACKED)
+    out.outlier_mask.view(torch.uint8).fill_(NEVER_MASK)
+    out.inlier_scale.fill_(float("nan"))
+    out.outlier_scale.fill_(float("nan"))
+    return out
+
+
+def assert_same_detection(got: DetectQuantOutput, want: DetectQuantOutput) -> None:
+    for name, a, b in zip(got._fields, got, want, strict=True):
+        if b is None:
+            assert a is None, name
+            continue
+        a = a.cpu()
+        if name == "outlier_mask":
+            assert set(a.view(torch.uint8).unique().tolist()) <= {0, 1}, "unwritten mask elements"
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not y.isnan().any(), "unwritten or NaN outputs"
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+# ---- int4 packing ----
+
+
+def test_pack_int4_nibble_order_by_hand():
+    packed = pack_int4(torch.tensor([[1, -2, 7, -8]], dtype=torch.int8))
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[0xE1, 0x87]]  # even element in the low nibble
+    assert unpack_int4(packed).tolist() == [[1, -2, 7, -8]]
+
+
+def test_pack_unpack_round_trip_and_errors():
+    codes = torch.randint(-8, 8, (3, 5, 12), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(codes[..., :5])
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(torch.tensor([9, 0], dtype=torch.int8))
+
+
+# ---- detection + quantization ----
+
+
+@pytest.mark.parametrize(("k", "n_refresh", "bits", "length"), [(3.0, 10, 4, 37), (2.5, 4, 8, 23), (3.0, 1, 4, 9),
+                                                                  (3.0, 50, 8, 30)])
+def test_reference_mask_is_outlier_masks(k, n_refresh, bits, length):
+    """The reference's detection is core.quant.outliers.outlier_masks (per-sample rule), bit for bit."""
+    outliers, _ = core_quant()
+    x = moving_outliers(3, length, 48, seed=length)
+    qmax = inlier_qmax(bits)
+    scale = static_scales(x, qmax, seed=1)
+    ref = detect_quant_reference(x, scale, k, n_refresh, bits)
+    masks = outliers.outlier_masks(x, scale, outliers.max_abs_scale(qmax), k, n_refresh)
+    assert torch.equal(ref.outlier_mask, masks)
+    assert 0 < masks.float().mean() < 0.5  # some detections, not everything
+
+
+@pytest.mark.parametrize(("dtype", "bits", "channels", "n_refresh", "gaussian"), [
+    (torch.float32, 4, 64, 10, True),
+    (torch.float16, 4, 96, 7, False),
+    (torch.float32, 8, 45, 10, False),  # odd C: masked block, no packing
+    (torch.float16, 8, 128, 3, True),
+])
+def test_detect_quant_matches_reference(dtype, bits, channels, n_refresh, gaussian):
+    x = moving_outliers(2, 41, channels, seed=channels, gaussian=gaussian).to(dtype)
+    qmax = inlier_qmax(bits)
+    scale = static_scales(x.float(), qmax, seed=2)
+    want = detect_quant_reference(x, scale, 3.0, n_refresh, bits)
+    assert threshold_margin(x.float(), want.outlier_mask, scale, 3.0, n_refresh, qmax) > 1e-5
+    xd = x.to(DEVICE)
+    got = detect_quant(xd, scale.to(DEVICE), 3.0, n_refresh, bits, out=poisoned_output(xd, bits))
+    assert_same_detection(got, want)
+    assert want.outlier_mask.any() and (want.inlier_codes.abs() == qmax).any()  # detections and clipping happen
+    if bits == 4:
+        assert torch.equal(unpack_int4(got.inlier_packed.cpu()), want.inlier_codes)
+
+
+def test_detect_quant_reads_strided_input():
+    """Vim keeps activations as (batch, E, L); the kernel takes the transposed view without a copy."""
+    x = moving_outliers(2, 30, 64, seed=5, gaussian=False)
+    scale = static_scales(x, 7, seed=3)
+    channels_first = x.transpose(1, 2).contiguous().to(DEVICE)
+    got = detect_quant(channels_first.transpose(1, 2), scale.to(DEVICE), 3.0, 10, 4)
+    assert_same_detection(got, detect_quant_reference(x, scale, 3.0, 10, 4))
+
+
+def test_dequantized_codes_are_the_fake_quantizer_output():
+    """Codes × scales reproduce OutlierAwareQuantizer.forward exactly (same fp32 products)."""
+    _, quantizers = core_quant()
+    x = moving_outliers(2, 30, 64, seed=7)
+    quantizer = quantizers.OutlierAwareQuantizer(bits=4, outlier_bits=8, k=3.0, n_refresh=10)
+    quantizer.calibrate(x)
+    with torch.no_grad():
+        fake = quantizer(x)
+        scale = quantizer.scale.detach()
+    assert threshold_margin(x, quantizer.masks(x), scale, 3.0, 10, 7) > 1e-5
+    got = detect_quant(x.to(DEVICE), scale.to(DEVICE), 3.0, 10, 4)
+    got = DetectQuantOutput(*(None if t is None else t.cpu() for t in got))
+    assert torch.equal(got.outlier_mask, quantizer.masks(x))
+    dequantized = torch.where(got.outlier_mask, got.outlier_codes.float() * got.outlier_scale[..., None],
+                              got.inlier_codes.float() * got.inlier_scale[..., None])
+    assert torch.equal(dequantized, fake)
+
+
+# ---- mixed-precision GEMM ----
+
+
+def gemm_operands(m: int, n: int, k: int, inlier_bits: int, weight_bits: int, outliers: bool, seed: int,
+                  unit_scales: bool = False) -> dict:
+    """Random codes (outlier channels zeroed in the inlier codes and vice versa) and positive scales that put
+    dequantized values near ±1, as calibrated scales do (so that fp16 outputs stay in range)."""
+    g = torch.Generator().manual_seed(seed)
+    qi, qw = inlier_qmax(inlier_bits), inlier_qmax(weight_bits)
+    inlier = torch.randint(-qi, qi + 1, (m, k), generator=g, dtype=torch.int8)
+    weight = torch.randint(-qw, qw + 1, (n, k), generator=g, dtype=torch.int8)
+    ops = {"inlier_codes": pack_int4(inlier) if inlier_bits == 4 else inlier,
+           "inlier_scale": torch.ones(m) if unit_scales else (torch.rand(m, generator=g) + 0.05) / qi,
+           "weight": pack_int4(weight) if weight_bits == 4 else weight,
+           "weight_scale": torch.ones(n) if unit_scales else (torch.rand(n, generator=g) + 0.05) / qw}
+    if outliers:
+        chosen = torch.rand(m, k, generator=g) < 0.1
+        codes = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).masked_fill(~chosen, 0)
+        inlier.masked_fill_(chosen, 0)
+        ops["inlier_codes"] = pack_int4(inlier) if inlier_bits == 4 else inlier
+        ops["outlier_codes"] = codes
+        ops["outlier_scale"] = torch.ones(m) if unit_scales else (torch.rand(m, generator=g) * 20 + 1) / 127
+    return ops
+
+
+VARIANTS = {"W8A8": (8, 8, False), "W8A8O8": (8, 8, True), "W4A4O8": (4, 4, True), "W4A8O8": (8, 4, True)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mixed_gemm_int32_accumulation_is_exact(variant):
+    """Unit scales and |y| < 2^24: the fp32 output must equal the integer product exactly."""
+    inlier_bits, weight_bits, outliers = VARIANTS[variant]
+    ops = gemm_operands(128, 64, 256, inlier_bits, weight_bits, outliers, seed=0, unit_scales=True)
+    y = mixed_gemm(**{name: t.to(DEVICE) for name, t in ops.items()}, out_dtype=torch.float32,
+                   out=torch.full((128, 64), float("nan"), device=DEVICE))
+    assert torch.equal(y.cpu().double(), mixed_gemm_reference(**ops))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("m", "n", "k", "bias"), [(77, 44, 12, False), (130, 200, 96, True), (256, 256, 256, True)])
+def test_mixed_gemm_matches_float64_reference(variant, m, n, k, bias):
+    inlier_bits, weight_bits, outliers = VARIANTS[variant]
+    ops = gemm_operands(m, n, k, inlier_bits, weight_bits, outliers, seed=m + n + k)
+    if bias:
+        ops["bias"] = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    ref = mixed_gemm_reference(**ops)
+    device_ops = {name: t.to(DEVICE) for name, t in ops.items()}
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 1e-3)):
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+        y = mixed_gemm(**device_ops, out_dtype=dtype, out=out)
+        assert rel_error(y.cpu(), ref) < tolerance
+
+
+def test_outlier_path_carries_the_weight_scale():
+    """The released kernel dequantized outliers without the weight scale; here halving it halves y."""
+    ops = gemm_operands(64, 64, 64, 4, 4, outliers=True, seed=3)
+    ops["inlier_codes"] = torch.zeros_like(ops["inlier_codes"])
+    ops = {name: t.to(DEVICE) for name, t in ops.items()}
+    y = mixed_gemm(**ops, out_dtype=torch.float32)
+    halved = mixed_gemm(**{**ops, "weight_scale": ops["weight_scale"] / 2}, out_dtype=torch.float32)
+    assert y.abs().max() > 0 and torch.allclose(halved, y / 2, rtol=1e-6, atol=0)
+
+
+def test_mixed_gemm_rejects_mismatched_operands():
+    ops = gemm_operands(64, 64, 64, 4, 4, outliers=True, seed=0)
+    with pytest.raises(ValueError, match="K"):
+        mixed_gemm(**{**ops, "weight": ops["weight"][:, :16]})
+    with pytest.raises(ValueError, match="together"):
+        mixed_gemm(**{**ops, "outlier_scale": None})
+
+
+# ---- end to end: detect_quant → mixed_gemm vs the fake-quant PyTorch path ----
+
+
+@pytest.mark.parametrize(("bits", "tolerance"), [(4, 1e-5), (8, 1e-5)])
+def test_end_to_end_matches_fake_quant_linear(bits, tolerance):
+    """y = Q(x) · Q(W)ᵀ + b through the kernels vs core.quant's fake quantizers and an fp32 matmul.
+
+    Both compute with the same dequantized values; only the fp32 matmul's rounding differs from the exact
+    int32 accumulation (relative error ~1e-7), hence the tolerance 1e-5 on ‖y − y_fake‖ / ‖y_fake‖."""
+    _, quantizers = core_quant()
+    x = moving_outliers(2, 40, 64, seed=11)
+    g = torch.Generator().manual_seed(12)
+    weight, bias = torch.randn(96, 64, generator=g) * 0.1, torch.randn(96, generator=g)
+    act = quantizers.OutlierAwareQuantizer(bits=bits, outlier_bits=8, k=3.0, n_refresh=10)
+    act.calibrate(x)
+    wq = quantizers.WeightQuantizer(weight, bits)
+    with torch.no_grad():
+        fake = act(x) @ wq(weight).T + bias
+        act_scale, w_scale = act.scale.detach(), wq.scale.detach().reshape(-1)
+    assert threshold_margin(x, act.masks(x), act_scale, 3.0, 10, inlier_qmax(bits)) > 1e-5
+
+    q = detect_quant(x.to(DEVICE), act_scale.to(DEVICE), 3.0, 10, bits)
+    inlier = q.inlier_packed if bits == 4 else q.inlier_codes
+    w_codes = quantize_weight(weight, w_scale, bits).to(DEVICE)
+    y = mixed_gemm(inlier.reshape(80, -1), q.inlier_scale.reshape(-1), w_codes, w_scale.to(DEVICE),
+                   q.outlier_codes.reshape(80, 64), q.outlier_scale.reshape(-1), bias.to(DEVICE),
+                   out_dtype=torch.float32)
+    assert q.outlier_mask.any()
+    assert rel_error(y.cpu(), fake.reshape(80, 96).double()) < tolerance
+
+
+# ---- the GPU build, checked on the CPU ----
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the other tests build the kernels for real")
+def test_kernels_build_for_hopper_without_spills():
+    """sm_90 builds of the heaviest configurations (ptxas ships with triton): a lowering the GPU compiler
+    rejects, a register spill or lost wgmma shows here, before any device time is spent."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-m", "kernels.sm90_build", "--quick"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# ---- Vim-size cases (GPU only) ----
+
+
+@real_shapes
+@pytest.mark.parametrize(("batch", "channels", "bits", "dtype"), [
+    (64, 1536, 4, torch.float16), (64, 768, 8, torch.float32), (16, 48, 4, torch.float16)])
+def test_detect_quant_real_shapes(batch, channels, bits, dtype):
+    x = moving_outliers(batch, 197, channels, seed=channels, gaussian=False, per_step=max(1, channels // 100),
+                        magnitudes=(30.0, 40.0)).to(dtype)
+    qmax = inlier_qmax(bits)
+    scale = static_scales(x.float(), qmax, seed=4)
+    want = detect_quant_reference(x, scale, 3.0, 10, bits)
+    assert threshold_margin(x.float(), want.outlier_mask, scale, 3.0, 10, qmax) > 1e-4
+    xd = x.to(DEVICE)
+    assert_same_detection(detect_quant(xd, scale.to(DEVICE), 3.0, 10, bits, out=poisoned_output(xd, bits)), want)
+
+
+@real_shapes
+@pytest.mark.parametrize("variant", ["W8A8O8", "W4A4O8"])
+@pytest.mark.parametrize(("m", "n", "k"), [(64 * 197, 3072, 768), (64 * 197, 768, 1536), (64 * 197, 1536, 48),
+                                           (64 * 197, 80, 1536), (197, 3072, 768)])
+def test_mixed_gemm_real_shapes(variant, m, n, k):
+    inlier_bits, weight_bits, outliers = VARIANTS[variant]
+    ops = {name: t.to(DEVICE) for name, t in gemm_operands(m, n, k, inlier_bits, weight_bits, outliers, 0).items()}
+    ref = mixed_gemm_reference(**ops)
+    out = torch.full((m, n), float("nan"), device=DEVICE)
+    assert rel_error(mixed_gemm(**ops, out_dtype=torch.float32, out=out), ref) < 1e-5
