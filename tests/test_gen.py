@@ -11,7 +11,7 @@ from core.default_model import load_default_model
 from core.errors import StudioError
 from core.eval import Cancelled
 from core.gen import GenConfig, attention_maps, attention_rows, generate, patch_features, save_generated, trace_scans
-from core.gen.attention import neighbour_tokens, neighbourhood_matrix
+from core.gen.attention import drop_cls, neighbour_tokens, neighbourhood_matrix, neighbourhood_mean
 from core.gen.generate import class_balanced_targets, load_manifest, saved_sets
 from core.gen.losses import patch_contrastive_loss, similarity_entropy_loss
 
@@ -62,6 +62,20 @@ def test_neighbourhoods_skip_the_middle_cls_token(model):
     assert sorted(neighbour_tokens(0, 7, 5, 24)) == [0, 1, 2, 7, 8, 9, 14, 15, 16]
     matrix = neighbourhood_matrix(7, 5)
     assert torch.equal(matrix, matrix.T) and matrix.sum(1)[0] == 9 and matrix.sum(1)[24] == 25
+
+
+def test_neighbourhood_mean_matches_a_hand_computed_3x3_grid():
+    """Patches 0..8 on a 3×3 grid, values v_k = k, weights w_k = k + 1: a corner averages its 4 neighbours, an
+    edge its 6, the centre all 9, each weighted by w."""
+    values = torch.arange(9, dtype=torch.float64).reshape(1, 9, 1)
+    weights = torch.arange(1, 10, dtype=torch.float64).reshape(1, 9)
+    mean = neighbourhood_mean(values, weights, grid=3, size=3)[0, :, 0]
+    corner = (0 * 1 + 1 * 2 + 3 * 4 + 4 * 5) / (1 + 2 + 4 + 5)
+    edge = (0 * 1 + 1 * 2 + 2 * 3 + 3 * 4 + 4 * 5 + 5 * 6) / (1 + 2 + 3 + 4 + 5 + 6)  # patch 1, top edge
+    centre = sum(k * (k + 1) for k in range(9)) / sum(range(1, 10))
+    torch.testing.assert_close(mean[[0, 1, 4]], torch.tensor([corner, edge, centre], dtype=torch.float64))
+    tokens = torch.arange(10).reshape(1, 10)  # 9 patches with the CLS token inserted at 9 // 2 = 4
+    assert drop_cls(tokens, 4).tolist() == [[0, 1, 2, 3, 5, 6, 7, 8, 9]]
 
 
 def test_features_of_an_image_do_not_depend_on_the_rest_of_the_batch(model):
@@ -142,7 +156,14 @@ def test_generation_is_seeded_reports_progress_and_leaves_the_model_alone(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
     low, high = (0 - 0.2860) / 0.3530, (1 - 0.2860) / 0.3530
+    assert torch.isfinite(first.images).all()
     assert first.images.min() >= low - 1e-6 and first.images.max() <= high + 1e-6
+
+
+def test_the_contrastive_loss_falls(model):
+    result = generate(model, GenConfig(count=4, iterations=12, output_weight=0, lr=0.2, max_shift=0, flip=False))
+    contrastive = [h["contrastive"] for h in result.history]
+    assert contrastive[-1] < 0.9 * contrastive[0]
 
 
 def test_the_output_loss_drives_images_to_their_targets(model):
@@ -193,6 +214,14 @@ def test_saved_sets_are_calibration_sources(model, tmp_path):
     (folder / "manifest.json").write_text(json.dumps({"config": {"source": "dream"}}))
     with pytest.raises(StudioError, match="unknown image source"):
         load_manifest(folder)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"neighbourhood": 9}, "larger than the model's 7×7 patch grid"), ({"top_k": 49}, "top-K .49. must be below"),
+])
+def test_settings_that_do_not_fit_the_model_are_rejected(model, overrides, message):
+    with pytest.raises(StudioError, match=message):
+        generate(model, GenConfig(count=1, iterations=1, **overrides))
 
 
 @pytest.mark.parametrize("overrides, message", [
