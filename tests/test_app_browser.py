@@ -131,3 +131,30 @@ def test_outliers_heatmap_follows_the_k_slider(browser: Browser, url: str):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "app_outliers.png", full_page=True)
     page.close()
+
+
+def _set_box(page: Page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def test_quantize_then_compare(browser: Browser, url: str):
+    page = _open(browser, url)
+    page.get_by_role("tab", name="Quantize").click()
+    _set_number(page, "quant-calib-count", 8)
+    _set_box(page, "quant-epochs", 0)
+    _set_box(page, "quant-test-count", 40)
+    page.locator("#quant-run").click()
+    summary = page.locator("#quant-summary")
+    expect(summary).to_contain_text(re.compile(r"Top-1: \d+\.\d\d % · FP32"), timeout=120_000)
+    expect(page.locator("#quant-sqnr .js-plotly-plot")).to_be_visible(timeout=20_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "app_quantize.png", full_page=True)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-refresh").click()
+    expect(page.locator("#compare-table")).to_contain_text("ouromamba", timeout=30_000)
+    expect(page.locator("#compare-html")).to_contain_text(".html", timeout=30_000)
+    expect(page.locator("#compare-accuracy .js-plotly-plot")).to_be_visible(timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "app_compare.png", full_page=True)
+    page.close()
