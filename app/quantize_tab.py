@@ -167,7 +167,8 @@ def build_quantize_tab(studio: Studio, runs: Path) -> gr.JSON:
         if key in cache:
             return finished(cache[key], cached=True)
         run = run or Run()  # API calls come without a tab, hence without an armed run
-        test = load_fashion_mnist("test").subset(test_count)
+        test_split = load_fashion_mnist("test")
+        test = test_split.subset(test_count)
 
         def evaluating(what: str) -> Callable[[int, int], None]:
             return lambda done, total: progress((done, total), desc=f"Evaluating {what}", unit="images")
@@ -188,7 +189,7 @@ def build_quantize_tab(studio: Studio, runs: Path) -> gr.JSON:
             if run.cancel.is_set():
                 raise Cancelled("cancelled before the error report")
             progress(1, desc="Measuring SQNR per quantizer")
-            report = error_report(model, result.qmodel, load_fashion_mnist("test").subset(ERROR_IMAGES).normalized())
+            report = error_report(model, result.qmodel, test_split.normalized(0, ERROR_IMAGES))
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip(), None
         except StudioError as err:

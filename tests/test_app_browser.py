@@ -40,12 +40,19 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-def _open(browser: Browser, url: str) -> Page:
-    """A fresh tab, i.e. a separate Gradio session."""
+def _open(browser: Browser, url: str, tab: str | None = None) -> Page:
+    """A fresh browser tab, i.e. a separate Gradio session, on the page's ``tab`` when one is named."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.goto(url)
     expect(page.locator("#header")).to_contain_text("OuroMamba Studio", timeout=20_000)
+    if tab is not None:
+        page.get_by_role("tab", name=tab).click()
     return page
+
+
+def _screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / name, full_page=True)
 
 
 def test_header_card_and_a_small_evaluation(browser: Browser, url: str):
@@ -61,8 +68,7 @@ def test_header_card_and_a_small_evaluation(browser: Browser, url: str):
     expect(result).to_contain_text(TOP1, timeout=25_000)
     expect(result).to_contain_text("/ 50 correct")
     expect(result).to_contain_text("a CPU timing")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "app_evaluate.png", full_page=True)
+    _screenshot(page, "app_evaluate.png")
     page.close()
 
 
@@ -81,18 +87,17 @@ def test_cancel_stops_only_its_own_tab(browser: Browser, url: str):
     other.close()
 
 
-def _set_number(page: Page, elem_id: str, value: float) -> None:
-    """Type into a slider's number box (what a person does to pick an exact value)."""
-    box = page.locator(f"#{elem_id} input[type=number]")
+def _type(page: Page, elem_id: str, value: float, slider: bool = False) -> None:
+    """Type a value as a person does: into a number box, or into a slider's box to pick an exact value."""
+    box = page.locator(f"#{elem_id} input" + ("[type=number]" if slider else ""))
     box.fill(str(value))
-    box.press("Enter")
+    box.press("Enter" if slider else "Tab")
 
 
 def test_synthesize_shows_live_losses_gallery_and_attention(browser: Browser, url: str):
-    page = _open(browser, url)
-    page.get_by_role("tab", name="Synthesize").click()
-    _set_number(page, "gen-count", 4)
-    _set_number(page, "gen-iterations", 12)
+    page = _open(browser, url, "Synthesize")
+    _type(page, "gen-count", 4, slider=True)
+    _type(page, "gen-iterations", 12, slider=True)
     page.locator("#gen-run").click()
     status = page.locator("#gen-status")
     expect(status).to_contain_text("4 images from ouromamba", timeout=60_000)
@@ -101,16 +106,14 @@ def test_synthesize_shows_live_losses_gallery_and_attention(browser: Browser, ur
     expect(page.locator("#gen-download")).to_contain_text(".zip")
     page.locator("#attention-run").click()
     expect(page.locator("#attention-plot .js-plotly-plot")).to_be_visible(timeout=30_000)
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "app_synthesize.png", full_page=True)
+    _screenshot(page, "app_synthesize.png")
     page.close()
 
 
 def test_synthesis_can_be_cancelled(browser: Browser, url: str):
-    page = _open(browser, url)
-    page.get_by_role("tab", name="Synthesize").click()
-    _set_number(page, "gen-count", 8)
-    _set_number(page, "gen-iterations", 2000)
+    page = _open(browser, url, "Synthesize")
+    _type(page, "gen-count", 8, slider=True)
+    _type(page, "gen-iterations", 2000, slider=True)
     page.locator("#gen-run").click()
     expect(page.locator("#gen-status")).to_contain_text("Iteration", timeout=60_000)
     page.locator("#gen-cancel").click()
@@ -119,42 +122,33 @@ def test_synthesis_can_be_cancelled(browser: Browser, url: str):
 
 
 def test_outliers_heatmap_follows_the_k_slider(browser: Browser, url: str):
-    page = _open(browser, url)
-    page.get_by_role("tab", name="Outliers over time").click()
+    page = _open(browser, url, "Outliers over time")
     page.locator("#outliers-prepare").click()
     expect(page.locator("#outliers-status")).to_contain_text("Ready", timeout=120_000)
     text = page.locator("#outliers-text")
     expect(text).to_contain_text("k = 3,", timeout=20_000)
     expect(page.locator("#outliers-heatmap .js-plotly-plot")).to_be_visible(timeout=20_000)
-    _set_number(page, "outliers-k", 1.5)
+    _type(page, "outliers-k", 1.5, slider=True)
     expect(text).to_contain_text("k = 1.5,", timeout=20_000)
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "app_outliers.png", full_page=True)
+    _screenshot(page, "app_outliers.png")
     page.close()
 
 
-def _set_box(page: Page, elem_id: str, value: int) -> None:
-    box = page.locator(f"#{elem_id} input")
-    box.fill(str(value))
-    box.press("Tab")
-
 
 def test_quantize_then_compare(browser: Browser, url: str):
-    page = _open(browser, url)
-    page.get_by_role("tab", name="Quantize").click()
-    _set_number(page, "quant-calib-count", 8)
-    _set_box(page, "quant-epochs", 0)
-    _set_box(page, "quant-test-count", 40)
+    page = _open(browser, url, "Quantize")
+    _type(page, "quant-calib-count", 8, slider=True)
+    _type(page, "quant-epochs", 0)
+    _type(page, "quant-test-count", 40)
     page.locator("#quant-run").click()
     summary = page.locator("#quant-summary")
     expect(summary).to_contain_text(re.compile(r"Top-1: \d+\.\d\d % · FP32"), timeout=120_000)
     expect(page.locator("#quant-sqnr .js-plotly-plot")).to_be_visible(timeout=20_000)
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "app_quantize.png", full_page=True)
+    _screenshot(page, "app_quantize.png")
     page.get_by_role("tab", name="Compare").click()
     page.locator("#compare-refresh").click()
     expect(page.locator("#compare-table")).to_contain_text("ouromamba", timeout=30_000)
     expect(page.locator("#compare-html")).to_contain_text(".html", timeout=30_000)
     expect(page.locator("#compare-accuracy .js-plotly-plot")).to_be_visible(timeout=30_000)
-    page.screenshot(path=ARTIFACTS / "app_compare.png", full_page=True)
+    _screenshot(page, "app_compare.png")
     page.close()
