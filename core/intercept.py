@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FORWARD, BACKWARD = "fwd", "bwd"
@@ -88,9 +89,18 @@ class Interceptor:
     def collect_states(self, site: Site, states: torch.Tensor) -> None:
         """All scan states of one direction, in scan order; called only when ``collects_states``."""
 
+    def linear(self, input_site: Site, weight_site: Site, x: torch.Tensor, weight: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """x·Wᵀ + b at one of the four projections. By default the input and the weight pass through
+        :meth:`intercept` and the product stays a float matmul; an interceptor that runs integer GEMMs on
+        stored weight codes (``core.quant.packed``) overrides this and may receive ``weight`` None."""
+        return F.linear(self.intercept(input_site, x), self.intercept(weight_site, weight), bias)
+
 
 class Chain(Interceptor):
-    """Several interceptors in order (e.g. a quantizer, then an observer of the quantized tensors)."""
+    """Several interceptors in order (e.g. a quantizer, then an observer of the quantized tensors).
+    Projections run as float matmuls of the chained inputs and weights (the base :meth:`Interceptor.linear`),
+    so an interceptor that overrides ``linear`` does not chain."""
 
     def __init__(self, *interceptors: Interceptor):
         self.interceptors = interceptors

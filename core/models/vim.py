@@ -140,13 +140,10 @@ class BiMambaMixer(Tapped):
         x, z = xz.chunk(2, dim=-1)
         u = F.silu(conv1d(x.transpose(1, 2))[..., :length].transpose(1, 2))  # causal: first L outputs
         # the site is x_proj's input: what the interceptor returns feeds x_proj only, the scan keeps u
-        x_dbl = F.linear(self.tap(site["x_proj.input", direction], u),
-                         self.tap(site["x_proj.weight", direction], x_proj.weight))
+        x_dbl = self._linear("x_proj", direction, u, x_proj)
         rank, n_state = dt_proj.in_features, a_log.shape[1]
         dt, B, C = torch.split(x_dbl, [rank, n_state, n_state], dim=-1)
-        dt = self.tap(site["dt_proj.input", direction], dt)
-        delta_pre = F.linear(dt, self.tap(site["dt_proj.weight", direction], dt_proj.weight), dt_proj.bias)
-        delta_pre = self.tap(site["delta_pre", direction], delta_pre)
+        delta_pre = self.tap(site["delta_pre", direction], self._linear("dt_proj", direction, dt, dt_proj))
         A = self.tap(site["A", direction], -torch.exp(a_log.float()))
         B = self.tap(site["B", direction], B)
         C = self.tap(site["C", direction], C)
@@ -163,14 +160,18 @@ class BiMambaMixer(Tapped):
         interceptor.collect_states(h_site, states)
         return y
 
+    def _linear(self, name: str, direction: str | None, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """A projection through its two sites (input and weight), or as the plugged-in interceptor runs it."""
+        if self.interceptor is None:
+            return F.linear(x, linear.weight, linear.bias)
+        return self.interceptor.linear(self.sites[f"{name}.input", direction], self.sites[f"{name}.weight", direction],
+                                       x, linear.weight, linear.bias)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        site = self.sites
-        hidden = self.tap(site["in_proj.input", None], hidden)
-        xz = F.linear(hidden, self.tap(site["in_proj.weight", None], self.in_proj.weight))
+        xz = self._linear("in_proj", None, hidden, self.in_proj)
         y_forward = self._branch(xz, FORWARD)
         y_backward = self._branch(xz.flip(1), BACKWARD).flip(1)
-        merged = self.tap(site["out_proj.input", None], (y_forward + y_backward) / 2)
-        return F.linear(merged, self.tap(site["out_proj.weight", None], self.out_proj.weight))
+        return self._linear("out_proj", None, (y_forward + y_backward) / 2, self.out_proj)
 
 
 class Block(nn.Module):

@@ -63,7 +63,8 @@ def _linear_weight(model: VisionMamba, site: Site) -> torch.Tensor:
     return getattr(mixer, linear + suffix).weight
 
 
-def _activation_quantizer(config: QuantConfig, site: Site) -> nn.Module:
+def activation_quantizer(config: QuantConfig, site: Site) -> nn.Module:
+    """The uncalibrated quantizer ``config`` puts at an activation site (A and D wrapped as one token)."""
     if site.tensor == "h":
         return StateQuantizer(config.a_bits)
     asymmetric = site.tensor == "delta_pre"
@@ -134,7 +135,7 @@ def quantize(model: VisionMamba, config: QuantConfig, calib_images: torch.Tensor
         if config.release_compatible and site.tensor in S6_TENSORS and shared in quantizers:
             quantizers[site.name] = quantizers[shared]  # one quantizer for both directions, as the release
             continue
-        quantizers[site.name] = _activation_quantizer(site_config, site)
+        quantizers[site.name] = activation_quantizer(site_config, site)
         if site.tensor.endswith(".input"):
             linear_inputs[site.name] = _linear_weight(qmodel, site)
     alpha = config.smoothing_alpha if config.method == "ptq4vm_smooth" else None

@@ -96,10 +96,18 @@ class PerTokenStaticQuantizer(ActivationQuantizer):
     def _search(self, x: torch.Tensor) -> None:
         per_token = x.detach().transpose(0, 1).reshape(x.shape[1], -1)  # (L, batch·C)
         if self.asymmetric:
-            scale, zero = search_asymmetric_clip(per_token, self.qmax, self.clip_p)
-            self.register_buffer("zero_point", zero)
+            self.restore(*search_asymmetric_clip(per_token, self.qmax, self.clip_p))
         else:
-            scale, self.zero_point = search_symmetric_clip(per_token, self.qmax, self.clip_p), None
+            self.restore(search_symmetric_clip(per_token, self.qmax, self.clip_p))
+
+    def restore(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """Set the calibrated per-token scale (and zero point, asymmetric only), e.g. read back from a file."""
+        if (zero_point is None) == self.asymmetric:
+            raise StudioError("an asymmetric quantizer needs a zero point, a symmetric one takes none")
+        if zero_point is None:
+            self.zero_point = None
+        else:
+            self.register_buffer("zero_point", zero_point)
         self.scale = nn.Parameter(scale)
 
     def calibrate(self, x: torch.Tensor) -> None:

@@ -1,0 +1,377 @@
+"""A real quantized Vim: integer weight codes that run the kernels, converted from a calibrated simulation.
+
+:func:`pack` turns a fake-quantized :class:`QuantizedVim` (OuroMamba, 4/8-bit weights and inliers, 8-bit
+outliers, one weight scale per output channel) into a :class:`PackedVim` whose four projections keep only
+integer weight codes (int8, or int4 two per byte) with their per-output-channel scales, and compute
+
+    x → ``detect_quant`` (per-time-step outlier detection, inliers with the calibrated S^I(t), outliers int8)
+      → ``mixed_gemm`` (integer products, int32 accumulation, scales applied in the epilogue, + bias)
+
+with the Triton kernels on CUDA and with the kernels' PyTorch references elsewhere (the same integers,
+multiplied in float64: for checking, not for speed). The S6 tensors go through the simulation's own
+quantizers and enter the scan dequantized: Δ before softplus, B and C per time-step as the model runs;
+A and D once, here (they do not depend on the input). The float parts (patch embed, conv1d, norms, the
+head) stay as they are.
+
+:func:`save_packed` / :func:`load_packed`: one safetensors file holding the codes, the scales, the float
+tensors and, as metadata, the Vim config, the QuantConfig and the provenance of the calibration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from core.errors import StudioError
+from core.intercept import Interceptor, Site, set_interceptor
+from core.models import VimConfig, VisionMamba
+from core.models.loading import CONFIG_METADATA_KEY, load_state_dict_strict
+from core.quant.config import QuantConfig
+from core.quant.fake import MIN_SCALE
+from core.quant.model import QuantizedVim
+from core.quant.quantize import activation_quantizer, quantized_sites
+from core.quant.quantizers import OutlierAwareQuantizer, WeightQuantizer
+from kernels.detect_quant import detect_quant, detect_quant_reference
+from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference, quantize_weight
+
+FORMAT = "ouromamba-packed/1"
+KERNEL_BITS = (4, 8)  # what detect_quant and mixed_gemm take for weights and inliers
+BACKENDS = ("auto", "triton", "reference")
+DYNAMIC_S6 = ("delta_pre", "B", "C")  # quantized as the model runs
+STATIC_S6 = ("A", "D")  # quantized once, at packing
+
+
+def _key(name: str) -> str:
+    return name.replace(".", ":")  # module and buffer names cannot hold dots
+
+
+class PackedLinear(nn.Module):
+    """One projection as integers: weight codes (N, K) int8 or (N, K/2) packed int4, a scale per output
+    channel, and the input's outlier-aware quantizer (static per-time-step inlier scale, k, n_refresh)."""
+
+    def __init__(self, weight_codes: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                 a_bits: int, k: float, n_refresh: int):
+        super().__init__()
+        self.register_buffer("weight_codes", weight_codes)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("input_scale", input_scale)
+        self.a_bits, self.k, self.n_refresh = a_bits, k, n_refresh
+
+    @classmethod
+    def from_simulation(cls, weight: torch.Tensor, weight_quantizer: WeightQuantizer,
+                        input_quantizer: OutlierAwareQuantizer, w_bits: int, a_bits: int) -> PackedLinear:
+        scale = weight_quantizer.scale.detach().reshape(-1).float().clamp(min=MIN_SCALE)
+        codes = quantize_weight(weight.detach(), scale, w_bits)
+        input_scale = input_quantizer.scale.detach().float().clone()
+        return cls(codes, scale, input_scale, a_bits, input_quantizer.k, input_quantizer.n_refresh)
+
+    @property
+    def w_bits(self) -> int:
+        return 4 if self.weight_codes.dtype == torch.uint8 else 8
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, use_kernels: bool) -> torch.Tensor:
+        batch, length, _ = x.shape
+        if length != self.input_scale.numel():
+            raise StudioError(f"this model was calibrated for {self.input_scale.numel()} time-steps, got {length}")
+        detect = detect_quant if use_kernels else detect_quant_reference
+        codes = detect(x, self.input_scale, self.k, self.n_refresh, self.a_bits)
+        rows = batch * length
+        inliers = codes.inlier_packed if self.a_bits == 4 else codes.inlier_codes
+        operands = (inliers.reshape(rows, -1), codes.inlier_scale.reshape(rows), self.weight_codes,
+                    self.weight_scale, codes.outlier_codes.reshape(rows, -1), codes.outlier_scale.reshape(rows),
+                    None if bias is None else bias.float())
+        if use_kernels:
+            y = mixed_gemm(*operands, out_dtype=torch.float16 if x.dtype == torch.float16 else torch.float32)
+        else:
+            y = mixed_gemm_reference(*operands)
+        return y.to(x.dtype).reshape(batch, length, -1)
+
+
+class PackedInterceptor(Interceptor):
+    """Projections as integer GEMMs on stored codes; Δ, B, C through their quantizers; A and D replaced by
+    their stored quantized values. Sites a config skipped stay in floating point."""
+
+    def __init__(self, linears: dict[str, PackedLinear], dynamic: dict[str, nn.Module],
+                 static: dict[str, torch.Tensor], backend: str):
+        self.linears, self.dynamic, self.static, self.backend = linears, dynamic, static, backend
+
+    def linear(self, input_site: Site, weight_site: Site, x: torch.Tensor, weight: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        packed = self.linears.get(_key(weight_site.name))
+        if packed is None:
+            return F.linear(x, weight, bias)
+        use_kernels = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+        return packed(x, bias, use_kernels)
+
+    def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        key = _key(site.name)
+        if key in self.static:
+            return self.static[key].to(x.dtype)
+        quantizer = self.dynamic.get(key)
+        return x if quantizer is None else quantizer(x)
+
+
+class PackedVim(nn.Module):
+    """A Vim whose quantized projections hold integer codes only (their float weights are gone).
+
+    ``backend``: ``"auto"`` runs the Triton kernels on CUDA tensors and the PyTorch references elsewhere;
+    ``"triton"`` always runs the kernels (on the CPU only under ``TRITON_INTERPRET=1``); ``"reference"`` never.
+    """
+
+    def __init__(self, model: VisionMamba, config: QuantConfig, linears: dict[str, PackedLinear],
+                 dynamic: dict[str, nn.Module], static: dict[str, torch.Tensor], provenance: dict,
+                 backend: str = "auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise StudioError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        self.model, self.config, self.provenance = model, config, provenance
+        self.linears = nn.ModuleDict({_key(name): module for name, module in linears.items()})
+        self.dynamic = nn.ModuleDict({_key(name): module for name, module in dynamic.items()})
+        self.static = nn.Module()
+        for name, value in static.items():
+            self.static.register_buffer(_key(name), value)
+        for name in linears:  # the float weight is not kept: only the codes exist
+            _linear_module(model, name).register_parameter("weight", None)
+        self.interceptor = PackedInterceptor(dict(self.linears.items()), dict(self.dynamic.items()),
+                                             dict(self.static.named_buffers()), backend)
+        set_interceptor(self.model, self.interceptor)
+        self.eval()
+
+    @property
+    def cfg(self) -> VimConfig:
+        return self.model.cfg
+
+    @property
+    def backend(self) -> str:
+        return self.interceptor.backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise StudioError(f"backend must be one of {', '.join(BACKENDS)}, not {value!r}")
+        self.interceptor.backend = value
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        """``.to()`` / ``.half()`` move every buffer; the interceptor then sees the moved tensors."""
+        super()._apply(fn, recurse)
+        self.interceptor.static = dict(self.static.named_buffers())
+        return self
+
+    def half_activations(self) -> PackedVim:
+        """Run the float parts in fp16 (the GPU path); codes and every scale stay as calibrated (fp32),
+        which ``.half()`` on the whole module would round."""
+        self.model.half()
+        return self
+
+    def check_input(self, x: torch.Tensor) -> None:
+        self.model.check_input(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the quantized projections' weights as stored (codes + scales) and as float32 would be."""
+        stored = sum(m.weight_codes.numel() * m.weight_codes.element_size() + m.weight_scale.numel() * 4
+                     for m in self.linears.values())
+        float32 = sum(m.weight_codes.shape[0] * m.weight_codes.shape[1] * (2 if m.w_bits == 4 else 1) * 4
+                      for m in self.linears.values())
+        return {"packed": stored, "float32": float32}
+
+
+def _linear_module(model: VisionMamba, weight_site: str) -> nn.Linear:
+    """The nn.Linear of a weight site name such as ``layers.3.bwd.x_proj.weight``."""
+    parts = weight_site.split(".")
+    mixer = model.layers[int(parts[1])].mixer
+    linear = parts[-2]
+    return getattr(mixer, linear + ("_b" if parts[2] == "bwd" else ""))
+
+
+def _check_packable(config: QuantConfig) -> None:
+    problems = []
+    if config.method != "ouromamba":
+        problems.append(f"method {config.method} (the kernels implement OuroMamba's per-time-step rule)")
+    if config.release_compatible:
+        problems.append("release_compatible (its batch-wide trigger is not what the kernels detect)")
+    if config.weight_group_size:
+        problems.append("weight groups (the GEMM has one scale per output channel)")
+    if config.quantize_state:
+        problems.append("a quantized scan state")
+    if problems:
+        raise StudioError("cannot pack this configuration into integer kernels: " + "; ".join(problems) +
+                          " — it runs as the fake-quant simulation only")
+
+
+def _projection_configs(config: QuantConfig, weight_site: str) -> tuple[QuantConfig, QuantConfig]:
+    """The weight's and the input's configs of one projection after overrides, checked against what the
+    kernels take (the weight's bits come from the weight site, the activation's from the input site)."""
+    weight, activation = config.for_site(weight_site), config.for_site(weight_site.replace(".weight", ".input"))
+    if weight is None or activation is None:
+        raise StudioError(f"cannot pack {weight_site}: a config that keeps only its weight or only its input in "
+                          "floating point has no integer GEMM; skip both or neither")
+    if activation.o_bits != 8 or weight.w_bits not in KERNEL_BITS or activation.a_bits not in KERNEL_BITS:
+        raise StudioError(f"cannot pack {weight_site}: the kernels take 4- or 8-bit weights and inliers with 8-bit "
+                          f"outliers, it has W{weight.w_bits}A{activation.a_bits}O{activation.o_bits}")
+    return weight, activation
+
+
+def pack(qmodel: QuantizedVim, backend: str = "auto") -> PackedVim:
+    """The integer model of a calibrated OuroMamba simulation (``qmodel`` itself is left untouched)."""
+    config = qmodel.config
+    _check_packable(config)
+    model = VisionMamba(qmodel.cfg)
+    model.load_state_dict(qmodel.model.state_dict())
+    quantizers = {name.replace(":", "."): q for name, q in qmodel.quantizers.items()}
+    linears, dynamic, static = {}, {}, {}
+    for site in quantized_sites(model):
+        quantizer = quantizers.get(site.name)
+        if quantizer is None:
+            continue
+        if site.tensor.endswith(".weight"):
+            weight_config, input_config = _projection_configs(config, site.name)
+            input_quantizer = quantizers[site.name.replace(".weight", ".input")]
+            weight = _linear_module(qmodel.model, site.name).weight
+            if 4 in (weight_config.w_bits, input_config.a_bits) and weight.shape[1] % 2:
+                raise StudioError(f"cannot pack {site.name}: 4-bit codes go two per byte along its "
+                                  f"{weight.shape[1]} inputs, an odd count; give it 8 bits with an override")
+            linears[site.name] = PackedLinear.from_simulation(weight, quantizer, input_quantizer,
+                                                              weight_config.w_bits, input_config.a_bits)
+        elif site.tensor in DYNAMIC_S6:
+            dynamic[site.name] = quantizer
+        elif site.tensor in STATIC_S6:
+            mixer = model.layers[site.layer].mixer
+            suffix = "_b" if site.direction == "bwd" else ""
+            value = -torch.exp(getattr(mixer, f"A{suffix}_log").float()) if site.tensor == "A" \
+                else getattr(mixer, f"D{suffix}").float()
+            with torch.no_grad():
+                static[site.name] = quantizer(value).detach().clone()
+    provenance = {**qmodel.provenance, "packed_from": "fake-quant simulation", "format": FORMAT}
+    return PackedVim(model, config, linears, dynamic, static, provenance, backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# One safetensors file
+
+
+def save_packed(packed: PackedVim, path: str | Path) -> Path:
+    """Codes, scales, float tensors and (metadata) the configs and provenance, in one safetensors file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v for k, v in packed.model.state_dict().items()}
+    for name, module in packed.linears.items():
+        tensors.update({f"linears.{name}.{k}": v for k, v in module.state_dict().items()})
+    for name, quantizer in packed.dynamic.items():
+        tensors[f"dynamic.{name}.scale"] = quantizer.scale
+        if quantizer.zero_point is not None:
+            tensors[f"dynamic.{name}.zero_point"] = quantizer.zero_point
+    tensors.update({f"static.{name}": v for name, v in packed.static.named_buffers()})
+    metadata = {"format": FORMAT, CONFIG_METADATA_KEY: json.dumps(packed.cfg.to_dict()),
+                "quant_config": json.dumps(packed.config.to_dict()),
+                "provenance": json.dumps(packed.provenance, default=str)}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def _read_packed_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise StudioError(f"packed model '{path}' does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as err:
+        raise StudioError(f"'{path}' is not a readable safetensors file (truncated or corrupt: "
+                          f"{str(err)[:120]})") from None
+    if metadata.get("format") != FORMAT:
+        raise StudioError(f"'{path}' is not a packed OuroMamba model (format {metadata.get('format')!r}, expected "
+                          f"{FORMAT!r}); float checkpoints load with core.models.load_checkpoint")
+    return tensors, metadata
+
+
+def _group(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``prefix.<name>.<field>`` entries grouped as {name: {field: tensor}}."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            name, field = key[len(prefix) + 1:].rsplit(".", 1)
+            groups.setdefault(name, {})[field] = value
+    return groups
+
+
+def load_packed(path: str | Path, backend: str = "auto") -> PackedVim:
+    """A :class:`PackedVim` from :func:`save_packed`'s file, with a one-line message for anything else."""
+    path = Path(path)
+    tensors, metadata = _read_packed_file(path)
+    cfg = VimConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    config = QuantConfig.from_dict(json.loads(metadata["quant_config"]))
+    model = VisionMamba(cfg)
+    linear_fields = _group(tensors, "linears")
+    for key in linear_fields:  # their float weights were never saved
+        _linear_module(model, key.replace(":", ".")).register_parameter("weight", None)
+    load_state_dict_strict(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    linears = {}
+    for key, fields in linear_fields.items():
+        name = key.replace(":", ".")
+        _, activation = _projection_configs(config, name)
+        linears[name] = PackedLinear(fields["weight_codes"], fields["weight_scale"], fields["input_scale"],
+                                     activation.a_bits, activation.k, activation.n_refresh)
+    dynamic = {}
+    for key, fields in _group(tensors, "dynamic").items():
+        name = key.replace(":", ".")
+        parts = name.split(".")
+        site = Site(int(parts[1]), parts[3], parts[2])
+        quantizer = activation_quantizer(config.for_site(name), site)
+        quantizer.restore(fields["scale"], fields.get("zero_point"))
+        dynamic[name] = quantizer
+    static = {k[len("static."):].replace(":", "."): v for k, v in tensors.items() if k.startswith("static.")}
+    provenance = {**json.loads(metadata.get("provenance", "{}")), "loaded_from": str(path)}
+    return PackedVim(model, config, linears, dynamic, static, provenance, backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# Does the integer model compute what the simulation computed?
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Top-1 agreement of two models on the same images, how far apart their logits are, and (with labels)
+    the top-1 accuracy of each."""
+
+    images: int
+    agreement: float  # % of images with the same predicted class
+    max_abs_logit_error: float
+    relative_logit_error: float  # ‖a − b‖ / ‖b‖ over all logits
+    top1: float | None = None
+    top1_reference: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def agreement(model: nn.Module, reference: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None,
+              batch_size: int = 250) -> Agreement:
+    """Compare ``model`` (e.g. a PackedVim) with ``reference`` (its simulation) on normalized ``images``."""
+    predictions, reference_predictions = [], []
+    error_sq, reference_sq, max_error = 0.0, 0.0, 0.0
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        ours, theirs = model(batch).double(), reference(batch).double()
+        predictions.append(ours.argmax(-1))
+        reference_predictions.append(theirs.argmax(-1))
+        error_sq += float(((ours - theirs) ** 2).sum())
+        reference_sq += float((theirs**2).sum())
+        max_error = max(max_error, float((ours - theirs).abs().max()))
+    ours, theirs = torch.cat(predictions), torch.cat(reference_predictions)
+
+    def top1(predicted: torch.Tensor) -> float | None:
+        return None if labels is None else 100.0 * float((predicted == labels.to(predicted.device)).double().mean())
+
+    return Agreement(len(images), 100.0 * float((ours == theirs).double().mean()), max_error,
+                     (error_sq / max(reference_sq, 1e-30)) ** 0.5, top1(ours), top1(theirs))
