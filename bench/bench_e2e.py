@@ -1,0 +1,166 @@
+"""End-to-end Vim latency on a CUDA GPU: FP32 eager, our FP16 model and the packed integer models.
+
+    python bench/bench_e2e.py [--models Vim-T Vim-B default] [--batches 1 16 64 256] [--budget-s 240]
+    python bench/bench_e2e.py --smoke    # the plumbing on the CPU: tiny model, batch 2, nothing written
+
+Variants, all the same random-weight model (latency does not depend on the weights; the default model uses
+its trained ones):
+
+* ``fp32 eager`` — fp32 weights and activations, PyTorch's fast scan (``scan_impl="fast"``): what a plain
+  PyTorch port runs;
+* ``fp16`` — fp16 weights and activations, cuBLAS projections, the scan the model dispatches to on CUDA
+  (mamba-ssm's when installed, else our Triton scan): the baseline the quantized models are measured against;
+* ``W8A8O8``, ``W4A8O8``, ``W4A4O8`` — OuroMamba calibrated on 8 noise images (no reconstruction: latency only),
+  packed (:mod:`core.quant.packed`), fp16 activations: ``detect_quant`` → ``mixed_gemm`` at every projection,
+  Δ/B/C quantized by their simulation quantizers, the same scan as ``fp16``.
+
+Per (model, variant, batch): median latency of ``--repeats`` forward passes after one warm-up (CUDA-synchronised
+wall time), images/s, and peak memory allocated during the timed passes. ``vs_fp16`` is fp16 latency / this
+latency (> 1: faster). Stops adding rows when ``--budget-s`` is spent, and says so. Writes
+results/e2e_<gpu>.{csv,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_header, sync, write_results  # noqa: E402
+from core.default_model import load_default_model  # noqa: E402
+from core.models import VimConfig, VisionMamba, create_vim  # noqa: E402
+from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
+from core.quant.packed import pack  # noqa: E402
+
+MODELS = {
+    "Vim-T": "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+    "Vim-S": "vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
+    "Vim-B": "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2",
+}
+QUANTIZED = {"W8A8O8": (8, 8), "W4A8O8": (4, 8), "W4A4O8": (4, 4)}
+SMOKE = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
+
+
+def build(name: str) -> VisionMamba:
+    if name == "default":
+        return load_default_model()[0]
+    if name == "smoke":
+        torch.manual_seed(0)
+        return VisionMamba(SMOKE).eval()
+    return create_vim(MODELS[name]).eval()
+
+
+def set_scan(model: torch.nn.Module, impl: str) -> None:
+    for module in model.modules():
+        if hasattr(module, "scan_impl"):
+            module.scan_impl = impl
+
+
+def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[], torch.nn.Module]]:
+    """Builders, called one at a time so that only one variant's weights sit in GPU memory."""
+    half = torch.float16 if device.type == "cuda" else torch.float32  # the CPU smoke run keeps fp32
+
+    def fp32() -> torch.nn.Module:
+        copy = VisionMamba(model.cfg)
+        copy.load_state_dict(model.state_dict())
+        set_scan(copy, "fast")
+        return copy.eval().to(device)
+
+    def fp16() -> torch.nn.Module:
+        copy = VisionMamba(model.cfg)
+        copy.load_state_dict(model.state_dict())
+        return copy.eval().to(device=device, dtype=half)
+
+    def quantized(w_bits: int, a_bits: int) -> Callable[[], torch.nn.Module]:
+        def make() -> torch.nn.Module:
+            cfg = model.cfg
+            calib = torch.randn(8, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+            config = QuantConfig(w_bits=w_bits, a_bits=a_bits, reconstruction=ReconstructionConfig(epochs=0))
+            packed = pack(quantize(model.to(device), config, calib.to(device))).to(device)
+            model.cpu()
+            return packed.half_activations() if half == torch.float16 else packed
+        return make
+
+    return {"fp32 eager": fp32, "fp16": fp16, **{label: quantized(*bits) for label, bits in QUANTIZED.items()}}
+
+
+def time_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, repeats: int) -> tuple[float, int]:
+    """(median seconds, peak bytes) of ``model(images)`` after one warm-up pass."""
+    with torch.inference_mode():
+        model(images)
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(images)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return statistics.median(times), peak
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["Vim-T", "Vim-S", "Vim-B", "default"],
+                        choices=[*MODELS, "default"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget-s", type=float, default=300.0, help="stop adding rows after this many seconds")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the plumbing only")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        device, names, batches = torch.device("cpu"), ["smoke"], [2]
+    elif not torch.cuda.is_available():
+        sys.exit("bench_e2e.py: no CUDA device; `--smoke` runs the plumbing on the CPU")
+    else:
+        device, names, batches = torch.device("cuda"), args.models, args.batches
+    started, rows, skipped = time.perf_counter(), [], []
+    for name in names:
+        model = build(name)
+        cfg = model.cfg
+        fp16_latency: dict[int, float] = {}
+        for label, make in variants(model, device).items():
+            if time.perf_counter() - started > args.budget_s:
+                skipped.append(f"{name} {label}")
+                continue
+            variant = make()
+            for batch in batches:
+                dtype = next(p.dtype for p in variant.parameters() if p.is_floating_point())
+                images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
+                try:
+                    seconds, peak = time_forward(variant, images, device, args.repeats)
+                except torch.OutOfMemoryError:
+                    rows.append({"model": name, "variant": label, "batch": batch, "latency_ms": "out of memory"})
+                    torch.cuda.empty_cache()
+                    continue
+                if label == "fp16":
+                    fp16_latency[batch] = seconds
+                baseline = fp16_latency.get(batch)
+                rows.append({"model": name, "variant": label, "batch": batch, "latency_ms": round(seconds * 1e3, 3),
+                             "images_per_s": round(batch / seconds, 1), "peak_MiB": round(peak / 2**20, 1),
+                             "vs_fp16": round(baseline / seconds, 2) if baseline else ""})
+                print(rows[-1], flush=True)
+            del variant
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.smoke:
+        return rows  # plumbing only: nothing is written
+    header = machine_header(device)
+    if skipped:
+        header["not measured (budget spent)"] = ", ".join(skipped)
+    tag = torch.cuda.get_device_name(device).lower().replace(" ", "_")
+    write_results(f"e2e_{tag}", rows, header, "python bench/bench_e2e.py " + " ".join(argv or sys.argv[1:]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
