@@ -1,15 +1,22 @@
-"""Kernel benchmark on a CUDA GPU: the mixed-precision GEMM and outlier detection at Vim's layer shapes.
+"""Kernel benchmark on a CUDA GPU: the mixed-precision GEMM, outlier detection and the selective scan at Vim's
+layer shapes.
 
-    python bench/bench_kernels.py [--quick]
+    python bench/bench_kernels.py [--quick] [--only gemm|detect|scan]
 
 Per layer GEMM (in_proj D→2E, x_proj E→R+2N, dt_proj R→E, out_proj E→D; D = 192/384/768, E = 2D, N = 16,
 R = ceil(D/16)) at tokens = batch × 197 for batch 1, 16, 64: cuBLAS fp16 (``F.linear``) against our W8A8,
 W4A4 (no outlier path) and W4A4O8 with 1 %, 5 %, 10 % outlier channels, all with fp16 output; W4A4O8 also
 with ``detect_quant`` in front (fp16 activations in, ~5 % planted outliers); and ``detect_quant`` alone on
-every layer input (batch, 197, C). Every kernel is checked against its reference at the real shape before it
-is timed (the ``check`` column). Times are medians of ``triton.testing.do_bench`` (CUDA events, L2 flushed
-between calls; the method of the anchor table in docs/environment.md), in microseconds. ``floor_us`` is the
-time to move the operation's fewest bytes at the copy bandwidth measured at start.
+every layer input (batch, 197, C). The selective scan (E = 2D, L = 197, N = 16, with D and the gate z) in fp16
+and fp32: our Triton kernel at each (BLOCK_E, warps) configuration (``launch_config``'s choice marked), on u as
+the model's channel-first view, and with int8 u/B/C codes (fp16 rows), against PyTorch's fast scan
+(``core.ssm.scan.selective_scan_fast``, the path the model takes without a kernel) and mamba-ssm's CUDA scan
+when it imports (timed on its own channel-first contiguous layout); ``Gexp/s`` counts the exp(Δ·A) per second
+(batch · L · E · N of them; the H100's MUFU does ~3.7 T/s). Every kernel is checked against its reference at
+the real shape before it is timed (the ``check`` column). Times are medians of ``triton.testing.do_bench``
+(CUDA events, L2 flushed between calls; the method of the anchor table in docs/environment.md), in
+microseconds. ``floor_us`` is the time to move the operation's fewest bytes at the copy bandwidth measured at
+start.
 
 Writes results/kernels_<gpu>.{csv,md} and prints a summary last.
 """
@@ -31,9 +38,11 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine_header, write_results  # noqa: E402
+from core.ssm.scan import _mamba_ssm_scan, selective_scan_fast  # noqa: E402
 from kernels.detect_quant import detect_quant, detect_quant_reference, empty_output, inlier_qmax  # noqa: E402
 from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference  # noqa: E402
 from kernels.packing import pack_int4  # noqa: E402
+from kernels.selective_scan import launch_config, selective_scan, selective_scan_reference  # noqa: E402
 
 MODELS = {"Vim-T": 192, "Vim-S": 384, "Vim-B": 768}
 BATCHES = (1, 16, 64)
@@ -41,6 +50,8 @@ TOKENS = 197
 D_STATE = 16
 OUTLIER_PCTS = (1, 5, 10)
 GEMM_TOLERANCE = 2e-3  # fp16 output: ‖y − y_ref‖/‖y_ref‖ of rounding alone is ~3e-4
+SCAN_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}  # by output dtype, against float64
+SCAN_CONFIGS = ((32, 1), (64, 2), (128, 4))  # (BLOCK_E, num_warps): every choice launch_config can make
 
 
 def layer_shapes(d_model: int) -> list[tuple[str, int, int]]:
@@ -212,10 +223,102 @@ def bench_detect(device: torch.device, bandwidth: float, models: dict[str, int],
     return rows
 
 
+def scan_inputs(batch: int, channels: int, dtype: torch.dtype, device: torch.device,
+                g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Vim-like scan inputs (batch, 197, E): softplus(delta) mostly between 0.005 and 0.1 (Vim's dt range),
+    A = −(1 … 16) · U(0.5, 1.5) per channel (around its −exp(A_log) initialisation), D near 1."""
+    shape = (batch, TOKENS, channels)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=g, device=device)
+
+    x = {"u": randn(*shape), "delta": randn(*shape) * 0.7 - 4, "z": randn(*shape),
+         "B": randn(batch, TOKENS, D_STATE), "C": randn(batch, TOKENS, D_STATE)}
+    x = {name: t.to(dtype) for name, t in x.items()}
+    x["A"] = -torch.arange(1, D_STATE + 1, device=device) * (0.5 + torch.rand(channels, D_STATE, generator=g,
+                                                                               device=device))
+    x["D"] = 1 + 0.1 * randn(channels)
+    return x
+
+
+def scan_check(y: torch.Tensor, ref: torch.Tensor) -> str:
+    error = rel_error(y, ref)
+    return f"ok {error:.1e}" if error < SCAN_TOLERANCE[y.dtype] else f"FAIL {error:.1e}"
+
+
+def quantized_scan_inputs(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """u, B, C as int8 codes with a per-(sample, step) scale (absmax / 127), as the quantized model hands them."""
+    quantized = {}
+    for name in ("u", "B", "C"):
+        scale = (x[name].float().abs().amax(-1) / 127).clamp(min=1e-8)
+        quantized[name] = torch.round(x[name].float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
+        quantized[f"{name}_scale"] = scale
+    return quantized
+
+
+def bench_scan(device: torch.device, bandwidth: float, models: dict[str, int], batches: tuple[int, ...],
+               g: torch.Generator) -> list[dict]:
+    mamba = _mamba_ssm_scan()
+    rows = []
+    for model, d_model in models.items():
+        channels = 2 * d_model
+        for batch in batches:
+            for dtype in (torch.float16, torch.float32):
+                x = scan_inputs(batch, channels, dtype, device, g)
+                args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"])
+                ref = selective_scan_reference(*args)
+                out = torch.empty_like(x["u"])
+                fast_us = median_us(lambda args=args: selective_scan_fast(*args))
+                timed = {"torch fast scan": (fast_us, scan_check(selective_scan_fast(*args), ref))}
+                default = launch_config(batch, channels)
+                for config in SCAN_CONFIGS:
+                    name = f"triton {config[0]}ch {config[1]}w" + (" (default)" if config == default else "")
+                    check = scan_check(selective_scan(*args, out=out.fill_(float("nan")), config=config), ref)
+                    timed[name] = (median_us(lambda args=args, out=out, config=config:
+                                             selective_scan(*args, out=out, config=config)), check)
+                u_channel_first = x["u"].transpose(1, 2).contiguous().transpose(1, 2)  # the model's conv output
+                model_args = (u_channel_first, *args[1:])
+                check = scan_check(selective_scan(*model_args, out=out.fill_(float("nan"))), ref)
+                timed["triton, u channel-first"] = (
+                    median_us(lambda model_args=model_args, out=out: selective_scan(*model_args, out=out)), check)
+                if dtype == torch.float16:
+                    q = quantized_scan_inputs(x)
+                    q_args = (q["u"], x["delta"], x["A"], q["B"], q["C"], x["D"], x["z"])
+                    scales = {name: q[name] for name in ("u_scale", "B_scale", "C_scale")}
+                    check = scan_check(selective_scan(*q_args, **scales, out=out.fill_(float("nan"))),
+                                       selective_scan_reference(*q_args, **scales))
+                    timed["triton int8 u/B/C"] = (
+                        median_us(lambda q_args=q_args, scales=scales, out=out:
+                                  selective_scan(*q_args, **scales, out=out)), check)
+                if mamba is not None:
+                    cf = [t.transpose(1, 2).contiguous() for t in (x["u"], x["delta"], x["B"], x["C"], x["z"])]
+
+                    def run_mamba(cf=cf, x=x) -> torch.Tensor:
+                        return mamba(cf[0], cf[1], x["A"], cf[2], cf[3], x["D"], cf[4], delta_softplus=True)
+
+                    timed["mamba-ssm CUDA"] = (median_us(run_mamba), scan_check(run_mamba().transpose(1, 2), ref))
+                elements, io = batch * TOKENS * channels, x["u"].element_size()
+                shape = {"kind": "scan", "model": model, "layer": "scan", "batch": batch, "M": batch * TOKENS,
+                         "K": channels, "N": D_STATE, "dtype": str(dtype).removeprefix("torch.")}
+                for variant, (us, check) in timed.items():
+                    int8 = "int8" in variant
+                    moved = elements * ((1 + 3 * io) if int8 else 4 * io) \
+                        + 2 * batch * TOKENS * D_STATE * (1 if int8 else io) + (12 * batch * TOKENS if int8 else 0)
+                    rows.append({**shape, "variant": variant, "us": round(us, 2), "vs_fast": round(fast_us / us, 2),
+                                 "GB/s": round(moved / us / 1e3, 1), "Gexp/s": round(elements * D_STATE / us / 1e3, 1),
+                                 "floor_us": round(moved / bandwidth * 1e6, 2), "check": check})
+                print(f"scan {model} batch {batch} {shape['dtype']}: " + ", ".join(
+                    f"{variant} {us:.1f} us {check}" for variant, (us, check) in timed.items()), flush=True)
+    return rows
+
+
 def summary(rows: list[dict], bandwidth: float) -> str:
-    """Geometric-mean speed-up over cuBLAS fp16 per variant and batch; failed checks."""
-    lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", "", "geomean speed-up vs cuBLAS fp16 over the Vim layers:"]
+    """Geometric-mean speed-ups per variant and batch (GEMMs over cuBLAS fp16, the scan over PyTorch's fast
+    scan); failed checks."""
+    lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", ""]
     gemm = [r for r in rows if r["kind"] == "gemm" and r["variant"] != "fp16 cuBLAS"]
+    if gemm:
+        lines.append("geomean speed-up vs cuBLAS fp16 over the Vim layers:")
     for variant in dict.fromkeys(r["variant"] for r in gemm):
         per_batch = []
         for batch in sorted({r["batch"] for r in gemm}):
@@ -227,6 +330,23 @@ def summary(rows: list[dict], bandwidth: float) -> str:
         best = max(detect, key=lambda r: r["GB/s"])
         lines.append(f"detect_quant: {min(r['us'] for r in detect):.1f} … {max(r['us'] for r in detect):.1f} us, "
                      f"best {best['GB/s']} GB/s ({best['model']} {best['layer']} batch {best['batch']})")
+    scan = [r for r in rows if r["kind"] == "scan"]
+    if scan:
+        lines.append("selective scan, speed-up over PyTorch's fast scan (geomean over the models):")
+        for variant in dict.fromkeys(r["variant"].removesuffix(" (default)") for r in scan):
+            per_batch = []
+            for dtype, batch in sorted({(r["dtype"], r["batch"]) for r in scan}):
+                ratios = [r["vs_fast"] for r in scan if r["variant"].removesuffix(" (default)") == variant
+                          and r["dtype"] == dtype and r["batch"] == batch]
+                if ratios:
+                    per_batch.append(f"{dtype} b{batch}: {statistics.geometric_mean(ratios):.2f}x")
+            lines.append(f"  {variant:<24} " + ", ".join(per_batch))
+        groups = {(r["model"], r["batch"], r["dtype"]) for r in scan}
+        best = [min((r for r in scan if (r["model"], r["batch"], r["dtype"]) == key and
+                     r["variant"].startswith("triton") and "ch " in r["variant"]), key=lambda r: r["us"])
+                for key in groups]
+        lines.append(f"  launch_config's choice was the fastest configuration in "
+                     f"{sum(r['variant'].endswith('(default)') for r in best)} of {len(best)} shapes")
     failed = [f"{r['model']} {r['layer']} b{r['batch']} {r['variant']}: {r['check']}" for r in rows
               if str(r["check"]).startswith("FAIL")]
     lines.append(f"checks: {len(failed)} failed" + "".join(f"\n  {f}" for f in failed))
@@ -242,6 +362,7 @@ def gpu_slug(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="Vim-T and Vim-B at batch 1 and 64 only")
+    parser.add_argument("--only", choices=("gemm", "detect", "scan"), help="one kernel's section only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py: no CUDA device (torch.cuda.is_available() is False); "
@@ -251,9 +372,12 @@ def main() -> None:
     batches = (1, 64) if args.quick else BATCHES
     g = torch.Generator(device=device).manual_seed(0)
     bandwidth = copy_bandwidth(device)
-    rows = bench_gemms(device, bandwidth, models, batches, g) + bench_detect(device, bandwidth, models, batches, g)
+    sections = {"gemm": bench_gemms, "detect": bench_detect, "scan": bench_scan}
+    rows = [row for name, section in sections.items() if args.only in (None, name)
+            for row in section(device, bandwidth, models, batches, g)]
     torch.cuda.synchronize(device)
-    command = "python bench/bench_kernels.py" + (" --quick" if args.quick else "")
+    command = "python bench/bench_kernels.py" + (" --quick" if args.quick else "") + \
+        (f" --only {args.only}" if args.only else "")
     write_results(f"kernels_{gpu_slug(device)}", rows, machine_header(device), command)
     print("\n" + summary(rows, bandwidth))
 

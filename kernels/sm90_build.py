@@ -26,6 +26,7 @@ from triton.compiler import ASTSource
 
 from kernels import detect_quant as dq
 from kernels import mixed_gemm as mg
+from kernels import selective_scan as ss
 
 HOPPER = GPUTarget("cuda", 90, 32)
 VARIANTS = {"W8A8": (False, False, False), "W8A8O8": (False, False, True), "W4A4": (True, True, False),
@@ -92,6 +93,28 @@ def build_detect(channels: int, bits: int) -> BuildReport:
                  enable_fp_fusion=False)
 
 
+def build_scan(dtype: str, warps: int, int8_inputs: bool = False, channel_first_u: bool = False,
+               delta_bias: bool = False) -> BuildReport:
+    """The selective scan as Vim calls it (D, gate z, softplus; N = 16) with ``dtype`` inputs and output, at
+    ``warps`` warps (BLOCK_E = 32 · warps); optionally u, B, C as int8 codes with scales, u as the channel-first
+    view of the model's conv output (stride 1 along time), and a delta bias. B and C strides are not taken as
+    multiples of 16 (Vim-T/S's projection rows are not)."""
+    io = f"*{dtype}"
+    codes = "*i8" if int8_inputs else io
+    types = {"u_ptr": codes, "delta_ptr": io, "A_ptr": "*fp32", "B_ptr": codes, "C_ptr": codes, "D_ptr": "*fp32",
+             "z_ptr": io, "delta_bias_ptr": "*fp32", "u_scale_ptr": "*fp32", "B_scale_ptr": "*fp32",
+             "C_scale_ptr": "*fp32", "y_ptr": io}
+    constants = {"HAS_D": True, "HAS_Z": True, "HAS_DELTA_BIAS": delta_bias, "DELTA_SOFTPLUS": True,
+                 "U_SCALED": int8_inputs, "B_SCALED": int8_inputs, "C_SCALED": int8_inputs, "N_STATE": 16,
+                 "BLOCK_E": 32 * warps, "BLOCK_N": 16, "stride_delta_channel": 1, "stride_z_channel": 1,
+                 "stride_y_channel": 1, "stride_B_state": 1, "stride_C_state": 1,
+                 **({"stride_u_time": 1} if channel_first_u else {"stride_u_channel": 1})}
+    divisible = {"channels", "stride_delta_batch", "stride_delta_time", "stride_z_batch", "stride_z_time",
+                 "stride_y_batch", "stride_y_time", "stride_u_batch",
+                 "stride_u_channel" if channel_first_u else "stride_u_time"}
+    return build(ss._selective_scan_kernel, types, constants, divisible, warps)
+
+
 def vim_gemm_shapes(d_models: tuple[int, ...] = (192, 384, 768),
                     batches: tuple[int, ...] = (1, 16, 64)) -> list[tuple[int, int, int]]:
     """(M, N, K) of in_proj, x_proj, dt_proj, out_proj of Vim (D = 192/384/768 for T/S/B), 197 tokens."""
@@ -105,7 +128,8 @@ def vim_gemm_shapes(d_models: tuple[int, ...] = (192, 384, 768),
 
 
 def main() -> int:
-    """One line per distinct build; exit status 1 if any spills or a GEMM misses wgmma."""
+    """One line per distinct build; exit status 1 if any spills, a GEMM misses wgmma or the scan uses shared
+    memory."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="only the outlier variants, Vim-T/B at batch 1, 64")
     args = parser.parse_args()
@@ -123,8 +147,23 @@ def main() -> int:
         for bits in (4, 8):
             seen[("detect", channels, bits)] = report = build_detect(channels, bits)
             print(f"detect_quant C={channels} {bits}-bit: {report}", flush=True)
-    bad = [key for key, report in seen.items() if report.stack_bytes or (key[0] != "detect" and not report.wgmma)]
-    print(f"{len(seen)} builds, {len(bad)} with spills or without wgmma" + "".join(f"\n  {key}" for key in bad))
+    # (input dtype, warps, int8 u/B/C, channel-first u, delta bias): every launch_config choice for Vim's
+    # calls, the int8 variant, the model's u layout, and everything on at once (the most registers)
+    scans = [("fp16", 4, True, False, False), ("fp32", 1, True, True, True)] if args.quick else \
+        [(dtype, warps, False, False, False) for dtype in ("fp32", "fp16", "bf16") for warps in (1, 2, 4)] \
+        + [("fp16", warps, True, False, False) for warps in (1, 2, 4)] \
+        + [("fp32", 4, False, True, False), ("fp32", 1, True, True, True)]
+    for dtype, warps, int8_inputs, channel_first_u, delta_bias in scans:
+        key = ("scan", dtype, warps, int8_inputs, channel_first_u, delta_bias)
+        seen[key] = report = build_scan(dtype, warps, int8_inputs, channel_first_u, delta_bias)
+        print(f"selective_scan {dtype} {warps} warps{' int8 u/B/C' if int8_inputs else ''}"
+              f"{' channel-first u' if channel_first_u else ''}{' delta bias' if delta_bias else ''}: {report}",
+              flush=True)
+    # the scan needs no shared memory: any there is a layout conversion inside its loop (see kernels/README.md)
+    bad = [key for key, report in seen.items() if report.stack_bytes
+           or (key[0] == "scan" and report.shared_bytes) or (key[0] not in ("detect", "scan") and not report.wgmma)]
+    print(f"{len(seen)} builds, {len(bad)} with spills, without wgmma (GEMMs) or with shared memory (scan)"
+          + "".join(f"\n  {key}" for key in bad))
     return 1 if bad else 0
 
 

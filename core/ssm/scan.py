@@ -15,6 +15,9 @@ float32 (float64 stays float64) and return y in u's dtype.
   in place through cache-sized slabs of samples. This is the CPU path (and the GPU path when mamba-ssm is
   absent).
 * mamba-ssm's CUDA ``selective_scan_fn`` when it imports and the tensors are on CUDA.
+* ``kernels.selective_scan``: our fused Triton scan (fp32 state, y only, no backward), the CUDA path when
+  mamba-ssm is absent. Imported lazily, so core works where triton does not; under ``TRITON_INTERPRET=1``
+  (the tests) ``impl='triton'`` also runs on CPU tensors, elsewhere it needs CUDA tensors.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch.nn.functional as F
 
 StateFn = Callable[[int, torch.Tensor], torch.Tensor]
 
-SCAN_IMPLEMENTATIONS = ("auto", "ref", "fast", "cuda")
+SCAN_IMPLEMENTATIONS = ("auto", "ref", "fast", "cuda", "triton")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Elements of one (steps × batch-block × E × N) buffer in the fast scan; two such buffers live at once.
 # State elements (samples × N × E) of one slab in the inference scan: 2**19 float32 = 2 MiB per buffer was
@@ -212,6 +216,64 @@ def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_softplus):
     return y.transpose(1, 2)
 
 
+@functools.cache
+def _triton_scan() -> Callable | None:
+    """kernels.selective_scan's launcher if triton and the kernel module import; imported once, lazily."""
+    try:
+        from kernels.selective_scan import selective_scan as triton_scan
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return triton_scan
+
+
+def _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus):
+    """The kernel takes core's (batch, L, ·) layouts and any strides (Vim's transposed conv output, the z and
+    B/C slices of one projection) as they are; it returns y in u's dtype."""
+    return _triton_scan()(u, delta, A, B, C, D, z, delta_softplus=delta_softplus)
+
+
+def _triton_unusable(dtype: torch.dtype, return_states: bool, needs_grad: bool) -> str | None:
+    """Why the Triton scan cannot serve a call, or None when it can."""
+    if _triton_scan() is None:
+        return "needs triton and kernels.selective_scan to import"
+    if return_states:
+        return "returns y only: return_states needs impl='fast' or 'ref'"
+    if needs_grad:
+        return "has no backward: gradients need impl='fast', 'ref' or 'cuda'"
+    if dtype not in TRITON_DTYPES:
+        return f"takes fp32, fp16 or bf16 inputs, got {dtype}"
+    return None
+
+
+def resolve_impl(impl: str, on_cuda: bool, dtype: torch.dtype, return_states: bool, per_step_callback: bool,
+                 needs_grad: bool) -> str:
+    """The implementation a call runs: 'ref', 'fast', 'cuda' or 'triton'.
+
+    'auto': a per-step callback needs the reference scan; CUDA tensors without states asked for use mamba-ssm's
+    kernel when it imports, else the Triton scan when it can serve the call (no gradients needed, a float
+    dtype it takes); everything else the fast scan. An explicit 'cuda' or 'triton' that cannot serve the call
+    raises RuntimeError saying why."""
+    if impl not in SCAN_IMPLEMENTATIONS:
+        raise ValueError(f"scan impl must be one of {SCAN_IMPLEMENTATIONS}, not {impl!r}")
+    if per_step_callback or impl == "ref":
+        return "ref"
+    mamba_ok = on_cuda and not return_states and _mamba_ssm_scan() is not None
+    if impl == "cuda":
+        if not mamba_ok:
+            raise RuntimeError("impl='cuda' needs CUDA tensors, mamba-ssm's compiled scan and return_states=False")
+        return "cuda"
+    if impl == "triton":
+        problem = _triton_unusable(dtype, return_states, needs_grad)
+        if problem:
+            raise RuntimeError(f"impl='triton' {problem}")
+        return "triton"
+    if impl == "auto" and mamba_ok:
+        return "cuda"
+    if impl == "auto" and on_cuda and _triton_unusable(dtype, return_states, needs_grad) is None:
+        return "triton"
+    return "fast"
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -225,16 +287,13 @@ def selective_scan(
     state_fn: StateFn | None = None,
     impl: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The dispatch point. ``impl='auto'``: a per-step callback needs the reference scan; CUDA tensors
-    use mamba-ssm's kernel when it imports (and no states are asked for); everything else the fast scan.
-    """
-    if impl not in SCAN_IMPLEMENTATIONS:
-        raise ValueError(f"scan impl must be one of {SCAN_IMPLEMENTATIONS}, not {impl!r}")
-    if state_fn is not None or impl == "ref":
+    """The dispatch point; :func:`resolve_impl` says which implementation runs."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z))
+    chosen = resolve_impl(impl, u.is_cuda, u.dtype, return_states, state_fn is not None, needs_grad)
+    if chosen == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_softplus, return_states, state_fn)
-    use_cuda = impl == "cuda" or (impl == "auto" and u.is_cuda and not return_states)
-    if use_cuda and _mamba_ssm_scan() is not None and u.is_cuda and not return_states:
+    if chosen == "cuda":
         return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_softplus)
-    if impl == "cuda":
-        raise RuntimeError("impl='cuda' needs CUDA tensors, mamba-ssm's compiled scan and return_states=False")
+    if chosen == "triton":
+        return _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus)
     return selective_scan_fast(u, delta, A, B, C, D, z, delta_softplus, return_states)
