@@ -1,7 +1,8 @@
-"""Start OuroMamba Studio: ``python app.py [--host HOST] [--port PORT] [--checkpoint FILE]``.
+"""Start OuroMamba Studio: ``python app.py [--host HOST] [--port PORT] [--checkpoint FILE] [--data FOLDER]``.
 
-Serves on 127.0.0.1 unless told otherwise, and never phones home. A bad checkpoint prints one line and
-exits with 2, like the CLI.
+Serves on 127.0.0.1 unless told otherwise, and never phones home. The checkpoint (and data folder) is what every
+browser session starts on; each can load another in the Model tab. A bad checkpoint prints one line and exits
+with 2, like the CLI.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--checkpoint", help="Vim checkpoint to show (default: the embedded default model)")
+    parser.add_argument("--checkpoint", help="Vim checkpoint every session starts on (default: the embedded default "
+                                             "model); any architecture, each session can load another in the page")
+    parser.add_argument("--data", help="its test images: a folder with one sub-folder per class (default: "
+                                       "Fashion-MNIST's test split for models of its shape, none for others)")
     return parser.parse_args(argv)
 
 
@@ -32,13 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from app.ui import DEFAULT_CHECKPOINT, build_app  # imports gradio, so only after the defaults above
     from core.errors import StudioError
+    from core.workspace import MAX_CHECKPOINT_BYTES
 
     try:
-        demo = build_app(args.checkpoint or DEFAULT_CHECKPOINT)
+        demo = build_app(args.checkpoint or DEFAULT_CHECKPOINT, args.data)
     except StudioError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT).launch(server_name=args.host, server_port=args.port)
+    # uploads larger than any checkpoint the studio loads are refused while they arrive, before they fill the disk
+    demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT).launch(server_name=args.host, server_port=args.port,
+                                                                   max_file_size=MAX_CHECKPOINT_BYTES)
     return 0
 
 

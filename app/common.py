@@ -1,4 +1,6 @@
-"""What every tab shares: the loaded model, per-tab runs that can be cancelled, and message formatting."""
+"""What every tab shares: per-tab runs that can be cancelled, range checks, images for galleries and message
+formatting. The session's model and data (a :class:`core.workspace.Workspace`) live in a ``gr.State`` made by
+:func:`app.ui.build_app` and passed to every tab."""
 
 from __future__ import annotations
 
@@ -10,16 +12,10 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from core.models import VisionMamba
-
-
-@dataclass
-class Studio:
-    """The checkpoint the app was started on, loaded once, and its card (None when it has none)."""
-
-    checkpoint: Path
-    model: VisionMamba
-    card: dict | None
+from core.data import BUILTIN_SOURCES
+from core.errors import StudioError
+from core.gen import saved_sets
+from core.workspace import Workspace, fits_fashion_mnist
 
 
 @dataclass
@@ -67,12 +63,47 @@ def sets_dir() -> Path:
     return Path(os.environ.get(SETS_DIR_ENV) or REPOSITORY / "results" / "app_sets")
 
 
-GALLERY_ZOOM = 4  # 28×28 images shown as 112×112, nearest neighbour: every pixel stays visible
+def calibration_choices() -> list[str]:
+    """The built-in sources, then every saved set: this session's (Synthesize) and the committed evidence sets."""
+    return [*BUILTIN_SOURCES, *(str(folder) for folder in saved_sets(sets_dir(), COMMITTED_SETS))]
+
+
+def default_calibration(workspace: Workspace) -> str:
+    """Real images where there are real calibration images for the model (Fashion-MNIST's), else noise."""
+    return "real" if fits_fashion_mnist(workspace.model.cfg) else "noise"
+
+
+def calibration_dropdown(workspace: Workspace, **options) -> gr.Dropdown:
+    """A calibration-source box: real, noise, a set saved by Synthesize, or a typed folder of images; sets saved
+    since the page loaded appear when it is opened."""
+    box = gr.Dropdown(calibration_choices(), value=default_calibration(workspace), allow_custom_value=True,
+                      **options)
+    box.focus(lambda: gr.update(choices=calibration_choices()), None, box, api_visibility="private")
+    return box
+
+
+GALLERY_SIZE = 112  # 28×28 images shown 4× as 112×112, nearest neighbour: every pixel stays visible
 
 
 def zoom(pixels: np.ndarray) -> np.ndarray:
-    """An image enlarged for a gallery without blurring its pixels."""
-    return pixels.repeat(GALLERY_ZOOM, axis=0).repeat(GALLERY_ZOOM, axis=1)
+    """A small image enlarged for a gallery without blurring its pixels (images of 112 px and more as they are)."""
+    factor = max(1, GALLERY_SIZE // pixels.shape[0])
+    return pixels.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def slider_top(last: int, first: int = 0) -> int:
+    """A slider's maximum for the values first..last: gradio wants maximum > minimum, so a one-layer model's
+    slider still offers 0..1, and the job says that 1 is out of range."""
+    return max(last, first + 1)
+
+
+def in_range(name: str, value: float | None, low: float, high: float) -> float:
+    """``value`` when it lies in [low, high], else a one-line :class:`StudioError` that names the setting and its
+    range: typed numbers reach the job unchecked, and the tab's status line says what is wrong."""
+    if value is None or not low <= value <= high:
+        typed = "nothing" if value is None else int(value) if float(value).is_integer() else value
+        raise StudioError(f"{name} must be from {low:,g} to {high:,g} (got {typed})")
+    return value
 
 
 def error(message: object) -> str:

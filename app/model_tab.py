@@ -1,23 +1,24 @@
-"""The Model tab: the model card and an FP32 evaluation with a progress bar and a per-tab Cancel."""
+"""The Model tab: choose this session's checkpoint and evaluation data, see its card, and evaluate FP32 accuracy
+with a progress bar and a per-tab Cancel."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
 
-from app.common import Run, Studio, cell, error, stopped, wire_run
-from core.data import load_fashion_mnist
-from core.default_model import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE
+from app.common import Run, cell, error, in_range, stopped, wire_run
+from core.default_model import CARD_FILE, DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
-from core.models import VisionMamba
+from core.workspace import Workspace, architecture, default_workspace, fits_fashion_mnist, open_workspace
 
-DEFAULT_CHECKPOINT = DEFAULT_MODEL_DIR / WEIGHTS_FILE
-TEST_IMAGES = 10_000  # size of Fashion-MNIST's test split
 DEFAULT_COUNT = 1_000
 # small batches so that the bar moves and Cancel takes effect within a fraction of a second on a CPU
 BATCH_SIZE = 100
+CHECKPOINT_TYPES = [".pth", ".pt", ".bin", ".safetensors"]
 
 
 def _code(value: str | None) -> str | None:
@@ -28,13 +29,26 @@ def _percent(value: float | None) -> str | None:
     return None if value is None else f"{value:.2f} %"
 
 
-def card_markdown(checkpoint: Path, model: VisionMamba, card: dict | None) -> str:
+def workspace_markdown(workspace: Workspace) -> str:
+    """One line: which model this session works on and what it is evaluated on."""
+    cfg = workspace.model.cfg
+    if workspace.data is not None:
+        data = f"{len(workspace.data):,} test images from {workspace.data.source}"
+    else:
+        why = workspace.no_data if fits_fashion_mnist(cfg) else "give a test images folder in the Model tab"
+        data = f"none — {why} (Synthesize needs none; Outliers then inspects noise images)"
+    return f"**Model:** `{cell(workspace.name)}` ({architecture(cfg)}) · **Data:** {cell(data)}"
+
+
+def card_markdown(workspace: Workspace) -> str:
     """The model card as a table; architecture and size come from the loaded weights, which cannot be stale."""
-    where = f"`{cell(checkpoint)}`"
-    if checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve():
+    model, card = workspace.model, workspace.card
+    where = f"`{cell(workspace.label)}`"
+    if workspace.is_default:
         where = f"the embedded default model (`{DEFAULT_CHECKPOINT.relative_to(DEFAULT_MODEL_DIR.parent.parent)}`)"
     config = ", ".join(f"{key}={value}" for key, value in model.cfg.to_dict().items())
-    rows = [("Architecture", f"`{config}`"), ("Parameters", f"{sum(p.numel() for p in model.parameters()):,}")]
+    rows = [("Architecture", f"`{config}`"), ("Parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+            ("Evaluation data", workspace.data_label)]
     if card is not None:
         trained = ", ".join(str(card[key]) for key in ("train_device", "date") if key in card) or None
         test_top1 = _percent(card.get("test_top1")) or "not measured yet (`python -m core.cli card-eval`)"
@@ -43,7 +57,7 @@ def card_markdown(checkpoint: Path, model: VisionMamba, card: dict | None) -> st
                 ("Reproduce with", _code(card.get("reproduce_command"))),
                 ("Seed", card.get("seed")), ("Data", card.get("data")), ("Trained on", trained),
                 ("Validation top-1", _percent(card.get("val_top1"))),
-                (f"Test top-1 (FP32, all {TEST_IMAGES:,} images)", test_top1)]
+                ("Test top-1 (FP32, the whole test split)", test_top1)]
         if "status" in card:
             rows.append(("Status", card["status"]))
     table = "\n".join([f"| **Checkpoint** | {where} |", "|---|---|",
@@ -52,28 +66,65 @@ def card_markdown(checkpoint: Path, model: VisionMamba, card: dict | None) -> st
     return f"## Model\n\n{table}{note}"
 
 
-def result_markdown(result: EvalResult, cached: bool) -> str:
-    """Accuracy with its provenance: how many images, how long, and on which hardware."""
+def result_markdown(result: EvalResult, workspace: Workspace, cached: bool) -> str:
+    """Accuracy with its provenance: which model, how many images, how long, and on which hardware."""
     kind = "a CPU timing" if result.device.startswith("CPU") else "a GPU timing"
-    again = " Cached: measured earlier with the same checkpoint and count." if cached else ""
+    again = " Cached: measured earlier with the same checkpoint, data and count." if cached else ""
     return (f"### Top-1: {result.top1:.2f} %\n\n"
-            f"{result.correct:,} / {result.total:,} correct on the first {result.total:,} test images "
-            f"({result.data}).\n\n"
+            f"`{cell(workspace.name)}`: {result.correct:,} / {result.total:,} correct on the first {result.total:,} "
+            f"test images ({result.data}).\n\n"
             f"Time: {result.seconds:.2f} s on {result.device}, {kind}.{again}")
 
 
-def build_model_tab(studio: Studio) -> None:
+def count_box(workspace: Workspace) -> dict:
+    """A test-images box's value and hint for this workspace (Model's and Quantize's): the default count within
+    its range."""
+    if workspace.data is None:
+        return {"value": None, "info": "No test images for this model: give a test images folder in the Model tab"}
+    total = len(workspace.data)
+    return {"value": min(DEFAULT_COUNT, total), "info": f"The first N of the {total:,} test images (1 to {total:,})"}
+
+
+def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
+    """The tab that sets ``workspace`` (this browser session's model and data) and evaluates it."""
     results: dict[tuple[str, int], EvalResult] = {}
 
-    def run_evaluation(count: int | None, run: Run | None,
+    def load(path: str | None, upload: str | None, data_folder: str | None, current: Workspace,
+             progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Workspace, str]]:  # noqa: B008 (gradio's hook)
+        """Open the uploaded file, else the typed path, with the data folder if one is given. On any problem
+        the session keeps its model and the status line says why."""
+        path, folder = (path or "").strip(), (data_folder or "").strip() or None
+        if not upload and not path:
+            yield current, error("type the path of a checkpoint on this machine or upload one")
+            return
+        shown = f"uploaded {Path(upload).name}" if upload else path
+        yield current, f"Loading `{cell(shown)}`…"
+        start = time.perf_counter()
+        try:
+            loaded = open_workspace(upload or path, folder, shown_as=shown if upload else None,
+                                    progress=lambda done, total: progress((done, total), desc="Reading images",
+                                                                          unit="images"))
+        except StudioError as err:
+            yield current, error(f"{err}. Still working on `{cell(current.name)}`.")
+            return
+        yield loaded, (f"Loaded `{cell(loaded.label)}` in {time.perf_counter() - start:.1f} s. This browser tab "
+                       "works on it now; other browser tabs keep theirs.")
+
+    def use_default() -> tuple[Workspace, str]:
+        return default_workspace(), "Back on the embedded default model and Fashion-MNIST's test images."
+
+    def run_evaluation(ws: Workspace, count: float | None, run: Run | None,
                        progress: gr.Progress = gr.Progress()) -> tuple[str, dict | None]:  # noqa: B008 (gradio's hook)
         """Top-1 of the first ``count`` test images, as text for people and a record for the API."""
-        if count is None or not 1 <= count <= TEST_IMAGES:
-            return error(f"the number of test images must be from 1 to {TEST_IMAGES:,} (got {count})."), None
-        count = int(count)
-        key = (str(studio.checkpoint), count)
+        try:
+            data = ws.test_data("evaluating")
+            count = int(in_range("the number of test images", count, 1, len(data)))
+        except StudioError as err:
+            return error(err), None
+        key = (ws.fingerprint, count)
         if key in results:
-            return result_markdown(results[key], cached=True), {**results[key].to_dict(), "cached": True}
+            return result_markdown(results[key], ws, cached=True), {**results[key].to_dict(), **ws.provenance(),
+                                                                    "cached": True}
         run = run or Run()  # API calls come without a tab, hence without an armed run
 
         def report(done: int, total: int) -> None:
@@ -81,8 +132,8 @@ def build_model_tab(studio: Studio) -> None:
 
         report(0, count)
         try:
-            result = evaluate(studio.model, load_fashion_mnist("test").subset(count), batch_size=BATCH_SIZE,
-                              progress=report, cancel=run.cancel)
+            result = evaluate(ws.model, data.subset(count), batch_size=BATCH_SIZE, progress=report,
+                              cancel=run.cancel)
         except Cancelled as err:
             return stopped(err), None
         except StudioError as err:
@@ -90,16 +141,36 @@ def build_model_tab(studio: Studio) -> None:
         finally:
             run.done = True
         results[key] = result
-        return result_markdown(result, cached=False), {**result.to_dict(), "cached": False}
+        return result_markdown(result, ws, cached=False), {**result.to_dict(), **ws.provenance(), "cached": False}
 
-    gr.Markdown(card_markdown(studio.checkpoint, studio.model, studio.card), elem_id="model-card")
+    gr.Markdown("## Choose the model\n\nA Vim checkpoint (an official `.pth`, a plain state dict or `.safetensors`) "
+                "and, optionally, a folder of labelled test images (one sub-folder per class, ImageNet-val style; "
+                "images of any size are resized to the model's input). The choice holds for this browser tab only.")
+    with gr.Row(equal_height=True):
+        path = gr.Textbox(label="Checkpoint on this machine", placeholder="/path/to/vim_t_midclstok_76p1acc.pth",
+                          elem_id="ws-path", scale=3)
+        upload = gr.File(label="…or upload one (used instead of the path)", file_types=CHECKPOINT_TYPES,
+                         type="filepath", elem_id="ws-upload", scale=2, height=110)
+    with gr.Row(equal_height=True):
+        data_folder = gr.Textbox(label="Test images folder (optional)", placeholder="/path/to/imagenet/val",
+                                 info="Without one, models of Fashion-MNIST's shape use its test split",
+                                 elem_id="ws-data", scale=3)
+        load_button = gr.Button("Load", variant="primary", elem_id="ws-load", scale=1)
+        default_button = gr.Button("Default model", elem_id="ws-default", scale=1)
+    status = gr.Markdown("Type a path or upload a checkpoint, then press **Load**.", elem_id="ws-status")
+    card = gr.Markdown(card_markdown(startup), elem_id="model-card")
     gr.Markdown("## Evaluate FP32 accuracy")
     with gr.Row(equal_height=True):
-        count = gr.Number(DEFAULT_COUNT, label="Test images", precision=0, elem_id="eval-count", scale=2,
-                          info=f"The first N of Fashion-MNIST's {TEST_IMAGES:,} test images (1 to {TEST_IMAGES:,})")
+        count = gr.Number(label="Test images", precision=0, elem_id="eval-count", scale=2, **count_box(startup))
         run_button = gr.Button("Run", variant="primary", elem_id="eval-run")
         cancel_button = gr.Button("Cancel", variant="stop", elem_id="eval-cancel")
     result = gr.Markdown("Choose how many test images to use and press **Run**.", elem_id="eval-result")
     with gr.Accordion("Record (JSON)", open=False):
         record = gr.JSON(show_label=False)
-    wire_run(run_button, cancel_button, gr.State(), run_evaluation, [count], [result, record], "evaluate")
+    # loading waits for no job (its own queue lane), and two loads never compete for memory
+    load_button.click(load, [path, upload, data_folder, workspace], [workspace, status], api_name="load_model",
+                      concurrency_limit=1, concurrency_id="load")
+    default_button.click(use_default, None, [workspace, status], api_name="default_model", concurrency_limit=None)
+    wire_run(run_button, cancel_button, gr.State(), run_evaluation, [workspace, count], [result, record], "evaluate")
+    workspace.change(lambda ws: (card_markdown(ws), gr.update(**count_box(ws)), "Press **Run** to evaluate it.", None),
+                     workspace, [card, count, result, record], api_visibility="private", concurrency_limit=None)

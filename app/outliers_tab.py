@@ -8,8 +8,17 @@ import plotly.express as px
 import plotly.graph_objects as go
 import torch
 
-from app.common import Run, Studio, error, stopped, wire_run
-from core.data import calibration_images, load_fashion_mnist
+from app.common import (
+    Run,
+    calibration_dropdown,
+    default_calibration,
+    error,
+    in_range,
+    slider_top,
+    stopped,
+    wire_run,
+)
+from core.data import calibration_images
 from core.errors import StudioError
 from core.eval import Cancelled
 from core.intercept import DIRECTIONS, SHARED_TENSORS, Site
@@ -24,6 +33,7 @@ from core.observe import (
 )
 from core.quant import QuantConfig, QuantizedVim, ReconstructionConfig, quantize
 from core.quant.outliers import most_frequent_channels
+from core.workspace import Workspace
 
 TENSORS = {
     "in_proj input (normed hidden state)": "in_proj.input",
@@ -36,6 +46,8 @@ TENSORS = {
 }
 ALL_IMAGES = "max over all images"
 MAX_IMAGES = 256
+K_RANGE = (0.5, 8)
+READY = "Press **Calibrate & capture** (under a minute on 2 CPU cores for the default model)."
 
 EXPLAIN = """\
 **Time-steps.** Mamba reads the image as a sequence of patch tokens (row by row, with the CLS token in the
@@ -51,12 +63,17 @@ once, as many channels as the dynamic rule flags per token) misses channels that
 
 class Inspection:
     """A model calibrated for inspection (inlier scales S^I(t) only, no reconstruction) and the tensors
-    entering its quantizers for the first N test images. Made once per setting, shared read-only by tabs."""
+    entering its quantizers for the first N test images (noise images for a model without test images).
+    Made once per model and setting, shared read-only by tabs; ``kind`` names the images ('test', 'noise')."""
 
-    def __init__(self, qmodel: QuantizedVim, images: torch.Tensor, label: str):
-        self.qmodel, self.images, self.label = qmodel, images, label
+    def __init__(self, qmodel: QuantizedVim, images: torch.Tensor, label: str, kind: str):
+        self.qmodel, self.images, self.label, self.kind = qmodel, images, label, kind
         self.inputs = capture_quantizer_inputs(qmodel, images)
         self.summary = dynamic_outlier_summary(qmodel, images)
+
+
+def _refresh_range(workspace: Workspace) -> str:
+    return f"1 to {workspace.model.cfg.seq_len} (the model's sequence length)"
 
 
 def _site(layer: int, tensor: str, direction: str) -> str:
@@ -108,30 +125,35 @@ def summary_figure(summary: pd.DataFrame) -> go.Figure:
     return figure
 
 
-def build_outliers_tab(studio: Studio) -> None:
-    model, cfg = studio.model, studio.model.cfg
+def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
+    """The tab; the layer and n_refresh ranges follow ``workspace``'s architecture."""
+    cfg = startup.model.cfg
     inspections: dict[tuple, Inspection] = {}
 
-    def prepare(a_bits: str, calib: str, n_calib: float, n_images: float, seed: float, run: Run | None,
-                progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
-        """Calibrate the inlier scales and capture the quantizer inputs of the first N test images."""
+    def prepare(ws: Workspace, a_bits: str, calib: str, n_calib: float, n_images: float, seed: float | None,
+                run: Run | None, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
+        """Calibrate the inlier scales of this session's model and capture its quantizer inputs on the first N
+        test images (noise images when it has none)."""
         run = run or Run()
         try:
-            if not (1 <= n_images <= MAX_IMAGES and 1 <= n_calib <= MAX_IMAGES):
-                raise StudioError(f"calibration and test images must be 1–{MAX_IMAGES} (got {n_calib} and {n_images})")
-            key = (int(a_bits), calib, int(n_calib), int(n_images), int(seed))
+            n_calib = int(in_range("calibration images", n_calib, 1, MAX_IMAGES))
+            n_images = int(in_range("images to inspect", n_images, 1, MAX_IMAGES))
+            if seed is None:
+                raise StudioError("the seed needs a value")
+            key = (ws.fingerprint, int(a_bits), calib, n_calib, n_images, int(seed))
             if key not in inspections:
+                model_cfg = ws.model.cfg
                 progress(0, desc="Calibrating inlier scales")
-                calib_images = calibration_images(calib, int(n_calib), int(seed), cfg.img_size, cfg.in_chans)
+                calib_images = calibration_images(calib, n_calib, int(seed), model_cfg.img_size, model_cfg.in_chans)
                 config = QuantConfig(method="ouromamba", w_bits=4, a_bits=int(a_bits),
                                      reconstruction=ReconstructionConfig(epochs=0))
-                qmodel = quantize(model, config, calib_images, cancel=run.cancel,
+                qmodel = quantize(ws.model, config, calib_images, cancel=run.cancel,
                                   progress=lambda stage, done, total, _: progress((done, total), desc=stage))
                 progress(1, desc="Capturing activations")
-                images = load_fashion_mnist("test").normalized(0, int(n_images))
-                label = (f"A{a_bits} inlier scales from {int(n_calib)} {calib} images (seed {int(seed)}); "
-                         f"statistics of the first {int(n_images)} test images")
-                inspections[key] = Inspection(qmodel, images, label)
+                images, described = ws.inspection_images(n_images, int(seed))
+                label = (f"A{a_bits} inlier scales from {n_calib} {calib} images (seed {int(seed)}); "
+                         f"statistics of {described}")
+                inspections[key] = Inspection(qmodel, images, label, "test" if ws.data is not None else "noise")
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip(), gr.skip()
         except StudioError as err:
@@ -143,16 +165,20 @@ def build_outliers_tab(studio: Studio) -> None:
         return (f"Ready: {inspection.label}.", summary_figure(inspection.summary), key,
                 gr.update(choices=choices, value="image #0"))
 
-    def show(key: tuple | None, layer: float, tensor: str, direction: str, image: str, k: float,
-             n_refresh: float) -> tuple:
-        if key is None or tuple(key) not in inspections:
+    def show(ws: Workspace, key: tuple | None, layer: float, tensor: str, direction: str, image: str,
+             k: float | None, n_refresh: float | None) -> tuple:
+        """Outlier detection with this k and n_refresh on the captured tensors: milliseconds, so it runs live."""
+        if key is None or tuple(key) not in inspections or key[0] != ws.fingerprint:
             return "Press **Calibrate & capture** first.", None, None, None
         inspection = inspections[tuple(key)]
+        model_cfg = ws.model.cfg
         try:
-            site = _site(int(layer), TENSORS[tensor], direction)
+            k = in_range("k", k, *K_RANGE)
+            n_refresh = int(in_range("n_refresh", n_refresh, 1, model_cfg.seq_len))
+            site = _site(int(in_range("the layer", layer, 0, model_cfg.depth - 1)), TENSORS[tensor], direction)
             x = inspection.inputs[site]
             chosen = None if image == ALL_IMAGES else int(image.split("#")[1])
-            rule = rule_of(quantizer_at(inspection.qmodel, site), k=float(k), n_refresh=int(n_refresh))
+            rule = rule_of(quantizer_at(inspection.qmodel, site), k=float(k), n_refresh=n_refresh)
             timeline = outlier_timeline(x, rule, image=chosen)
             mask = timeline.mask
             static = most_frequent_channels(mask)
@@ -160,41 +186,43 @@ def build_outliers_tab(studio: Studio) -> None:
                                         mask if chosen is None else mask[chosen:chosen + 1], static)
         except (StudioError, KeyError, ValueError, IndexError) as err:
             return error(err), None, None, None
-        shown = "max over images" if chosen is None else f"test image #{chosen}"
+        shown = "max over images" if chosen is None else f"{inspection.kind} image #{chosen}"
         per_token = timeline.steps["outlier_channels"].mean()
         windows = timeline.windows
         moving = ("one window only: nothing to compare" if len(windows) < 2 else
                   f"{windows['new_channels_vs_previous_window'].mean():.1f} of them new versus the previous window")
         text = (f"**{site}**, {shown}: {per_token:.1f} of {x.shape[-1]} channels per token are outliers "
-                f"(k = {k:g}, n_refresh = {int(n_refresh)}); a window's O_list holds "
+                f"(k = {k:g}, n_refresh = {n_refresh}); a window's O_list holds "
                 f"{windows['olist_size'].mean():.1f} channels, {moving}. A static list of the "
                 f"{int(static.sum())} most frequent outlier channel(s) misses {misses['missed'].mean():.1f} "
                 f"outlier channels per token. ({inspection.label}.)")
         title = f"|x| at {site} ({shown}); red: detected outliers; dotted: window starts"
-        return (text, heatmap_figure(x, mask, chosen, int(n_refresh), title), windows_figure(timeline.windows),
+        return (text, heatmap_figure(x, mask, chosen, n_refresh, title), windows_figure(timeline.windows),
                 misses_figure(misses))
 
     gr.Markdown(EXPLAIN)
     with gr.Row(equal_height=True):
         a_bits = gr.Dropdown(["4", "6", "8"], value="4", label="Inlier bits", scale=1,
                              info="Sets the calibrated inlier scale that triggers detection.")
-        calib = gr.Radio(["real", "noise"], value="real", label="Calibration source", scale=1)
+        calib = calibration_dropdown(startup, label="Calibration source", scale=2)
         n_calib = gr.Slider(1, MAX_IMAGES, 64, step=1, label="Calibration images", scale=2)
-        n_images = gr.Slider(1, MAX_IMAGES, 32, step=1, label="Test images to inspect", scale=2)
+        n_images = gr.Slider(1, MAX_IMAGES, 32, step=1, label="Images to inspect", scale=2,
+                             info="The first test images (noise images for a model without any)")
         seed = gr.Number(0, label="Seed", precision=0, scale=1)
         prepare_button = gr.Button("Calibrate & capture", variant="primary", elem_id="outliers-prepare", scale=1)
         cancel_button = gr.Button("Cancel", variant="stop", scale=1)
-    status = gr.Markdown("Press **Calibrate & capture** (under a minute on 2 CPU cores).", elem_id="outliers-status")
+    status = gr.Markdown(READY, elem_id="outliers-status")
     with gr.Row():
-        layer = gr.Slider(0, cfg.depth - 1, 1, step=1, label="Layer")
+        layer = gr.Slider(0, slider_top(cfg.depth - 1), min(1, cfg.depth - 1), step=1, label="Layer")
         tensor = gr.Dropdown(list(TENSORS), value="x_proj input (u, after conv1d + SiLU)", label="Tensor")
         direction = gr.Radio(list(DIRECTIONS), value=DIRECTIONS[0], label="Scan direction",
                              info="in_proj/out_proj inputs are shared by both.")
         image = gr.Dropdown([ALL_IMAGES, *(f"image #{i}" for i in range(8))], value="image #0", label="Image")
     with gr.Row():
-        k = gr.Slider(0.5, 8, 3, step=0.25, label="k (threshold = mean + k·std)", elem_id="outliers-k")
-        n_refresh = gr.Slider(1, cfg.seq_len, 10, step=1, label="n_refresh (window length in time-steps)",
-                              elem_id="outliers-refresh")
+        k = gr.Number(3, step=0.25, label="k (threshold = mean + k·std)", elem_id="outliers-k",
+                      info=f"{K_RANGE[0]:g} to {K_RANGE[1]:g}; the arrows step by 0.25")
+        n_refresh = gr.Number(10, precision=0, label="n_refresh (window length in time-steps)",
+                              elem_id="outliers-refresh", info=_refresh_range(startup))
     text = gr.Markdown(elem_id="outliers-text")
     heatmap = gr.Plot(label="Outliers over time", elem_id="outliers-heatmap")
     with gr.Row():
@@ -202,11 +230,21 @@ def build_outliers_tab(studio: Studio) -> None:
         misses = gr.Plot(label="Static list", elem_id="outliers-misses")
     summary = gr.Plot(label="Per-site summary", elem_id="outliers-summary")
     key = gr.State()
-    view_inputs = [key, layer, tensor, direction, image, k, n_refresh]
+    view_inputs = [workspace, key, layer, tensor, direction, image, k, n_refresh]
     view_outputs = [text, heatmap, windows, misses]
     run_state = gr.State()
-    wire_run(prepare_button, cancel_button, run_state, prepare, [a_bits, calib, n_calib, n_images, seed],
+    wire_run(prepare_button, cancel_button, run_state, prepare, [workspace, a_bits, calib, n_calib, n_images, seed],
              [status, summary, key, image], "outliers_prepare")
+
+    def follow(ws: Workspace) -> tuple:
+        """A new model: its ranges, and nothing of the previous model's on screen (clearing the key clears
+        the views)."""
+        depth = ws.model.cfg.depth
+        return READY, None, None, gr.update(maximum=slider_top(depth - 1), value=min(1, depth - 1)), \
+            gr.update(info=_refresh_range(ws)), default_calibration(ws)
+
+    workspace.change(follow, workspace, [status, summary, key, layer, n_refresh, calib], api_visibility="private",
+                     concurrency_limit=None)
     # detection is milliseconds: every control re-runs it live (k's event doubles as the API endpoint)
     k.change(show, view_inputs, view_outputs, api_name="outliers_view")
     for control in (key, layer, tensor, direction, image, n_refresh):

@@ -5,7 +5,7 @@ Two builders share one run log (a JSON-lines file); Quantize appends to it, Comp
 
     runs = runs_file()
     with gr.Tab("Quantize", id="quantize"):
-        record = build_quantize_tab(studio, runs)
+        record = build_quantize_tab(workspace, startup, runs)
     with gr.Tab("Compare", id="compare"):
         build_compare_tab(runs, record)
 
@@ -27,17 +27,18 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import COMMITTED_SETS, Run, Studio, cell, error, sets_dir, stopped, wire_run, zoom
-from app.model_tab import BATCH_SIZE, DEFAULT_COUNT, TEST_IMAGES
-from core.data import BUILTIN_SOURCES, FASHION_MNIST_CLASSES, LabelledImages, load_fashion_mnist
+from app.common import Run, calibration_dropdown, cell, default_calibration, error, in_range, stopped, wire_run, zoom
+from app.model_tab import BATCH_SIZE, count_box
+from core.data import LabelledImages
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
 from core.experiments import RunRecord, append_record, load_records, quantize_and_evaluate, write_records
-from core.gen import saved_sets, to_pixels
+from core.gen import to_pixels
 from core.observe import error_report
 from core.quant import METHODS, QuantConfig, ReconstructionConfig
 from core.quant.config import parse_overrides
 from core.report import FAKE_QUANT_NOTE, accuracy_figure, latency_figure, runs_frame, write_report
+from core.workspace import Workspace
 
 RUNS_DIR_ENV = "OUROMAMBA_RUNS_DIR"
 DEFAULT_RUNS_DIR = Path(__file__).resolve().parent.parent / "results" / "app_runs"
@@ -46,11 +47,9 @@ MAX_CALIB, MAX_EPOCHS = 1024, 100
 ERROR_IMAGES = 32  # SQNR on the first 32 test images: about a second on 2 CPU cores
 MAX_GALLERY = 48
 EXAMPLE_OVERRIDES = '{"layers.0.*": {"w_bits": 8}}'
-
-
-def calibration_choices() -> list[str]:
-    """The built-in sources, then every saved set: this session's (Synthesize) and the committed evidence sets."""
-    return [*BUILTIN_SOURCES, *(str(folder) for folder in saved_sets(sets_dir(), COMMITTED_SETS))]
+READY = ("Choose a configuration and press **Quantize**. On 2 CPU cores, with the default model, 128 calibration "
+         "images and 10 reconstruction epochs take about 3 minutes (the bar moves once per reconstructed block); "
+         "0 epochs and 8 images take seconds.")
 
 
 def runs_file() -> Path:
@@ -94,14 +93,15 @@ def sqnr_figure(report: pd.DataFrame, images: int) -> go.Figure:
     return figure
 
 
-def changed_gallery(test: LabelledImages, fp: list[int], quantized: list[int]) -> list[tuple[np.ndarray, str]]:
+def changed_gallery(test: LabelledImages, fp: list[int], quantized: list[int],
+                    workspace: Workspace) -> list[tuple[np.ndarray, str]]:
     """Test images whose predicted class changed, captioned true / FP / quantized class (first few only)."""
     changed = [i for i, (a, b) in enumerate(zip(fp, quantized, strict=True)) if a != b][:MAX_GALLERY]
     items = []
     for index in changed:
         pixels = to_pixels(test.normalized(index, index + 1))[0]
         classes = (int(test.labels[index]), fp[index], quantized[index])
-        truth, before, after = (FASHION_MNIST_CLASSES[c] for c in classes)
+        truth, before, after = (workspace.class_name(c) for c in classes)
         items.append((zoom(pixels), f"#{index} true {truth} · FP {before} → quantized {after}"))
     return items
 
@@ -114,6 +114,7 @@ def summary_markdown(shown: Shown, cached: bool) -> str:
     overrides = f"`{cell(json.dumps(config['overrides']))}`" if config["overrides"] else "none"
     kind = "CPU fake-quant timings" if r.hardware.startswith("CPU") else "GPU fake-quant timings"
     rows = [("Configuration", f"`{r.method} {r.setting}`, k {config['k']}, n_refresh {config['n_refresh']}"),
+            ("Model", f"`{cell(r.model)}`: `{cell(r.checkpoint)}`"),
             ("Overrides", overrides),
             ("Calibration", f"{calib['images']} `{cell(calib['source'])}` images, seed {calib['seed']}"),
             ("Reconstruction", f"{epochs} epochs" if epochs else "none (clip-searched scales)"),
@@ -126,48 +127,46 @@ def summary_markdown(shown: Shown, cached: bool) -> str:
     table = "\n".join([lines[0], "|---|---|", *lines[1:]])  # the first row is the header, as the model card's
     again = "\n\nCached: this configuration ran earlier in this app with the same seed and images." if cached else ""
     return (f"### Top-1: {r.top1:.2f} % · FP32 {r.fp_top1:.2f} % · Δ {r.delta_vs_fp:+.2f} points\n\n"
-            f"On the first {r.test_images:,} Fashion-MNIST test images; FP32 measured on the same images.\n\n"
+            f"On the first {r.test_images:,} test images of {r.data}; FP32 measured on the same images.\n\n"
             f"{table}\n\n{shown.saved}{again}")
 
 
-def build_quantize_tab(studio: Studio, runs: Path) -> gr.JSON:
-    """The Quantize tab; every fresh run is appended to ``runs``. Returns the record output, which changes
-    after every run (Compare listens to it)."""
-    model = studio.model
+def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> gr.JSON:
+    """The Quantize tab for this session's model; every fresh run is appended to ``runs``. Returns the record
+    output, which changes after every run (Compare listens to it)."""
     cache: dict[str, Shown] = {}
-    fp_results: dict[int, EvalResult] = {}
+    fp_results: dict[tuple[str, int], EvalResult] = {}
 
     def finished(shown: Shown, cached: bool) -> tuple:
         record = {**asdict(shown.record), "cached": cached, "changed_predictions": shown.changed}
         return summary_markdown(shown, cached), shown.figure, shown.gallery, record
 
-    def quantize_run(method: str, w_bits: int, a_bits: int, o_bits: int, k: float, n_refresh: float,
-                     calib_source: str, calib_count: float, epochs: float, seed: float, test_count: float,
-                     overrides: str, run: Run | None,
+    def quantize_run(ws: Workspace, method: str, w_bits: int, a_bits: int, o_bits: int, k: float | None,
+                     n_refresh: float | None, calib_source: str, calib_count: float | None, epochs: float | None,
+                     seed: float | None, test_count: float | None, overrides: str, run: Run | None,
                      progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
         """Quantize with one configuration, evaluate against FP32 on the same test images, log the run."""
         try:
-            if test_count is None or not 1 <= test_count <= TEST_IMAGES:
-                raise StudioError(f"test images must be from 1 to {TEST_IMAGES:,} (got {test_count})")
-            if epochs is None or not 0 <= epochs <= MAX_EPOCHS:
-                raise StudioError(f"reconstruction epochs must be from 0 to {MAX_EPOCHS} (got {epochs})")
-            if None in (k, n_refresh, seed, calib_count):
-                raise StudioError("k, n_refresh, seed and the calibration images need a value")
+            test_split = ws.test_data("comparing the quantized model with FP32")
+            test_count = int(in_range("test images", test_count, 1, len(test_split)))
+            epochs = int(in_range("reconstruction epochs", epochs, 0, MAX_EPOCHS))
+            calib_count = int(in_range("calibration images", calib_count, 1, MAX_CALIB))
+            if None in (k, n_refresh, seed):
+                raise StudioError("k, n_refresh and the seed need a value")
             source = (calib_source or "").strip()
             if not source:
                 raise StudioError("choose a calibration source: real, noise, or a folder of images")
             config = QuantConfig(method=method, w_bits=int(w_bits), a_bits=int(a_bits), o_bits=int(o_bits), k=float(k),
                                  n_refresh=int(n_refresh), overrides=parse_overrides(overrides or ""),
-                                 reconstruction=ReconstructionConfig(epochs=int(epochs), seed=int(seed)))
+                                 reconstruction=ReconstructionConfig(epochs=epochs, seed=int(seed)))
         except (StudioError, TypeError, ValueError) as err:
             return error(err), gr.skip(), gr.skip(), None
-        calib_count, seed, test_count = int(calib_count), int(seed), int(test_count)
-        key = json.dumps({"config": config.to_dict(), "source": source, "calib": calib_count, "seed": seed,
-                          "test": test_count}, sort_keys=True)
+        seed = int(seed)
+        key = json.dumps({"workspace": ws.fingerprint, "config": config.to_dict(), "source": source,
+                          "calib": calib_count, "seed": seed, "test": test_count}, sort_keys=True)
         if key in cache:
             return finished(cache[key], cached=True)
         run = run or Run()  # API calls come without a tab, hence without an armed run
-        test_split = load_fashion_mnist("test")
         test = test_split.subset(test_count)
 
         def evaluating(what: str) -> Callable[[int, int], None]:
@@ -178,18 +177,20 @@ def build_quantize_tab(studio: Studio, runs: Path) -> gr.JSON:
             progress((done, total), desc=desc, unit="sites" if stage == "calibrate" else "blocks")
 
         try:
-            if test_count not in fp_results:
-                fp_results[test_count] = evaluate(model, test, BATCH_SIZE, evaluating("FP32"), run.cancel)
-            fp = fp_results[test_count]
+            fp_key = (ws.fingerprint, test_count)
+            if fp_key not in fp_results:
+                fp_results[fp_key] = evaluate(ws.model, test, BATCH_SIZE, evaluating("FP32"), run.cancel)
+            fp = fp_results[fp_key]
             progress(0, desc="Calibrating")
-            result = quantize_and_evaluate(model, studio.checkpoint.parent.name, config, test, fp.top1, source,
-                                           calib_count, seed, progress=quantizing, cancel=run.cancel,
+            result = quantize_and_evaluate(ws.model, ws.name, config, test, fp.top1, source, calib_count, seed,
+                                           progress=quantizing, cancel=run.cancel,
                                            eval_progress=evaluating("the quantized model"),
-                                           eval_batch_size=BATCH_SIZE)
+                                           eval_batch_size=BATCH_SIZE, checkpoint=ws.label)
             if run.cancel.is_set():
                 raise Cancelled("cancelled before the error report")
             progress(1, desc="Measuring SQNR per quantizer")
-            report = error_report(model, result.qmodel, test_split.normalized(0, ERROR_IMAGES))
+            error_images = min(ERROR_IMAGES, len(test_split))
+            report = error_report(ws.model, result.qmodel, test_split.normalized(0, error_images))
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip(), None
         except StudioError as err:
@@ -203,7 +204,8 @@ def build_quantize_tab(studio: Studio, runs: Path) -> gr.JSON:
         except StudioError as err:
             saved = f"**Not saved:** {err}."
         pairs = list(zip(test.labels.tolist(), fp.predictions, quantized, strict=True))
-        shown = Shown(record, sqnr_figure(report, ERROR_IMAGES), changed_gallery(test, fp.predictions, quantized),
+        shown = Shown(record, sqnr_figure(report, error_images),
+                      changed_gallery(test, fp.predictions, quantized, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
                       broken=sum(f == t and q != t for t, f, q in pairs), saved=saved)
         cache[key] = shown
@@ -224,20 +226,17 @@ def build_quantize_tab(studio: Studio, runs: Path) -> gr.JSON:
                 k = gr.Number(3, label="k (outlier threshold, std devs)", elem_id="quant-k")
                 n_refresh = gr.Number(10, label="n_refresh (time-steps)", precision=0, elem_id="quant-n-refresh")
             with gr.Row():
-                calib_source = gr.Dropdown(calibration_choices(), value="real", allow_custom_value=True,
-                                           label="Calibration source", elem_id="quant-calib-source",
-                                           info="real, noise, a set saved by Synthesize, or type a folder of images")
-                calib_count = gr.Slider(1, MAX_CALIB, 128, step=1, label="Calibration images",
-                                        elem_id="quant-calib-count")
-                # sets saved by Synthesize since the page loaded appear when the list is opened
-                calib_source.focus(lambda: gr.update(choices=calibration_choices()), None, calib_source,
-                                   api_visibility="private")
+                calib_source = calibration_dropdown(startup, label="Calibration source", elem_id="quant-calib-source",
+                                                    info="real, noise, a set saved by Synthesize, or type a folder "
+                                                         "of images")
+                calib_count = gr.Number(128, label="Calibration images", precision=0, elem_id="quant-calib-count",
+                                        info=f"1 to {MAX_CALIB:,}")
             with gr.Row():
                 epochs = gr.Number(10, label="Reconstruction epochs (0 = none)", precision=0, elem_id="quant-epochs",
                                    info=f"0 to {MAX_EPOCHS}")
                 seed = gr.Number(0, label="Seed", precision=0, elem_id="quant-seed")
-                test_count = gr.Number(DEFAULT_COUNT, label="Test images", precision=0, elem_id="quant-test-count",
-                                       info=f"the first N, 1 to {TEST_IMAGES:,}")
+                test_count = gr.Number(label="Test images", precision=0, elem_id="quant-test-count",
+                                       **count_box(startup))
             overrides = gr.Textbox("", label="Per-layer overrides (JSON)", placeholder=EXAMPLE_OVERRIDES, lines=2,
                                    elem_id="quant-overrides",
                                    info='Site patterns → w_bits / a_bits / o_bits, or {"skip": true} to keep them '
@@ -246,18 +245,18 @@ def build_quantize_tab(studio: Studio, runs: Path) -> gr.JSON:
                 run_button = gr.Button("Quantize", variant="primary", elem_id="quant-run")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="quant-cancel")
         with gr.Column(scale=2):
-            summary = gr.Markdown("Choose a configuration and press **Quantize**. On 2 CPU cores, 128 calibration "
-                                  "images and 10 reconstruction epochs take about 3 minutes (the bar moves once per "
-                                  "reconstructed block); 0 epochs and 8 images take seconds.", elem_id="quant-summary")
+            summary = gr.Markdown(READY, elem_id="quant-summary")
             sqnr = gr.Plot(label="SQNR per layer and tensor", elem_id="quant-sqnr")
             gallery = gr.Gallery(label=f"Test images whose prediction changed (first {MAX_GALLERY})", columns=6,
                                  height="auto", elem_id="quant-changed")
             with gr.Accordion("Record: config, calibration, versions, date (JSON)", open=False):
                 record = gr.JSON(show_label=False, elem_id="quant-record")
-    inputs = [method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed, test_count,
-              overrides]
-    wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, [summary, sqnr, gallery, record],
-             "quantize")
+    inputs = [workspace, method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed,
+              test_count, overrides]
+    outputs = [summary, sqnr, gallery, record]
+    wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
+    workspace.change(lambda ws: (READY, None, [], None, default_calibration(ws), gr.update(**count_box(ws))),
+                     workspace, [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)
     return record
 
 

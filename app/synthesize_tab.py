@@ -14,10 +14,11 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import Run, Studio, error, sets_dir, stopped, wire_run, zoom
-from core.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from app.common import Run, cell, error, in_range, sets_dir, slider_top, stopped, wire_run, zoom
 from core.errors import StudioError
 from core.gen import GEN_PRESETS, GenConfig, GenResult, attention_maps, generate, save_generated, to_pixels
+from core.models import VimConfig
+from core.workspace import Workspace
 
 SOURCES = {
     "OuroMamba-Gen (contrastive + output loss)": "ouromamba",
@@ -27,8 +28,12 @@ SOURCES = {
     "Real training images": "real",
 }
 MAX_COUNT, MAX_ITERATIONS = 256, 2000
+MAX_WEIGHT, LR_RANGE = 100, (0.001, 10)
+REAL_EXAMPLES_FROM = 2000  # the first test images searched for one real image of each class
 APP_COUNT = 16  # the page's default: a first look in seconds; the interactive preset makes the paper's 128
 INTERACTIVE, FIDELITY = GEN_PRESETS["interactive"], GEN_PRESETS["fidelity"]
+READY = ("Pick a source and press **Synthesize**. The defaults (16 images, 20 iterations) take seconds on 2 CPU cores "
+         "for the default model; the paper's schedule is 128 images × 1000 iterations.")
 
 EXPLAIN = """\
 **How OuroMamba-Gen works.** The images *are* the trainable variables: they start as Gaussian noise and are
@@ -47,32 +52,33 @@ loss sees). The forward scan only sees tokens before the query, the backward sca
 """
 
 
-def _class_name(label: int | None) -> str:
-    return "—" if label is None else FASHION_MNIST_CLASSES[label]
-
-
-def gallery_items(result: GenResult) -> list[tuple[np.ndarray, str]]:
+def gallery_items(result: GenResult, workspace: Workspace) -> list[tuple[np.ndarray, str]]:
     """Final images with target class, FP prediction and confidence in the caption."""
+    name = workspace.class_name
     items = []
     for index, (pixels, target, prediction, confidence) in enumerate(zip(
             to_pixels(result.images), result.targets, result.predictions, result.confidences, strict=True)):
-        label = (f"#{index} {_class_name(prediction)} · FP {confidence:.2f}" if target is None else
-                 f"#{index} target {_class_name(target)} · FP {confidence:.2f}"
-                 + ("" if prediction == target else f" (predicts {_class_name(prediction)})"))
+        label = (f"#{index} {name(prediction)} · FP {confidence:.2f}" if target is None else
+                 f"#{index} target {name(target)} · FP {confidence:.2f}"
+                 + ("" if prediction == target else f" (predicts {name(prediction)})"))
         items.append((zoom(pixels), label))
     return items
 
 
-def real_examples(result: GenResult) -> list[tuple[np.ndarray, str]]:
-    """One real test image for each class the set targets, to set the synthetic ones beside."""
+def real_examples(result: GenResult, workspace: Workspace) -> list[tuple[np.ndarray, str]]:
+    """One real test image for each class the set targets (among the first test images), to set the synthetic
+    ones beside; none when the model has no test images (Gen itself needs no data)."""
     classes = sorted({t for t in result.targets if t is not None})
-    if not classes:
+    if not classes or workspace.data is None:
         return []
-    test = load_fashion_mnist("test").subset(2000)
+    test = workspace.data.subset(REAL_EXAMPLES_FROM)
     items = []
     for label in classes:
-        index = int((test.labels == label).nonzero()[0, 0])
-        items.append((zoom(to_pixels(test.normalized(index, index + 1))[0]), f"real {_class_name(label)}"))
+        found = (test.labels == label).nonzero()
+        if len(found):
+            index = int(found[0, 0])
+            items.append((zoom(to_pixels(test.normalized(index, index + 1))[0]),
+                          f"real {workspace.class_name(label)}"))
     return items
 
 
@@ -90,7 +96,11 @@ def loss_figure(history: list[dict[str, float]], title: str) -> go.Figure:
 def attention_figure(image: np.ndarray, maps: dict, query: int | str, grid: int, title: str) -> go.Figure:
     """The image and the plain/enhanced maps (each scaled to its own maximum), the query patch marked."""
     figure = make_subplots(1, 3, subplot_titles=("image", "plain α (query row)", "enhanced α_p (neighbourhood)"))
-    figure.add_heatmap(z=image[::-1], colorscale="gray", showscale=False, row=1, col=1)
+    if image.ndim == 3:  # RGB: plotted top row first, so flip it like the heatmaps' rows
+        figure.add_image(z=image[::-1], row=1, col=1)
+        figure.update_yaxes(autorange=True, row=1, col=1)
+    else:
+        figure.add_heatmap(z=image[::-1], colorscale="gray", showscale=False, row=1, col=1)
     for col, name in ((2, "plain"), (3, "enhanced")):
         values = maps[name].numpy()
         figure.add_heatmap(z=(values / max(values.max(), 1e-12))[::-1], colorscale="Viridis", zmin=0, zmax=1,
@@ -106,55 +116,84 @@ def attention_figure(image: np.ndarray, maps: dict, query: int | str, grid: int,
     return figure
 
 
-def _save(result: GenResult) -> tuple[Path, str]:
+def _save(result: GenResult, workspace: Workspace) -> tuple[Path, str]:
     """The set saved as PNGs + manifest.json under the sets folder (Quantize lists it as a calibration source),
-    and the same folder zipped into a fresh temporary folder for the download."""
+    and the same folder zipped into a fresh temporary folder for the download. The name ends with the model's
+    fingerprint: sets of two models never overwrite each other."""
     config = result.config
-    name = f"{config.source}_{len(result.images)}_it{config.iterations}_seed{config.seed}"
+    name = f"{config.source}_{len(result.images)}_it{config.iterations}_seed{config.seed}_{workspace.fingerprint[:8]}"
     folder = save_generated(result, sets_dir() / name)
     archive = shutil.make_archive(str(Path(tempfile.mkdtemp(prefix="ouromamba-gen-")) / name), "zip",
                                   folder.parent, name)
     return folder, archive
 
 
-def _summary(result: GenResult, folder: Path, cached: bool) -> str:
+def _summary(result: GenResult, workspace: Workspace, folder: Path, cached: bool) -> str:
     config = result.config
     hits = sum(p == t for p, t in zip(result.predictions, result.targets, strict=True) if t is not None)
     targeted = sum(t is not None for t in result.targets)
     agreement = f" The FP model predicts the target class for {hits} of {targeted}." if targeted else ""
     again = " Cached: made earlier with the same settings (same seed, same images)." if cached else ""
-    return (f"### {len(result.images)} images from `{config.source}`\n\n"
+    return (f"### {len(result.images)} images from `{config.source}` for `{cell(workspace.name)}`\n\n"
             f"{config.iterations if config.source in ('ouromamba', 'output_only', 'psaq') else 0} iterations, "
             f"seed {config.seed}, {result.seconds:.1f} s on the CPU.{agreement} Mean FP confidence "
             f"{np.mean(result.confidences):.2f}.{again}\n\nSaved as `{folder}`: pick it as the calibration source "
             f"in **Quantize**.")
 
 
-def build_synthesize_tab(studio: Studio) -> None:
-    model, cfg = studio.model, studio.model.cfg
+def _query_tokens(cfg: VimConfig) -> tuple[list[str], str]:
+    """The attention map's query choices for a model (CLS, then every patch) and the default: a patch just
+    below the middle, where the default model's objects are."""
+    patches = [f"patch {i} (row {i // cfg.grid_size}, col {i % cfg.grid_size})" for i in range(cfg.num_patches)]
+    return ["CLS token", *patches], patches[cfg.num_patches // 2 + cfg.grid_size]
+
+
+def _query_position(query: str, cfg: VimConfig) -> int | str:
+    """'CLS token' → 'cls', 'patch 30 (…)' → 30, checked against this model's patches."""
+    if query == "CLS token":
+        return "cls"
+    try:
+        position = int(query.split()[1])
+    except (IndexError, ValueError):
+        raise StudioError(f"the query token must be 'CLS token' or 'patch N', not {query!r}") from None
+    if not 0 <= position < cfg.num_patches:
+        raise StudioError(f"this model has patches 0–{cfg.num_patches - 1}, not {position}")
+    return position
+
+
+def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
+    """The tab; controls that depend on the architecture (top-K, layer, query token) follow ``workspace``."""
+    cfg = startup.model.cfg
     cache: dict[str, GenResult] = {}
 
-    def finished(result: GenResult, cached: bool) -> tuple:
-        folder, archive = _save(result)
-        return (_summary(result, folder, cached), loss_figure(result.history, "losses (mean over batches)"),
-                gallery_items(result), real_examples(result), result.manifest(), archive, result)
+    def finished(ws: Workspace, result: GenResult, cached: bool) -> tuple:
+        folder, archive = _save(result, ws)
+        return (_summary(result, ws, folder, cached), loss_figure(result.history, "losses (mean over batches)"),
+                gallery_items(result, ws), real_examples(result, ws), result.manifest(), archive,
+                (ws.fingerprint, result))
 
     def message(text: str) -> tuple:
         """Only the status changes; whatever the tab showed (a finished set included) stays."""
         return (text, *(gr.skip(),) * 6)
 
-    def synthesize(source: str, count: float, iterations: float, neighbourhood: str, top_k: float,
-                   temperature: float, contrastive_weight: float, output_weight: float, lr: float, seed: float,
-                   run: Run | None, progress: gr.Progress = gr.Progress()):  # noqa: B008 (gradio's hook)
-        """Generate a calibration set; yields live previews and loss curves, then the final set."""
+    def synthesize(ws: Workspace, source: str, count: float | None, iterations: float | None, neighbourhood: str,
+                   top_k: float, temperature: float, contrastive_weight: float | None, output_weight: float | None,
+                   lr: float | None, seed: float | None, run: Run | None,
+                   progress: gr.Progress = gr.Progress()):  # noqa: B008 (gradio's hook)
+        """Generate a calibration set for this session's model; yields live previews and loss curves, then the
+        final set."""
         try:
             if source not in SOURCES:
                 raise StudioError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
-            if not (1 <= count <= MAX_COUNT and 0 <= iterations <= MAX_ITERATIONS):
-                raise StudioError(f"images must be 1–{MAX_COUNT} and iterations 0–{MAX_ITERATIONS} "
-                                  f"(got {count} and {iterations})")
-            config = GenConfig(source=SOURCES[source], count=int(count), iterations=int(iterations),
-                               batch_size=min(int(count), FIDELITY.batch_size), neighbourhood=int(neighbourhood),
+            count = int(in_range("images", count, 1, MAX_COUNT))
+            iterations = int(in_range("iterations", iterations, 0, MAX_ITERATIONS))
+            for name, weight in (("λ contrastive", contrastive_weight), ("λ output", output_weight)):
+                in_range(name, weight, 0, MAX_WEIGHT)
+            in_range("the learning rate", lr, *LR_RANGE)
+            if seed is None:
+                raise StudioError("the seed needs a value")
+            config = GenConfig(source=SOURCES[source], count=count, iterations=iterations,
+                               batch_size=min(count, FIDELITY.batch_size), neighbourhood=int(neighbourhood),
                                top_k=int(top_k), temperature=float(temperature),
                                contrastive_weight=float(contrastive_weight), output_weight=float(output_weight),
                                lr=float(lr), seed=int(seed), preview_every=INTERACTIVE.preview_every,
@@ -163,9 +202,9 @@ def build_synthesize_tab(studio: Studio) -> None:
         except (StudioError, TypeError, ValueError) as err:
             yield message(error(err))
             return
-        key = json.dumps(config.to_dict(), sort_keys=True)
+        key = json.dumps({"workspace": ws.fingerprint, **config.to_dict()}, sort_keys=True)
         if key in cache:
-            yield finished(cache[key], cached=True)
+            yield finished(ws, cache[key], cached=True)
             return
         run = run or Run()
         updates: queue.Queue = queue.Queue()
@@ -173,7 +212,7 @@ def build_synthesize_tab(studio: Studio) -> None:
 
         def work() -> None:
             try:
-                outcome["result"] = generate(model, config, progress=updates.put, cancel=run.cancel)
+                outcome["result"] = generate(ws.model, config, progress=updates.put, cancel=run.cancel)
             except StudioError as err:  # Cancelled included
                 outcome["error"] = err
             finally:
@@ -196,60 +235,66 @@ def build_synthesize_tab(studio: Studio) -> None:
             yield message(stopped(outcome["error"]) if run.cancel.is_set() else error(outcome["error"]))
             return
         cache[key] = outcome["result"]
-        yield finished(outcome["result"], cached=False)
+        yield finished(ws, outcome["result"], cached=False)
 
-    def show_attention(result: GenResult | None, origin: str, index: float, layer: float, direction: str,
-                       query: str, neighbourhood: str) -> tuple[go.Figure | None, str]:
+    def show_attention(ws: Workspace, made: tuple[str, GenResult] | None, origin: str, index: float | None,
+                       layer: float, direction: str, query: str,
+                       neighbourhood: str) -> tuple[go.Figure | None, str]:
+        """Plain and enhanced attention maps of one image of the generated set or of the test images."""
+        model = ws.model
         try:
+            if index is None or index < 0:
+                raise StudioError(f"the image number must be 0 or more (got {index})")
             index = int(index)
             if origin == "generated set":
-                if result is None:
-                    raise StudioError("generate a set first, or pick a test image")
-                if not 0 <= index < len(result.images):
+                if made is None or made[0] != ws.fingerprint:
+                    raise StudioError("generate a set for this model first, or pick a test image")
+                result = made[1]
+                if not index < len(result.images):
                     raise StudioError(f"the set has images #0–#{len(result.images) - 1}, not #{index}")
                 image = result.images[index]
             else:
-                if not 0 <= index < 10_000:
-                    raise StudioError(f"test images are #0–#9999, not #{index}")
-                image = load_fashion_mnist("test").normalized(index, index + 1)[0]
-            position = "cls" if query == "CLS token" else int(query.split()[1])
+                test = ws.test_data("a test image's map")
+                if not index < len(test):
+                    raise StudioError(f"test images are #0–#{len(test) - 1}, not #{index}")
+                image = test.normalized(index, index + 1)[0]
+            position = _query_position(query, model.cfg)
             maps = attention_maps(model, image, int(layer), direction, position, int(neighbourhood))
         except (StudioError, ValueError) as err:
             return None, error(err)
         pixels = to_pixels(image.unsqueeze(0))[0]
         title = f"{origin} #{index}, layer {int(layer)}, {direction} scan, query {query}"
-        return attention_figure(pixels, maps, position, cfg.grid_size, title), ""
+        return attention_figure(pixels, maps, position, model.cfg.grid_size, title), ""
 
     gr.Markdown(EXPLAIN)
     with gr.Row():
         with gr.Column(scale=1):
             source = gr.Radio(list(SOURCES), value=next(iter(SOURCES)), label="Source", elem_id="gen-source")
-            count = gr.Slider(1, MAX_COUNT, APP_COUNT, step=1, label="Images", elem_id="gen-count",
-                              info="The paper calibrates with 128.")
-            iterations = gr.Slider(0, MAX_ITERATIONS, INTERACTIVE.iterations, step=1, label="Iterations",
-                                   elem_id="gen-iterations",
-                                   info="The paper: 1000. On 2 CPU cores ~0.05 s per image and iteration. "
-                                        "From 200 on, random shifts and flips are added.")
+            with gr.Row():
+                count = gr.Number(APP_COUNT, label="Images", precision=0, elem_id="gen-count",
+                                  info=f"1 to {MAX_COUNT}; the paper calibrates with 128.")
+                iterations = gr.Number(INTERACTIVE.iterations, label="Iterations", precision=0,
+                                       elem_id="gen-iterations",
+                                       info=f"0 to {MAX_ITERATIONS}; the paper: 1000. On 2 CPU cores ~0.05 s per "
+                                            "28×28 image and iteration. From 200 on, random shifts and flips.")
             neighbourhood = gr.Dropdown(["1", "3", "5", "7"], value=str(INTERACTIVE.neighbourhood),
                                         label="Neighbourhood (p×p patches)", elem_id="gen-neighbourhood",
                                         info="1 = plain states; 5×5 is the paper's best.")
-            top_k = gr.Slider(1, cfg.num_patches - 1, INTERACTIVE.top_k, step=1, label="Top-K positives",
+            top_k = gr.Slider(1, slider_top(cfg.num_patches - 1, 1), INTERACTIVE.top_k, step=1, label="Top-K positives",
                               info="Patches counted as similar to each anchor patch.")
             temperature = gr.Slider(0.05, 2.0, INTERACTIVE.temperature, step=0.05, label="Temperature τ")
             with gr.Row():
                 contrastive_weight = gr.Number(INTERACTIVE.contrastive_weight, label="λ contrastive",
-                                               minimum=0, maximum=100)
-                output_weight = gr.Number(INTERACTIVE.output_weight, label="λ output", minimum=0, maximum=100)
+                                               info=f"0 to {MAX_WEIGHT}")
+                output_weight = gr.Number(INTERACTIVE.output_weight, label="λ output", info=f"0 to {MAX_WEIGHT}")
             with gr.Row():
-                lr = gr.Number(INTERACTIVE.lr, label="Learning rate", minimum=0.001, maximum=10)
+                lr = gr.Number(INTERACTIVE.lr, label="Learning rate", info=f"{LR_RANGE[0]} to {LR_RANGE[1]}")
                 seed = gr.Number(INTERACTIVE.seed, label="Seed", precision=0)
             with gr.Row():
                 run_button = gr.Button("Synthesize", variant="primary", elem_id="gen-run")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
         with gr.Column(scale=2):
-            status = gr.Markdown("Pick a source and press **Synthesize**. The defaults (16 images, 20 iterations) "
-                                 "take seconds on 2 CPU cores; the paper's schedule is 128 images × 1000 iterations.",
-                                 elem_id="gen-status")
+            status = gr.Markdown(READY, elem_id="gen-status")
             losses = gr.Plot(label="Losses", elem_id="gen-losses")
             gallery = gr.Gallery(label="Synthetic images", columns=8, height="auto", elem_id="gen-gallery")
             real = gr.Gallery(label="Real test images of the same classes", columns=8, height="auto",
@@ -258,24 +303,37 @@ def build_synthesize_tab(studio: Studio) -> None:
                 download = gr.File(label="Download the set (PNGs + manifest.json)", elem_id="gen-download")
             with gr.Accordion("Manifest: config, seed, versions (JSON)", open=False):
                 manifest = gr.JSON(show_label=False)
-    result_state = gr.State()
-    inputs = [source, count, iterations, neighbourhood, top_k, temperature, contrastive_weight, output_weight, lr,
-              seed]
-    wire_run(run_button, cancel_button, gr.State(), synthesize, inputs,
-             [status, losses, gallery, real, manifest, download, result_state], "synthesize")
+    made_state = gr.State()  # (workspace fingerprint, GenResult) of the last finished set
+    inputs = [workspace, source, count, iterations, neighbourhood, top_k, temperature, contrastive_weight,
+              output_weight, lr, seed]
+    set_outputs = [status, losses, gallery, real, manifest, download, made_state]
+    wire_run(run_button, cancel_button, gr.State(), synthesize, inputs, set_outputs, "synthesize")
 
     gr.Markdown("## Implicit-attention maps\n\n" + ATTENTION_EXPLAIN)
+    queries, default_query = _query_tokens(cfg)
     with gr.Row():
         origin = gr.Radio(["generated set", "test set"], value="test set", label="Image from")
         index = gr.Number(0, label="Image #", precision=0)
-        layer = gr.Slider(0, cfg.depth - 1, cfg.depth - 1, step=1, label="Layer")
+        layer = gr.Slider(0, slider_top(cfg.depth - 1), cfg.depth - 1, step=1, label="Layer")
         direction = gr.Radio(["fwd", "bwd"], value="fwd", label="Scan direction")
-        patches = [f"patch {i} (row {i // cfg.grid_size}, col {i % cfg.grid_size})" for i in range(cfg.num_patches)]
-        query = gr.Dropdown(["CLS token", *patches], value=patches[cfg.num_patches // 2 + cfg.grid_size],
-                            label="Query token")
+        query = gr.Dropdown(queries, value=default_query, label="Query token", allow_custom_value=True)
         map_neighbourhood = gr.Dropdown(["3", "5", "7"], value="5", label="Neighbourhood")
         attention_button = gr.Button("Show attention", elem_id="attention-run")
     attention_message = gr.Markdown()
     attention_plot = gr.Plot(label="Attention", elem_id="attention-plot")
-    attention_button.click(show_attention, [result_state, origin, index, layer, direction, query, map_neighbourhood],
+    attention_button.click(show_attention,
+                           [workspace, made_state, origin, index, layer, direction, query, map_neighbourhood],
                            [attention_plot, attention_message], api_name="attention")
+
+    def follow(ws: Workspace) -> tuple:
+        """A new model: its ranges in the controls, and nothing of the previous model's left on screen."""
+        new_cfg = ws.model.cfg
+        new_queries, new_default = _query_tokens(new_cfg)
+        return (READY, None, [], [], None, None, None,
+                gr.update(maximum=slider_top(new_cfg.num_patches - 1, 1),
+                          value=min(INTERACTIVE.top_k, new_cfg.num_patches - 1)),
+                gr.update(maximum=slider_top(new_cfg.depth - 1), value=new_cfg.depth - 1),
+                gr.update(choices=new_queries, value=new_default), None, "")
+
+    workspace.change(follow, workspace, [*set_outputs, top_k, layer, query, attention_plot, attention_message],
+                     api_visibility="private", concurrency_limit=None)

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.common import Studio
-from app.model_tab import DEFAULT_CHECKPOINT, build_model_tab
+from app.model_tab import build_model_tab, workspace_markdown
 from app.outliers_tab import build_outliers_tab
 from app.quantize_tab import build_compare_tab, build_quantize_tab, runs_file
 from app.synthesize_tab import build_synthesize_tab
-from core.data import FASHION_MNIST_CLASSES
-from core.default_model import CARD_FILE, load_card
-from core.errors import StudioError
-from core.models import VisionMamba, load_checkpoint
+from core.default_model import DEFAULT_CHECKPOINT
+from core.workspace import default_workspace, open_workspace
 
 __all__ = ["DEFAULT_CHECKPOINT", "build_app"]
 
@@ -26,10 +23,11 @@ HEADER = """\
 # OuroMamba Studio
 
 OuroMamba Studio quantizes **Vision Mamba** (Vim) image classifiers without any training data
-(*data-free* post-training quantization, after the OuroMamba method, ICCV 2025). It runs on the embedded
-default model — a small Vim trained on Fashion-MNIST — or on a checkpoint you give it.
+(*data-free* post-training quantization, after the OuroMamba method, ICCV 2025). It starts on the embedded
+default model — a small Vim trained on Fashion-MNIST — and works on any Vim checkpoint you choose in **Model**
+(for this browser tab only: two tabs never mix models or results).
 
-* **Model** — the model card and its full-precision (FP32) accuracy on the Fashion-MNIST test set.
+* **Model** — choose the checkpoint and its test images; the model card and its full-precision (FP32) accuracy.
 * **Synthesize** — OuroMamba-Gen: calibration images made from the model alone, starting from noise, and the
   implicit-attention maps that show why they work.
 * **Outliers over time** — the activations OuroMamba-Quant sees, time-step by channel, with the outlier
@@ -40,37 +38,29 @@ default model — a small Vim trained on Fashion-MNIST — or on a checkpoint yo
 """
 
 
-def _check_fits_fashion_mnist(model: VisionMamba) -> None:
-    """The app evaluates on Fashion-MNIST only, so refuse other architectures at start, not mid-run."""
-    cfg = model.cfg
-    if (cfg.img_size, cfg.in_chans, cfg.num_classes) != (28, 1, len(FASHION_MNIST_CLASSES)):
-        raise StudioError(f"this version evaluates on Fashion-MNIST (28×28, 1 channel, 10 classes), but the "
-                          f"checkpoint expects {cfg.img_size}×{cfg.img_size}, {cfg.in_chans} channel(s), "
-                          f"{cfg.num_classes} classes")
+def build_app(checkpoint: str | Path = DEFAULT_CHECKPOINT, data_folder: str | Path | None = None) -> gr.Blocks:
+    """The page, starting every session on ``checkpoint`` and its test images (``data_folder``, else
+    Fashion-MNIST's for models of its shape); each session can then load another one in the Model tab.
 
-
-def build_app(checkpoint: str | Path = DEFAULT_CHECKPOINT) -> gr.Blocks:
-    """The page for one checkpoint, with the card beside it if there is one.
-
-    Loads everything now, so that a bad file fails before the server starts (as a :class:`StudioError`).
+    Loads the starting model now, so that a bad file fails before the server starts (as a :class:`StudioError`).
     """
-    checkpoint = Path(checkpoint)
-    model = load_checkpoint(checkpoint)
-    _check_fits_fashion_mnist(model)
-    card = load_card(checkpoint.parent) if (checkpoint.parent / CARD_FILE).is_file() else None
-    studio = Studio(checkpoint, model, card)
+    is_default = Path(checkpoint).resolve() == DEFAULT_CHECKPOINT.resolve() and not data_folder
+    startup = default_workspace() if is_default else open_workspace(checkpoint, data_folder)
     with gr.Blocks(title="OuroMamba Studio") as demo:
         gr.Markdown(HEADER, elem_id="header")
+        workspace = gr.State(startup)  # this session's model and data: every tab reads it, Model sets it
+        banner = gr.Markdown(workspace_markdown(startup), elem_id="workspace-banner")
+        workspace.change(workspace_markdown, workspace, banner, api_visibility="private", concurrency_limit=None)
         with gr.Tabs():
             with gr.Tab("Model", id="model"):
-                build_model_tab(studio)
+                build_model_tab(workspace, startup)
             with gr.Tab("Synthesize", id="synthesize"):
-                build_synthesize_tab(studio)
+                build_synthesize_tab(workspace, startup)
             with gr.Tab("Outliers over time", id="outliers"):
-                build_outliers_tab(studio)
+                build_outliers_tab(workspace, startup)
             runs = runs_file()
             with gr.Tab("Quantize", id="quantize"):
-                record = build_quantize_tab(studio, runs)
+                record = build_quantize_tab(workspace, startup, runs)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(runs, record)
     return demo

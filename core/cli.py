@@ -94,7 +94,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             print(f"{config.label}: calibrating on {args.n_calib} {args.calib} images", file=sys.stderr)
             record = quantize_and_evaluate(model, Path(args.checkpoint).parent.name, config, data, fp.top1,
                                            args.calib, args.n_calib, args.seed, args.data,
-                                           eval_progress=_progress).record
+                                           eval_progress=_progress, checkpoint=str(args.checkpoint)).record
             print(f"  top-1 {record.top1:.2f}% ({record.delta_vs_fp:+.2f}), calibration "
                   f"{record.calibration_seconds:.1f} s, eval {record.eval_seconds:.1f} s", file=sys.stderr)
             records.append(record)

@@ -10,6 +10,7 @@ from core.models import VisionMamba, load_checkpoint
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 WEIGHTS_FILE, CARD_FILE = "model.safetensors", "card.json"
+DEFAULT_CHECKPOINT = DEFAULT_MODEL_DIR / WEIGHTS_FILE
 
 
 def load_card(directory: str | Path = DEFAULT_MODEL_DIR) -> dict:

@@ -41,6 +41,8 @@ class RunRecord:
     reconstruction: list[dict] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     date: str = ""
+    checkpoint: str = ""  # the file and its SHA-256 prefix ('' in logs from before it was recorded)
+    data: str = ""  # the test images' source
 
     def flat(self) -> dict:
         """One CSV row: scalars as they are, nested fields as JSON."""
@@ -65,9 +67,10 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
                           fp_top1: float, calib_source: str, n_calib: int, seed: int, data_root: str | None = None,
                           progress: Progress | None = None, cancel: Event | None = None,
                           eval_progress: Callable[[int, int], None] | None = None,
-                          eval_batch_size: int = 500) -> QuantizationRun:
+                          eval_batch_size: int = 500, checkpoint: str = "") -> QuantizationRun:
     """Calibrate, quantize and evaluate one configuration; keeps the quantized model and the predictions
-    beside the record (smaller ``eval_batch_size``: a finer progress bar and a quicker cancel)."""
+    beside the record (smaller ``eval_batch_size``: a finer progress bar and a quicker cancel). ``checkpoint``
+    names the weights file in the record, the test images name themselves."""
     cfg = model.cfg
     calib = calibration_images(calib_source, n_calib, seed, cfg.img_size, cfg.in_chans, data_root)
     torch.manual_seed(seed)
@@ -82,7 +85,7 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
         test_images=result.total, calibration_seconds=qmodel.provenance["calibration_seconds"],
         eval_seconds=round(result.seconds, 2), hardware=result.device, config=config.to_dict(),
         reconstruction=qmodel.provenance.get("reconstruction", {}).get("blocks", []), versions=versions(),
-        date=utc_now())
+        date=utc_now(), checkpoint=checkpoint, data=test.source)
     return QuantizationRun(record, qmodel, result)
 
 

@@ -39,22 +39,25 @@ def _ms_per_image(record: RunRecord) -> float:
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
     """One row per run, with everything needed to reproduce its numbers (the config as compact JSON)."""
     return pd.DataFrame([{
-        "run": run_label(index, r), "model": r.model, "method": r.method, "setting": r.setting,
+        "run": run_label(index, r), "model": r.model, "data": r.data or None, "method": r.method,
+        "setting": r.setting,
         "calibration": _calibration(r), "top-1 (%)": r.top1, "FP top-1 (%)": r.fp_top1, "Δ vs FP": r.delta_vs_fp,
         "test images": r.test_images, "eval ms / image": _ms_per_image(r), "hardware": r.hardware,
         "calibration s": r.calibration_seconds, "date": r.date,
-        "versions": ", ".join(f"{k} {v}" for k, v in r.versions.items()),
+        "versions": ", ".join(f"{k} {v}" for k, v in r.versions.items()), "checkpoint": r.checkpoint or None,
         "config": json.dumps(r.config, separators=(",", ":")),
     } for index, r in enumerate(records)], columns=[
-        "run", "model", "method", "setting", "calibration", "top-1 (%)", "FP top-1 (%)", "Δ vs FP", "test images",
-        "eval ms / image", "hardware", "calibration s", "date", "versions", "config"])
+        "run", "model", "data", "method", "setting", "calibration", "top-1 (%)", "FP top-1 (%)", "Δ vs FP",
+        "test images", "eval ms / image", "hardware", "calibration s", "date", "versions", "checkpoint", "config"])
 
 
-def _series(record: RunRecord) -> str:
-    """Runs of one method and outlier precision share a marker series (overrides are marked apart)."""
+def _series(record: RunRecord, several_models: bool) -> str:
+    """Runs of one method and outlier precision share a marker series (overrides are marked apart), per model
+    when the log holds several: their accuracies are not comparable."""
     outliers = record.setting.partition("O")[2]
     overrides = " + overrides" if record.config.get("overrides") else ""
-    return record.method + (f" O{outliers}" if outliers else "") + overrides
+    model = f"{record.model}: " if several_models else ""
+    return model + record.method + (f" O{outliers}" if outliers else "") + overrides
 
 
 def accuracy_figure(records: list[RunRecord]) -> go.Figure:
@@ -63,8 +66,9 @@ def accuracy_figure(records: list[RunRecord]) -> go.Figure:
     order = [f"W{w}A{a}" for a, w in sorted(bits)]
     figure = go.Figure()
     series: dict[str, list[tuple[int, RunRecord]]] = {}
+    several_models = len({r.model for r in records}) > 1
     for index, record in enumerate(records):
-        series.setdefault(_series(record), []).append((index, record))
+        series.setdefault(_series(record, several_models), []).append((index, record))
     for name, runs in series.items():
         figure.add_scatter(
             x=[r.setting.partition("O")[0] for _, r in runs], y=[r.top1 for _, r in runs],

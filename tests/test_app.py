@@ -13,11 +13,9 @@ import gradio as gr
 import pytest
 from gradio_client import Client
 
-from app.common import sets_dir
-from app.quantize_tab import calibration_choices
+from app.common import calibration_choices, sets_dir
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.default_model import load_card
-from core.errors import StudioError
 from core.models import create_vim, save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,16 +88,16 @@ def test_checkpoint_without_card_shows_its_architecture(tmp_path: Path):
     assert str(checkpoint) in texts and "embed_dim=" in texts and "No card.json beside this checkpoint" in texts
 
 
-def test_checkpoint_for_other_images_is_refused_at_start(tmp_path: Path):
+def test_checkpoint_for_other_images_starts_without_test_images(tmp_path: Path):
     model = create_vim("vim_fmnist_patch4_28_midclstok", in_chans=3, num_classes=100, embed_dim=16, depth=1)
     checkpoint = save_safetensors(model, tmp_path / "rgb.safetensors")
-    with pytest.raises(StudioError, match="evaluates on Fashion-MNIST .* 3 channel"):
-        build_app(checkpoint)
+    texts = _markdown(build_app(checkpoint))
+    assert "28×28, 3 channels, 100 classes" in texts and "not a Fashion-MNIST one and no data folder" in texts
 
 
 def test_script_defaults_to_localhost():
     args = _load_app_script().parse_args([])
-    assert (args.host, args.port, args.checkpoint) == ("127.0.0.1", 7860, None)
+    assert (args.host, args.port, args.checkpoint, args.data) == ("127.0.0.1", 7860, None, None)
 
 
 def test_script_bad_checkpoint_is_one_line(tmp_path: Path, capsys):

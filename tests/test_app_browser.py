@@ -11,6 +11,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from app.ui import build_app
+from core.models import save_safetensors
+from tests.test_workspace import image_folder, tiny_vim
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -87,17 +89,17 @@ def test_cancel_stops_only_its_own_tab(browser: Browser, url: str):
     other.close()
 
 
-def _type(page: Page, elem_id: str, value: float, slider: bool = False) -> None:
-    """Type a value as a person does: into a number box, or into a slider's box to pick an exact value."""
-    box = page.locator(f"#{elem_id} input" + ("[type=number]" if slider else ""))
+def _type(page: Page, elem_id: str, value: float) -> None:
+    """Type a value into a number box as a person does, then leave the box."""
+    box = page.locator(f"#{elem_id} input")
     box.fill(str(value))
-    box.press("Enter" if slider else "Tab")
+    box.press("Tab")
 
 
 def test_synthesize_shows_live_losses_gallery_and_attention(browser: Browser, url: str):
     page = _open(browser, url, "Synthesize")
-    _type(page, "gen-count", 4, slider=True)
-    _type(page, "gen-iterations", 12, slider=True)
+    _type(page, "gen-count", 4)
+    _type(page, "gen-iterations", 12)
     page.locator("#gen-run").click()
     status = page.locator("#gen-status")
     expect(status).to_contain_text("4 images from ouromamba", timeout=60_000)
@@ -112,8 +114,8 @@ def test_synthesize_shows_live_losses_gallery_and_attention(browser: Browser, ur
 
 def test_synthesis_can_be_cancelled(browser: Browser, url: str):
     page = _open(browser, url, "Synthesize")
-    _type(page, "gen-count", 8, slider=True)
-    _type(page, "gen-iterations", 2000, slider=True)
+    _type(page, "gen-count", 8)
+    _type(page, "gen-iterations", 2000)
     page.locator("#gen-run").click()
     expect(page.locator("#gen-status")).to_contain_text("Iteration", timeout=60_000)
     page.locator("#gen-cancel").click()
@@ -121,23 +123,22 @@ def test_synthesis_can_be_cancelled(browser: Browser, url: str):
     page.close()
 
 
-def test_outliers_heatmap_follows_the_k_slider(browser: Browser, url: str):
+def test_outliers_heatmap_follows_k(browser: Browser, url: str):
     page = _open(browser, url, "Outliers over time")
     page.locator("#outliers-prepare").click()
     expect(page.locator("#outliers-status")).to_contain_text("Ready", timeout=120_000)
     text = page.locator("#outliers-text")
     expect(text).to_contain_text("k = 3,", timeout=20_000)
     expect(page.locator("#outliers-heatmap .js-plotly-plot")).to_be_visible(timeout=20_000)
-    _type(page, "outliers-k", 1.5, slider=True)
+    _type(page, "outliers-k", 1.5)
     expect(text).to_contain_text("k = 1.5,", timeout=20_000)
     _screenshot(page, "app_outliers.png")
     page.close()
 
 
-
 def test_quantize_then_compare(browser: Browser, url: str):
     page = _open(browser, url, "Quantize")
-    _type(page, "quant-calib-count", 8, slider=True)
+    _type(page, "quant-calib-count", 8)
     _type(page, "quant-epochs", 0)
     _type(page, "quant-test-count", 40)
     page.locator("#quant-run").click()
@@ -152,3 +153,65 @@ def test_quantize_then_compare(browser: Browser, url: str):
     expect(page.locator("#compare-accuracy .js-plotly-plot")).to_be_visible(timeout=30_000)
     _screenshot(page, "app_compare.png")
     page.close()
+
+
+def test_bad_checkpoint_is_a_message_then_the_default_model_still_evaluates(browser: Browser, url: str,
+                                                                            tmp_path: Path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00 not a checkpoint" * 100)
+    page = _open(browser, url)
+    page.locator("#ws-upload input[type=file]").set_input_files(junk)
+    expect(page.locator("#ws-upload")).to_contain_text("junk.pth", timeout=10_000)
+    page.locator("#ws-load").click()
+    status = page.locator("#ws-status")
+    expect(status).to_contain_text("'uploaded junk.pth' is not a readable checkpoint", timeout=20_000)
+    expect(status).to_contain_text("Still working on default_model")
+    _screenshot(page, "app_bad_checkpoint.png")
+    page.locator("#eval-count input").fill("30")
+    page.locator("#eval-run").click()
+    expect(page.locator("#eval-result")).to_contain_text("default_model: ", timeout=25_000)
+    expect(page.locator("#eval-result")).to_contain_text("/ 30 correct")
+    page.close()
+
+
+def test_out_of_range_numbers_are_messages(browser: Browser, url: str):
+    page = _open(browser, url)
+    _type(page, "eval-count", 0)
+    page.locator("#eval-run").click()
+    expect(page.locator("#eval-result")).to_contain_text("must be from 1 to 10,000 (got 0)", timeout=20_000)
+    page.get_by_role("tab", name="Synthesize").click()
+    _type(page, "gen-count", 5000)
+    page.locator("#gen-run").click()
+    expect(page.locator("#gen-status")).to_contain_text("images must be from 1 to 256 (got 5000)", timeout=20_000)
+    _screenshot(page, "app_out_of_range.png")
+    page.close()
+
+
+def test_two_pages_on_two_models_run_at_once(browser: Browser, url: str, tmp_path: Path):
+    """Each page is a session with its own model; both jobs are queued together and each page gets its own."""
+    checkpoint = save_safetensors(tiny_vim(), tmp_path / "tiny.safetensors")
+    folder = image_folder(tmp_path / "data")
+    mine, theirs = _open(browser, url), _open(browser, url)
+    mine.locator("#ws-path input, #ws-path textarea").first.fill(str(checkpoint))
+    mine.locator("#ws-data input, #ws-data textarea").first.fill(str(folder))
+    mine.locator("#ws-load").click()
+    expect(mine.locator("#ws-status")).to_contain_text(re.compile(r"Loaded \S+/tiny\.safetensors \(sha256 \w{12}\)"),
+                                                       timeout=30_000)
+    expect(mine.locator("#workspace-banner")).to_contain_text("tiny.safetensors (32×32, 3 channels, 3 classes)")
+    expect(mine.locator("#model-card")).to_contain_text("No card.json beside this checkpoint")
+    expect(mine.locator("#eval-count input")).to_have_value("12")  # the count follows the 12 images of the folder
+    mine.get_by_role("tab", name="Outliers over time").click()
+    expect(mine.locator("#outliers-refresh")).to_contain_text("1 to 65")  # and the ranges follow the architecture
+    mine.get_by_role("tab", name="Model").click()
+    expect(theirs.locator("#workspace-banner")).to_contain_text("default_model")
+    theirs.locator("#eval-count input").fill("400")
+    theirs.locator("#eval-run").click()
+    mine.locator("#eval-run").click()
+    expect(mine.locator("#eval-result")).to_contain_text("tiny.safetensors: ", timeout=60_000)
+    expect(mine.locator("#eval-result")).to_contain_text("/ 12 correct")
+    expect(theirs.locator("#eval-result")).to_contain_text("default_model: ", timeout=60_000)
+    expect(theirs.locator("#eval-result")).to_contain_text("/ 400 correct")
+    _screenshot(mine, "app_two_sessions_loaded.png")
+    _screenshot(theirs, "app_two_sessions_default.png")
+    mine.close()
+    theirs.close()

@@ -13,14 +13,13 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app.common import Run, Studio
+from app.common import Run
 from app.quantize_tab import RUNS_DIR_ENV, RUNS_FILE, build_compare_tab, build_quantize_tab, runs_file
-from app.ui import DEFAULT_CHECKPOINT
 from core.errors import StudioError
 from core.experiments import RunRecord, append_record, load_records
-from core.models import load_checkpoint
 from core.quant.config import parse_overrides
 from core.report import accuracy_figure, html_report, latency_figure, runs_frame, write_report
+from core.workspace import default_workspace
 
 # method, w_bits, a_bits, o_bits, k, n_refresh, calibration source, count, epochs, seed, test images, overrides
 FAST = ("ouromamba", 4, 4, 8, 3, 10, "real", 8, 0, 0, 40, "")
@@ -41,11 +40,11 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(runs: Path):
     """Both tabs on one page, logging to a temporary run log, as app/ui.py wires them."""
-    studio = Studio(DEFAULT_CHECKPOINT, load_checkpoint(DEFAULT_CHECKPOINT), None)
 
     def build() -> None:
+        workspace = gr.State(default_workspace())
         with gr.Tab("Quantize"):
-            record = build_quantize_tab(studio, runs)
+            record = build_quantize_tab(workspace, default_workspace(), runs)
         with gr.Tab("Compare"):
             build_compare_tab(runs, record)
 
@@ -67,6 +66,8 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     assert record["test_images"] == 40 and 0 <= record["top1"] <= 100 and 0 <= record["fp_top1"] <= 100
     assert record["delta_vs_fp"] == pytest.approx(record["top1"] - record["fp_top1"], abs=0.011)
     assert record["calibration"] == {"source": "real", "images": 8, "seed": 0}
+    assert record["model"] == "default_model" and "model.safetensors (sha256 " in record["checkpoint"]
+    assert record["data"].startswith("fashion-mnist/test") and f"test images of {record['data']}" in text
     assert record["config"]["reconstruction"]["epochs"] == 0 and "torch" in record["versions"] and record["date"]
     assert f"Top-1: {record['top1']:.2f} %" in text and f"FP32 {record['fp_top1']:.2f} %" in text
     assert "CPU fake-quant timings" in text and "8 `real` images, seed 0" in text
@@ -98,8 +99,11 @@ def test_bad_overrides_are_one_line(served, overrides: str, expected: str):
 
 
 @pytest.mark.parametrize(("position", "value", "expected"), [
-    (10, 20_000, "test images must be from 1 to 10,000"), (8, -1, "epochs must be from 0 to 100"),
+    (10, 20_000, "test images must be from 1 to 10,000 (got 20000)"), (8, -1, "epochs must be from 0 to 100"),
     (5, 0, "n_refresh must be at least 1"), (6, "no/such/folder", "neither 'real', 'noise' nor a folder"),
+    (7, 2000, "calibration images must be from 1 to 1,024 (got 2000)"), (4, -0.5, "k must be ≥ 0"),
+    (10, None, "test images must be from 1 to 10,000 (got nothing)"),
+    (11, '{"layers.0.*": {"w_bits": 12}}', "w_bits must be an integer from 2 to 8"),
 ])
 def test_out_of_range_input_is_one_line(served, position: int, value, expected: str):
     _, client = served
@@ -109,10 +113,11 @@ def test_out_of_range_input_is_one_line(served, position: int, value, expected: 
     assert record is None and text.startswith("**Error:**") and expected in text and "\n" not in text
 
 
-def test_calibration_count_is_bounded_by_its_slider(served):
+def test_bits_outside_the_choices_are_refused_by_gradio(served):
+    """The bit-width radios only offer 4, 6 and 8: anything else never reaches the job."""
     _, client = served
-    with pytest.raises(AppError, match="greater than maximum value 1024"):
-        client.predict(*FAST[:7], 2000, *FAST[8:], api_name="/quantize")
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict(FAST[0], 5, *FAST[2:], api_name="/quantize")
 
 
 def test_cancel_stops_the_run(served, runs: Path):
@@ -125,7 +130,7 @@ def test_cancel_stops_the_run(served, runs: Path):
             run.cancel.set()
 
     before = len(load_records(runs))
-    text, *_, record = _job(demo, "quantize")(*FAST[:-2], 30, "", run, progress=progress)
+    text, *_, record = _job(demo, "quantize")(default_workspace(), *FAST[:-2], 30, "", run, progress=progress)
     assert text.startswith("**Stopped:**") and "calibration cancelled after 3 of" in text and record is None
     assert run.done and len(load_records(runs)) == before
 
@@ -163,7 +168,8 @@ def test_runs_persist_for_a_new_app(served, runs: Path):
         status, table, *_ = fresh.predict(api_name="/compare")
     finally:
         demo.close()
-    assert status.startswith(f"{len(load_records(runs))} run(s)") and table["data"][0][2] == "ouromamba"
+    first = dict(zip(table["headers"], table["data"][0], strict=True))
+    assert status.startswith(f"{len(load_records(runs))} run(s)") and first["method"] == "ouromamba"
 
 
 def test_empty_and_broken_logs_are_messages(tmp_path: Path):

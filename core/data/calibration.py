@@ -9,21 +9,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import transforms
 
-from core.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, VALIDATION_SIZE, load_fashion_mnist
-from core.data.image_folder import VIM_EVAL_MEAN, VIM_EVAL_STD, vim_eval_transform
+from core.data.fashion_mnist import VALIDATION_SIZE, load_fashion_mnist
+from core.data.image_folder import input_normalization, pixel_transform
 from core.errors import StudioError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 BUILTIN_SOURCES = ("real", "noise")
-
-
-def input_normalization(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per channel of the model input: Fashion-MNIST's for 1 channel, ImageNet's (Vim) for 3."""
-    if in_chans == 1:
-        return (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
-    return VIM_EVAL_MEAN[:in_chans], VIM_EVAL_STD[:in_chans]
 
 
 def calibration_images(source: str, count: int, seed: int, img_size: int = 28, in_chans: int = 1,
@@ -56,12 +48,7 @@ def _folder_images(folder: Path, count: int, generator: torch.Generator, img_siz
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise StudioError(f"no images (.png, .jpg, …) under '{folder}'")
-    if in_chans == 1:
-        transform = transforms.Compose([
-            transforms.Grayscale(), transforms.Resize((img_size, img_size), transforms.InterpolationMode.BICUBIC),
-            transforms.ToTensor(), transforms.Normalize(*input_normalization(1))])
-    else:
-        transform = transforms.Compose([transforms.Lambda(lambda im: im.convert("RGB")), vim_eval_transform(img_size)])
+    transform = pixel_transform(img_size, in_chans)
     order = torch.randperm(len(files), generator=generator).tolist()
     images = []
     for index in order[:count]:
@@ -71,5 +58,6 @@ def _folder_images(folder: Path, count: int, generator: torch.Generator, img_siz
         except (UnidentifiedImageError, OSError) as err:
             raise StudioError(f"'{files[index]}' is not a readable image ({err.__class__.__name__}); "
                               "remove it or fix it") from None
-    return torch.stack(images)
+    mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in input_normalization(in_chans))
+    return (torch.stack(images).float().div_(255) - mean) / std
 
