@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from app.quantize_tab import runs_file
     from app.ui import DEFAULT_CHECKPOINT, build_app  # imports gradio, so only after the defaults above
     from core.errors import StudioError
     from core.workspace import MAX_CHECKPOINT_BYTES
@@ -44,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # uploads larger than any checkpoint the studio loads are refused while they arrive, before they fill the disk
+    # the quantized models saved beside the run log are served for download (nothing else outside the temp dir)
     demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT).launch(server_name=args.host, server_port=args.port,
-                                                                   max_file_size=MAX_CHECKPOINT_BYTES)
+                                                                   max_file_size=MAX_CHECKPOINT_BYTES,
+                                                                   allowed_paths=[str(runs_file().parent)])
     return 0
 
 

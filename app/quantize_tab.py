@@ -15,6 +15,7 @@ images it takes over 2 minutes on 2 CPU cores (about 45 s with 200 test images),
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -35,14 +36,16 @@ from core.eval import Cancelled, EvalResult, evaluate
 from core.experiments import RunRecord, append_record, load_records, quantize_and_evaluate, write_records
 from core.gen import to_pixels
 from core.observe import error_report
-from core.quant import METHODS, QuantConfig, ReconstructionConfig
+from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig
 from core.quant.config import parse_overrides
+from core.quant.packed import pack, save_packed
 from core.report import FAKE_QUANT_NOTE, accuracy_figure, latency_figure, runs_frame, write_report
 from core.workspace import Workspace
 
 RUNS_DIR_ENV = "OUROMAMBA_RUNS_DIR"
 DEFAULT_RUNS_DIR = Path(__file__).resolve().parent.parent / "results" / "app_runs"
 RUNS_FILE = "runs.jsonl"
+MODELS_FOLDER = "models"  # beside the run log: the packed integer model of every run that can be packed
 MAX_CALIB, MAX_EPOCHS = 1024, 100
 ERROR_IMAGES = 32  # SQNR on the first 32 test images: about a second on 2 CPU cores
 MAX_GALLERY = 48
@@ -57,6 +60,22 @@ def runs_file() -> Path:
     return Path(os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR) / RUNS_FILE
 
 
+def save_integer_model(qmodel: QuantizedVim, record: RunRecord, runs: Path) -> str:
+    """Pack a run's quantized model into integer codes + scales and save it beside the run log (its path goes
+    into the record); returns what to tell the user, including why a configuration cannot be packed."""
+    stem = "_".join([record.date.replace(":", "").replace("-", "")[:15], record.method, record.setting,
+                     hashlib.sha256(json.dumps(record.config, sort_keys=True).encode()).hexdigest()[:8]])
+    try:
+        path = save_packed(pack(qmodel), runs.parent / MODELS_FOLDER / f"{stem}.safetensors")
+    except StudioError as err:
+        return f"No integer model to download: {err}."
+    except OSError as err:
+        return f"**The integer model was not saved:** {err}."
+    record.quantized_model = str(path)
+    return (f"Integer model (weight codes + scales, safetensors, {path.stat().st_size / 1e6:.2f} MB): download it "
+            "below; `core.quant.packed.load_packed` reads it back.")
+
+
 @dataclass
 class Shown:
     """A finished run as the tab shows it; kept per configuration so that asking again is instant."""
@@ -68,6 +87,7 @@ class Shown:
     fixed: int
     broken: int
     saved: str
+    model_note: str
 
 
 def sqnr_figure(report: pd.DataFrame, images: int) -> go.Figure:
@@ -128,7 +148,7 @@ def summary_markdown(shown: Shown, cached: bool) -> str:
     again = "\n\nCached: this configuration ran earlier in this app with the same seed and images." if cached else ""
     return (f"### Top-1: {r.top1:.2f} % · FP32 {r.fp_top1:.2f} % · Δ {r.delta_vs_fp:+.2f} points\n\n"
             f"On the first {r.test_images:,} test images of {r.data}; FP32 measured on the same images.\n\n"
-            f"{table}\n\n{shown.saved}{again}")
+            f"{table}\n\n{shown.saved} {shown.model_note}{again}")
 
 
 def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> gr.JSON:
@@ -139,7 +159,9 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
 
     def finished(shown: Shown, cached: bool) -> tuple:
         record = {**asdict(shown.record), "cached": cached, "changed_predictions": shown.changed}
-        return summary_markdown(shown, cached), shown.figure, shown.gallery, record
+        model_file = shown.record.quantized_model
+        model_file = model_file if model_file and Path(model_file).is_file() else None
+        return summary_markdown(shown, cached), shown.figure, shown.gallery, record, model_file
 
     def quantize_run(ws: Workspace, method: str, w_bits: int, a_bits: int, o_bits: int, k: float | None,
                      n_refresh: float | None, calib_source: str, calib_count: float | None, epochs: float | None,
@@ -160,7 +182,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                  n_refresh=int(n_refresh), overrides=parse_overrides(overrides or ""),
                                  reconstruction=ReconstructionConfig(epochs=epochs, seed=int(seed)))
         except (StudioError, TypeError, ValueError) as err:
-            return error(err), gr.skip(), gr.skip(), None
+            return error(err), gr.skip(), gr.skip(), None, gr.skip()
         seed = int(seed)
         key = json.dumps({"workspace": ws.fingerprint, "config": config.to_dict(), "source": source,
                           "calib": calib_count, "seed": seed, "test": test_count}, sort_keys=True)
@@ -192,12 +214,13 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             error_images = min(ERROR_IMAGES, len(test_split))
             report = error_report(ws.model, result.qmodel, test_split.normalized(0, error_images))
         except Cancelled as err:
-            return stopped(err), gr.skip(), gr.skip(), None
+            return stopped(err), gr.skip(), gr.skip(), None, gr.skip()
         except StudioError as err:
-            return error(err), gr.skip(), gr.skip(), None
+            return error(err), gr.skip(), gr.skip(), None, gr.skip()
         finally:
             run.done = True
         record, quantized = result.record, result.evaluation.predictions
+        model_note = save_integer_model(result.qmodel, record, runs)
         try:
             append_record(record, runs)
             saved = "Saved to the run log: see **Compare**."
@@ -207,7 +230,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         shown = Shown(record, sqnr_figure(report, error_images),
                       changed_gallery(test, fp.predictions, quantized, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
-                      broken=sum(f == t and q != t for t, f, q in pairs), saved=saved)
+                      broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note)
         cache[key] = shown
         return finished(shown, cached=False)
 
@@ -249,13 +272,15 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             sqnr = gr.Plot(label="SQNR per layer and tensor", elem_id="quant-sqnr")
             gallery = gr.Gallery(label=f"Test images whose prediction changed (first {MAX_GALLERY})", columns=6,
                                  height="auto", elem_id="quant-changed")
+            model_file = gr.File(label="Quantized model: integer weight codes + scales (safetensors)",
+                                 elem_id="quant-model-file")
             with gr.Accordion("Record: config, calibration, versions, date (JSON)", open=False):
                 record = gr.JSON(show_label=False, elem_id="quant-record")
     inputs = [workspace, method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed,
               test_count, overrides]
-    outputs = [summary, sqnr, gallery, record]
+    outputs = [summary, sqnr, gallery, record, model_file]
     wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
-    workspace.change(lambda ws: (READY, None, [], None, default_calibration(ws), gr.update(**count_box(ws))),
+    workspace.change(lambda ws: (READY, None, [], None, None, default_calibration(ws), gr.update(**count_box(ws))),
                      workspace, [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)
     return record
 
@@ -269,17 +294,18 @@ def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
         try:
             records = load_records(runs)
         except StudioError as err:
-            return error(err), runs_frame([]), None, None, None, None, None
+            return error(err), runs_frame([]), None, None, None, None, None, None
         if not records:
             return (f"No runs logged in `{runs}` yet: quantize once in the **Quantize** tab.", runs_frame([]),
-                    None, None, None, None, None)
+                    None, None, None, None, None, None)
         folder = Path(tempfile.mkdtemp(prefix="ouromamba-runs-"))
         csv_path, json_path = write_records(records, folder, "ouromamba_runs")
         html_path = write_report(records, folder / "ouromamba_runs.html")
         status = (f"{len(records)} run(s) from `{runs}` (this session's and earlier ones); Δ vs FP compares with FP32 "
                   f"on the same test images. {FAKE_QUANT_NOTE}")
+        models = [r.quantized_model for r in records if r.quantized_model and Path(r.quantized_model).is_file()]
         return (status, runs_frame(records), accuracy_figure(records), latency_figure(records), str(csv_path),
-                str(json_path), str(html_path))
+                str(json_path), str(html_path), models or None)
 
     gr.Markdown("## Compare runs")
     with gr.Row():
@@ -293,7 +319,9 @@ def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
         csv_file = gr.File(label="All runs (CSV)", elem_id="compare-csv")
         json_file = gr.File(label="All runs (JSON)", elem_id="compare-json")
         html_file = gr.File(label="Standalone HTML report", elem_id="compare-html")
-    outputs = [status, table, accuracy, latency, csv_file, json_file, html_file]
+    model_files = gr.File(label="Quantized models (packed safetensors, one per run that could be packed)",
+                          file_count="multiple", elem_id="compare-models")
+    outputs = [status, table, accuracy, latency, csv_file, json_file, html_file, model_files]
     # reading the log is quick: never queue it behind a running quantization
     gr.on([refresh.click, updated.change], show, None, outputs, api_name="compare", concurrency_limit=None)
     gr.on(None, show, None, outputs, api_visibility="private", concurrency_limit=None)  # on page load

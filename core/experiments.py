@@ -43,6 +43,7 @@ class RunRecord:
     date: str = ""
     checkpoint: str = ""  # the file and its SHA-256 prefix ('' in logs from before it was recorded)
     data: str = ""  # the test images' source
+    quantized_model: str = ""  # the packed integer model's file ('' when the config cannot be packed, or none saved)
 
     def flat(self) -> dict:
         """One CSV row: scalars as they are, nested fields as JSON."""

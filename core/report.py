@@ -45,10 +45,11 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
         "test images": r.test_images, "eval ms / image": _ms_per_image(r), "hardware": r.hardware,
         "calibration s": r.calibration_seconds, "date": r.date,
         "versions": ", ".join(f"{k} {v}" for k, v in r.versions.items()), "checkpoint": r.checkpoint or None,
-        "config": json.dumps(r.config, separators=(",", ":")),
+        "config": json.dumps(r.config, separators=(",", ":")), "quantized model": r.quantized_model or None,
     } for index, r in enumerate(records)], columns=[
         "run", "model", "data", "method", "setting", "calibration", "top-1 (%)", "FP top-1 (%)", "Δ vs FP",
-        "test images", "eval ms / image", "hardware", "calibration s", "date", "versions", "checkpoint", "config"])
+        "test images", "eval ms / image", "hardware", "calibration s", "date", "versions", "checkpoint", "config",
+        "quantized model"])
 
 
 def _series(record: RunRecord, several_models: bool) -> str:

@@ -18,6 +18,7 @@ from app.quantize_tab import RUNS_DIR_ENV, RUNS_FILE, build_compare_tab, build_q
 from core.errors import StudioError
 from core.experiments import RunRecord, append_record, load_records
 from core.quant.config import parse_overrides
+from core.quant.packed import load_packed
 from core.report import accuracy_figure, html_report, latency_figure, runs_frame, write_report
 from core.workspace import default_workspace
 
@@ -61,7 +62,7 @@ def _job(demo: gr.Blocks, api_name: str):
 
 def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     _, client = served
-    text, plot, gallery, record = client.predict(*FAST, api_name="/quantize")
+    text, plot, gallery, record, model_file = client.predict(*FAST, api_name="/quantize")
     assert not record["cached"] and record["method"] == "ouromamba" and record["setting"] == "W4A4O8"
     assert record["test_images"] == 40 and 0 <= record["top1"] <= 100 and 0 <= record["fp_top1"] <= 100
     assert record["delta_vs_fp"] == pytest.approx(record["top1"] - record["fp_top1"], abs=0.011)
@@ -76,15 +77,21 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     assert len(gallery) == record["changed_predictions"] <= 40
     assert all(" → quantized " in item["caption"] for item in gallery)
     assert [r.top1 for r in load_records(runs)] == [record["top1"]]
+    # the integer model: saved beside the run log, named in the record, offered for download, and it loads
+    assert "Integer model (weight codes + scales" in text
+    assert Path(record["quantized_model"]).parent == runs.parent / "models"
+    assert load_records(runs)[0].quantized_model == record["quantized_model"]
+    packed = load_packed(model_file)
+    assert packed.config.to_dict() == record["config"] and packed.linears["layers:0:in_proj:weight"].w_bits == 4
 
 
 def test_repeated_run_is_cached_and_not_logged_again(served, runs: Path):
     _, client = served
     first = client.predict(*FAST, api_name="/quantize")[3]
-    text, _, _, again = client.predict(*FAST, api_name="/quantize")
+    text, _, _, again, model_file = client.predict(*FAST, api_name="/quantize")
     assert again["cached"] and "Cached" in text
     assert again["top1"] == first["top1"] and again["date"] == first["date"]
-    assert len(load_records(runs)) == 1
+    assert len(load_records(runs)) == 1 and Path(model_file).name == Path(first["quantized_model"]).name
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
@@ -94,7 +101,7 @@ def test_repeated_run_is_cached_and_not_logged_again(served, runs: Path):
 ])
 def test_bad_overrides_are_one_line(served, overrides: str, expected: str):
     _, client = served
-    text, _, _, record = client.predict(*FAST[:-1], overrides, api_name="/quantize")
+    text, _, _, record, _ = client.predict(*FAST[:-1], overrides, api_name="/quantize")
     assert record is None and text.startswith("**Error:**") and expected in text and "\n" not in text
 
 
@@ -109,7 +116,7 @@ def test_out_of_range_input_is_one_line(served, position: int, value, expected: 
     _, client = served
     inputs = list(FAST)
     inputs[position] = value
-    text, _, _, record = client.predict(*inputs, api_name="/quantize")
+    text, _, _, record, _ = client.predict(*inputs, api_name="/quantize")
     assert record is None and text.startswith("**Error:**") and expected in text and "\n" not in text
 
 
@@ -130,7 +137,7 @@ def test_cancel_stops_the_run(served, runs: Path):
             run.cancel.set()
 
     before = len(load_records(runs))
-    text, *_, record = _job(demo, "quantize")(default_workspace(), *FAST[:-2], 30, "", run, progress=progress)
+    text, _, _, record, _ = _job(demo, "quantize")(default_workspace(), *FAST[:-2], 30, "", run, progress=progress)
     assert text.startswith("**Stopped:**") and "calibration cancelled after 3 of" in text and record is None
     assert run.done and len(load_records(runs)) == before
 
@@ -138,10 +145,13 @@ def test_cancel_stops_the_run(served, runs: Path):
 def test_compare_lists_runs_and_downloads(served, runs: Path):
     _, client = served
     client.predict(*FAST, api_name="/quantize")
-    other = client.predict("per_tensor", 8, 8, 8, 3, 10, "noise", 8, 0, 1, 40, '{"layers.0.*": {"w_bits": 6}}',
-                           api_name="/quantize")[3]
+    text, *_, other, no_model = client.predict("per_tensor", 8, 8, 8, 3, 10, "noise", 8, 0, 1, 40,
+                                              '{"layers.0.*": {"w_bits": 6}}', api_name="/quantize")
     assert other["setting"] == "W8A8" and other["calibration"]["source"] == "noise"
-    status, table, accuracy, latency, csv_file, json_file, html_file = client.predict(api_name="/compare")
+    assert no_model is None and other["quantized_model"] == "" and "No integer model to download: cannot pack" in text
+    status, table, accuracy, latency, csv_file, json_file, html_file, models = client.predict(api_name="/compare")
+    assert [Path(m).name for m in models] == [Path(r.quantized_model).name for r in load_records(runs)
+                                              if r.quantized_model]
     assert status.startswith("2 run(s)") and "Fake-quant timings" in status
     rows = [dict(zip(table["headers"], row, strict=True)) for row in table["data"]]
     assert [(r["method"], r["setting"], r["calibration"]) for r in rows] == [
@@ -178,10 +188,10 @@ def test_empty_and_broken_logs_are_messages(tmp_path: Path):
     demo, client = _serve(lambda: (build_compare_tab(empty, gr.JSON()), build_compare_tab(broken, gr.JSON())))
     try:
         endpoints = list(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-        (first, *_, html_file), (second, *_) = (client.predict(api_name=name) for name in endpoints)
+        (first, *_, html_file, models), (second, *_) = (client.predict(api_name=name) for name in endpoints)
     finally:
         demo.close()
-    assert first.startswith("No runs logged") and html_file is None
+    assert first.startswith("No runs logged") and html_file is None and models is None
     assert second.startswith("**Error:** line 1 of") and "not a run record" in second
 
 
