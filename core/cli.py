@@ -1,4 +1,5 @@
-"""Command line: ``python -m core {info,eval,card-eval,generate,quantize,outliers}``; bad input: one line, exit 2."""
+"""Command line: ``python -m core {info,eval,card-eval,generate,quantize,pack,outliers}``; bad input: one line,
+exit 2."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from core.gen import GEN_PRESETS, GEN_SOURCES, GenConfig, GenProgress, generate,
 from core.models import load_checkpoint
 from core.observe import dynamic_outlier_summary
 from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, quantize
+from core.quant.packed import agreement, pack, save_packed
 
 
 def _progress(done: int, total: int) -> None:
@@ -104,6 +106,30 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"records: {Path(args.out) / args.name}.csv / .json")
 
 
+def cmd_pack(args: argparse.Namespace) -> None:
+    """Calibrate OuroMamba, pack it into integer codes + scales, save one safetensors file, and (``--check N``)
+    measure top-1 agreement with the simulation on the first N test images."""
+    model = load_checkpoint(args.checkpoint)
+    cfg = model.cfg
+    w_bits, a_bits = SETTINGS[args.setting]
+    config = QuantConfig(w_bits=w_bits, a_bits=a_bits, k=args.k, n_refresh=args.n_refresh,
+                         reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
+    calib = calibration_images(args.calib, args.n_calib, args.seed, cfg.img_size, cfg.in_chans, args.data)
+    print(f"{config.label}: calibrating on {args.n_calib} {args.calib} images", file=sys.stderr)
+    qmodel = quantize(model, config, calib)
+    qmodel.provenance.update(checkpoint=str(args.checkpoint), calibration={"source": args.calib,
+                                                                          "images": args.n_calib, "seed": args.seed})
+    packed = pack(qmodel)
+    path = save_packed(packed, args.out)
+    sizes = packed.weight_bytes()
+    print(f"{path}: projection weights {sizes['packed'] / 1e3:.1f} kB as codes + scales "
+          f"(fp32 {sizes['float32'] / 1e3:.1f} kB)")
+    if args.check:
+        test = load_fashion_mnist("test", args.data).subset(args.check)
+        result = agreement(packed, qmodel, test.normalized(), test.labels)
+        print(json.dumps({"checked_on": f"first {args.check} test images", **result.to_dict()}, indent=2))
+
+
 def cmd_outliers(args: argparse.Namespace) -> None:
     """Per-site statistics of the per-time-step outlier rule: does the outlier set move across time-steps?"""
     model = load_checkpoint(args.checkpoint)
@@ -177,6 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--out", default="results/quant", help="directory for the CSV/JSON records")
     quant.add_argument("--name", default="runs", help="file name (without extension) of the records")
     quant.set_defaults(run=cmd_quantize)
+    packer = sub.add_parser("pack", help="OuroMamba as a packed integer model (codes + scales) in one safetensors file")
+    packer.add_argument("checkpoint", nargs="?", default=default_weights)
+    packer.add_argument("--setting", choices=["W4A4", "W4A8", "W8A8"], default="W4A4")
+    packer.add_argument("--k", type=float, default=3.0)
+    packer.add_argument("--n-refresh", type=int, default=10)
+    packer.add_argument("--calib", default="real", help="real | noise | a folder of images")
+    packer.add_argument("--n-calib", type=int, default=128)
+    packer.add_argument("--recon-epochs", type=int, default=10)
+    packer.add_argument("--seed", type=int, default=0)
+    packer.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
+    packer.add_argument("--check", type=int, default=0, help="agreement with the simulation on the first N test images")
+    packer.add_argument("--out", required=True, help="the .safetensors file to write")
+    packer.set_defaults(run=cmd_pack)
     outl = sub.add_parser("outliers", help="per-site statistics of the per-time-step outlier rule")
     outl.add_argument("checkpoint", nargs="?", default=default_weights)
     outl.add_argument("--a-bits", type=int, default=4, help="inlier bits (sets the calibrated inlier scales)")

@@ -1,5 +1,6 @@
 """The CLI explains bad input in one line and exits with 2."""
 
+import json
 from pathlib import Path
 
 from core.cli import main
@@ -25,3 +26,20 @@ def test_eval_subset(capsys):
 def test_missing_data_directory(tmp_path: Path, capsys):
     assert main(["eval", "--data", str(tmp_path), "--limit", "5"]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_pack_writes_a_model_that_loads_and_reports_agreement(tmp_path: Path, capsys):
+    from core.quant.packed import load_packed
+    out = tmp_path / "w4a8.safetensors"
+    assert main(["pack", "--setting", "W4A8", "--n-calib", "8", "--recon-epochs", "0", "--check", "20",
+                 "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert report["images"] == 20 and report["agreement"] >= 95.0
+    packed = load_packed(out)
+    assert (packed.config.w_bits, packed.config.a_bits) == (4, 8)
+    assert packed.provenance["calibration"] == {"source": "real", "images": 8, "seed": 0}
+
+
+def test_pack_refuses_what_it_cannot_read(tmp_path: Path, capsys):
+    assert main(["pack", "--calib", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "neither 'real', 'noise' nor a folder" in capsys.readouterr().err
