@@ -27,24 +27,33 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 
 from app.common import Run, calibration_dropdown, cell, default_calibration, error, in_range, stopped, wire_run, zoom
 from app.model_tab import BATCH_SIZE, count_box
 from core.data import LabelledImages
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
-from core.experiments import RunRecord, append_record, load_records, quantize_and_evaluate, write_records
+from core.experiments import (
+    RunRecord,
+    append_record,
+    kernel_latency,
+    load_records,
+    quantize_and_evaluate,
+    write_records,
+)
 from core.gen import to_pixels
 from core.observe import error_report
 from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig
 from core.quant.config import parse_overrides
-from core.quant.packed import pack, save_packed
+from core.quant.packed import PackedVim, pack, save_packed
 from core.report import FAKE_QUANT_NOTE, accuracy_figure, latency_figure, runs_frame, write_report
 from core.workspace import Workspace
 
 RUNS_DIR_ENV = "OUROMAMBA_RUNS_DIR"
 DEFAULT_RUNS_DIR = Path(__file__).resolve().parent.parent / "results" / "app_runs"
 RUNS_FILE = "runs.jsonl"
+KERNEL_BATCH = 64  # test images per timed forward pass of the GPU kernel comparison
 MODELS_FOLDER = "models"  # beside the run log: the packed integer model of every run that can be packed
 MAX_CALIB, MAX_EPOCHS = 1024, 100
 ERROR_IMAGES = 32  # SQNR on the first 32 test images: about a second on 2 CPU cores
@@ -60,20 +69,37 @@ def runs_file() -> Path:
     return Path(os.environ.get(RUNS_DIR_ENV) or DEFAULT_RUNS_DIR) / RUNS_FILE
 
 
-def save_integer_model(qmodel: QuantizedVim, record: RunRecord, runs: Path) -> str:
+def save_integer_model(qmodel: QuantizedVim, record: RunRecord, runs: Path) -> tuple[str, PackedVim | None]:
     """Pack a run's quantized model into integer codes + scales and save it beside the run log (its path goes
-    into the record); returns what to tell the user, including why a configuration cannot be packed."""
+    into the record). Returns what to tell the user (including why a configuration cannot be packed) and the
+    packed model, or None."""
     stem = "_".join([record.date.replace(":", "").replace("-", "")[:15], record.method, record.setting,
                      hashlib.sha256(json.dumps(record.config, sort_keys=True).encode()).hexdigest()[:8]])
     try:
-        path = save_packed(pack(qmodel), runs.parent / MODELS_FOLDER / f"{stem}.safetensors")
+        packed = pack(qmodel)
+        path = save_packed(packed, runs.parent / MODELS_FOLDER / f"{stem}.safetensors")
     except StudioError as err:
-        return f"No integer model to download: {err}."
+        return f"No integer model to download: {err}.", None
     except OSError as err:
-        return f"**The integer model was not saved:** {err}."
+        return f"**The integer model was not saved:** {err}.", None
     record.quantized_model = str(path)
     return (f"Integer model (weight codes + scales, safetensors, {path.stat().st_size / 1e6:.2f} MB): download it "
-            "below; `core.quant.packed.load_packed` reads it back.")
+            "below; `core.quant.packed.load_packed` reads it back."), packed
+
+
+def gpu_kernel_note(ws: Workspace, packed: PackedVim | None, test: LabelledImages, record: RunRecord) -> str:
+    """With CUDA present: FP16 vs the packed model's Triton kernels on one batch of test images, into the record.
+    Without it nothing is timed (the CPU runs the kernels' float64 references: a check, not a speed)."""
+    if packed is None or not torch.cuda.is_available():
+        return ""
+    images = test.normalized(0, min(KERNEL_BATCH, len(test)))
+    try:
+        record.kernel_latency = kernel_latency(ws.model, packed, images, "cuda")
+    except (RuntimeError, StudioError) as err:  # a kernel that fails to build or run must not lose the run
+        return f" GPU kernel timing failed: {str(err).splitlines()[0][:160]}."
+    timing = record.kernel_latency
+    return (f" On {timing['hardware']}, batch {timing['batch']}: FP16 {timing['fp16_ms']:.2f} ms, packed integer "
+            f"model {timing['packed_ms']:.2f} ms ({timing['fp16_ms'] / timing['packed_ms']:.2f}× FP16).")
 
 
 @dataclass
@@ -220,7 +246,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         finally:
             run.done = True
         record, quantized = result.record, result.evaluation.predictions
-        model_note = save_integer_model(result.qmodel, record, runs)
+        model_note, packed = save_integer_model(result.qmodel, record, runs)
+        model_note += gpu_kernel_note(ws, packed, test, record)
         try:
             append_record(record, runs)
             saved = "Saved to the run log: see **Compare**."

@@ -6,8 +6,11 @@ to reproduce it (model, config, calibration source/count/seed, data, versions, h
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,10 +20,11 @@ import torch
 
 from core.data import LabelledImages, calibration_images
 from core.errors import StudioError
-from core.eval import EvalResult, evaluate
+from core.eval import EvalResult, evaluate, hardware_label
 from core.models import VisionMamba
 from core.quant import QuantConfig, QuantizedVim, quantize
 from core.quant.config import Progress
+from core.quant.packed import PackedVim
 from core.records import checked_fields, utc_now, versions
 
 
@@ -44,6 +48,8 @@ class RunRecord:
     checkpoint: str = ""  # the file and its SHA-256 prefix ('' in logs from before it was recorded)
     data: str = ""  # the test images' source
     quantized_model: str = ""  # the packed integer model's file ('' when the config cannot be packed, or none saved)
+    # FP16 vs packed integer model on a GPU: {"hardware", "batch", "fp16_ms", "packed_ms", "repeats"} ({} if unmeasured)
+    kernel_latency: dict = field(default_factory=dict)
 
     def flat(self) -> dict:
         """One CSV row: scalars as they are, nested fields as JSON."""
@@ -88,6 +94,35 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
         reconstruction=qmodel.provenance.get("reconstruction", {}).get("blocks", []), versions=versions(),
         date=utc_now(), checkpoint=checkpoint, data=test.source)
     return QuantizationRun(record, qmodel, result)
+
+
+def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, device: str | torch.device,
+                   repeats: int = 5) -> dict:
+    """Median time of one forward pass over ``images`` for the FP16 model and the packed integer model (fp16
+    activations) on ``device``: the speed the kernels give, on the hardware named. For CUDA: elsewhere the
+    packed model runs the kernels' float64 references (a check, not a speed) and there is no fp16 fast path."""
+    device = torch.device(device)
+    half = torch.float16 if device.type == "cuda" else torch.float32
+    fp16 = copy.deepcopy(model).eval().to(device=device, dtype=half)
+    integer = copy.deepcopy(packed).to(device)
+    if device.type == "cuda":
+        integer.half_activations()
+    batch = images.to(device=device, dtype=half)
+    timings = {}
+    with torch.inference_mode():
+        for name, candidate in (("fp16", fp16), ("packed", integer)):
+            candidate(batch)  # warm-up: kernel compilation, allocator
+            times = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                candidate(batch)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+            timings[f"{name}_ms"] = round(1000 * statistics.median(times), 3)
+    return {"hardware": hardware_label(device), "batch": len(images), "repeats": repeats, **timings}
 
 
 def write_records(records: list[RunRecord], directory: str | Path, name: str) -> tuple[Path, Path]:

@@ -97,9 +97,19 @@ def latency_figure(records: list[RunRecord]) -> go.Figure:
         figure.add_bar(x=[run_label(i, r) for i, r in runs], y=[_ms_per_image(r) for _, r in runs],
                        name=f"{kind} timing: {hardware}",
                        hovertemplate="%{x}<br>%{y:.3f} ms per image<extra>" + html.escape(hardware) + "</extra>")
-    cpu_only = all(r.hardware.startswith("CPU") for r in records)
+    kernel_runs = [(i, r) for i, r in enumerate(records) if r.kernel_latency]
+    for variant, label in (("fp16", "FP16 model"), ("packed", "packed integer model (Triton kernels)")):
+        if kernel_runs:
+            figure.add_bar(x=[run_label(i, r) for i, r in kernel_runs],
+                           y=[r.kernel_latency[f"{variant}_ms"] / r.kernel_latency["batch"] for _, r in kernel_runs],
+                           name=f"{label}, batch {kernel_runs[0][1].kernel_latency['batch']}: "
+                                f"{kernel_runs[0][1].kernel_latency['hardware']}",
+                           hovertemplate="%{x}<br>%{y:.4f} ms per image<extra>" + label + "</extra>")
+    cpu_only = all(r.hardware.startswith("CPU") for r in records) and not kernel_runs
+    kernels = "; GPU kernel timings where measured" if kernel_runs else ""
     figure.update_layout(
-        title=("CPU fake-quant timings: " if cpu_only else "Fake-quant timings: ") + "evaluation ms per test image",
+        title=("CPU fake-quant timings: " if cpu_only else "Fake-quant timings: ") + "evaluation ms per test image"
+        + kernels,
         yaxis_title="ms per image", height=380, legend={"orientation": "h", "y": -0.3},
         margin={"l": 50, "r": 10, "t": 50, "b": 50})
     return figure

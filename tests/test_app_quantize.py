@@ -261,6 +261,37 @@ def test_table_figures_and_report():
         html_report([])
 
 
+def test_gpu_kernel_timings_get_their_own_labelled_bars():
+    timing = {"hardware": "NVIDIA H100 80GB HBM3", "batch": 64, "repeats": 5, "fp16_ms": 6.4, "packed_ms": 3.2}
+    records = [_record(), _record(kernel_latency=timing)]
+    latency = latency_figure(records)
+    names = [t.name for t in latency.data]
+    assert names[1:] == ["FP16 model, batch 64: NVIDIA H100 80GB HBM3",
+                         "packed integer model (Triton kernels), batch 64: NVIDIA H100 80GB HBM3"]
+    assert list(latency.data[1].x) == ["#2 ouromamba W4A8O8"] and list(latency.data[2].y) == [0.05]
+    assert "GPU kernel timings where measured" in latency.layout.title.text
+    assert not latency.layout.title.text.startswith("CPU")
+
+
+def test_kernel_latency_times_both_models_on_the_named_hardware():
+    """The plumbing, on the CPU (where the packed model runs its references: the app never shows this)."""
+    import torch
+
+    from core.experiments import kernel_latency
+    from core.models import VimConfig, VisionMamba
+    from core.quant import QuantConfig, ReconstructionConfig, quantize
+    from core.quant.packed import pack
+    torch.manual_seed(0)
+    model = VisionMamba(VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32,
+                                  depth=1)).eval()
+    images = torch.randn(4, 1, 16, 16)
+    packed = pack(quantize(model, QuantConfig(reconstruction=ReconstructionConfig(epochs=0)), images))
+    timing = kernel_latency(model, packed, images, "cpu", repeats=2)
+    assert timing["hardware"].startswith("CPU") and timing["batch"] == 4 and timing["repeats"] == 2
+    assert timing["fp16_ms"] > 0 and timing["packed_ms"] > 0
+    assert packed.model.layers[0].mixer.in_proj.weight is None  # measured on copies: the packed model is untouched
+
+
 def test_write_report_makes_its_folder(tmp_path: Path):
     path = write_report([_record()], tmp_path / "sub" / "report.html")
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
