@@ -9,8 +9,9 @@ Two builders share one run log (a JSON-lines file); Quantize appends to it, Comp
     with gr.Tab("Compare", id="compare"):
         build_compare_tab(runs, record)
 
-Layer sensitivity (one calibration and evaluation per layer) is not offered: with the default 128 calibration
-images it takes over 2 minutes on 2 CPU cores (about 45 s with 200 test images), well past an interactive wait.
+Layer sensitivity reuses the run's calibrated quantizers, switching on one layer at a time
+(``core.observe.run_layer_sensitivity``: one evaluation per layer on the first 200 test images, seconds on the
+default model); recalibrating each layer alone (``layer_sensitivity``) would cost depth calibrations.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from core.experiments import (
     write_records,
 )
 from core.gen import to_pixels
-from core.observe import error_report
+from core.observe import error_report, run_layer_sensitivity
 from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig
 from core.quant.config import parse_overrides
 from core.quant.packed import PackedVim, pack, save_packed
@@ -57,6 +58,7 @@ KERNEL_BATCH = 64  # test images per timed forward pass of the GPU kernel compar
 MODELS_FOLDER = "models"  # beside the run log: the packed integer model of every run that can be packed
 MAX_CALIB, MAX_EPOCHS = 1024, 100
 ERROR_IMAGES = 32  # SQNR on the first 32 test images: about a second on 2 CPU cores
+SENSITIVITY_IMAGES = 200  # one evaluation per layer: ~1.5 s per layer of the default model on 2 CPU cores
 MAX_GALLERY = 48
 EXAMPLE_OVERRIDES = '{"layers.0.*": {"w_bits": 8}}'
 READY = ("Choose a configuration and press **Quantize**. On 2 CPU cores, with the default model, 128 calibration "
@@ -108,6 +110,7 @@ class Shown:
 
     record: RunRecord
     figure: go.Figure
+    sensitivity: go.Figure
     gallery: list[tuple[np.ndarray, str]]
     changed: int
     fixed: int
@@ -136,6 +139,17 @@ def sqnr_figure(report: pd.DataFrame, images: int) -> go.Figure:
     figure.update_yaxes(autorange="reversed")
     figure.update_layout(title=f"SQNR (dB) of every quantizer, per layer and tensor (first {images} test images)",
                          height=360, margin={"l": 70, "r": 10, "t": 50, "b": 120})
+    return figure
+
+
+def sensitivity_figure(frame: pd.DataFrame, images: int) -> go.Figure:
+    """Top-1 drop (points vs FP) with only one layer of the run quantized, per layer: where precision matters."""
+    figure = go.Figure(go.Bar(x=[f"layer {layer}" for layer in frame["layer"]], y=frame["drop_vs_fp"].tolist(),
+                              customdata=frame["top1"].tolist(),
+                              hovertemplate="%{x}: top-1 %{customdata:.2f} % (drop %{y:.2f} points)<extra></extra>"))
+    figure.update_layout(title=f"Layer sensitivity: top-1 drop with only that layer quantized (first {images} test "
+                               f"images, FP32 {frame.attrs['fp_top1']:.2f} %)",
+                         yaxis_title="drop vs FP32 (points)", height=320, margin={"l": 60, "r": 10, "t": 50, "b": 40})
     return figure
 
 
@@ -187,7 +201,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         record = {**asdict(shown.record), "cached": cached, "changed_predictions": shown.changed}
         model_file = shown.record.quantized_model
         model_file = model_file if model_file and Path(model_file).is_file() else None
-        return summary_markdown(shown, cached), shown.figure, shown.gallery, record, model_file
+        return summary_markdown(shown, cached), shown.figure, shown.sensitivity, shown.gallery, record, model_file
 
     def quantize_run(ws: Workspace, method: str, w_bits: int, a_bits: int, o_bits: int, k: float | None,
                      n_refresh: float | None, calib_source: str, calib_count: float | None, epochs: float | None,
@@ -208,7 +222,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                  n_refresh=int(n_refresh), overrides=parse_overrides(overrides or ""),
                                  reconstruction=ReconstructionConfig(epochs=epochs, seed=int(seed)))
         except (StudioError, TypeError, ValueError) as err:
-            return error(err), gr.skip(), gr.skip(), None, gr.skip()
+            return error(err), gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
         seed = int(seed)
         key = json.dumps({"workspace": ws.fingerprint, "config": config.to_dict(), "source": source,
                           "calib": calib_count, "seed": seed, "test": test_count}, sort_keys=True)
@@ -239,10 +253,16 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             progress(1, desc="Measuring SQNR per quantizer")
             error_images = min(ERROR_IMAGES, len(test_split))
             report = error_report(ws.model, result.qmodel, test_split.normalized(0, error_images))
+            sensitivity_images = min(SENSITIVITY_IMAGES, test_count)
+            sensitivity = run_layer_sensitivity(result.qmodel, test.normalized(0, sensitivity_images),
+                                                test.labels[:sensitivity_images],
+                                                lambda done, total: progress((done, total), desc="Layer sensitivity",
+                                                                             unit="layers"),
+                                                run.cancel, BATCH_SIZE)
         except Cancelled as err:
-            return stopped(err), gr.skip(), gr.skip(), None, gr.skip()
+            return stopped(err), gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
         except StudioError as err:
-            return error(err), gr.skip(), gr.skip(), None, gr.skip()
+            return error(err), gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
         finally:
             run.done = True
         record, quantized = result.record, result.evaluation.predictions
@@ -254,7 +274,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         except StudioError as err:
             saved = f"**Not saved:** {err}."
         pairs = list(zip(test.labels.tolist(), fp.predictions, quantized, strict=True))
-        shown = Shown(record, sqnr_figure(report, error_images),
+        shown = Shown(record, sqnr_figure(report, error_images), sensitivity_figure(sensitivity, sensitivity_images),
                       changed_gallery(test, fp.predictions, quantized, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
                       broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note)
@@ -297,6 +317,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         with gr.Column(scale=2):
             summary = gr.Markdown(READY, elem_id="quant-summary")
             sqnr = gr.Plot(label="SQNR per layer and tensor", elem_id="quant-sqnr")
+            sensitivity = gr.Plot(label="Layer sensitivity", elem_id="quant-sensitivity")
             gallery = gr.Gallery(label=f"Test images whose prediction changed (first {MAX_GALLERY})", columns=6,
                                  height="auto", elem_id="quant-changed")
             model_file = gr.File(label="Quantized model: integer weight codes + scales (safetensors)",
@@ -305,10 +326,11 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                 record = gr.JSON(show_label=False, elem_id="quant-record")
     inputs = [workspace, method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed,
               test_count, overrides]
-    outputs = [summary, sqnr, gallery, record, model_file]
+    outputs = [summary, sqnr, sensitivity, gallery, record, model_file]
     wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
-    workspace.change(lambda ws: (READY, None, [], None, None, default_calibration(ws), gr.update(**count_box(ws))),
-                     workspace, [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)
+    cleared = (READY, None, None, [], None, None)
+    workspace.change(lambda ws: (*cleared, default_calibration(ws), gr.update(**count_box(ws))), workspace,
+                     [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)
     return record
 
 

@@ -145,6 +145,7 @@ def test_quantize_then_compare(browser: Browser, url: str):
     summary = page.locator("#quant-summary")
     expect(summary).to_contain_text(re.compile(r"Top-1: \d+\.\d\d % · FP32"), timeout=120_000)
     expect(page.locator("#quant-sqnr .js-plotly-plot")).to_be_visible(timeout=20_000)
+    expect(page.locator("#quant-sensitivity .js-plotly-plot")).to_be_visible(timeout=20_000)
     expect(page.locator("#quant-model-file")).to_contain_text(".safetensors", timeout=20_000)
     _screenshot(page, "app_quantize.png")
     page.get_by_role("tab", name="Compare").click()

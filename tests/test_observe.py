@@ -13,6 +13,7 @@ from core.data import load_fashion_mnist
 from core.default_model import load_default_model
 from core.errors import StudioError
 from core.eval import Cancelled
+from core.intercept import intercepting
 from core.models import VimConfig, VisionMamba
 from core.observe import (
     OutlierParams,
@@ -27,11 +28,14 @@ from core.observe import (
     outlier_timeline,
     parse_site,
     quantizer_at,
+    run_layer_sensitivity,
     sqnr_db,
     static_list_misses,
     time_channel_stats,
+    top1,
 )
 from core.quant import QuantConfig, quantize, quantized_sites
+from core.quant.model import QuantInterceptor
 from core.quant.quantizers import OutlierAwareQuantizer
 
 
@@ -266,6 +270,34 @@ def test_layer_sensitivity_quantizes_one_layer_at_a_time(default_setup, monkeypa
     cancel.set()
     with pytest.raises(Cancelled):
         layer_sensitivity(model, config, images[:4], data.normalized(0, 20), data.labels[:20], cancel=cancel)
+
+
+def test_run_layer_sensitivity_switches_on_one_layer_of_the_run_at_a_time(default_setup):
+    model, qmodel, _, data = default_setup
+    images, labels = data.normalized(0, 60), data.labels[:60]
+    with torch.no_grad():
+        before = qmodel(images[:4])
+    seen = []
+    original_intercept = QuantInterceptor.intercept
+
+    def spy(self, site, x):
+        if site.name in self.quantizers:
+            seen.append(site.layer)
+        return original_intercept(self, site, x)
+
+    QuantInterceptor.intercept = spy
+    try:
+        frame = run_layer_sensitivity(qmodel, images, labels)
+    finally:
+        QuantInterceptor.intercept = original_intercept
+    assert frame["layer"].tolist() == [0, 1, 2, 3] and set(seen) == {0, 1, 2, 3}
+    assert frame.attrs["fp_top1"] == pytest.approx(top1(model, images, labels))
+    assert (frame["drop_vs_fp"] == frame.attrs["fp_top1"] - frame["top1"]).all()
+    with torch.no_grad():
+        assert torch.equal(qmodel(images[:4]), before)  # the run's own interceptor is back
+    only_first = {k.replace(":", "."): q for k, q in qmodel.quantizers.items() if k.startswith("layers:0:")}
+    with intercepting(qmodel.model, QuantInterceptor(only_first)):
+        assert frame["top1"][0] == pytest.approx(top1(qmodel, images, labels))
 
 
 @pytest.fixture(scope="module")
