@@ -28,11 +28,13 @@ from core.observe import (
     outlier_timeline,
     quantizer_at,
     rule_of,
+    state_outliers,
     static_list_misses,
     time_channel_stats,
 )
 from core.quant import QuantConfig, QuantizedVim, ReconstructionConfig, quantize
 from core.quant.outliers import most_frequent_channels
+from core.quant.quantizers import OutlierAwareQuantizer
 from core.workspace import Workspace
 
 TENSORS = {
@@ -43,7 +45,9 @@ TENSORS = {
     "B": "B",
     "C": "C",
     "out_proj input (merged scan output)": "out_proj.input",
+    "h (scan state; columns are channel × state)": "h",
 }
+STATE = "h"
 ALL_IMAGES = "max over all images"
 MAX_IMAGES = 256
 K_RANGE = (0.5, 8)
@@ -66,10 +70,22 @@ class Inspection:
     entering its quantizers for the first N test images (noise images for a model without test images).
     Made once per model and setting, shared read-only by tabs; ``kind`` names the images ('test', 'noise')."""
 
-    def __init__(self, qmodel: QuantizedVim, images: torch.Tensor, label: str, kind: str):
-        self.qmodel, self.images, self.label, self.kind = qmodel, images, label, kind
+    def __init__(self, qmodel: QuantizedVim, calib_images: torch.Tensor, images: torch.Tensor, label: str, kind: str,
+                 bits: int):
+        self.qmodel, self.calib_images, self.images, self.label, self.kind = qmodel, calib_images, images, label, kind
+        self.bits = bits
         self.inputs = capture_quantizer_inputs(qmodel, images)
         self.summary = dynamic_outlier_summary(qmodel, images)
+        self._states: dict[str, tuple[torch.Tensor, OutlierAwareQuantizer]] = {}
+
+    def tensor_and_quantizer(self, site: str) -> tuple[torch.Tensor, torch.nn.Module]:
+        """What a site's outlier rule sees and the quantizer holding that rule; scan states are captured (and
+        an outlier rule calibrated for them) the first time a state site is asked for, then kept."""
+        if not site.endswith(f".{STATE}"):
+            return self.inputs[site], quantizer_at(self.qmodel, site)
+        if site not in self._states:
+            self._states[site] = state_outliers(self.qmodel, site, self.calib_images, self.images, self.bits)
+        return self._states[site]
 
 
 def _refresh_range(workspace: Workspace) -> str:
@@ -153,7 +169,8 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                 images, described = ws.inspection_images(n_images, int(seed))
                 label = (f"A{a_bits} inlier scales from {n_calib} {calib} images (seed {int(seed)}); "
                          f"statistics of {described}")
-                inspections[key] = Inspection(qmodel, images, label, "test" if ws.data is not None else "noise")
+                inspections[key] = Inspection(qmodel, calib_images, images, label,
+                                              "test" if ws.data is not None else "noise", int(a_bits))
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip(), gr.skip()
         except StudioError as err:
@@ -176,9 +193,9 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
             k = in_range("k", k, *K_RANGE)
             n_refresh = int(in_range("n_refresh", n_refresh, 1, model_cfg.seq_len))
             site = _site(int(in_range("the layer", layer, 0, model_cfg.depth - 1)), TENSORS[tensor], direction)
-            x = inspection.inputs[site]
+            x, quantizer = inspection.tensor_and_quantizer(site)
             chosen = None if image == ALL_IMAGES else int(image.split("#")[1])
-            rule = rule_of(quantizer_at(inspection.qmodel, site), k=float(k), n_refresh=n_refresh)
+            rule = rule_of(quantizer, k=float(k), n_refresh=n_refresh)
             timeline = outlier_timeline(x, rule, image=chosen)
             mask = timeline.mask
             static = most_frequent_channels(mask)

@@ -165,3 +165,8 @@ def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
     shared = client.predict(0, "in_proj input (normed hidden state)", "bwd", "max over all images", 3, 50,
                             api_name="/outliers_view")[0]
     assert shared.startswith("**layers.0.in_proj.input**, max over images") and "one window only" in shared
+    # the scan state: every (channel, state) pair a column, an outlier rule calibrated for it on first request
+    state, heatmap, _, _ = client.predict(2, "h (scan state; columns are channel × state)", "bwd", "image #1", 3, 10,
+                                          api_name="/outliers_view")
+    assert state.startswith("**layers.2.bwd.h**, test image #1") and "of 2048 channels" in state
+    assert json.loads(heatmap["plot"])["data"][0]["type"] == "heatmap"

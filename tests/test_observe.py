@@ -28,8 +28,10 @@ from core.observe import (
     outlier_timeline,
     parse_site,
     quantizer_at,
+    rule_of,
     run_layer_sensitivity,
     sqnr_db,
+    state_outliers,
     static_list_misses,
     time_channel_stats,
     top1,
@@ -347,3 +349,15 @@ def test_error_report_covers_scan_states_quantized_inside_the_recurrence(tiny_ou
     hq = torch.stack([quantizer.quantize_step(t, h[:, t]) for t in range(50)], dim=1)
     assert states.loc[site, "sqnr_db"] == pytest.approx(sqnr_db(h, hq))
     assert torch.equal(capture(qmodel, images[:4], [site], record_states=True)[site], hq)
+
+
+def test_state_outliers_sees_every_channel_state_pair_and_calibrates_a_rule(default_setup):
+    model, qmodel, images, data = default_setup
+    states, quantizer = state_outliers(qmodel, "layers.1.fwd.h", images[:6], data.normalized(0, 3), bits=4)
+    cfg = model.cfg
+    assert states.shape == (3, cfg.seq_len, cfg.d_inner * cfg.d_state)
+    assert quantizer.scale.shape == (cfg.seq_len,) and (quantizer.scale > 0).all()
+    timeline = outlier_timeline(states, rule_of(quantizer, k=3.0, n_refresh=10))
+    assert timeline.mask.shape == states.shape
+    with pytest.raises(StudioError, match="not a scan-state site"):
+        state_outliers(qmodel, "layers.1.fwd.B", images[:2], images[:2], bits=4)

@@ -15,6 +15,7 @@ from core.observe.outliers import (
     outlier_timeline,
     quantizer_at,
     rule_of,
+    state_outliers,
     static_list_misses,
     window_counts,
 )
@@ -37,5 +38,5 @@ __all__ = [
     "error_report", "histogram", "layer_output_error", "layer_sensitivity", "only_layer", "outlier_quantizer",
     "run_layer_sensitivity",
     "outlier_timeline", "parse_site", "quantizer_at", "rule_of", "site_quantizers", "sqnr_db",
-    "static_list_misses", "time_channel_stats", "top1", "window_counts",
+    "state_outliers", "static_list_misses", "time_channel_stats", "top1", "window_counts",
 ]

@@ -21,7 +21,7 @@ from torch import nn
 from core.errors import StudioError
 from core.intercept import Site
 from core.observe.probe import parse_site, run_probe, site_columns, site_quantizers
-from core.observe.stats import _as_tokens, _select_image, grid_frame
+from core.observe.stats import _as_tokens, _select_image, capture, grid_frame
 from core.quant import QuantizedVim
 from core.quant.fake import asymmetric_levels, symmetric_qmax
 from core.quant.outliers import max_abs_scale, outlier_masks, range_scale
@@ -71,6 +71,22 @@ def outlier_quantizer(source: nn.Module) -> OutlierAwareQuantizer:
     if not hasattr(quantizer, "scale"):
         raise StudioError("this outlier quantizer is not calibrated yet (quantize() calibrates it)")
     return quantizer
+
+
+def state_outliers(model: nn.Module, site: str, calib_images: torch.Tensor, images: torch.Tensor, bits: int,
+                   k: float = 3.0, n_refresh: int = 10) -> tuple[torch.Tensor, OutlierAwareQuantizer]:
+    """The scan state h at ``site`` (e.g. ``layers.1.fwd.h``) on ``images`` as (n, L, E·N) — every (channel,
+    state) pair a column — and an OuroMamba outlier quantizer calibrated on the states of ``calib_images``:
+    what the per-time-step rule would flag if h were quantized with it. Neither the paper nor the release
+    quantizes h that way (the studio's own h quantizer, ``quantize_state``, is per-step min-max); this is for
+    looking. States are captured by the step-by-step scan, so this costs one such pass per image set."""
+    if not site.endswith(".h"):
+        raise StudioError(f"{site!r} is not a scan-state site; they look like 'layers.1.fwd.h'")
+    states = [capture(model, batch, [site], record_states=True)[site] for batch in (calib_images, images)]
+    calib_states, states = (h.reshape(h.shape[0], h.shape[1], -1) for h in states)
+    quantizer = OutlierAwareQuantizer(bits, 8, k, n_refresh)
+    quantizer.calibrate(calib_states)
+    return states, quantizer
 
 
 def quantizer_at(qmodel: QuantizedVim, site: str) -> nn.Module:
