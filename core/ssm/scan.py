@@ -23,6 +23,7 @@ float32 (float64 stays float64) and return y in u's dtype.
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -198,13 +199,17 @@ class _SlabScan(torch.autograd.Function):
 
 
 @functools.cache
-def _mamba_ssm_scan() -> Callable | None:
-    """mamba-ssm's CUDA scan if it imports (it needs its compiled extension); imported once, lazily."""
+def _optional(module: str, name: str) -> Callable | None:
+    """``module.name`` if it imports (a compiled extension, triton), else None; imported once, lazily."""
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        return getattr(importlib.import_module(module), name)
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
-    return selective_scan_fn
+
+
+def _mamba_ssm_scan() -> Callable | None:
+    """mamba-ssm's CUDA scan if it imports (it needs its compiled extension)."""
+    return _optional("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
 
 
 def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_softplus):
@@ -216,14 +221,9 @@ def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_softplus):
     return y.transpose(1, 2)
 
 
-@functools.cache
 def _triton_scan() -> Callable | None:
-    """kernels.selective_scan's launcher if triton and the kernel module import; imported once, lazily."""
-    try:
-        from kernels.selective_scan import selective_scan as triton_scan
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
-    return triton_scan
+    """kernels.selective_scan's launcher if triton and the kernel module import."""
+    return _optional("kernels.selective_scan", "selective_scan")
 
 
 def _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus):
