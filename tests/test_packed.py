@@ -153,3 +153,21 @@ def test_the_end_to_end_benchmark_runs_every_variant():
     rows = main(["--smoke"])
     assert [row["variant"] for row in rows] == ["fp32 eager", "fp16", *QUANTIZED]
     assert all(row["latency_ms"] > 0 and row["images_per_s"] > 0 for row in rows)
+
+
+def test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation():
+    """What runs on CUDA (fp16 float parts, Triton GEMMs and detection, the Triton scan), interpreted here."""
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
+    model = VisionMamba(cfg).eval()
+    images = torch.randn(2, 1, 16, 16)
+    qmodel = quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images)
+    packed = pack(qmodel, backend="triton").half_activations()
+    for module in packed.modules():
+        if hasattr(module, "scan_impl"):
+            module.scan_impl = "triton"
+    with torch.no_grad():
+        simulated, ours = qmodel(images), packed(images.half())
+    assert ours.dtype == torch.float16
+    assert torch.linalg.norm(ours.float() - simulated) / torch.linalg.norm(simulated) < 5e-3
+    assert packed.linears["layers:0:in_proj:weight"].input_scale.dtype == torch.float32  # scales stay fp32
