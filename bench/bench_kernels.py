@@ -1,7 +1,7 @@
 """Kernel benchmark on a CUDA GPU: the mixed-precision GEMM, outlier detection and the selective scan at Vim's
 layer shapes.
 
-    python bench/bench_kernels.py [--quick] [--only gemm|detect|scan]
+    python bench/bench_kernels.py [--quick] [--only gemm|detect|scan|fusion]
 
 Per layer GEMM (in_proj D→2E, x_proj E→R+2N, dt_proj R→E, out_proj E→D; D = 192/384/768, E = 2D, N = 16,
 R = ceil(D/16)) at tokens = batch × 197 for batch 1, 16, 64: cuBLAS fp16 (``F.linear``) against our W8A8,
@@ -12,7 +12,11 @@ and fp32: our Triton kernel at each (BLOCK_E, warps) configuration (``launch_con
 the model's channel-first view, and with int8 u/B/C codes (fp16 rows), against PyTorch's fast scan
 (``core.ssm.scan.selective_scan_fast``, the path the model takes without a kernel) and mamba-ssm's CUDA scan
 when it imports (timed on its own channel-first contiguous layout); ``Gexp/s`` counts the exp(Δ·A) per second
-(batch · L · E · N of them; the H100's MUFU does ~3.7 T/s). Every kernel is checked against its reference at
+(batch · L · E · N of them; the H100's MUFU does ~3.7 T/s). The fused producers against the PyTorch they replace
+(fp16 activations, 4-bit inliers): a block's entry, residual add + RMSNorm (the model's expression) then
+``detect_quant``, against ``norm_detect_quant``; conv1d + SiLU (``F.conv1d`` as the model calls it, on the flipped
+copy for the backward branch) against ``conv_silu``; out_proj's input (y_f + flip(y_b)) / 2 then ``detect_quant``
+against ``merge_detect_quant``. Every kernel is checked against its reference at
 the real shape before it is timed (the ``check`` column). Times are medians of ``triton.testing.do_bench``
 (CUDA events, L2 flushed between calls; the method of the anchor table in docs/environment.md), in
 microseconds. ``floor_us`` is the time to move the operation's fewest bytes at the copy bandwidth measured at
@@ -39,8 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine_header, write_results  # noqa: E402
 from core.ssm.scan import _mamba_ssm_scan, selective_scan_fast  # noqa: E402
+from kernels.conv_silu import conv_silu, conv_silu_reference  # noqa: E402
 from kernels.detect_quant import detect_quant, detect_quant_reference, empty_output, inlier_qmax  # noqa: E402
+from kernels.merge_detect_quant import merge_detect_quant, merge_detect_quant_reference  # noqa: E402
 from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference  # noqa: E402
+from kernels.norm_detect_quant import norm_detect_quant, norm_detect_quant_reference  # noqa: E402
 from kernels.packing import pack_int4  # noqa: E402
 from kernels.selective_scan import launch_config, selective_scan, selective_scan_reference  # noqa: E402
 
@@ -52,6 +59,8 @@ OUTLIER_PCTS = (1, 5, 10)
 GEMM_TOLERANCE = 2e-3  # fp16 output: ‖y − y_ref‖/‖y_ref‖ of rounding alone is ~3e-4
 SCAN_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}  # by output dtype, against float64
 SCAN_CONFIGS = ((32, 1), (64, 2), (128, 4))  # (BLOCK_E, num_warps): every choice launch_config can make
+NORM_EPS = 1e-5
+CONV_WIDTH = 4
 
 
 def layer_shapes(d_model: int) -> list[tuple[str, int, int]]:
@@ -119,14 +128,32 @@ def check_gemm(ops: dict) -> str:
     return f"ok {error:.1e}" if error < GEMM_TOLERANCE else f"FAIL {error:.1e}"
 
 
-def check_detect(x: torch.Tensor, scale: torch.Tensor) -> str:
-    out = empty_output(x, 4)  # poisoned with values the kernel never writes
-    for buffer in (out.inlier_codes, out.outlier_codes, out.inlier_packed, out.inlier_scale, out.outlier_scale):
-        buffer.fill_({torch.int8: -128, torch.uint8: 0x88}.get(buffer.dtype, float("nan")))
-    got = detect_quant(x, scale, 3.0, 10, 4, out=out)
-    want = detect_quant_reference(x, scale, 3.0, 10, 4)
-    bad = [name for name, a, b in zip(got._fields, got, want, strict=True) if not torch.equal(a, b)]
+def poisoned_codes(x: torch.Tensor) -> tuple:
+    """4-bit detect_quant outputs for x filled with values the kernel never writes."""
+    out = empty_output(x, 4)
+    for codes in (out.inlier_codes, out.outlier_codes):
+        codes.fill_(-128)
+    out.inlier_packed.fill_(0x88)
+    out.outlier_mask.view(torch.uint8).fill_(0xFF)
+    for scale in (out.inlier_scale, out.outlier_scale):
+        scale.fill_(float("nan"))
+    return out
+
+
+def exact_check(got: tuple, want: tuple) -> str:
+    """Every field equal, the mask byte for byte (an unwritten one holds 0xFF). References run on the CPU: CUDA
+    PyTorch divides by a scalar as a multiplication by its reciprocal, which can move a scale by an ulp; the
+    kernels divide correctly rounded, as the CPU does."""
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.cpu().view(torch.uint8) if t.dtype == torch.bool else t.cpu()
+
+    bad = [name for name, a, b in zip(got._fields, got, want, strict=True) if not torch.equal(raw(a), raw(b))]
     return "ok exact" if not bad else "FAIL " + "/".join(bad)
+
+
+def check_detect(x: torch.Tensor, scale: torch.Tensor) -> str:
+    got = detect_quant(x, scale, 3.0, 10, 4, out=poisoned_codes(x))
+    return exact_check(got, detect_quant_reference(x.cpu(), scale.cpu(), 3.0, 10, 4))
 
 
 def gemm_bytes(m: int, n: int, k: int, variant: str) -> float:
@@ -312,6 +339,97 @@ def bench_scan(device: torch.device, bandwidth: float, models: dict[str, int], b
     return rows
 
 
+def torch_add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A Vim block's entry in PyTorch, as core.models.vim computes it: fp32 residual add, RMSNorm, cast back."""
+    total = residual + hidden.float()
+    return (total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + NORM_EPS) * weight.float()).to(hidden.dtype)
+
+
+def block_entry(batch: int, d_model: int, device: torch.device,
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (fp16), residual (fp32), RMSNorm weight and static scales. residual + hidden sits on a 1/8 grid with
+    per-token sums of squares below 2^24 grid units (exact in any order), so the kernel's normalized values are
+    the reference's bit for bit and its check must be exact."""
+    total = torch.round(activations(batch, d_model, 5, device, g)[0].float() * 8) / 8
+    hidden = (torch.randint(-8, 9, total.shape, generator=g, device=device) / 8).half()
+    weight = 0.5 + torch.rand(d_model, generator=g, device=device)
+    normalized = torch_add_rms_norm(hidden, total - hidden.float(), weight).float()
+    return hidden, total - hidden.float(), weight, normalized.abs().amax(dim=(0, 2)) * 0.05
+
+
+def bench_fusions(device: torch.device, bandwidth: float, models: dict[str, int], batches: tuple[int, ...],
+                  g: torch.Generator) -> list[dict]:
+    """Each fused producer against the PyTorch (+ detect_quant) it replaces; ``speedup`` = unfused / fused."""
+    rows = []
+    for model, d_model in models.items():
+        inner = 2 * d_model
+        for batch in batches:
+            shape = {"kind": "fusion", "model": model, "batch": batch, "M": batch * TOKENS}
+            elements = {"norm": batch * TOKENS * d_model, "inner": batch * TOKENS * inner}
+            timed: dict[str, tuple[float, float, str, float]] = {}  # layer → (unfused, fused, check, bytes)
+
+            hidden, residual, weight, scale = block_entry(batch, d_model, device, g)
+            codes, residual_out = poisoned_codes(hidden), torch.empty_like(residual)
+            got, _ = norm_detect_quant(hidden, residual, weight, NORM_EPS, scale, 3.0, 10, 4, out=codes,
+                                       residual_out=residual_out)
+            want, want_residual = norm_detect_quant_reference(hidden.cpu(), residual.cpu(), weight.cpu(), NORM_EPS,
+                                                              scale.cpu(), 3.0, 10, 4)
+            check = exact_check(got, want)
+            if not torch.equal(residual_out.cpu(), want_residual):
+                check = "FAIL residual"
+            timed["add+rmsnorm+detect"] = (
+                median_us(lambda h=hidden, r=residual, w=weight, s=scale, o=codes:
+                          detect_quant(torch_add_rms_norm(h, r, w), s, 3.0, 10, 4, out=o)),
+                median_us(lambda h=hidden, r=residual, w=weight, s=scale, o=codes, ro=residual_out:
+                          norm_detect_quant(h, r, w, NORM_EPS, s, 3.0, 10, 4, out=o, residual_out=ro)),
+                check, elements["norm"] * (2 + 4 + 4 + 3.5))
+
+            xz = torch.randn(batch, TOKENS, 2 * inner, generator=g, device=device).half()
+            x = xz[..., :inner]
+            conv_weight = (torch.randn(inner, 1, CONV_WIDTH, generator=g, device=device) / 2).half()
+            conv_bias = (torch.randn(inner, generator=g, device=device) / 2).half()
+            u = torch.empty_like(x)
+            for reverse in (False, True):
+                ref = conv_silu_reference(x, conv_weight, conv_bias, reverse)
+                error = rel_error(conv_silu(x, conv_weight, conv_bias, reverse, out=u.fill_(float("nan"))), ref)
+
+                def unfused(x=x, w=conv_weight, b=conv_bias, reverse=reverse) -> torch.Tensor:
+                    source = x.flip(1) if reverse else x  # the model's branch input (xz.flip(1) for the backward)
+                    return F.silu(F.conv1d(source.transpose(1, 2), w, b, padding=CONV_WIDTH - 1,
+                                           groups=x.shape[2])[..., :TOKENS].transpose(1, 2))
+
+                timed["conv+silu " + ("bwd" if reverse else "fwd")] = (
+                    median_us(unfused),
+                    median_us(lambda x=x, w=conv_weight, b=conv_bias, reverse=reverse, u=u:
+                              conv_silu(x, w, b, reverse, out=u)),
+                    f"ok {error:.1e}" if error < 2e-3 else f"FAIL {error:.1e}", elements["inner"] * 4)
+
+            y_forward, scale = activations(batch, inner, 5, device, g)
+            y_backward = activations(batch, inner, 5, device, g)[0]
+            codes = poisoned_codes(y_forward)
+            got = merge_detect_quant(y_forward, y_backward, scale, 3.0, 10, 4, out=codes)
+            check = exact_check(got, merge_detect_quant_reference(y_forward.cpu(), y_backward.cpu(), scale.cpu(),
+                                                                  3.0, 10, 4))
+            timed["merge+detect"] = (
+                median_us(lambda f=y_forward, b=y_backward, s=scale, o=codes:
+                          detect_quant((f + b.flip(1)) / 2, s, 3.0, 10, 4, out=o)),
+                median_us(lambda f=y_forward, b=y_backward, s=scale, o=codes:
+                          merge_detect_quant(f, b, s, 3.0, 10, 4, out=o)),
+                check, elements["inner"] * (2 + 2 + 3.5))
+
+            for layer, (unfused_us, fused_us, check, moved) in timed.items():
+                channels = d_model if layer.startswith("add") else inner
+                rows.append({**shape, "layer": layer, "K": channels, "variant": "torch + unfused",
+                             "us": round(unfused_us, 2), "check": "baseline"})
+                rows.append({**shape, "layer": layer, "K": channels, "variant": "fused", "us": round(fused_us, 2),
+                             "speedup": round(unfused_us / fused_us, 2), "GB/s": round(moved / fused_us / 1e3, 1),
+                             "floor_us": round(moved / bandwidth * 1e6, 2), "check": check})
+            print(f"fusions {model} batch {batch}: " + ", ".join(
+                f"{layer} {unfused_us:.1f} → {fused_us:.1f} us {check}"
+                for layer, (unfused_us, fused_us, check, _) in timed.items()), flush=True)
+    return rows
+
+
 def summary(rows: list[dict], bandwidth: float) -> str:
     """Geometric-mean speed-ups per variant and batch (GEMMs over cuBLAS fp16, the scan over PyTorch's fast
     scan); failed checks."""
@@ -347,6 +465,15 @@ def summary(rows: list[dict], bandwidth: float) -> str:
                 for key in groups]
         lines.append(f"  launch_config's choice was the fastest configuration in "
                      f"{sum(r['variant'].endswith('(default)') for r in best)} of {len(best)} shapes")
+    fusion = [r for r in rows if r["kind"] == "fusion" and r["variant"] == "fused"]
+    if fusion:
+        lines.append("fused producers, speed-up over PyTorch + unfused kernels (geomean over the models):")
+        for layer in dict.fromkeys(r["layer"] for r in fusion):
+            per_batch = []
+            for batch in sorted({r["batch"] for r in fusion}):
+                ratios = [r["speedup"] for r in fusion if r["layer"] == layer and r["batch"] == batch]
+                per_batch.append(f"batch {batch}: {statistics.geometric_mean(ratios):.2f}x")
+            lines.append(f"  {layer:<24} " + ", ".join(per_batch))
     failed = [f"{r['model']} {r['layer']} b{r['batch']} {r['variant']}: {r['check']}" for r in rows
               if str(r["check"]).startswith("FAIL")]
     lines.append(f"checks: {len(failed)} failed" + "".join(f"\n  {f}" for f in failed))
@@ -362,7 +489,7 @@ def gpu_slug(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="Vim-T and Vim-B at batch 1 and 64 only")
-    parser.add_argument("--only", choices=("gemm", "detect", "scan"), help="one kernel's section only")
+    parser.add_argument("--only", choices=("gemm", "detect", "scan", "fusion"), help="one kernel's section only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py: no CUDA device (torch.cuda.is_available() is False); "
@@ -372,7 +499,7 @@ def main() -> None:
     batches = (1, 64) if args.quick else BATCHES
     g = torch.Generator(device=device).manual_seed(0)
     bandwidth = copy_bandwidth(device)
-    sections = {"gemm": bench_gemms, "detect": bench_detect, "scan": bench_scan}
+    sections = {"gemm": bench_gemms, "detect": bench_detect, "scan": bench_scan, "fusion": bench_fusions}
     rows = [row for name, section in sections.items() if args.only in (None, name)
             for row in section(device, bandwidth, models, batches, g)]
     torch.cuda.synchronize(device)

@@ -13,7 +13,10 @@ Rounding is half-to-even (torch.round). This is the per-sample rule of ``core.qu
 (not its ``release_compatible`` batch-wide trigger); inputs are upcast to fp32 before any arithmetic.
 
 Kernel: one program per (sample, window), walking the window's steps in order so that the outlier set stays
-in registers; the C channels form one block (next power of two, masked), so C up to a few thousand.
+in registers; the C channels form one block (next power of two, masked), so C up to a few thousand. One step's
+detection + quantization is the JIT function ``detect_quant_step``, shared with the fused producers
+(``kernels.norm_detect_quant``, ``kernels.merge_detect_quant``) through ``launch_detect_quant``: they differ only
+in how a step's input row is made.
 """
 
 from __future__ import annotations
@@ -66,8 +69,70 @@ def _quantize(v, scale, qmax: tl.constexpr):
 
 
 @triton.jit
-def _detect_quant_kernel(x_ptr, static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
-                         length, channels, n_refresh, k, stride_xb, stride_xt, stride_xc,
+def round_to_dtype(x, dtype: tl.constexpr):
+    """x (fp32) rounded to ``dtype`` (fp32, fp16 or bf16) to nearest even, as PyTorch casts, returned as fp32: a
+    fused producer must quantize the value the model would have stored. bf16 by integer arithmetic, because the
+    interpreter's fp32 → bf16 cast truncates (triton 3.8) where the GPU's rounds; this is the GPU's rounding
+    (finite inputs), written once for both."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr,
+                      outlier_ptr, outlier_scale_ptr, INLIER_QMAX: tl.constexpr, PACK: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """Step t of one sample: detection on x (fp32, (BLOCK_C,), 0 past C) given the outlier set before the step,
+    then the quantization and every store of the step; returns the grown set. Every kernel that produces
+    ``DetectQuantOutput`` (this module's, ``kernels.norm_detect_quant``'s, ``kernels.merge_detect_quant``'s) runs
+    this same code on its own input row, so all of them quantize bit for bit alike."""
+    offs = tl.arange(0, BLOCK_C)
+    valid = offs < channels
+    magnitude = tl.abs(x)
+    inlier = valid & ~outlier
+    static_scale = tl.load(static_scale_ptr + t)
+
+    # detection over the current inlier channels (same operation order as outlier_masks)
+    inlier_magnitude = tl.where(inlier, magnitude, 0.0)
+    dynamic_scale = tl.math.div_rn(tl.max(inlier_magnitude, axis=0), INLIER_QMAX * 1.0)
+    count = tl.sum(inlier.to(tl.float32), axis=0)
+    mean = tl.math.div_rn(tl.sum(inlier_magnitude, axis=0), tl.maximum(count, 1.0))
+    deviation = magnitude - mean
+    var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=0),
+                         tl.maximum(count - 1.0, 1.0))
+    theta = mean + k * tl.sqrt_rn(var)
+    theta = tl.where(dynamic_scale > static_scale, theta, float("inf"))  # no trigger: nothing stands out
+    outlier = outlier | (valid & (magnitude > theta))
+
+    row = (sample * length + t).to(tl.int64)
+    out = row * channels + offs
+    tl.store(mask_ptr + out, outlier.to(tl.uint8), mask=valid)
+
+    inlier_codes = _quantize(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), INLIER_QMAX)
+    inlier_codes = inlier_codes.to(tl.int32)
+    tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=valid)
+    if PACK:
+        low, high = tl.split(tl.reshape(inlier_codes, (BLOCK_C // 2, 2)))
+        pair = tl.arange(0, BLOCK_C // 2)
+        tl.store(packed_ptr + row * (channels // 2) + pair, ((low & 15) | ((high & 15) << 4)).to(tl.uint8),
+                 mask=pair < channels // 2)
+
+    outlier_peak = tl.max(tl.where(outlier, magnitude, 0.0), axis=0)
+    outlier_scale = tl.maximum(tl.math.div_rn(outlier_peak, 127.0), 1e-8)
+    outlier_codes = tl.where(outlier, _quantize(x, outlier_scale, 127.0), 0.0)
+    tl.store(outlier_ptr + out, outlier_codes.to(tl.int8), mask=valid)
+    tl.store(outlier_scale_ptr + row, outlier_scale)
+    return outlier
+
+
+@triton.jit
+def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
+                         static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                         length, channels, n_refresh, k,
                          INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr):
     sample = tl.program_id(0)
     start = tl.program_id(1) * n_refresh
@@ -77,41 +142,9 @@ def _detect_quant_kernel(x_ptr, static_scale_ptr, inlier_ptr, packed_ptr, mask_p
     for i in range(0, tl.minimum(n_refresh, length - start)):
         t = start + i
         x = tl.load(x_ptr + sample * stride_xb + t * stride_xt + offs * stride_xc, mask=valid, other=0.0)
-        x = x.to(tl.float32)
-        magnitude = tl.abs(x)
-        inlier = valid & ~outlier
-        static_scale = tl.load(static_scale_ptr + t)
-
-        # detection over the current inlier channels (same operation order as outlier_masks)
-        inlier_magnitude = tl.where(inlier, magnitude, 0.0)
-        dynamic_scale = tl.math.div_rn(tl.max(inlier_magnitude, axis=0), INLIER_QMAX * 1.0)
-        count = tl.sum(inlier.to(tl.float32), axis=0)
-        mean = tl.math.div_rn(tl.sum(inlier_magnitude, axis=0), tl.maximum(count, 1.0))
-        deviation = magnitude - mean
-        var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=0),
-                             tl.maximum(count - 1.0, 1.0))
-        theta = mean + k * tl.sqrt_rn(var)
-        theta = tl.where(dynamic_scale > static_scale, theta, float("inf"))  # no trigger: nothing stands out
-        outlier = outlier | (valid & (magnitude > theta))
-
-        row = (sample * length + t).to(tl.int64)
-        out = row * channels + offs
-        tl.store(mask_ptr + out, outlier.to(tl.uint8), mask=valid)
-
-        inlier_codes = _quantize(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), INLIER_QMAX)
-        inlier_codes = inlier_codes.to(tl.int32)
-        tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=valid)
-        if PACK:
-            low, high = tl.split(tl.reshape(inlier_codes, (BLOCK_C // 2, 2)))
-            pair = tl.arange(0, BLOCK_C // 2)
-            tl.store(packed_ptr + row * (channels // 2) + pair, ((low & 15) | ((high & 15) << 4)).to(tl.uint8),
-                     mask=pair < channels // 2)
-
-        outlier_peak = tl.max(tl.where(outlier, magnitude, 0.0), axis=0)
-        outlier_scale = tl.maximum(tl.math.div_rn(outlier_peak, 127.0), 1e-8)
-        outlier_codes = tl.where(outlier, _quantize(x, outlier_scale, 127.0), 0.0)
-        tl.store(outlier_ptr + out, outlier_codes.to(tl.int8), mask=valid)
-        tl.store(outlier_scale_ptr + row, outlier_scale)
+        outlier = detect_quant_step(x.to(tl.float32), outlier, sample, t, length, channels, k, static_scale_ptr,
+                                    inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                                    INLIER_QMAX, PACK, BLOCK_C)
 
 
 def _check(x: torch.Tensor, static_scale: torch.Tensor, n_refresh: int, bits: int) -> None:
@@ -140,10 +173,18 @@ def empty_output(x: torch.Tensor, inlier_bits: int) -> DetectQuantOutput:
                                for spec in _output_layout(x, inlier_bits)))
 
 
-def detect_quant(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
-                 out: DetectQuantOutput | None = None) -> DetectQuantOutput:
-    """Triton: outlier masks, inlier/outlier codes and scales of x (batch, L, C), fp32/fp16/bf16, any strides.
-    ``out`` (from ``empty_output``) is written in place, so repeated calls allocate nothing."""
+def launch_block(channels: int) -> tuple[int, int]:
+    """(BLOCK_C, num_warps): all C channels in one block (next power of two, masked), 1–8 warps by size."""
+    block = max(triton.next_power_of_2(channels), 2)
+    return block, max(1, min(8, block // 256))
+
+
+def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tensor, static_scale: torch.Tensor,
+                        k: float, n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None,
+                        **constants: object) -> DetectQuantOutput:
+    """Check, allocate and launch a kernel built on ``detect_quant_step``: its own arguments (``inputs``) come
+    first, then the ones every such kernel shares, in ``_detect_quant_kernel``'s order. ``x`` stands for the
+    activation being quantized (its shape, dtype and device); one program per (sample, window)."""
     _check(x, static_scale, n_refresh, inlier_bits)
     out = empty_output(x, inlier_bits) if out is None else out
     for name, buffer, spec in zip(out._fields, out, _output_layout(x, inlier_bits), strict=True):
@@ -155,16 +196,22 @@ def detect_quant(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refres
     batch, length, channels = x.shape
     static_scale = static_scale.to(device=x.device, dtype=torch.float32).contiguous()
     pack = inlier_bits == 4
-    block = max(triton.next_power_of_2(channels), 2)
-    grid = (batch, triton.cdiv(length, n_refresh))
-    _detect_quant_kernel[grid](
-        x, static_scale, out.inlier_codes, out.inlier_packed if pack else out.inlier_codes,
-        out.outlier_mask.view(torch.uint8), out.outlier_codes, out.outlier_scale,
-        length, channels, n_refresh, float(k), x.stride(0), x.stride(1), x.stride(2),
-        INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block,
-        num_warps=max(1, min(8, block // 256)), enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
+    block, warps = launch_block(channels)
+    kernel[(batch, triton.cdiv(length, n_refresh))](
+        *inputs, static_scale, out.inlier_codes, out.inlier_packed if pack else out.inlier_codes,
+        out.outlier_mask.view(torch.uint8), out.outlier_codes, out.outlier_scale, length, channels, n_refresh,
+        float(k), INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block, **constants,
+        num_warps=warps, enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
     out.inlier_scale.copy_(static_scale.clamp(min=MIN_SCALE).expand(batch, length))
     return out
+
+
+def detect_quant(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
+                 out: DetectQuantOutput | None = None) -> DetectQuantOutput:
+    """Triton: outlier masks, inlier/outlier codes and scales of x (batch, L, C), fp32/fp16/bf16, any strides.
+    ``out`` (from ``empty_output``) is written in place, so repeated calls allocate nothing."""
+    return launch_detect_quant(_detect_quant_kernel, (x, *x.stride()), x, static_scale, k, n_refresh, inlier_bits,
+                               out)
 
 
 def detect_quant_reference(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,

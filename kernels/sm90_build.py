@@ -1,6 +1,6 @@
 """Build the kernels for Hopper (sm_90) on any machine, no GPU needed, and report what the compiler did.
 
-    python -m kernels.sm90_build          # every configuration the launchers pick at Vim's shapes (~1 min)
+    python -m kernels.sm90_build          # every configuration the launchers pick at Vim's shapes (minutes)
     python -m kernels.sm90_build --quick  # the heaviest ones (what tests/test_kernels.py runs)
 
 The interpreter runs the kernels' arithmetic but not their lowering: a layout the GPU compiler rejects, a
@@ -24,8 +24,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels import conv_silu as cs
 from kernels import detect_quant as dq
+from kernels import merge_detect_quant as md
 from kernels import mixed_gemm as mg
+from kernels import norm_detect_quant as nd
 from kernels import selective_scan as ss
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -83,14 +86,54 @@ def build_gemm(variant: str, m: int, n: int, k: int) -> BuildReport:
     return build(mg._mixed_gemm_kernel, types, constants, divisible, warps, stages)
 
 
+DETECT_OUTPUTS = {"static_scale_ptr": "*fp32", "inlier_ptr": "*i8", "packed_ptr": "*u8", "mask_ptr": "*u8",
+                  "outlier_ptr": "*i8", "outlier_scale_ptr": "*fp32", "k": "fp32"}
+
+
+def _build_detect_family(kernel: triton.JITFunction, channels: int, bits: int, types: dict[str, str],
+                         constants: dict[str, object], divisible: set[str]) -> BuildReport:
+    """A kernel built on ``detect_quant_step`` as ``launch_detect_quant`` launches it for C channels."""
+    block, warps = dq.launch_block(channels)
+    constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4, "BLOCK_C": block, **constants}
+    divisible = divisible | ({"channels"} if channels % 16 == 0 else set())
+    return build(kernel, {**DETECT_OUTPUTS, **types}, constants, divisible, warps, enable_fp_fusion=False)
+
+
 def build_detect(channels: int, bits: int) -> BuildReport:
-    """detect_quant for fp16 input with C channels, as the launcher picks block and warps."""
-    block = max(triton.next_power_of_2(channels), 2)
-    types = {"x_ptr": "*fp16", "static_scale_ptr": "*fp32", "inlier_ptr": "*i8", "packed_ptr": "*u8",
-             "mask_ptr": "*u8", "outlier_ptr": "*i8", "outlier_scale_ptr": "*fp32", "k": "fp32"}
-    constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4, "BLOCK_C": block}
-    return build(dq._detect_quant_kernel, types, constants, set(), max(1, min(8, block // 256)),
-                 enable_fp_fusion=False)
+    """detect_quant for contiguous fp16 input with C channels."""
+    divisible = {"stride_xb", "stride_xt"} if channels % 16 == 0 else set()
+    return _build_detect_family(dq._detect_quant_kernel, channels, bits, {"x_ptr": "*fp16"}, {"stride_xc": 1},
+                                divisible)
+
+
+def build_norm_detect(channels: int, bits: int, dtype: str, residual: bool = True) -> BuildReport:
+    """norm_detect_quant at a block's entry (C = embed dim): ``dtype`` hidden and norm weight (as ``model.half()``
+    holds it), fp32 residual in and out, all contiguous."""
+    types = {"hidden_ptr": f"*{dtype}", "residual_ptr": "*fp32", "weight_ptr": f"*{dtype}",
+             "residual_out_ptr": "*fp32", "eps": "fp32"}
+    constants = {"HAS_RESIDUAL": residual, "stride_hc": 1, "stride_rc": 1, "stride_oc": 1}
+    divisible = {"stride_hb", "stride_ht", "stride_rb", "stride_rt", "stride_ob", "stride_ot"} \
+        if channels % 16 == 0 else set()
+    return _build_detect_family(nd._norm_detect_quant_kernel, channels, bits, types, constants, divisible)
+
+
+def build_merge_detect(channels: int, bits: int, dtype: str) -> BuildReport:
+    """merge_detect_quant at out_proj's input (C = E) on two contiguous ``dtype`` branch outputs."""
+    types = {"forward_ptr": f"*{dtype}", "backward_ptr": f"*{dtype}"}
+    divisible = {"stride_fb", "stride_ft", "stride_bb", "stride_bt"} if channels % 16 == 0 else set()
+    return _build_detect_family(md._merge_detect_quant_kernel, channels, bits, types,
+                                {"stride_fc": 1, "stride_bc": 1}, divisible)
+
+
+def build_conv_silu(channels: int, dtype: str, reverse: bool) -> BuildReport:
+    """conv_silu on the model's x (half of in_proj's output, time stride 2E), weight (E, 1, 4) and bias in x's
+    dtype (as ``model.half()`` holds them), contiguous output."""
+    block_t, block_e, warps = cs.launch_config(channels)
+    types = {"x_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}"}
+    constants = {"WIDTH": 4, "REVERSE": reverse, "BLOCK_T": block_t, "BLOCK_E": block_e, "stride_xc": 1,
+                 "stride_w_tap": 1, "stride_yc": 1}
+    divisible = {"channels", "stride_xb", "stride_xt", "stride_yb", "stride_yt"} if channels % 16 == 0 else set()
+    return build(cs._conv_silu_kernel, types, constants, divisible, warps)
 
 
 def build_scan(dtype: str, warps: int, int8_inputs: bool = False, channel_first_u: bool = False,
@@ -131,7 +174,8 @@ def main() -> int:
     """One line per distinct build; exit status 1 if any spills, a GEMM misses wgmma or the scan uses shared
     memory."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="only the outlier variants, Vim-T/B at batch 1, 64")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the outlier variants, Vim-T/B at batch 1, 64; the heaviest of each other kernel")
     args = parser.parse_args()
     variants = ("W8A8O8", "W4A4O8") if args.quick else tuple(VARIANTS)
     shapes = vim_gemm_shapes((192, 768), (1, 64)) if args.quick else vim_gemm_shapes()
@@ -139,7 +183,7 @@ def main() -> int:
     for variant in variants:
         for m, n, k in shapes:
             blocks = mg._blocks(m, n, k)
-            key = (variant, blocks, m % 16 == 0, n % 16 == 0, k % 16 == 0, k % 32 == 0)
+            key = ("gemm", variant, blocks, m % 16 == 0, n % 16 == 0, k % 16 == 0, k % 32 == 0)
             if key not in seen:
                 seen[key] = build_gemm(variant, m, n, k)
                 print(f"mixed_gemm {variant:<7} e.g. M={m} N={n} K={k} blocks {blocks}: {seen[key]}", flush=True)
@@ -159,9 +203,22 @@ def main() -> int:
         print(f"selective_scan {dtype} {warps} warps{' int8 u/B/C' if int8_inputs else ''}"
               f"{' channel-first u' if channel_first_u else ''}{' delta bias' if delta_bias else ''}: {report}",
               flush=True)
+    # the fused producers at Vim's shapes: the block entry at C = D, the merge at C = E, conv at E (one block
+    # shape for every E ≥ 128, so the dtypes and directions are what differ)
+    fused = [("norm", 768, 4, "fp16", True), ("merge", 1536, 4, "fp16"), ("conv", 1536, "fp16", True)] \
+        if args.quick else \
+        [("norm", channels, bits, dtype, True) for channels in (192, 384, 768) for bits in (4, 8)
+         for dtype in ("fp16", "fp32")] + [("norm", 768, 4, "fp16", False), ("norm", 768, 4, "bf16", True)] \
+        + [("merge", channels, bits, "fp16") for channels in (384, 768, 1536) for bits in (4, 8)] \
+        + [("merge", 1536, 4, "fp32"), ("merge", 1536, 4, "bf16")] \
+        + [("conv", 1536, dtype, reverse) for dtype in ("fp32", "fp16", "bf16") for reverse in (False, True)]
+    builders = {"norm": build_norm_detect, "merge": build_merge_detect, "conv": build_conv_silu}
+    for key in fused:
+        seen[key] = report = builders[key[0]](*key[1:])
+        print(f"{key[0]} {' '.join(map(str, key[1:]))}: {report}", flush=True)
     # the scan needs no shared memory: any there is a layout conversion inside its loop (see kernels/README.md)
     bad = [key for key, report in seen.items() if report.stack_bytes
-           or (key[0] == "scan" and report.shared_bytes) or (key[0] not in ("detect", "scan") and not report.wgmma)]
+           or (key[0] == "scan" and report.shared_bytes) or (key[0] == "gemm" and not report.wgmma)]
     print(f"{len(seen)} builds, {len(bad)} with spills, without wgmma (GEMMs) or with shared memory (scan)"
           + "".join(f"\n  {key}" for key in bad))
     return 1 if bad else 0

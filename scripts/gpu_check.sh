@@ -2,7 +2,8 @@
 # The kernels' GPU session in one call: the kernel tests compiled on CUDA (small shapes and Vim-size shapes),
 # then the benchmark (correctness at real shapes, then timings). Budget: at most 8 minutes (tests capped at
 # 270 s, the benchmark at what is left of 470 s); expected ~6 (mostly Triton compiles, ~1-2 s each; the scan's
-# ~15 configurations add ~1 min over tests and benchmark).
+# ~15 configurations add ~1 min over tests and benchmark; the fused producers' ~25 configurations and their
+# section, run last, ~1 more, unmeasured: if the cap cuts the benchmark, its log keeps one line per shape).
 # Usage on the device machine, from the repository root:  bash scripts/gpu_check.sh
 # Writes gpu_check_tests.log, bench_kernels.log and kernels_<gpu>.{csv,md} to $OUT (results/ when OUT is unset).
 set -u
@@ -15,9 +16,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
       'available', torch.cuda.is_available(), 'triton', triton.__version__)"
 python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || {
   echo "gpu_check: no CUDA device here; on the CPU run the interpreted tests (tests/test_kernels.py,"\
-       "tests/test_kernel_scan.py)"; exit 1; }
+       "tests/test_kernel_scan.py, tests/test_kernel_fusions.py)"; exit 1; }
 
 timeout 270 python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_kernels.py tests/test_kernel_scan.py \
+  tests/test_kernel_fusions.py \
   > "$out/gpu_check_tests.log" 2>&1
 tests_rc=$?
 tail -n 25 "$out/gpu_check_tests.log"

@@ -1,0 +1,76 @@
+"""The merge of Vim's two scan directions fused into out_proj's outlier detection + quantization.
+
+Vim's mixer feeds out_proj with (y_forward + flip(y_backward)) / 2, where y_backward is the backward branch's
+output in its own (reversed) time order. In PyTorch that is three passes over (batch, L, E) — the flip copy, the
+add, the halving — and detect_quant reads the result once more: ~16 bytes per element in fp16 before the codes
+are written. Here one kernel reads each input once (4 bytes per element in fp16), y_backward at time L − 1 − t, so
+neither the flipped copy nor the merged activation exists (out_proj is the merge's only consumer).
+
+The merged value rounds as PyTorch's does in the inputs' dtype: the sum is computed in fp32 and rounded to the
+dtype, then halved (exact in fp32) and rounded again, so the codes equal ``detect_quant`` on the merged tensor bit
+for bit. Kernel: ``kernels.detect_quant``'s, one program per (sample, window); each step builds its merged row in
+registers and hands it to ``detect_quant_step``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.detect_quant import (
+    DetectQuantOutput,
+    detect_quant_reference,
+    detect_quant_step,
+    launch_detect_quant,
+    round_to_dtype,
+)
+
+
+@triton.jit
+def _merge_detect_quant_kernel(forward_ptr, backward_ptr, stride_fb, stride_ft, stride_fc, stride_bb, stride_bt,
+                               stride_bc,
+                               static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                               length, channels, n_refresh, k,
+                               INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr):
+    sample = tl.program_id(0)
+    start = tl.program_id(1) * n_refresh
+    offs = tl.arange(0, BLOCK_C)
+    valid = offs < channels
+    outlier = offs < 0  # the refresh: an empty set at the window start
+    for i in range(0, tl.minimum(n_refresh, length - start)):
+        t = start + i
+        forward = tl.load(forward_ptr + sample * stride_fb + t * stride_ft + offs * stride_fc, mask=valid, other=0.0)
+        backward = tl.load(backward_ptr + sample * stride_bb + (length - 1 - t) * stride_bt + offs * stride_bc,
+                           mask=valid, other=0.0)
+        dtype = forward_ptr.dtype.element_ty
+        x = round_to_dtype(round_to_dtype(forward.to(tl.float32) + backward.to(tl.float32), dtype) * 0.5, dtype)
+        outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr,
+                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C)
+
+
+def _check(y_forward: torch.Tensor, y_backward: torch.Tensor) -> None:
+    if y_backward.shape != y_forward.shape or y_backward.dtype != y_forward.dtype \
+            or y_backward.device != y_forward.device:
+        raise ValueError(f"y_forward and y_backward must agree in shape, dtype and device, got "
+                         f"{y_forward.dtype} {tuple(y_forward.shape)} on {y_forward.device} and "
+                         f"{y_backward.dtype} {tuple(y_backward.shape)} on {y_backward.device}")
+
+
+def merge_detect_quant(y_forward: torch.Tensor, y_backward: torch.Tensor, static_scale: torch.Tensor, k: float,
+                       n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None = None) -> DetectQuantOutput:
+    """Triton: ``detect_quant((y_forward + y_backward.flip(1)) / 2, …)`` without materialising either operand.
+
+    y_forward (batch, L, E) and y_backward (batch, L, E) in the backward branch's time order, same float dtype,
+    any strides. ``out`` as for ``detect_quant``."""
+    _check(y_forward, y_backward)
+    return launch_detect_quant(_merge_detect_quant_kernel, (y_forward, y_backward, *y_forward.stride(),
+                                                            *y_backward.stride()),
+                               y_forward, static_scale, k, n_refresh, inlier_bits, out)
+
+
+def merge_detect_quant_reference(y_forward: torch.Tensor, y_backward: torch.Tensor, static_scale: torch.Tensor,
+                                 k: float, n_refresh: int, inlier_bits: int) -> DetectQuantOutput:
+    """PyTorch: the merge as core.models.vim writes it, then ``detect_quant_reference``."""
+    _check(y_forward, y_backward)
+    return detect_quant_reference((y_forward + y_backward.flip(1)) / 2, static_scale, k, n_refresh, inlier_bits)

@@ -1,0 +1,114 @@
+"""Residual add + RMSNorm + per-time-step outlier detection + quantization in one kernel (a Vim block's entry).
+
+A Vim block computes ``residual ← residual + hidden`` (fp32), ``x = RMSNorm(residual)`` cast to hidden's dtype,
+and feeds x to in_proj, whose packed form quantizes it with ``kernels.detect_quant``. Here the whole chain is one
+pass: per token the kernel reads residual and hidden once, writes the new residual (the next block needs it) and
+detect_quant's outputs for x; x itself never reaches memory (in_proj is its only consumer).
+
+RMSNorm is core.models.vim's: x32 · rsqrt(mean(x32²) + eps) · w, eps inside the root, then cast to hidden's
+dtype (fp32/fp16/bf16) before quantization, as the model quantizes the cast value. Every step is a correctly
+rounded fp32 operation with one order fixed: mean = sum / C, the reciprocal root as 1 / sqrt, (x · 1/rms) · w,
+no FMA contraction. PyTorch's own fp32 sqrt and rsqrt are not correctly rounded (on the CPU through MKL, ~17 %
+of sqrt results an ulp off on the development machine; on CUDA rsqrtf is approximate), so the model's RMSNorm
+differs from this one, and from itself across devices, by an ulp of the root; the reference here takes the root
+in float64 and rounds it, which is portable. The sum of squares is the one reduction whose order differs from
+PyTorch's: the outputs equal the reference bit for bit whenever that sum is exact (the tests' data are chosen so)
+and otherwise differ only where an ulp of the normalized value moves a rounding or a detection decision.
+
+Kernel: ``kernels.detect_quant``'s, one program per (sample, window) walking the window's steps in order; each
+step builds its normalized row in registers and hands it to ``detect_quant_step``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.detect_quant import (
+    DetectQuantOutput,
+    detect_quant_reference,
+    detect_quant_step,
+    launch_detect_quant,
+    round_to_dtype,
+)
+
+
+@triton.jit
+def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps,
+                              stride_hb, stride_ht, stride_hc, stride_rb, stride_rt, stride_rc,
+                              stride_ob, stride_ot, stride_oc,
+                              static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                              length, channels, n_refresh, k,
+                              INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
+                              HAS_RESIDUAL: tl.constexpr):
+    sample = tl.program_id(0)
+    start = tl.program_id(1) * n_refresh
+    offs = tl.arange(0, BLOCK_C)
+    valid = offs < channels
+    weight = tl.load(weight_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    outlier = offs < 0  # the refresh: an empty set at the window start
+    for i in range(0, tl.minimum(n_refresh, length - start)):
+        t = start + i
+        residual = tl.load(hidden_ptr + sample * stride_hb + t * stride_ht + offs * stride_hc, mask=valid,
+                           other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            residual += tl.load(residual_ptr + sample * stride_rb + t * stride_rt + offs * stride_rc, mask=valid,
+                                other=0.0)
+        tl.store(residual_out_ptr + sample * stride_ob + t * stride_ot + offs * stride_oc, residual, mask=valid)
+        mean_square = tl.math.div_rn(tl.sum(residual * residual, axis=0), channels * 1.0)
+        inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
+        # the model quantizes the normalized value cast to hidden's dtype
+        x = round_to_dtype((residual * inv_rms) * weight, hidden_ptr.dtype.element_ty)
+        outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr,
+                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C)
+
+
+def _check(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+           residual_out: torch.Tensor | None) -> None:
+    if hidden.dim() != 3 or norm_weight.shape != (hidden.shape[-1],) or norm_weight.device != hidden.device:
+        raise ValueError(f"norm_weight must be (C,) on hidden's device, hidden (batch, L, C); got "
+                         f"{tuple(norm_weight.shape)} and {tuple(hidden.shape)}")
+    if residual is not None and (residual.shape != hidden.shape or residual.dtype != torch.float32
+                                 or residual.device != hidden.device):
+        raise ValueError(f"residual must be fp32 {tuple(hidden.shape)} on {hidden.device} like hidden, got "
+                         f"{residual.dtype} {tuple(residual.shape)} on {residual.device}")
+    if residual_out is not None and (residual_out.shape != hidden.shape or residual_out.dtype != torch.float32
+                                     or residual_out.device != hidden.device):
+        raise ValueError(f"residual_out must be fp32 {tuple(hidden.shape)} on {hidden.device}")
+
+
+def norm_detect_quant(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                      static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
+                      out: DetectQuantOutput | None = None,
+                      residual_out: torch.Tensor | None = None) -> tuple[DetectQuantOutput, torch.Tensor]:
+    """Triton: (detect_quant(RMSNorm(residual + hidden) cast to hidden's dtype), residual + hidden in fp32).
+
+    hidden (batch, L, C) fp32/fp16/bf16 and residual (batch, L, C) fp32 (None: the first block, whose residual
+    is hidden itself), any strides; norm_weight (C,). ``out`` as for ``detect_quant``; ``residual_out`` (fp32,
+    any strides) may be ``residual`` itself: each element is read before it is overwritten, by the same thread."""
+    _check(hidden, residual, norm_weight, residual_out)
+    residual_out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if residual_out is None \
+        else residual_out
+    inputs = (hidden, hidden if residual is None else residual, norm_weight, residual_out, float(eps),
+              *hidden.stride(), *(hidden if residual is None else residual).stride(), *residual_out.stride())
+    out = launch_detect_quant(_norm_detect_quant_kernel, inputs, hidden, static_scale, k, n_refresh, inlier_bits, out,
+                              HAS_RESIDUAL=residual is not None)
+    return out, residual_out
+
+
+def rms_norm_reference(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """core.models.vim.RMSNorm on an fp32 input, its rsqrt written 1 / sqrt with both operations correctly rounded
+    (the root taken in float64 and rounded to fp32; see the module docstring)."""
+    root = torch.sqrt((residual.pow(2).mean(-1, keepdim=True) + eps).double()).float()
+    return residual * (1 / root) * norm_weight.float()
+
+
+def norm_detect_quant_reference(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                                eps: float, static_scale: torch.Tensor, k: float, n_refresh: int,
+                                inlier_bits: int) -> tuple[DetectQuantOutput, torch.Tensor]:
+    """PyTorch: the Block's add and norm as core.models.vim writes them, then ``detect_quant_reference``."""
+    _check(hidden, residual, norm_weight, None)
+    residual = hidden.float() if residual is None else residual + hidden.float()
+    x = rms_norm_reference(residual, norm_weight, eps).to(hidden.dtype)
+    return detect_quant_reference(x, static_scale, k, n_refresh, inlier_bits), residual
