@@ -18,7 +18,7 @@ from core.default_model import DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_default_mod
 from core.errors import StudioError
 from core.models import VimConfig, VisionMamba
 from core.quant import QuantConfig, ReconstructionConfig, quantize
-from core.quant.packed import agreement, load_packed, pack, save_packed
+from core.quant.packed import PackedVim, agreement, load_packed, pack, save_packed
 
 ONE_EPOCH = ReconstructionConfig(epochs=1, batch_size=16)
 STATIC_ONLY = ReconstructionConfig(epochs=0)
@@ -171,3 +171,31 @@ def test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_s
     assert ours.dtype == torch.float16
     assert torch.linalg.norm(ours.float() - simulated) / torch.linalg.norm(simulated) < 5e-3
     assert packed.linears["layers:0:in_proj:weight"].input_scale.dtype == torch.float32  # scales stay fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_producers_compute_what_the_unfused_kernels_compute(dtype):
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
+    model = VisionMamba(cfg).eval()
+    images = torch.randn(2, 1, 16, 16)
+    packed = pack(quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images), backend="triton")
+    if dtype == torch.float16:
+        packed.half_activations()
+    calls = []
+    original = PackedVim._fused_forward
+
+    def spy(self, x):
+        calls.append(x.shape)
+        return original(self, x)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PackedVim, "_fused_forward", spy)
+        fused = packed(images.to(dtype))
+        packed.fused = False
+        unfused = packed(images.to(dtype))
+    assert len(calls) == 1  # the fused path ran once, the unfused one did not go through it
+    assert torch.linalg.norm((fused - unfused).float()) / torch.linalg.norm(unfused.float()) < 2e-3
+    packed.fused, packed.backend = True, "reference"
+    with torch.no_grad():  # without kernels there is nothing to fuse: the reference path runs
+        assert torch.equal(packed(images.to(dtype)), packed.model(images.to(dtype)))

@@ -30,22 +30,27 @@ from safetensors.torch import save_file
 from torch import nn
 
 from core.errors import StudioError
-from core.intercept import Interceptor, Site, set_interceptor
+from core.intercept import BACKWARD, DIRECTIONS, Interceptor, Site, set_interceptor
 from core.models import VimConfig, VisionMamba
 from core.models.loading import CONFIG_METADATA_KEY, load_state_dict_strict
 from core.quant.config import QuantConfig
 from core.quant.fake import MIN_SCALE
 from core.quant.model import QuantizedVim
-from core.quant.quantize import activation_quantizer, quantized_sites
+from core.quant.quantize import LINEARS, SHARED_LINEARS, activation_quantizer, quantized_sites
 from core.quant.quantizers import OutlierAwareQuantizer, WeightQuantizer
-from kernels.detect_quant import detect_quant, detect_quant_reference
+from core.ssm import selective_scan
+from kernels.conv_silu import conv_silu
+from kernels.detect_quant import DetectQuantOutput, detect_quant, detect_quant_reference
+from kernels.merge_detect_quant import merge_detect_quant
 from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference, quantize_weight
+from kernels.norm_detect_quant import norm_detect_quant
 
 FORMAT = "ouromamba-packed/1"
 KERNEL_BITS = (4, 8)  # what detect_quant and mixed_gemm take for weights and inliers
 BACKENDS = ("auto", "triton", "reference")
 DYNAMIC_S6 = ("delta_pre", "B", "C")  # quantized as the model runs
 STATIC_S6 = ("A", "D")  # quantized once, at packing
+LINEAR_SITES = len(SHARED_LINEARS) + 2 * (len(LINEARS) - len(SHARED_LINEARS))  # packed projections per layer
 
 
 def _key(name: str) -> str:
@@ -77,21 +82,26 @@ class PackedLinear(nn.Module):
         return 4 if self.weight_codes.dtype == torch.uint8 else 8
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, use_kernels: bool) -> torch.Tensor:
-        batch, length, _ = x.shape
-        if length != self.input_scale.numel():
-            raise StudioError(f"this model was calibrated for {self.input_scale.numel()} time-steps, got {length}")
+        if x.shape[1] != self.input_scale.numel():
+            raise StudioError(f"this model was calibrated for {self.input_scale.numel()} time-steps, got {x.shape[1]}")
         detect = detect_quant if use_kernels else detect_quant_reference
-        codes = detect(x, self.input_scale, self.k, self.n_refresh, self.a_bits)
+        return self.gemm(detect(x, self.input_scale, self.k, self.n_refresh, self.a_bits), bias, x.dtype, use_kernels)
+
+    def gemm(self, codes: DetectQuantOutput, bias: torch.Tensor | None, dtype: torch.dtype,
+             use_kernels: bool) -> torch.Tensor:
+        """(batch, L, N) in ``dtype`` from the input's codes, however they were made (``detect_quant`` or a
+        fused producer such as ``norm_detect_quant``)."""
+        batch, length, _ = codes.inlier_codes.shape
         rows = batch * length
         inliers = codes.inlier_packed if self.a_bits == 4 else codes.inlier_codes
         operands = (inliers.reshape(rows, -1), codes.inlier_scale.reshape(rows), self.weight_codes,
                     self.weight_scale, codes.outlier_codes.reshape(rows, -1), codes.outlier_scale.reshape(rows),
                     None if bias is None else bias.float())
         if use_kernels:
-            y = mixed_gemm(*operands, out_dtype=torch.float16 if x.dtype == torch.float16 else torch.float32)
+            y = mixed_gemm(*operands, out_dtype=torch.float16 if dtype == torch.float16 else torch.float32)
         else:
             y = mixed_gemm_reference(*operands)
-        return y.to(x.dtype).reshape(batch, length, -1)
+        return y.to(dtype).reshape(batch, length, -1)
 
 
 class PackedInterceptor(Interceptor):
@@ -132,6 +142,7 @@ class PackedVim(nn.Module):
         if backend not in BACKENDS:
             raise StudioError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.model, self.config, self.provenance = model, config, provenance
+        self.fused = True  # the fused producer kernels when the kernels run (False: one kernel per operation)
         self.linears = nn.ModuleDict({_key(name): module for name, module in linears.items()})
         self.dynamic = nn.ModuleDict({_key(name): module for name, module in dynamic.items()})
         self.static = nn.Module()
@@ -174,7 +185,54 @@ class PackedVim(nn.Module):
         self.model.check_input(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self._can_fuse(x):
+            return self._fused_forward(x)
         return self.model(x)
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        """Kernels in use, every projection packed, and nobody observing through the interception sites."""
+        kernels = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+        every = len(self.linears) == LINEAR_SITES * self.cfg.depth
+        return kernels and every and all(block.mixer.interceptor is self.interceptor for block in self.model.layers)
+
+    def _fused_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's forward with the fused producers: add + RMSNorm + detection/quantization of in_proj's
+        input in one kernel, conv1d + SiLU in one (the backward branch read in reverse, no flipped copy), and the
+        merge of the two directions + detection/quantization of out_proj's input in one. Same arithmetic as the
+        unfused path up to the rounding of RMSNorm's square root (tested)."""
+        model = self.model
+        hidden, residual = model.embed(images), None
+        for block in model.layers:
+            mixer, layer = block.mixer, block.mixer.layer_idx
+            in_proj, out_proj = (self.linears[_key(f"layers.{layer}.{name}.weight")] for name in SHARED_LINEARS)
+            codes, residual = norm_detect_quant(hidden, residual, block.norm.weight, block.norm.eps,
+                                                in_proj.input_scale, in_proj.k, in_proj.n_refresh, in_proj.a_bits)
+            x, z = in_proj.gemm(codes, None, hidden.dtype, use_kernels=True).chunk(2, dim=-1)
+            y_forward, y_backward = (self._fused_branch(mixer, x, z, direction) for direction in DIRECTIONS)
+            codes = merge_detect_quant(y_forward, y_backward, out_proj.input_scale, out_proj.k, out_proj.n_refresh,
+                                       out_proj.a_bits)
+            hidden = out_proj.gemm(codes, None, hidden.dtype, use_kernels=True)
+        residual = residual + hidden.float()
+        return model.head(model.norm_f(residual)[:, self.cfg.cls_position].to(images.dtype))
+
+    def _fused_branch(self, mixer: nn.Module, x: torch.Tensor, z: torch.Tensor, direction: str) -> torch.Tensor:
+        """One scan direction, y in that direction's time order (the merge kernel reads the backward one flipped)."""
+        backward = direction == BACKWARD
+        conv1d, x_proj, dt_proj = (getattr(mixer, name + ("_b" if backward else ""))
+                                   for name in ("conv1d", "x_proj", "dt_proj"))
+        site = f"layers.{mixer.layer_idx}.{direction}"
+        u = conv_silu(x, conv1d.weight, conv1d.bias, reverse=backward)
+        x_dbl = self.linears[_key(f"{site}.x_proj.weight")](u, None, use_kernels=True)
+        n_state = self.cfg.d_state
+        dt, B, C = torch.split(x_dbl, [dt_proj.in_features, n_state, n_state], dim=-1)
+        delta_pre = self.linears[_key(f"{site}.dt_proj.weight")](dt, dt_proj.bias, use_kernels=True)
+        delta_pre, B, C = (self.interceptor.intercept(mixer.sites[name, direction], value)
+                           for name, value in (("delta_pre", delta_pre), ("B", B), ("C", C)))
+        a_log, d_skip = (mixer.A_b_log, mixer.D_b) if backward else (mixer.A_log, mixer.D)
+        A = self.interceptor.intercept(mixer.sites["A", direction], -torch.exp(a_log.float()))
+        D = self.interceptor.intercept(mixer.sites["D", direction], d_skip.float())
+        return selective_scan(u, delta_pre, A, B, C, D, z.flip(1) if backward else z, delta_softplus=True,
+                              impl=mixer.scan_impl)
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of the quantized projections' weights as stored (codes + scales) and as float32 would be."""
