@@ -12,7 +12,8 @@ its trained ones):
   (mamba-ssm's when installed, else our Triton scan): the baseline the quantized models are measured against;
 * ``W8A8O8``, ``W4A8O8``, ``W4A4O8`` — OuroMamba calibrated on 8 noise images (no reconstruction: latency only),
   packed (:mod:`core.quant.packed`), fp16 activations: ``detect_quant`` → ``mixed_gemm`` at every projection,
-  Δ/B/C quantized by their simulation quantizers, the same scan as ``fp16``.
+  Δ/B/C quantized by their simulation quantizers, the same scan as ``fp16``; the fused producers (add + RMSNorm +
+  quantize, conv1d + SiLU, merge + quantize) on, and ``W4A4O8 unfused`` without them, to show what fusion buys.
 
 Per (model, variant, batch): median latency of ``--repeats`` forward passes after one warm-up (CUDA-synchronised
 wall time), images/s, and peak memory allocated during the timed passes. ``vs_fp16`` is fp16 latency / this
@@ -78,17 +79,19 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
         copy.load_state_dict(model.state_dict())
         return copy.eval().to(device=device, dtype=half)
 
-    def quantized(w_bits: int, a_bits: int) -> Callable[[], torch.nn.Module]:
+    def quantized(w_bits: int, a_bits: int, fused: bool = True) -> Callable[[], torch.nn.Module]:
         def make() -> torch.nn.Module:
             cfg = model.cfg
             calib = torch.randn(8, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
             config = QuantConfig(w_bits=w_bits, a_bits=a_bits, reconstruction=ReconstructionConfig(epochs=0))
             packed = pack(quantize(model.to(device), config, calib.to(device))).to(device)
             model.cpu()
+            packed.fused = fused
             return packed.half_activations() if half == torch.float16 else packed
         return make
 
-    return {"fp32 eager": fp32, "fp16": fp16, **{label: quantized(*bits) for label, bits in QUANTIZED.items()}}
+    return {"fp32 eager": fp32, "fp16": fp16, **{label: quantized(*bits) for label, bits in QUANTIZED.items()},
+            "W4A4O8 unfused": quantized(4, 4, fused=False)}
 
 
 def time_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, repeats: int) -> tuple[float, int]:
