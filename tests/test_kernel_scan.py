@@ -10,8 +10,6 @@ so what remains is fp32 rounding, plus the output's rounding for fp16/bf16 outpu
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,13 +17,7 @@ import torch.nn.functional as F
 from core.ssm import scan as core_scan
 from kernels import selective_scan as scan_module
 from kernels.selective_scan import launch_config, selective_scan, selective_scan_reference
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in {"1", "true", "on", "yes"}
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu")
-real_shapes = pytest.mark.skipif(
-    DEVICE.type != "cuda" or os.environ.get("KERNELS_REAL_SHAPES") != "1",
-    reason="Vim-size case for the GPU: set KERNELS_REAL_SHAPES=1 and TRITON_INTERPRET=0 on a CUDA machine "
-           "(scripts/gpu_check.sh); the interpreter would take minutes")
+from tests.test_kernels import DEVICE, real_shapes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # by output dtype
 
