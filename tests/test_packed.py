@@ -199,3 +199,10 @@ def test_fused_producers_compute_what_the_unfused_kernels_compute(dtype):
     packed.fused, packed.backend = True, "reference"
     with torch.no_grad():  # without kernels there is nothing to fuse: the reference path runs
         assert torch.equal(packed(images.to(dtype)), packed.model(images.to(dtype)))
+
+
+def test_a_packed_file_given_as_a_float_checkpoint_says_what_it_is(default_w4a4, tmp_path):
+    from core.models import load_checkpoint
+    path = save_packed(default_w4a4[1], tmp_path / "packed.safetensors")
+    with pytest.raises(StudioError, match="is a packed .integer. OuroMamba model.*load_packed"):
+        load_checkpoint(path)

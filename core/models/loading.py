@@ -24,6 +24,7 @@ from core.errors import StudioError
 from core.models.vim import VimConfig, VisionMamba, checkpoint_filter_fn
 
 CONFIG_METADATA_KEY = "vim_config"
+PACKED_FORMAT_PREFIX = "ouromamba-packed/"  # core.quant.packed's files carry it in their metadata
 
 
 def _describe(path: Path) -> str:
@@ -72,6 +73,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], VimConfig | 
     except (SafetensorError, OSError, ValueError) as err:
         raise StudioError(f"{_describe(path)} is not a readable safetensors file (truncated or corrupt: "
                           f"{str(err)[:120]})") from None
+    if metadata.get("format", "").startswith(PACKED_FORMAT_PREFIX):
+        raise StudioError(f"{_describe(path)} is a packed (integer) OuroMamba model, not a float checkpoint: load it "
+                          "with core.quant.packed.load_packed; quantizing starts from the float model")
     config = None
     if CONFIG_METADATA_KEY in metadata:
         config = VimConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))

@@ -32,7 +32,7 @@ from torch import nn
 from core.errors import StudioError
 from core.intercept import BACKWARD, DIRECTIONS, Interceptor, Site, set_interceptor
 from core.models import VimConfig, VisionMamba
-from core.models.loading import CONFIG_METADATA_KEY, load_state_dict_strict
+from core.models.loading import CONFIG_METADATA_KEY, PACKED_FORMAT_PREFIX, load_state_dict_strict
 from core.quant.config import QuantConfig
 from core.quant.fake import MIN_SCALE
 from core.quant.model import QuantizedVim
@@ -45,7 +45,7 @@ from kernels.merge_detect_quant import merge_detect_quant
 from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference, quantize_weight
 from kernels.norm_detect_quant import norm_detect_quant
 
-FORMAT = "ouromamba-packed/1"
+FORMAT = PACKED_FORMAT_PREFIX + "1"
 KERNEL_BITS = (4, 8)  # what detect_quant and mixed_gemm take for weights and inliers
 BACKENDS = ("auto", "triton", "reference")
 DYNAMIC_S6 = ("delta_pre", "B", "C")  # quantized as the model runs
