@@ -4,7 +4,8 @@
 # Each stage has its own cap; a stage that runs out leaves its log and the next stage still runs.
 #
 #   part 1: kernels: compiled tests at small and Vim-size shapes + bench_kernels (scripts/gpu_check.sh)  ≤ 470 s
-#           the packed model on CUDA: Triton-path agreement with the simulation, 10k test images (W4A4)  ≤  60 s
+#           the packed model on CUDA: Triton-path agreement with the simulation, 10k test images (W4A4),
+#           fp32 and fp16 activations                                                                  ≤  90 s
 #   part 2: end to end: FP32 eager / FP16 / packed W8A8, W4A8, W4A4O8 (fused, unfused) on Vim-T, Vim-B and
 #           the default model (bench_e2e)                                                                 ≤ 180 s
 #           OuroMamba-Gen cost on CUDA (bench_gen)                                                       ≤  60 s
@@ -28,10 +29,11 @@ stage() {  # name, cap in seconds, command...
 }
 case "${1:-1}" in
   1) stage kernels 480 bash scripts/gpu_check.sh
-     stage packed_agreement 60 python3 scripts/packed_agreement.py --settings W4A4 ;;
+     stage packed_agreement 45 python3 scripts/packed_agreement.py --settings W4A4
+     stage packed_agreement_fp16 45 python3 scripts/packed_agreement.py --settings W4A4 --half ;;
   2) stage e2e 180 python3 bench/bench_e2e.py --models Vim-T Vim-B default --batches 1 16 64 256 --budget-s 160
      stage gen 60 python3 bench/bench_gen.py ;;
   *) echo "usage: bash scripts/gpu_session.sh 1|2"; exit 2 ;;
 esac
-cp results/kernels_*.* results/packed/agreement_cuda.* results/e2e_*.* results/gen_cuda.* "$out/" 2>/dev/null
+cp results/kernels_*.* results/packed/agreement_cuda* results/e2e_*.* results/gen_cuda.* "$out/" 2>/dev/null
 echo "== total $((SECONDS - start)) s"

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["W4A4", "W4A8", "W8A8"], choices=list(SETTINGS))
     parser.add_argument("--limit", type=int, help="only the first N test images")
     parser.add_argument("--save", action="store_true", help="also write the packed models under results/packed/")
+    parser.add_argument("--half", action="store_true", help="fp16 activations (the GPU speed path)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_default_model()
@@ -43,6 +44,8 @@ def main() -> None:
         w_bits, a_bits = SETTINGS[setting]
         qmodel = quantize(model, QuantConfig(w_bits=w_bits, a_bits=a_bits), calib)
         packed = pack(qmodel).to(device)
+        if args.half:
+            packed.half_activations()
         qmodel.to(device)
         start = time.perf_counter()
         result = agreement(packed, qmodel, images, labels)
@@ -50,7 +53,7 @@ def main() -> None:
         sizes = packed.weight_bytes()
         measured = result.to_dict()
         measured["top1_packed"], measured["top1_simulation"] = measured.pop("top1"), measured.pop("top1_reference")
-        rows.append({"setting": f"{setting}O8", **measured,
+        rows.append({"setting": f"{setting}O8", "activations": "fp16" if args.half else "fp32", **measured,
                      "weight_bytes_packed": sizes["packed"], "weight_bytes_fp32": sizes["float32"],
                      "seconds_both_models": round(seconds, 1),
                      "backend": "triton" if device.type == "cuda" else "reference (float64)"})
@@ -60,7 +63,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     header = {**machine_header(device), "hardware": hardware_label(device), "test images": str(len(images)),
               "calibration": "128 real training images, seed 0, 10 reconstruction epochs"}
-    write_results(f"packed/agreement_{device.type}", rows, header,
+    write_results(f"packed/agreement_{device.type}" + ("_fp16" if args.half else ""), rows, header,
                   "PYTHONPATH=. python scripts/packed_agreement.py " + " ".join(sys.argv[1:]))
 
 if __name__ == "__main__":

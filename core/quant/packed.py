@@ -418,9 +418,10 @@ def agreement(model: nn.Module, reference: nn.Module, images: torch.Tensor, labe
     """Compare ``model`` (e.g. a PackedVim) with ``reference`` (its simulation) on normalized ``images``."""
     predictions, reference_predictions = [], []
     error_sq, reference_sq, max_error = 0.0, 0.0, 0.0
+    dtypes = [next(p.dtype for p in m.parameters() if p.is_floating_point()) for m in (model, reference)]
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        ours, theirs = model(batch).double(), reference(batch).double()
+        batch = images[start:start + batch_size]  # each model gets it in its own float dtype (fp16 runs)
+        ours, theirs = model(batch.to(dtypes[0])).double(), reference(batch.to(dtypes[1])).double()
         predictions.append(ours.argmax(-1))
         reference_predictions.append(theirs.argmax(-1))
         error_sq += float(((ours - theirs) ** 2).sum())
