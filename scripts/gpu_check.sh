@@ -19,7 +19,8 @@ python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || {
        "tests/test_kernel_scan.py, tests/test_kernel_fusions.py)"; exit 1; }
 
 timeout 270 python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_kernels.py tests/test_kernel_scan.py \
-  tests/test_kernel_fusions.py \
+  tests/test_kernel_fusions.py "tests/test_packed.py::test_vim_tiny_packed_on_cuda_fused_and_unfused_agree" \
+  "tests/test_packed.py::test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation" \
   > "$out/gpu_check_tests.log" 2>&1
 tests_rc=$?
 tail -n 25 "$out/gpu_check_tests.log"

@@ -19,6 +19,7 @@ from core.errors import StudioError
 from core.models import VimConfig, VisionMamba
 from core.quant import QuantConfig, ReconstructionConfig, quantize
 from core.quant.packed import PackedVim, agreement, load_packed, pack, save_packed
+from tests.test_kernels import DEVICE, real_shapes
 
 ONE_EPOCH = ReconstructionConfig(epochs=1, batch_size=16)
 STATIC_ONLY = ReconstructionConfig(epochs=0)
@@ -85,8 +86,8 @@ def test_save_and_load_give_the_same_logits(default_w4a4, tmp_path):
 def test_triton_kernels_and_references_agree_in_a_small_model():
     torch.manual_seed(0)
     cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
-    model = VisionMamba(cfg).eval()
-    images = torch.randn(3, 1, 16, 16)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    images = torch.randn(3, 1, 16, 16, device=DEVICE)
     for bits in (4, 8):
         qmodel = quantize(model, QuantConfig(w_bits=bits, a_bits=bits, k=1.0, n_refresh=4,
                                              reconstruction=STATIC_ONLY), images)
@@ -159,8 +160,8 @@ def test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_s
     """What runs on CUDA (fp16 float parts, Triton GEMMs and detection, the Triton scan), interpreted here."""
     torch.manual_seed(0)
     cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
-    model = VisionMamba(cfg).eval()
-    images = torch.randn(2, 1, 16, 16)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    images = torch.randn(2, 1, 16, 16, device=DEVICE)
     qmodel = quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images)
     packed = pack(qmodel, backend="triton").half_activations()
     for module in packed.modules():
@@ -177,8 +178,8 @@ def test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_s
 def test_fused_producers_compute_what_the_unfused_kernels_compute(dtype):
     torch.manual_seed(0)
     cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
-    model = VisionMamba(cfg).eval()
-    images = torch.randn(2, 1, 16, 16)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    images = torch.randn(2, 1, 16, 16, device=DEVICE)
     packed = pack(quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images), backend="triton")
     if dtype == torch.float16:
         packed.half_activations()
@@ -206,3 +207,24 @@ def test_a_packed_file_given_as_a_float_checkpoint_says_what_it_is(default_w4a4,
     path = save_packed(default_w4a4[1], tmp_path / "packed.safetensors")
     with pytest.raises(StudioError, match="is a packed .integer. OuroMamba model.*load_packed"):
         load_checkpoint(path)
+
+
+@real_shapes
+def test_vim_tiny_packed_on_cuda_fused_and_unfused_agree():
+    """Vim-T (random weights), 224×224, fp16, compiled kernels: the fused forward against one kernel per
+    operation and against the fp32 simulation (scripts/gpu_check.sh)."""
+    from core.models import create_vim
+    torch.manual_seed(0)
+    model = create_vim("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2")
+    model = model.eval().to(DEVICE)
+    images = torch.randn(4, 3, 224, 224, device=DEVICE)
+    qmodel = quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images)
+    packed = pack(qmodel).half_activations()
+    with torch.no_grad():
+        fused = packed(images.half()).float()
+        packed.fused = False
+        unfused = packed(images.half()).float()
+        simulated = qmodel(images)
+    assert torch.isfinite(fused).all()
+    assert torch.linalg.norm(fused - unfused) / torch.linalg.norm(unfused) < 1e-2
+    assert torch.linalg.norm(fused - simulated) / torch.linalg.norm(simulated) < 0.2

@@ -283,7 +283,7 @@ def pack(qmodel: QuantizedVim, backend: str = "auto") -> PackedVim:
     """The integer model of a calibrated OuroMamba simulation (``qmodel`` itself is left untouched)."""
     config = qmodel.config
     _check_packable(config)
-    model = VisionMamba(qmodel.cfg)
+    model = VisionMamba(qmodel.cfg).to(next(qmodel.model.parameters()).device)  # where the simulation lives
     model.load_state_dict(qmodel.model.state_dict())
     quantizers = {name.replace(":", "."): q for name, q in qmodel.quantizers.items()}
     linears, dynamic, static = {}, {}, {}
