@@ -363,7 +363,7 @@ def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
     table = gr.Dataframe(label="Runs", interactive=False, wrap=True, elem_id="compare-table")
     with gr.Row():
         accuracy = gr.Plot(label="Accuracy vs bits", elem_id="compare-accuracy")
-        latency = gr.Plot(label="Latency (fake-quant)", elem_id="compare-latency")
+        latency = gr.Plot(label="Latency (CPU fake-quant, and GPU kernels where measured)", elem_id="compare-latency")
     with gr.Row():
         csv_file = gr.File(label="All runs (CSV)", elem_id="compare-csv")
         json_file = gr.File(label="All runs (JSON)", elem_id="compare-json")
