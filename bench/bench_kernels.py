@@ -430,6 +430,21 @@ def bench_fusions(device: torch.device, bandwidth: float, models: dict[str, int]
     return rows
 
 
+def geomean_lines(rows: list[dict], name_of: Callable[[dict], str], column_of: Callable[[dict], tuple],
+                  ratio: str) -> list[str]:
+    """One line per name: the geometric mean of ``ratio`` per column (a batch, or a dtype and a batch)."""
+    lines = []
+    for name in dict.fromkeys(name_of(r) for r in rows):
+        cells = []
+        for column in sorted({column_of(r) for r in rows}):
+            ratios = [r[ratio] for r in rows if name_of(r) == name and column_of(r) == column]
+            if ratios:
+                label = " ".join(str(part) for part in column[:-1]) + f" batch {column[-1]}"
+                cells.append(f"{label.strip()}: {statistics.geometric_mean(ratios):.2f}x")
+        lines.append(f"  {name:<24} " + ", ".join(cells))
+    return lines
+
+
 def summary(rows: list[dict], bandwidth: float) -> str:
     """Geometric-mean speed-ups per variant and batch (GEMMs over cuBLAS fp16, the scan over PyTorch's fast
     scan); failed checks."""
@@ -437,12 +452,7 @@ def summary(rows: list[dict], bandwidth: float) -> str:
     gemm = [r for r in rows if r["kind"] == "gemm" and r["variant"] != "fp16 cuBLAS"]
     if gemm:
         lines.append("geomean speed-up vs cuBLAS fp16 over the Vim layers:")
-    for variant in dict.fromkeys(r["variant"] for r in gemm):
-        per_batch = []
-        for batch in sorted({r["batch"] for r in gemm}):
-            ratios = [r["vs_fp16"] for r in gemm if r["variant"] == variant and r["batch"] == batch]
-            per_batch.append(f"batch {batch}: {statistics.geometric_mean(ratios):.2f}x")
-        lines.append(f"  {variant:<22} " + ", ".join(per_batch))
+        lines += geomean_lines(gemm, lambda r: r["variant"], lambda r: (r["batch"],), "vs_fp16")
     detect = [r for r in rows if r["kind"].startswith("detect")]
     if detect:
         best = max(detect, key=lambda r: r["GB/s"])
@@ -451,14 +461,8 @@ def summary(rows: list[dict], bandwidth: float) -> str:
     scan = [r for r in rows if r["kind"] == "scan"]
     if scan:
         lines.append("selective scan, speed-up over PyTorch's fast scan (geomean over the models):")
-        for variant in dict.fromkeys(r["variant"].removesuffix(" (default)") for r in scan):
-            per_batch = []
-            for dtype, batch in sorted({(r["dtype"], r["batch"]) for r in scan}):
-                ratios = [r["vs_fast"] for r in scan if r["variant"].removesuffix(" (default)") == variant
-                          and r["dtype"] == dtype and r["batch"] == batch]
-                if ratios:
-                    per_batch.append(f"{dtype} b{batch}: {statistics.geometric_mean(ratios):.2f}x")
-            lines.append(f"  {variant:<24} " + ", ".join(per_batch))
+        lines += geomean_lines(scan, lambda r: r["variant"].removesuffix(" (default)"),
+                               lambda r: (r["dtype"], r["batch"]), "vs_fast")
         groups = {(r["model"], r["batch"], r["dtype"]) for r in scan}
         best = [min((r for r in scan if (r["model"], r["batch"], r["dtype"]) == key and
                      r["variant"].startswith("triton") and "ch " in r["variant"]), key=lambda r: r["us"])
@@ -468,12 +472,7 @@ def summary(rows: list[dict], bandwidth: float) -> str:
     fusion = [r for r in rows if r["kind"] == "fusion" and r["variant"] == "fused"]
     if fusion:
         lines.append("fused producers, speed-up over PyTorch + unfused kernels (geomean over the models):")
-        for layer in dict.fromkeys(r["layer"] for r in fusion):
-            per_batch = []
-            for batch in sorted({r["batch"] for r in fusion}):
-                ratios = [r["speedup"] for r in fusion if r["layer"] == layer and r["batch"] == batch]
-                per_batch.append(f"batch {batch}: {statistics.geometric_mean(ratios):.2f}x")
-            lines.append(f"  {layer:<24} " + ", ".join(per_batch))
+        lines += geomean_lines(fusion, lambda r: r["layer"], lambda r: (r["batch"],), "speedup")
     failed = [f"{r['model']} {r['layer']} b{r['batch']} {r['variant']}: {r['check']}" for r in rows
               if str(r["check"]).startswith("FAIL")]
     lines.append(f"checks: {len(failed)} failed" + "".join(f"\n  {f}" for f in failed))
