@@ -27,6 +27,7 @@ from core.observe import (
     dynamic_outlier_summary,
     outlier_timeline,
     quantizer_at,
+    quantizer_inputs_bytes,
     rule_of,
     state_outliers,
     static_list_misses,
@@ -50,6 +51,7 @@ TENSORS = {
 STATE = "h"
 ALL_IMAGES = "max over all images"
 MAX_IMAGES = 256
+MAX_CAPTURE_BYTES = 2_000_000_000  # activations kept per inspection (Vim-T: 32 images ≈ 1.3 GB)
 K_RANGE = (0.5, 8)
 READY = "Press **Calibrate & capture** (under a minute on 2 CPU cores for the default model)."
 
@@ -154,6 +156,13 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         try:
             n_calib = int(in_range("calibration images", n_calib, 1, MAX_IMAGES))
             n_images = int(in_range("images to inspect", n_images, 1, MAX_IMAGES))
+            needed = quantizer_inputs_bytes(ws.model.cfg, n_images)
+            if needed > MAX_CAPTURE_BYTES:
+                fits = max(1, MAX_CAPTURE_BYTES // quantizer_inputs_bytes(ws.model.cfg, 1))
+                plural = "s" if fits != 1 else ""
+                raise StudioError(f"inspecting {n_images} images of this model would hold {needed / 1e6:,.0f} MB "
+                                  f"of activations (limit {MAX_CAPTURE_BYTES / 1e6:,.0f} MB): use at most "
+                                  f"{fits} image{plural}")
             if seed is None:
                 raise StudioError("the seed needs a value")
             key = (ws.fingerprint, int(a_bits), calib, n_calib, n_images, int(seed))

@@ -217,3 +217,11 @@ def test_cancelling_outlier_capture_mid_run(served):
 
     status, *_ = prepare(default_workspace(), "4", "noise", 9, 3, 5, run, progress=progress)
     assert status.startswith("**Stopped:**") and "cancelled after" in status and run.done
+
+
+def test_an_inspection_too_big_for_memory_is_refused_with_the_count_that_fits(client: Client, monkeypatch):
+    import app.outliers_tab as outliers_tab
+    monkeypatch.setattr(outliers_tab, "MAX_CAPTURE_BYTES", 1_000_000)  # the default model: ~0.62 MB per image
+    text = client.predict("4", "noise", 4, 6, 0, api_name="/outliers_prepare")[0]
+    assert text.startswith("**Error:**") and "inspecting 6 images of this model would hold 4 MB" in text
+    assert "use at most 1 image" in text and "\n" not in text

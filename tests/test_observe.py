@@ -28,6 +28,7 @@ from core.observe import (
     outlier_timeline,
     parse_site,
     quantizer_at,
+    quantizer_inputs_bytes,
     rule_of,
     run_layer_sensitivity,
     sqnr_db,
@@ -361,3 +362,10 @@ def test_state_outliers_sees_every_channel_state_pair_and_calibrates_a_rule(defa
     assert timeline.mask.shape == states.shape
     with pytest.raises(StudioError, match="not a scan-state site"):
         state_outliers(qmodel, "layers.1.fwd.B", images[:2], images[:2], bits=4)
+
+
+def test_quantizer_inputs_bytes_is_what_a_capture_holds(default_setup):
+    model, qmodel, _, data = default_setup
+    captured = capture_quantizer_inputs(qmodel, data.normalized(0, 3))
+    activations = [t for name, t in captured.items() if not name.endswith((".weight", ".A", ".D"))]
+    assert quantizer_inputs_bytes(model.cfg, 3) == sum(t.numel() * t.element_size() for t in activations)

@@ -28,6 +28,7 @@ from core.observe.stats import (
     capture_quantizer_inputs,
     cosine_similarity,
     histogram,
+    quantizer_inputs_bytes,
     sqnr_db,
     time_channel_stats,
 )
@@ -36,7 +37,7 @@ __all__ = [
     "SHARED", "ErrorSums", "OutlierParams", "OutlierTimeline", "QuantProbe",
     "capture", "capture_quantizer_inputs", "cosine_similarity", "detect_outliers", "dynamic_outlier_summary",
     "error_report", "histogram", "layer_output_error", "layer_sensitivity", "only_layer", "outlier_quantizer",
-    "run_layer_sensitivity",
+    "quantizer_inputs_bytes", "run_layer_sensitivity",
     "outlier_timeline", "parse_site", "quantizer_at", "rule_of", "site_quantizers", "sqnr_db",
     "state_outliers", "static_list_misses", "time_channel_stats", "top1", "window_counts",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 
 from core.errors import StudioError
 from core.intercept import Chain, Recorder, intercepting
+from core.models import VimConfig
 from core.observe.probe import (
     batches,
     current_interceptor,
@@ -165,6 +166,14 @@ def cosine_similarity(x: torch.Tensor, xq: torch.Tensor) -> float:
     sums = ErrorSums()
     sums.add(x, xq)
     return sums.cosine
+
+
+def quantizer_inputs_bytes(cfg: VimConfig, images: int) -> int:
+    """Memory that :func:`capture_quantizer_inputs` holds for ``images`` images of a model (all sites, fp32):
+    per layer and token, in_proj's and out_proj's inputs (D + E) and per direction x_proj's input, Δ (E each),
+    dt_proj's input (R), B and C (N each). Lets a caller refuse a capture that would not fit, before it starts."""
+    per_token = cfg.embed_dim + cfg.d_inner + 2 * (2 * cfg.d_inner + cfg.rank + 2 * cfg.d_state)
+    return 4 * images * cfg.seq_len * cfg.depth * per_token
 
 
 def capture_quantizer_inputs(qmodel: nn.Module, images: torch.Tensor, sites: Iterable[str] | None = None,
