@@ -53,6 +53,11 @@ STATIC_S6 = ("A", "D")  # quantized once, at packing
 LINEAR_SITES = len(SHARED_LINEARS) + 2 * (len(LINEARS) - len(SHARED_LINEARS))  # packed projections per layer
 
 
+def uses_kernels(backend: str, x: torch.Tensor) -> bool:
+    """Whether ``backend`` runs the Triton kernels for an input like ``x`` ('auto': on CUDA tensors)."""
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
 def _key(name: str) -> str:
     return name.replace(".", ":")  # module and buffer names cannot hold dots
 
@@ -117,8 +122,7 @@ class PackedInterceptor(Interceptor):
         packed = self.linears.get(_key(weight_site.name))
         if packed is None:
             return F.linear(x, weight, bias)
-        use_kernels = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
-        return packed(x, bias, use_kernels)
+        return packed(x, bias, uses_kernels(self.backend, x))
 
     def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         key = _key(site.name)
@@ -191,9 +195,9 @@ class PackedVim(nn.Module):
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
         """Kernels in use, every projection packed, and nobody observing through the interception sites."""
-        kernels = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
         every = len(self.linears) == LINEAR_SITES * self.cfg.depth
-        return kernels and every and all(block.mixer.interceptor is self.interceptor for block in self.model.layers)
+        observed = any(block.mixer.interceptor is not self.interceptor for block in self.model.layers)
+        return uses_kernels(self.backend, x) and every and not observed
 
     def _fused_forward(self, images: torch.Tensor) -> torch.Tensor:
         """The model's forward with the fused producers: add + RMSNorm + detection/quantization of in_proj's
