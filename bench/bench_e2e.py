@@ -24,7 +24,6 @@ results/e2e_<gpu>.{csv,md}.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -34,8 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine_header, sync, write_results  # noqa: E402
+from bench.common import machine_header, write_results  # noqa: E402
 from core.default_model import load_default_model  # noqa: E402
+from core.eval import time_forward  # noqa: E402
 from core.models import VimConfig, VisionMamba, create_vim  # noqa: E402
 from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
 from core.quant.packed import pack  # noqa: E402
@@ -94,23 +94,6 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
             "W4A4O8 unfused": quantized(4, 4, fused=False)}
 
 
-def time_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, repeats: int) -> tuple[float, int]:
-    """(median seconds, peak bytes) of ``model(images)`` after one warm-up pass."""
-    with torch.inference_mode():
-        model(images)
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(images)
-            sync(device)
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-    return statistics.median(times), peak
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["Vim-T", "Vim-S", "Vim-B", "default"],
@@ -140,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 dtype = next(p.dtype for p in variant.parameters() if p.is_floating_point())
                 images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
                 try:
-                    seconds, peak = time_forward(variant, images, device, args.repeats)
+                    seconds, peak = time_forward(variant, images, args.repeats)
                 except torch.OutOfMemoryError:
                     rows.append({"model": name, "variant": label, "batch": batch, "latency_ms": "out of memory"})
                     torch.cuda.empty_cache()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,26 @@ def hardware_label(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads, {platform.machine()})"
+
+
+@torch.inference_mode()
+def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5) -> tuple[float, int]:
+    """(median seconds, peak bytes allocated) of ``model(images)`` over ``repeats`` passes after one warm-up
+    (kernel compilation, allocator), synchronised on CUDA; peak memory is measured on CUDA only (0 elsewhere)."""
+    device = images.device
+    cuda = device.type == "cuda"
+    model(images)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(images)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), torch.cuda.max_memory_allocated(device) if cuda else 0
 
 
 @torch.inference_mode()

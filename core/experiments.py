@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 
 from core.data import LabelledImages, calibration_images
 from core.errors import StudioError
-from core.eval import EvalResult, evaluate, hardware_label
+from core.eval import EvalResult, evaluate, hardware_label, time_forward
 from core.models import VisionMamba
 from core.quant import QuantConfig, QuantizedVim, quantize
 from core.quant.config import Progress
@@ -108,20 +106,8 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
     if device.type == "cuda":
         integer.half_activations()
     batch = images.to(device=device, dtype=half)
-    timings = {}
-    with torch.inference_mode():
-        for name, candidate in (("fp16", fp16), ("packed", integer)):
-            candidate(batch)  # warm-up: kernel compilation, allocator
-            times = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                candidate(batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-            timings[f"{name}_ms"] = round(1000 * statistics.median(times), 3)
+    timings = {f"{name}_ms": round(1000 * time_forward(candidate, batch, repeats)[0], 3)
+               for name, candidate in (("fp16", fp16), ("packed", integer))}
     return {"hardware": hardware_label(device), "batch": len(images), "repeats": repeats, **timings}
 
 
