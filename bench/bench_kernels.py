@@ -1,7 +1,7 @@
 """Kernel benchmark on a CUDA GPU: the mixed-precision GEMM, outlier detection and the selective scan at Vim's
 layer shapes.
 
-    python bench/bench_kernels.py [--quick] [--only gemm|detect|scan|fusion]
+    python bench/bench_kernels.py [--quick] [--only gemm detect scan fusion]
 
 Per layer GEMM (in_proj D→2E, x_proj E→R+2N, dt_proj R→E, out_proj E→D; D = 192/384/768, E = 2D, N = 16,
 R = ceil(D/16)) at tokens = batch × 197 for batch 1, 16, 64: cuBLAS fp16 (``F.linear``) against our W8A8,
@@ -488,7 +488,8 @@ def gpu_slug(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="Vim-T and Vim-B at batch 1 and 64 only")
-    parser.add_argument("--only", choices=("gemm", "detect", "scan", "fusion"), help="one kernel's section only")
+    parser.add_argument("--only", nargs="+", choices=("gemm", "detect", "scan", "fusion"),
+                        help="these kernels' sections only (written to kernels_<gpu>_<sections>)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py: no CUDA device (torch.cuda.is_available() is False); "
@@ -499,12 +500,14 @@ def main() -> None:
     g = torch.Generator(device=device).manual_seed(0)
     bandwidth = copy_bandwidth(device)
     sections = {"gemm": bench_gemms, "detect": bench_detect, "scan": bench_scan, "fusion": bench_fusions}
-    rows = [row for name, section in sections.items() if args.only in (None, name)
+    chosen = args.only or list(sections)
+    rows = [row for name, section in sections.items() if name in chosen
             for row in section(device, bandwidth, models, batches, g)]
     torch.cuda.synchronize(device)
     command = "python bench/bench_kernels.py" + (" --quick" if args.quick else "") + \
-        (f" --only {args.only}" if args.only else "")
-    write_results(f"kernels_{gpu_slug(device)}", rows, machine_header(device), command)
+        (f" --only {' '.join(args.only)}" if args.only else "")
+    suffix = "_" + "_".join(args.only) if args.only else ""
+    write_results(f"kernels_{gpu_slug(device)}{suffix}", rows, machine_header(device), command)
     print("\n" + summary(rows, bandwidth))
 
 
