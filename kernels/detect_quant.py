@@ -21,6 +21,7 @@ in how a step's input row is made.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -214,12 +215,11 @@ def detect_quant(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refres
                                out)
 
 
-def detect_quant_reference(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,
-                           inlier_bits: int) -> DetectQuantOutput:
-    """PyTorch: the same function, step by step over the windows (all windows in parallel), in fp32."""
-    _check(x, static_scale, n_refresh, inlier_bits)
-    qmax = inlier_qmax(inlier_bits)
-    x = x.float()
+def window_outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,
+                         trigger_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The outlier mask (batch, L, C) of fp32 x: per window of n_refresh steps the set grows at every step whose
+    ``trigger_scale(row, mask)`` (batch, windows) exceeds the static scale by the channels above mean + k·std
+    of |x| over the current inliers. All windows in parallel, step by step inside them."""
     batch, length, channels = x.shape
     windows = -(-length // n_refresh)
     pad = windows * n_refresh - length
@@ -231,14 +231,26 @@ def detect_quant_reference(x: torch.Tensor, static_scale: torch.Tensor, k: float
     for i in range(n_refresh):
         magnitude = xw[:, :, i].abs()
         keep = (~mask).float()
-        trigger = magnitude.masked_fill(mask, 0).amax(-1) / qmax > static_w[:, i]
+        trigger = trigger_scale(xw[:, :, i], mask) > static_w[:, i]
         count = keep.sum(-1)
         mean = (magnitude * keep).sum(-1) / count.clamp(min=1)
         var = (((magnitude - mean[..., None]) ** 2) * keep).sum(-1) / (count - 1).clamp(min=1)
         theta = mean + k * var.sqrt()
         mask = mask | ((magnitude > theta[..., None]) & trigger[..., None])
         masks.append(mask)
-    mask = torch.stack(masks, dim=2).view(batch, windows * n_refresh, channels)[:, :length]
+    return torch.stack(masks, dim=2).view(batch, windows * n_refresh, channels)[:, :length]
+
+
+def detect_quant_reference(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,
+                           inlier_bits: int) -> DetectQuantOutput:
+    """PyTorch: the same function, step by step over the windows (all windows in parallel), in fp32."""
+    _check(x, static_scale, n_refresh, inlier_bits)
+    qmax = inlier_qmax(inlier_bits)
+    x = x.float()
+    batch, length, _ = x.shape
+    mask = window_outlier_masks(x, static_scale, k, n_refresh,
+                                lambda row, mask: row.abs().masked_fill(mask, 0).amax(-1) / qmax)
+    static = static_scale.to(device=x.device, dtype=torch.float32)
 
     inlier_scale = static.clamp(min=MIN_SCALE)
     inlier = torch.clamp(torch.round(x.masked_fill(mask, 0) / inlier_scale[:, None]), -qmax, qmax).to(torch.int8)

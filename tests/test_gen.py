@@ -78,6 +78,12 @@ def test_neighbourhood_mean_matches_a_hand_computed_3x3_grid():
     assert drop_cls(tokens, 4).tolist() == [[0, 1, 2, 3, 5, 6, 7, 8, 9]]
 
 
+def test_neighbourhood_mean_builds_its_mask_on_the_inputs_device():
+    """The meta device stands in for CUDA: a mask built on the CPU would fail to combine with it."""
+    values, weights = torch.empty(2, 9, 4, device="meta"), torch.empty(2, 9, device="meta")
+    assert neighbourhood_mean(values, weights, grid=3, size=3).device.type == "meta"
+
+
 def test_features_of_an_image_do_not_depend_on_the_rest_of_the_batch(model):
     """Δ-weights are normalised per image (the release normalises across the batch)."""
     cfg = model.cfg

@@ -18,6 +18,7 @@ from core.default_model import DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_default_mod
 from core.errors import StudioError
 from core.models import VimConfig, VisionMamba
 from core.quant import QuantConfig, ReconstructionConfig, quantize
+from core.quant import packed as packed_module
 from core.quant.packed import PackedVim, agreement, load_packed, pack, save_packed
 from tests.test_kernels import DEVICE, real_shapes
 
@@ -99,6 +100,20 @@ def test_triton_kernels_and_references_agree_in_a_small_model():
             simulated = qmodel(images)
         assert torch.linalg.norm(kernels - reference) / torch.linalg.norm(reference) < 1e-4
         assert torch.linalg.norm(kernels - simulated) / torch.linalg.norm(simulated) < 1e-3
+
+
+def test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run():
+    """Δ, B and C of both directions: one detect_fake_quant launch each (not ~15 PyTorch operations per step)."""
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    images = torch.randn(2, 1, 16, 16, device=DEVICE)
+    packed = pack(quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images), backend="triton")
+    calls, kernel = [], packed_module.detect_fake_quant
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed_module, "detect_fake_quant", lambda x, *args: calls.append(x.shape) or kernel(x, *args))
+        packed(images)
+    assert len(calls) == 3 * 2 * cfg.depth
 
 
 @pytest.mark.parametrize(("config", "dt_rank", "message"), [

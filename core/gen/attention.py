@@ -104,9 +104,10 @@ def check_neighbourhood(size: int) -> None:
         raise StudioError(f"the neighbourhood must be an odd size ≥ 1 (1, 3, 5, …), got {size}")
 
 
-def neighbourhood_matrix(grid: int, size: int) -> torch.Tensor:
+def neighbourhood_matrix(grid: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(P, P) boolean: patch k is in the size×size grid neighbourhood of patch t (borders: the cells that exist)."""
-    rows, cols = torch.arange(grid * grid).div(grid, rounding_mode="floor"), torch.arange(grid * grid) % grid
+    index = torch.arange(grid * grid, device=device)
+    rows, cols = index.div(grid, rounding_mode="floor"), index % grid
     half = size // 2
     return ((rows[:, None] - rows[None, :]).abs() <= half) & ((cols[:, None] - cols[None, :]).abs() <= half)
 
@@ -114,7 +115,7 @@ def neighbourhood_matrix(grid: int, size: int) -> torch.Tensor:
 def neighbourhood_mean(values: torch.Tensor, weights: torch.Tensor, grid: int, size: int) -> torch.Tensor:
     """Σ_{k∈N(t)} w_k v_k / Σ_{k∈N(t)} w_k for every patch t, as one (P×P)·(P×F) matmul per image (forward +
     backward 5× faster than pooling the weighted values on the grid). values (batch, P, F), weights (batch, P) > 0."""
-    mixing = neighbourhood_matrix(grid, size).to(weights.dtype) * weights.unsqueeze(1)  # (batch, P, P)
+    mixing = neighbourhood_matrix(grid, size, weights.device).to(weights.dtype) * weights.unsqueeze(1)  # (b, P, P)
     return torch.bmm(mixing / mixing.sum(-1, keepdim=True), values.to(weights.dtype))
 
 

@@ -8,9 +8,10 @@ integer weight codes (int8, or int4 two per byte) with their per-output-channel 
       → ``mixed_gemm`` (integer products, int32 accumulation, scales applied in the epilogue, + bias)
 
 with the Triton kernels on CUDA and with the kernels' PyTorch references elsewhere (the same integers,
-multiplied in float64: for checking, not for speed). The S6 tensors go through the simulation's own
-quantizers and enter the scan dequantized: Δ before softplus, B and C per time-step as the model runs;
-A and D once, here (they do not depend on the input). The float parts (patch embed, conv1d, norms, the
+multiplied in float64: for checking, not for speed). The S6 tensors enter the scan dequantized: Δ before
+softplus, B and C per time-step as the model runs, through ``detect_fake_quant`` when the kernels run (one
+launch per tensor) and through the simulation's own quantizers elsewhere; A and D once, here (they do not
+depend on the input). The float parts (patch embed, conv1d, norms, the
 head) stay as they are.
 
 :func:`save_packed` / :func:`load_packed`: one safetensors file holding the codes, the scales, the float
@@ -40,6 +41,7 @@ from core.quant.quantize import LINEARS, SHARED_LINEARS, activation_quantizer, q
 from core.quant.quantizers import OutlierAwareQuantizer, WeightQuantizer
 from core.ssm import selective_scan
 from kernels.conv_silu import conv_silu
+from kernels.detect_fake_quant import detect_fake_quant
 from kernels.detect_quant import DetectQuantOutput, detect_quant, detect_quant_reference
 from kernels.merge_detect_quant import merge_detect_quant
 from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference, quantize_weight
@@ -129,7 +131,21 @@ class PackedInterceptor(Interceptor):
         if key in self.static:
             return self.static[key].to(x.dtype)
         quantizer = self.dynamic.get(key)
-        return x if quantizer is None else quantizer(x)
+        if quantizer is None:
+            return x
+        if uses_kernels(self.backend, x) and _kernel_runs(quantizer):
+            zero = quantizer.zero_point
+            return detect_fake_quant(x, quantizer.scale.detach(), None if zero is None else zero.detach(),
+                                     quantizer.k, quantizer.n_refresh, quantizer.qmax,
+                                     0 if quantizer.outlier is None else quantizer.outlier.qmax)
+        return quantizer(x)
+
+
+def _kernel_runs(quantizer: nn.Module) -> bool:
+    """``detect_fake_quant`` computes OuroMamba's per-time-step quantizer, without smoothing (the S6 tensors
+    have no weight to fold it into); anything else stays in PyTorch."""
+    return isinstance(quantizer, OutlierAwareQuantizer) and quantizer.smoothing is None and \
+        not quantizer.static_channels and not quantizer.release_compatible
 
 
 class PackedVim(nn.Module):

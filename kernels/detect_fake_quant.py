@@ -1,0 +1,151 @@
+"""Per-time-step outlier detection + fake quantization of the scan's inputs Δ, B and C (OuroMamba-Quant, §3.2).
+
+The projections consume integer codes (``kernels.detect_quant``); the selective scan consumes floating point.
+Its inputs are still quantized as the method says, so that the integer model computes what the simulation
+computed: per (sample, window of ``n_refresh`` steps) the outlier set grows exactly as in ``detect_quant``, then
+each step's inliers are rounded on the calibrated static grid and its outliers on a dynamic per-(sample, step)
+grid, and the dequantized values are written back in x's dtype. Δ (before softplus) uses unsigned grids with a
+zero point (``ASYMMETRIC``): the trigger is then (max − min) over the inlier channels / levels; B and C use
+symmetric grids. ``outlier_levels`` 0 keeps the outliers in floating point (the "O16" settings).
+
+Without this kernel the same function runs as ~15 PyTorch operations per step of the window, ~150 launches per
+tensor, six tensors per layer: the integer model was launch-bound (measured, results/e2e_*.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.detect_quant import MIN_SCALE, _round_half_even, window_outlier_masks
+
+
+@triton.jit
+def _grid_round(v, scale, zero, LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr):
+    """Fake quantization of v on one grid: symmetric ±LEVELS, or unsigned 0…LEVELS with zero point ``zero``."""
+    q = tl.math.div_rn(v, scale)
+    if ASYMMETRIC:
+        q = tl.minimum(tl.maximum(_round_half_even(tl.minimum(tl.maximum(q, -2.0**22), 2.0**22)) + zero, 0.0),
+                       LEVELS * 1.0)
+        return (q - zero) * scale
+    else:
+        q = tl.minimum(tl.maximum(q, -LEVELS * 1.0), LEVELS * 1.0)
+        return _round_half_even(q) * scale
+
+
+@triton.jit
+def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, scale_ptr, zero_ptr,
+                              length, channels, n_refresh, k,
+                              LEVELS: tl.constexpr, OUTLIER_LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    sample = tl.program_id(0)
+    start = tl.program_id(1) * n_refresh
+    offs = tl.arange(0, BLOCK_C)
+    valid = offs < channels
+    outlier = offs < 0  # the refresh: an empty set at the window start
+    for i in range(0, tl.minimum(n_refresh, length - start)):
+        t = start + i
+        x = tl.load(x_ptr + sample * stride_xb + t * stride_xt + offs * stride_xc, mask=valid, other=0.0)
+        x = x.to(tl.float32)
+        magnitude = tl.abs(x)
+        inlier = valid & ~outlier
+        count = tl.sum(inlier.to(tl.float32), axis=0)
+        static_scale = tl.load(scale_ptr + t)
+
+        # detection, as detect_quant_step, with the trigger of this grid
+        if ASYMMETRIC:
+            spread = tl.max(tl.where(inlier, x, -float("inf")), axis=0) - \
+                tl.min(tl.where(inlier, x, float("inf")), axis=0)
+            dynamic_scale = tl.where(count > 0, tl.math.div_rn(spread, LEVELS * 1.0), 0.0)
+        else:
+            dynamic_scale = tl.math.div_rn(tl.max(tl.where(inlier, magnitude, 0.0), axis=0), LEVELS * 1.0)
+        inlier_magnitude = tl.where(inlier, magnitude, 0.0)
+        mean = tl.math.div_rn(tl.sum(inlier_magnitude, axis=0), tl.maximum(count, 1.0))
+        deviation = magnitude - mean
+        var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=0),
+                             tl.maximum(count - 1.0, 1.0))
+        theta = tl.where(dynamic_scale > static_scale, mean + k * tl.sqrt_rn(var), float("inf"))
+        outlier = outlier | (valid & (magnitude > theta))
+
+        zero = tl.load(zero_ptr + t) if ASYMMETRIC else 0.0
+        y = _grid_round(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), zero, LEVELS, ASYMMETRIC)
+        if OUTLIER_LEVELS > 0:
+            if ASYMMETRIC:
+                high = tl.maximum(tl.max(tl.where(outlier, x, -float("inf")), axis=0), 0.0)
+                low = tl.minimum(tl.min(tl.where(outlier, x, float("inf")), axis=0), 0.0)
+                outlier_scale = tl.maximum(tl.math.div_rn(high - low, OUTLIER_LEVELS * 1.0), 1e-8)
+                outlier_zero = _round_half_even(tl.math.div_rn(-low, outlier_scale))
+            else:
+                outlier_scale = tl.maximum(
+                    tl.math.div_rn(tl.max(tl.where(outlier, magnitude, 0.0), axis=0), OUTLIER_LEVELS * 1.0), 1e-8)
+                outlier_zero = 0.0
+            y = tl.where(outlier, _grid_round(x, outlier_scale, outlier_zero, OUTLIER_LEVELS, ASYMMETRIC), y)
+        else:
+            y = tl.where(outlier, x, y)
+        tl.store(y_ptr + (sample * length + t).to(tl.int64) * channels + offs, y.to(y_ptr.dtype.element_ty),
+                 mask=valid)
+
+
+def _check(x: torch.Tensor, static_scale: torch.Tensor, zero_point: torch.Tensor | None, n_refresh: int) -> None:
+    if x.dim() != 3 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be a float (batch, L, C) tensor, got {tuple(x.shape)} {x.dtype}")
+    for name, value in (("static_scale", static_scale), ("zero_point", zero_point)):
+        if value is not None and value.shape != (x.shape[1],):
+            raise ValueError(f"{name} must be (L,) = ({x.shape[1]},), got {tuple(value.shape)}")
+    if n_refresh < 1:
+        raise ValueError(f"n_refresh must be ≥ 1, got {n_refresh}")
+
+
+def detect_fake_quant(x: torch.Tensor, static_scale: torch.Tensor, zero_point: torch.Tensor | None, k: float,
+                      n_refresh: int, levels: int, outlier_levels: int) -> torch.Tensor:
+    """Triton: x (batch, L, C) detected and fake-quantized, same shape and dtype, contiguous. ``zero_point``
+    (L,) selects the unsigned grid (``levels`` = 2^bits − 1) and None the symmetric one (``levels`` = qmax)."""
+    _check(x, static_scale, zero_point, n_refresh)
+    batch, length, channels = x.shape
+    y = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
+    scale = static_scale.to(device=x.device, dtype=torch.float32).contiguous()
+    asymmetric = zero_point is not None
+    zero = zero_point.to(device=x.device, dtype=torch.float32).contiguous() if asymmetric else scale
+    block = max(triton.next_power_of_2(channels), 2)
+    _detect_fake_quant_kernel[(batch, triton.cdiv(length, n_refresh))](
+        x, *x.stride(), y, scale, zero, length, channels, n_refresh, float(k), LEVELS=levels,
+        OUTLIER_LEVELS=outlier_levels, ASYMMETRIC=asymmetric, BLOCK_C=block,
+        num_warps=max(1, min(8, block // 256)), enable_fp_fusion=False)  # no FMA: as PyTorch rounds
+    return y
+
+
+def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, levels: int) -> torch.Tensor:
+    if zero is None:
+        return torch.clamp(torch.round(x / scale), -levels, levels) * scale
+    return (torch.clamp(torch.round(x / scale) + zero, 0, levels) - zero) * scale
+
+
+def detect_fake_quant_reference(x: torch.Tensor, static_scale: torch.Tensor, zero_point: torch.Tensor | None,
+                                k: float, n_refresh: int, levels: int, outlier_levels: int) -> torch.Tensor:
+    """PyTorch: the same function in fp32, all windows in parallel, step by step inside them."""
+    _check(x, static_scale, zero_point, n_refresh)
+    dtype, x = x.dtype, x.float()
+    asymmetric = zero_point is not None
+
+    def trigger_scale(row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not asymmetric:
+            return row.abs().masked_fill(mask, 0).amax(-1) / levels
+        spread = row.masked_fill(mask, float("-inf")).amax(-1) - row.masked_fill(mask, float("inf")).amin(-1)
+        return torch.nan_to_num(spread / levels, nan=0.0, posinf=0.0, neginf=0.0)
+
+    mask = window_outlier_masks(x, static_scale.float(), k, n_refresh, trigger_scale)
+    static = static_scale.to(x.device).float().clamp(min=MIN_SCALE)[:, None]
+    zero = None if zero_point is None else zero_point.to(x.device).float()[:, None]
+    y = _fake_quant(x.masked_fill(mask, 0), static, zero, levels)
+    if outlier_levels == 0:
+        return torch.where(mask, x, y).to(dtype)
+    if asymmetric:
+        high = x.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True).nan_to_num(neginf=0.0).clamp(min=0)
+        low = x.masked_fill(~mask, float("inf")).amin(-1, keepdim=True).nan_to_num(posinf=0.0).clamp(max=0)
+        scale = ((high - low) / outlier_levels).clamp(min=MIN_SCALE)
+        outliers = _fake_quant(x, scale, torch.round(-low / scale), outlier_levels)
+    else:
+        scale = ((x.abs() * mask).amax(-1, keepdim=True) / outlier_levels).clamp(min=MIN_SCALE)
+        outliers = _fake_quant(x, scale, None, outlier_levels)
+    return torch.where(mask, outliers, y).to(dtype)
