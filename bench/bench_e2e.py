@@ -17,13 +17,16 @@ its trained ones):
 
 Per (model, variant, batch): median latency of ``--repeats`` forward passes after one warm-up (CUDA-synchronised
 wall time), images/s, and peak memory allocated during the timed passes. ``vs_fp16`` is fp16 latency / this
-latency (> 1: faster). Stops adding rows when ``--budget-s`` is spent, and says so. Writes
-results/e2e_<gpu>.{csv,md}.
+latency (> 1: faster). On CUDA each is also timed as a replayed CUDA graph (``graph_ms``, ``graph_vs_fp16``
+against the fp16 graph): eager PyTorch pays Python and launch overhead per kernel, which at these sizes can
+exceed the GPU work; the graph shows what the kernels themselves cost. Stops adding rows when ``--budget-s``
+is spent, and says so. Writes results/e2e_<gpu>[_<models>].{csv,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +49,7 @@ MODELS = {
     "Vim-B": "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2",
 }
 QUANTIZED = {"W8A8O8": (8, 8), "W4A8O8": (4, 8), "W4A4O8": (4, 4)}
+VARIANTS = ("fp32 eager", "fp16", *QUANTIZED, "W4A4O8 unfused")
 SMOKE = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
 
 
@@ -90,8 +94,18 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
             return packed.half_activations() if half == torch.float16 else packed
         return make
 
-    return {"fp32 eager": fp32, "fp16": fp16, **{label: quantized(*bits) for label, bits in QUANTIZED.items()},
-            "W4A4O8 unfused": quantized(4, 4, fused=False)}
+    makers = {"fp32 eager": fp32, "fp16": fp16, **{label: quantized(*bits) for label, bits in QUANTIZED.items()},
+              "W4A4O8 unfused": quantized(4, 4, fused=False)}
+    return {label: makers[label] for label in VARIANTS}
+
+
+def graph_latency(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> float | str:
+    """Median seconds of a replayed CUDA graph of the forward, or why it could not be captured (one line)."""
+    try:
+        return time_forward(model, images, repeats, cuda_graph=True)[0]
+    except (RuntimeError, torch.OutOfMemoryError) as error:
+        torch.cuda.synchronize()
+        return "capture failed: " + str(error).splitlines()[0][:120]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -99,6 +113,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=["Vim-T", "Vim-S", "Vim-B", "default"],
                         choices=[*MODELS, "default"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
+                        help=f"only these (default: all of {', '.join(VARIANTS)})")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop adding rows after this many seconds")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the plumbing only")
@@ -114,7 +130,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = build(name)
         cfg = model.cfg
         fp16_latency: dict[int, float] = {}
+        fp16_graph: dict[int, float | str | None] = {}
         for label, make in variants(model, device).items():
+            if args.variants and label not in args.variants:
+                continue
             if time.perf_counter() - started > args.budget_s:
                 skipped.append(f"{name} {label}")
                 continue
@@ -128,12 +147,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     rows.append({"model": name, "variant": label, "batch": batch, "latency_ms": "out of memory"})
                     torch.cuda.empty_cache()
                     continue
+                graphed = graph_latency(variant, images, args.repeats) if device.type == "cuda" else None
                 if label == "fp16":
-                    fp16_latency[batch] = seconds
-                baseline = fp16_latency.get(batch)
+                    fp16_latency[batch], fp16_graph[batch] = seconds, graphed
+                baseline, graph_baseline = fp16_latency.get(batch), fp16_graph.get(batch)
                 rows.append({"model": name, "variant": label, "batch": batch, "latency_ms": round(seconds * 1e3, 3),
                              "images_per_s": round(batch / seconds, 1), "peak_MiB": round(peak / 2**20, 1),
-                             "vs_fp16": round(baseline / seconds, 2) if baseline else ""})
+                             "vs_fp16": round(baseline / seconds, 2) if baseline else "",
+                             "graph_ms": round(graphed * 1e3, 3) if isinstance(graphed, float) else graphed or "",
+                             "graph_vs_fp16": round(graph_baseline / graphed, 2)
+                             if isinstance(graphed, float) and isinstance(graph_baseline, float) else ""})
                 print(rows[-1], flush=True)
             del variant
             if device.type == "cuda":
@@ -144,7 +167,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if skipped:
         header["not measured (budget spent)"] = ", ".join(skipped)
     tag = torch.cuda.get_device_name(device).lower().replace(" ", "_")
-    write_results(f"e2e_{tag}", rows, header, "python bench/bench_e2e.py " + " ".join(argv or sys.argv[1:]))
+    if args.models != parser.get_default("models"):
+        tag += "_" + "_".join(args.models)
+    write_results(f"e2e_{tag}", rows, header, "python bench/bench_e2e.py " + shlex.join(argv or sys.argv[1:]))
     return rows
 
 

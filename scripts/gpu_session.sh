@@ -4,15 +4,19 @@
 # what the open issues ask for; part 2 the rest. Each stage has its own cap and the part a deadline
 # (DEADLINE_S, seconds from its start): a stage that runs out keeps its log and the next stage still runs.
 #
-#   part 1  packed_agreement  the packed W4A4O8 model on CUDA (Triton kernels, fp16 activations) against the
-#                             simulation on the 10,000 test images: is the GPU path right?            ≤  75 s
-#           e2e               end to end: FP32 eager / FP16 / packed W8A8, W4A8, W4A4O8 (fused, unfused)
-#                             on Vim-B, Vim-T and the default model at batch 1, 16, 64 (bench_e2e)   ≤ 170 s
-#           gemm_detect       bench_kernels: mixed_gemm vs cuBLAS fp16 and detect_quant, all Vim shapes ≤ 120 s
+#   part 1  environment       GPU, driver, torch, triton                                              ≤   5 s
+#           new_kernel_tests  detect_fake_quant and the packed model's GPU tests, compiled              ≤  60 s
+#           e2e               Vim-B batch 1/16/64: fp16 vs packed W8A8O8, W4A4O8 (fused, unfused), eager
+#                             and as CUDA graphs (bench_e2e)                                          ≤ 150 s
+#           packed_agreement  the packed W4A4O8 model on CUDA (Triton kernels, fp16 activations) against the
+#                             simulation on the 10,000 test images                                    ≤  60 s
 #           gen               OuroMamba-Gen seconds per iteration on CUDA (bench_gen)                 ≤  60 s
-#   part 2  tests             the kernel tests compiled on CUDA, small and Vim-size shapes            ≤ 200 s
-#           scan_fusion       bench_kernels: the selective scan and the fused producers               ≤ 150 s
-#           packed_fp32       the packed model on CUDA with fp32 activations                          ≤  60 s
+#           profile           where Vim-B batch 64's time goes, fp16 and W4A4O8 (gpu_profile.py)      ≤  45 s
+#           e2e_vim_t         Vim-T and the default model, every variant, batch 1 and 64              ≤  70 s
+#           tests             the remaining kernel tests compiled, small and Vim-size shapes      what is left
+#   part 2  scan_fusion       bench_kernels: the selective scan and the fused producers               ≤ 150 s
+#           gemm_detect       bench_kernels: mixed_gemm vs cuBLAS fp16 and detect_quant, all Vim shapes ≤ 120 s
+#           tests             the kernel tests compiled                                               ≤ 200 s
 # Not here (a session of their own): retraining the default model (scripts/gpu_train_candidates.sh) and
 # ITERATIONS=1000 scripts/gen_evidence.sh sets.
 #
@@ -27,7 +31,7 @@ stage_dir=results/gpu_part$part
 mkdir -p "$stage_dir"
 start=$SECONDS
 collect() {  # what the benchmarks wrote so far, plus the logs, into one archive
-  cp results/kernels_*.* results/e2e_*.* results/gen_cuda.* results/packed/agreement_cuda* "$stage_dir/" 2>/dev/null
+  cp results/kernels_*.* results/e2e_*.* results/gen_cuda.* results/profile_*.md results/packed/agreement_cuda* "$stage_dir/" 2>/dev/null
   [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_part$part.tgz" -C "$stage_dir" .
 }
 stage() {  # name, cap in seconds, command (a shell function of this file or a program)...
@@ -54,14 +58,20 @@ kernel_tests() {
 }
 export -f environment kernel_tests
 case "$part" in
-  1) stage environment 20 environment
-     stage packed_agreement 75 python3 scripts/packed_agreement.py --settings W4A4 --half
-     stage e2e 170 python3 bench/bench_e2e.py --models Vim-B Vim-T default --batches 1 16 64 --budget-s 140
+  1) stage environment 5 environment
+     stage new_kernel_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_fake_quant.py \
+       "tests/test_packed.py::test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run" \
+       "tests/test_packed.py::test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation"
+     stage e2e 150 python3 bench/bench_e2e.py --models Vim-B --batches 1 16 64 --budget-s 130 \
+       --variants fp16 W8A8O8 W4A4O8 "W4A4O8 unfused"
+     stage packed_agreement 60 python3 scripts/packed_agreement.py --settings W4A4 --half
+     stage gen 60 python3 bench/bench_gen.py
+     stage profile 45 python3 scripts/gpu_profile.py --model Vim-B --batch 64
+     stage e2e_vim_t 70 python3 bench/bench_e2e.py --models Vim-T default --batches 1 64 --budget-s 60
+     stage tests 200 kernel_tests ;;
+  2) stage scan_fusion 150 python3 bench/bench_kernels.py --only scan fusion
      stage gemm_detect 120 python3 bench/bench_kernels.py --only gemm detect
-     stage gen 60 python3 bench/bench_gen.py ;;
-  2) stage tests 200 kernel_tests
-     stage scan_fusion 150 python3 bench/bench_kernels.py --only scan fusion
-     stage packed_fp32 60 python3 scripts/packed_agreement.py --settings W4A4 ;;
+     stage tests 200 kernel_tests ;;
   *) echo "usage: bash scripts/gpu_session.sh 1|2"; exit 2 ;;
 esac
 echo "== total $((SECONDS - start)) s"
