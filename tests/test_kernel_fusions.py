@@ -9,7 +9,7 @@
 - ``merge_detect_quant``: detect_quant of (y_forward + flip(y_backward)) / 2, exact.
 
 On the CPU under TRITON_INTERPRET=1 at small shapes; on CUDA compiled, plus Vim-size cases with
-KERNELS_REAL_SHAPES=1 (scripts/gpu_check.sh). Outputs are poisoned before every kernel run.
+KERNELS_REAL_SHAPES=1 (scripts/gpu_session.sh). Outputs are poisoned before every kernel run.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 On the CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py) at small, awkward shapes; the
 interpreter's cost grows with programs × time steps, so shapes stay small. On a CUDA machine with
 TRITON_INTERPRET=0 the same tests run compiled, and KERNELS_REAL_SHAPES=1 adds Vim-B-size cases
-(scripts/gpu_check.sh). Outputs are poisoned with NaN before every kernel run, so an unwritten element fails.
+(scripts/gpu_session.sh). Outputs are poisoned with NaN before every kernel run, so an unwritten element fails.
 Accuracy is ‖y − ref‖ / ‖ref‖ against float64 on the same (already rounded) inputs: the kernel computes in fp32,
 so what remains is fp32 rounding, plus the output's rounding for fp16/bf16 outputs.
 """

@@ -2,7 +2,7 @@
 
 On the CPU the kernels run under TRITON_INTERPRET=1 at small, awkward shapes. On a CUDA machine with
 TRITON_INTERPRET=0 the same tests run compiled on the GPU, and KERNELS_REAL_SHAPES=1 adds Vim-size cases
-(scripts/gpu_check.sh). Integer outputs must match exactly; outputs are poisoned before every kernel run, with
+(scripts/gpu_session.sh). Integer outputs must match exactly; outputs are poisoned before every kernel run, with
 values the kernel never writes, so an unwritten element fails the comparison.
 
 Detection compares mean + k·std thresholds computed with a different summation order (Triton vs torch);
@@ -34,7 +34,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRETED el
 real_shapes = pytest.mark.skipif(
     DEVICE.type != "cuda" or os.environ.get("KERNELS_REAL_SHAPES") != "1",
     reason="Vim-size case for the GPU: set KERNELS_REAL_SHAPES=1 and TRITON_INTERPRET=0 on a CUDA machine "
-           "(scripts/gpu_check.sh); the interpreter would take minutes")
+           "(scripts/gpu_session.sh); the interpreter would take minutes")
 
 def core_quant():
     """core.quant (imported by the few tests that compare with it) pulls in the model stack; on a machine

@@ -227,7 +227,12 @@ def test_a_packed_file_given_as_a_float_checkpoint_says_what_it_is(default_w4a4,
 @real_shapes
 def test_vim_tiny_packed_on_cuda_fused_and_unfused_agree():
     """Vim-T (random weights), 224×224, fp16, compiled kernels: the fused forward against one kernel per
-    operation and against the fp32 simulation (scripts/gpu_check.sh)."""
+    operation and against the fp32 simulation (scripts/gpu_session.sh).
+
+    The two paths differ by rounding (RMSNorm's square root), and a W4A4 model with per-time-step detection
+    amplifies any rounding: on the H100 fused and unfused differed by 3.4 % over 24 layers, and on the default
+    model rounding only the input images to fp16 moves the simulation's logits by ~9 % (results/packed/README.md).
+    So the bound is the model's own sensitivity, measured here: an fp16 ulp added to every input pixel."""
     from core.models import create_vim
     torch.manual_seed(0)
     model = create_vim("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2")
@@ -235,11 +240,16 @@ def test_vim_tiny_packed_on_cuda_fused_and_unfused_agree():
     images = torch.randn(4, 3, 224, 224, device=DEVICE)
     qmodel = quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images)
     packed = pack(qmodel).half_activations()
+    nudged = torch.nextafter(images.half(), torch.tensor(float("inf"), device=DEVICE, dtype=torch.float16))
     with torch.no_grad():
         fused = packed(images.half()).float()
         packed.fused = False
-        unfused = packed(images.half()).float()
+        unfused, unfused_nudged = packed(images.half()).float(), packed(nudged).float()
         simulated = qmodel(images)
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
     assert torch.isfinite(fused).all()
-    assert torch.linalg.norm(fused - unfused) / torch.linalg.norm(unfused) < 1e-2
-    assert torch.linalg.norm(fused - simulated) / torch.linalg.norm(simulated) < 0.2
+    assert distance(fused, unfused) < max(2 * distance(unfused_nudged, unfused), 1e-3)
+    assert distance(fused, simulated) < 0.2
