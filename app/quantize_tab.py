@@ -100,8 +100,12 @@ def gpu_kernel_note(ws: Workspace, packed: PackedVim | None, test: LabelledImage
     except (RuntimeError, StudioError) as err:  # a kernel that fails to build or run must not lose the run
         return f" GPU kernel timing failed: {str(err).splitlines()[0][:160]}."
     timing = record.kernel_latency
-    return (f" On {timing['hardware']}, batch {timing['batch']}: FP16 {timing['fp16_ms']:.2f} ms, packed integer "
-            f"model {timing['packed_ms']:.2f} ms ({timing['fp16_ms'] / timing['packed_ms']:.2f}× FP16).")
+    note = (f" On {timing['hardware']}, batch {timing['batch']}: FP16 {timing['fp16_ms']:.2f} ms, packed integer "
+            f"model {timing['packed_ms']:.2f} ms ({timing['fp16_ms'] / timing['packed_ms']:.2f}× FP16)")
+    if "packed_graph_ms" in timing:
+        note += (f"; as CUDA graphs (no launch overhead) {timing['fp16_graph_ms']:.2f} ms and "
+                 f"{timing['packed_graph_ms']:.2f} ms ({timing['fp16_graph_ms'] / timing['packed_graph_ms']:.2f}×)")
+    return note + "." + (f" {timing['graph_note']}." if "graph_note" in timing else "")
 
 
 @dataclass

@@ -98,7 +98,9 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
                    repeats: int = 5) -> dict:
     """Median time of one forward pass over ``images`` for the FP16 model and the packed integer model (fp16
     activations) on ``device``: the speed the kernels give, on the hardware named. For CUDA: elsewhere the
-    packed model runs the kernels' float64 references (a check, not a speed) and there is no fp16 fast path."""
+    packed model runs the kernels' float64 references (a check, not a speed) and there is no fp16 fast path.
+    On CUDA both are also timed as replayed CUDA graphs (``*_graph_ms``): eager PyTorch pays launch overhead
+    per kernel, which for a small model can exceed the GPU work (measured, kernels/README.md)."""
     device = torch.device(device)
     half = torch.float16 if device.type == "cuda" else torch.float32
     fp16 = copy.deepcopy(model).eval().to(device=device, dtype=half)
@@ -106,8 +108,15 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
     if device.type == "cuda":
         integer.half_activations()
     batch = images.to(device=device, dtype=half)
+    candidates = (("fp16", fp16), ("packed", integer))
     timings = {f"{name}_ms": round(1000 * time_forward(candidate, batch, repeats)[0], 3)
-               for name, candidate in (("fp16", fp16), ("packed", integer))}
+               for name, candidate in candidates}
+    if device.type == "cuda":
+        try:
+            timings |= {f"{name}_graph_ms": round(1000 * time_forward(candidate, batch, repeats, cuda_graph=True)[0],
+                                                  3) for name, candidate in candidates}
+        except RuntimeError as err:  # the eager timings stand; say why the graph ones are missing
+            timings["graph_note"] = "CUDA graph capture failed: " + str(err).splitlines()[0][:120]
     return {"hardware": hardware_label(device), "batch": len(images), "repeats": repeats, **timings}
 
 

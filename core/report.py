@@ -98,12 +98,15 @@ def latency_figure(records: list[RunRecord]) -> go.Figure:
                        name=f"{kind} timing: {hardware}",
                        hovertemplate="%{x}<br>%{y:.3f} ms per image<extra>" + html.escape(hardware) + "</extra>")
     kernel_runs = [(i, r) for i, r in enumerate(records) if r.kernel_latency]
-    for variant, label in (("fp16", "FP16 model"), ("packed", "packed integer model (Triton kernels)")):
-        if kernel_runs:
-            figure.add_bar(x=[run_label(i, r) for i, r in kernel_runs],
-                           y=[r.kernel_latency[f"{variant}_ms"] / r.kernel_latency["batch"] for _, r in kernel_runs],
-                           name=f"{label}, batch {kernel_runs[0][1].kernel_latency['batch']}: "
-                                f"{kernel_runs[0][1].kernel_latency['hardware']}",
+    for variant, label in (("fp16", "FP16 model"), ("packed", "packed integer model (Triton kernels)"),
+                           ("fp16_graph", "FP16 model, CUDA graph"),
+                           ("packed_graph", "packed integer model, CUDA graph")):
+        runs = [(i, r) for i, r in kernel_runs if f"{variant}_ms" in r.kernel_latency]
+        if runs:
+            figure.add_bar(x=[run_label(i, r) for i, r in runs],
+                           y=[r.kernel_latency[f"{variant}_ms"] / r.kernel_latency["batch"] for _, r in runs],
+                           name=f"{label}, batch {runs[0][1].kernel_latency['batch']}: "
+                                f"{runs[0][1].kernel_latency['hardware']}",
                            hovertemplate="%{x}<br>%{y:.4f} ms per image<extra>" + label + "</extra>")
     cpu_only = all(r.hardware.startswith("CPU") for r in records) and not kernel_runs
     kernels = "; GPU kernel timings where measured" if kernel_runs else ""

@@ -273,6 +273,10 @@ def test_gpu_kernel_timings_get_their_own_labelled_bars():
     assert list(latency.data[1].x) == ["#2 ouromamba W4A8O8"] and list(latency.data[2].y) == [0.05]
     assert "GPU kernel timings where measured" in latency.layout.title.text
     assert not latency.layout.title.text.startswith("CPU")
+    graphed = {**timing, "fp16_graph_ms": 3.2, "packed_graph_ms": 1.6}
+    names = [t.name for t in latency_figure([_record(), _record(kernel_latency=graphed)]).data]
+    assert names[3:] == ["FP16 model, CUDA graph, batch 64: NVIDIA H100 80GB HBM3",
+                         "packed integer model, CUDA graph, batch 64: NVIDIA H100 80GB HBM3"]
 
 
 def test_kernel_latency_times_both_models_on_the_named_hardware():
@@ -297,3 +301,30 @@ def test_kernel_latency_times_both_models_on_the_named_hardware():
 def test_write_report_makes_its_folder(tmp_path: Path):
     path = write_report([_record()], tmp_path / "sub" / "report.html")
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_the_gpu_timing_note_states_eager_and_graph_timings_and_keeps_the_run_when_timing_fails(monkeypatch):
+    """With CUDA present (faked here) the note quotes what kernel_latency measured; a failing kernel gives one line
+    and leaves the run's record without a timing."""
+    import torch
+
+    import app.quantize_tab as tab
+    from core.data import LabelledImages
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    timing = {"hardware": "NVIDIA H100 80GB HBM3", "batch": 4, "repeats": 5, "fp16_ms": 8.0, "packed_ms": 16.0,
+              "fp16_graph_ms": 4.0, "packed_graph_ms": 2.0}
+    monkeypatch.setattr(tab, "kernel_latency", lambda *args: timing)
+    test = LabelledImages(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), ("a",), "zeros")
+    record = _record()
+    note = tab.gpu_kernel_note(default_workspace(), object(), test, record)
+    assert "FP16 8.00 ms, packed integer model 16.00 ms (0.50× FP16)" in note
+    assert "as CUDA graphs (no launch overhead) 4.00 ms and 2.00 ms (2.00×)" in note
+    assert record.kernel_latency == timing
+
+    def broken(*args):
+        raise RuntimeError("triton compile error\nlong trace")
+    monkeypatch.setattr(tab, "kernel_latency", broken)
+    record = _record()
+    assert tab.gpu_kernel_note(default_workspace(), object(), test, record) == \
+        " GPU kernel timing failed: triton compile error."
+    assert not record.kernel_latency
