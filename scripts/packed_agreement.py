@@ -5,7 +5,11 @@ reconstruction epochs: the configuration of results/quant/), pack it, and run bo
 top-1 of each, top-1 agreement, logit error. On the CPU the packed model runs the kernels' PyTorch references
 (the same integer codes and scales, multiplied in float64); on CUDA it runs the Triton kernels.
 
-    PYTHONPATH=. python scripts/packed_agreement.py [--settings W4A4 W4A8 W8A8] [--limit N]
+    PYTHONPATH=. python scripts/packed_agreement.py [--settings W4A4 W4A8 W8A8] [--limit N] [--half]
+
+With ``--half`` (fp16 activations in the packed model's float parts) each setting gets a second row: the
+simulation itself run on the test images rounded to fp16, against the simulation. It measures how far the
+quantized model moves under a perturbation of fp16's size, the yardstick for the packed model's fp16 row.
 """
 
 from __future__ import annotations
@@ -24,6 +28,17 @@ from core.quant import SETTINGS, QuantConfig, quantize
 from core.quant.packed import agreement, pack, save_packed
 
 OUT = RESULTS_DIR / "packed"
+
+
+class FP16RoundedInputs(torch.nn.Module):
+    """A model evaluated on its inputs rounded to fp16 and back (nothing else changes)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.half().to(images.dtype))
 
 
 def main() -> None:
@@ -58,6 +73,12 @@ def main() -> None:
                      "seconds_both_models": round(seconds, 1),
                      "backend": "triton" if device.type == "cuda" else "reference (float64)"})
         print(rows[-1], flush=True)
+        if args.half:
+            measured = agreement(FP16RoundedInputs(qmodel), qmodel, images, labels).to_dict()
+            measured["top1_packed"], measured["top1_simulation"] = measured.pop("top1"), measured.pop("top1_reference")
+            rows.append({"setting": f"{setting}O8", "activations": "simulation on fp16-rounded inputs", **measured,
+                         "backend": "simulation"})
+            print(rows[-1], flush=True)
         if args.save:
             save_packed(packed, OUT / f"default_{setting}.safetensors")
     OUT.mkdir(parents=True, exist_ok=True)

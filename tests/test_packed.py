@@ -58,6 +58,23 @@ def test_packed_default_model_agrees_with_its_simulation(default_w4a4):
     result = agreement(packed, qmodel, images)
     assert result.agreement >= 99.0
     assert result.relative_logit_error < 0.05
+    assert result.nonfinite_images == 0
+
+
+def test_agreement_reports_non_finite_logits_instead_of_hiding_them():
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            logits = x.flatten(1)[:, :3] * self.scale
+            logits[1, 0] = float("nan")
+            return logits
+
+    images = torch.randn(4, 1, 2, 2)
+    result = agreement(Broken(), Broken(), images)
+    assert result.nonfinite_images == 1 and result.max_abs_logit_error != result.max_abs_logit_error  # NaN
 
 
 def test_no_float_weight_is_kept_for_a_packed_projection(default_w4a4, tmp_path):
@@ -253,3 +270,22 @@ def test_vim_tiny_packed_on_cuda_fused_and_unfused_agree():
     assert torch.isfinite(fused).all()
     assert distance(fused, unfused) < max(2 * distance(unfused_nudged, unfused), 1e-3)
     assert distance(fused, simulated) < 0.2
+
+
+def test_fp16_scan_inputs_stay_finite_when_an_outlier_channel_falls_to_zero():
+    """Inside a window the outlier set only grows, so a channel flagged at one step stays an outlier when its
+    value is 0 at the next; its dynamic scale is then the 1e-8 floor, which fp16 rounds to 0 (0/0 = NaN). The
+    reference path computes in fp32, as the kernel does."""
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
+    model = VisionMamba(cfg).eval()
+    images = torch.randn(2, 1, 16, 16)
+    packed = pack(quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images), backend="reference")
+    site = packed.model.layers[0].mixer.sites["B", "fwd"]
+    x = torch.full((1, cfg.seq_len, cfg.d_state), 0.01)
+    x[0, 0, 0] = 1000.0  # step 0: channel 0 far out, flagged
+    x[0, 1, 0] = 0.0  # step 1: still in the set, now zero
+    with torch.no_grad():
+        out = packed.interceptor.intercept(site, x.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert out[0, 1, 0] == 0

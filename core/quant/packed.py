@@ -138,7 +138,8 @@ class PackedInterceptor(Interceptor):
             return detect_fake_quant(x, quantizer.scale.detach(), None if zero is None else zero.detach(),
                                      quantizer.k, quantizer.n_refresh, quantizer.qmax,
                                      0 if quantizer.outlier is None else quantizer.outlier.qmax)
-        return quantizer(x)
+        # in fp32 as the kernel computes: in fp16 the scale floor (1e-8) rounds to 0 and a 0/0 gives NaN
+        return quantizer(x.float()).to(x.dtype)
 
 
 def _kernel_runs(quantizer: nn.Module) -> bool:
@@ -424,9 +425,10 @@ class Agreement:
     images: int
     agreement: float  # % of images with the same predicted class
     max_abs_logit_error: float
-    relative_logit_error: float  # ‖a − b‖ / ‖b‖ over all logits
+    relative_logit_error: float  # ‖a − b‖ / ‖b‖ over all logits (NaN when a logit is not finite)
     top1: float | None = None
     top1_reference: float | None = None
+    nonfinite_images: int = 0  # images with a NaN or infinite logit in ``model``
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -437,7 +439,7 @@ def agreement(model: nn.Module, reference: nn.Module, images: torch.Tensor, labe
               batch_size: int = 250) -> Agreement:
     """Compare ``model`` (e.g. a PackedVim) with ``reference`` (its simulation) on normalized ``images``."""
     predictions, reference_predictions = [], []
-    error_sq, reference_sq, max_error = 0.0, 0.0, 0.0
+    error_sq, reference_sq, max_error, nonfinite = 0.0, 0.0, 0.0, 0
     dtypes = [next(p.dtype for p in m.parameters() if p.is_floating_point()) for m in (model, reference)]
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]  # each model gets it in its own float dtype (fp16 runs)
@@ -446,11 +448,12 @@ def agreement(model: nn.Module, reference: nn.Module, images: torch.Tensor, labe
         reference_predictions.append(theirs.argmax(-1))
         error_sq += float(((ours - theirs) ** 2).sum())
         reference_sq += float((theirs**2).sum())
-        max_error = max(max_error, float((ours - theirs).abs().max()))
+        max_error = float(torch.tensor(max_error).maximum((ours - theirs).abs().max().cpu()))  # NaN propagates
+        nonfinite += int((~torch.isfinite(ours).all(-1)).sum())
     ours, theirs = torch.cat(predictions), torch.cat(reference_predictions)
 
     def top1(predicted: torch.Tensor) -> float | None:
         return None if labels is None else 100.0 * float((predicted == labels.to(predicted.device)).double().mean())
 
     return Agreement(len(images), 100.0 * float((ours == theirs).double().mean()), max_error,
-                     (error_sq / max(reference_sq, 1e-30)) ** 0.5, top1(ours), top1(theirs))
+                     (error_sq / max(reference_sq, 1e-30)) ** 0.5, top1(ours), top1(theirs), nonfinite)
