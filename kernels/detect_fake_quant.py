@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.detect_quant import MIN_SCALE, _round_half_even, window_outlier_masks
+from kernels.detect_quant import MIN_SCALE, _round_half_even, grow_outlier_set, window_outlier_masks
 
 
 @triton.jit
@@ -50,23 +50,16 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
         x = x.to(tl.float32)
         magnitude = tl.abs(x)
         inlier = valid & ~outlier
-        count = tl.sum(inlier.to(tl.float32), axis=0)
         static_scale = tl.load(scale_ptr + t)
 
         # detection, as detect_quant_step, with the trigger of this grid
         if ASYMMETRIC:
-            spread = tl.max(tl.where(inlier, x, -float("inf")), axis=0) - \
-                tl.min(tl.where(inlier, x, float("inf")), axis=0)
-            dynamic_scale = tl.where(count > 0, tl.math.div_rn(spread, LEVELS * 1.0), 0.0)
+            high = tl.max(tl.where(inlier, x, -float("inf")), axis=0)
+            spread = high - tl.min(tl.where(inlier, x, float("inf")), axis=0)
+            dynamic_scale = tl.where(high > -float("inf"), tl.math.div_rn(spread, LEVELS * 1.0), 0.0)
         else:
             dynamic_scale = tl.math.div_rn(tl.max(tl.where(inlier, magnitude, 0.0), axis=0), LEVELS * 1.0)
-        inlier_magnitude = tl.where(inlier, magnitude, 0.0)
-        mean = tl.math.div_rn(tl.sum(inlier_magnitude, axis=0), tl.maximum(count, 1.0))
-        deviation = magnitude - mean
-        var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=0),
-                             tl.maximum(count - 1.0, 1.0))
-        theta = tl.where(dynamic_scale > static_scale, mean + k * tl.sqrt_rn(var), float("inf"))
-        outlier = outlier | (valid & (magnitude > theta))
+        outlier = grow_outlier_set(magnitude, outlier, valid, dynamic_scale > static_scale, k)
 
         zero = tl.load(zero_ptr + t) if ASYMMETRIC else 0.0
         y = _grid_round(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), zero, LEVELS, ASYMMETRIC)

@@ -84,6 +84,21 @@ def round_to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def grow_outlier_set(magnitude, outlier, valid, triggered, k):
+    """The rule's step: if ``triggered``, the channels whose |x| exceeds mean + k·std (unbiased) of |x| over the
+    current inliers join the set. Shared by every detecting kernel, so all of them flag alike."""
+    inlier = valid & ~outlier
+    inlier_magnitude = tl.where(inlier, magnitude, 0.0)
+    count = tl.sum(inlier.to(tl.float32), axis=0)
+    mean = tl.math.div_rn(tl.sum(inlier_magnitude, axis=0), tl.maximum(count, 1.0))
+    deviation = magnitude - mean
+    var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=0),
+                         tl.maximum(count - 1.0, 1.0))
+    theta = tl.where(triggered, mean + k * tl.sqrt_rn(var), float("inf"))  # no trigger: nothing stands out
+    return outlier | (valid & (magnitude > theta))
+
+
+@triton.jit
 def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr,
                       outlier_ptr, outlier_scale_ptr, INLIER_QMAX: tl.constexpr, PACK: tl.constexpr,
                       BLOCK_C: tl.constexpr):
@@ -98,16 +113,8 @@ def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_p
     static_scale = tl.load(static_scale_ptr + t)
 
     # detection over the current inlier channels (same operation order as outlier_masks)
-    inlier_magnitude = tl.where(inlier, magnitude, 0.0)
-    dynamic_scale = tl.math.div_rn(tl.max(inlier_magnitude, axis=0), INLIER_QMAX * 1.0)
-    count = tl.sum(inlier.to(tl.float32), axis=0)
-    mean = tl.math.div_rn(tl.sum(inlier_magnitude, axis=0), tl.maximum(count, 1.0))
-    deviation = magnitude - mean
-    var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=0),
-                         tl.maximum(count - 1.0, 1.0))
-    theta = mean + k * tl.sqrt_rn(var)
-    theta = tl.where(dynamic_scale > static_scale, theta, float("inf"))  # no trigger: nothing stands out
-    outlier = outlier | (valid & (magnitude > theta))
+    dynamic_scale = tl.math.div_rn(tl.max(tl.where(inlier, magnitude, 0.0), axis=0), INLIER_QMAX * 1.0)
+    outlier = grow_outlier_set(magnitude, outlier, valid, dynamic_scale > static_scale, k)
 
     row = (sample * length + t).to(tl.int64)
     out = row * channels + offs

@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels import conv_silu as cs
+from kernels import detect_fake_quant as dfq
 from kernels import detect_quant as dq
 from kernels import merge_detect_quant as md
 from kernels import mixed_gemm as mg
@@ -170,6 +171,18 @@ def vim_gemm_shapes(d_models: tuple[int, ...] = (192, 384, 768),
     return shapes
 
 
+def build_detect_fake_quant(channels: int, asymmetric: bool, dtype: str) -> BuildReport:
+    """detect_fake_quant as the packed model launches it: Δ (C = E, asymmetric 4-bit, 8-bit outliers) or B/C
+    (C = 16, symmetric) as strided ``dtype`` views."""
+    block = max(triton.next_power_of_2(channels), 2)
+    types = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "k": "fp32"}
+    constants = {"LEVELS": 15 if asymmetric else 7, "OUTLIER_LEVELS": 255 if asymmetric else 127,
+                 "ASYMMETRIC": asymmetric, "BLOCK_C": block, "stride_xc": 1}
+    divisible = {"channels"} if channels % 16 == 0 else set()
+    return build(dfq._detect_fake_quant_kernel, types, constants, divisible, max(1, min(8, block // 256)),
+                 enable_fp_fusion=False)
+
+
 def main() -> int:
     """One line per distinct build; exit status 1 if any spills, a GEMM misses wgmma or the scan uses shared
     memory."""
@@ -212,7 +225,11 @@ def main() -> int:
         + [("merge", channels, bits, "fp16") for channels in (384, 768, 1536) for bits in (4, 8)] \
         + [("merge", 1536, 4, "fp32"), ("merge", 1536, 4, "bf16")] \
         + [("conv", 1536, dtype, reverse) for dtype in ("fp32", "fp16", "bf16") for reverse in (False, True)]
-    builders = {"norm": build_norm_detect, "merge": build_merge_detect, "conv": build_conv_silu}
+    fused += [("fake", 1536, True, "fp16"), ("fake", 16, False, "fp16")] if args.quick else \
+        [("fake", channels, True, dtype) for channels in (384, 768, 1536) for dtype in ("fp16", "fp32", "bf16")] \
+        + [("fake", 16, False, dtype) for dtype in ("fp16", "fp32", "bf16")]
+    builders = {"norm": build_norm_detect, "merge": build_merge_detect, "conv": build_conv_silu,
+                "fake": build_detect_fake_quant}
     for key in fused:
         seen[key] = report = builders[key[0]](*key[1:])
         print(f"{key[0]} {' '.join(map(str, key[1:]))}: {report}", flush=True)
