@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine_header, write_results  # noqa: E402
 from core.default_model import load_default_model  # noqa: E402
-from core.eval import time_forward  # noqa: E402
+from core.eval import graph_latency, time_forward  # noqa: E402
 from core.models import VimConfig, VisionMamba, create_vim  # noqa: E402
 from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
 from core.quant.packed import pack  # noqa: E402
@@ -97,15 +97,6 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
     makers = {"fp32 eager": fp32, "fp16": fp16, **{label: quantized(*bits) for label, bits in QUANTIZED.items()},
               "W4A4O8 unfused": quantized(4, 4, fused=False)}
     return {label: makers[label] for label in VARIANTS}
-
-
-def graph_latency(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> float | str:
-    """Median seconds of a replayed CUDA graph of the forward, or why it could not be captured (one line)."""
-    try:
-        return time_forward(model, images, repeats, cuda_graph=True)[0]
-    except (RuntimeError, torch.OutOfMemoryError) as error:
-        torch.cuda.synchronize()
-        return "capture failed: " + str(error).splitlines()[0][:120]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

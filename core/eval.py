@@ -90,6 +90,16 @@ def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 5,
     return statistics.median(times), torch.cuda.max_memory_allocated(device) if cuda else 0
 
 
+def graph_latency(model: nn.Module, images: torch.Tensor, repeats: int = 5) -> float | str:
+    """Median seconds of a replayed CUDA graph of ``model(images)``, or why it could not be captured (one line:
+    the eager timing still stands)."""
+    try:
+        return time_forward(model, images, repeats, cuda_graph=True)[0]
+    except RuntimeError as error:  # capture refused an operation, or out of memory
+        torch.cuda.synchronize(images.device)
+        return "CUDA graph capture failed: " + str(error).splitlines()[0][:120]
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, data: LabelledImages, batch_size: int = 500, progress: Progress | None = None,
             cancel: Event | None = None, device: str | torch.device = "cpu") -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from core.data import LabelledImages, calibration_images
 from core.errors import StudioError
-from core.eval import EvalResult, evaluate, hardware_label, time_forward
+from core.eval import EvalResult, evaluate, graph_latency, hardware_label, time_forward
 from core.models import VisionMamba
 from core.quant import QuantConfig, QuantizedVim, quantize
 from core.quant.config import Progress
@@ -112,11 +112,12 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
     timings = {f"{name}_ms": round(1000 * time_forward(candidate, batch, repeats)[0], 3)
                for name, candidate in candidates}
     if device.type == "cuda":
-        try:
-            timings |= {f"{name}_graph_ms": round(1000 * time_forward(candidate, batch, repeats, cuda_graph=True)[0],
-                                                  3) for name, candidate in candidates}
-        except RuntimeError as err:  # the eager timings stand; say why the graph ones are missing
-            timings["graph_note"] = "CUDA graph capture failed: " + str(err).splitlines()[0][:120]
+        graphed = {name: graph_latency(candidate, batch, repeats) for name, candidate in candidates}
+        failures = [value for value in graphed.values() if isinstance(value, str)]
+        if failures:  # the eager timings stand; say why the graph ones are missing
+            timings["graph_note"] = failures[0]
+        else:
+            timings |= {f"{name}_graph_ms": round(1000 * seconds, 3) for name, seconds in graphed.items()}
     return {"hardware": hardware_label(device), "batch": len(images), "repeats": repeats, **timings}
 
 

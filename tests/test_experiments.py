@@ -67,3 +67,13 @@ def test_outliers_command_writes_per_site_statistics(tmp_path: Path, capsys):
     assert len(frame) == 4 * (2 + 2 * 5)  # per layer: in/out_proj inputs + per direction x/dt_proj, Δ, B, C
     assert (frame["olist_size"] >= frame["outlier_channels_per_token"]).all()
     assert "sites →" in capsys.readouterr().out
+
+
+def test_cuda_graph_timing_refuses_the_cpu_clearly():
+    import pytest
+    import torch
+
+    from core.errors import StudioError
+    from core.eval import time_forward
+    with pytest.raises(StudioError, match="CUDA graphs need a CUDA device"):
+        time_forward(torch.nn.Identity(), torch.zeros(2, 3), cuda_graph=True)

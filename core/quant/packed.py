@@ -11,8 +11,7 @@ with the Triton kernels on CUDA and with the kernels' PyTorch references elsewhe
 multiplied in float64: for checking, not for speed). The S6 tensors enter the scan dequantized: Δ before
 softplus, B and C per time-step as the model runs, through ``detect_fake_quant`` when the kernels run (one
 launch per tensor) and through the simulation's own quantizers elsewhere; A and D once, here (they do not
-depend on the input). The float parts (patch embed, conv1d, norms, the
-head) stay as they are.
+depend on the input). The float parts (patch embed, conv1d, norms, the head) stay as they are.
 
 :func:`save_packed` / :func:`load_packed`: one safetensors file holding the codes, the scales, the float
 tensors and, as metadata, the Vim config, the QuantConfig and the provenance of the calibration.
