@@ -44,10 +44,14 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
     offs = tl.arange(0, BLOCK_C)
     valid = offs < channels
     outlier = offs < 0  # the refresh: an empty set at the window start
-    for i in range(0, tl.minimum(n_refresh, length - start)):
+    steps = tl.minimum(n_refresh, length - start)
+    row = x_ptr + sample * stride_xb + offs * stride_xc
+    x_next = tl.load(row + start * stride_xt, mask=valid, other=0.0)
+    for i in range(0, steps):
         t = start + i
-        x = tl.load(x_ptr + sample * stride_xb + t * stride_xt + offs * stride_xc, mask=valid, other=0.0)
-        x = x.to(tl.float32)
+        x = x_next.to(tl.float32)
+        # prefetch, as detect_quant's kernel: the next row loads while this step's reductions run
+        x_next = tl.load(row + (start + tl.minimum(i + 1, steps - 1)) * stride_xt, mask=valid, other=0.0)
         magnitude = tl.abs(x)
         inlier = valid & ~outlier
         static_scale = tl.load(scale_ptr + t)

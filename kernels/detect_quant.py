@@ -147,10 +147,16 @@ def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
     offs = tl.arange(0, BLOCK_C)
     valid = offs < channels
     outlier = offs < 0  # the refresh: an empty set at the window start
-    for i in range(0, tl.minimum(n_refresh, length - start)):
+    steps = tl.minimum(n_refresh, length - start)
+    row = x_ptr + sample * stride_xb + offs * stride_xc
+    x_next = tl.load(row + start * stride_xt, mask=valid, other=0.0)
+    for i in range(0, steps):
         t = start + i
-        x = tl.load(x_ptr + sample * stride_xb + t * stride_xt + offs * stride_xc, mask=valid, other=0.0)
-        outlier = detect_quant_step(x.to(tl.float32), outlier, sample, t, length, channels, k, static_scale_ptr,
+        x = x_next.to(tl.float32)
+        # the next step's row is loaded before this step's reductions wait on each other (index clamped to the
+        # window's last step: the same mask every step)
+        x_next = tl.load(row + (start + tl.minimum(i + 1, steps - 1)) * stride_xt, mask=valid, other=0.0)
+        outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr,
                                     inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
                                     INLIER_QMAX, PACK, BLOCK_C)
 
