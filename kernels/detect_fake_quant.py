@@ -18,7 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.detect_quant import MIN_SCALE, _round_half_even, grow_outlier_set, window_outlier_masks
+from kernels.detect_quant import (
+    MIN_SCALE,
+    _round_half_even,
+    grow_outlier_set,
+    prefetch_row,
+    window_outlier_masks,
+)
 
 
 @triton.jit
@@ -50,8 +56,7 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
     for i in range(0, steps):
         t = start + i
         x = x_next.to(tl.float32)
-        # prefetch, as detect_quant's kernel: the next row loads while this step's reductions run
-        x_next = tl.load(row + (start + tl.minimum(i + 1, steps - 1)) * stride_xt, mask=valid, other=0.0)
+        x_next = prefetch_row(row, stride_xt, start, i, steps, valid)
         magnitude = tl.abs(x)
         inlier = valid & ~outlier
         static_scale = tl.load(scale_ptr + t)

@@ -138,6 +138,13 @@ def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_p
 
 
 @triton.jit
+def prefetch_row(row, stride_t, start, i, steps, valid):
+    """The row of the window's step i + 1, loaded before step i's reductions wait on each other (index clamped to
+    the window's last step: the same mask every step)."""
+    return tl.load(row + (start + tl.minimum(i + 1, steps - 1)) * stride_t, mask=valid, other=0.0)
+
+
+@triton.jit
 def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
                          static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
                          length, channels, n_refresh, k,
@@ -153,9 +160,7 @@ def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
     for i in range(0, steps):
         t = start + i
         x = x_next.to(tl.float32)
-        # the next step's row is loaded before this step's reductions wait on each other (index clamped to the
-        # window's last step: the same mask every step)
-        x_next = tl.load(row + (start + tl.minimum(i + 1, steps - 1)) * stride_xt, mask=valid, other=0.0)
+        x_next = prefetch_row(row, stride_xt, start, i, steps, valid)
         outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr,
                                     inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
                                     INLIER_QMAX, PACK, BLOCK_C)
