@@ -41,10 +41,26 @@ def _softplus(x):
     return tl.where(x > 20.0, x, log1p_e)
 
 
+LOG2_E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _load_state_rows(ptr, offs_e, e_ok, offs_n, stride_channel, stride_state, N_STATE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """An (E, N) parameter (A) as N rows of BLOCK_E channels, assembled from 1-D loads: a 2-D load would make the
+    compiler lay the whole loop out for it (vectorised along N, each channel's states spread over several lanes,
+    shuffles every step). Masked channels and states read 0."""
+    rows = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for n in tl.static_range(N_STATE):
+        row = tl.load(ptr + offs_e * stride_channel + n * stride_state, mask=e_ok, other=0.0)
+        rows = tl.where(offs_n[:, None] == n, row[None, :], rows)
+    return rows
+
+
 @triton.jit
 def _selective_scan_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, u_scale_ptr, B_scale_ptr,
-        C_scale_ptr, y_ptr, length, channels,
+        C_scale_ptr, y_ptr, states_ptr, length, channels,
         stride_u_batch, stride_u_time, stride_u_channel,
         stride_delta_batch, stride_delta_time, stride_delta_channel,
         stride_B_batch, stride_B_time, stride_B_state,
@@ -53,7 +69,7 @@ def _selective_scan_kernel(
         stride_y_batch, stride_y_time, stride_y_channel,
         stride_A_channel, stride_A_state,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-        U_SCALED: tl.constexpr, B_SCALED: tl.constexpr, C_SCALED: tl.constexpr,
+        U_SCALED: tl.constexpr, B_SCALED: tl.constexpr, C_SCALED: tl.constexpr, STORE_STATES: tl.constexpr,
         N_STATE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
     sample = tl.program_id(0).to(tl.int64)  # whole-tensor offsets may pass 2^31; per-sample ones do not
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -61,14 +77,9 @@ def _selective_scan_kernel(
     e_ok = offs_e < channels
     n_ok = offs_n < N_STATE  # all true, and folded away, when N is a power of two
 
-    # A as N rows of channels, assembled from 1-D loads: a 2-D load would make the compiler lay the whole loop
-    # out for it (vectorised along N, each channel's states spread over several lanes, shuffles every step).
     # Masked channels and states get A = 0, u = 0, B = C = 0: their state stays 0 and adds nothing.
-    A = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-    for n in tl.static_range(N_STATE):
-        A_row = tl.load(A_ptr + offs_e * stride_A_channel + n * stride_A_state, mask=e_ok, other=0.0)
-        A = tl.where(offs_n[:, None] == n, A_row[None, :], A)
-    A_log2 = A * 1.4426950408889634  # exp(Δ·A) = exp2(Δ·A·log2 e): one multiply less per state and step
+    A = _load_state_rows(A_ptr, offs_e, e_ok, offs_n, stride_A_channel, stride_A_state, N_STATE, BLOCK_N, BLOCK_E)
+    A_log2 = A * LOG2_E  # exp(Δ·A) = exp2(Δ·A·log2 e): one multiply less per state and step
     if HAS_D:
         D = tl.load(D_ptr + offs_e, mask=e_ok, other=0.0)
     if HAS_DELTA_BIAS:
@@ -81,6 +92,10 @@ def _selective_scan_kernel(
     B_ptr += sample * stride_B_batch + offs_n * stride_B_state
     C_ptr += sample * stride_C_batch + offs_n * stride_C_state
     scale_row = sample * length  # the (batch, L) scales are contiguous
+    # every h_t, when kept, into a contiguous (batch, L, N, E) fp32 buffer: E innermost, so coalesced
+    state_offsets = offs_n[:, None] * channels + offs_e[None, :]
+    state_mask = n_ok[:, None] & e_ok[None, :]
+    states_ptr += sample * length * N_STATE * channels
 
     # software pipelining by hand: the raw inputs of step t + 1 are loaded while step t computes (converted
     # only when used, so nothing waits on them early); works for every dtype, unlike cp.async (≥ 4 bytes)
@@ -131,6 +146,8 @@ def _selective_scan_kernel(
         if B_SCALED:
             delta_u *= B_scale
         h = tl.exp2(delta[None, :] * A_log2) * h + B[:, None] * delta_u[None, :]
+        if STORE_STATES:
+            tl.store(states_ptr + t * N_STATE * channels + state_offsets, h, mask=state_mask)
         y = tl.sum(C[:, None] * h, axis=0)
         if C_SCALED:
             y *= C_scale
@@ -198,37 +215,12 @@ def _check(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tenso
             raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
-def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: torch.Tensor | None = None, z: torch.Tensor | None = None,
-                   delta_bias: torch.Tensor | None = None, delta_softplus: bool = True,
-                   u_scale: torch.Tensor | None = None, B_scale: torch.Tensor | None = None,
-                   C_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                   out: torch.Tensor | None = None, config: tuple[int, int] | None = None) -> torch.Tensor:
-    """Triton: y (batch, L, E) of the selective scan, written to ``out`` (any strides) when given.
-
-    u, delta, z, B, C are read through their strides (no copies); A, D, delta_bias are converted to fp32 and the
-    (batch, L) scales made contiguous fp32 (small). ``out_dtype`` defaults to u's dtype, fp32 for int8 u.
-    ``config`` = (BLOCK_E, num_warps) replaces :func:`launch_config`'s choice (the benchmark compares them)."""
-    _check(u, delta, A, B, C, D, z, delta_bias, u_scale, B_scale, C_scale)
-    if not _kernel_runs_on(u.device):
-        raise ValueError(f"the Triton scan needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set "
-                         f"before kernels are imported), got {u.device}")
+def _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale, B_scale, C_scale, y,
+                    states, config):
+    """One forward launch; y (and ``states``, a contiguous fp32 (batch, L, N, E) buffer, when given) filled in.
+    A, D, delta_bias and the scales are already fp32 and contiguous where the kernel needs it."""
     batch, length, channels = u.shape
     n_state = A.shape[1]
-    out_dtype = out_dtype or (out.dtype if out is not None else
-                              torch.float32 if u.dtype == torch.int8 else u.dtype)
-    if out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"the output must be fp32, fp16 or bf16, got {out_dtype}")
-    y = torch.empty(batch, length, channels, dtype=out_dtype, device=u.device) if out is None else out
-    if tuple(y.shape) != (batch, length, channels) or y.dtype != out_dtype or y.device != u.device:
-        raise ValueError(f"out must be {out_dtype} {(batch, length, channels)} on {u.device}, "
-                         f"got {y.dtype} {tuple(y.shape)} on {y.device}")
-    A = A.to(torch.float32)
-    D, delta_bias = (None if t is None else t.to(torch.float32).contiguous() for t in (D, delta_bias))
-    u_scale, B_scale, C_scale = (None if t is None else t.to(torch.float32).contiguous()
-                                 for t in (u_scale, B_scale, C_scale))
-    if y.numel() == 0:
-        return y
     placeholder = A  # stands in for absent optional tensors: never read (the constexpr flags are off)
     z_or_u = u if z is None else z  # strides of the placeholder gate are never used either
     block_e, warps = config or launch_config(batch, channels)
@@ -238,13 +230,229 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     _selective_scan_kernel[grid](
         u, delta, A, B, C, placeholder if D is None else D, z_or_u, placeholder if delta_bias is None else delta_bias,
         placeholder if u_scale is None else u_scale, placeholder if B_scale is None else B_scale,
-        placeholder if C_scale is None else C_scale, y, length, channels,
+        placeholder if C_scale is None else C_scale, y, placeholder if states is None else states, length, channels,
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_or_u.stride(), *y.stride(), *A.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, U_SCALED=u_scale is not None, B_SCALED=B_scale is not None,
-        C_SCALED=C_scale is not None, N_STATE=n_state, BLOCK_E=block_e, BLOCK_N=max(triton.next_power_of_2(n_state), 2),
-        num_warps=warps)
+        C_SCALED=C_scale is not None, STORE_STATES=states is not None, N_STATE=n_state, BLOCK_E=block_e,
+        BLOCK_N=max(triton.next_power_of_2(n_state), 2), num_warps=warps)
+
+
+def _as_fp32(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.to(torch.float32).contiguous() for t in tensors]
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                   delta_bias: torch.Tensor | None = None, delta_softplus: bool = True,
+                   u_scale: torch.Tensor | None = None, B_scale: torch.Tensor | None = None,
+                   C_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                   out: torch.Tensor | None = None, config: tuple[int, int] | None = None,
+                   return_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Triton: y (batch, L, E) of the selective scan, written to ``out`` (any strides) when given.
+
+    u, delta, z, B, C are read through their strides (no copies); A, D, delta_bias are converted to fp32 and the
+    (batch, L) scales made contiguous fp32 (small). ``out_dtype`` defaults to u's dtype, fp32 for int8 u.
+    ``config`` = (BLOCK_E, num_warps) replaces :func:`launch_config`'s choice (the benchmark compares them).
+
+    Differentiable for float inputs (see :class:`SelectiveScanFunction`): when autograd records, or when
+    ``return_states`` asks for every h_t as well ((batch, L, E, N) fp32, a view of an (batch, L, N, E) buffer),
+    the call goes through it; ``out``, ``out_dtype`` and int8 inputs are for inference only."""
+    _check(u, delta, A, B, C, D, z, delta_bias, u_scale, B_scale, C_scale)
+    if not _kernel_runs_on(u.device):
+        raise ValueError(f"the Triton scan needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set "
+                         f"before kernels are imported), got {u.device}")
+    float_inputs = (u, delta, A, B, C, D, z, delta_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in float_inputs)
+    if needs_grad or return_states:
+        if any(scale is not None for scale in (u_scale, B_scale, C_scale)) or out is not None or out_dtype:
+            raise ValueError("gradients and return_states need float u, B, C and no out/out_dtype (y comes in "
+                             "u's dtype); the int8 and out= paths are for inference")
+        return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_states,
+                                           config)
+    batch, length, channels = u.shape
+    out_dtype = out_dtype or (out.dtype if out is not None else
+                              torch.float32 if u.dtype == torch.int8 else u.dtype)
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"the output must be fp32, fp16 or bf16, got {out_dtype}")
+    y = torch.empty(batch, length, channels, dtype=out_dtype, device=u.device) if out is None else out
+    if tuple(y.shape) != (batch, length, channels) or y.dtype != out_dtype or y.device != u.device:
+        raise ValueError(f"out must be {out_dtype} {(batch, length, channels)} on {u.device}, "
+                         f"got {y.dtype} {tuple(y.shape)} on {y.device}")
+    if y.numel():
+        _launch_forward(u, delta, A.to(torch.float32), B, C, *_as_fp32(D), z, *_as_fp32(delta_bias), delta_softplus,
+                        *_as_fp32(u_scale, B_scale, C_scale), y, None, config)
     return y
+
+
+@triton.jit
+def _selective_scan_backward_kernel(
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, states_ptr, grad_y_ptr,
+        grad_states_ptr, grad_u_ptr, grad_delta_ptr, grad_z_ptr, grad_B_ptr, grad_C_ptr, grad_A_ptr, grad_D_ptr,
+        grad_delta_bias_ptr, batch, length, channels,
+        stride_u_batch, stride_u_time, stride_u_channel,
+        stride_delta_batch, stride_delta_time, stride_delta_channel,
+        stride_B_batch, stride_B_time, stride_B_state,
+        stride_C_batch, stride_C_time, stride_C_state,
+        stride_z_batch, stride_z_time, stride_z_channel,
+        stride_gy_batch, stride_gy_time, stride_gy_channel,
+        stride_A_channel, stride_A_state,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        HAS_GRAD_STATES: tl.constexpr, N_STATE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The adjoint recurrence, from the last step to the first, over the forward's stored states.
+
+    With g_t = ∂L/∂h_t = C_t ∂y0_t + g_{t+1} decay_{t+1} (+ ∂L/∂h_t from returned states), y0 = y before the gate:
+    ∂C_t = Σ_e ∂y0_t h_t,  ∂B_t = Σ_e g_t Δ_t u_t,  ∂(Δu)_t = Σ_n g_t B_t,  and through decay_t = exp(Δ_t A) with
+    q_t = g_t h_{t−1} decay_t: ∂Δ_t += Σ_n q_t A, ∂A += Σ_t q_t Δ_t. Per-sample/per-block partial sums of ∂A,
+    ∂D, ∂delta_bias (over time) and of ∂B, ∂C (over this block's channels) are written, not atomically added:
+    the launcher sums them, so results are deterministic. Gradients (batch, L, E) and the partials are
+    contiguous fp32."""
+    sample = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    offs_e = block * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    e_ok = offs_e < channels
+    n_ok = offs_n < N_STATE
+    A = _load_state_rows(A_ptr, offs_e, e_ok, offs_n, stride_A_channel, stride_A_state, N_STATE, BLOCK_N, BLOCK_E)
+    A_log2 = A * LOG2_E
+    if HAS_D:
+        D = tl.load(D_ptr + offs_e, mask=e_ok, other=0.0)
+        grad_D = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    if HAS_DELTA_BIAS:
+        delta_bias = tl.load(delta_bias_ptr + offs_e, mask=e_ok, other=0.0)
+        grad_delta_bias = tl.zeros((BLOCK_E,), dtype=tl.float32)
+
+    u_ptr += sample * stride_u_batch + offs_e * stride_u_channel
+    delta_ptr += sample * stride_delta_batch + offs_e * stride_delta_channel
+    z_ptr += sample * stride_z_batch + offs_e * stride_z_channel
+    grad_y_ptr += sample * stride_gy_batch + offs_e * stride_gy_channel
+    B_ptr += sample * stride_B_batch + offs_n * stride_B_state
+    C_ptr += sample * stride_C_batch + offs_n * stride_C_state
+    per_step = N_STATE * channels
+    state_offsets = offs_n[:, None] * channels + offs_e[None, :]
+    state_mask = n_ok[:, None] & e_ok[None, :]
+    states_ptr += sample * length * per_step
+    grad_states_ptr += sample * length * per_step
+    row = sample * length * channels + offs_e  # this block's channels in the contiguous (batch, L, E) gradients
+    partial_row = (block * batch + sample) * length * N_STATE + offs_n  # (blocks, batch, L, N) partials
+
+    h = tl.load(states_ptr + (length - 1) * per_step + state_offsets, mask=state_mask, other=0.0)
+    g_later = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)  # g_{t+1} · decay_{t+1}
+    grad_A = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for step in range(length):
+        t = length - 1 - step
+        u = tl.load(u_ptr + t * stride_u_time, mask=e_ok, other=0).to(tl.float32)
+        delta_in = tl.load(delta_ptr + t * stride_delta_time, mask=e_ok, other=0).to(tl.float32)
+        B = tl.load(B_ptr + t * stride_B_time, mask=n_ok, other=0).to(tl.float32)
+        C = tl.load(C_ptr + t * stride_C_time, mask=n_ok, other=0).to(tl.float32)
+        grad_y = tl.load(grad_y_ptr + t * stride_gy_time, mask=e_ok, other=0).to(tl.float32)
+        h_before = tl.load(states_ptr + tl.maximum(t - 1, 0) * per_step + state_offsets, mask=state_mask & (t > 0),
+                           other=0.0)
+        if HAS_DELTA_BIAS:
+            delta_in += delta_bias
+        delta = _softplus(delta_in) if DELTA_SOFTPLUS else delta_in
+
+        grad_y0 = grad_y
+        if HAS_Z:
+            z = tl.load(z_ptr + t * stride_z_time, mask=e_ok, other=0).to(tl.float32)
+            y0 = tl.sum(C[:, None] * h, axis=0)
+            if HAS_D:
+                y0 += D * u
+            gate = 1.0 / (1.0 + tl.exp(-z))
+            tl.store(grad_z_ptr + row + t * channels, grad_y * y0 * gate * (1.0 + z * (1.0 - gate)), mask=e_ok)
+            grad_y0 = grad_y * z * gate
+        grad_u = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        if HAS_D:
+            grad_D += grad_y0 * u
+            grad_u = grad_y0 * D
+        g = g_later + C[:, None] * grad_y0[None, :]
+        if HAS_GRAD_STATES:
+            g += tl.load(grad_states_ptr + t * per_step + state_offsets, mask=state_mask, other=0.0)
+        delta_u = delta * u
+        tl.store(grad_C_ptr + partial_row + t * N_STATE, tl.sum(h * grad_y0[None, :], axis=1), mask=n_ok)
+        tl.store(grad_B_ptr + partial_row + t * N_STATE, tl.sum(g * delta_u[None, :], axis=1), mask=n_ok)
+        grad_delta_u = tl.sum(g * B[:, None], axis=0)
+        decay = tl.exp2(delta[None, :] * A_log2)
+        q = g * h_before * decay
+        grad_delta = grad_delta_u * u + tl.sum(q * A, axis=0)
+        grad_A += q * delta[None, :]
+        grad_u += grad_delta_u * delta
+        if DELTA_SOFTPLUS:  # softplus' = sigmoid (exactly 1 past the threshold, as PyTorch)
+            grad_delta = tl.where(delta_in > 20.0, grad_delta, grad_delta / (1.0 + tl.exp(-delta_in)))
+        if HAS_DELTA_BIAS:
+            grad_delta_bias += grad_delta
+        tl.store(grad_u_ptr + row + t * channels, grad_u, mask=e_ok)
+        tl.store(grad_delta_ptr + row + t * channels, grad_delta, mask=e_ok)
+        g_later = g * decay
+        h = h_before
+
+    tl.store(grad_A_ptr + sample * per_step + state_offsets, grad_A, mask=state_mask)  # (batch, N, E)
+    if HAS_D:
+        tl.store(grad_D_ptr + sample * channels + offs_e, grad_D, mask=e_ok)  # (batch, E)
+    if HAS_DELTA_BIAS:
+        tl.store(grad_delta_bias_ptr + sample * channels + offs_e, grad_delta_bias, mask=e_ok)
+
+
+class SelectiveScanFunction(torch.autograd.Function):
+    """The Triton scan with a Triton backward (training and OuroMamba-Gen on the GPU: one launch per layer and
+    direction each way instead of L small steps).
+
+    Forward keeps the states only when they are returned; otherwise backward recomputes them with one more
+    forward launch into a transient (batch, L, N, E) fp32 buffer, so autograd holds only the inputs between the
+    passes (Vim-B at batch 64 would otherwise keep 1.2 GB per layer and direction). Gradients come back in
+    each input's dtype, computed in fp32."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_states, config):
+        batch, length, channels = u.shape
+        A32, D32, bias32 = _as_fp32(A, D, delta_bias)
+        y = torch.empty(batch, length, channels, dtype=u.dtype, device=u.device)
+        states = u.new_empty(batch, length, A.shape[1], channels, dtype=torch.float32) if return_states else None
+        if y.numel():
+            _launch_forward(u, delta, A32, B, C, D32, z, bias32, delta_softplus, None, None, None, y, states, config)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.delta_softplus, ctx.config = delta_softplus, config
+        return (y, states.transpose(2, 3)) if return_states else y
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_states=None):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        batch, length, channels = u.shape
+        n_state = A.shape[1]
+        A32, D32, bias32 = _as_fp32(A, D, delta_bias)
+        if states is None:  # recompute every h_t; y goes to a scratch buffer
+            states = u.new_empty(batch, length, n_state, channels, dtype=torch.float32)
+            if states.numel():
+                _launch_forward(u, delta, A32, B, C, D32, z, bias32, ctx.delta_softplus, None, None, None,
+                                torch.empty_like(u), states, ctx.config)
+        grad_y = torch.zeros_like(u) if grad_y is None else grad_y
+        grad_states = None if grad_states is None else grad_states.transpose(2, 3).contiguous()  # (b, L, N, E)
+        block_e, warps = ctx.config or launch_config(batch, channels)
+        blocks = triton.cdiv(channels, block_e)
+        grads = {name: torch.zeros(batch, length, channels, dtype=torch.float32, device=u.device)
+                 for name in ("u", "delta", "z")}
+        partial_B, partial_C = (u.new_zeros(blocks, batch, length, n_state, dtype=torch.float32) for _ in "BC")
+        partial_A = u.new_zeros(batch, n_state, channels, dtype=torch.float32)
+        partial_D, partial_bias = (u.new_zeros(batch, channels, dtype=torch.float32) for _ in "Db")
+        if states.numel():
+            placeholder = A32
+            z_or_u = u if z is None else z
+            _selective_scan_backward_kernel[(batch, blocks)](
+                u, delta, A32, B, C, placeholder if D32 is None else D32, z_or_u,
+                placeholder if bias32 is None else bias32, states, grad_y,
+                placeholder if grad_states is None else grad_states, grads["u"], grads["delta"], grads["z"],
+                partial_B, partial_C, partial_A, partial_D, partial_bias, batch, length, channels,
+                *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_or_u.stride(), *grad_y.stride(),
+                *A32.stride(), HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+                DELTA_SOFTPLUS=ctx.delta_softplus, HAS_GRAD_STATES=grad_states is not None, N_STATE=n_state,
+                BLOCK_E=block_e, BLOCK_N=max(triton.next_power_of_2(n_state), 2), num_warps=warps)
+        like = {"u": u, "delta": delta, "z": z}
+        grad_u, grad_delta, grad_z = (None if like[name] is None else grads[name].to(like[name].dtype)
+                                      for name in ("u", "delta", "z"))
+        return (grad_u, grad_delta, partial_A.sum(0).t().to(A.dtype), partial_B.sum(0).to(B.dtype),
+                partial_C.sum(0).to(C.dtype), None if D is None else partial_D.sum(0).to(D.dtype), grad_z,
+                None if delta_bias is None else partial_bias.sum(0).to(delta_bias.dtype), None, None, None)
 
 
 def selective_scan_reference(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -183,21 +183,136 @@ def test_rejects_bad_inputs_with_clear_messages():
         selective_scan(*args, config=(48, 2))
 
 
+# ---- gradients (SelectiveScanFunction) ----
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def scan_gradients(x: dict[str, torch.Tensor], optional: tuple[str, ...], softplus: bool, grad_y: torch.Tensor,
+                   scan, return_states: bool = False, states_weight: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """y and the gradient of Σ grad_y·y (+ Σ states_weight·states) w.r.t. every input, through ``scan``."""
+    names = ("u", "delta", "A", "B", "C", *optional)
+    leaves = {name: x[name].detach().clone().requires_grad_() for name in names}
+    kwargs = {name: leaves[name] for name in optional} | {"delta_softplus": softplus}
+    out = scan(*(leaves[name] for name in names[:5]), **kwargs, **({"return_states": True} if return_states else {}))
+    y = out[0] if return_states else out
+    loss = (y.double() * grad_y.double()).sum()
+    if return_states:
+        loss = loss + (out[1].double() * states_weight.double()).sum()
+    loss.backward()
+    return y.detach(), {name: leaves[name].grad for name in names}
+
+
+def reference_with_states(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                          return_states=True):
+    """core's float64 step-by-step scan with the kernel's signature (delta bias folded in), states included."""
+    delta = delta if delta_bias is None else delta + delta_bias
+    return core_scan.selective_scan_ref(*(t.double() for t in (u, delta, A, B, C)),
+                                        *(None if t is None else t.double() for t in (D, z)),
+                                        delta_softplus=delta_softplus, return_states=return_states)
+
+
+def assert_gradients_match(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tolerance: float) -> None:
+    """Relative error per input; where the reference gradient is exactly 0 (A after a single step, C, D and z
+    without a loss on y) the kernel's must be exactly 0 too."""
+    for name, grad in got.items():
+        if want[name].any():
+            assert rel_error(grad, want[name]) < tolerance, name
+        else:
+            assert torch.equal(grad, torch.zeros_like(grad)), name
+
+
+@pytest.mark.parametrize(("dtype", "shape", "optional", "softplus", "delta_scale"), [
+    (torch.float32, (2, 9, 45, 16), ("D", "z", "delta_bias"), True, 1.0),  # odd E: a masked channel block
+    (torch.float32, (2, 7, 33, 5), (), False, 1.0),  # N = 5: masked states; no D, z, bias, softplus
+    (torch.float32, (1, 8, 20, 16), ("D", "z"), True, 20.0),  # softplus past 20, exp(ΔA) underflows
+    (torch.float32, (1, 1, 32, 16), ("D",), True, 1.0),  # a single step: no h_{t-1}
+    (torch.float16, (2, 11, 32, 16), ("D", "z"), True, 1.0),
+    (torch.bfloat16, (1, 10, 32, 16), ("D", "z", "delta_bias"), True, 1.0),
+])
+def test_gradients_match_float64_autograd(dtype, shape, optional, softplus, delta_scale):
+    """Every input's gradient against autograd through the float64 reference on the same (rounded) inputs. The
+    kernel computes in fp32 and rounds each gradient to its input's dtype once."""
+    x = scan_inputs(*shape, seed=100 + sum(shape), dtype=dtype, delta_scale=delta_scale)
+    grad_y = torch.randn(shape[:3], generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y, got = scan_gradients(x, optional, softplus, grad_y, selective_scan)
+    ref_y, want = scan_gradients(x, optional, softplus, grad_y, selective_scan_reference)
+    assert y.dtype == dtype and rel_error(y, ref_y) < TOLERANCE[dtype]
+    for name, grad in got.items():
+        assert grad.dtype == x[name].dtype and grad.shape == x[name].shape, name
+    assert_gradients_match(got, want, TOLERANCE[dtype])
+
+
+def test_gradients_through_the_returned_states():
+    """return_states: the states equal the float64 reference's h_t, and a loss on them (as OuroMamba-Gen's
+    patched states) back-propagates through the adjoint recurrence, with or without a loss on y."""
+    shape = (2, 10, 36, 16)
+    x = scan_inputs(*shape, seed=41)
+    g = torch.Generator().manual_seed(2)
+    states_weight = torch.randn(*shape, generator=g).to(DEVICE)  # (batch, L, E, N)
+    for grad_y in (torch.randn(shape[:3], generator=g).to(DEVICE), torch.zeros(shape[:3], device=DEVICE)):
+        _, got = scan_gradients(x, ("D", "z"), True, grad_y, selective_scan, True, states_weight)
+        _, want = scan_gradients(x, ("D", "z"), True, grad_y, reference_with_states, True, states_weight)
+        assert_gradients_match(got, want, 1e-5)
+    with torch.no_grad():
+        y, states = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], return_states=True)
+        _, want_states = reference_with_states(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"])
+    assert states.dtype == torch.float32 and states.shape == (*shape[:3], 16)
+    assert rel_error(states, want_states) < 1e-5
+
+
+def test_gradients_are_deterministic_and_layout_blind():
+    """Partial sums are written and added by the launcher, never atomically: two runs give the same bits, and the
+    model's strided views (channel-first u, z and B/C slices of one projection) give the contiguous inputs' bits."""
+    batch, length, channels, n_state = 2, 9, 40, 16
+    x = scan_inputs(batch, length, channels, n_state, seed=43)
+    grad_y = torch.randn(batch, length, channels, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    _, first = scan_gradients(x, ("D", "z"), True, grad_y, selective_scan)
+    _, again = scan_gradients(x, ("D", "z"), True, grad_y, selective_scan)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+
+    u_cf = x["u"].transpose(1, 2).contiguous().requires_grad_()
+    xz = torch.cat([torch.randn_like(x["z"]), x["z"]], dim=-1).requires_grad_()
+    x_dbl = torch.cat([x["B"], x["C"]], dim=-1).requires_grad_()
+    B, C = x_dbl.split(n_state, dim=-1)
+    y = selective_scan(u_cf.transpose(1, 2), x["delta"], x["A"], B, C, x["D"], xz.chunk(2, dim=-1)[1])
+    (y.double() * grad_y.double()).sum().backward()
+    assert torch.equal(u_cf.grad.transpose(1, 2), first["u"])
+    assert torch.equal(xz.grad[..., channels:], first["z"]) and not xz.grad[..., :channels].any()
+    assert torch.equal(x_dbl.grad, torch.cat([first["B"], first["C"]], dim=-1))
+
+
+def test_int8_and_out_paths_refuse_gradients_with_a_message():
+    x = scan_inputs(1, 4, 8, 4, seed=0)
+    u = x["u"].clone().requires_grad_()
+    with pytest.raises(ValueError, match="int8 and out= paths are for inference"):
+        selective_scan(u, x["delta"], x["A"], x["B"], x["C"], out=torch.empty(1, 4, 8, device=DEVICE))
+    codes = torch.zeros(1, 4, 4, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="int8 and out= paths are for inference"):
+        selective_scan(u, x["delta"], x["A"], codes, x["C"], B_scale=torch.ones(1, 4, device=DEVICE))
+
+
 # ---- core's dispatch ----
 
 
 def test_core_impl_triton_runs_the_kernel_and_says_why_it_cannot():
-    """impl='triton' is the kernel (on CPU tensors too under TRITON_INTERPRET=1, as here on the CPU). It serves
-    y only, without gradients, for fp32/fp16/bf16 inputs, and says so otherwise."""
+    """impl='triton' is the kernel (on CPU tensors too under TRITON_INTERPRET=1, as here on the CPU): y, the
+    states in core's (batch, L, E, N) layout and gradients, as the fast scan gives them; float64 it refuses."""
     x = scan_inputs(2, 12, 40, 16, seed=5)
     args = (x["u"], x["delta"] + x["delta_bias"], x["A"], x["B"], x["C"], x["D"], x["z"])
     with torch.no_grad():
         y = core_scan.selective_scan(*args, impl="triton")
-    assert rel_error(y, core_scan.selective_scan_fast(*args)) < 1e-5
-    with pytest.raises(RuntimeError, match="return_states"):
-        core_scan.selective_scan(*args, impl="triton", return_states=True)
-    with pytest.raises(RuntimeError, match="no backward"):
-        core_scan.selective_scan(x["u"].clone().requires_grad_(), *args[1:], impl="triton")
+        y_states, states = core_scan.selective_scan(*args, impl="triton", return_states=True)
+        want_y, want_states = core_scan.selective_scan_fast(*args, return_states=True)
+    assert rel_error(y, want_y) < 1e-5 and torch.equal(y, y_states)
+    assert states.shape == want_states.shape == (2, 12, 40, 16) and rel_error(states, want_states) < 1e-5
+    grads = {}
+    for impl in ("triton", "fast"):
+        u = x["u"].clone().requires_grad_()
+        core_scan.selective_scan(u, *args[1:], impl=impl).square().sum().backward()
+        grads[impl] = u.grad
+    assert rel_error(grads["triton"], grads["fast"]) < 1e-5
     with pytest.raises(RuntimeError, match="fp32, fp16 or bf16"):
         core_scan.selective_scan(*(t.double() for t in args), impl="triton")
 
@@ -210,40 +325,44 @@ def test_core_impl_triton_needs_cuda_tensors_when_compiled(monkeypatch):
         core_scan.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], impl="triton")
 
 
-@pytest.mark.parametrize(("mamba", "triton", "return_states", "needs_grad", "dtype", "want"), [
-    (True, True, False, False, torch.float32, "cuda"),  # mamba-ssm first
-    (False, True, False, False, torch.float16, "triton"),
-    (False, True, True, False, torch.float32, "fast"),  # states asked for
-    (False, True, False, True, torch.float32, "fast"),  # gradients: the kernel has no backward
-    (False, True, False, False, torch.float64, "fast"),
-    (False, False, False, False, torch.float32, "fast"),  # triton does not import
+@pytest.mark.parametrize(("mamba", "triton", "return_states", "dtype", "want"), [
+    (True, True, False, torch.float32, "cuda"),  # mamba-ssm first
+    (True, True, True, torch.float32, "triton"),  # mamba-ssm returns no states
+    (False, True, False, torch.float16, "triton"),
+    (False, True, True, torch.bfloat16, "triton"),
+    (False, True, False, torch.float64, "fast"),
+    (False, False, False, torch.float32, "fast"),  # triton does not import
 ])
-def test_auto_on_cuda_prefers_mamba_ssm_then_triton(monkeypatch, mamba, triton, return_states, needs_grad, dtype,
-                                                    want):
+def test_auto_on_cuda_prefers_mamba_ssm_then_triton(monkeypatch, mamba, triton, return_states, dtype, want):
     monkeypatch.setattr(core_scan, "_mamba_ssm_scan", lambda: object() if mamba else None)
     monkeypatch.setattr(core_scan, "_triton_scan", lambda: object() if triton else None)
-    assert core_scan.resolve_impl("auto", True, dtype, return_states, False, needs_grad) == want
-    assert core_scan.resolve_impl("auto", False, dtype, return_states, False, needs_grad) == "fast"  # CPU
-    assert core_scan.resolve_impl("auto", True, dtype, return_states, True, needs_grad) == "ref"  # callback
+    assert core_scan.resolve_impl("auto", True, dtype, return_states, False) == want
+    assert core_scan.resolve_impl("auto", False, dtype, return_states, False) == "fast"  # CPU
+    assert core_scan.resolve_impl("auto", True, dtype, return_states, True) == "ref"  # callback
 
 
 def test_vim_mixer_through_the_triton_scan_matches_the_fast_scan():
-    """A small Vim forward with every mixer on impl='triton': the kernel gets the model's own views (the
-    transposed conv output, z and B/C slices, each direction's A and D) and gives the fast scan's logits."""
+    """A small Vim with every mixer on impl='triton': the kernel gets the model's own views (the transposed conv
+    output, z and B/C slices, each direction's A and D) and gives the fast scan's logits and, in a training
+    step, the same gradient for every parameter (A_log, D, dt_proj's bias and the rest upstream)."""
     vim = pytest.importorskip("core.models.vim")
     torch.manual_seed(0)
     cfg = vim.VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
-    model = vim.VisionMamba(cfg).eval().to(DEVICE)
-    images = torch.randn(1, 1, 16, 16, device=DEVICE)
-    with torch.no_grad():
-        mixers = [m for m in model.modules() if isinstance(m, vim.BiMambaMixer)]
+    model = vim.VisionMamba(cfg).to(DEVICE)
+    images = torch.randn(2, 1, 16, 16, device=DEVICE)
+    labels = torch.tensor([1, 3], device=DEVICE)
+    mixers = [m for m in model.modules() if isinstance(m, vim.BiMambaMixer)]
+    logits, grads = {}, {}
+    for impl in ("fast", "triton"):
         for mixer in mixers:
-            mixer.scan_impl = "fast"
-        want = model(images)
-        for mixer in mixers:
-            mixer.scan_impl = "triton"
-        got = model(images)
-    assert rel_error(got, want) < 1e-5
+            mixer.scan_impl = impl
+        model.zero_grad(set_to_none=True)
+        logits[impl] = model.eval()(images)
+        F.cross_entropy(logits[impl], labels).backward()
+        grads[impl] = {name: p.grad for name, p in model.named_parameters()}
+    assert rel_error(logits["triton"].detach(), logits["fast"].detach()) < 1e-5
+    assert grads["fast"].keys() == grads["triton"].keys()
+    assert_gradients_match(grads["triton"], grads["fast"], 1e-5)
 
 
 # ---- Vim-size cases (GPU only) ----
@@ -277,3 +396,22 @@ def test_real_shape_model_layout_and_int8():
     y = selective_scan(codes[0], x["delta"], x["A"], codes[1], codes[2], **kwargs,
                        out=poisoned(batch, length, channels, torch.float32))
     assert rel_error(y, selective_scan_reference(codes[0], x["delta"], x["A"], codes[1], codes[2], **kwargs)) < 1e-5
+
+
+@real_shapes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_real_shape_gradients_vim_s(dtype):
+    """The backward at Vim-S, batch 16, (16, 197, 768): 197 reverse steps over recomputed states, every input's
+    gradient against float64 autograd; then with the states returned and a loss on them (OuroMamba-Gen)."""
+    shape = (16, 197, 768, 16)
+    x = scan_inputs(*shape, seed=24, dtype=dtype)
+    g = torch.Generator().manual_seed(25)
+    grad_y = torch.randn(shape[:3], generator=g).to(DEVICE)
+    _, got = scan_gradients(x, ("D", "z", "delta_bias"), True, grad_y, selective_scan)
+    _, want = scan_gradients(x, ("D", "z", "delta_bias"), True, grad_y, selective_scan_reference)
+    assert_gradients_match(got, want, TOLERANCE[dtype])
+    if dtype == torch.float32:
+        states_weight = torch.randn(*shape, generator=g).to(DEVICE)
+        _, got = scan_gradients(x, ("D", "z"), True, grad_y, selective_scan, True, states_weight)
+        _, want = scan_gradients(x, ("D", "z"), True, grad_y, reference_with_states, True, states_weight)
+        assert_gradients_match(got, want, 1e-5)

@@ -12,12 +12,12 @@ float32 (float64 stays float64) and return y in u's dtype.
 * :func:`selective_scan_ref` — the recurrence step by step; returns the states and lets a callback
   replace h_t inside the recurrence (state quantization, observation). Use it in float64 as ground truth.
 * :func:`selective_scan_fast` — the same recurrence, vectorised over samples, channels and states, stepping
-  in place through cache-sized slabs of samples. This is the CPU path (and the GPU path when mamba-ssm is
-  absent).
+  in place through cache-sized slabs of samples, with a hand-written backward. This is the CPU path.
 * mamba-ssm's CUDA ``selective_scan_fn`` when it imports and the tensors are on CUDA.
-* ``kernels.selective_scan``: our fused Triton scan (fp32 state, y only, no backward), the CUDA path when
-  mamba-ssm is absent. Imported lazily, so core works where triton does not; under ``TRITON_INTERPRET=1``
-  (the tests) ``impl='triton'`` also runs on CPU tensors, elsewhere it needs CUDA tensors.
+* ``kernels.selective_scan``: our fused Triton scan (fp32 state) with a Triton backward, optionally returning
+  the states: the CUDA path when mamba-ssm is absent, and whenever states are asked for. Imported lazily, so
+  core works where triton does not; under ``TRITON_INTERPRET=1`` (the tests) ``impl='triton'`` also runs on
+  CPU tensors, elsewhere it needs CUDA tensors.
 """
 
 from __future__ import annotations
@@ -226,32 +226,27 @@ def _triton_scan() -> Callable | None:
     return _optional("kernels.selective_scan", "selective_scan")
 
 
-def _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus):
+def _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus, return_states):
     """The kernel takes core's (batch, L, ·) layouts and any strides (Vim's transposed conv output, the z and
-    B/C slices of one projection) as they are; it returns y in u's dtype."""
-    return _triton_scan()(u, delta, A, B, C, D, z, delta_softplus=delta_softplus)
+    B/C slices of one projection) as they are; it returns y in u's dtype (and fp32 states (batch, L, E, N))."""
+    return _triton_scan()(u, delta, A, B, C, D, z, delta_softplus=delta_softplus, return_states=return_states)
 
 
-def _triton_unusable(dtype: torch.dtype, return_states: bool, needs_grad: bool) -> str | None:
+def _triton_unusable(dtype: torch.dtype) -> str | None:
     """Why the Triton scan cannot serve a call, or None when it can."""
     if _triton_scan() is None:
         return "needs triton and kernels.selective_scan to import"
-    if return_states:
-        return "returns y only: return_states needs impl='fast' or 'ref'"
-    if needs_grad:
-        return "has no backward: gradients need impl='fast', 'ref' or 'cuda'"
     if dtype not in TRITON_DTYPES:
         return f"takes fp32, fp16 or bf16 inputs, got {dtype}"
     return None
 
 
-def resolve_impl(impl: str, on_cuda: bool, dtype: torch.dtype, return_states: bool, per_step_callback: bool,
-                 needs_grad: bool) -> str:
+def resolve_impl(impl: str, on_cuda: bool, dtype: torch.dtype, return_states: bool, per_step_callback: bool) -> str:
     """The implementation a call runs: 'ref', 'fast', 'cuda' or 'triton'.
 
     'auto': a per-step callback needs the reference scan; CUDA tensors without states asked for use mamba-ssm's
-    kernel when it imports, else the Triton scan when it can serve the call (no gradients needed, a float
-    dtype it takes); everything else the fast scan. An explicit 'cuda' or 'triton' that cannot serve the call
+    kernel when it imports, else (and with states) the Triton scan when it takes the dtype (fp32, fp16,
+    bf16; gradients included); everything else the fast scan. An explicit 'cuda' or 'triton' that cannot serve the call
     raises RuntimeError saying why."""
     if impl not in SCAN_IMPLEMENTATIONS:
         raise ValueError(f"scan impl must be one of {SCAN_IMPLEMENTATIONS}, not {impl!r}")
@@ -263,13 +258,13 @@ def resolve_impl(impl: str, on_cuda: bool, dtype: torch.dtype, return_states: bo
             raise RuntimeError("impl='cuda' needs CUDA tensors, mamba-ssm's compiled scan and return_states=False")
         return "cuda"
     if impl == "triton":
-        problem = _triton_unusable(dtype, return_states, needs_grad)
+        problem = _triton_unusable(dtype)
         if problem:
             raise RuntimeError(f"impl='triton' {problem}")
         return "triton"
     if impl == "auto" and mamba_ok:
         return "cuda"
-    if impl == "auto" and on_cuda and _triton_unusable(dtype, return_states, needs_grad) is None:
+    if impl == "auto" and on_cuda and _triton_unusable(dtype) is None:
         return "triton"
     return "fast"
 
@@ -288,12 +283,11 @@ def selective_scan(
     impl: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The dispatch point; :func:`resolve_impl` says which implementation runs."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z))
-    chosen = resolve_impl(impl, u.is_cuda, u.dtype, return_states, state_fn is not None, needs_grad)
+    chosen = resolve_impl(impl, u.is_cuda, u.dtype, return_states, state_fn is not None)
     if chosen == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_softplus, return_states, state_fn)
     if chosen == "cuda":
         return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_softplus)
     if chosen == "triton":
-        return _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus)
+        return _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus, return_states)
     return selective_scan_fast(u, delta, A, B, C, D, z, delta_softplus, return_states)
