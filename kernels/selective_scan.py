@@ -41,7 +41,8 @@ def _softplus(x):
     return tl.where(x > 20.0, x, log1p_e)
 
 
-LOG2_E: tl.constexpr = 1.4426950408889634
+LOG2_E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
+LN_2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -55,6 +56,16 @@ def _load_state_rows(ptr, offs_e, e_ok, offs_n, stride_channel, stride_state, N_
         row = tl.load(ptr + offs_e * stride_channel + n * stride_state, mask=e_ok, other=0.0)
         rows = tl.where(offs_n[:, None] == n, row[None, :], rows)
     return rows
+
+
+@triton.jit
+def _store_state_rows(ptr, rows, offs_e, e_ok, offs_n, stride_state, N_STATE: tl.constexpr):
+    """The converse for a (N, E)-major buffer: N row stores of BLOCK_E consecutive channels, each row taken out of
+    the thread's own registers (the selects fold away), so the compute layout needs no conversion through shared
+    memory, as a single 2-D store would (the compiler picks another layout for it)."""
+    for n in tl.static_range(N_STATE):
+        row = tl.sum(tl.where(offs_n[:, None] == n, rows, 0.0), axis=0)
+        tl.store(ptr + n * stride_state + offs_e, row, mask=e_ok)
 
 
 @triton.jit
@@ -92,9 +103,7 @@ def _selective_scan_kernel(
     B_ptr += sample * stride_B_batch + offs_n * stride_B_state
     C_ptr += sample * stride_C_batch + offs_n * stride_C_state
     scale_row = sample * length  # the (batch, L) scales are contiguous
-    # every h_t, when kept, into a contiguous (batch, L, N, E) fp32 buffer: E innermost, so coalesced
-    state_offsets = offs_n[:, None] * channels + offs_e[None, :]
-    state_mask = n_ok[:, None] & e_ok[None, :]
+    # every h_t, when kept, into a contiguous (batch, L, N, E) fp32 buffer, row by row (coalesced along E)
     states_ptr += sample * length * N_STATE * channels
 
     # software pipelining by hand: the raw inputs of step t + 1 are loaded while step t computes (converted
@@ -147,7 +156,7 @@ def _selective_scan_kernel(
             delta_u *= B_scale
         h = tl.exp2(delta[None, :] * A_log2) * h + B[:, None] * delta_u[None, :]
         if STORE_STATES:
-            tl.store(states_ptr + t * N_STATE * channels + state_offsets, h, mask=state_mask)
+            _store_state_rows(states_ptr + t * N_STATE * channels, h, offs_e, e_ok, offs_n, channels, N_STATE)
         y = tl.sum(C[:, None] * h, axis=0)
         if C_SCALED:
             y *= C_scale
@@ -256,7 +265,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     ``config`` = (BLOCK_E, num_warps) replaces :func:`launch_config`'s choice (the benchmark compares them).
 
     Differentiable for float inputs (see :class:`SelectiveScanFunction`): when autograd records, or when
-    ``return_states`` asks for every h_t as well ((batch, L, E, N) fp32, a view of an (batch, L, N, E) buffer),
+    ``return_states`` asks for every h_t as well ((batch, L, E, N) fp32, a view of a (batch, L, N, E) buffer),
     the call goes through it; ``out``, ``out_dtype`` and int8 inputs are for inference only."""
     _check(u, delta, A, B, C, D, z, delta_bias, u_scale, B_scale, C_scale)
     if not _kernel_runs_on(u.device):
@@ -313,8 +322,9 @@ def _selective_scan_backward_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     e_ok = offs_e < channels
     n_ok = offs_n < N_STATE
-    A = _load_state_rows(A_ptr, offs_e, e_ok, offs_n, stride_A_channel, stride_A_state, N_STATE, BLOCK_N, BLOCK_E)
-    A_log2 = A * LOG2_E
+    # only A·log2 e is kept (16 registers fewer): Σ_n q A = ln 2 · Σ_n q (A log2 e)
+    A_log2 = _load_state_rows(A_ptr, offs_e, e_ok, offs_n, stride_A_channel, stride_A_state, N_STATE, BLOCK_N,
+                              BLOCK_E) * LOG2_E
     if HAS_D:
         D = tl.load(D_ptr + offs_e, mask=e_ok, other=0.0)
         grad_D = tl.zeros((BLOCK_E,), dtype=tl.float32)
@@ -328,15 +338,14 @@ def _selective_scan_backward_kernel(
     grad_y_ptr += sample * stride_gy_batch + offs_e * stride_gy_channel
     B_ptr += sample * stride_B_batch + offs_n * stride_B_state
     C_ptr += sample * stride_C_batch + offs_n * stride_C_state
-    per_step = N_STATE * channels
-    state_offsets = offs_n[:, None] * channels + offs_e[None, :]
-    state_mask = n_ok[:, None] & e_ok[None, :]
+    per_step = N_STATE * channels  # states and their gradient: (batch, L, N, E), read row by row
     states_ptr += sample * length * per_step
     grad_states_ptr += sample * length * per_step
     row = sample * length * channels + offs_e  # this block's channels in the contiguous (batch, L, E) gradients
     partial_row = (block * batch + sample) * length * N_STATE + offs_n  # (blocks, batch, L, N) partials
 
-    h = tl.load(states_ptr + (length - 1) * per_step + state_offsets, mask=state_mask, other=0.0)
+    h = _load_state_rows(states_ptr + (length - 1) * per_step, offs_e, e_ok, offs_n, 1, channels, N_STATE, BLOCK_N,
+                         BLOCK_E)
     g_later = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)  # g_{t+1} · decay_{t+1}
     grad_A = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
     for step in range(length):
@@ -346,8 +355,8 @@ def _selective_scan_backward_kernel(
         B = tl.load(B_ptr + t * stride_B_time, mask=n_ok, other=0).to(tl.float32)
         C = tl.load(C_ptr + t * stride_C_time, mask=n_ok, other=0).to(tl.float32)
         grad_y = tl.load(grad_y_ptr + t * stride_gy_time, mask=e_ok, other=0).to(tl.float32)
-        h_before = tl.load(states_ptr + tl.maximum(t - 1, 0) * per_step + state_offsets, mask=state_mask & (t > 0),
-                           other=0.0)
+        h_before = _load_state_rows(states_ptr + tl.maximum(t - 1, 0) * per_step, offs_e, e_ok & (t > 0), offs_n, 1,
+                                    channels, N_STATE, BLOCK_N, BLOCK_E)  # h_{-1} = 0
         if HAS_DELTA_BIAS:
             delta_in += delta_bias
         delta = _softplus(delta_in) if DELTA_SOFTPLUS else delta_in
@@ -367,14 +376,15 @@ def _selective_scan_backward_kernel(
             grad_u = grad_y0 * D
         g = g_later + C[:, None] * grad_y0[None, :]
         if HAS_GRAD_STATES:
-            g += tl.load(grad_states_ptr + t * per_step + state_offsets, mask=state_mask, other=0.0)
+            g += _load_state_rows(grad_states_ptr + t * per_step, offs_e, e_ok, offs_n, 1, channels, N_STATE, BLOCK_N,
+                                  BLOCK_E)
         delta_u = delta * u
         tl.store(grad_C_ptr + partial_row + t * N_STATE, tl.sum(h * grad_y0[None, :], axis=1), mask=n_ok)
         tl.store(grad_B_ptr + partial_row + t * N_STATE, tl.sum(g * delta_u[None, :], axis=1), mask=n_ok)
         grad_delta_u = tl.sum(g * B[:, None], axis=0)
         decay = tl.exp2(delta[None, :] * A_log2)
         q = g * h_before * decay
-        grad_delta = grad_delta_u * u + tl.sum(q * A, axis=0)
+        grad_delta = grad_delta_u * u + tl.sum(q * A_log2, axis=0) * LN_2
         grad_A += q * delta[None, :]
         grad_u += grad_delta_u * delta
         if DELTA_SOFTPLUS:  # softplus' = sigmoid (exactly 1 past the threshold, as PyTorch)
@@ -386,7 +396,7 @@ def _selective_scan_backward_kernel(
         g_later = g * decay
         h = h_before
 
-    tl.store(grad_A_ptr + sample * per_step + state_offsets, grad_A, mask=state_mask)  # (batch, N, E)
+    _store_state_rows(grad_A_ptr + sample * per_step, grad_A, offs_e, e_ok, offs_n, channels, N_STATE)  # (batch, N, E)
     if HAS_D:
         tl.store(grad_D_ptr + sample * channels + offs_e, grad_D, mask=e_ok)  # (batch, E)
     if HAS_DELTA_BIAS:

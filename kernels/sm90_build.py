@@ -138,18 +138,19 @@ def build_conv_silu(channels: int, dtype: str, reverse: bool) -> BuildReport:
 
 
 def build_scan(dtype: str, warps: int, int8_inputs: bool = False, channel_first_u: bool = False,
-               delta_bias: bool = False) -> BuildReport:
+               delta_bias: bool = False, store_states: bool = False) -> BuildReport:
     """The selective scan as Vim calls it (D, gate z, softplus; N = 16) with ``dtype`` inputs and output, at
     ``warps`` warps (BLOCK_E = 32 · warps); optionally u, B, C as int8 codes with scales, u as the channel-first
-    view of the model's conv output (stride 1 along time), and a delta bias. B and C strides are not taken as
-    multiples of 16 (Vim-T/S's projection rows are not)."""
+    view of the model's conv output (stride 1 along time), a delta bias, every h_t stored (training). B and C
+    strides are not taken as multiples of 16 (Vim-T/S's projection rows are not)."""
     io = f"*{dtype}"
     codes = "*i8" if int8_inputs else io
     types = {"u_ptr": codes, "delta_ptr": io, "A_ptr": "*fp32", "B_ptr": codes, "C_ptr": codes, "D_ptr": "*fp32",
              "z_ptr": io, "delta_bias_ptr": "*fp32", "u_scale_ptr": "*fp32", "B_scale_ptr": "*fp32",
-             "C_scale_ptr": "*fp32", "y_ptr": io}
+             "C_scale_ptr": "*fp32", "y_ptr": io, "states_ptr": "*fp32"}
     constants = {"HAS_D": True, "HAS_Z": True, "HAS_DELTA_BIAS": delta_bias, "DELTA_SOFTPLUS": True,
-                 "U_SCALED": int8_inputs, "B_SCALED": int8_inputs, "C_SCALED": int8_inputs, "N_STATE": 16,
+                 "U_SCALED": int8_inputs, "B_SCALED": int8_inputs, "C_SCALED": int8_inputs,
+                 "STORE_STATES": store_states, "N_STATE": 16,
                  "BLOCK_E": 32 * warps, "BLOCK_N": 16, "stride_delta_channel": 1, "stride_z_channel": 1,
                  "stride_y_channel": 1, "stride_B_state": 1, "stride_C_state": 1,
                  **({"stride_u_time": 1} if channel_first_u else {"stride_u_channel": 1})}
@@ -157,6 +158,23 @@ def build_scan(dtype: str, warps: int, int8_inputs: bool = False, channel_first_
                  "stride_y_batch", "stride_y_time", "stride_u_batch",
                  "stride_u_channel" if channel_first_u else "stride_u_time"}
     return build(ss._selective_scan_kernel, types, constants, divisible, warps)
+
+
+def build_scan_backward(dtype: str, warps: int, grad_states: bool = False) -> BuildReport:
+    """The scan's backward as training calls it (D, gate z, softplus, N = 16, ``dtype`` inputs, u as the
+    channel-first conv output); optionally a gradient on the returned states (OuroMamba-Gen)."""
+    io = f"*{dtype}"
+    types = {name: io for name in ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "grad_y_ptr")}
+    types |= {name: "*fp32" for name in ("A_ptr", "D_ptr", "delta_bias_ptr", "states_ptr", "grad_states_ptr",
+                                         "grad_u_ptr", "grad_delta_ptr", "grad_z_ptr", "grad_B_ptr", "grad_C_ptr",
+                                         "grad_A_ptr", "grad_D_ptr", "grad_delta_bias_ptr")}
+    constants = {"HAS_D": True, "HAS_Z": True, "HAS_DELTA_BIAS": False, "DELTA_SOFTPLUS": True,
+                 "HAS_GRAD_STATES": grad_states, "N_STATE": 16, "BLOCK_E": 32 * warps, "BLOCK_N": 16,
+                 "stride_u_time": 1, "stride_delta_channel": 1, "stride_z_channel": 1, "stride_gy_channel": 1,
+                 "stride_B_state": 1, "stride_C_state": 1}
+    divisible = {"channels", "stride_delta_batch", "stride_delta_time", "stride_z_batch", "stride_z_time",
+                 "stride_gy_batch", "stride_gy_time", "stride_u_batch", "stride_u_channel"}
+    return build(ss._selective_scan_backward_kernel, types, constants, divisible, warps)
 
 
 def vim_gemm_shapes(d_models: tuple[int, ...] = (192, 384, 768),
@@ -215,6 +233,16 @@ def main() -> int:
         seen[key] = report = build_scan(dtype, warps, int8_inputs, channel_first_u, delta_bias)
         print(f"selective_scan {dtype} {warps} warps{' int8 u/B/C' if int8_inputs else ''}"
               f"{' channel-first u' if channel_first_u else ''}{' delta bias' if delta_bias else ''}: {report}",
+              flush=True)
+    # training: the forward keeping every h_t, and the backward (with a loss on the states: OuroMamba-Gen)
+    for dtype, warps, grad_states in [("fp32", 4, True)] if args.quick else \
+            [(dtype, warps, grad_states) for dtype in ("fp32", "bf16") for warps in (1, 4)
+             for grad_states in (False, True)]:
+        seen[("scan", dtype, warps, "states")] = report = build_scan(dtype, warps, channel_first_u=True,
+                                                                     store_states=True)
+        print(f"selective_scan {dtype} {warps} warps storing states: {report}", flush=True)
+        seen[("scan_backward", dtype, warps, grad_states)] = report = build_scan_backward(dtype, warps, grad_states)
+        print(f"selective_scan backward {dtype} {warps} warps{' grad states' if grad_states else ''}: {report}",
               flush=True)
     # the fused producers at Vim's shapes: the block entry at C = D, the merge at C = E, conv at E (one block
     # shape for every E ≥ 128, so the dtypes and directions are what differ)
