@@ -1,7 +1,7 @@
 """Kernel benchmark on a CUDA GPU: the mixed-precision GEMM, outlier detection and the selective scan at Vim's
 layer shapes.
 
-    python bench/bench_kernels.py [--quick] [--only gemm detect scan fusion]
+    python bench/bench_kernels.py [--quick] [--only gemm detect scan train fusion]
 
 Per layer GEMM (in_proj D→2E, x_proj E→R+2N, dt_proj R→E, out_proj E→D; D = 192/384/768, E = 2D, N = 16,
 R = ceil(D/16)) at tokens = batch × 197 for batch 1, 16, 64: cuBLAS fp16 (``F.linear``) against our W8A8,
@@ -12,7 +12,9 @@ and fp32: our Triton kernel at each (BLOCK_E, warps) configuration (``launch_con
 the model's channel-first view, and with int8 u/B/C codes (fp16 rows), against PyTorch's fast scan
 (``core.ssm.scan.selective_scan_fast``, the path the model takes without a kernel) and mamba-ssm's CUDA scan
 when it imports (timed on its own channel-first contiguous layout); ``Gexp/s`` counts the exp(Δ·A) per second
-(batch · L · E · N of them; the H100's MUFU does ~3.7 T/s). The fused producers against the PyTorch they replace
+(batch · L · E · N of them; the H100's MUFU does ~3.7 T/s). The scan under training (``train``): forward +
+backward in fp32 and bf16, with and without a loss on the returned states (OuroMamba-Gen), our Triton pair against
+the fast scan's hand-written backward and mamba-ssm's. The fused producers against the PyTorch they replace
 (fp16 activations, 4-bit inliers): a block's entry, residual add + RMSNorm (the model's expression) then
 ``detect_quant``, against ``norm_detect_quant``; conv1d + SiLU (``F.conv1d`` as the model calls it, on the flipped
 copy for the backward branch) against ``conv_silu``; out_proj's input (y_f + flip(y_b)) / 2 then ``detect_quant``
@@ -347,6 +349,71 @@ def bench_scan(device: torch.device, bandwidth: float, models: dict[str, int], b
     return rows
 
 
+def scan_gradients(scan: Callable, x: dict[str, torch.Tensor], grad_y: torch.Tensor,
+                   states_weight: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Forward + backward of one scan call: the gradients of u, delta, A, B, C, D, z (for Σ grad_y·y, plus
+    Σ states_weight·states when given: OuroMamba-Gen's loss on the states)."""
+    leaves = [x[name].detach().requires_grad_() for name in ("u", "delta", "A", "B", "C", "D", "z")]
+    if states_weight is None:
+        torch.autograd.backward(scan(*leaves), grad_y)
+    else:
+        y, states = scan(*leaves, return_states=True)
+        torch.autograd.backward([y, states], [grad_y, states_weight])
+    return [leaf.grad for leaf in leaves]
+
+
+def gradient_check(got: list[torch.Tensor], want: list[torch.Tensor], tolerance: float) -> str:
+    error = max(rel_error(g, w) for g, w in zip(got, want, strict=True))
+    return f"ok {error:.1e}" if error < tolerance else f"FAIL {error:.1e}"
+
+
+def bench_scan_training(device: torch.device, bandwidth: float, models: dict[str, int], batches: tuple[int, ...],
+                        g: torch.Generator) -> list[dict]:
+    """The scan under training (and OuroMamba-Gen, with the states returned and a loss on them): forward +
+    backward, our Triton pair against PyTorch's fast scan with its hand-written backward (the path training
+    took on the GPU before) and mamba-ssm when it imports. Checked against the fast scan's gradients (tested
+    against float64 autograd on the CPU), the largest relative error over the seven inputs."""
+    mamba = _mamba_ssm_scan()
+    rows = []
+    for model, d_model in models.items():
+        channels = 2 * d_model
+        for batch in batches:
+            for dtype in (torch.float32, torch.bfloat16):
+                x = scan_inputs(batch, channels, dtype, device, g)
+                grad_y = torch.randn(batch, TOKENS, channels, generator=g, device=device).to(dtype)
+                states_weight = torch.randn(batch, TOKENS, channels, D_STATE, generator=g, device=device) * 1e-2
+                tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+                variants = {"torch fast scan": (selective_scan_fast, None),
+                            "triton": (selective_scan, None),
+                            "torch fast scan + states": (selective_scan_fast, states_weight),
+                            "triton + states": (selective_scan, states_weight)}
+                if mamba is not None:
+                    def mamba_scan(u, delta, A, B, C, D, z, mamba=mamba) -> torch.Tensor:
+                        cf = [t.transpose(1, 2) for t in (u, delta, B, C, z)]
+                        return mamba(cf[0], cf[1], A, cf[2], cf[3], D, cf[4], delta_softplus=True).transpose(1, 2)
+                    variants["mamba-ssm CUDA"] = (mamba_scan, None)
+                timed, want = {}, {}
+                for variant, (scan, weight) in variants.items():
+                    grads = scan_gradients(scan, x, grad_y, weight)
+                    if scan is selective_scan_fast:
+                        want[weight is None] = grads
+                        check = "reference"
+                    else:
+                        check = gradient_check(grads, want[weight is None], tolerance)
+                    us = median_us(lambda scan=scan, weight=weight, x=x, grad_y=grad_y:
+                                   scan_gradients(scan, x, grad_y, weight))
+                    timed[variant] = (us, check)
+                shape = {"kind": "scan_train", "model": model, "layer": "scan fwd+bwd", "batch": batch,
+                         "M": batch * TOKENS, "K": channels, "N": D_STATE, "dtype": str(dtype).removeprefix("torch.")}
+                for variant, (us, check) in timed.items():
+                    base = timed["torch fast scan + states" if "states" in variant else "torch fast scan"][0]
+                    rows.append({**shape, "variant": variant, "us": round(us, 2), "vs_fast": round(base / us, 2),
+                                 "check": check})
+                print(f"scan training {model} batch {batch} {shape['dtype']}: " + ", ".join(
+                    f"{variant} {us:.1f} us {check}" for variant, (us, check) in timed.items()), flush=True)
+    return rows
+
+
 def torch_add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A Vim block's entry in PyTorch, as core.models.vim computes it: fp32 residual add, RMSNorm, cast back."""
     total = residual + hidden.float()
@@ -477,6 +544,10 @@ def summary(rows: list[dict], bandwidth: float) -> str:
                 for key in groups]
         lines.append(f"  launch_config's choice was the fastest configuration in "
                      f"{sum(r['variant'].endswith('(default)') for r in best)} of {len(best)} shapes")
+    training = [r for r in rows if r["kind"] == "scan_train" and not r["variant"].startswith("torch")]
+    if training:
+        lines.append("scan forward + backward, speed-up over PyTorch's fast scan (geomean over the models):")
+        lines += geomean_lines(training, lambda r: r["variant"], lambda r: (r["dtype"], r["batch"]), "vs_fast")
     fusion = [r for r in rows if r["kind"] == "fusion" and r["variant"] == "fused"]
     if fusion:
         lines.append("fused producers, speed-up over PyTorch + unfused kernels (geomean over the models):")
@@ -496,7 +567,7 @@ def gpu_slug(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="Vim-T and Vim-B at batch 1 and 64 only")
-    parser.add_argument("--only", nargs="+", choices=("gemm", "detect", "scan", "fusion"),
+    parser.add_argument("--only", nargs="+", choices=("gemm", "detect", "scan", "train", "fusion"),
                         help="these kernels' sections only (written to kernels_<gpu>_<sections>)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -507,7 +578,8 @@ def main() -> None:
     batches = (1, 64) if args.quick else BATCHES
     g = torch.Generator(device=device).manual_seed(0)
     bandwidth = copy_bandwidth(device)
-    sections = {"gemm": bench_gemms, "detect": bench_detect, "scan": bench_scan, "fusion": bench_fusions}
+    sections = {"gemm": bench_gemms, "detect": bench_detect, "scan": bench_scan, "train": bench_scan_training,
+                "fusion": bench_fusions}
     chosen = args.only or list(sections)
     rows = [row for name, section in sections.items() if name in chosen
             for row in section(device, bandwidth, models, batches, g)]

@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
-# Everything that still needs a GPU, most important first, in two device calls (the device tool allows 10
-# minutes per command and ~15 minutes of device time per session, machine start included). Part 1 measures
-# what the open issues ask for; part 2 the rest. Each stage has its own cap and the part a deadline
-# (DEADLINE_S, seconds from its start): a stage that runs out keeps its log and the next stage still runs.
+# Everything that still needs a GPU, most important first, in device calls of at most 10 minutes (the device
+# tool's limit; ~15 minutes of device time per session, machine start included). Each stage has its own cap and
+# the part a deadline (DEADLINE_S, seconds from its start): a stage that runs out keeps its log and the next
+# stage still runs. Run `train` first, then 1 while the machine is warm, then 2 in a later session.
 #
-# Measured by this script on 2026-11-27 (H100): see kernels/README.md, "Measured on an H100". What is left:
-#
-#   part 1  environment       GPU, driver, torch, triton                                              ≤   5 s
-#           tests             every kernel test compiled (incl. the fused-vs-unfused Vim-T test with its
-#                             sensitivity bound, and the fp16 NaN case), small and Vim-size shapes    ≤ 150 s
+#   train   environment       GPU, driver, torch, triton                                              ≤   5 s
+#           scan_grad_tests   the Triton scan's backward compiled: gradients at small and Vim-S shapes,
+#                             a Vim training step against the fast scan                               ≤  90 s
+#           candidates        the default model (issue 2): two candidates side by side, BUDGET_MIN
+#                             minutes each (default 4.5), through the Triton scan + backward          ≤ 330 s
+#           card_eval         FP32 test top-1 of both on the machine's CPU (selection is by validation) ≤ 90 s
+#   1       environment, tests (every kernel test compiled, Vim-size shapes)                         ≤ 150 s
 #           packed_agreement  the packed model on CUDA with fp32 activations, W4A4/W4A8/W8A8, and W4A4
-#                             with fp16 plus the simulation-on-fp16-inputs yardstick                  ≤ 120 s
+#                             with fp16 plus the simulation-on-fp16-inputs yardstick                  ≤ 140 s
 #           e2e               Vim-T, Vim-S and the default model, every variant, batch 1/16/64/256,
 #                             eager and as CUDA graphs; Vim-B at batch 256                            ≤ 200 s
-#           gemm_detect       bench_kernels: mixed_gemm vs cuBLAS fp16 and detect_quant (after kernel
-#                             changes)                                                           what is left
-#   part 2  scan_fusion       bench_kernels: the selective scan and the fused producers               ≤ 150 s
+#           gemm_detect       bench_kernels: mixed_gemm vs cuBLAS fp16 and detect_quant      what is left
+#   2       scan_fusion       bench_kernels: the scan, its training pair, the fused producers         ≤ 200 s
 #           profile           where Vim-B batch 64's time goes, fp16 and W4A4O8 (gpu_profile.py)      ≤  45 s
 #           gen               OuroMamba-Gen seconds per iteration on CUDA (bench_gen)                 ≤  60 s
-# Not here (a session of their own): retraining the default model (scripts/gpu_train_candidates.sh) and
-# ITERATIONS=1000 scripts/gen_evidence.sh sets.
+# Measured by part 1 and 2 on 2026-11-27 (H100): kernels/README.md, "Measured on an H100". Not here (a session
+# of its own): ITERATIONS=1000 scripts/gen_evidence.sh sets.
 #
-# Usage on the device machine (carry .data for the Fashion-MNIST files):  bash scripts/gpu_session.sh 1|2
+# Usage on the device machine (carry .data for the Fashion-MNIST files):  bash scripts/gpu_session.sh train|1|2
 # Logs and results go to one archive, $OUT/gpu_part<N>.tgz (the device returns at most 8 files), rewritten after
 # every stage so that a cut-off call still brings back what finished. Without OUT: results/gpu_part<N>/.
 set -u
@@ -38,7 +39,7 @@ collect() {  # what the benchmarks wrote so far, plus the logs, into one archive
 stage() {  # name, cap in seconds, command (a shell function of this file or a program)...
   local name=$1 cap=$2 left=$((deadline - (SECONDS - start))); shift 2
   [ "$left" -lt "$cap" ] && cap=$left
-  if [ "$cap" -le 5 ]; then echo "== $name: skipped, the part's deadline is spent"; return; fi
+  if [ "$cap" -lt 5 ]; then echo "== $name: skipped, the part's deadline is spent"; return; fi
   echo "== $name (cap ${cap} s, at $((SECONDS - start)) s)"
   timeout "$cap" bash -c '"$@"' _ "$@" > "$stage_dir/$name.log" 2>&1
   local rc=$?
@@ -58,8 +59,32 @@ kernel_tests() {
     "tests/test_packed.py::test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation" \
     "tests/test_packed.py::test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run"
 }
-export -f environment kernel_tests
+scan_grad_tests() {
+  KERNELS_REAL_SHAPES=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_scan.py -k "gradient or vim_mixer"
+}
+candidates() {  # side by side (the small model leaves the GPU mostly idle); the cards record each command
+  local data=${FASHION_MNIST_DIR} budget=${BUDGET_MIN:-4.5}
+  python3 -m core.train --data "$data" --out "$stage_dir/d64x4" --epochs 100 --time-budget-min "$budget" \
+    --seed 0 --embed-dim 64 --depth 4 > "$stage_dir/d64x4.log" 2>&1 &
+  python3 -m core.train --data "$data" --out "$stage_dir/d64x4_lr3e-3" --epochs 100 --time-budget-min "$budget" \
+    --seed 0 --embed-dim 64 --depth 4 --lr 3e-3 --drop-path 0.1 > "$stage_dir/d64x4_lr3e-3.log" 2>&1 &
+  wait
+  for f in "$stage_dir"/d64x4*.log; do echo "== $f"; tail -3 "$f"; done
+}
+card_eval() {  # test top-1 of each candidate, measured once; the choice between them is by validation
+  for dir in "$stage_dir"/d64x4*/; do
+    python3 -m core.cli card-eval "$dir" --data "$FASHION_MNIST_DIR"
+    python3 -c "import json, sys; c = json.load(open(sys.argv[1])); print(sys.argv[1], 'epochs', c['epochs'],
+      'val', c['val_top1'], 'test', c['test_top1'], 'train s', c['train_seconds'])" "$dir/card.json"
+  done
+}
+export -f environment kernel_tests scan_grad_tests candidates card_eval
+export stage_dir
 case "$part" in
+  train) stage environment 5 environment
+     stage scan_grad_tests 90 scan_grad_tests
+     stage candidates 330 candidates
+     stage card_eval 90 card_eval ;;
   1) stage environment 5 environment
      stage tests 150 kernel_tests
      stage packed_agreement 100 python3 scripts/packed_agreement.py
@@ -68,9 +93,9 @@ case "$part" in
      stage e2e_vim_b_256 50 python3 bench/bench_e2e.py --models Vim-B --batches 256 --budget-s 40 \
        --variants fp16 W8A8O8 W4A4O8
      stage gemm_detect 120 python3 bench/bench_kernels.py --only gemm detect ;;
-  2) stage scan_fusion 150 python3 bench/bench_kernels.py --only scan fusion
+  2) stage scan_fusion 200 python3 bench/bench_kernels.py --only scan train fusion
      stage profile 45 python3 scripts/gpu_profile.py --model Vim-B --batch 64
      stage gen 60 python3 bench/bench_gen.py ;;
-  *) echo "usage: bash scripts/gpu_session.sh 1|2"; exit 2 ;;
+  *) echo "usage: bash scripts/gpu_session.sh train|1|2"; exit 2 ;;
 esac
 echo "== total $((SECONDS - start)) s"
