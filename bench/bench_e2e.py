@@ -62,12 +62,6 @@ def build(name: str) -> VisionMamba:
     return create_vim(MODELS[name]).eval()
 
 
-def set_scan(model: torch.nn.Module, impl: str) -> None:
-    for module in model.modules():
-        if hasattr(module, "scan_impl"):
-            module.scan_impl = impl
-
-
 def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[], torch.nn.Module]]:
     """Builders, called one at a time so that only one variant's weights sit in GPU memory."""
     half = torch.float16 if device.type == "cuda" else torch.float32  # the CPU smoke run keeps fp32
@@ -75,7 +69,7 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
     def fp32() -> torch.nn.Module:
         copy = VisionMamba(model.cfg)
         copy.load_state_dict(model.state_dict())
-        set_scan(copy, "fast")
+        copy.set_scan_impl("fast")
         return copy.eval().to(device)
 
     def fp16() -> torch.nn.Module:

@@ -24,6 +24,7 @@ from core.data.fashion_mnist import VALIDATION_SIZE
 from core.eval import evaluate, hardware_label
 from core.models import VisionMamba, create_vim, save_safetensors
 from core.records import utc_now
+from core.ssm import SCAN_IMPLEMENTATIONS
 
 
 def split_train_val(train: LabelledImages) -> tuple[LabelledImages, LabelledImages]:
@@ -77,7 +78,7 @@ def train(args: argparse.Namespace) -> tuple[VisionMamba, dict]:
     torch.backends.cuda.matmul.allow_tf32 = True
     overrides = {k: v for k, v in dict(embed_dim=args.embed_dim, depth=args.depth,
                                        drop_path_rate=args.drop_path).items() if v is not None}
-    model = create_vim(args.model, **overrides).to(device)
+    model = create_vim(args.model, **overrides).to(device).set_scan_impl(args.scan_impl)
     fit, val = split_train_val(load_fashion_mnist("train", args.data))
     images = fit.normalized().to(device)
     labels = fit.labels.to(device)
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                              "warm-up, after epoch 2 or 1)")
     parser.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--scan-impl", default="auto", choices=SCAN_IMPLEMENTATIONS,
+                        help="the scan's implementation (auto: mamba-ssm or the Triton kernels on CUDA)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (model.safetensors + card.json)")
     args = parser.parse_args(argv)
     model, info = train(args)

@@ -351,11 +351,10 @@ def test_vim_mixer_through_the_triton_scan_matches_the_fast_scan():
     model = vim.VisionMamba(cfg).to(DEVICE)
     images = torch.randn(1, 1, 16, 16, device=DEVICE)
     labels = torch.tensor([3], device=DEVICE)
-    mixers = [m for m in model.modules() if isinstance(m, vim.BiMambaMixer)]
     logits, grads = {}, {}
     for impl in ("fast", "triton"):
-        for mixer in mixers:
-            mixer.scan_impl = impl
+        model.set_scan_impl(impl)
+        assert all(m.scan_impl == impl for m in model.modules() if isinstance(m, vim.BiMambaMixer))
         model.zero_grad(set_to_none=True)
         logits[impl] = model.eval()(images)
         F.cross_entropy(logits[impl], labels).backward()
@@ -363,6 +362,8 @@ def test_vim_mixer_through_the_triton_scan_matches_the_fast_scan():
     assert rel_error(logits["triton"].detach(), logits["fast"].detach()) < 1e-5
     assert grads["fast"].keys() == grads["triton"].keys()
     assert_gradients_match(grads["triton"], grads["fast"], 1e-5)
+    with pytest.raises(ValueError, match="scan impl must be one of"):
+        model.set_scan_impl("tritonn")
 
 
 # ---- Vim-size cases (GPU only) ----

@@ -26,7 +26,7 @@ from torch import nn
 from core.errors import StudioError
 from core.intercept import BACKWARD, FORWARD, Tapped, layer_sites
 from core.records import checked_fields
-from core.ssm import selective_scan
+from core.ssm import SCAN_IMPLEMENTATIONS, selective_scan
 
 
 @dataclass(frozen=True)
@@ -231,6 +231,15 @@ class VisionMamba(nn.Module):
                 dt = dt.clamp(min=1e-4)
                 with torch.no_grad():
                     dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def set_scan_impl(self, impl: str) -> VisionMamba:
+        """Every mixer's scan implementation (see :func:`core.ssm.scan.resolve_impl`); returns the model."""
+        if impl not in SCAN_IMPLEMENTATIONS:
+            raise ValueError(f"scan impl must be one of {SCAN_IMPLEMENTATIONS}, not {impl!r}")
+        for module in self.modules():
+            if isinstance(module, BiMambaMixer):
+                module.scan_impl = impl
+        return self
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
