@@ -21,7 +21,7 @@ import triton.language as tl
 from kernels.detect_quant import (
     MIN_SCALE,
     _round_half_even,
-    grow_outlier_set,
+    detect_step,
     prefetch_row,
     window_outlier_masks,
 )
@@ -57,30 +57,18 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
         t = start + i
         x = x_next.to(tl.float32)
         x_next = prefetch_row(row, stride_xt, start, i, steps, valid)
-        magnitude = tl.abs(x)
-        inlier = valid & ~outlier
         static_scale = tl.load(scale_ptr + t)
-
-        # detection, as detect_quant_step, with the trigger of this grid
-        if ASYMMETRIC:
-            high = tl.max(tl.where(inlier, x, -float("inf")), axis=0)
-            spread = high - tl.min(tl.where(inlier, x, float("inf")), axis=0)
-            dynamic_scale = tl.where(high > -float("inf"), tl.math.div_rn(spread, LEVELS * 1.0), 0.0)
-        else:
-            dynamic_scale = tl.math.div_rn(tl.max(tl.where(inlier, magnitude, 0.0), axis=0), LEVELS * 1.0)
-        outlier = grow_outlier_set(magnitude, outlier, valid, dynamic_scale > static_scale, k)
+        outlier, outlier_high, outlier_low = detect_step(x, outlier, valid, static_scale, k, LEVELS, ASYMMETRIC)
 
         zero = tl.load(zero_ptr + t) if ASYMMETRIC else 0.0
         y = _grid_round(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), zero, LEVELS, ASYMMETRIC)
         if OUTLIER_LEVELS > 0:
             if ASYMMETRIC:
-                high = tl.maximum(tl.max(tl.where(outlier, x, -float("inf")), axis=0), 0.0)
-                low = tl.minimum(tl.min(tl.where(outlier, x, float("inf")), axis=0), 0.0)
-                outlier_scale = tl.maximum(tl.math.div_rn(high - low, OUTLIER_LEVELS * 1.0), 1e-8)
-                outlier_zero = _round_half_even(tl.math.div_rn(-low, outlier_scale))
+                outlier_scale = tl.maximum(tl.math.div_rn(outlier_high - outlier_low, OUTLIER_LEVELS * 1.0), 1e-8)
+                outlier_zero = _round_half_even(tl.math.div_rn(-outlier_low, outlier_scale))
             else:
-                outlier_scale = tl.maximum(
-                    tl.math.div_rn(tl.max(tl.where(outlier, magnitude, 0.0), axis=0), OUTLIER_LEVELS * 1.0), 1e-8)
+                outlier_peak = tl.maximum(outlier_high, -outlier_low)
+                outlier_scale = tl.maximum(tl.math.div_rn(outlier_peak, OUTLIER_LEVELS * 1.0), 1e-8)
                 outlier_zero = 0.0
             y = tl.where(outlier, _grid_round(x, outlier_scale, outlier_zero, OUTLIER_LEVELS, ASYMMETRIC), y)
         else:

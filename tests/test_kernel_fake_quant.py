@@ -82,3 +82,39 @@ def test_rejects_mismatched_scales():
         detect_fake_quant_reference(x, torch.ones(7), None, 3.0, 10, 7, 127)
     with pytest.raises(ValueError, match="zero_point must be"):
         detect_fake_quant_reference(x, torch.ones(8), torch.zeros(3), 3.0, 10, 15, 255)
+
+
+def extremes_by_hand() -> tuple[torch.Tensor, torch.Tensor]:
+    """One window of 4 steps, 16 channels (k = 1), built so that the outlier range after each step cannot come
+    from the inliers' extremes alone, which is what ``detect_step`` derives it from without a third reduction:
+    step 0 flags only a negative channel while the inliers' largest x (positive) stays under θ; step 1 the kept
+    channel turns positive and a larger positive one joins; step 2 nothing joins and the kept channels set the
+    range; step 3 is not triggered (huge static scale). Values sit far from every threshold."""
+    base = torch.tensor([0.1, -0.1, 0.05, -0.05] * 4)
+    x = base.repeat(4, 1)
+    x[0, 3] = -5.0  # joins; the inliers' largest x is 0.1
+    x[1, 3], x[1, 9] = 3.0, 6.0  # kept channel now positive; channel 9 joins
+    x[2, 3], x[2, 9] = -1.0, 0.5  # nothing joins: the range is the kept channels'
+    x[3, 3], x[3, 9], x[3, 12] = 2.0, -4.0, 9.0  # not triggered: channel 12 stays an inlier
+    static_scale = torch.tensor([1e-6, 1e-6, 1e-6, 1e6])
+    return x.unsqueeze(0).to(DEVICE), static_scale.to(DEVICE)
+
+
+@pytest.mark.parametrize(("asymmetric", "levels", "outlier_levels"), [(True, 15, 255), (False, 7, 127)])
+def test_outlier_range_derived_without_a_third_pass_is_exact(asymmetric, levels, outlier_levels):
+    x, static_scale = extremes_by_hand()
+    zero = torch.full_like(static_scale, 8.0) if asymmetric else None
+    args = (static_scale, zero, 1.0, 4, levels, outlier_levels)
+    want = detect_fake_quant_reference(x, *args)
+    assert torch.equal(detect_fake_quant(x, *args), want)
+    assert want[0, 0, 3] == -5.0 and want[0, 1, 9] == 6.0  # the outliers sit on their own grids' ends
+
+
+def test_detect_quant_outlier_scale_derived_without_a_third_pass_is_exact():
+    from kernels.detect_quant import detect_quant, detect_quant_reference
+    from tests.test_kernels import assert_same_detection, poisoned_output
+    x, static_scale = extremes_by_hand()
+    want = detect_quant_reference(x, static_scale, 1.0, 4, 4)
+    assert_same_detection(detect_quant(x, static_scale, 1.0, 4, 4, out=poisoned_output(x, 4)), want)
+    assert want.outlier_mask[0, :, 3].all() and not want.outlier_mask[0, 3, 12]
+    assert torch.equal(want.outlier_scale[0].cpu(), torch.tensor([5.0, 6.0, 1.0, 4.0]) / 127)
