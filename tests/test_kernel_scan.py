@@ -366,6 +366,31 @@ def test_vim_mixer_through_the_triton_scan_matches_the_fast_scan():
         model.set_scan_impl("tritonn")
 
 
+def test_ouromamba_gen_gradients_through_the_triton_scan_match_the_fast_scan():
+    """OuroMamba-Gen's losses (output, patch contrastive on the returned states) of a small Vim, back to the
+    image: on CUDA the scans of the traced layers return their states through the Triton pair; the image
+    gradient equals the fast scan's."""
+    vim = pytest.importorskip("core.models.vim")
+    from core.gen import GenConfig
+    from core.gen.generate import gen_losses
+    torch.manual_seed(1)
+    cfg = vim.VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
+    model = vim.VisionMamba(cfg).eval().to(DEVICE)
+    config = GenConfig(count=1, batch_size=1, neighbourhood=3, top_k=4, layers=(0,))
+    targets = torch.tensor([2], device=DEVICE)
+    start = torch.randn(1, 1, 16, 16, device=DEVICE)
+    grads, losses = {}, {}
+    for impl in ("fast", "triton"):
+        model.set_scan_impl(impl)
+        images = start.clone().requires_grad_()
+        terms = gen_losses(model, images, targets, config, [0])
+        sum(terms.values()).backward()
+        grads[impl], losses[impl] = images.grad, {name: float(t.detach()) for name, t in terms.items()}
+    assert set(losses["triton"]) == {"output", "contrastive"}
+    assert all(abs(losses["triton"][name] - losses["fast"][name]) < 1e-5 for name in losses["fast"])
+    assert rel_error(grads["triton"], grads["fast"]) < 1e-5
+
+
 # ---- Vim-size cases (GPU only) ----
 
 
