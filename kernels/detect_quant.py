@@ -42,11 +42,12 @@ def inlier_qmax(bits: int) -> int:
 
 class DetectQuantOutput(NamedTuple):
     """Codes and scales for a (batch, L, C) activation; dequantized x ≈ inlier_codes · inlier_scale[..., None]
-    + outlier_codes · outlier_scale[..., None] (the supports are disjoint)."""
+    + outlier_codes · outlier_scale[..., None] (the supports are disjoint). A *lean* output (what the GEMM reads,
+    nothing else) has no mask and, when packed, no unpacked inlier codes."""
 
-    inlier_codes: torch.Tensor  # int8 (batch, L, C), outlier channels 0
+    inlier_codes: torch.Tensor | None  # int8 (batch, L, C), outlier channels 0; None when lean and 4-bit
     inlier_packed: torch.Tensor | None  # uint8 (batch, L, C/2), two int4 per byte (kernels.packing); 4-bit only
-    outlier_mask: torch.Tensor  # bool (batch, L, C)
+    outlier_mask: torch.Tensor | None  # bool (batch, L, C); None when lean
     outlier_codes: torch.Tensor  # int8 (batch, L, C), inlier channels 0
     inlier_scale: torch.Tensor  # fp32 (batch, L): max(S^I(t), 1e-8), repeated per sample
     outlier_scale: torch.Tensor  # fp32 (batch, L)
@@ -150,7 +151,7 @@ def detect_step(x, outlier, valid, static_scale, k, LEVELS: tl.constexpr, SIGNED
 @triton.jit
 def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr,
                       outlier_ptr, outlier_scale_ptr, INLIER_QMAX: tl.constexpr, PACK: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+                      BLOCK_C: tl.constexpr, STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr):
     """Step t of one sample: detection on x (fp32, (BLOCK_C,), 0 past C) given the outlier set before the step,
     then the quantization and every store of the step; returns the grown set. Every kernel that produces
     ``DetectQuantOutput`` (this module's, ``kernels.norm_detect_quant``'s, ``kernels.merge_detect_quant``'s) runs
@@ -162,11 +163,13 @@ def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_p
 
     row = (sample * length + t).to(tl.int64)
     out = row * channels + offs
-    tl.store(mask_ptr + out, outlier.to(tl.uint8), mask=valid)
+    if STORE_MASK:
+        tl.store(mask_ptr + out, outlier.to(tl.uint8), mask=valid)
 
     inlier_codes = _quantize(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), INLIER_QMAX)
     inlier_codes = inlier_codes.to(tl.int32)
-    tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=valid)
+    if STORE_CODES:
+        tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=valid)
     if PACK:
         low, high = tl.split(tl.reshape(inlier_codes, (BLOCK_C // 2, 2)))
         pair = tl.arange(0, BLOCK_C // 2)
@@ -191,7 +194,8 @@ def prefetch_row(row, stride_t, start, i, steps, valid):
 def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
                          static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
                          length, channels, n_refresh, k,
-                         INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr):
+                         INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
+                         STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr):
     sample = tl.program_id(0)
     start = tl.program_id(1) * n_refresh
     offs = tl.arange(0, BLOCK_C)
@@ -206,7 +210,7 @@ def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
         x_next = prefetch_row(row, stride_xt, start, i, steps, valid)
         outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr,
                                     inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
-                                    INLIER_QMAX, PACK, BLOCK_C)
+                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, STORE_CODES)
 
 
 def _check(x: torch.Tensor, static_scale: torch.Tensor, n_refresh: int, bits: int) -> None:
@@ -221,18 +225,20 @@ def _check(x: torch.Tensor, static_scale: torch.Tensor, n_refresh: int, bits: in
     inlier_qmax(bits)
 
 
-def _output_layout(x: torch.Tensor, inlier_bits: int) -> list[tuple[tuple[int, ...], torch.dtype] | None]:
-    """(shape, dtype) of each DetectQuantOutput field for x."""
+def _output_layout(x: torch.Tensor, inlier_bits: int,
+                   lean: bool = False) -> list[tuple[tuple[int, ...], torch.dtype] | None]:
+    """(shape, dtype) of each DetectQuantOutput field for x (None: not produced)."""
     batch, length, channels = x.shape
     packed = ((batch, length, channels // 2), torch.uint8) if inlier_bits == 4 else None
-    return [(x.shape, torch.int8), packed, (x.shape, torch.bool), (x.shape, torch.int8),
+    codes = None if lean and packed else (x.shape, torch.int8)
+    return [codes, packed, None if lean else (x.shape, torch.bool), (x.shape, torch.int8),
             ((batch, length), torch.float32), ((batch, length), torch.float32)]
 
 
-def empty_output(x: torch.Tensor, inlier_bits: int) -> DetectQuantOutput:
-    """Uninitialized output buffers for ``detect_quant(x, …, inlier_bits, out=…)``."""
+def empty_output(x: torch.Tensor, inlier_bits: int, lean: bool = False) -> DetectQuantOutput:
+    """Uninitialized output buffers for ``detect_quant(x, …, inlier_bits, out=…, lean=lean)``."""
     return DetectQuantOutput(*(None if spec is None else torch.empty(spec[0], dtype=spec[1], device=x.device)
-                               for spec in _output_layout(x, inlier_bits)))
+                               for spec in _output_layout(x, inlier_bits, lean)))
 
 
 def launch_block(channels: int) -> tuple[int, int]:
@@ -243,37 +249,46 @@ def launch_block(channels: int) -> tuple[int, int]:
 
 def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tensor, static_scale: torch.Tensor,
                         k: float, n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None,
-                        **constants: object) -> DetectQuantOutput:
+                        lean: bool = False, **constants: object) -> DetectQuantOutput:
     """Check, allocate and launch a kernel built on ``detect_quant_step``: its own arguments (``inputs``) come
     first, then the ones every such kernel shares, in ``_detect_quant_kernel``'s order. ``x`` stands for the
-    activation being quantized (its shape, dtype and device); one program per (sample, window)."""
+    activation being quantized (its shape, dtype and device); one program per (sample, window). ``lean``: only
+    what ``mixed_gemm`` reads (no mask; no unpacked codes when packed), 1.5 instead of 3.5 bytes written per
+    element at 4 bits, 2 instead of 3 at 8."""
     _check(x, static_scale, n_refresh, inlier_bits)
-    out = empty_output(x, inlier_bits) if out is None else out
-    for name, buffer, spec in zip(out._fields, out, _output_layout(x, inlier_bits), strict=True):
+    out = empty_output(x, inlier_bits, lean) if out is None else out
+    for name, buffer, spec in zip(out._fields, out, _output_layout(x, inlier_bits, lean), strict=True):
         if spec is None and buffer is None:
             continue
-        if spec is None or buffer is None or (buffer.shape, buffer.dtype) != spec or not buffer.is_contiguous() \
+        if spec is None:
+            raise ValueError(f"out.{name} must be None: this call does not produce it "
+                             f"({'lean' if lean else f'{inlier_bits}-bit'} output)")
+        if buffer is None or (buffer.shape, buffer.dtype) != spec or not buffer.is_contiguous() \
                 or buffer.device != x.device:
             raise ValueError(f"out.{name} must be a contiguous buffer {spec} on {x.device}")
     batch, length, channels = x.shape
     static_scale = static_scale.to(device=x.device, dtype=torch.float32).contiguous()
     pack = inlier_bits == 4
     block, warps = launch_block(channels)
+    placeholder = out.outlier_codes  # for the buffers a lean output lacks: never written (constexpr flags off)
+    codes = placeholder if out.inlier_codes is None else out.inlier_codes
     kernel[(batch, triton.cdiv(length, n_refresh))](
-        *inputs, static_scale, out.inlier_codes, out.inlier_packed if pack else out.inlier_codes,
-        out.outlier_mask.view(torch.uint8), out.outlier_codes, out.outlier_scale, length, channels, n_refresh,
-        float(k), INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block, **constants,
-        num_warps=warps, enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
+        *inputs, static_scale, codes, out.inlier_packed if pack else codes,
+        placeholder if out.outlier_mask is None else out.outlier_mask.view(torch.uint8), out.outlier_codes,
+        out.outlier_scale, length, channels, n_refresh, float(k), INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack,
+        BLOCK_C=block, STORE_MASK=out.outlier_mask is not None, STORE_CODES=out.inlier_codes is not None,
+        **constants, num_warps=warps, enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
     out.inlier_scale.copy_(static_scale.clamp(min=MIN_SCALE).expand(batch, length))
     return out
 
 
 def detect_quant(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
-                 out: DetectQuantOutput | None = None) -> DetectQuantOutput:
+                 out: DetectQuantOutput | None = None, lean: bool = False) -> DetectQuantOutput:
     """Triton: outlier masks, inlier/outlier codes and scales of x (batch, L, C), fp32/fp16/bf16, any strides.
-    ``out`` (from ``empty_output``) is written in place, so repeated calls allocate nothing."""
+    ``out`` (from ``empty_output``) is written in place, so repeated calls allocate nothing; ``lean`` skips what
+    the GEMM does not read (see ``launch_detect_quant``)."""
     return launch_detect_quant(_detect_quant_kernel, (x, *x.stride()), x, static_scale, k, n_refresh, inlier_bits,
-                               out)
+                               out, lean)
 
 
 def window_outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,

@@ -32,7 +32,8 @@ def _merge_detect_quant_kernel(forward_ptr, backward_ptr, stride_fb, stride_ft, 
                                stride_bc,
                                static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
                                length, channels, n_refresh, k,
-                               INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr):
+                               INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
+                               STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr):
     sample = tl.program_id(0)
     start = tl.program_id(1) * n_refresh
     offs = tl.arange(0, BLOCK_C)
@@ -46,7 +47,8 @@ def _merge_detect_quant_kernel(forward_ptr, backward_ptr, stride_fb, stride_ft, 
         dtype = forward_ptr.dtype.element_ty
         x = round_to_dtype(round_to_dtype(forward.to(tl.float32) + backward.to(tl.float32), dtype) * 0.5, dtype)
         outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr,
-                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C)
+                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C,
+                                    STORE_MASK, STORE_CODES)
 
 
 def _check(y_forward: torch.Tensor, y_backward: torch.Tensor) -> None:
@@ -58,15 +60,16 @@ def _check(y_forward: torch.Tensor, y_backward: torch.Tensor) -> None:
 
 
 def merge_detect_quant(y_forward: torch.Tensor, y_backward: torch.Tensor, static_scale: torch.Tensor, k: float,
-                       n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None = None) -> DetectQuantOutput:
+                       n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None = None,
+                       lean: bool = False) -> DetectQuantOutput:
     """Triton: ``detect_quant((y_forward + y_backward.flip(1)) / 2, …)`` without materialising either operand.
 
     y_forward (batch, L, E) and y_backward (batch, L, E) in the backward branch's time order, same float dtype,
-    any strides. ``out`` as for ``detect_quant``."""
+    any strides. ``out`` and ``lean`` as for ``detect_quant``."""
     _check(y_forward, y_backward)
     return launch_detect_quant(_merge_detect_quant_kernel, (y_forward, y_backward, *y_forward.stride(),
                                                             *y_backward.stride()),
-                               y_forward, static_scale, k, n_refresh, inlier_bits, out)
+                               y_forward, static_scale, k, n_refresh, inlier_bits, out, lean)
 
 
 def merge_detect_quant_reference(y_forward: torch.Tensor, y_backward: torch.Tensor, static_scale: torch.Tensor,

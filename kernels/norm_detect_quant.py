@@ -41,7 +41,7 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
                               static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
                               length, channels, n_refresh, k,
                               INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
-                              HAS_RESIDUAL: tl.constexpr):
+                              STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     sample = tl.program_id(0)
     start = tl.program_id(1) * n_refresh
     offs = tl.arange(0, BLOCK_C)
@@ -61,7 +61,8 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
         # the model quantizes the normalized value cast to hidden's dtype
         x = round_to_dtype((residual * inv_rms) * weight, hidden_ptr.dtype.element_ty)
         outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr,
-                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C)
+                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C,
+                                    STORE_MASK, STORE_CODES)
 
 
 def _check(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
@@ -80,20 +81,21 @@ def _check(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
 
 def norm_detect_quant(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                       static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
-                      out: DetectQuantOutput | None = None,
-                      residual_out: torch.Tensor | None = None) -> tuple[DetectQuantOutput, torch.Tensor]:
+                      out: DetectQuantOutput | None = None, residual_out: torch.Tensor | None = None,
+                      lean: bool = False) -> tuple[DetectQuantOutput, torch.Tensor]:
     """Triton: (detect_quant(RMSNorm(residual + hidden) cast to hidden's dtype), residual + hidden in fp32).
 
     hidden (batch, L, C) fp32/fp16/bf16 and residual (batch, L, C) fp32 (None: the first block, whose residual
-    is hidden itself), any strides; norm_weight (C,). ``out`` as for ``detect_quant``; ``residual_out`` (fp32,
-    any strides) may be ``residual`` itself: each element is read before it is overwritten, by the same thread."""
+    is hidden itself), any strides; norm_weight (C,). ``out`` and ``lean`` as for ``detect_quant``;
+    ``residual_out`` (fp32, any strides) may be ``residual`` itself: each element is read before it is
+    overwritten, by the same thread."""
     _check(hidden, residual, norm_weight, residual_out)
     residual_out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if residual_out is None \
         else residual_out
     inputs = (hidden, hidden if residual is None else residual, norm_weight, residual_out, float(eps),
               *hidden.stride(), *(hidden if residual is None else residual).stride(), *residual_out.stride())
     out = launch_detect_quant(_norm_detect_quant_kernel, inputs, hidden, static_scale, k, n_refresh, inlier_bits, out,
-                              HAS_RESIDUAL=residual is not None)
+                              lean, HAS_RESIDUAL=residual is not None)
     return out, residual_out
 
 

@@ -92,19 +92,21 @@ DETECT_OUTPUTS = {"static_scale_ptr": "*fp32", "inlier_ptr": "*i8", "packed_ptr"
 
 
 def _build_detect_family(kernel: triton.JITFunction, channels: int, bits: int, types: dict[str, str],
-                         constants: dict[str, object], divisible: set[str]) -> BuildReport:
-    """A kernel built on ``detect_quant_step`` as ``launch_detect_quant`` launches it for C channels."""
+                         constants: dict[str, object], divisible: set[str], lean: bool = True) -> BuildReport:
+    """A kernel built on ``detect_quant_step`` as ``launch_detect_quant`` launches it for C channels; ``lean``
+    (the packed model's calls) by default."""
     block, warps = dq.launch_block(channels)
-    constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4, "BLOCK_C": block, **constants}
+    constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4, "BLOCK_C": block,
+                 "STORE_MASK": not lean, "STORE_CODES": not (lean and bits == 4), **constants}
     divisible = divisible | ({"channels"} if channels % 16 == 0 else set())
     return build(kernel, {**DETECT_OUTPUTS, **types}, constants, divisible, warps, enable_fp_fusion=False)
 
 
-def build_detect(channels: int, bits: int) -> BuildReport:
+def build_detect(channels: int, bits: int, lean: bool = True) -> BuildReport:
     """detect_quant for contiguous fp16 input with C channels."""
     divisible = {"stride_xb", "stride_xt"} if channels % 16 == 0 else set()
     return _build_detect_family(dq._detect_quant_kernel, channels, bits, {"x_ptr": "*fp16"}, {"stride_xc": 1},
-                                divisible)
+                                divisible, lean)
 
 
 def build_norm_detect(channels: int, bits: int, dtype: str, residual: bool = True) -> BuildReport:
@@ -221,7 +223,9 @@ def main() -> int:
     for channels in (1536,) if args.quick else (12, 24, 48, 192, 384, 768, 1536):
         for bits in (4, 8):
             seen[("detect", channels, bits)] = report = build_detect(channels, bits)
-            print(f"detect_quant C={channels} {bits}-bit: {report}", flush=True)
+            print(f"detect_quant C={channels} {bits}-bit (lean, the packed model's): {report}", flush=True)
+    seen[("detect", 1536, 4, "full")] = report = build_detect(1536, 4, lean=False)
+    print(f"detect_quant C=1536 4-bit, every output: {report}", flush=True)
     # (input dtype, warps, int8 u/B/C, channel-first u, delta bias): every launch_config choice for Vim's
     # calls, the int8 variant, the model's u layout, and everything on at once (the most registers)
     scans = [("fp16", 4, True, False, False), ("fp32", 1, True, True, True)] if args.quick else \

@@ -242,6 +242,43 @@ def test_merge_detect_quant_rejects_mismatched_inputs():
         merge_detect_quant(y, y.half(), torch.ones(4), 3.0, 2, 4)
 
 
+# ---- lean outputs (what the packed model asks for) ----
+
+
+def lean_poisoned(x: torch.Tensor, bits: int) -> DetectQuantOutput:
+    """A poisoned lean output: poisoned_output's buffers without the ones a lean call does not write."""
+    full = poisoned_output(x, bits)
+    return full._replace(outlier_mask=None, inlier_codes=None if bits == 4 else full.inlier_codes)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lean_outputs_are_the_full_ones_without_what_the_gemm_does_not_read(bits):
+    """lean=True (no mask; no unpacked codes when packed) writes the same codes and scales, in all three
+    producers; a lean call refuses an output that has the skipped buffers, and the reverse."""
+    x = moving_outliers(2, 23, 64, seed=5, gaussian=False, magnitudes=(20.0, 40.0)).to(torch.float16).to(DEVICE)
+    scale = static_scales(x.float().cpu(), inlier_qmax(bits), seed=5).to(DEVICE)
+    hidden, residual, weight = (None if t is None else t.to(DEVICE)
+                                for t in block_inputs(2, 23, 64, torch.float16, True, seed=6))
+    producers = {
+        "detect": lambda **kw: detect_quant(x, scale, 3.0, 10, bits, **kw),
+        "merge": lambda **kw: merge_detect_quant(x, x.flip(1), scale, 3.0, 10, bits, **kw),
+        "norm": lambda **kw: norm_detect_quant(hidden, residual, weight, EPS, scale, 3.0, 10, bits, **kw)[0],
+    }
+    for name, produce in producers.items():
+        full = produce(out=poisoned_output(x, bits))
+        lean = produce(out=lean_poisoned(x, bits), lean=True)
+        assert lean.outlier_mask is None and (lean.inlier_codes is None) == (bits == 4), name
+        assert full.outlier_mask.any(), name  # detections happened
+        for field in ("inlier_codes", "inlier_packed", "outlier_codes", "inlier_scale", "outlier_scale"):
+            want, got = getattr(full, field), getattr(lean, field)
+            assert (got is None and (want is None or field == "inlier_codes")) or torch.equal(got, want), (name,
+                                                                                                          field)
+        with pytest.raises(ValueError, match=r"must be None: this call does not produce it \(lean output\)"):
+            produce(out=poisoned_output(x, bits), lean=True)
+        with pytest.raises(ValueError, match="must be a contiguous buffer"):
+            produce(out=lean_poisoned(x, bits))
+
+
 # ---- Vim-size cases (GPU only) ----
 
 

@@ -90,14 +90,15 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, use_kernels: bool) -> torch.Tensor:
         if x.shape[1] != self.input_scale.numel():
             raise StudioError(f"this model was calibrated for {self.input_scale.numel()} time-steps, got {x.shape[1]}")
-        detect = detect_quant if use_kernels else detect_quant_reference
-        return self.gemm(detect(x, self.input_scale, self.k, self.n_refresh, self.a_bits), bias, x.dtype, use_kernels)
+        args = (x, self.input_scale, self.k, self.n_refresh, self.a_bits)
+        codes = detect_quant(*args, lean=True) if use_kernels else detect_quant_reference(*args)
+        return self.gemm(codes, bias, x.dtype, use_kernels)
 
     def gemm(self, codes: DetectQuantOutput, bias: torch.Tensor | None, dtype: torch.dtype,
              use_kernels: bool) -> torch.Tensor:
         """(batch, L, N) in ``dtype`` from the input's codes, however they were made (``detect_quant`` or a
-        fused producer such as ``norm_detect_quant``)."""
-        batch, length, _ = codes.inlier_codes.shape
+        fused producer such as ``norm_detect_quant``; lean or not)."""
+        batch, length, _ = codes.outlier_codes.shape
         rows = batch * length
         inliers = codes.inlier_packed if self.a_bits == 4 else codes.inlier_codes
         operands = (inliers.reshape(rows, -1), codes.inlier_scale.reshape(rows), self.weight_codes,
@@ -226,11 +227,12 @@ class PackedVim(nn.Module):
             mixer, layer = block.mixer, block.mixer.layer_idx
             in_proj, out_proj = (self.linears[_key(f"layers.{layer}.{name}.weight")] for name in SHARED_LINEARS)
             codes, residual = norm_detect_quant(hidden, residual, block.norm.weight, block.norm.eps,
-                                                in_proj.input_scale, in_proj.k, in_proj.n_refresh, in_proj.a_bits)
+                                                in_proj.input_scale, in_proj.k, in_proj.n_refresh, in_proj.a_bits,
+                                                lean=True)
             x, z = in_proj.gemm(codes, None, hidden.dtype, use_kernels=True).chunk(2, dim=-1)
             y_forward, y_backward = (self._fused_branch(mixer, x, z, direction) for direction in DIRECTIONS)
             codes = merge_detect_quant(y_forward, y_backward, out_proj.input_scale, out_proj.k, out_proj.n_refresh,
-                                       out_proj.a_bits)
+                                       out_proj.a_bits, lean=True)
             hidden = out_proj.gemm(codes, None, hidden.dtype, use_kernels=True)
         residual = residual + hidden.float()
         return model.head(model.norm_f(residual)[:, self.cfg.cls_position].to(images.dtype))
