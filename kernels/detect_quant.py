@@ -150,8 +150,9 @@ def detect_step(x, outlier, valid, static_scale, k, LEVELS: tl.constexpr, SIGNED
 
 @triton.jit
 def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr,
-                      outlier_ptr, outlier_scale_ptr, INLIER_QMAX: tl.constexpr, PACK: tl.constexpr,
-                      BLOCK_C: tl.constexpr, STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr):
+                      outlier_ptr, outlier_scale_ptr, inlier_scale_ptr, INLIER_QMAX: tl.constexpr,
+                      PACK: tl.constexpr, BLOCK_C: tl.constexpr, STORE_MASK: tl.constexpr,
+                      STORE_CODES: tl.constexpr):
     """Step t of one sample: detection on x (fp32, (BLOCK_C,), 0 past C) given the outlier set before the step,
     then the quantization and every store of the step; returns the grown set. Every kernel that produces
     ``DetectQuantOutput`` (this module's, ``kernels.norm_detect_quant``'s, ``kernels.merge_detect_quant``'s) runs
@@ -180,6 +181,7 @@ def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_p
     outlier_codes = tl.where(outlier, _quantize(x, outlier_scale, 127.0), 0.0)
     tl.store(outlier_ptr + out, outlier_codes.to(tl.int8), mask=valid)
     tl.store(outlier_scale_ptr + row, outlier_scale)
+    tl.store(inlier_scale_ptr + row, tl.maximum(static_scale, 1e-8))  # the GEMM's per-row inlier scale
     return outlier
 
 
@@ -193,6 +195,7 @@ def prefetch_row(row, stride_t, start, i, steps, valid):
 @triton.jit
 def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
                          static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                         inlier_scale_ptr,
                          length, channels, n_refresh, k,
                          INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
                          STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr):
@@ -209,7 +212,7 @@ def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
         x = x_next.to(tl.float32)
         x_next = prefetch_row(row, stride_xt, start, i, steps, valid)
         outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr,
-                                    inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                                    inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr,
                                     INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, STORE_CODES)
 
 
@@ -275,10 +278,10 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
     kernel[(batch, triton.cdiv(length, n_refresh))](
         *inputs, static_scale, codes, out.inlier_packed if pack else codes,
         placeholder if out.outlier_mask is None else out.outlier_mask.view(torch.uint8), out.outlier_codes,
-        out.outlier_scale, length, channels, n_refresh, float(k), INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack,
+        out.outlier_scale, out.inlier_scale, length, channels, n_refresh, float(k),
+        INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack,
         BLOCK_C=block, STORE_MASK=out.outlier_mask is not None, STORE_CODES=out.inlier_codes is not None,
         **constants, num_warps=warps, enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
-    out.inlier_scale.copy_(static_scale.clamp(min=MIN_SCALE).expand(batch, length))
     return out
 
 

@@ -39,6 +39,7 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
                               stride_hb, stride_ht, stride_hc, stride_rb, stride_rt, stride_rc,
                               stride_ob, stride_ot, stride_oc,
                               static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                              inlier_scale_ptr,
                               length, channels, n_refresh, k,
                               INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
                               STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
@@ -61,8 +62,8 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
         # the model quantizes the normalized value cast to hidden's dtype
         x = round_to_dtype((residual * inv_rms) * weight, hidden_ptr.dtype.element_ty)
         outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr,
-                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C,
-                                    STORE_MASK, STORE_CODES)
+                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr,
+                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, STORE_CODES)
 
 
 def _check(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,

@@ -88,7 +88,7 @@ def build_gemm(variant: str, m: int, n: int, k: int) -> BuildReport:
 
 
 DETECT_OUTPUTS = {"static_scale_ptr": "*fp32", "inlier_ptr": "*i8", "packed_ptr": "*u8", "mask_ptr": "*u8",
-                  "outlier_ptr": "*i8", "outlier_scale_ptr": "*fp32", "k": "fp32"}
+                  "outlier_ptr": "*i8", "outlier_scale_ptr": "*fp32", "inlier_scale_ptr": "*fp32", "k": "fp32"}
 
 
 def _build_detect_family(kernel: triton.JITFunction, channels: int, bits: int, types: dict[str, str],
