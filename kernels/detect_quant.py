@@ -42,11 +42,11 @@ def inlier_qmax(bits: int) -> int:
 
 class DetectQuantOutput(NamedTuple):
     """Codes and scales for a (batch, L, C) activation; dequantized x ≈ inlier_codes · inlier_scale[..., None]
-    + outlier_codes · outlier_scale[..., None] (the supports are disjoint). A *lean* output (what the GEMM reads,
-    nothing else) has no mask and, when packed, no unpacked inlier codes."""
+    + outlier_codes · outlier_scale[..., None] (the supports are disjoint). A *lean* output is what the int8
+    GEMM reads and nothing else: no mask, and 4-bit codes in int8 only (no packed copy)."""
 
-    inlier_codes: torch.Tensor | None  # int8 (batch, L, C), outlier channels 0; None when lean and 4-bit
-    inlier_packed: torch.Tensor | None  # uint8 (batch, L, C/2), two int4 per byte (kernels.packing); 4-bit only
+    inlier_codes: torch.Tensor  # int8 (batch, L, C), outlier channels 0
+    inlier_packed: torch.Tensor | None  # uint8 (batch, L, C/2), two int4 per byte (kernels.packing); 4-bit, not lean
     outlier_mask: torch.Tensor | None  # bool (batch, L, C); None when lean
     outlier_codes: torch.Tensor  # int8 (batch, L, C), inlier channels 0
     inlier_scale: torch.Tensor  # fp32 (batch, L): max(S^I(t), 1e-8), repeated per sample
@@ -151,8 +151,7 @@ def detect_step(x, outlier, valid, static_scale, k, LEVELS: tl.constexpr, SIGNED
 @triton.jit
 def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr,
                       outlier_ptr, outlier_scale_ptr, inlier_scale_ptr, INLIER_QMAX: tl.constexpr,
-                      PACK: tl.constexpr, BLOCK_C: tl.constexpr, STORE_MASK: tl.constexpr,
-                      STORE_CODES: tl.constexpr):
+                      PACK: tl.constexpr, BLOCK_C: tl.constexpr, STORE_MASK: tl.constexpr):
     """Step t of one sample: detection on x (fp32, (BLOCK_C,), 0 past C) given the outlier set before the step,
     then the quantization and every store of the step; returns the grown set. Every kernel that produces
     ``DetectQuantOutput`` (this module's, ``kernels.norm_detect_quant``'s, ``kernels.merge_detect_quant``'s) runs
@@ -169,8 +168,7 @@ def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_p
 
     inlier_codes = _quantize(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), INLIER_QMAX)
     inlier_codes = inlier_codes.to(tl.int32)
-    if STORE_CODES:
-        tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=valid)
+    tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=valid)
     if PACK:
         low, high = tl.split(tl.reshape(inlier_codes, (BLOCK_C // 2, 2)))
         pair = tl.arange(0, BLOCK_C // 2)
@@ -198,7 +196,7 @@ def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
                          inlier_scale_ptr,
                          length, channels, n_refresh, k,
                          INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
-                         STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr):
+                         STORE_MASK: tl.constexpr):
     sample = tl.program_id(0)
     start = tl.program_id(1) * n_refresh
     offs = tl.arange(0, BLOCK_C)
@@ -213,7 +211,7 @@ def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
         x_next = prefetch_row(row, stride_xt, start, i, steps, valid)
         outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr,
                                     inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr,
-                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, STORE_CODES)
+                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK)
 
 
 def _check(x: torch.Tensor, static_scale: torch.Tensor, n_refresh: int, bits: int) -> None:
@@ -232,9 +230,8 @@ def _output_layout(x: torch.Tensor, inlier_bits: int,
                    lean: bool = False) -> list[tuple[tuple[int, ...], torch.dtype] | None]:
     """(shape, dtype) of each DetectQuantOutput field for x (None: not produced)."""
     batch, length, channels = x.shape
-    packed = ((batch, length, channels // 2), torch.uint8) if inlier_bits == 4 else None
-    codes = None if lean and packed else (x.shape, torch.int8)
-    return [codes, packed, None if lean else (x.shape, torch.bool), (x.shape, torch.int8),
+    packed = ((batch, length, channels // 2), torch.uint8) if inlier_bits == 4 and not lean else None
+    return [(x.shape, torch.int8), packed, None if lean else (x.shape, torch.bool), (x.shape, torch.int8),
             ((batch, length), torch.float32), ((batch, length), torch.float32)]
 
 
@@ -256,8 +253,8 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
     """Check, allocate and launch a kernel built on ``detect_quant_step``: its own arguments (``inputs``) come
     first, then the ones every such kernel shares, in ``_detect_quant_kernel``'s order. ``x`` stands for the
     activation being quantized (its shape, dtype and device); one program per (sample, window). ``lean``: only
-    what ``mixed_gemm`` reads (no mask; no unpacked codes when packed), 1.5 instead of 3.5 bytes written per
-    element at 4 bits, 2 instead of 3 at 8."""
+    what ``mixed_gemm``'s int8 path reads, the inlier codes as int8 whatever the bits (no mask, no packed copy):
+    2 bytes written per element instead of 3.5 at 4 bits, 3 at 8."""
     _check(x, static_scale, n_refresh, inlier_bits)
     out = empty_output(x, inlier_bits, lean) if out is None else out
     for name, buffer, spec in zip(out._fields, out, _output_layout(x, inlier_bits, lean), strict=True):
@@ -271,16 +268,14 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
             raise ValueError(f"out.{name} must be a contiguous buffer {spec} on {x.device}")
     batch, length, channels = x.shape
     static_scale = static_scale.to(device=x.device, dtype=torch.float32).contiguous()
-    pack = inlier_bits == 4
     block, warps = launch_block(channels)
     placeholder = out.outlier_codes  # for the buffers a lean output lacks: never written (constexpr flags off)
-    codes = placeholder if out.inlier_codes is None else out.inlier_codes
+    pack = out.inlier_packed is not None
     kernel[(batch, triton.cdiv(length, n_refresh))](
-        *inputs, static_scale, codes, out.inlier_packed if pack else codes,
+        *inputs, static_scale, out.inlier_codes, out.inlier_packed if pack else placeholder,
         placeholder if out.outlier_mask is None else out.outlier_mask.view(torch.uint8), out.outlier_codes,
         out.outlier_scale, out.inlier_scale, length, channels, n_refresh, float(k),
-        INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack,
-        BLOCK_C=block, STORE_MASK=out.outlier_mask is not None, STORE_CODES=out.inlier_codes is not None,
+        INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block, STORE_MASK=out.outlier_mask is not None,
         **constants, num_warps=warps, enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
     return out
 

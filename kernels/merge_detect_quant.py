@@ -34,7 +34,7 @@ def _merge_detect_quant_kernel(forward_ptr, backward_ptr, stride_fb, stride_ft, 
                                inlier_scale_ptr,
                                length, channels, n_refresh, k,
                                INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
-                               STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr):
+                               STORE_MASK: tl.constexpr):
     sample = tl.program_id(0)
     start = tl.program_id(1) * n_refresh
     offs = tl.arange(0, BLOCK_C)
@@ -49,7 +49,7 @@ def _merge_detect_quant_kernel(forward_ptr, backward_ptr, stride_fb, stride_ft, 
         x = round_to_dtype(round_to_dtype(forward.to(tl.float32) + backward.to(tl.float32), dtype) * 0.5, dtype)
         outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr,
                                     packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr,
-                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, STORE_CODES)
+                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK)
 
 
 def _check(y_forward: torch.Tensor, y_backward: torch.Tensor) -> None:

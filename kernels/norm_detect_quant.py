@@ -42,7 +42,7 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
                               inlier_scale_ptr,
                               length, channels, n_refresh, k,
                               INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
-                              STORE_MASK: tl.constexpr, STORE_CODES: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                              STORE_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     sample = tl.program_id(0)
     start = tl.program_id(1) * n_refresh
     offs = tl.arange(0, BLOCK_C)
@@ -63,7 +63,7 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
         x = round_to_dtype((residual * inv_rms) * weight, hidden_ptr.dtype.element_ty)
         outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr,
                                     packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr,
-                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, STORE_CODES)
+                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK)
 
 
 def _check(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,

@@ -96,8 +96,8 @@ def _build_detect_family(kernel: triton.JITFunction, channels: int, bits: int, t
     """A kernel built on ``detect_quant_step`` as ``launch_detect_quant`` launches it for C channels; ``lean``
     (the packed model's calls) by default."""
     block, warps = dq.launch_block(channels)
-    constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4, "BLOCK_C": block,
-                 "STORE_MASK": not lean, "STORE_CODES": not (lean and bits == 4), **constants}
+    constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4 and not lean, "BLOCK_C": block,
+                 "STORE_MASK": not lean, **constants}
     divisible = divisible | ({"channels"} if channels % 16 == 0 else set())
     return build(kernel, {**DETECT_OUTPUTS, **types}, constants, divisible, warps, enable_fp_fusion=False)
 

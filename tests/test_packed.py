@@ -20,6 +20,7 @@ from core.models import VimConfig, VisionMamba
 from core.quant import QuantConfig, ReconstructionConfig, quantize
 from core.quant import packed as packed_module
 from core.quant.packed import PackedVim, agreement, load_packed, pack, save_packed
+from kernels.packing import unpack_int4
 from tests.test_kernels import DEVICE, real_shapes
 
 ONE_EPOCH = ReconstructionConfig(epochs=1, batch_size=16)
@@ -85,6 +86,9 @@ def test_no_float_weight_is_kept_for_a_packed_projection(default_w4a4, tmp_path)
         keys = set(f.keys())  # noqa: SIM118 - safe_open has no __iter__
     assert "model.layers.0.mixer.in_proj.weight" not in keys
     assert "linears.layers:0:in_proj:weight.weight_codes" in keys
+    assert not any("unpacked_weight" in key for key in keys)  # the kernels' int8 copy is rebuilt, not saved
+    linear = packed.linears["layers:0:in_proj:weight"]
+    assert torch.equal(linear.int8_weight, unpack_int4(linear.weight_codes))
     assert "model.layers.0.mixer.conv1d.weight" in keys  # what stays float is saved as float
     sizes = packed.weight_bytes()
     assert sizes["packed"] < sizes["float32"] / 6  # 4-bit codes + a scale per row vs float32

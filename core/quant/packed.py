@@ -45,6 +45,7 @@ from kernels.detect_quant import DetectQuantOutput, detect_quant, detect_quant_r
 from kernels.merge_detect_quant import merge_detect_quant
 from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference, quantize_weight
 from kernels.norm_detect_quant import norm_detect_quant
+from kernels.packing import unpack_int4
 
 FORMAT = PACKED_FORMAT_PREFIX + "1"
 KERNEL_BITS = (4, 8)  # what detect_quant and mixed_gemm take for weights and inliers
@@ -65,12 +66,19 @@ def _key(name: str) -> str:
 
 class PackedLinear(nn.Module):
     """One projection as integers: weight codes (N, K) int8 or (N, K/2) packed int4, a scale per output
-    channel, and the input's outlier-aware quantizer (static per-time-step inlier scale, k, n_refresh)."""
+    channel, and the input's outlier-aware quantizer (static per-time-step inlier scale, k, n_refresh).
+
+    The kernels compute 4-bit weights and inliers in int8 (values in ±7): Hopper has no int4 MMA, and the
+    measured packed-nibble GEMM ran at half the int8 one (unpacking in the K loop; kernels/README.md). The
+    integers, hence the results, are the same; storage and the saved file stay packed, and an int8 copy of the
+    weight (not saved) is the GEMM's operand."""
 
     def __init__(self, weight_codes: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
                  a_bits: int, k: float, n_refresh: int):
         super().__init__()
         self.register_buffer("weight_codes", weight_codes)
+        self.register_buffer("unpacked_weight", unpack_int4(weight_codes) if weight_codes.dtype == torch.uint8
+                             else None, persistent=False)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("input_scale", input_scale)
         self.a_bits, self.k, self.n_refresh = a_bits, k, n_refresh
@@ -82,6 +90,11 @@ class PackedLinear(nn.Module):
         codes = quantize_weight(weight.detach(), scale, w_bits)
         input_scale = input_quantizer.scale.detach().float().clone()
         return cls(codes, scale, input_scale, a_bits, input_quantizer.k, input_quantizer.n_refresh)
+
+    @property
+    def int8_weight(self) -> torch.Tensor:
+        """The GEMM's weight operand: the codes in int8 (unpacked once for 4-bit weights)."""
+        return self.weight_codes if self.unpacked_weight is None else self.unpacked_weight
 
     @property
     def w_bits(self) -> int:
@@ -97,12 +110,14 @@ class PackedLinear(nn.Module):
     def gemm(self, codes: DetectQuantOutput, bias: torch.Tensor | None, dtype: torch.dtype,
              use_kernels: bool) -> torch.Tensor:
         """(batch, L, N) in ``dtype`` from the input's codes, however they were made (``detect_quant`` or a
-        fused producer such as ``norm_detect_quant``; lean or not)."""
-        batch, length, _ = codes.outlier_codes.shape
+        fused producer such as ``norm_detect_quant``). The kernels multiply int8 codes (lean outputs); the
+        reference path multiplies the packed ones, so the packed layout stays checked end to end."""
+        batch, length, _ = codes.inlier_codes.shape
         rows = batch * length
-        inliers = codes.inlier_packed if self.a_bits == 4 else codes.inlier_codes
-        operands = (inliers.reshape(rows, -1), codes.inlier_scale.reshape(rows), self.weight_codes,
-                    self.weight_scale, codes.outlier_codes.reshape(rows, -1), codes.outlier_scale.reshape(rows),
+        inliers = codes.inlier_codes if use_kernels or self.a_bits == 8 else codes.inlier_packed
+        operands = (inliers.reshape(rows, -1), codes.inlier_scale.reshape(rows),
+                    self.int8_weight if use_kernels else self.weight_codes, self.weight_scale,
+                    codes.outlier_codes.reshape(rows, -1), codes.outlier_scale.reshape(rows),
                     None if bias is None else bias.float())
         if use_kernels:
             y = mixed_gemm(*operands, out_dtype=torch.float16 if dtype == torch.float16 else torch.float32)
