@@ -85,62 +85,41 @@ def round_to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _max_sum_sum(peak_a, count_a, total_a, peak_b, count_b, total_b):
-    return tl.maximum(peak_a, peak_b), count_a + count_b, total_a + total_b
-
-
-@triton.jit
-def _max_min_sum_sum(high_a, low_a, count_a, total_a, high_b, low_b, count_b, total_b):
-    return tl.maximum(high_a, high_b), tl.minimum(low_a, low_b), count_a + count_b, total_a + total_b
-
-
-@triton.jit
-def _sum_max(squares_a, peak_a, squares_b, peak_b):
-    return squares_a + squares_b, tl.maximum(peak_a, peak_b)
-
-
-@triton.jit
-def _sum_max_min(squares_a, high_a, low_a, squares_b, high_b, low_b):
-    return squares_a + squares_b, tl.maximum(high_a, high_b), tl.minimum(low_a, low_b)
-
-
-@triton.jit
 def detect_step(x, outlier, valid, static_scale, k, LEVELS: tl.constexpr, SIGNED: tl.constexpr):
     """One step of the rule on row x (fp32, (BLOCK_C,)) given the outlier set before it. The trigger S^D(t) is
     max |x| over the current inliers / LEVELS, or for SIGNED (asymmetric) grids (max − min of x) / LEVELS; when it
     exceeds ``static_scale``, the channels with |x| > θ = mean + k·std (unbiased) of |x| over the current inliers
     join the set. Returns the grown set and max(x, 0), min(x, 0) over it (the outlier grid's range).
 
-    Shared by every detecting kernel, so all of them flag alike. Two combined reductions per step, each one round
-    of shuffles and barriers for several statistics: (trigger extremes, inlier count, Σ|x|), then (Σ squared
-    deviations, the extremes over the set before the step). The channels that join are inliers with |x| > θ, so
-    the extremes after the step need no third pass: if the inliers' largest x exceeds θ it joined and is the
-    largest x that joined; if not, every x that joined is ≤ 0 (a positive one would be ≤ that largest x ≤ θ <
-    |x|) and drops out of max(x, 0). Likewise for the smallest. Exact, not an approximation."""
+    Shared by every detecting kernel, so all of them flag alike. A step is latency-bound on its reductions over
+    the channels (shuffles, and above one warp shared-memory barriers), so it makes three, each over several
+    statistics side by side (``tl.join``; minima as maxima of −x): the extremes over the current inliers and over
+    the set before the step, then the inlier count with Σ|x|, then the squared deviations. The channels that join
+    are inliers with |x| > θ, so the extremes after the step need no fourth pass: if the inliers' largest x
+    exceeds θ it joined and is the largest x that joined; if not, every x that joined is ≤ 0 (a positive one
+    would be ≤ that largest x ≤ θ < |x|) and drops out of max(x, 0). Likewise for the smallest. Exact, not an
+    approximation."""
     magnitude = tl.abs(x)
     inlier = valid & ~outlier
     kept = valid & outlier
     inlier_magnitude = tl.where(inlier, magnitude, 0.0)
     if SIGNED:
-        high, low, count, total = tl.reduce(
-            (tl.where(inlier, x, -float("inf")), tl.where(inlier, x, float("inf")), inlier.to(tl.float32),
-             inlier_magnitude), 0, _max_min_sum_sum)
+        extremes = tl.max(tl.join(tl.join(tl.where(inlier, x, -float("inf")), tl.where(inlier, -x, -float("inf"))),
+                                  tl.join(tl.where(kept, x, -float("inf")), tl.where(kept, -x, -float("inf")))),
+                          axis=0)
+        inlier_extremes, kept_extremes = tl.split(extremes)
+        high, negated_low = tl.split(inlier_extremes)
+        kept_high, negated_kept_low = tl.split(kept_extremes)
+        low, kept_low = -negated_low, -negated_kept_low
         dynamic_scale = tl.where(high > -float("inf"), tl.math.div_rn(high - low, LEVELS * 1.0), 0.0)
-    else:
-        high, count, total = tl.reduce((inlier_magnitude, inlier.to(tl.float32), inlier_magnitude), 0,
-                                       _max_sum_sum)
-        low = -high  # the largest |x| stands for both signs
+    else:  # the largest |x| stands for both signs
+        high, kept_high = tl.split(tl.max(tl.join(inlier_magnitude, tl.where(kept, magnitude, 0.0)), axis=0))
+        low, kept_low = -high, -kept_high
         dynamic_scale = tl.math.div_rn(high, LEVELS * 1.0)
+    count, total = tl.split(tl.sum(tl.join(inlier.to(tl.float32), inlier_magnitude), axis=0))
     mean = tl.math.div_rn(total, tl.maximum(count, 1.0))
     deviation = magnitude - mean
-    squares = tl.where(inlier, deviation * deviation, 0.0)
-    if SIGNED:
-        squares, kept_high, kept_low = tl.reduce(
-            (squares, tl.where(kept, x, -float("inf")), tl.where(kept, x, float("inf"))), 0, _sum_max_min)
-    else:
-        squares, kept_high = tl.reduce((squares, tl.where(kept, magnitude, 0.0)), 0, _sum_max)
-        kept_low = -kept_high
-    var = tl.math.div_rn(squares, tl.maximum(count - 1.0, 1.0))
+    var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=0), tl.maximum(count - 1.0, 1.0))
     theta = tl.where(dynamic_scale > static_scale, mean + k * tl.sqrt_rn(var), float("inf"))  # no trigger: none
     grown = outlier | (valid & (magnitude > theta))
     grown_high = tl.maximum(tl.maximum(kept_high, tl.where(high > theta, high, -float("inf"))), 0.0)
