@@ -50,7 +50,7 @@ from kernels.detect_quant import detect_quant, detect_quant_reference, empty_out
 from kernels.merge_detect_quant import merge_detect_quant, merge_detect_quant_reference  # noqa: E402
 from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference  # noqa: E402
 from kernels.norm_detect_quant import norm_detect_quant, norm_detect_quant_reference  # noqa: E402
-from kernels.packing import pack_int4  # noqa: E402
+from kernels.packing import pack_int4, unpack_int4  # noqa: E402
 from kernels.selective_scan import launch_config, selective_scan, selective_scan_reference  # noqa: E402
 
 MODELS = {"Vim-T": 192, "Vim-S": 384, "Vim-B": 768}
@@ -204,7 +204,7 @@ def bench_gemms(device: torch.device, bandwidth: float, models: dict[str, int], 
                                  "TOP/s": round(2 * m * n * k / us / 1e6, 1),
                                  "floor_us": round(gemm_bytes(m, n, k, variant) / bandwidth * 1e6, 2),
                                  "check": check})
-                rows.append(bench_detect_then_gemm(shape, fp16_us, bandwidth, device, g))
+                rows += bench_detect_then_gemm(shape, fp16_us, bandwidth, device, g)
                 print(f"{model} {layer} batch {batch}: " + ", ".join(  # progress, in case the run is cut short
                     f"{r['variant']} {r['us']} us {r['check']}" for r in rows if r.get("M") == m and
                     r["model"] == model and r["layer"] == layer), flush=True)
@@ -212,30 +212,41 @@ def bench_gemms(device: torch.device, bandwidth: float, models: dict[str, int], 
 
 
 def bench_detect_then_gemm(shape: dict, fp16_us: float, bandwidth: float, device: torch.device,
-                           g: torch.Generator) -> dict:
-    """W4A4O8 from fp16 activations: detect_quant (5 % planted outliers) then the GEMM, timed together."""
+                           g: torch.Generator) -> list[dict]:
+    """W4A4O8 from fp16 activations (5 % planted outliers): detect_quant then the GEMM, timed together, as packed
+    nibbles (the kernels' 4-bit path) and as the packed model runs it (lean detection writing int8 codes, the
+    int8 copy of the 4-bit weight). Both against the reference on the packed operands: the same integers."""
     m, k, n = shape["M"], shape["K"], shape["N"]
     x, scale = activations(shape["batch"], k, 5, device, g)
     weights = gemm_operands(16, n, k, 4, 4, 0, device, g)
     weight, weight_scale = weights["weight"], weights["weight_scale"]
-    codes = empty_output(x, 4)
+    int8_weight = unpack_int4(weight)
+    codes, lean_codes = empty_output(x, 4), empty_output(x, 4, lean=True)
     out = torch.empty(m, n, dtype=torch.float16, device=device)
 
-    def run() -> torch.Tensor:
+    def packed() -> torch.Tensor:
         q = detect_quant(x, scale, 3.0, 10, 4, out=codes)
         return mixed_gemm(q.inlier_packed.view(m, -1), q.inlier_scale.view(-1), weight, weight_scale,
                           q.outlier_codes.view(m, k), q.outlier_scale.view(-1), out=out)
 
-    run()
+    def model_path() -> torch.Tensor:
+        q = detect_quant(x, scale, 3.0, 10, 4, out=lean_codes, lean=True)
+        return mixed_gemm(q.inlier_codes.view(m, k), q.inlier_scale.view(-1), int8_weight, weight_scale,
+                          q.outlier_codes.view(m, k), q.outlier_scale.view(-1), out=out)
+
+    packed()
     ref = mixed_gemm_reference(codes.inlier_packed.view(m, -1), codes.inlier_scale.view(-1), weight, weight_scale,
                                codes.outlier_codes.view(m, k), codes.outlier_scale.view(-1))
-    error = rel_error(run(), ref)
     flagged = 100 * float(codes.outlier_mask.float().mean())
-    us = median_us(run)
-    return {**shape, "variant": "W4A4O8 incl. detect", "outlier_pct": round(flagged, 2), "us": round(us, 2),
-            "vs_fp16": round(fp16_us / us, 3), "TOP/s": round(2 * m * n * k / us / 1e6, 1),
-            "floor_us": round(gemm_bytes(m, n, k, "W4A4O8 detect") / bandwidth * 1e6, 2),
-            "check": f"ok {error:.1e}" if error < GEMM_TOLERANCE else f"FAIL {error:.1e}"}
+    rows = []
+    for variant, run in (("W4A4O8 incl. detect", packed), ("W4A4O8 incl. lean detect, int8 (model)", model_path)):
+        error = rel_error(run(), ref)
+        us = median_us(run)
+        rows.append({**shape, "variant": variant, "outlier_pct": round(flagged, 2), "us": round(us, 2),
+                     "vs_fp16": round(fp16_us / us, 3), "TOP/s": round(2 * m * n * k / us / 1e6, 1),
+                     "floor_us": round(gemm_bytes(m, n, k, "W4A4O8 detect") / bandwidth * 1e6, 2),
+                     "check": f"ok {error:.1e}" if error < GEMM_TOLERANCE else f"FAIL {error:.1e}"})
+    return rows
 
 
 def bench_detect(device: torch.device, bandwidth: float, models: dict[str, int], batches: tuple[int, ...],
@@ -247,16 +258,25 @@ def bench_detect(device: torch.device, bandwidth: float, models: dict[str, int],
             for batch in batches:
                 x, scale = activations(batch, channels, 5, device, g)
                 check = check_detect(x, scale)
-                out = empty_output(x, 4)
+                out, lean = empty_output(x, 4), empty_output(x, 4, lean=True)
                 us = median_us(lambda x=x, scale=scale, out=out: detect_quant(x, scale, 3.0, 10, 4, out=out))
+                lean_us = median_us(lambda x=x, scale=scale, lean=lean:
+                                    detect_quant(x, scale, 3.0, 10, 4, out=lean, lean=True))
+                lean_check = "ok" if all(torch.equal(getattr(lean, f), getattr(out, f)) for f in
+                                         ("inlier_codes", "outlier_codes", "inlier_scale", "outlier_scale")) \
+                    else "FAIL lean differs"
                 elements = x.numel()
-                moved = elements * (2 + 1 + 0.5 + 1 + 1) + batch * TOKENS * 8  # fp16 in; codes, packed, mask out
-                rows.append({"kind": "detect_quant 4-bit", "model": model, "layer": layer, "batch": batch,
-                             "M": batch * TOKENS, "K": channels, "variant": "detect_quant",
-                             "outlier_pct": round(100 * float(out.outlier_mask.float().mean()), 2),
-                             "us": round(us, 2), "GB/s": round(moved / us / 1e3, 1),
-                             "floor_us": round(moved / bandwidth * 1e6, 2), "check": check})
-                print(f"detect_quant {model} {layer} batch {batch}: {us:.1f} us {check}", flush=True)
+                # fp16 in; codes, packed, mask, outlier codes out (lean: codes and outlier codes); two scales a row
+                for variant, time_us, written, row_check in (("detect_quant", us, 3.5, check),
+                                                              ("detect_quant lean", lean_us, 2.0, lean_check)):
+                    moved = elements * (2 + written) + batch * TOKENS * 8
+                    rows.append({"kind": "detect_quant 4-bit", "model": model, "layer": layer, "batch": batch,
+                                 "M": batch * TOKENS, "K": channels, "variant": variant,
+                                 "outlier_pct": round(100 * float(out.outlier_mask.float().mean()), 2),
+                                 "us": round(time_us, 2), "GB/s": round(moved / time_us / 1e3, 1),
+                                 "floor_us": round(moved / bandwidth * 1e6, 2), "check": row_check})
+                print(f"detect_quant {model} {layer} batch {batch}: {us:.1f} us {check}, lean {lean_us:.1f} us "
+                      f"{lean_check}", flush=True)
     return rows
 
 
