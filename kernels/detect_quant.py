@@ -228,12 +228,13 @@ def launch_block(channels: int) -> tuple[int, int]:
 
 def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tensor, static_scale: torch.Tensor,
                         k: float, n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None,
-                        lean: bool = False, **constants: object) -> DetectQuantOutput:
+                        lean: bool = False, num_warps: int | None = None, **constants: object) -> DetectQuantOutput:
     """Check, allocate and launch a kernel built on ``detect_quant_step``: its own arguments (``inputs``) come
     first, then the ones every such kernel shares, in ``_detect_quant_kernel``'s order. ``x`` stands for the
     activation being quantized (its shape, dtype and device); one program per (sample, window). ``lean``: only
     what ``mixed_gemm``'s int8 path reads, the inlier codes as int8 whatever the bits (no mask, no packed copy):
-    2 bytes written per element instead of 3.5 at 4 bits, 3 at 8."""
+    2 bytes written per element instead of 3.5 at 4 bits, 3 at 8. ``num_warps`` replaces ``launch_block``'s
+    choice (the benchmark compares them: fewer warps, fewer barriers per reduction, more work per thread)."""
     _check(x, static_scale, n_refresh, inlier_bits)
     out = empty_output(x, inlier_bits, lean) if out is None else out
     for name, buffer, spec in zip(out._fields, out, _output_layout(x, inlier_bits, lean), strict=True):
@@ -248,6 +249,9 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
     batch, length, channels = x.shape
     static_scale = static_scale.to(device=x.device, dtype=torch.float32).contiguous()
     block, warps = launch_block(channels)
+    warps = num_warps or warps
+    if warps & (warps - 1) or not 1 <= warps <= 32:
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {warps}")
     placeholder = out.outlier_codes  # for the buffers a lean output lacks: never written (constexpr flags off)
     pack = out.inlier_packed is not None
     kernel[(batch, triton.cdiv(length, n_refresh))](
@@ -260,12 +264,13 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
 
 
 def detect_quant(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
-                 out: DetectQuantOutput | None = None, lean: bool = False) -> DetectQuantOutput:
+                 out: DetectQuantOutput | None = None, lean: bool = False,
+                 num_warps: int | None = None) -> DetectQuantOutput:
     """Triton: outlier masks, inlier/outlier codes and scales of x (batch, L, C), fp32/fp16/bf16, any strides.
     ``out`` (from ``empty_output``) is written in place, so repeated calls allocate nothing; ``lean`` skips what
-    the GEMM does not read (see ``launch_detect_quant``)."""
+    the GEMM does not read, ``num_warps`` overrides the launch (see ``launch_detect_quant``)."""
     return launch_detect_quant(_detect_quant_kernel, (x, *x.stride()), x, static_scale, k, n_refresh, inlier_bits,
-                               out, lean)
+                               out, lean, num_warps)
 
 
 def window_outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,

@@ -92,21 +92,23 @@ DETECT_OUTPUTS = {"static_scale_ptr": "*fp32", "inlier_ptr": "*i8", "packed_ptr"
 
 
 def _build_detect_family(kernel: triton.JITFunction, channels: int, bits: int, types: dict[str, str],
-                         constants: dict[str, object], divisible: set[str], lean: bool = True) -> BuildReport:
+                         constants: dict[str, object], divisible: set[str], lean: bool = True,
+                         warps: int | None = None) -> BuildReport:
     """A kernel built on ``detect_quant_step`` as ``launch_detect_quant`` launches it for C channels; ``lean``
-    (the packed model's calls) by default."""
-    block, warps = dq.launch_block(channels)
+    (the packed model's calls) by default, at ``launch_block``'s warps unless ``warps`` is given."""
+    block, default_warps = dq.launch_block(channels)
+    warps = warps or default_warps
     constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4 and not lean, "BLOCK_C": block,
                  "STORE_MASK": not lean, **constants}
     divisible = divisible | ({"channels"} if channels % 16 == 0 else set())
     return build(kernel, {**DETECT_OUTPUTS, **types}, constants, divisible, warps, enable_fp_fusion=False)
 
 
-def build_detect(channels: int, bits: int, lean: bool = True) -> BuildReport:
+def build_detect(channels: int, bits: int, lean: bool = True, warps: int | None = None) -> BuildReport:
     """detect_quant for contiguous fp16 input with C channels."""
     divisible = {"stride_xb", "stride_xt"} if channels % 16 == 0 else set()
     return _build_detect_family(dq._detect_quant_kernel, channels, bits, {"x_ptr": "*fp16"}, {"stride_xc": 1},
-                                divisible, lean)
+                                divisible, lean, warps)
 
 
 def build_norm_detect(channels: int, bits: int, dtype: str, residual: bool = True) -> BuildReport:
@@ -226,6 +228,9 @@ def main() -> int:
             print(f"detect_quant C={channels} {bits}-bit (lean, the packed model's): {report}", flush=True)
     seen[("detect", 1536, 4, "full")] = report = build_detect(1536, 4, lean=False)
     print(f"detect_quant C=1536 4-bit, every output: {report}", flush=True)
+    for warps in () if args.quick else (2, 4):  # what bench_kernels compares with launch_block's 8 (1 spills)
+        seen[("detect", 1536, 4, warps)] = report = build_detect(1536, 4, warps=warps)
+        print(f"detect_quant C=1536 4-bit lean at {warps} warps: {report}", flush=True)
     # (input dtype, warps, int8 u/B/C, channel-first u, delta bias): every launch_config choice for Vim's
     # calls, the int8 variant, the model's u layout, and everything on at once (the most registers)
     scans = [("fp16", 4, True, False, False), ("fp32", 1, True, True, True)] if args.quick else \

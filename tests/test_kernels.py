@@ -183,6 +183,18 @@ def test_detect_quant_reads_strided_input():
     assert_same_detection(got, detect_quant_reference(x, scale, 3.0, 10, 4))
 
 
+def test_detect_quant_at_other_warp_counts_gives_the_same_codes():
+    """``num_warps`` (what the benchmark sweeps) changes the launch, not the result; bad counts are refused."""
+    x = moving_outliers(1, 20, 256, seed=9, gaussian=False)
+    scale = static_scales(x, 7, seed=9)
+    want = detect_quant_reference(x, scale, 3.0, 10, 4)
+    xd, sd = x.to(DEVICE), scale.to(DEVICE)
+    for warps in (2, 4):
+        assert_same_detection(detect_quant(xd, sd, 3.0, 10, 4, out=poisoned_output(xd, 4), num_warps=warps), want)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        detect_quant(xd, sd, 3.0, 10, 4, num_warps=3)
+
+
 def test_dequantized_codes_are_the_fake_quantizer_output():
     """Codes × scales reproduce OutlierAwareQuantizer.forward exactly (same fp32 products)."""
     _, quantizers = core_quant()
