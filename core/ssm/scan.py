@@ -12,7 +12,8 @@ float32 (float64 stays float64) and return y in u's dtype.
 * :func:`selective_scan_ref` — the recurrence step by step; returns the states and lets a callback
   replace h_t inside the recurrence (state quantization, observation). Use it in float64 as ground truth.
 * :func:`selective_scan_fast` — the same recurrence, vectorised over samples, channels and states, stepping
-  in place through cache-sized slabs of samples, with a hand-written backward. This is the CPU path.
+  in place through cache-sized slabs of samples, with a hand-written backward. This is the CPU path (and
+  CUDA's for float64, or where triton does not import).
 * mamba-ssm's CUDA ``selective_scan_fn`` when it imports and the tensors are on CUDA.
 * ``kernels.selective_scan``: our fused Triton scan (fp32 state) with a Triton backward, optionally returning
   the states: the CUDA path when mamba-ssm is absent, and whenever states are asked for. Imported lazily, so
