@@ -19,6 +19,9 @@ BLOCK_E consecutive elements when E is the contiguous dimension (coalesced). Oth
 conv output seen as (batch, L, E)) are read through their strides without a copy; each load then touches one
 sector per channel, which later steps may find in cache (unmeasured). The inputs of step t + 1 are loaded
 while step t computes (software pipelining by hand, one step deep).
+
+Backward (``SelectiveScanFunction``, for float inputs under autograd or with ``return_states``): the same layout
+walks the steps from L − 1 down to 0 over the stored or recomputed states; see its kernel's docstring.
 """
 
 from __future__ import annotations
