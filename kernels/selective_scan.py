@@ -443,28 +443,31 @@ class SelectiveScanFunction(torch.autograd.Function):
         grad_states = None if grad_states is None else grad_states.transpose(2, 3).contiguous()  # (b, L, N, E)
         block_e, warps = ctx.config or launch_config(batch, channels)
         blocks = triton.cdiv(channels, block_e)
-        grads = {name: torch.zeros(batch, length, channels, dtype=torch.float32, device=u.device)
-                 for name in ("u", "delta", "z")}
-        partial_B, partial_C = (u.new_zeros(blocks, batch, length, n_state, dtype=torch.float32) for _ in "BC")
-        partial_A = u.new_zeros(batch, n_state, channels, dtype=torch.float32)
-        partial_D, partial_bias = (u.new_zeros(batch, channels, dtype=torch.float32) for _ in "Db")
+        # every element of these is written by the kernel (no memset); the optional ones only when used
+        grads = {name: u.new_empty(batch, length, channels, dtype=torch.float32)
+                 for name, tensor in (("u", u), ("delta", delta), ("z", z)) if tensor is not None}
+        partial_B, partial_C = (u.new_empty(blocks, batch, length, n_state, dtype=torch.float32) for _ in "BC")
+        partial_A = u.new_empty(batch, n_state, channels, dtype=torch.float32)
+        partial_D, partial_bias = (None if t is None else u.new_empty(batch, channels, dtype=torch.float32)
+                                   for t in (D, delta_bias))
         if states.numel():
             placeholder = A32
             z_or_u = u if z is None else z
             _selective_scan_backward_kernel[(batch, blocks)](
                 u, delta, A32, B, C, placeholder if D32 is None else D32, z_or_u,
                 placeholder if bias32 is None else bias32, states, grad_y,
-                placeholder if grad_states is None else grad_states, grads["u"], grads["delta"], grads["z"],
-                partial_B, partial_C, partial_A, partial_D, partial_bias, batch, length, channels,
+                placeholder if grad_states is None else grad_states, grads["u"], grads["delta"],
+                grads.get("z", placeholder), partial_B, partial_C, partial_A,
+                placeholder if partial_D is None else partial_D, placeholder if partial_bias is None else partial_bias,
+                batch, length, channels,
                 *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_or_u.stride(), *grad_y.stride(),
                 *A32.stride(), HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
                 DELTA_SOFTPLUS=ctx.delta_softplus, HAS_GRAD_STATES=grad_states is not None, N_STATE=n_state,
                 BLOCK_E=block_e, BLOCK_N=max(triton.next_power_of_2(n_state), 2), num_warps=warps)
-        like = {"u": u, "delta": delta, "z": z}
-        grad_u, grad_delta, grad_z = (None if like[name] is None else grads[name].to(like[name].dtype)
-                                      for name in ("u", "delta", "z"))
-        return (grad_u, grad_delta, partial_A.sum(0).t().to(A.dtype), partial_B.sum(0).to(B.dtype),
-                partial_C.sum(0).to(C.dtype), None if D is None else partial_D.sum(0).to(D.dtype), grad_z,
+        grad_z = None if z is None else grads["z"].to(z.dtype)
+        return (grads["u"].to(u.dtype), grads["delta"].to(delta.dtype), partial_A.sum(0).t().to(A.dtype),
+                partial_B.sum(0).to(B.dtype), partial_C.sum(0).to(C.dtype),
+                None if D is None else partial_D.sum(0).to(D.dtype), grad_z,
                 None if delta_bias is None else partial_bias.sum(0).to(delta_bias.dtype), None, None, None)
 
 
