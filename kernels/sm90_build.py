@@ -43,6 +43,7 @@ class BuildReport(NamedTuple):
     shared_bytes: int
     async_copies: int  # cp.async groups in the pipelined loop (0: loads are not pipelined)
     wgmma: bool
+    barriers: int  # bar.sync in the PTX: the synchronisation points a reduction costs (detection, scan backward)
 
 
 def _tool(name: str) -> str:
@@ -68,7 +69,7 @@ def build(kernel: triton.JITFunction, types: dict[str, str], constants: dict[str
     registers, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     ttgir = compiled.asm["ttgir"]
     return BuildReport(registers, stack, compiled.metadata.shared, ttgir.count("async_copy_global_to_local"),
-                       "warp_group_dot" in ttgir)
+                       "warp_group_dot" in ttgir, compiled.asm["ptx"].count("bar.sync"))
 
 
 def build_gemm(variant: str, m: int, n: int, k: int) -> BuildReport:
