@@ -14,6 +14,7 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from core.data import LabelledImages, load_fashion_mnist
 from core.data.fashion_mnist import VALIDATION_SIZE
 from core.eval import evaluate, hardware_label
-from core.models import VisionMamba, create_vim, save_safetensors
+from core.models import VisionMamba, create_vim, load_checkpoint, save_safetensors
 from core.records import utc_now
 from core.ssm import SCAN_IMPLEMENTATIONS
 
@@ -34,8 +35,8 @@ def split_train_val(train: LabelledImages) -> tuple[LabelledImages, LabelledImag
     return fit, val
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random shifts of up to ``pad`` pixels (zero fill) and horizontal flips, batched on the device."""
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random shifts of up to ``pad`` pixels (zero fill) and, with ``flip``, horizontal flips, batched."""
     n, _, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad), value=float(images.min()))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=images.device)
@@ -43,8 +44,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2) -> t
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]
     out = padded[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
-    flip = torch.rand(n, generator=generator, device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+    flipped = torch.rand(n, generator=generator, device=images.device) < 0.5
+    return torch.where(flipped[:, None, None, None], out.flip(-1), out) if flip else out
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -72,13 +73,23 @@ def train_step(model: VisionMamba, optimizer: torch.optim.Optimizer, images: tor
     return loss.item()
 
 
-def train(args: argparse.Namespace) -> tuple[VisionMamba, dict]:
+def initial_model(args: argparse.Namespace) -> VisionMamba:
+    """The named architecture (with overrides), or ``--init``'s weights to continue training from."""
+    overrides = {k: v for k, v in dict(embed_dim=args.embed_dim, depth=args.depth,
+                                       drop_path_rate=args.drop_path).items() if v is not None}
+    model = create_vim(args.model, **overrides)
+    if args.init is not None:
+        load_checkpoint(args.init, model=model)
+    return model
+
+
+def train(args: argparse.Namespace,
+          on_epoch: Callable[[VisionMamba, dict], None] | None = None) -> tuple[VisionMamba, dict]:
+    """Train per ``args``; ``on_epoch(model, info)`` runs after every epoch (e.g. to checkpoint)."""
     torch.manual_seed(args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = True
-    overrides = {k: v for k, v in dict(embed_dim=args.embed_dim, depth=args.depth,
-                                       drop_path_rate=args.drop_path).items() if v is not None}
-    model = create_vim(args.model, **overrides).to(device).set_scan_impl(args.scan_impl)
+    model = initial_model(args).to(device).set_scan_impl(args.scan_impl)
     fit, val = split_train_val(load_fashion_mnist("train", args.data))
     images = fit.normalized().to(device)
     labels = fit.labels.to(device)
@@ -105,8 +116,8 @@ def train(args: argparse.Namespace) -> tuple[VisionMamba, dict]:
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup, args.lr)
-            running += train_step(model, optimizer, augment(images[idx], generator), labels[idx],
-                                  args.label_smoothing)
+            batch = augment(images[idx], generator, args.shift, args.flip)
+            running += train_step(model, optimizer, batch, labels[idx], args.label_smoothing)
             step += 1
         val_top1 = evaluate(model, val, batch_size=1000, device=device).top1
         history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "val_top1": val_top1,
@@ -116,11 +127,14 @@ def train(args: argparse.Namespace) -> tuple[VisionMamba, dict]:
         if args.time_budget_min and epoch == budget_epoch:
             epochs = max(epoch, min(epochs, epochs_within_budget(history, args.time_budget_min)))
             total_steps = steps_per_epoch * epochs
-    model = model.cpu().eval()
-    info = {"epochs": epochs, "history": history, "val_top1": history[-1]["val_top1"],
-            "train_device": hardware_label(device),
-            "train_seconds": round(time.perf_counter() - started, 1)}
-    return model, info
+        if on_epoch is not None:
+            on_epoch(model, _info(epochs, history, device, started))
+    return model.cpu().eval(), _info(epochs, history, device, started)
+
+
+def _info(epochs: int, history: list[dict], device: torch.device, started: float) -> dict:
+    return {"epochs": epochs, "history": history, "val_top1": history[-1]["val_top1"],
+            "train_device": hardware_label(device), "train_seconds": round(time.perf_counter() - started, 1)}
 
 
 def _without_budget(argv: list[str], epochs: int) -> list[str]:
@@ -151,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup-epochs", type=int, default=2)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shift", type=int, default=2, help="random shifts of up to this many pixels (0: none)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="random horizontal flips")
+    parser.add_argument("--init", type=Path,
+                        help="continue from this checkpoint (same architecture); its card is kept as provenance")
     parser.add_argument("--time-budget-min", type=float,
                         help="cap the epochs so that training fits this many minutes (decided within the "
                              "warm-up, after epoch 2 or 1)")
@@ -160,24 +179,33 @@ def main(argv: list[str] | None = None) -> None:
                         help="the scan's implementation (auto: mamba-ssm or the Triton kernels on CUDA)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (model.safetensors + card.json)")
     args = parser.parse_args(argv)
-    model, info = train(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model, args.out / "model.safetensors")
     argv_used = sys.argv[1:] if argv is None else argv
     card = {
         "name": args.model,
-        "config": model.cfg.to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),
         "training_command": "python -m core.train " + shlex.join(argv_used),
-        "reproduce_command": "python -m core.train " + shlex.join(_without_budget(argv_used, info["epochs"])),
         "seed": args.seed,
         "data": "Fashion-MNIST train[:55000] (train[55000:] held out for validation); test = t10k (10,000)",
         "preprocessing": "pixels / 255, normalised with mean 0.2860, std 0.3530 (1 channel, 28×28)",
-        "date": utc_now(),
         "torch": torch.__version__,
-        **info,
     }
-    (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    if args.init is not None and (args.init.parent / "card.json").is_file():
+        card["init_card"] = json.loads((args.init.parent / "card.json").read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(model: VisionMamba, info: dict, status: str | None = None) -> None:
+        save_safetensors(model, args.out / "model.safetensors")
+        full = {**card, "config": model.cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
+                "reproduce_command": "python -m core.train " + shlex.join(_without_budget(argv_used, info["epochs"])),
+                "date": utc_now(), **info}
+        if status is not None:
+            full["status"] = status
+        (args.out / "card.json").write_text(json.dumps(full, indent=2) + "\n")
+
+    def checkpoint(model: VisionMamba, info: dict) -> None:
+        write(model, info, f"in progress: epoch {len(info['history'])} of {info['epochs']}")
+
+    model, info = train(args, on_epoch=checkpoint)
+    write(model, info)
     print(f"saved {args.out}: val top-1 {info['val_top1']:.2f}%")
 
 

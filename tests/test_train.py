@@ -1,9 +1,15 @@
 """Training: augmentation, schedule and one optimisation step that really changes the model."""
 
-import torch
+import json
+from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from core.data.fashion_mnist import VALIDATION_SIZE
 from core.models import create_vim
-from core.train import _without_budget, augment, epochs_within_budget, lr_at, train_step
+from core.train import _without_budget, augment, epochs_within_budget, lr_at, main, train_step
+from tests.test_data import small_set
 
 
 def test_one_training_step_reduces_loss_on_its_batch():
@@ -26,6 +32,24 @@ def test_augment_shifts_and_flips_within_bounds():
     assert out.shape == x.shape
     assert set(out.unique().tolist()) <= set(range(16))  # zero-fill uses the batch minimum (0 here)
     assert any(torch.equal(o, x[0].flip(-1)) for o in out) and any(torch.equal(o, x[0]) for o in out)
+    unflipped = augment(x, torch.Generator().manual_seed(0), pad=0, flip=False)
+    assert torch.equal(unflipped, x)
+
+
+def test_continued_training_starts_from_init_and_keeps_its_card(tmp_path: Path):
+    """Stage 2 (`--init`) starts from stage 1's weights, changes them, and carries stage 1's card as provenance."""
+    small_set(tmp_path / "data", n=VALIDATION_SIZE + 16)
+    common = ["--data", str(tmp_path / "data"), "--embed-dim", "16", "--depth", "1", "--batch-size", "8",
+              "--epochs", "1", "--warmup-epochs", "1"]
+    main([*common, "--out", str(tmp_path / "stage1")])
+    main([*common, "--out", str(tmp_path / "stage2"), "--init", str(tmp_path / "stage1" / "model.safetensors"),
+          "--lr", "1e-2", "--shift", "0", "--no-flip"])
+    first, second = (json.loads((tmp_path / s / "card.json").read_text()) for s in ("stage1", "stage2"))
+    assert second["init_card"] == first and "status" not in second and len(second["history"]) == 1
+    assert "--init" in second["reproduce_command"] and second["config"]["embed_dim"] == 16
+    w1, w2 = (load_file(str(tmp_path / s / "model.safetensors")) for s in ("stage1", "stage2"))
+    assert w1.keys() == w2.keys() and not torch.equal(w1["layers.0.mixer.in_proj.weight"],
+                                                       w2["layers.0.mixer.in_proj.weight"])
 
 
 def test_warmup_then_cosine():
