@@ -5,7 +5,9 @@ layer shapes.
 
 Per layer GEMM (in_proj D→2E, x_proj E→R+2N, dt_proj R→E, out_proj E→D; D = 192/384/768, E = 2D, N = 16,
 R = ceil(D/16)) at tokens = batch × 197 for batch 1, 16, 64: cuBLAS fp16 (``F.linear``) against our W8A8,
-W4A4 (no outlier path) and W4A4O8 with 1 %, 5 %, 10 % outlier channels, all with fp16 output; W4A4O8 also
+W4A4 (no outlier path) and W4A4O8 with 1 %, 5 %, 10 % outlier channels, all with fp16 output; as the packed
+model runs it (4-bit values in int8) with outliers on fixed channels, the dense outlier dot against the gathered
+one (``mixed_gemm(outlier_weight_t=…)``, compaction included), and gathered with outliers anywhere; W4A4O8 also
 with ``detect_quant`` in front (fp16 activations in, ~5 % planted outliers); and ``detect_quant`` alone on
 every layer input (batch, 197, C). The selective scan (E = 2D, L = 197, N = 16, with D and the gate z) in fp16
 and fp32: our Triton kernel at each (BLOCK_E, warps) configuration (``launch_config``'s choice marked), on u as
@@ -44,6 +46,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine_header, write_results  # noqa: E402
+from core.quant.packed import GATHERED_OUTLIERS_MIN_K  # noqa: E402
 from core.ssm.scan import _mamba_ssm_scan, selective_scan_fast  # noqa: E402
 from kernels.conv_silu import conv_silu, conv_silu_reference  # noqa: E402
 from kernels.detect_quant import (  # noqa: E402
@@ -92,21 +95,32 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 def gemm_operands(m: int, n: int, k: int, inlier_bits: int, weight_bits: int, outlier_pct: float,
-                  device: torch.device, g: torch.Generator) -> dict:
-    """Random codes (outlier channels zeroed in the inlier codes) and scales that dequantize to about ±1."""
+                  device: torch.device, g: torch.Generator, packed: bool = True, fixed_channels: bool = False,
+                  gathered: bool = False) -> dict:
+    """Random codes (outlier channels zeroed in the inlier codes) and scales that dequantize to about ±1.
+    Outliers on ``outlier_pct`` % of the entries, anywhere, or with ``fixed_channels`` on that share of the
+    channels in every row (a model's persistent outlier channels). 4-bit codes packed, or with ``packed=False``
+    as int8 (the packed model's operands); ``gathered`` adds the weight's int8 transpose (gathered outliers)."""
     qi, qw = inlier_qmax(inlier_bits), inlier_qmax(weight_bits)
     inlier = torch.randint(-qi, qi + 1, (m, k), generator=g, dtype=torch.int8, device=device)
     weight = torch.randint(-qw, qw + 1, (n, k), generator=g, dtype=torch.int8, device=device)
     ops = {"inlier_scale": (torch.rand(m, generator=g, device=device) + 0.05) / qi,
            "weight_scale": (torch.rand(n, generator=g, device=device) + 0.05) / qw}
     if outlier_pct:
-        chosen = torch.rand(m, k, generator=g, device=device) < outlier_pct / 100
+        if fixed_channels:
+            chosen = torch.zeros(m, k, dtype=torch.bool, device=device)
+            picked = torch.randperm(k, generator=g, device=device)[:max(1, round(k * outlier_pct / 100))]
+            chosen[:, picked] = True
+        else:
+            chosen = torch.rand(m, k, generator=g, device=device) < outlier_pct / 100
         codes = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8, device=device)
         inlier.masked_fill_(chosen, 0)
         ops["outlier_codes"] = codes.masked_fill(~chosen, 0)
         ops["outlier_scale"] = (torch.rand(m, generator=g, device=device) * 20 + 1) / 127
-    ops["inlier_codes"] = pack_int4(inlier) if inlier_bits == 4 else inlier
-    ops["weight"] = pack_int4(weight) if weight_bits == 4 else weight
+    ops["inlier_codes"] = pack_int4(inlier) if inlier_bits == 4 and packed else inlier
+    ops["weight"] = pack_int4(weight) if weight_bits == 4 and packed else weight
+    if gathered:
+        ops["outlier_weight_t"] = weight.t().contiguous()
     return ops
 
 
@@ -134,7 +148,7 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 def check_gemm(ops: dict) -> str:
     y = mixed_gemm(**ops, out=torch.full((ops["inlier_scale"].numel(), ops["weight_scale"].numel()), float("nan"),
                                          dtype=torch.float16, device=ops["weight"].device))
-    error = rel_error(y, mixed_gemm_reference(**ops))
+    error = rel_error(y, mixed_gemm_reference(**{name: t for name, t in ops.items() if name != "outlier_weight_t"}))
     return f"ok {error:.1e}" if error < GEMM_TOLERANCE else f"FAIL {error:.1e}"
 
 
@@ -178,8 +192,9 @@ def gemm_bytes(m: int, n: int, k: int, variant: str) -> float:
     """Fewest bytes a variant must move: its operands once, the fp16 output once, the scales."""
     if variant == "fp16 cuBLAS":
         return 2 * (m * k + n * k + m * n)
-    inlier = m * k / 2 if variant.startswith("W4A4") else m * k
-    weight = n * k / 2 if variant.startswith("W4") else n * k
+    nibbles = "int8" not in variant
+    inlier = m * k / 2 if variant.startswith("W4A4") and nibbles else m * k
+    weight = n * k / 2 if variant.startswith("W4") and nibbles else n * k
     outlier = m * k if "O8" in variant else 0
     activation = 2 * m * k if "detect" in variant else 0  # the fp16 input of detect_quant
     return inlier + weight + outlier + activation + 2 * m * n + 4 * (2 * m + n)
@@ -197,6 +212,14 @@ def bench_gemms(device: torch.device, bandwidth: float, models: dict[str, int], 
                             "W4A4": gemm_operands(m, n, k, 4, 4, 0, device, g)}
                 for pct in OUTLIER_PCTS:
                     variants[f"W4A4O8 {pct}%"] = gemm_operands(m, n, k, 4, 4, pct, device, g)
+                    # the packed model's operands (int8), outliers on fixed channels: dense vs gathered dot
+                    for gathered in (False, True):
+                        variants[f"W4A4O8 {pct}% fixed ch, int8 {'gathered' if gathered else 'dense'}"] = \
+                            gemm_operands(m, n, k, 4, 4, pct, device, g, packed=False, fixed_channels=True,
+                                          gathered=gathered)
+                # anywhere: the row blocks' lists cover most channels, the gathered path falls back to dense
+                variants["W4A4O8 5% int8 gathered"] = gemm_operands(m, n, k, 4, 4, 5, device, g, packed=False,
+                                                                    gathered=True)
                 x16 = torch.randn(m, k, generator=g, device=device).half()
                 w16 = (torch.randn(n, k, generator=g, device=device) / math.sqrt(k)).half()
                 fp16_us = median_us(lambda x16=x16, w16=w16: F.linear(x16, w16))
@@ -229,6 +252,7 @@ def bench_detect_then_gemm(shape: dict, fp16_us: float, bandwidth: float, device
     weights = gemm_operands(16, n, k, 4, 4, 0, device, g)
     weight, weight_scale = weights["weight"], weights["weight_scale"]
     int8_weight = unpack_int4(weight)
+    weight_t = int8_weight.t().contiguous() if k >= GATHERED_OUTLIERS_MIN_K else None  # as PackedLinear keeps
     codes, lean_codes = empty_output(x, 4), empty_output(x, 4, lean=True)
     out = torch.empty(m, n, dtype=torch.float16, device=device)
 
@@ -240,7 +264,7 @@ def bench_detect_then_gemm(shape: dict, fp16_us: float, bandwidth: float, device
     def model_path() -> torch.Tensor:
         q = detect_quant(x, scale, 3.0, 10, 4, out=lean_codes, lean=True)
         return mixed_gemm(q.inlier_codes.view(m, k), q.inlier_scale.view(-1), int8_weight, weight_scale,
-                          q.outlier_codes.view(m, k), q.outlier_scale.view(-1), out=out)
+                          q.outlier_codes.view(m, k), q.outlier_scale.view(-1), out=out, outlier_weight_t=weight_t)
 
     packed()
     ref = mixed_gemm_reference(codes.inlier_packed.view(m, -1), codes.inlier_scale.view(-1), weight, weight_scale,

@@ -18,9 +18,18 @@ Layouts (row-major, last dimension K):
 When either operand is packed, the K loop runs over byte pairs and does one dot for the even and one for the
 odd elements (no register interleaving); unpacked operands are then loaded contiguously and split into even
 and odd halves in registers. Offsets are int32: M·K and M·N must stay below 2^31.
+
+Gathered outliers (``outlier_weight_t`` given): the dense outlier dot costs as much as the inlier one whatever
+the outlier count. Instead, ``compact_outliers`` lists, per block of BLOCK_M rows, the channels where any row has
+a nonzero outlier code and packs those codes to the left; the GEMM then runs its outlier dot over that list
+only, GATHER_K channels at a time, with the matching rows of the weight taken from its int8 transpose (K, N),
+whose rows are contiguous. Same integers, same result bit for bit; the work falls from K to the block's
+outlier count (a block whose list covers more than half of K runs the dense loop instead).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -57,11 +66,40 @@ def _load_halves(ptr, offs_rows, stride_row, first_pair, stride_k, pairs, rows, 
 
 
 @triton.jit
+def _gathered_outlier_dot(acc, o_ptr, stride_om, stride_ok, wt_ptr, channels_ptr, counts_ptr, compact_ptr, pid_m,
+                          offs_m, offs_n, M, N, K, BLOCK_K: tl.constexpr, GATHER_K: tl.constexpr):
+    """acc + Σ_k A_O[m, k] W[n, k] over the row block's listed outlier channels (``compact_outliers``), with W
+    read from its transpose (K, N); over all K when the list covers more than half of it."""
+    count = tl.load(counts_ptr + pid_m)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    if count * 2 > K:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            o = tl.load(o_ptr + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok,
+                        mask=m_ok[:, None] & k_ok[None, :], other=0)
+            wt = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
+            acc += tl.dot(o, wt, out_dtype=tl.int32)
+    else:
+        for j0 in range(0, count, GATHER_K):
+            offs_j = j0 + tl.arange(0, GATHER_K)
+            j_ok = offs_j < count
+            channel = tl.load(channels_ptr + pid_m * K + offs_j, mask=j_ok, other=0)
+            o = tl.load(compact_ptr + offs_m[:, None] * K + offs_j[None, :], mask=m_ok[:, None] & j_ok[None, :],
+                        other=0)
+            wt = tl.load(wt_ptr + channel[:, None] * N + offs_n[None, :], mask=j_ok[:, None] & n_ok[None, :],
+                         other=0)
+            acc += tl.dot(o, wt, out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
 def _mixed_gemm_kernel(a_ptr, a_scale_ptr, o_ptr, o_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, y_ptr,
+                       wt_ptr, channels_ptr, counts_ptr, compact_ptr,
                        M, N, K, stride_am, stride_ak, stride_om, stride_ok, stride_wn, stride_wk, stride_ym, stride_yn,
                        A_PACKED: tl.constexpr, W_PACKED: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr):
+                       GATHERED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GATHER_K: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped launch order: GROUP_M row blocks share each column block of W while it sits in L2
     pid = tl.program_id(0)
     blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -84,7 +122,7 @@ def _mixed_gemm_kernel(a_ptr, a_scale_ptr, o_ptr, o_scale_ptr, w_ptr, w_scale_pt
                                          A_PACKED, True)
             acc_inlier += tl.dot(a_even, w_even, out_dtype=tl.int32)
             acc_inlier += tl.dot(a_odd, w_odd, out_dtype=tl.int32)
-            if HAS_OUTLIERS:
+            if HAS_OUTLIERS and not GATHERED:
                 o_even, o_odd = _load_halves(o_ptr, offs_m, stride_om, p0, stride_ok, pairs, M, BLOCK_M, BLOCK_K,
                                              False, True)
                 acc_outlier += tl.dot(o_even, w_even, out_dtype=tl.int32)
@@ -97,9 +135,13 @@ def _mixed_gemm_kernel(a_ptr, a_scale_ptr, o_ptr, o_scale_ptr, w_ptr, w_scale_pt
             a_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
             a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=a_mask, other=0)
             acc_inlier += tl.dot(a, w, out_dtype=tl.int32)
-            if HAS_OUTLIERS:
+            if HAS_OUTLIERS and not GATHERED:
                 o = tl.load(o_ptr + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok, mask=a_mask, other=0)
                 acc_outlier += tl.dot(o, w, out_dtype=tl.int32)
+    if GATHERED:
+        acc_outlier = _gathered_outlier_dot(acc_outlier, o_ptr, stride_om, stride_ok, wt_ptr, channels_ptr,
+                                            counts_ptr, compact_ptr, pid_m, offs_m, offs_n, M, N, K, BLOCK_K,
+                                            GATHER_K)
 
     # epilogue: per-row activation scale(s), then the per-column weight scale, then the bias
     m_ok, n_ok = offs_m < M, offs_n < N
@@ -111,6 +153,76 @@ def _mixed_gemm_kernel(a_ptr, a_scale_ptr, o_ptr, o_scale_ptr, w_ptr, w_scale_pt
         y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _compact_outliers_kernel(o_ptr, stride_om, stride_ok, channels_ptr, counts_ptr, compact_ptr, M, K,
+                             BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per block of BLOCK_M rows: walks K in chunks, appends the channels with any nonzero code to
+    the block's list and its codes, packed to the left, to ``compact`` (row stride K)."""
+    block = tl.program_id(0)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    count = tl.full((), 0, tl.int32)
+    for k0 in range(0, K, CHUNK):
+        offs_k = k0 + tl.arange(0, CHUNK)
+        codes = tl.load(o_ptr + rows[:, None] * stride_om + offs_k[None, :] * stride_ok,
+                        mask=row_ok[:, None] & (offs_k[None, :] < K), other=0)
+        used = tl.max((codes != 0).to(tl.int32), axis=0)
+        slot = count + tl.cumsum(used, axis=0) - 1
+        tl.store(channels_ptr + block * K + slot, offs_k, mask=used > 0)
+        tl.store(compact_ptr + rows[:, None] * K + slot[None, :], codes, mask=row_ok[:, None] & (used[None, :] > 0))
+        count += tl.sum(used, axis=0)
+    tl.store(counts_ptr + block, count)
+
+
+class CompactOutliers(NamedTuple):
+    """Per block of ``block_m`` rows: ``channels`` (blocks, K) int32, the first ``counts[b]`` of row b the channels
+    with any nonzero outlier code, ascending; ``codes`` (M, K) int8, row m's codes on its block's channels in that
+    order, packed to the left. Entries past a block's count are unspecified (never read)."""
+
+    channels: torch.Tensor
+    counts: torch.Tensor
+    codes: torch.Tensor
+    block_m: int
+
+
+def compact_chunk(k: int) -> int:
+    """Channels per step of ``compact_outliers``: 64 (the sm_90 build at 128 rows × 128 channels spills: every
+    scattered store needs its own address)."""
+    return min(64, max(16, triton.next_power_of_2(k)))
+
+
+def compact_outliers(outlier_codes: torch.Tensor, block_m: int) -> CompactOutliers:
+    """Triton: the gathered outlier path's operand (``CompactOutliers``) from dense (M, K) int8 outlier codes."""
+    if outlier_codes.dtype != torch.int8 or outlier_codes.dim() != 2:
+        raise ValueError(f"outlier codes must be int8 (M, K), got {outlier_codes.dtype} {tuple(outlier_codes.shape)}")
+    m, k = outlier_codes.shape
+    blocks = triton.cdiv(m, block_m)
+    out = CompactOutliers(torch.empty(blocks, k, dtype=torch.int32, device=outlier_codes.device),
+                          torch.empty(blocks, dtype=torch.int32, device=outlier_codes.device),
+                          torch.empty(m, k, dtype=torch.int8, device=outlier_codes.device), block_m)
+    _compact_outliers_kernel[(blocks,)](outlier_codes, outlier_codes.stride(0), outlier_codes.stride(1),
+                                        out.channels, out.counts, out.codes, m, k, BLOCK_M=block_m,
+                                        CHUNK=compact_chunk(k), num_warps=8)
+    return out
+
+
+def compact_outliers_reference(outlier_codes: torch.Tensor, block_m: int) -> CompactOutliers:
+    """PyTorch: the same lists and packed codes, with zeros past each block's count."""
+    m, k = outlier_codes.shape
+    blocks = -(-m // block_m)
+    padded = torch.zeros(blocks * block_m, k, dtype=torch.int8)
+    padded[:m] = outlier_codes.cpu()
+    used = (padded.view(blocks, block_m, k) != 0).any(1)
+    channels = torch.zeros(blocks, k, dtype=torch.int32)
+    codes = torch.zeros(blocks * block_m, k, dtype=torch.int8)
+    for b in range(blocks):
+        listed = used[b].nonzero().flatten()
+        channels[b, :listed.numel()] = listed.int()
+        rows = slice(b * block_m, (b + 1) * block_m)
+        codes[rows, :listed.numel()] = padded[rows][:, listed]
+    return CompactOutliers(channels, used.sum(1).int(), codes[:m], block_m)
 
 
 def _reduction_size(codes: torch.Tensor) -> int:
@@ -142,6 +254,9 @@ def _check(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: torch
     return m, n, k
 
 
+GATHER_K = 32  # outlier channels per gathered dot: the smallest K of an int8 wgmma
+
+
 def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by size class, no autotuning (the interpreter takes
     one config, and compile time is scarce on the lent GPU). Few rows (batch 1): 64×64 tiles, for more
@@ -157,10 +272,16 @@ def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
 def mixed_gemm(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: torch.Tensor,
                weight_scale: torch.Tensor, outlier_codes: torch.Tensor | None = None,
                outlier_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
+               out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
+               outlier_weight_t: torch.Tensor | None = None) -> torch.Tensor:
     """Triton: (M, N) = dequantized (inlier + outlier) activations × dequantized weightᵀ (+ bias), written to
-    ``out`` (any strides) when given."""
+    ``out`` (any strides) when given. ``outlier_weight_t``, the weight's codes as contiguous int8 (K, N), selects
+    the gathered outlier path (same result)."""
     m, n, k = _check(inlier_codes, inlier_scale, weight, weight_scale, outlier_codes, outlier_scale, bias)
+    gathered = outlier_codes is not None and outlier_weight_t is not None
+    if outlier_weight_t is not None and (outlier_weight_t.dtype != torch.int8 or outlier_weight_t.shape != (k, n)
+                                         or not outlier_weight_t.is_contiguous()):
+        raise ValueError(f"outlier_weight_t must be contiguous int8 (K, N) = ({k}, {n})")
     if out_dtype not in (torch.float16, torch.float32):
         raise ValueError(f"output must be fp16 or fp32, got {out_dtype}")
     a_packed, w_packed = inlier_codes.dtype == torch.uint8, weight.dtype == torch.uint8
@@ -173,14 +294,19 @@ def mixed_gemm(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: t
     outlier_codes = outlier_codes if has_outliers else inlier_codes  # placeholders: never read when absent
     outlier_scale = outlier_scale.float().contiguous() if has_outliers else inlier_scale
     block_m, block_n, block_k, warps, stages = _blocks(m, n, k)
+    # placeholders for the gathered path's operands: never read when it is off
+    compact = compact_outliers(outlier_codes, block_m) if gathered else \
+        CompactOutliers(inlier_scale, inlier_scale, inlier_codes, block_m)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _mixed_gemm_kernel[grid](
         inlier_codes, inlier_scale.float().contiguous(), outlier_codes, outlier_scale, weight,
-        weight_scale.float().contiguous(), bias.contiguous() if has_bias else y, y, m, n, k,
+        weight_scale.float().contiguous(), bias.contiguous() if has_bias else y, y,
+        outlier_weight_t if gathered else weight, compact.channels, compact.counts, compact.codes, m, n, k,
         inlier_codes.stride(0), inlier_codes.stride(1), outlier_codes.stride(0), outlier_codes.stride(1),
         weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        A_PACKED=a_packed, W_PACKED=w_packed, HAS_OUTLIERS=has_outliers, HAS_BIAS=has_bias,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+        A_PACKED=a_packed, W_PACKED=w_packed, HAS_OUTLIERS=has_outliers, GATHERED=gathered, HAS_BIAS=has_bias,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATHER_K=GATHER_K, GROUP_M=8, num_warps=warps,
+        num_stages=stages)
     return y
 
 

@@ -72,20 +72,30 @@ def build(kernel: triton.JITFunction, types: dict[str, str], constants: dict[str
                        "warp_group_dot" in ttgir, compiled.asm["ptx"].count("bar.sync"))
 
 
-def build_gemm(variant: str, m: int, n: int, k: int) -> BuildReport:
-    """The mixed GEMM as ``mixed_gemm`` launches it for an (M, K) × (N, K)ᵀ problem, fp16 output."""
+def build_gemm(variant: str, m: int, n: int, k: int, gathered: bool = False) -> BuildReport:
+    """The mixed GEMM as ``mixed_gemm`` launches it for an (M, K) × (N, K)ᵀ problem, fp16 output; ``gathered``:
+    the outlier dot over ``compact_outliers``' lists."""
     a_packed, w_packed, outliers = VARIANTS[variant]
     block_m, block_n, block_k, warps, stages = mg._blocks(m, n, k)
     types = {"a_ptr": "*u8" if a_packed else "*i8", "w_ptr": "*u8" if w_packed else "*i8", "o_ptr": "*i8",
              "a_scale_ptr": "*fp32", "o_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
-             "y_ptr": "*fp16"}
-    constants = {"A_PACKED": a_packed, "W_PACKED": w_packed, "HAS_OUTLIERS": outliers, "HAS_BIAS": False,
-                 "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8,
+             "y_ptr": "*fp16", "wt_ptr": "*i8", "channels_ptr": "*i32", "counts_ptr": "*i32", "compact_ptr": "*i8"}
+    constants = {"A_PACKED": a_packed, "W_PACKED": w_packed, "HAS_OUTLIERS": outliers, "GATHERED": gathered,
+                 "HAS_BIAS": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                 "GATHER_K": mg.GATHER_K, "GROUP_M": 8,
                  "stride_ak": 1, "stride_ok": 1, "stride_wk": 1, "stride_yn": 1}  # unit strides: the JIT's view
     row_strides = {"stride_am": k // 2 if a_packed else k, "stride_om": k, "stride_wn": k // 2 if w_packed else k,
                    "stride_ym": n, "M": m, "N": n, "K": k}
     divisible = {name for name, value in row_strides.items() if value % 16 == 0}
     return build(mg._mixed_gemm_kernel, types, constants, divisible, warps, stages)
+
+
+def build_compact_outliers(k: int, block_m: int) -> BuildReport:
+    """compact_outliers for contiguous (M, K) int8 outlier codes."""
+    types = {"o_ptr": "*i8", "channels_ptr": "*i32", "counts_ptr": "*i32", "compact_ptr": "*i8"}
+    constants = {"BLOCK_M": block_m, "CHUNK": mg.compact_chunk(k), "stride_ok": 1}
+    divisible = {"stride_om", "K"} if k % 16 == 0 else set()
+    return build(mg._compact_outliers_kernel, types, constants, divisible, 8)
 
 
 DETECT_OUTPUTS = {"static_scale_ptr": "*fp32", "inlier_ptr": "*i8", "packed_ptr": "*u8", "mask_ptr": "*u8",
@@ -223,6 +233,18 @@ def main() -> int:
             if key not in seen:
                 seen[key] = build_gemm(variant, m, n, k)
                 print(f"mixed_gemm {variant:<7} e.g. M={m} N={n} K={k} blocks {blocks}: {seen[key]}", flush=True)
+    # the packed model's GEMM (int8 operands) with gathered outliers, and the compaction in front of it
+    for m, n, k in shapes:
+        blocks = mg._blocks(m, n, k)
+        key = ("gemm", "W8A8O8 gathered", blocks, m % 16 == 0, n % 16 == 0, k % 16 == 0, k % 32 == 0)
+        if key not in seen:
+            seen[key] = build_gemm("W8A8O8", m, n, k, gathered=True)
+            print(f"mixed_gemm W8A8O8 gathered outliers e.g. M={m} N={n} K={k} blocks {blocks}: {seen[key]}",
+                  flush=True)
+        key = ("compact", blocks[0], k % 16 == 0, mg.compact_chunk(k))
+        if key not in seen:
+            seen[key] = build_compact_outliers(k, blocks[0])
+            print(f"compact_outliers K={k} BLOCK_M={blocks[0]}: {seen[key]}", flush=True)
     for channels in (1536,) if args.quick else (12, 24, 48, 192, 384, 768, 1536):
         for bits in (4, 8):
             seen[("detect", channels, bits)] = report = build_detect(channels, bits)

@@ -26,7 +26,13 @@ from kernels.detect_quant import (
     empty_output,
     inlier_qmax,
 )
-from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference, quantize_weight
+from kernels.mixed_gemm import (
+    compact_outliers,
+    compact_outliers_reference,
+    mixed_gemm,
+    mixed_gemm_reference,
+    quantize_weight,
+)
 from kernels.packing import pack_int4, unpack_int4
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in {"1", "true", "on", "yes"}
@@ -276,12 +282,67 @@ def test_outlier_path_carries_the_weight_scale():
     assert y.abs().max() > 0 and torch.allclose(halved, y / 2, rtol=1e-6, atol=0)
 
 
+def outlier_pattern(m: int, k: int, kind: str, seed: int) -> torch.Tensor:
+    """Where the outlier codes sit: ``scattered`` (10 % of the entries, anywhere), ``channels`` (a few fixed
+    channels, the usual picture in a model: short lists), ``dense`` (half the channels: the dense fallback),
+    ``none``."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "scattered":
+        return torch.rand(m, k, generator=g) < 0.1
+    if kind == "channels":
+        chosen = torch.zeros(m, k, dtype=torch.bool)
+        chosen[:, torch.randperm(k, generator=g)[:max(1, k // 20)]] = True
+        return chosen & (torch.rand(m, k, generator=g) < 0.7)
+    if kind == "dense":
+        return torch.rand(m, k, generator=g) < 0.6
+    return torch.zeros(m, k, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("kind", ["scattered", "channels", "dense", "none"])
+@pytest.mark.parametrize(("m", "k", "block_m"), [(130, 96, 64), (64, 300, 128), (7, 12, 64)])
+def test_compact_outliers_matches_reference(kind, m, k, block_m):
+    codes = torch.randint(-127, 128, (m, k), generator=torch.Generator().manual_seed(m), dtype=torch.int8)
+    codes = codes.masked_fill(~outlier_pattern(m, k, kind, seed=k), 0)
+    want = compact_outliers_reference(codes, block_m)
+    got = compact_outliers(codes.to(DEVICE), block_m)
+    assert torch.equal(got.counts.cpu(), want.counts)
+    rows_block = torch.arange(m) // block_m
+    for b, count in enumerate(want.counts.tolist()):  # past a block's count the buffers are unspecified
+        assert torch.equal(got.channels[b, :count].cpu(), want.channels[b, :count])
+        assert torch.equal(got.codes[rows_block == b, :count].cpu(), want.codes[rows_block == b, :count])
+
+
+@pytest.mark.parametrize("variant", ["W8A8O8", "W4A4O8", "W4A8O8"])
+@pytest.mark.parametrize("kind", ["scattered", "channels", "dense", "none"])
+@pytest.mark.parametrize(("m", "n", "k"), [(130, 200, 96), (77, 44, 300)])
+def test_gathered_outliers_give_the_dense_result_bit_for_bit(variant, kind, m, n, k):
+    """The gathered outlier path adds the same integers: fp32 and fp16 outputs equal the dense path's exactly."""
+    inlier_bits, weight_bits, _ = VARIANTS[variant]
+    if (inlier_bits == 4 or weight_bits == 4) and k % 2:
+        k += 1
+    ops = gemm_operands(m, n, k, inlier_bits, weight_bits, True, seed=m + k)
+    chosen = outlier_pattern(m, k, kind, seed=n)
+    ops["outlier_codes"] = torch.randint(-127, 128, (m, k), generator=torch.Generator().manual_seed(n),
+                                         dtype=torch.int8).masked_fill(~chosen, 0)
+    weight = unpack_int4(ops["weight"]) if weight_bits == 4 else ops["weight"]
+    device_ops = {name: t.to(DEVICE) for name, t in ops.items()}
+    weight_t = weight.t().contiguous().to(DEVICE)
+    for dtype in (torch.float32, torch.float16):
+        dense = mixed_gemm(**device_ops, out_dtype=dtype)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+        gathered = mixed_gemm(**device_ops, out_dtype=dtype, out=out, outlier_weight_t=weight_t)
+        assert torch.equal(gathered, dense)
+    assert rel_error(gathered.cpu().double(), mixed_gemm_reference(**ops)) < 1e-3
+
+
 def test_mixed_gemm_rejects_mismatched_operands():
     ops = gemm_operands(64, 64, 64, 4, 4, outliers=True, seed=0)
     with pytest.raises(ValueError, match="K"):
         mixed_gemm(**{**ops, "weight": ops["weight"][:, :16]})
     with pytest.raises(ValueError, match="together"):
         mixed_gemm(**{**ops, "outlier_scale": None})
+    with pytest.raises(ValueError, match="outlier_weight_t"):
+        mixed_gemm(**ops, outlier_weight_t=unpack_int4(ops["weight"]).t())  # a strided view, not a copy
 
 
 # ---- end to end: detect_quant → mixed_gemm vs the fake-quant PyTorch path ----
@@ -345,6 +406,20 @@ def test_detect_quant_real_shapes(batch, channels, bits, dtype):
     assert threshold_margin(x.float(), want.outlier_mask, scale, 3.0, 10, qmax) > 1e-4
     xd = x.to(DEVICE)
     assert_same_detection(detect_quant(xd, scale.to(DEVICE), 3.0, 10, bits, out=poisoned_output(xd, bits)), want)
+
+
+@real_shapes
+@pytest.mark.parametrize("kind", ["channels", "scattered"])
+@pytest.mark.parametrize(("m", "n", "k"), [(64 * 197, 3072, 768), (64 * 197, 768, 1536), (197, 80, 1536)])
+def test_gathered_outliers_real_shapes(kind, m, n, k):
+    ops = gemm_operands(m, n, k, 8, 8, True, seed=k)
+    ops["outlier_codes"] = torch.randint(-127, 128, (m, k), generator=torch.Generator().manual_seed(n),
+                                         dtype=torch.int8).masked_fill(~outlier_pattern(m, k, kind, seed=n), 0)
+    ops = {name: t.to(DEVICE) for name, t in ops.items()}
+    dense = mixed_gemm(**ops, out_dtype=torch.float32)
+    out = torch.full((m, n), float("nan"), device=DEVICE)
+    assert torch.equal(mixed_gemm(**ops, out_dtype=torch.float32, out=out,
+                                  outlier_weight_t=ops["weight"].t().contiguous()), dense)
 
 
 @real_shapes

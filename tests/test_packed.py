@@ -123,6 +123,26 @@ def test_triton_kernels_and_references_agree_in_a_small_model():
         assert torch.linalg.norm(kernels - simulated) / torch.linalg.norm(simulated) < 1e-3
 
 
+def test_wide_projections_gather_their_outliers_and_give_the_dense_result():
+    """From K = 256 on, the packed GEMMs multiply outliers over each row block's outlier channels only; the
+    logits equal those of the dense outlier path bit for bit."""
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=8, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=128, depth=1)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    images = torch.randn(2, 1, 8, 8, device=DEVICE)
+    qmodel = quantize(model, QuantConfig(w_bits=4, a_bits=4, k=1.0, n_refresh=4, reconstruction=STATIC_ONLY), images)
+    packed = pack(qmodel, backend="triton")
+    gathered = {name for name, linear in packed.linears.items() if linear.outlier_weight_t is not None}
+    assert gathered == {name for name, linear in packed.linears.items()
+                        if linear.int8_weight.shape[1] >= packed_module.GATHERED_OUTLIERS_MIN_K}
+    assert any("x_proj" in name for name in gathered) and any("out_proj" in name for name in gathered)
+    with torch.no_grad():
+        logits = packed(images)
+        for linear in packed.linears.values():
+            linear.outlier_weight_t = None
+        assert torch.equal(packed(images), logits)
+
+
 def test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run():
     """Δ, B and C of both directions: one detect_fake_quant launch each (not ~15 PyTorch operations per step)."""
     torch.manual_seed(0)
