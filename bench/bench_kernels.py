@@ -46,7 +46,6 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine_header, write_results  # noqa: E402
-from core.quant.packed import GATHERED_OUTLIERS_MIN_K  # noqa: E402
 from core.ssm.scan import _mamba_ssm_scan, selective_scan_fast  # noqa: E402
 from kernels.conv_silu import conv_silu, conv_silu_reference  # noqa: E402
 from kernels.detect_quant import (  # noqa: E402
@@ -58,7 +57,7 @@ from kernels.detect_quant import (  # noqa: E402
     launch_block,
 )
 from kernels.merge_detect_quant import merge_detect_quant, merge_detect_quant_reference  # noqa: E402
-from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference  # noqa: E402
+from kernels.mixed_gemm import GATHER_MIN_K, mixed_gemm, mixed_gemm_reference  # noqa: E402
 from kernels.norm_detect_quant import norm_detect_quant, norm_detect_quant_reference  # noqa: E402
 from kernels.packing import pack_int4, unpack_int4  # noqa: E402
 from kernels.selective_scan import launch_config, selective_scan, selective_scan_reference  # noqa: E402
@@ -252,7 +251,7 @@ def bench_detect_then_gemm(shape: dict, fp16_us: float, bandwidth: float, device
     weights = gemm_operands(16, n, k, 4, 4, 0, device, g)
     weight, weight_scale = weights["weight"], weights["weight_scale"]
     int8_weight = unpack_int4(weight)
-    weight_t = int8_weight.t().contiguous() if k >= GATHERED_OUTLIERS_MIN_K else None  # as PackedLinear keeps
+    weight_t = int8_weight.t().contiguous() if k >= GATHER_MIN_K else None  # as PackedLinear keeps
     codes, lean_codes = empty_output(x, 4), empty_output(x, 4, lean=True)
     out = torch.empty(m, n, dtype=torch.float16, device=device)
 

@@ -255,6 +255,7 @@ def _check(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: torch
 
 
 GATHER_K = 32  # outlier channels per gathered dot: the smallest K of an int8 wgmma
+GATHER_MIN_K = 256  # below, the outlier dot is one or two K steps: nothing to save by gathering (callers' rule)
 
 
 def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:

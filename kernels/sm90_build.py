@@ -234,7 +234,7 @@ def main() -> int:
                 seen[key] = build_gemm(variant, m, n, k)
                 print(f"mixed_gemm {variant:<7} e.g. M={m} N={n} K={k} blocks {blocks}: {seen[key]}", flush=True)
     # the packed model's GEMM (int8 operands) with gathered outliers, and the compaction in front of it
-    for m, n, k in shapes:
+    for m, n, k in (shape for shape in shapes if shape[2] >= mg.GATHER_MIN_K):
         blocks = mg._blocks(m, n, k)
         key = ("gemm", "W8A8O8 gathered", blocks, m % 16 == 0, n % 16 == 0, k % 16 == 0, k % 32 == 0)
         if key not in seen:

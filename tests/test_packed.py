@@ -20,6 +20,7 @@ from core.models import VimConfig, VisionMamba
 from core.quant import QuantConfig, ReconstructionConfig, quantize
 from core.quant import packed as packed_module
 from core.quant.packed import PackedVim, agreement, load_packed, pack, save_packed
+from kernels.mixed_gemm import GATHER_MIN_K
 from kernels.packing import unpack_int4
 from tests.test_kernels import DEVICE, real_shapes
 
@@ -134,7 +135,7 @@ def test_wide_projections_gather_their_outliers_and_give_the_dense_result():
     packed = pack(qmodel, backend="triton")
     gathered = {name for name, linear in packed.linears.items() if linear.outlier_weight_t is not None}
     assert gathered == {name for name, linear in packed.linears.items()
-                        if linear.int8_weight.shape[1] >= packed_module.GATHERED_OUTLIERS_MIN_K}
+                        if linear.int8_weight.shape[1] >= GATHER_MIN_K}
     assert any("x_proj" in name for name in gathered) and any("out_proj" in name for name in gathered)
     with torch.no_grad():
         logits = packed(images)

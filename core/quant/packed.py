@@ -43,7 +43,7 @@ from kernels.conv_silu import conv_silu
 from kernels.detect_fake_quant import detect_fake_quant
 from kernels.detect_quant import DetectQuantOutput, detect_quant, detect_quant_reference
 from kernels.merge_detect_quant import merge_detect_quant
-from kernels.mixed_gemm import mixed_gemm, mixed_gemm_reference, quantize_weight
+from kernels.mixed_gemm import GATHER_MIN_K, mixed_gemm, mixed_gemm_reference, quantize_weight
 from kernels.norm_detect_quant import norm_detect_quant
 from kernels.packing import unpack_int4
 
@@ -52,8 +52,6 @@ KERNEL_BITS = (4, 8)  # what detect_quant and mixed_gemm take for weights and in
 BACKENDS = ("auto", "triton", "reference")
 DYNAMIC_S6 = ("delta_pre", "B", "C")  # quantized as the model runs
 STATIC_S6 = ("A", "D")  # quantized once, at packing
-# below this K the outlier dot is one or two K steps of the GEMM: nothing to save by gathering its channels
-GATHERED_OUTLIERS_MIN_K = 256
 LINEAR_SITES = len(SHARED_LINEARS) + 2 * (len(LINEARS) - len(SHARED_LINEARS))  # packed projections per layer
 
 
@@ -73,7 +71,7 @@ class PackedLinear(nn.Module):
     The kernels compute 4-bit weights and inliers in int8 (values in ±7): Hopper has no int4 MMA, and the
     measured packed-nibble GEMM ran at half the int8 one (unpacking in the K loop; kernels/README.md). The
     integers, hence the results, are the same; storage and the saved file stay packed, and an int8 copy of the
-    weight (not saved) is the GEMM's operand. From K = ``GATHERED_OUTLIERS_MIN_K`` on, the GEMM also keeps the
+    weight (not saved) is the GEMM's operand. From K = ``GATHER_MIN_K`` on, the GEMM also keeps the
     weight's int8 transpose (not saved) and multiplies outliers over each row block's outlier channels only
     (``mixed_gemm``'s gathered path: the same integers)."""
 
@@ -84,7 +82,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("unpacked_weight", unpack_int4(weight_codes) if weight_codes.dtype == torch.uint8
                              else None, persistent=False)
         self.register_buffer("outlier_weight_t", self.int8_weight.t().contiguous()
-                             if self.int8_weight.shape[1] >= GATHERED_OUTLIERS_MIN_K else None, persistent=False)
+                             if self.int8_weight.shape[1] >= GATHER_MIN_K else None, persistent=False)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("input_scale", input_scale)
         self.a_bits, self.k, self.n_refresh = a_bits, k, n_refresh
