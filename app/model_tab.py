@@ -52,9 +52,14 @@ def card_markdown(workspace: Workspace) -> str:
     if card is not None:
         trained = ", ".join(str(card[key]) for key in ("train_device", "date") if key in card) or None
         test_top1 = _percent(card.get("test_top1")) or "not measured yet (`python -m core.cli card-eval`)"
+        init = card.get("init_card")  # a continued training: the card of the weights it started from
+        continued = None if init is None else \
+            f"{init.get('name')}, validation top-1 {_percent(init.get('val_top1'))}, made by " \
+            f"{_code(init.get('reproduce_command'))}"
         rows = [("Name", card.get("name")), *rows,
                 ("Training command", _code(card.get("training_command"))),
                 ("Reproduce with", _code(card.get("reproduce_command"))),
+                *([("Continued from", continued)] if continued else []),
                 ("Seed", card.get("seed")), ("Data", card.get("data")), ("Trained on", trained),
                 ("Validation top-1", _percent(card.get("val_top1"))),
                 ("Test top-1 (FP32, the whole test split)", test_top1)]
