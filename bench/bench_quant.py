@@ -19,17 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine_header, write_results  # noqa: E402
 from core.data import calibration_images, load_fashion_mnist  # noqa: E402
-from core.default_model import load_default_model  # noqa: E402
+from core.default_model import DEFAULT_MODEL_DIR, load_default_model  # noqa: E402
 from core.eval import evaluate  # noqa: E402
 from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR),
+                        help="a model folder with model.safetensors and card.json (default: the embedded model)")
     parser.add_argument("--limit", type=int, help="only the first N test images (default: all 10,000)")
     parser.add_argument("--method", nargs="+", default=["ouromamba"], help="methods to time (default: ouromamba)")
     args = parser.parse_args()
-    model, _ = load_default_model()
+    model, _ = load_default_model(args.model_dir)
     test = load_fashion_mnist("test")
     if args.limit:
         test = test.subset(args.limit)

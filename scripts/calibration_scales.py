@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.data import calibration_images, load_fashion_mnist  # noqa: E402
-from core.default_model import load_default_model  # noqa: E402
+from core.default_model import DEFAULT_MODEL_DIR, load_default_model  # noqa: E402
 from core.observe import capture_quantizer_inputs, detect_outliers, site_quantizers  # noqa: E402
 from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
 from core.quant.quantizers import OutlierAwareQuantizer  # noqa: E402
@@ -38,12 +38,14 @@ def inlier_scales(model, source: str, seed: int) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR),
+                        help="a model folder with model.safetensors and card.json (default: the embedded model)")
     parser.add_argument("sources", nargs="+", help="calibration sources: real, noise or folders")
     parser.add_argument("--test-images", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/gen/scales.csv")
     args = parser.parse_args()
-    model, _ = load_default_model()
+    model, _ = load_default_model(args.model_dir)
     cfg = model.cfg
     grid = torch.arange(cfg.num_patches)
     rows_, cols_ = grid // cfg.grid_size, grid % cfg.grid_size

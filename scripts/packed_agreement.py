@@ -22,7 +22,7 @@ import torch
 
 from bench.common import RESULTS_DIR, machine_header, write_results
 from core.data import calibration_images, load_fashion_mnist
-from core.default_model import load_default_model
+from core.default_model import DEFAULT_MODEL_DIR, load_default_model
 from core.eval import hardware_label
 from core.quant import SETTINGS, QuantConfig, quantize
 from core.quant.packed import agreement, pack, save_packed
@@ -43,13 +43,15 @@ class FP16RoundedInputs(torch.nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR),
+                        help="a model folder with model.safetensors and card.json (default: the embedded model)")
     parser.add_argument("--settings", nargs="+", default=["W4A4", "W4A8", "W8A8"], choices=list(SETTINGS))
     parser.add_argument("--limit", type=int, help="only the first N test images")
     parser.add_argument("--save", action="store_true", help="also write the packed models under results/packed/")
     parser.add_argument("--half", action="store_true", help="fp16 activations (the GPU speed path)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_default_model()
+    model, _ = load_default_model(args.model_dir)
     test = load_fashion_mnist("test")
     test = test.subset(args.limit) if args.limit else test
     images, labels = test.normalized().to(device), test.labels.to(device)
