@@ -44,7 +44,7 @@ from core.experiments import (
     write_records,
 )
 from core.gen import to_pixels
-from core.observe import error_report, run_layer_sensitivity
+from core.observe import error_report, run_layer_sensitivity, suggest_precision
 from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig
 from core.quant.config import parse_overrides
 from core.quant.packed import PackedVim, pack, save_packed
@@ -121,6 +121,7 @@ class Shown:
     broken: int
     saved: str
     model_note: str
+    suggestion: dict[str, dict]  # overrides keeping the most sensitive layers at 8 bits ({}: none to suggest)
 
 
 def sqnr_figure(report: pd.DataFrame, images: int) -> go.Figure:
@@ -170,6 +171,26 @@ def changed_gallery(test: LabelledImages, fp: list[int], quantized: list[int],
     return items
 
 
+def suggestion_text(suggestion: dict[str, dict], config: dict) -> str:
+    """The mixed-precision suggestion as the summary shows it."""
+    if config["w_bits"] >= 8 and config["a_bits"] >= 8:
+        return "none: the run is already 8-bit"
+    if not suggestion:
+        return "none: no layer alone changes the FP predictions on the calibration images"
+    raised = [pattern.split(".")[1] for pattern, change in suggestion.items()
+              if config["overrides"].get(pattern) != change]
+    return (f"keep layer{'s' if len(raised) > 1 else ''} {', '.join(raised)} at 8 bits, where quantizing one layer "
+            f"alone changes the most FP predictions on the calibration images (labels and test images unused): "
+            f"`{cell(json.dumps(suggestion))}`; **Use suggestion** puts it in Per-layer overrides")
+
+
+def overrides_from_record(record: dict | None) -> str:
+    """The Per-layer overrides text of a shown run's suggestion (unchanged text when it has none)."""
+    if not record or not record.get("suggested_overrides"):
+        return gr.skip()
+    return json.dumps(record["suggested_overrides"])
+
+
 def summary_markdown(shown: Shown, cached: bool) -> str:
     """Top-1 against FP with its provenance: config, calibration, data, time and hardware, versions, date."""
     r, config = shown.record, shown.record.config
@@ -184,6 +205,7 @@ def summary_markdown(shown: Shown, cached: bool) -> str:
             ("Reconstruction", f"{epochs} epochs" if epochs else "none (clip-searched scales)"),
             ("Predictions changed", f"{shown.changed:,} of {r.test_images:,} (FP wrong → right: {shown.fixed:,}; "
                                     f"FP right → wrong: {shown.broken:,})"),
+            ("Mixed-precision suggestion", suggestion_text(shown.suggestion, config)),
             ("Time", f"calibration {r.calibration_seconds:.1f} s, evaluation {r.eval_seconds:.1f} s on {r.hardware}: "
                      f"{kind}"),
             ("Versions, date", f"{', '.join(f'{k} {v}' for k, v in r.versions.items())}; {r.date}")]
@@ -202,7 +224,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
     fp_results: dict[tuple[str, int], EvalResult] = {}
 
     def finished(shown: Shown, cached: bool) -> tuple:
-        record = {**asdict(shown.record), "cached": cached, "changed_predictions": shown.changed}
+        record = {**asdict(shown.record), "cached": cached, "changed_predictions": shown.changed,
+                  "suggested_overrides": shown.suggestion}
         model_file = shown.record.quantized_model
         model_file = model_file if model_file and Path(model_file).is_file() else None
         return summary_markdown(shown, cached), shown.figure, shown.sensitivity, shown.gallery, record, model_file
@@ -263,6 +286,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                                 lambda done, total: progress((done, total), desc="Layer sensitivity",
                                                                              unit="layers"),
                                                 run.cancel, BATCH_SIZE)
+            progress(1, desc="Mixed-precision suggestion (calibration images)")
+            suggestion = suggest_precision(result.qmodel, result.calibration, config, run.cancel, BATCH_SIZE)
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
         except StudioError as err:
@@ -281,7 +306,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         shown = Shown(record, sqnr_figure(report, error_images), sensitivity_figure(sensitivity, sensitivity_images),
                       changed_gallery(test, fp.predictions, quantized, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
-                      broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note)
+                      broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note,
+                      suggestion=suggestion)
         cache[key] = shown
         return finished(shown, cached=False)
 
@@ -315,6 +341,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                    elem_id="quant-overrides",
                                    info='Site patterns → w_bits / a_bits / o_bits, or {"skip": true} to keep them '
                                         "in floating point")
+            use_suggestion = gr.Button("Use suggestion", size="sm", elem_id="quant-use-suggestion")
             with gr.Row():
                 run_button = gr.Button("Quantize", variant="primary", elem_id="quant-run")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="quant-cancel")
@@ -332,6 +359,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
               test_count, overrides]
     outputs = [summary, sqnr, sensitivity, gallery, record, model_file]
     wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
+    use_suggestion.click(overrides_from_record, record, overrides, api_visibility="private", concurrency_limit=None)
     cleared = (READY, None, None, [], None, None)
     workspace.change(lambda ws: (*cleared, default_calibration(ws), gr.update(**count_box(ws))), workspace,
                      [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)

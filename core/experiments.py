@@ -60,12 +60,13 @@ class RunRecord:
 
 @dataclass
 class QuantizationRun:
-    """A run's record plus what the app shows beyond it: the quantized model (for error charts) and the
-    evaluation with its per-image predictions."""
+    """A run's record plus what the app shows beyond it: the quantized model (for error charts), the
+    evaluation with its per-image predictions, and the calibration images (for label-free analyses)."""
 
     record: RunRecord
     qmodel: QuantizedVim
     evaluation: EvalResult
+    calibration: torch.Tensor
 
 
 def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConfig, test: LabelledImages,
@@ -91,7 +92,7 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
         eval_seconds=round(result.seconds, 2), hardware=result.device, config=config.to_dict(),
         reconstruction=qmodel.provenance.get("reconstruction", {}).get("blocks", []), versions=versions(),
         date=utc_now(), checkpoint=checkpoint, data=test.source)
-    return QuantizationRun(record, qmodel, result)
+    return QuantizationRun(record, qmodel, result, calib)
 
 
 def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, device: str | torch.device,

@@ -14,7 +14,14 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from app.common import Run
-from app.quantize_tab import RUNS_DIR_ENV, RUNS_FILE, build_compare_tab, build_quantize_tab, runs_file
+from app.quantize_tab import (
+    RUNS_DIR_ENV,
+    RUNS_FILE,
+    build_compare_tab,
+    build_quantize_tab,
+    overrides_from_record,
+    runs_file,
+)
 from core.errors import StudioError
 from core.experiments import RunRecord, append_record, load_records
 from core.quant.config import parse_overrides
@@ -72,6 +79,10 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     assert record["config"]["reconstruction"]["epochs"] == 0 and "torch" in record["versions"] and record["date"]
     assert f"Top-1: {record['top1']:.2f} %" in text and f"FP32 {record['fp_top1']:.2f} %" in text
     assert "CPU fake-quant timings" in text and "8 `real` images, seed 0" in text
+    suggestion = record["suggested_overrides"]  # from the 8 calibration images, as the summary says
+    assert "Mixed-precision suggestion" in text and isinstance(suggestion, dict)
+    assert all(change == {"w_bits": 8, "a_bits": 8} for change in suggestion.values())
+    assert ("keep layer" in text) == bool(suggestion)
     figure = json.loads(plot["plot"])
     assert figure["data"][0]["type"] == "heatmap" and len(figure["data"][0]["y"]) == 4  # the default model's depth
     bars = json.loads(sensitivity["plot"])["data"][0]
@@ -85,6 +96,13 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     assert load_records(runs)[0].quantized_model == record["quantized_model"]
     packed = load_packed(model_file)
     assert packed.config.to_dict() == record["config"] and packed.linears["layers:0:in_proj:weight"].w_bits == 4
+
+
+def test_use_suggestion_puts_the_suggested_overrides_in_the_box():
+    suggested = {"layers.0.*": {"w_bits": 8, "a_bits": 8}}
+    assert parse_overrides(overrides_from_record({"suggested_overrides": suggested})) == suggested
+    for nothing in (None, {"suggested_overrides": {}}):  # no run shown, or nothing to suggest: the box stays
+        assert overrides_from_record(nothing) == gr.skip()
 
 
 def test_repeated_run_is_cached_and_not_logged_again(served, runs: Path):

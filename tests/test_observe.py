@@ -5,6 +5,7 @@ import math
 import threading
 from dataclasses import fields
 
+import pandas as pd
 import pytest
 import torch
 
@@ -27,6 +28,7 @@ from core.observe import (
     layer_sensitivity,
     outlier_timeline,
     parse_site,
+    precision_suggestion,
     quantizer_at,
     quantizer_inputs_bytes,
     rule_of,
@@ -34,6 +36,7 @@ from core.observe import (
     sqnr_db,
     state_outliers,
     static_list_misses,
+    suggest_precision,
     time_channel_stats,
     top1,
 )
@@ -369,3 +372,37 @@ def test_quantizer_inputs_bytes_is_what_a_capture_holds(default_setup):
     captured = capture_quantizer_inputs(qmodel, data.normalized(0, 3))
     activations = [t for name, t in captured.items() if not name.endswith((".weight", ".A", ".D"))]
     assert quantizer_inputs_bytes(model.cfg, 3) == sum(t.numel() * t.element_size() for t in activations)
+
+
+def sensitivity_frame(drops: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"layer": range(len(drops)), "top1": [90 - d for d in drops], "drop_vs_fp": drops})
+
+
+def test_precision_suggestion_raises_the_fewest_layers_that_carry_the_loss():
+    w4a4 = QuantConfig(w_bits=4, a_bits=4)
+    assert precision_suggestion(sensitivity_frame([0.2, 6.0, 1.0, 0.5]), w4a4) == {
+        "layers.1.*": {"w_bits": 8, "a_bits": 8}}
+    # evenly spread loss: at most a quarter of the layers (rounded up), most costly first
+    spread = sensitivity_frame([1.0, 1.2, 1.1, 0.9, 1.0, 1.3, 0.8, 1.0])
+    assert list(precision_suggestion(spread, w4a4)) == ["layers.1.*", "layers.5.*"]
+    assert precision_suggestion(sensitivity_frame([0.3, 0.1, -0.4, 0.0]), w4a4) == {}  # no layer costs 0.5 points
+    assert precision_suggestion(sensitivity_frame([5.0, 0.0]), QuantConfig(w_bits=8, a_bits=8)) == {}
+    mine = QuantConfig(w_bits=4, a_bits=4, overrides={"*.out_proj.*": {"skip": True}})
+    assert precision_suggestion(sensitivity_frame([0.0, 3.0]), mine) == {
+        "*.out_proj.*": {"skip": True}, "layers.1.*": {"w_bits": 8, "a_bits": 8}}
+    already = QuantConfig(w_bits=4, a_bits=4, overrides={"layers.1.*": {"w_bits": 8, "a_bits": 8}})
+    assert precision_suggestion(sensitivity_frame([0.0, 3.0]), already) == {}
+
+
+def test_suggested_precision_comes_from_calibration_images_without_labels(default_setup):
+    """suggest_precision measures each layer by the calibration images' FP predictions it alone changes."""
+    model, _, images, data = default_setup
+    config = static_config(w_bits=4, a_bits=4)
+    qmodel = quantize(model, config, images[:8])
+    calib = data.normalized(0, 64)
+    suggestion = suggest_precision(qmodel, calib, config)
+    with torch.no_grad():
+        fp = model(calib).argmax(-1)
+    frame = run_layer_sensitivity(qmodel, calib, fp)
+    assert frame.attrs["fp_top1"] == 100.0  # agreement with its own predictions
+    assert suggestion == precision_suggestion(frame, config)

@@ -21,7 +21,14 @@ from core.observe.outliers import (
 )
 from core.observe.probe import SHARED, QuantProbe, parse_site, site_quantizers
 from core.observe.quant_error import error_report, layer_output_error
-from core.observe.sensitivity import layer_sensitivity, only_layer, run_layer_sensitivity, top1
+from core.observe.sensitivity import (
+    layer_sensitivity,
+    only_layer,
+    precision_suggestion,
+    run_layer_sensitivity,
+    suggest_precision,
+    top1,
+)
 from core.observe.stats import (
     ErrorSums,
     capture,
@@ -37,7 +44,7 @@ __all__ = [
     "SHARED", "ErrorSums", "OutlierParams", "OutlierTimeline", "QuantProbe",
     "capture", "capture_quantizer_inputs", "cosine_similarity", "detect_outliers", "dynamic_outlier_summary",
     "error_report", "histogram", "layer_output_error", "layer_sensitivity", "only_layer", "outlier_quantizer",
-    "quantizer_inputs_bytes", "run_layer_sensitivity",
+    "precision_suggestion", "quantizer_inputs_bytes", "run_layer_sensitivity", "suggest_precision",
     "outlier_timeline", "parse_site", "quantizer_at", "rule_of", "site_quantizers", "sqnr_db",
     "state_outliers", "static_list_misses", "time_channel_stats", "top1", "window_counts",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from threading import Event
@@ -94,3 +95,39 @@ def run_layer_sensitivity(qmodel: QuantizedVim, eval_images: torch.Tensor, eval_
     frame = pd.DataFrame(rows)
     frame.attrs["fp_top1"] = fp_top1
     return frame
+
+
+def precision_suggestion(frame: pd.DataFrame, config: QuantConfig, share: float = 0.5,
+                         min_drop: float = 0.5) -> dict[str, dict]:
+    """Overrides that keep the most sensitive layers at 8 bits, from a sensitivity ``frame`` of a ``config`` run.
+
+    The fewest layers, most costly first, whose one-at-a-time drops add up to ``share`` of all layers' drops, at
+    most a quarter of the layers (rounded up): mixed precision pays when a few layers carry the loss. {} when the
+    run is already 8-bit, no layer alone costs ``min_drop`` points, or the run's own overrides already say so.
+    Drops measured one layer at a time do not add up exactly: a starting point that the next run checks."""
+    if config.w_bits >= 8 and config.a_bits >= 8:
+        return {}
+    drops = frame.set_index("layer")["drop_vs_fp"].clip(lower=0).sort_values(ascending=False, kind="stable")
+    if drops.empty or drops.iloc[0] < min_drop:
+        return {}
+    chosen, covered = [], 0.0
+    for layer, drop in drops.items():
+        if covered >= share * drops.sum() or len(chosen) == math.ceil(len(drops) / 4):
+            break
+        chosen.append(int(layer))
+        covered += drop
+    suggested = {**config.overrides, **{f"layers.{layer}.*": {"w_bits": 8, "a_bits": 8} for layer in sorted(chosen)}}
+    return {} if suggested == config.overrides else suggested
+
+
+def suggest_precision(qmodel: QuantizedVim, calib_images: torch.Tensor, config: QuantConfig,
+                      cancel: Event | None = None, batch_size: int = 500) -> dict[str, dict]:
+    """:func:`precision_suggestion` from the run's own calibration images: a layer's cost is how many of their
+    FP predictions it alone changes. No labels and never the test set, so the accuracy the next run reports on
+    the test images was not tuned on them."""
+    with torch.no_grad(), intercepting(qmodel.model, QuantInterceptor({})), eval_mode(qmodel):
+        device = model_device(vim_of(qmodel))
+        fp_predictions = torch.cat([qmodel(batch.to(device)).argmax(-1).cpu()
+                                    for batch in batches(calib_images, batch_size)])
+    frame = run_layer_sensitivity(qmodel, calib_images, fp_predictions, cancel=cancel, batch_size=batch_size)
+    return precision_suggestion(frame, config)
