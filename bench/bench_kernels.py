@@ -9,7 +9,9 @@ W4A4 (no outlier path) and W4A4O8 with 1 %, 5 %, 10 % outlier channels, all with
 model runs it (4-bit values in int8) with outliers on fixed channels, the dense outlier dot against the gathered
 one (``mixed_gemm(outlier_weight_t=…)``, compaction included), and gathered with outliers anywhere; W4A4O8 also
 with ``detect_quant`` in front (fp16 activations in, ~5 % planted outliers); and ``detect_quant`` alone on
-every layer input (batch, 197, C). The selective scan (E = 2D, L = 197, N = 16, with D and the gate z) in fp16
+every layer input (batch, 197, C), step by step against rounds over the window (``rows_per_round``), on outliers
+that move (the set grows every step) and on fixed channels (it grows once a window), with Δ's
+``detect_fake_quant`` at C = E the same way. The selective scan (E = 2D, L = 197, N = 16, with D and the gate z) in fp16
 and fp32: our Triton kernel at each (BLOCK_E, warps) configuration (``launch_config``'s choice marked), on u as
 the model's channel-first view, and with int8 u/B/C codes (fp16 rows), against PyTorch's fast scan
 (``core.ssm.scan.selective_scan_fast``, the path the model takes without a kernel) and mamba-ssm's CUDA scan
@@ -48,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine_header, write_results  # noqa: E402
 from core.ssm.scan import _mamba_ssm_scan, selective_scan_fast  # noqa: E402
 from kernels.conv_silu import conv_silu, conv_silu_reference  # noqa: E402
+from kernels.detect_fake_quant import detect_fake_quant  # noqa: E402
 from kernels.detect_quant import (  # noqa: E402
     DetectQuantOutput,
     detect_quant,
@@ -55,6 +58,7 @@ from kernels.detect_quant import (  # noqa: E402
     empty_output,
     inlier_qmax,
     launch_block,
+    window_rows,
 )
 from kernels.merge_detect_quant import merge_detect_quant, merge_detect_quant_reference  # noqa: E402
 from kernels.mixed_gemm import GATHER_MIN_K, mixed_gemm, mixed_gemm_reference  # noqa: E402
@@ -123,17 +127,19 @@ def gemm_operands(m: int, n: int, k: int, inlier_bits: int, weight_bits: int, ou
     return ops
 
 
-def activations(batch: int, channels: int, outlier_pct: float, device: torch.device,
-                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def activations(batch: int, channels: int, outlier_pct: float, device: torch.device, g: torch.Generator,
+                moving: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (batch, 197, C): U(−1, 1) inliers and ``outlier_pct`` % of the channels per token at ±30 … 40, moving
-    every step; and static scales that make every token with outliers trigger. Values sit far from every
-    detection threshold, so the kernel and the reference (different summation orders) must agree exactly."""
+    every step (the outlier set grows at every step: rounds' worst case) or on fixed channels (it grows once a
+    window, as Δ's, B's and C's seldom-growing sets do); and static scales that make every token with outliers
+    trigger. Values sit far from every detection threshold, so the kernel and the reference (different summation
+    orders) must agree exactly."""
     x = torch.rand(batch, TOKENS, channels, generator=g, device=device) * 2 - 1
     per_step = max(1, round(channels * outlier_pct / 100))
     steps = torch.arange(TOKENS, device=device)
     for j in range(per_step):
         start = torch.randint(0, channels, (batch, 1), generator=g, device=device)
-        channel = (start + 3 * steps + j * (channels // per_step)) % channels
+        channel = (start + (3 if moving else 0) * steps + j * (channels // per_step)) % channels
         value = 30 + 10 * torch.rand(batch, TOKENS, generator=g, device=device)
         sign = torch.randint(0, 2, (batch, TOKENS), generator=g, device=device) * 2 - 1
         x.scatter_(2, channel[..., None], (value * sign)[..., None])
@@ -320,6 +326,40 @@ def bench_detect(device: torch.device, bandwidth: float, models: dict[str, int],
                                  "floor_us": round(moved / bandwidth * 1e6, 2), "check": row_check})
                 print(f"detect_quant {model} {layer} batch {batch} (default {default_warps} warps): " + ", ".join(
                     f"{variant} {time_us:.1f} us {row_check}" for variant, time_us, _, row_check in timed), flush=True)
+                rows += bench_rounds(model, layer, batch, channels, bandwidth, device, g)
+    return rows
+
+
+def bench_rounds(model: str, layer: str, batch: int, channels: int, bandwidth: float, device: torch.device,
+                 g: torch.Generator) -> list[dict]:
+    """Detection in rounds (``rows_per_round`` = ``window_rows``) against step by step, on outliers that move
+    (the set grows every step) and on fixed channels (it grows once a window): the lean ``detect_quant`` and, at
+    C = E, Δ's ``detect_fake_quant`` (asymmetric 4-bit, 8-bit outliers). Rounds must give the same bits."""
+    rounds = window_rows(channels, 10)
+    rows, report = [], []
+    for moving in (True, False):
+        x, scale = activations(batch, channels, 5, device, g, moving=moving)
+        zero = torch.full_like(scale, 8.0)
+        calls = {"detect_quant lean": lambda r, x=x, scale=scale: detect_quant(x, scale, 3.0, 10, 4, lean=True,
+                                                                                rows_per_round=r)}
+        if layer == "x_proj/out_proj":
+            calls["detect_fake_quant Δ"] = lambda r, x=x, scale=scale, zero=zero: detect_fake_quant(
+                x, scale, zero, 4.0, 10, 15, 255, rows_per_round=r)
+        for kernel, call in calls.items():
+            step_by_step, in_rounds = call(1), call(rounds)
+            same = torch.equal(in_rounds, step_by_step) if isinstance(in_rounds, torch.Tensor) \
+                else same_codes(in_rounds, step_by_step) == "ok"
+            check = "ok exact" if same else "FAIL differs"
+            moved = x.numel() * 4 + batch * TOKENS * 8  # fp16 in, 2 bytes out an element (two int8 codes / fp16)
+            for r in (1, rounds) if rounds > 1 else (1,):
+                time_us = median_us(lambda call=call, r=r: call(r))
+                rows.append({"kind": f"{kernel} rounds", "model": model, "layer": layer, "batch": batch,
+                             "M": batch * TOKENS, "K": channels, "variant": f"{'moving' if moving else 'fixed'} "
+                             f"outliers, {r} row{'s' if r > 1 else ''} a round", "us": round(time_us, 2),
+                             "GB/s": round(moved / time_us / 1e3, 1), "floor_us": round(moved / bandwidth * 1e6, 2),
+                             "check": check if r > 1 else "reference"})
+                report.append(f"{kernel} {'moving' if moving else 'fixed'} {r} rows {time_us:.1f} us")
+    print(f"rounds {model} {layer} batch {batch}: {rounds} rows: " + ", ".join(report), flush=True)
     return rows
 
 

@@ -21,9 +21,14 @@ import triton.language as tl
 from kernels.detect_quant import (
     MIN_SCALE,
     _round_half_even,
-    detect_step,
-    prefetch_row,
+    check_rows,
+    detect_rows,
+    grow_set,
+    launch_block,
+    load_rows,
+    round_rows,
     window_outlier_masks,
+    window_program,
 )
 
 
@@ -44,37 +49,38 @@ def _grid_round(v, scale, zero, LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr):
 def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, scale_ptr, zero_ptr,
                               length, channels, n_refresh, k,
                               LEVELS: tl.constexpr, OUTLIER_LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr,
-                              BLOCK_C: tl.constexpr):
-    sample = tl.program_id(0)
-    start = tl.program_id(1) * n_refresh
-    offs = tl.arange(0, BLOCK_C)
-    valid = offs < channels
-    outlier = offs < 0  # the refresh: an empty set at the window start
-    steps = tl.minimum(n_refresh, length - start)
+                              BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    sample, start, steps, offs, valid, outlier = window_program(length, channels, n_refresh, BLOCK_C)
     row = x_ptr + sample * stride_xb + offs * stride_xc
-    x_next = tl.load(row + start * stride_xt, mask=valid, other=0.0)
-    for i in range(0, steps):
-        t = start + i
+    x_next = load_rows(row, stride_xt, start, 0, steps, valid, ROWS)
+    i = 0
+    while i < steps:
+        live, t, tile = round_rows(i, start, steps, valid, ROWS)
         x = x_next.to(tl.float32)
-        x_next = prefetch_row(row, stride_xt, start, i, steps, valid)
-        static_scale = tl.load(scale_ptr + t)
-        outlier, outlier_high, outlier_low = detect_step(x, outlier, valid, static_scale, k, LEVELS, ASYMMETRIC)
+        x_next = load_rows(row, stride_xt, start, i + ROWS, steps, valid, ROWS)  # before the reductions wait
+        static_scale = tl.load(scale_ptr + t, mask=live, other=float("inf"))
+        grown, outlier_high, outlier_low, last = detect_rows(x, outlier, valid, live, static_scale, k, LEVELS,
+                                                             ASYMMETRIC, ROWS)
 
-        zero = tl.load(zero_ptr + t) if ASYMMETRIC else 0.0
-        y = _grid_round(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), zero, LEVELS, ASYMMETRIC)
+        zero = tl.load(zero_ptr + t, mask=live, other=0.0)[:, None] if ASYMMETRIC else 0.0
+        y = _grid_round(tl.where(grown, 0.0, x), tl.maximum(static_scale, 1e-8)[:, None], zero, LEVELS, ASYMMETRIC)
         if OUTLIER_LEVELS > 0:
             if ASYMMETRIC:
                 outlier_scale = tl.maximum(tl.math.div_rn(outlier_high - outlier_low, OUTLIER_LEVELS * 1.0), 1e-8)
-                outlier_zero = _round_half_even(tl.math.div_rn(-outlier_low, outlier_scale))
+                outlier_zero = _round_half_even(tl.math.div_rn(-outlier_low, outlier_scale))[:, None]
             else:
                 outlier_peak = tl.maximum(outlier_high, -outlier_low)
                 outlier_scale = tl.maximum(tl.math.div_rn(outlier_peak, OUTLIER_LEVELS * 1.0), 1e-8)
                 outlier_zero = 0.0
-            y = tl.where(outlier, _grid_round(x, outlier_scale, outlier_zero, OUTLIER_LEVELS, ASYMMETRIC), y)
+            y = tl.where(grown, _grid_round(x, outlier_scale[:, None], outlier_zero, OUTLIER_LEVELS, ASYMMETRIC), y)
         else:
-            y = tl.where(outlier, x, y)
-        tl.store(y_ptr + (sample * length + t).to(tl.int64) * channels + offs, y.to(y_ptr.dtype.element_ty),
-                 mask=valid)
+            y = tl.where(grown, x, y)
+        tl.store(y_ptr + (sample * length + t).to(tl.int64)[:, None] * channels + offs[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=tile & (tl.arange(0, ROWS) <= last)[:, None])
+        outlier, advance = grow_set(grown, last, ROWS)
+        if advance < ROWS:  # the set grew before the round's last row: the next round starts after it
+            x_next = load_rows(row, stride_xt, start, i + advance, steps, valid, ROWS)
+        i += advance
 
 
 def _check(x: torch.Tensor, static_scale: torch.Tensor, zero_point: torch.Tensor | None, n_refresh: int) -> None:
@@ -88,20 +94,22 @@ def _check(x: torch.Tensor, static_scale: torch.Tensor, zero_point: torch.Tensor
 
 
 def detect_fake_quant(x: torch.Tensor, static_scale: torch.Tensor, zero_point: torch.Tensor | None, k: float,
-                      n_refresh: int, levels: int, outlier_levels: int) -> torch.Tensor:
+                      n_refresh: int, levels: int, outlier_levels: int, rows_per_round: int = 1) -> torch.Tensor:
     """Triton: x (batch, L, C) detected and fake-quantized, same shape and dtype, contiguous. ``zero_point``
-    (L,) selects the unsigned grid (``levels`` = 2^bits − 1) and None the symmetric one (``levels`` = qmax)."""
+    (L,) selects the unsigned grid (``levels`` = 2^bits − 1) and None the symmetric one (``levels`` = qmax).
+    ``rows_per_round``: steps of a window detected at once (``kernels.detect_quant.window_rows``), not a value."""
     _check(x, static_scale, zero_point, n_refresh)
+    check_rows(rows_per_round)
     batch, length, channels = x.shape
     y = torch.empty((batch, length, channels), dtype=x.dtype, device=x.device)
     scale = static_scale.to(device=x.device, dtype=torch.float32).contiguous()
     asymmetric = zero_point is not None
     zero = zero_point.to(device=x.device, dtype=torch.float32).contiguous() if asymmetric else scale
-    block = max(triton.next_power_of_2(channels), 2)
+    block, warps = launch_block(channels)
     _detect_fake_quant_kernel[(batch, triton.cdiv(length, n_refresh))](
         x, *x.stride(), y, scale, zero, length, channels, n_refresh, float(k), LEVELS=levels,
-        OUTLIER_LEVELS=outlier_levels, ASYMMETRIC=asymmetric, BLOCK_C=block,
-        num_warps=max(1, min(8, block // 256)), enable_fp_fusion=False)  # no FMA: as PyTorch rounds
+        OUTLIER_LEVELS=outlier_levels, ASYMMETRIC=asymmetric, BLOCK_C=block, ROWS=rows_per_round,
+        num_warps=warps, enable_fp_fusion=False)  # no FMA: as PyTorch rounds
     return y
 
 

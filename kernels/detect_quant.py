@@ -13,10 +13,13 @@ Rounding is half-to-even (torch.round). This is the per-sample rule of ``core.qu
 (not its ``release_compatible`` batch-wide trigger); inputs are upcast to fp32 before any arithmetic.
 
 Kernel: one program per (sample, window), walking the window's steps in order so that the outlier set stays
-in registers; the C channels form one block (next power of two, masked), so C up to a few thousand. One step's
-detection + quantization is the JIT function ``detect_quant_step``, shared with the fused producers
+in registers; the C channels form one block (next power of two, masked), so C up to a few thousand. The walk
+goes in rounds of ``rows_per_round`` steps: a round detects all its steps at once against the set known so far
+and commits them up to the first step that grows the set (``detect_rows``), so where the set seldom grows a
+window takes one or two rounds instead of n_refresh dependent steps; 1 is the plain step-by-step walk. A
+round's detection + quantization is the JIT function ``detect_quant_rows``, shared with the fused producers
 (``kernels.norm_detect_quant``, ``kernels.merge_detect_quant``) through ``launch_detect_quant``: they differ only
-in how a step's input row is made.
+in how a round's input rows are made.
 """
 
 from __future__ import annotations
@@ -85,88 +88,135 @@ def round_to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def detect_step(x, outlier, valid, static_scale, k, LEVELS: tl.constexpr, SIGNED: tl.constexpr):
-    """One step of the rule on row x (fp32, (BLOCK_C,)) given the outlier set before it. The trigger S^D(t) is
-    max |x| over the current inliers / LEVELS, or for SIGNED (asymmetric) grids (max − min of x) / LEVELS; when it
-    exceeds ``static_scale``, the channels with |x| > θ = mean + k·std (unbiased) of |x| over the current inliers
-    join the set. Returns the grown set and max(x, 0), min(x, 0) over it (the outlier grid's range).
+def detect_rows(x, outlier, valid, live, static_scale, k, LEVELS: tl.constexpr, SIGNED: tl.constexpr,
+                ROWS: tl.constexpr):
+    """One step of the rule on each row of x (fp32, (ROWS, BLOCK_C)): consecutive steps of a window, all against
+    the same set (``outlier``, (BLOCK_C,)), which is the set before each of them up to the first step that grows
+    it. ``live`` (ROWS,) marks the rows inside the window, ``static_scale`` (ROWS,) their S^I(t). The trigger
+    S^D(t) is max |x| over the current inliers / LEVELS, or for SIGNED (asymmetric) grids (max − min of x) /
+    LEVELS; when it exceeds S^I(t), the channels with |x| > θ = mean + k·std (unbiased) of |x| over the current
+    inliers join the set. Returns (grown, grown_high, grown_low, last): per row the set after its step and
+    max(x, 0), min(x, 0) over it (the outlier grid's range), and the last row the round commits: the first live
+    row whose step adds channels, or the round's last row if none does. Rows up to ``last`` are exact; the
+    caller commits those and starts its next round after ``last``, so a window costs one round per step that
+    grows the set (plus one) instead of one per step.
 
-    Shared by every detecting kernel, so all of them flag alike. A step is latency-bound on its reductions over
+    Shared by every detecting kernel, so all of them flag alike. A round is latency-bound on its reductions over
     the channels (shuffles, and above one warp shared-memory barriers), so it makes three, each over several
     statistics side by side (``tl.join``; minima as maxima of −x): the extremes over the current inliers and over
     the set before the step, then the inlier count with Σ|x|, then the squared deviations. The channels that join
     are inliers with |x| > θ, so the extremes after the step need no fourth pass: if the inliers' largest x
     exceeds θ it joined and is the largest x that joined; if not, every x that joined is ≤ 0 (a positive one
     would be ≤ that largest x ≤ θ < |x|) and drops out of max(x, 0). Likewise for the smallest. Exact, not an
-    approximation."""
+    approximation; and a row grows the set exactly when its largest inlier |x| exceeds θ."""
     magnitude = tl.abs(x)
-    inlier = valid & ~outlier
-    kept = valid & outlier
+    before = outlier[None, :]
+    inlier = valid[None, :] & ~before
+    kept = valid[None, :] & before
     inlier_magnitude = tl.where(inlier, magnitude, 0.0)
     if SIGNED:
         extremes = tl.max(tl.join(tl.join(tl.where(inlier, x, -float("inf")), tl.where(inlier, -x, -float("inf"))),
                                   tl.join(tl.where(kept, x, -float("inf")), tl.where(kept, -x, -float("inf")))),
-                          axis=0)
+                          axis=1)
         inlier_extremes, kept_extremes = tl.split(extremes)
         high, negated_low = tl.split(inlier_extremes)
         kept_high, negated_kept_low = tl.split(kept_extremes)
         low, kept_low = -negated_low, -negated_kept_low
         dynamic_scale = tl.where(high > -float("inf"), tl.math.div_rn(high - low, LEVELS * 1.0), 0.0)
+        inlier_peak = tl.maximum(high, negated_low)
     else:  # the largest |x| stands for both signs
-        high, kept_high = tl.split(tl.max(tl.join(inlier_magnitude, tl.where(kept, magnitude, 0.0)), axis=0))
+        high, kept_high = tl.split(tl.max(tl.join(inlier_magnitude, tl.where(kept, magnitude, 0.0)), axis=1))
         low, kept_low = -high, -kept_high
         dynamic_scale = tl.math.div_rn(high, LEVELS * 1.0)
-    count, total = tl.split(tl.sum(tl.join(inlier.to(tl.float32), inlier_magnitude), axis=0))
+        inlier_peak = high
+    count, total = tl.split(tl.sum(tl.join(inlier.to(tl.float32), inlier_magnitude), axis=1))
     mean = tl.math.div_rn(total, tl.maximum(count, 1.0))
-    deviation = magnitude - mean
-    var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=0), tl.maximum(count - 1.0, 1.0))
+    deviation = magnitude - mean[:, None]
+    var = tl.math.div_rn(tl.sum(tl.where(inlier, deviation * deviation, 0.0), axis=1), tl.maximum(count - 1.0, 1.0))
     theta = tl.where(dynamic_scale > static_scale, mean + k * tl.sqrt_rn(var), float("inf"))  # no trigger: none
-    grown = outlier | (valid & (magnitude > theta))
+    grown = before | (valid[None, :] & (magnitude > theta[:, None]))
     grown_high = tl.maximum(tl.maximum(kept_high, tl.where(high > theta, high, -float("inf"))), 0.0)
     grown_low = tl.minimum(tl.minimum(kept_low, tl.where(-low > theta, low, float("inf"))), 0.0)
-    return grown, grown_high, grown_low
+    # one row: a compile-time 0 (searching a one-row round still cost ~20 registers in the sm_90 build)
+    last = 0 if ROWS == 1 else tl.min(tl.where(live & (inlier_peak > theta), tl.arange(0, ROWS), ROWS - 1), axis=0)
+    return grown, grown_high, grown_low, last
 
 
 @triton.jit
-def detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr,
-                      outlier_ptr, outlier_scale_ptr, inlier_scale_ptr, INLIER_QMAX: tl.constexpr,
-                      PACK: tl.constexpr, BLOCK_C: tl.constexpr, STORE_MASK: tl.constexpr):
-    """Step t of one sample: detection on x (fp32, (BLOCK_C,), 0 past C) given the outlier set before the step,
-    then the quantization and every store of the step; returns the grown set. Every kernel that produces
-    ``DetectQuantOutput`` (this module's, ``kernels.norm_detect_quant``'s, ``kernels.merge_detect_quant``'s) runs
-    this same code on its own input row, so all of them quantize bit for bit alike."""
+def grow_set(grown, last, ROWS: tl.constexpr):
+    """The set after a round, ``grown``'s row ``last`` (the rows before it grew nothing), and the number of
+    steps the round committed."""
+    if ROWS == 1:
+        return tl.max(grown.to(tl.int32), axis=0) > 0, 1
+    else:
+        pick = (tl.arange(0, ROWS) == last)[:, None] & grown
+        return tl.max(pick.to(tl.int32), axis=0) > 0, last + 1
+
+
+@triton.jit
+def detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_scale_ptr, inlier_ptr, packed_ptr,
+                      mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr, INLIER_QMAX: tl.constexpr,
+                      PACK: tl.constexpr, BLOCK_C: tl.constexpr, STORE_MASK: tl.constexpr, ROWS: tl.constexpr):
+    """One round of a sample's window: detection on the rows x (fp32, (ROWS, BLOCK_C), 0 past C) of steps t
+    ((ROWS,), ``live`` inside the window) given the outlier set before the first, then the quantization and every
+    store of the rows up to the first that grows the set (``detect_rows``). Returns (the set after the last
+    committed row, the number of rows committed). Every kernel that produces ``DetectQuantOutput`` (this
+    module's, ``kernels.norm_detect_quant``'s, ``kernels.merge_detect_quant``'s) runs this same code on its own
+    input rows, so all of them quantize bit for bit alike."""
     offs = tl.arange(0, BLOCK_C)
     valid = offs < channels
-    static_scale = tl.load(static_scale_ptr + t)
-    outlier, outlier_high, outlier_low = detect_step(x, outlier, valid, static_scale, k, INLIER_QMAX, False)
-
+    static_scale = tl.load(static_scale_ptr + t, mask=live, other=float("inf"))
+    grown, outlier_high, outlier_low, last = detect_rows(x, outlier, valid, live, static_scale, k, INLIER_QMAX,
+                                                         False, ROWS)
+    committed = live & (tl.arange(0, ROWS) <= last)
     row = (sample * length + t).to(tl.int64)
-    out = row * channels + offs
+    out = row[:, None] * channels + offs[None, :]
+    stored = committed[:, None] & valid[None, :]
     if STORE_MASK:
-        tl.store(mask_ptr + out, outlier.to(tl.uint8), mask=valid)
+        tl.store(mask_ptr + out, grown.to(tl.uint8), mask=stored)
 
-    inlier_codes = _quantize(tl.where(outlier, 0.0, x), tl.maximum(static_scale, 1e-8), INLIER_QMAX)
+    inlier_scale = tl.maximum(static_scale, 1e-8)
+    inlier_codes = _quantize(tl.where(grown, 0.0, x), inlier_scale[:, None], INLIER_QMAX)
     inlier_codes = inlier_codes.to(tl.int32)
-    tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=valid)
+    tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=stored)
     if PACK:
-        low, high = tl.split(tl.reshape(inlier_codes, (BLOCK_C // 2, 2)))
+        low, high = tl.split(tl.reshape(inlier_codes, (ROWS, BLOCK_C // 2, 2)))
         pair = tl.arange(0, BLOCK_C // 2)
-        tl.store(packed_ptr + row * (channels // 2) + pair, ((low & 15) | ((high & 15) << 4)).to(tl.uint8),
-                 mask=pair < channels // 2)
+        tl.store(packed_ptr + row[:, None] * (channels // 2) + pair[None, :],
+                 ((low & 15) | ((high & 15) << 4)).to(tl.uint8),
+                 mask=committed[:, None] & (pair < channels // 2)[None, :])
 
     outlier_scale = tl.maximum(tl.math.div_rn(tl.maximum(outlier_high, -outlier_low), 127.0), 1e-8)
-    outlier_codes = tl.where(outlier, _quantize(x, outlier_scale, 127.0), 0.0)
-    tl.store(outlier_ptr + out, outlier_codes.to(tl.int8), mask=valid)
-    tl.store(outlier_scale_ptr + row, outlier_scale)
-    tl.store(inlier_scale_ptr + row, tl.maximum(static_scale, 1e-8))  # the GEMM's per-row inlier scale
-    return outlier
+    outlier_codes = tl.where(grown, _quantize(x, outlier_scale[:, None], 127.0), 0.0)
+    tl.store(outlier_ptr + out, outlier_codes.to(tl.int8), mask=stored)
+    tl.store(outlier_scale_ptr + row, outlier_scale, mask=committed)
+    tl.store(inlier_scale_ptr + row, inlier_scale, mask=committed)  # the GEMM's per-row inlier scale
+    return grow_set(grown, last, ROWS)
 
 
 @triton.jit
-def prefetch_row(row, stride_t, start, i, steps, valid):
-    """The row of the window's step i + 1, loaded before step i's reductions wait on each other (index clamped to
-    the window's last step: the same mask every step)."""
-    return tl.load(row + (start + tl.minimum(i + 1, steps - 1)) * stride_t, mask=valid, other=0.0)
+def window_program(length, channels, n_refresh, BLOCK_C: tl.constexpr):
+    """What a detecting program starts from: its sample, its window's first step and step count, the channel
+    offsets with their mask, and the refresh (an empty outlier set)."""
+    offs = tl.arange(0, BLOCK_C)
+    start = tl.program_id(1) * n_refresh
+    return tl.program_id(0), start, tl.minimum(n_refresh, length - start), offs, offs < channels, offs < 0
+
+
+@triton.jit
+def round_rows(i, start, steps, valid, ROWS: tl.constexpr):
+    """A round from the window's step i: which rows are inside the window, their steps t, the (rows, C) mask."""
+    live = i + tl.arange(0, ROWS) < steps
+    return live, start + i + tl.arange(0, ROWS), live[:, None] & valid[None, :]
+
+
+@triton.jit
+def load_rows(row_ptr, stride_t, start, i, steps, valid, ROWS: tl.constexpr):
+    """The (ROWS, BLOCK_C) tile of the window's steps i, i + 1, … from the channel pointers ``row_ptr`` of the
+    window's sample, zero past the window."""
+    rows = i + tl.arange(0, ROWS)
+    return tl.load(row_ptr[None, :] + (start + rows)[:, None] * stride_t, mask=(rows < steps)[:, None] & valid[None, :],
+                   other=0.0)
 
 
 @triton.jit
@@ -175,22 +225,22 @@ def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
                          inlier_scale_ptr,
                          length, channels, n_refresh, k,
                          INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
-                         STORE_MASK: tl.constexpr):
-    sample = tl.program_id(0)
-    start = tl.program_id(1) * n_refresh
-    offs = tl.arange(0, BLOCK_C)
-    valid = offs < channels
-    outlier = offs < 0  # the refresh: an empty set at the window start
-    steps = tl.minimum(n_refresh, length - start)
+                         STORE_MASK: tl.constexpr, ROWS: tl.constexpr):
+    sample, start, steps, offs, valid, outlier = window_program(length, channels, n_refresh, BLOCK_C)
     row = x_ptr + sample * stride_xb + offs * stride_xc
-    x_next = tl.load(row + start * stride_xt, mask=valid, other=0.0)
-    for i in range(0, steps):
-        t = start + i
+    x_next = load_rows(row, stride_xt, start, 0, steps, valid, ROWS)
+    i = 0
+    while i < steps:
+        live, t, _ = round_rows(i, start, steps, valid, ROWS)
         x = x_next.to(tl.float32)
-        x_next = prefetch_row(row, stride_xt, start, i, steps, valid)
-        outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr,
-                                    inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr,
-                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK)
+        x_next = load_rows(row, stride_xt, start, i + ROWS, steps, valid, ROWS)  # before the reductions wait
+        outlier, advance = detect_quant_rows(x, outlier, live, sample, t, length, channels, k,
+                                             static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr,
+                                             outlier_scale_ptr, inlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C,
+                                             STORE_MASK, ROWS)
+        if advance < ROWS:  # the set grew before the round's last row: the next round starts after it
+            x_next = load_rows(row, stride_xt, start, i + advance, steps, valid, ROWS)
+        i += advance
 
 
 def _check(x: torch.Tensor, static_scale: torch.Tensor, n_refresh: int, bits: int) -> None:
@@ -226,16 +276,42 @@ def launch_block(channels: int) -> tuple[int, int]:
     return block, max(1, min(8, block // 256))
 
 
+MAX_ROUND_ROWS = 64
+ROUND_VALUES_PER_THREAD = 16  # fp32 values of a round's tile each thread holds at most (``window_rows``)
+WINDOW_MAX_ROWS = 8  # every thread holds each per-row statistic: 16 rows spilled at C = 24 in the sm_90 build
+
+
+def window_rows(channels: int, n_refresh: int, num_warps: int | None = None) -> int:
+    """Rows per round for sites whose outlier set seldom grows inside a window: the whole window (next power of
+    two of n_refresh) in one round, but at most ``WINDOW_MAX_ROWS`` and fewer where the tile would pass
+    ``ROUND_VALUES_PER_THREAD`` values a thread (C = 1536 at 8 warps: 2 rows). The budget is the sm_90 builds':
+    Δ's ``detect_fake_quant`` at C = 1536 takes 71 registers step by step (three programs an SM), 125 at 2 rows
+    (two), 176 at 4 (one). A round that grows the set commits only up to that step, so at sites where the set
+    grows at most steps this does more work for no fewer rounds: those keep 1 (step by step)."""
+    block, warps = launch_block(channels)
+    per_round = ROUND_VALUES_PER_THREAD * 32 * (num_warps or warps) // block
+    return max(1, min(triton.next_power_of_2(n_refresh), per_round, WINDOW_MAX_ROWS))
+
+
+def check_rows(rows_per_round: int) -> int:
+    if rows_per_round & (rows_per_round - 1) or not 1 <= rows_per_round <= MAX_ROUND_ROWS:
+        raise ValueError(f"rows_per_round must be a power of two from 1 to {MAX_ROUND_ROWS}, got {rows_per_round}")
+    return rows_per_round
+
+
 def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tensor, static_scale: torch.Tensor,
                         k: float, n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None,
-                        lean: bool = False, num_warps: int | None = None, **constants: object) -> DetectQuantOutput:
-    """Check, allocate and launch a kernel built on ``detect_quant_step``: its own arguments (``inputs``) come
+                        lean: bool = False, num_warps: int | None = None, rows_per_round: int = 1,
+                        **constants: object) -> DetectQuantOutput:
+    """Check, allocate and launch a kernel built on ``detect_quant_rows``: its own arguments (``inputs``) come
     first, then the ones every such kernel shares, in ``_detect_quant_kernel``'s order. ``x`` stands for the
     activation being quantized (its shape, dtype and device); one program per (sample, window). ``lean``: only
     what ``mixed_gemm``'s int8 path reads, the inlier codes as int8 whatever the bits (no mask, no packed copy):
     2 bytes written per element instead of 3.5 at 4 bits, 3 at 8. ``num_warps`` replaces ``launch_block``'s
-    choice (the benchmark compares them: fewer warps, fewer barriers per reduction, more work per thread)."""
+    choice (the benchmark compares them: fewer warps, fewer barriers per reduction, more work per thread).
+    ``rows_per_round``: how many of a window's steps a round detects at once (``detect_rows``; ``window_rows``)."""
     _check(x, static_scale, n_refresh, inlier_bits)
+    check_rows(rows_per_round)
     out = empty_output(x, inlier_bits, lean) if out is None else out
     for name, buffer, spec in zip(out._fields, out, _output_layout(x, inlier_bits, lean), strict=True):
         if spec is None and buffer is None:
@@ -259,18 +335,20 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
         placeholder if out.outlier_mask is None else out.outlier_mask.view(torch.uint8), out.outlier_codes,
         out.outlier_scale, out.inlier_scale, length, channels, n_refresh, float(k),
         INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block, STORE_MASK=out.outlier_mask is not None,
-        **constants, num_warps=warps, enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
+        ROWS=rows_per_round, **constants, num_warps=warps,
+        enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
     return out
 
 
 def detect_quant(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
                  out: DetectQuantOutput | None = None, lean: bool = False,
-                 num_warps: int | None = None) -> DetectQuantOutput:
+                 num_warps: int | None = None, rows_per_round: int = 1) -> DetectQuantOutput:
     """Triton: outlier masks, inlier/outlier codes and scales of x (batch, L, C), fp32/fp16/bf16, any strides.
     ``out`` (from ``empty_output``) is written in place, so repeated calls allocate nothing; ``lean`` skips what
-    the GEMM does not read, ``num_warps`` overrides the launch (see ``launch_detect_quant``)."""
+    the GEMM does not read, ``num_warps`` and ``rows_per_round`` set the launch (see ``launch_detect_quant``);
+    none of the three changes a value."""
     return launch_detect_quant(_detect_quant_kernel, (x, *x.stride()), x, static_scale, k, n_refresh, inlier_bits,
-                               out, lean, num_warps)
+                               out, lean, num_warps, rows_per_round)
 
 
 def window_outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,

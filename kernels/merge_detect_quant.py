@@ -8,8 +8,8 @@ neither the flipped copy nor the merged activation exists (out_proj is the merge
 
 The merged value rounds as PyTorch's does in the inputs' dtype: the sum is computed in fp32 and rounded to the
 dtype, then halved (exact in fp32) and rounded again, so the codes equal ``detect_quant`` on the merged tensor bit
-for bit. Kernel: ``kernels.detect_quant``'s, one program per (sample, window); each step builds its merged row in
-registers and hands it to ``detect_quant_step``.
+for bit. Kernel: ``kernels.detect_quant``'s, one program per (sample, window) in rounds; each round builds its
+merged rows in registers and hands them to ``detect_quant_rows``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import triton.language as tl
 from kernels.detect_quant import (
     DetectQuantOutput,
     detect_quant_reference,
-    detect_quant_step,
+    detect_quant_rows,
     launch_detect_quant,
+    round_rows,
     round_to_dtype,
+    window_program,
 )
 
 
@@ -34,22 +36,21 @@ def _merge_detect_quant_kernel(forward_ptr, backward_ptr, stride_fb, stride_ft, 
                                inlier_scale_ptr,
                                length, channels, n_refresh, k,
                                INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
-                               STORE_MASK: tl.constexpr):
-    sample = tl.program_id(0)
-    start = tl.program_id(1) * n_refresh
-    offs = tl.arange(0, BLOCK_C)
-    valid = offs < channels
-    outlier = offs < 0  # the refresh: an empty set at the window start
-    for i in range(0, tl.minimum(n_refresh, length - start)):
-        t = start + i
-        forward = tl.load(forward_ptr + sample * stride_fb + t * stride_ft + offs * stride_fc, mask=valid, other=0.0)
-        backward = tl.load(backward_ptr + sample * stride_bb + (length - 1 - t) * stride_bt + offs * stride_bc,
-                           mask=valid, other=0.0)
+                               STORE_MASK: tl.constexpr, ROWS: tl.constexpr):
+    sample, start, steps, offs, valid, outlier = window_program(length, channels, n_refresh, BLOCK_C)
+    i = 0
+    while i < steps:
+        live, t, tile = round_rows(i, start, steps, valid, ROWS)
+        forward = tl.load(forward_ptr + sample * stride_fb + t[:, None] * stride_ft + offs[None, :] * stride_fc,
+                          mask=tile, other=0.0)
+        backward = tl.load(backward_ptr + sample * stride_bb + (length - 1 - t)[:, None] * stride_bt
+                           + offs[None, :] * stride_bc, mask=tile, other=0.0)
         dtype = forward_ptr.dtype.element_ty
         x = round_to_dtype(round_to_dtype(forward.to(tl.float32) + backward.to(tl.float32), dtype) * 0.5, dtype)
-        outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr,
-                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr,
-                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK)
+        outlier, advance = detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_scale_ptr,
+                                             inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                                             inlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, ROWS)
+        i += advance
 
 
 def _check(y_forward: torch.Tensor, y_backward: torch.Tensor) -> None:
@@ -62,15 +63,16 @@ def _check(y_forward: torch.Tensor, y_backward: torch.Tensor) -> None:
 
 def merge_detect_quant(y_forward: torch.Tensor, y_backward: torch.Tensor, static_scale: torch.Tensor, k: float,
                        n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None = None,
-                       lean: bool = False) -> DetectQuantOutput:
+                       lean: bool = False, rows_per_round: int = 1) -> DetectQuantOutput:
     """Triton: ``detect_quant((y_forward + y_backward.flip(1)) / 2, …)`` without materialising either operand.
 
     y_forward (batch, L, E) and y_backward (batch, L, E) in the backward branch's time order, same float dtype,
-    any strides. ``out`` and ``lean`` as for ``detect_quant``."""
+    any strides. ``out``, ``lean`` and ``rows_per_round`` as for ``detect_quant``."""
     _check(y_forward, y_backward)
     return launch_detect_quant(_merge_detect_quant_kernel, (y_forward, y_backward, *y_forward.stride(),
                                                             *y_backward.stride()),
-                               y_forward, static_scale, k, n_refresh, inlier_bits, out, lean)
+                               y_forward, static_scale, k, n_refresh, inlier_bits, out, lean,
+                               rows_per_round=rows_per_round)
 
 
 def merge_detect_quant_reference(y_forward: torch.Tensor, y_backward: torch.Tensor, static_scale: torch.Tensor,

@@ -15,8 +15,10 @@ in float64 and rounds it, which is portable. The sum of squares is the one reduc
 PyTorch's: the outputs equal the reference bit for bit whenever that sum is exact (the tests' data are chosen so)
 and otherwise differ only where an ulp of the normalized value moves a rounding or a detection decision.
 
-Kernel: ``kernels.detect_quant``'s, one program per (sample, window) walking the window's steps in order; each
-step builds its normalized row in registers and hands it to ``detect_quant_step``.
+Kernel: ``kernels.detect_quant``'s, one program per (sample, window) walking the window's steps in rounds; each
+round builds its normalized rows in registers and hands them to ``detect_quant_rows``. A row's residual is
+written when its round commits it (a later round reads the uncommitted rows again, and ``residual_out`` may be
+``residual``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import triton.language as tl
 from kernels.detect_quant import (
     DetectQuantOutput,
     detect_quant_reference,
-    detect_quant_step,
+    detect_quant_rows,
     launch_detect_quant,
+    round_rows,
     round_to_dtype,
+    window_program,
 )
 
 
@@ -42,28 +46,30 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
                               inlier_scale_ptr,
                               length, channels, n_refresh, k,
                               INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
-                              STORE_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    sample = tl.program_id(0)
-    start = tl.program_id(1) * n_refresh
-    offs = tl.arange(0, BLOCK_C)
-    valid = offs < channels
+                              STORE_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr):
+    sample, start, steps, offs, valid, outlier = window_program(length, channels, n_refresh, BLOCK_C)
     weight = tl.load(weight_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    outlier = offs < 0  # the refresh: an empty set at the window start
-    for i in range(0, tl.minimum(n_refresh, length - start)):
-        t = start + i
-        residual = tl.load(hidden_ptr + sample * stride_hb + t * stride_ht + offs * stride_hc, mask=valid,
-                           other=0.0).to(tl.float32)
+    i = 0
+    while i < steps:
+        live, t, tile = round_rows(i, start, steps, valid, ROWS)
+        residual = tl.load(hidden_ptr + sample * stride_hb + t[:, None] * stride_ht + offs[None, :] * stride_hc,
+                           mask=tile, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            residual += tl.load(residual_ptr + sample * stride_rb + t * stride_rt + offs * stride_rc, mask=valid,
-                                other=0.0)
-        tl.store(residual_out_ptr + sample * stride_ob + t * stride_ot + offs * stride_oc, residual, mask=valid)
-        mean_square = tl.math.div_rn(tl.sum(residual * residual, axis=0), channels * 1.0)
+            residual += tl.load(residual_ptr + sample * stride_rb + t[:, None] * stride_rt + offs[None, :] * stride_rc,
+                                mask=tile, other=0.0)
+        mean_square = tl.math.div_rn(tl.sum(residual * residual, axis=1), channels * 1.0)
         inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
         # the model quantizes the normalized value cast to hidden's dtype
-        x = round_to_dtype((residual * inv_rms) * weight, hidden_ptr.dtype.element_ty)
-        outlier = detect_quant_step(x, outlier, sample, t, length, channels, k, static_scale_ptr, inlier_ptr,
-                                    packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr,
-                                    INLIER_QMAX, PACK, BLOCK_C, STORE_MASK)
+        x = round_to_dtype((residual * inv_rms[:, None]) * weight[None, :], hidden_ptr.dtype.element_ty)
+        residual_out = residual_out_ptr + sample * stride_ob + t[:, None] * stride_ot + offs[None, :] * stride_oc
+        if ROWS == 1:  # the step is committed: store before the reductions (the row need not stay live)
+            tl.store(residual_out, residual, mask=tile)
+        outlier, advance = detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_scale_ptr,
+                                             inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
+                                             inlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, ROWS)
+        if ROWS > 1:  # only the committed rows: a later round reads the others again (residual_out may be residual)
+            tl.store(residual_out, residual, mask=tile & (tl.arange(0, ROWS) < advance)[:, None])
+        i += advance
 
 
 def _check(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
@@ -83,20 +89,21 @@ def _check(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
 def norm_detect_quant(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                       static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
                       out: DetectQuantOutput | None = None, residual_out: torch.Tensor | None = None,
-                      lean: bool = False) -> tuple[DetectQuantOutput, torch.Tensor]:
+                      lean: bool = False, rows_per_round: int = 1) -> tuple[DetectQuantOutput, torch.Tensor]:
     """Triton: (detect_quant(RMSNorm(residual + hidden) cast to hidden's dtype), residual + hidden in fp32).
 
     hidden (batch, L, C) fp32/fp16/bf16 and residual (batch, L, C) fp32 (None: the first block, whose residual
     is hidden itself), any strides; norm_weight (C,). ``out`` and ``lean`` as for ``detect_quant``;
     ``residual_out`` (fp32, any strides) may be ``residual`` itself: each element is read before it is
-    overwritten, by the same thread."""
+    overwritten, by the same thread, and rows are written only when their round commits them.
+    ``rows_per_round`` as for ``detect_quant``."""
     _check(hidden, residual, norm_weight, residual_out)
     residual_out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if residual_out is None \
         else residual_out
     inputs = (hidden, hidden if residual is None else residual, norm_weight, residual_out, float(eps),
               *hidden.stride(), *(hidden if residual is None else residual).stride(), *residual_out.stride())
     out = launch_detect_quant(_norm_detect_quant_kernel, inputs, hidden, static_scale, k, n_refresh, inlier_bits, out,
-                              lean, HAS_RESIDUAL=residual is not None)
+                              lean, rows_per_round=rows_per_round, HAS_RESIDUAL=residual is not None)
     return out, residual_out
 
 

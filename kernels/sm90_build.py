@@ -104,25 +104,27 @@ DETECT_OUTPUTS = {"static_scale_ptr": "*fp32", "inlier_ptr": "*i8", "packed_ptr"
 
 def _build_detect_family(kernel: triton.JITFunction, channels: int, bits: int, types: dict[str, str],
                          constants: dict[str, object], divisible: set[str], lean: bool = True,
-                         warps: int | None = None) -> BuildReport:
-    """A kernel built on ``detect_quant_step`` as ``launch_detect_quant`` launches it for C channels; ``lean``
-    (the packed model's calls) by default, at ``launch_block``'s warps unless ``warps`` is given."""
+                         warps: int | None = None, rows: int = 1) -> BuildReport:
+    """A kernel built on ``detect_quant_rows`` as ``launch_detect_quant`` launches it for C channels; ``lean``
+    (the packed model's calls) by default, at ``launch_block``'s warps unless ``warps`` is given, ``rows`` steps
+    a round."""
     block, default_warps = dq.launch_block(channels)
     warps = warps or default_warps
     constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4 and not lean, "BLOCK_C": block,
-                 "STORE_MASK": not lean, **constants}
+                 "STORE_MASK": not lean, "ROWS": rows, **constants}
     divisible = divisible | ({"channels"} if channels % 16 == 0 else set())
     return build(kernel, {**DETECT_OUTPUTS, **types}, constants, divisible, warps, enable_fp_fusion=False)
 
 
-def build_detect(channels: int, bits: int, lean: bool = True, warps: int | None = None) -> BuildReport:
+def build_detect(channels: int, bits: int, lean: bool = True, warps: int | None = None,
+                 rows: int = 1) -> BuildReport:
     """detect_quant for contiguous fp16 input with C channels."""
     divisible = {"stride_xb", "stride_xt"} if channels % 16 == 0 else set()
     return _build_detect_family(dq._detect_quant_kernel, channels, bits, {"x_ptr": "*fp16"}, {"stride_xc": 1},
-                                divisible, lean, warps)
+                                divisible, lean, warps, rows)
 
 
-def build_norm_detect(channels: int, bits: int, dtype: str, residual: bool = True) -> BuildReport:
+def build_norm_detect(channels: int, bits: int, dtype: str, residual: bool = True, rows: int = 1) -> BuildReport:
     """norm_detect_quant at a block's entry (C = embed dim): ``dtype`` hidden and norm weight (as ``model.half()``
     holds it), fp32 residual in and out, all contiguous."""
     types = {"hidden_ptr": f"*{dtype}", "residual_ptr": "*fp32", "weight_ptr": f"*{dtype}",
@@ -130,15 +132,16 @@ def build_norm_detect(channels: int, bits: int, dtype: str, residual: bool = Tru
     constants = {"HAS_RESIDUAL": residual, "stride_hc": 1, "stride_rc": 1, "stride_oc": 1}
     divisible = {"stride_hb", "stride_ht", "stride_rb", "stride_rt", "stride_ob", "stride_ot"} \
         if channels % 16 == 0 else set()
-    return _build_detect_family(nd._norm_detect_quant_kernel, channels, bits, types, constants, divisible)
+    return _build_detect_family(nd._norm_detect_quant_kernel, channels, bits, types, constants, divisible,
+                                rows=rows)
 
 
-def build_merge_detect(channels: int, bits: int, dtype: str) -> BuildReport:
+def build_merge_detect(channels: int, bits: int, dtype: str, rows: int = 1) -> BuildReport:
     """merge_detect_quant at out_proj's input (C = E) on two contiguous ``dtype`` branch outputs."""
     types = {"forward_ptr": f"*{dtype}", "backward_ptr": f"*{dtype}"}
     divisible = {"stride_fb", "stride_ft", "stride_bb", "stride_bt"} if channels % 16 == 0 else set()
     return _build_detect_family(md._merge_detect_quant_kernel, channels, bits, types,
-                                {"stride_fc": 1, "stride_bc": 1}, divisible)
+                                {"stride_fc": 1, "stride_bc": 1}, divisible, rows=rows)
 
 
 def build_conv_silu(channels: int, dtype: str, reverse: bool) -> BuildReport:
@@ -204,16 +207,17 @@ def vim_gemm_shapes(d_models: tuple[int, ...] = (192, 384, 768),
     return shapes
 
 
-def build_detect_fake_quant(channels: int, asymmetric: bool, dtype: str) -> BuildReport:
+def build_detect_fake_quant(channels: int, asymmetric: bool, dtype: str, rows: int | None = None) -> BuildReport:
     """detect_fake_quant as the packed model launches it: Δ (C = E, asymmetric 4-bit, 8-bit outliers) or B/C
-    (C = 16, symmetric) as strided ``dtype`` views."""
-    block = max(triton.next_power_of_2(channels), 2)
+    (C = 16, symmetric) as strided ``dtype`` views, in rounds of ``window_rows`` steps (n_refresh 10) unless
+    ``rows`` is given."""
+    block, warps = dq.launch_block(channels)
     types = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "k": "fp32"}
     constants = {"LEVELS": 15 if asymmetric else 7, "OUTLIER_LEVELS": 255 if asymmetric else 127,
-                 "ASYMMETRIC": asymmetric, "BLOCK_C": block, "stride_xc": 1}
+                 "ASYMMETRIC": asymmetric, "BLOCK_C": block, "stride_xc": 1,
+                 "ROWS": rows or dq.window_rows(channels, 10)}
     divisible = {"channels"} if channels % 16 == 0 else set()
-    return build(dfq._detect_fake_quant_kernel, types, constants, divisible, max(1, min(8, block // 256)),
-                 enable_fp_fusion=False)
+    return build(dfq._detect_fake_quant_kernel, types, constants, divisible, warps, enable_fp_fusion=False)
 
 
 def main() -> int:
@@ -249,6 +253,13 @@ def main() -> int:
         for bits in (4, 8):
             seen[("detect", channels, bits)] = report = build_detect(channels, bits)
             print(f"detect_quant C={channels} {bits}-bit (lean, the packed model's): {report}", flush=True)
+    for channels in (48,) if args.quick else (12, 24, 48):  # dt_proj's input: the packed model's whole-window rounds
+        rows = dq.window_rows(channels, 10)
+        seen[("detect", channels, 4, "rows", rows)] = report = build_detect(channels, 4, rows=rows)
+        print(f"detect_quant C={channels} 4-bit lean in rounds of {rows} steps: {report}", flush=True)
+    for rows in (2,) if args.quick else (2, 4):  # what bench_kernels compares with step by step at C = E
+        seen[("detect", 1536, 4, "rows", rows)] = report = build_detect(1536, 4, rows=rows)
+        print(f"detect_quant C=1536 4-bit lean in rounds of {rows} steps: {report}", flush=True)
     seen[("detect", 1536, 4, "full")] = report = build_detect(1536, 4, lean=False)
     print(f"detect_quant C=1536 4-bit, every output: {report}", flush=True)
     for warps in () if args.quick else (2, 4):  # what bench_kernels compares with launch_block's 8 (1 spills)
@@ -285,9 +296,12 @@ def main() -> int:
         + [("merge", channels, bits, "fp16") for channels in (384, 768, 1536) for bits in (4, 8)] \
         + [("merge", 1536, 4, "fp32"), ("merge", 1536, 4, "bf16")] \
         + [("conv", 1536, dtype, reverse) for dtype in ("fp32", "fp16", "bf16") for reverse in (False, True)]
-    fused += [("fake", 1536, True, "fp16"), ("fake", 16, False, "fp16")] if args.quick else \
+    fused += [("fake", 1536, True, "fp16"), ("fake", 16, False, "fp16"), ("norm", 768, 4, "fp16", True, 2),
+              ("merge", 1536, 4, "fp16", 2)] if args.quick else \
         [("fake", channels, True, dtype) for channels in (384, 768, 1536) for dtype in ("fp16", "fp32", "bf16")] \
-        + [("fake", 16, False, dtype) for dtype in ("fp16", "fp32", "bf16")]
+        + [("fake", 16, False, dtype) for dtype in ("fp16", "fp32", "bf16")] + [("fake", 1536, True, "fp16", 1)] \
+        + [("norm", 768, 4, "fp16", True, rows) for rows in (2, 4)] + [("merge", 1536, 4, "fp16", rows)
+                                                                       for rows in (2, 4)]
     builders = {"norm": build_norm_detect, "merge": build_merge_detect, "conv": build_conv_silu,
                 "fake": build_detect_fake_quant}
     for key in fused:

@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from kernels.detect_fake_quant import detect_fake_quant, detect_fake_quant_reference
-from tests.test_kernels import DEVICE, core_quant, moving_outliers, static_scales, threshold_margin
+from kernels.detect_quant import window_rows
+from tests.test_kernels import (
+    DEVICE,
+    core_quant,
+    every_growth,
+    growth_counts,
+    moving_outliers,
+    static_scales,
+    threshold_margin,
+)
 
 ALWAYS = 1e-30  # threshold_margin's qmax that counts every step as triggered: a margin over a superset
 
@@ -60,8 +69,27 @@ def test_kernel_matches_reference(dtype, bits, outlier_bits, asymmetric, channel
     want = detect_fake_quant_reference(x, *args)
     mask = quantizer.masks(x.float())
     assert mask.any() and threshold_margin(x.float(), mask, args[0], 3.0, 10, ALWAYS) > 1e-5
-    got = detect_fake_quant(x.to(DEVICE), *(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args))
+    device_args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    got = detect_fake_quant(x.to(DEVICE), *device_args)
     assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.cpu(), want)
+    rows = window_rows(channels, 10)  # as the packed model launches it: rounds over the window, same values
+    assert torch.equal(detect_fake_quant(x.to(DEVICE), *device_args, rows_per_round=rows).cpu(), want)
+
+
+@pytest.mark.parametrize(("rows", "asymmetric"), [(4, True), (16, False), (2, True)])
+def test_rounds_give_the_step_walk_bit_for_bit(rows, asymmetric):
+    """Windows whose set never grows, grows once and grows at most steps (``every_growth``), in rounds."""
+    x = every_growth(37, 48, seed=rows) + (0.3 if asymmetric else 0.0)
+    quantizer = calibrated(x, 4, 8, asymmetric)
+    args = arguments(quantizer)
+    want = detect_fake_quant_reference(x, *args)
+    mask = quantizer.masks(x)
+    assert threshold_margin(x, mask, args[0], 3.0, 10, ALWAYS) > 1e-5
+    counts = growth_counts(mask, 10)
+    assert 0 in counts and 1 in counts and max(counts) >= 3
+    got = detect_fake_quant(x.to(DEVICE), *(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args),
+                            rows_per_round=rows)
     assert torch.equal(got.cpu(), want)
 
 

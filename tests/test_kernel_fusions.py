@@ -25,6 +25,8 @@ from kernels.norm_detect_quant import norm_detect_quant, norm_detect_quant_refer
 from tests.test_kernels import (
     DEVICE,
     assert_same_detection,
+    every_growth,
+    growth_counts,
     moving_outliers,
     poisoned_output,
     real_shapes,
@@ -95,18 +97,26 @@ def test_norm_detect_quant_exact(dtype, bits, channels, n_refresh, with_residual
     check_norm_case(hidden, residual, weight, bits, n_refresh)
 
 
-def test_norm_detect_quant_strided_and_in_place():
-    """hidden as the transposed view of a channel-first buffer, residual a strided view updated in place."""
-    hidden, residual, weight = block_inputs(2, 23, 64, torch.float16, True, seed=3)
+@pytest.mark.parametrize("rows", [1, 4])
+def test_norm_detect_quant_strided_and_in_place(rows):
+    """hidden as the transposed view of a channel-first buffer, residual a strided view updated in place; in
+    rounds of 4 steps too, where a row after a growing step is read again by the next round, so it must not have
+    been overwritten (sets that never grow, grow once, and grow at most steps: ``every_growth``)."""
+    total = torch.round(every_growth(23, 64, seed=3) * GRID) / GRID
+    g = torch.Generator().manual_seed(4)
+    hidden = (torch.randint(-2 * GRID, 2 * GRID + 1, total.shape, generator=g) / GRID).half()
+    residual, weight = total - hidden.float(), torch.ones(64)  # a flat norm weight keeps the three samples apart
     qmax = inlier_qmax(4)
     scale = static_scales(normalized(hidden, residual, weight), qmax, seed=5)
     want, want_residual = norm_detect_quant_reference(hidden, residual, weight, EPS, scale, 3.0, 10, 4)
+    counts = growth_counts(want.outlier_mask, 10)
+    assert 0 in counts and 1 in counts and max(counts) >= 3
     hd = hidden.transpose(1, 2).contiguous().transpose(1, 2).to(DEVICE)
-    buffer = torch.full((2, 23, 128), float("nan"), device=DEVICE)
+    buffer = torch.full((3, 23, 128), float("nan"), device=DEVICE)
     rd = buffer[..., ::2]
     rd.copy_(residual)
     got, got_residual = norm_detect_quant(hd, rd, weight.to(DEVICE), EPS, scale.to(DEVICE), 3.0, 10, 4,
-                                          out=poisoned_output(hd, 4), residual_out=rd)
+                                          out=poisoned_output(hd, 4), residual_out=rd, rows_per_round=rows)
     assert got_residual is rd and torch.equal(rd.cpu(), want_residual)
     assert buffer[..., 1::2].isnan().all()  # nothing written between the strided elements
     assert_same_detection(on_device(got), want)
@@ -214,9 +224,10 @@ def test_conv_silu_rejects_bad_inputs():
 # ---- merge of the two directions + detect_quant ----
 
 
-@pytest.mark.parametrize(("dtype", "bits", "channels", "n_refresh"), [
-    (torch.float16, 4, 64, 10), (torch.float32, 8, 45, 7), (torch.bfloat16, 4, 96, 3)])
-def test_merge_detect_quant_matches_reference(dtype, bits, channels, n_refresh):
+@pytest.mark.parametrize(("dtype", "bits", "channels", "n_refresh", "rows"), [
+    (torch.float16, 4, 64, 10, 1), (torch.float32, 8, 45, 7, 4), (torch.bfloat16, 4, 96, 3, 1),
+    (torch.float16, 4, 64, 10, 2)])
+def test_merge_detect_quant_matches_reference(dtype, bits, channels, n_refresh, rows):
     """The model's (y_f + flip(y_b)) / 2 in the dtype, then detect_quant_reference; y_backward strided."""
     y_forward = moving_outliers(2, 27, channels, seed=channels, gaussian=False, magnitudes=(20.0, 40.0)).to(dtype)
     y_backward = moving_outliers(2, 27, channels, seed=channels + 1, gaussian=False, per_step=1,
@@ -229,7 +240,8 @@ def test_merge_detect_quant_matches_reference(dtype, bits, channels, n_refresh):
     assert want.outlier_mask.any() and (want.inlier_codes.abs() == qmax).any()
     yf = y_forward.to(DEVICE)
     yb = y_backward.transpose(1, 2).contiguous().transpose(1, 2).to(DEVICE)
-    got = merge_detect_quant(yf, yb, scale.to(DEVICE), 3.0, n_refresh, bits, out=poisoned_output(yf, bits))
+    got = merge_detect_quant(yf, yb, scale.to(DEVICE), 3.0, n_refresh, bits, out=poisoned_output(yf, bits),
+                             rows_per_round=rows)
     assert_same_detection(on_device(got), want)
     if dtype == torch.float16:  # the same integers as detect_quant on the materialised merge
         merged_device = (yf + yb.flip(1)) / 2

@@ -25,6 +25,7 @@ from kernels.detect_quant import (
     detect_quant_reference,
     empty_output,
     inlier_qmax,
+    window_rows,
 )
 from kernels.mixed_gemm import (
     compact_outliers,
@@ -54,10 +55,12 @@ NEVER_MASK = 0xFF  # the mask is written as 0 or 1
 
 
 def moving_outliers(batch: int, length: int, channels: int, seed: int, gaussian: bool = True, per_step: int = 3,
-                    magnitudes: tuple[float, ...] = (4.0, 6.0, 10.0, 20.0, 40.0)) -> torch.Tensor:
-    """Activations (batch, L, C) with ``per_step`` outlier channels per token that move at a per-sample speed.
-    Inliers are N(0, 1) or U(−1, 1). With the default magnitudes moderate outliers can hide behind large ones;
-    U(−1, 1) inliers with only large outliers keep every value far from every threshold."""
+                    magnitudes: tuple[float, ...] = (4.0, 6.0, 10.0, 20.0, 40.0),
+                    speeds: tuple[int, int] = (1, 5)) -> torch.Tensor:
+    """Activations (batch, L, C) with ``per_step`` outlier channels per token that move at a per-sample speed
+    drawn from [speeds[0], speeds[1]) channels a step (0: fixed channels). Inliers are N(0, 1) or U(−1, 1). With
+    the default magnitudes moderate outliers can hide behind large ones; U(−1, 1) inliers with only large
+    outliers keep every value far from every threshold."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, length, channels, generator=g) if gaussian else \
         torch.rand(batch, length, channels, generator=g) * 2 - 1
@@ -65,7 +68,7 @@ def moving_outliers(batch: int, length: int, channels: int, seed: int, gaussian:
     magnitudes = torch.tensor(magnitudes)
     for j in range(per_step):
         start = torch.randint(0, channels, (batch, 1), generator=g)
-        speed = torch.randint(1, 5, (batch, 1), generator=g)
+        speed = torch.randint(*speeds, (batch, 1), generator=g)
         channel = (start + speed * steps + j * (channels // per_step)) % channels
         value = magnitudes[torch.randint(0, len(magnitudes), (batch, length), generator=g)]
         sign = torch.randint(0, 2, (batch, length), generator=g) * 2 - 1
@@ -199,6 +202,52 @@ def test_detect_quant_at_other_warp_counts_gives_the_same_codes():
         assert_same_detection(detect_quant(xd, sd, 3.0, 10, 4, out=poisoned_output(xd, 4), num_warps=warps), want)
     with pytest.raises(ValueError, match="num_warps must be a power of two"):
         detect_quant(xd, sd, 3.0, 10, 4, num_warps=3)
+
+
+def every_growth(length: int, channels: int, seed: int, **kwargs: object) -> torch.Tensor:
+    """Three samples (3, L, C) whose outlier sets, per window, grow at most steps (moving outliers), once (fixed
+    channels) and never (no outliers: U(−1, 1) stays under mean + 3·std)."""
+    moving = moving_outliers(1, length, channels, seed, gaussian=False, magnitudes=(20.0, 40.0), **kwargs)
+    fixed = moving_outliers(1, length, channels, seed + 1, gaussian=False, magnitudes=(40.0,), speeds=(0, 1), **kwargs)
+    plain = torch.rand(1, length, channels, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return torch.cat([moving, fixed, plain])
+
+
+def growth_counts(mask: torch.Tensor, n_refresh: int) -> list[int]:
+    """For each (sample, window) of an outlier mask (batch, L, C): at how many steps the set grew."""
+    before = torch.roll(mask, 1, dims=1)
+    before[:, ::n_refresh] = False
+    grows = (mask & ~before).any(-1)
+    return [int(window.sum()) for sample in grows for window in sample.split(n_refresh)]
+
+
+@pytest.mark.parametrize(("rows", "bits", "channels", "n_refresh"), [(2, 4, 64, 10), (4, 8, 45, 7),
+                                                                     (16, 4, 32, 10), (8, 4, 64, 3)])
+def test_rounds_give_the_step_walk_bit_for_bit(rows, bits, channels, n_refresh):
+    """``rows_per_round`` detects several steps at once against the set known so far and commits them up to the
+    first that grows it: windows whose set never grows, grows once and grows at most steps, rounds longer than
+    the window, and the last window cut short all give the reference's outputs."""
+    x = every_growth(41, channels, seed=channels + rows)
+    qmax = inlier_qmax(bits)
+    scale = static_scales(x, qmax, seed=rows)
+    want = detect_quant_reference(x, scale, 3.0, n_refresh, bits)
+    assert threshold_margin(x, want.outlier_mask, scale, 3.0, n_refresh, qmax) > 1e-5
+    counts = growth_counts(want.outlier_mask, n_refresh)
+    assert 0 in counts and 1 in counts and max(counts) >= 3
+    got = detect_quant(x.to(DEVICE), scale.to(DEVICE), 3.0, n_refresh, bits, out=poisoned_output(x.to(DEVICE), bits),
+                       rows_per_round=rows)
+    assert_same_detection(got, want)
+
+
+def test_window_rows_fill_the_window_within_the_register_budget():
+    assert window_rows(1536, 10) == 2  # 2048-channel block, 8 warps: 16 values a thread
+    assert window_rows(16, 10) == 8 and window_rows(48, 10) == 8  # B and C, dt_proj's input: 8 rows at most
+    assert window_rows(16, 3) == 4 and window_rows(16, 1) == 1  # the whole window (next power of two)
+    assert window_rows(1536, 10, num_warps=4) == 1
+    x, scale = torch.zeros(1, 4, 16), torch.ones(4)
+    for bad in (0, 3, 128):
+        with pytest.raises(ValueError, match="rows_per_round must be a power of two"):
+            detect_quant(x, scale, 3.0, 2, 4, rows_per_round=bad)
 
 
 def test_dequantized_codes_are_the_fake_quantizer_output():

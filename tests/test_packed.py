@@ -158,6 +158,38 @@ def test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run():
     assert len(calls) == 3 * 2 * cfg.depth
 
 
+def test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logit():
+    """Δ, B, C and dt_proj's input detect in rounds over the window (``WINDOW_ROUND_TENSORS``), x_proj's input
+    step by step; the logits equal a run with every site step by step, bit for bit."""
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    images = torch.randn(2, 1, 16, 16, device=DEVICE)
+    packed = pack(quantize(model, QuantConfig(k=1.0, n_refresh=8, reconstruction=STATIC_ONLY), images),
+                  backend="triton")
+    rows, fake_quant, detect = [], packed_module.detect_fake_quant, packed_module.detect_quant
+
+    def spy_fake_quant(x, *args):
+        rows.append(("scan input", x.shape[-1], args[-1]))
+        return fake_quant(x, *args)
+
+    def spy_detect(x, *args, **kwargs):
+        rows.append(("projection", x.shape[-1], kwargs["rows_per_round"]))
+        return detect(x, *args, **kwargs)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed_module, "detect_fake_quant", spy_fake_quant)
+        patch.setattr(packed_module, "detect_quant", spy_detect)
+        logits = packed(images)
+        patch.setattr(packed_module, "WINDOW_ROUND_TENSORS", ())
+        step_by_step = packed(images)
+    inner, rank = 2 * cfg.embed_dim, packed.model.layers[0].mixer.dt_proj.in_features
+    assert set(rows[:len(rows) // 2]) == {("projection", inner, 1), ("projection", rank, 8), ("scan input", inner, 8),
+                                          ("scan input", cfg.d_state, 8)}  # 8: the window (n_refresh 8)
+    assert {r for _, _, r in rows[len(rows) // 2:]} == {1}
+    assert torch.equal(step_by_step, logits)
+
+
 @pytest.mark.parametrize(("config", "dt_rank", "message"), [
     (QuantConfig(method="ptq4vm", reconstruction=STATIC_ONLY), 0, "method ptq4vm"),
     (QuantConfig(w_bits=6, a_bits=6, reconstruction=STATIC_ONLY), 0, "W6A6O8"),

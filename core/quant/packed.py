@@ -41,7 +41,7 @@ from core.quant.quantizers import OutlierAwareQuantizer, WeightQuantizer
 from core.ssm import selective_scan
 from kernels.conv_silu import conv_silu
 from kernels.detect_fake_quant import detect_fake_quant
-from kernels.detect_quant import DetectQuantOutput, detect_quant, detect_quant_reference
+from kernels.detect_quant import DetectQuantOutput, detect_quant, detect_quant_reference, window_rows
 from kernels.merge_detect_quant import merge_detect_quant
 from kernels.mixed_gemm import GATHER_MIN_K, mixed_gemm, mixed_gemm_reference, quantize_weight
 from kernels.norm_detect_quant import norm_detect_quant
@@ -52,6 +52,17 @@ KERNEL_BITS = (4, 8)  # what detect_quant and mixed_gemm take for weights and in
 BACKENDS = ("auto", "triton", "reference")
 DYNAMIC_S6 = ("delta_pre", "B", "C")  # quantized as the model runs
 STATIC_S6 = ("A", "D")  # quantized once, at packing
+# Where the outlier set seldom grows inside a window, detection runs in rounds over the window instead of step by
+# step (the kernels' ``rows_per_round``, ``window_rows``; the same values). Measured on the default model
+# (results/quant/outlier_growth.md): Δ's and dt_proj's input sets never grow after the refresh, B's and C's grow
+# once in 15–33 % of windows; in_proj's input grows at ~4 steps of 10, x_proj's and out_proj's at 6–9, where
+# rounds would redo work for few fewer rounds, so those stay step by step.
+WINDOW_ROUND_TENSORS = ("dt_proj", "delta_pre", "B", "C")
+
+
+def detection_rows(tensor: str, channels: int, n_refresh: int) -> int:
+    """``rows_per_round`` of the detection at a site's tensor (``"dt_proj"`` for its input, ``"B"``, …)."""
+    return window_rows(channels, n_refresh) if tensor in WINDOW_ROUND_TENSORS else 1
 LINEAR_SITES = len(SHARED_LINEARS) + 2 * (len(LINEARS) - len(SHARED_LINEARS))  # packed projections per layer
 
 
@@ -104,11 +115,13 @@ class PackedLinear(nn.Module):
     def w_bits(self) -> int:
         return 4 if self.weight_codes.dtype == torch.uint8 else 8
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, use_kernels: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, use_kernels: bool,
+                rows_per_round: int = 1) -> torch.Tensor:
         if x.shape[1] != self.input_scale.numel():
             raise StudioError(f"this model was calibrated for {self.input_scale.numel()} time-steps, got {x.shape[1]}")
         args = (x, self.input_scale, self.k, self.n_refresh, self.a_bits)
-        codes = detect_quant(*args, lean=True) if use_kernels else detect_quant_reference(*args)
+        codes = detect_quant(*args, lean=True, rows_per_round=rows_per_round) if use_kernels \
+            else detect_quant_reference(*args)
         return self.gemm(codes, bias, x.dtype, use_kernels)
 
     def gemm(self, codes: DetectQuantOutput, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -144,7 +157,8 @@ class PackedInterceptor(Interceptor):
         packed = self.linears.get(_key(weight_site.name))
         if packed is None:
             return F.linear(x, weight, bias)
-        return packed(x, bias, uses_kernels(self.backend, x))
+        rows = detection_rows(input_site.tensor.split(".")[0], x.shape[-1], packed.n_refresh)
+        return packed(x, bias, uses_kernels(self.backend, x), rows)
 
     def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         key = _key(site.name)
@@ -157,7 +171,8 @@ class PackedInterceptor(Interceptor):
             zero = quantizer.zero_point
             return detect_fake_quant(x, quantizer.scale.detach(), None if zero is None else zero.detach(),
                                      quantizer.k, quantizer.n_refresh, quantizer.qmax,
-                                     0 if quantizer.outlier is None else quantizer.outlier.qmax)
+                                     0 if quantizer.outlier is None else quantizer.outlier.qmax,
+                                     detection_rows(site.tensor, x.shape[-1], quantizer.n_refresh))
         # in fp32 as the kernel computes: in fp16 the scale floor (1e-8) rounds to 0 and a 0/0 gives NaN
         return quantizer(x.float()).to(x.dtype)
 
@@ -267,7 +282,8 @@ class PackedVim(nn.Module):
         x_dbl = self.linears[_key(f"{site}.x_proj.weight")](u, None, use_kernels=True)
         n_state = self.cfg.d_state
         dt, B, C = torch.split(x_dbl, [dt_proj.in_features, n_state, n_state], dim=-1)
-        delta_pre = self.linears[_key(f"{site}.dt_proj.weight")](dt, dt_proj.bias, use_kernels=True)
+        dt_linear = self.linears[_key(f"{site}.dt_proj.weight")]
+        delta_pre = dt_linear(dt, dt_proj.bias, True, detection_rows("dt_proj", dt.shape[-1], dt_linear.n_refresh))
         delta_pre, B, C = (self.interceptor.intercept(mixer.sites[name, direction], value)
                            for name, value in (("delta_pre", delta_pre), ("B", B), ("C", C)))
         a_log, d_skip = (mixer.A_b_log, mixer.D_b) if backward else (mixer.A_log, mixer.D)

@@ -1,0 +1,103 @@
+"""How often does the outlier set grow inside a window? Evidence for the detection kernels' rounds.
+
+The detecting kernels walk a window of n_refresh steps in rounds: a round detects ``rows`` steps at once
+against the set known so far and commits them up to the first step that grows the set
+(kernels/detect_quant.py). A window then costs one round per growing step (plus one) instead of one per step,
+so rounds pay where the set seldom grows. This script measures, per quantized activation site of the default
+model calibrated as the packed model is (OuroMamba W4A4O8, 128 real training images, seed 0), how many steps
+of each (sample, window) grow the set, and how many rounds a window takes at each ``rows``. The images are
+training images (seed 1), never the test set.
+
+    PYTHONPATH=. python scripts/outlier_growth.py [--images N] [--epochs E] [--model-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from bench.common import machine_header, write_results
+from core.data import calibration_images
+from core.default_model import DEFAULT_MODEL_DIR, load_default_model
+from core.quant import QuantConfig, quantize
+from core.quant.config import ReconstructionConfig
+from core.quant.quantizers import OutlierAwareQuantizer
+
+ROWS = (1, 2, 4, 8, 16)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def growing_steps(mask: torch.Tensor, n_refresh: int) -> torch.Tensor:
+    """(batch, L) bool: the steps at which the outlier set (mask (batch, L, C)) gained a channel."""
+    before = torch.roll(mask, 1, dims=1)
+    before[:, ::n_refresh] = False  # every window starts empty
+    return (mask & ~before).any(-1)
+
+
+def rounds(grows: list[bool], rows: int) -> int:
+    """Rounds of ``rows`` steps one window takes: each commits up to its first growing step."""
+    step = count = 0
+    while step < len(grows):
+        count += 1
+        first = next((i for i in range(step, min(step + rows, len(grows))) if grows[i]), None)
+        step = step + rows if first is None else first + 1
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR))
+    parser.add_argument("--images", type=int, default=128, help="training images to run (seed 1)")
+    parser.add_argument("--epochs", type=int, default=10, help="block reconstruction epochs of the calibration")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, _ = load_default_model(args.model_dir)
+    config = QuantConfig(w_bits=4, a_bits=4, reconstruction=ReconstructionConfig(epochs=args.epochs))
+    qmodel = quantize(model, config, calibration_images("real", 128, 0))
+    growth: dict[str, list[int]] = defaultdict(list)
+    rounds_at: dict[tuple[str, int], list[int]] = defaultdict(list)
+
+    def record(site: str):
+        def hook(quantizer: OutlierAwareQuantizer, inputs: tuple, _: torch.Tensor) -> None:
+            grows = growing_steps(quantizer.masks(quantizer.smoothed(inputs[0])), quantizer.n_refresh)
+            for sample in grows.tolist():
+                for start in range(0, len(sample), quantizer.n_refresh):
+                    window = sample[start:start + quantizer.n_refresh]
+                    growth[site].append(sum(window))
+                    for rows in ROWS:
+                        rounds_at[site, rows].append(rounds(window, rows))
+        return hook
+
+    for name, quantizer in qmodel.quantizers.items():
+        if isinstance(quantizer, OutlierAwareQuantizer) and not quantizer.static_channels:
+            site = ".".join(part for part in name.split(":")[2:] if part not in ("fwd", "bwd"))
+            quantizer.register_forward_hook(record(site))
+    with torch.no_grad():
+        qmodel(calibration_images("real", args.images, 1))
+
+    table = []
+    for site, counts in growth.items():
+        n = len(counts)
+        row = {"site": site, "windows": n, "mean growing steps": round(sum(counts) / n, 2)}
+        row |= {f"share {label}": round(sum(1 for c in counts if test(c)) / n, 3)
+                for label, test in (("0", lambda c: c == 0), ("1", lambda c: c == 1), ("2-3", lambda c: 2 <= c <= 3),
+                                    ("4+", lambda c: c >= 4))}
+        row |= {f"rounds at {rows} rows": round(sum(rounds_at[site, rows]) / n, 2) for rows in ROWS}
+        table.append(row)
+        print(row, flush=True)
+    model_dir = Path(args.model_dir).resolve()
+    header = {**machine_header(torch.device("cpu")),
+              "model": str(model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir),
+              "calibration": f"OuroMamba W4A4O8, 128 real training images (seed 0), {args.epochs} reconstruction "
+                             f"epochs", "images": f"{args.images} training images (seed 1)",
+              "n_refresh": str(config.n_refresh)}
+    write_results("quant/outlier_growth", table, header,
+                  "PYTHONPATH=. python scripts/outlier_growth.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
