@@ -33,15 +33,15 @@ from kernels.detect_quant import (
 
 
 @triton.jit
-def _grid_round(v, scale, zero, LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr):
-    """Fake quantization of v on one grid: symmetric ±LEVELS, or unsigned 0…LEVELS with zero point ``zero``."""
+def _grid_round(v, scale, zero, levels, ASYMMETRIC: tl.constexpr):
+    """Fake quantization of v on a grid: symmetric ±levels, or unsigned 0…levels with zero point ``zero``; the
+    grid may differ per element (one call rounds inliers and outliers on their own grids)."""
     q = tl.math.div_rn(v, scale)
     if ASYMMETRIC:
-        q = tl.minimum(tl.maximum(_round_half_even(tl.minimum(tl.maximum(q, -2.0**22), 2.0**22)) + zero, 0.0),
-                       LEVELS * 1.0)
+        q = tl.minimum(tl.maximum(_round_half_even(tl.minimum(tl.maximum(q, -2.0**22), 2.0**22)) + zero, 0.0), levels)
         return (q - zero) * scale
     else:
-        q = tl.minimum(tl.maximum(q, -LEVELS * 1.0), LEVELS * 1.0)
+        q = tl.minimum(tl.maximum(q, -levels), levels)
         return _round_half_even(q) * scale
 
 
@@ -62,19 +62,20 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
         grown, outlier_high, outlier_low, last = detect_rows(x, outlier, valid, live, static_scale, k, LEVELS,
                                                              ASYMMETRIC, ROWS)
 
+        inlier_scale = tl.maximum(static_scale, 1e-8)[:, None]
         zero = tl.load(zero_ptr + t, mask=live, other=0.0)[:, None] if ASYMMETRIC else 0.0
-        y = _grid_round(tl.where(grown, 0.0, x), tl.maximum(static_scale, 1e-8)[:, None], zero, LEVELS, ASYMMETRIC)
-        if OUTLIER_LEVELS > 0:
+        if OUTLIER_LEVELS > 0:  # one division and rounding an element, inliers and outliers each on their grid
             if ASYMMETRIC:
                 outlier_scale = tl.maximum(tl.math.div_rn(outlier_high - outlier_low, OUTLIER_LEVELS * 1.0), 1e-8)
                 outlier_zero = _round_half_even(tl.math.div_rn(-outlier_low, outlier_scale))[:, None]
+                zero = tl.where(grown, outlier_zero, zero)
             else:
                 outlier_peak = tl.maximum(outlier_high, -outlier_low)
                 outlier_scale = tl.maximum(tl.math.div_rn(outlier_peak, OUTLIER_LEVELS * 1.0), 1e-8)
-                outlier_zero = 0.0
-            y = tl.where(grown, _grid_round(x, outlier_scale[:, None], outlier_zero, OUTLIER_LEVELS, ASYMMETRIC), y)
-        else:
-            y = tl.where(grown, x, y)
+            y = _grid_round(x, tl.where(grown, outlier_scale[:, None], inlier_scale), zero,
+                            tl.where(grown, OUTLIER_LEVELS * 1.0, LEVELS * 1.0), ASYMMETRIC)
+        else:  # outliers stay in floating point
+            y = tl.where(grown, x, _grid_round(x, inlier_scale, zero, LEVELS * 1.0, ASYMMETRIC))
         tl.store(y_ptr + (sample * length + t).to(tl.int64)[:, None] * channels + offs[None, :],
                  y.to(y_ptr.dtype.element_ty), mask=tile & (tl.arange(0, ROWS) <= last)[:, None])
         outlier, advance = grow_set(grown, last, ROWS)

@@ -56,18 +56,22 @@ class DetectQuantOutput(NamedTuple):
     outlier_scale: torch.Tensor  # fp32 (batch, L)
 
 
+ROUNDING_SHIFT = tl.constexpr(1.5 * 2.0**23)  # fp32 numbers in [2^23, 2^24) are integers: adding it rounds
+
+
 @triton.jit
 def _round_half_even(v):
-    """torch.round in fp32 for |v| < 2^22 (callers clamp first): floor(v + 0.5) would round 0.49999997 up."""
-    down = tl.floor(v)
-    frac = v - down
-    odd = (down - 2.0 * tl.floor(down * 0.5)) == 1.0
-    return tl.where((frac > 0.5) | ((frac == 0.5) & odd), down + 1.0, down)
+    """torch.round in fp32 for |v| < 2^22 (callers clamp first): v + 1.5·2^23 lands where the fp32 spacing is 1,
+    so the addition itself rounds v to the nearest integer, ties to even, and the subtraction is exact. Two
+    adds, in the interpreter as on the GPU (libdevice's rint does not run interpreted); floor(v + 0.5) would
+    round 0.49999997 up."""
+    return (v + ROUNDING_SHIFT) - ROUNDING_SHIFT
 
 
 @triton.jit
-def _quantize(v, scale, qmax: tl.constexpr):
-    """clamp(round(v / scale), ±qmax) as fp32; clamping before rounding gives the same integers (qmax is one)."""
+def _quantize(v, scale, qmax):
+    """clamp(round(v / scale), ±qmax) as fp32; clamping before rounding gives the same integers (qmax is one).
+    ``scale`` and ``qmax`` may differ per element (one call quantizes inliers and outliers on their grids)."""
     q = tl.math.div_rn(v, scale)
     q = tl.minimum(tl.maximum(q, -qmax), qmax)
     return _round_half_even(q)
@@ -176,8 +180,11 @@ def detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_s
         tl.store(mask_ptr + out, grown.to(tl.uint8), mask=stored)
 
     inlier_scale = tl.maximum(static_scale, 1e-8)
-    inlier_codes = _quantize(tl.where(grown, 0.0, x), inlier_scale[:, None], INLIER_QMAX)
-    inlier_codes = inlier_codes.to(tl.int32)
+    outlier_scale = tl.maximum(tl.math.div_rn(tl.maximum(outlier_high, -outlier_low), 127.0), 1e-8)
+    # one division and rounding an element, each on its own grid: an element is an inlier or an outlier
+    codes = _quantize(x, tl.where(grown, outlier_scale[:, None], inlier_scale[:, None]),
+                      tl.where(grown, 127.0, INLIER_QMAX * 1.0)).to(tl.int32)
+    inlier_codes = tl.where(grown, 0, codes)
     tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=stored)
     if PACK:
         low, high = tl.split(tl.reshape(inlier_codes, (ROWS, BLOCK_C // 2, 2)))
@@ -186,9 +193,7 @@ def detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_s
                  ((low & 15) | ((high & 15) << 4)).to(tl.uint8),
                  mask=committed[:, None] & (pair < channels // 2)[None, :])
 
-    outlier_scale = tl.maximum(tl.math.div_rn(tl.maximum(outlier_high, -outlier_low), 127.0), 1e-8)
-    outlier_codes = tl.where(grown, _quantize(x, outlier_scale[:, None], 127.0), 0.0)
-    tl.store(outlier_ptr + out, outlier_codes.to(tl.int8), mask=stored)
+    tl.store(outlier_ptr + out, tl.where(grown, codes, 0).to(tl.int8), mask=stored)
     tl.store(outlier_scale_ptr + row, outlier_scale, mask=committed)
     tl.store(inlier_scale_ptr + row, inlier_scale, mask=committed)  # the GEMM's per-row inlier scale
     return grow_set(grown, last, ROWS)
@@ -285,8 +290,8 @@ def window_rows(channels: int, n_refresh: int, num_warps: int | None = None) -> 
     """Rows per round for sites whose outlier set seldom grows inside a window: the whole window (next power of
     two of n_refresh) in one round, but at most ``WINDOW_MAX_ROWS`` and fewer where the tile would pass
     ``ROUND_VALUES_PER_THREAD`` values a thread (C = 1536 at 8 warps: 2 rows). The budget is the sm_90 builds':
-    Δ's ``detect_fake_quant`` at C = 1536 takes 71 registers step by step (three programs an SM), 125 at 2 rows
-    (two), 176 at 4 (one). A round that grows the set commits only up to that step, so at sites where the set
+    Δ's ``detect_fake_quant`` at C = 1536 takes 63 registers step by step (four programs an SM), 80 at 2 rows
+    (three), 165 at 4 (one). A round that grows the set commits only up to that step, so at sites where the set
     grows at most steps this does more work for no fewer rounds: those keep 1 (step by step)."""
     block, warps = launch_block(channels)
     per_round = ROUND_VALUES_PER_THREAD * 32 * (num_warps or warps) // block

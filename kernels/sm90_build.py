@@ -44,6 +44,7 @@ class BuildReport(NamedTuple):
     async_copies: int  # cp.async groups in the pipelined loop (0: loads are not pipelined)
     wgmma: bool
     barriers: int  # bar.sync in the PTX: the synchronisation points a reduction costs (detection, scan backward)
+    loop_instructions: int  # SASS instructions in the longest loop (a backward branch's span): one iteration's issue
 
 
 def _tool(name: str) -> str:
@@ -66,10 +67,21 @@ def build(kernel: triton.JITFunction, types: dict[str, str], constants: dict[str
         cubin.flush()
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin.name], capture_output=True, text=True,
                                check=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
     registers, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     ttgir = compiled.asm["ttgir"]
     return BuildReport(registers, stack, compiled.metadata.shared, ttgir.count("async_copy_global_to_local"),
-                       "warp_group_dot" in ttgir, compiled.asm["ptx"].count("bar.sync"))
+                       "warp_group_dot" in ttgir, compiled.asm["ptx"].count("bar.sync"), _longest_loop(sass))
+
+
+def _longest_loop(sass: str) -> int:
+    """Instructions between a backward branch and its target, the longest such span (0 without a loop)."""
+    addresses = [int(a, 16) for a in re.findall(r"/\*([0-9a-f]{4,})\*/\s+[@A-Z]", sass)]
+    spans = [(int(a, 16), int(t, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+"
+                                                             r"(?:!?U?P\w+,\s*)?0x([0-9a-f]+)", sass)]
+    return max((sum(target <= a <= branch for a in addresses) for branch, target in spans if target < branch),
+               default=0)
 
 
 def build_gemm(variant: str, m: int, n: int, k: int, gathered: bool = False) -> BuildReport:

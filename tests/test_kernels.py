@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels.detect_quant import (
     DetectQuantOutput,
+    _round_half_even,
     detect_quant,
     detect_quant_reference,
     empty_output,
@@ -147,6 +150,25 @@ def test_pack_unpack_round_trip_and_errors():
 
 
 # ---- detection + quantization ----
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, _round_half_even(tl.load(x_ptr + offs)))
+
+
+def test_rounding_is_torch_round_ties_to_even():
+    """The kernels' rounding (two adds around 1.5·2^23) against torch.round over the range it is used in
+    (|v| < 2^22): ties both ways, the floats just below and above them, and random values."""
+    ties = torch.tensor([0.5, 1.5, 2.5, 3.5, 126.5, 127.5, 2.0**21 + 0.5, 2.0**22 - 0.5])
+    special = torch.cat([ties, torch.nextafter(ties, torch.zeros(1)), torch.nextafter(ties, torch.full((1,), 1e9)),
+                         torch.tensor([0.0, 0.49999997, 1e-30, 2.0**22 - 1])])
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([special, -special, torch.randn(4096 - 2 * len(special), generator=g) * 300])
+    y = torch.full_like(x, float("nan")).to(DEVICE)
+    _round_kernel[(1,)](x.to(DEVICE), y, N=len(x))
+    assert torch.equal(y.cpu(), torch.round(x))
 
 
 @pytest.mark.parametrize(("k", "n_refresh", "bits", "length"), [(3.0, 10, 4, 37), (2.5, 4, 8, 23), (3.0, 1, 4, 9),
