@@ -62,8 +62,10 @@ middle); the *time-step* is a token's position in that scan (the backward branch
 inlier channels; channels above **mean + k·std** are outliers and stay in 8 bits while the rest go to 4 bits.
 Detection only runs when the token's inliers would not fit the calibrated 4-bit scale of that time-step.
 **Windows.** The outlier list O_list only grows within a window of **n_refresh** time-steps and is cleared at
-each window start, so channels that stop being outliers do not keep costing 8-bit work. A *static* list (chosen
-once, as many channels as the dynamic rule flags per token) misses channels that move — those get clipped.
+each window start, so channels that stop being outliers do not keep costing 8-bit work. Each step at which the
+list grows depends on the steps before it; where it seldom grows, the GPU kernels detect a window's steps together
+instead of one by one. A *static* list (chosen once, as many channels as the dynamic rule flags per token) misses
+channels that move — those get clipped.
 """
 
 
@@ -137,7 +139,7 @@ def misses_figure(misses: pd.DataFrame) -> go.Figure:
 def summary_figure(summary: pd.DataFrame) -> go.Figure:
     """Which sites have the most moving outliers: new O_list channels per window, per site."""
     figure = px.bar(summary, x="site", y="new_channels_vs_previous_window", color="tensor",
-                    hover_data=["olist_size", "outlier_channels_per_token", "channels"],
+                    hover_data=["olist_size", "growing_steps_per_window", "outlier_channels_per_token", "channels"],
                     title="Dynamic outliers per site: O_list channels new in each window (mean)")
     figure.update_layout(height=360, margin={"l": 50, "r": 10, "t": 50, "b": 120}, xaxis_tickangle=-60)
     return figure
@@ -219,7 +221,8 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                   f"{windows['new_channels_vs_previous_window'].mean():.1f} of them new versus the previous window")
         text = (f"**{site}**, {shown}: {per_token:.1f} of {x.shape[-1]} channels per token are outliers "
                 f"(k = {k:g}, n_refresh = {n_refresh}); a window's O_list holds "
-                f"{windows['olist_size'].mean():.1f} channels, {moving}. A static list of the "
+                f"{windows['olist_size'].mean():.1f} channels, {moving}, and grows at "
+                f"{windows['growing_steps'].mean():.1f} of its steps. A static list of the "
                 f"{int(static.sum())} most frequent outlier channel(s) misses {misses['missed'].mean():.1f} "
                 f"outlier channels per token. ({inspection.label}.)")
         title = f"|x| at {site} ({shown}); red: detected outliers; dotted: window starts"

@@ -13,9 +13,10 @@
 #   1       environment, tests (every kernel test compiled, Vim-size shapes)                         ≤ 150 s
 #           e2e_vim_b         the target: Vim-B batch 1 and 64, FP16 / W8A8O8 / W4A4O8, eager and graphs ≤  80 s
 #           profile           where Vim-B batch 64's time goes, fp16 and W4A4O8 (gpu_profile.py)      ≤  45 s
+#           detect            bench_kernels: detection step by step, in rounds, at 1–8 warps          ≤  90 s
+#           gemm              bench_kernels: mixed_gemm vs cuBLAS fp16 (dense and gathered outliers)  ≤ 100 s
 #           packed_agreement  the packed model on CUDA with fp32 activations, W4A4/W4A8/W8A8, and W4A4
 #                             with fp16 plus the simulation-on-fp16-inputs yardstick                  ≤ 140 s
-#           gemm_detect       bench_kernels: mixed_gemm vs cuBLAS fp16 and detect_quant               ≤ 120 s
 #           e2e               Vim-T, Vim-S and the default model, every variant, batch 1/16/64/256   what is left
 #   2       scan_fusion       bench_kernels: the scan, its training pair, the fused producers         ≤ 200 s
 #           gen               OuroMamba-Gen seconds per iteration on CUDA (bench_gen)                 ≤  60 s
@@ -94,9 +95,10 @@ case "$part" in
      stage e2e_vim_b 80 python3 bench/bench_e2e.py --models Vim-B --batches 1 64 --budget-s 70 \
        --variants fp16 W8A8O8 W4A4O8
      stage profile 45 python3 scripts/gpu_profile.py --model Vim-B --batch 64
+     stage detect 90 python3 bench/bench_kernels.py --only detect
+     stage gemm 100 python3 bench/bench_kernels.py --only gemm
      stage packed_agreement 100 python3 scripts/packed_agreement.py
      stage packed_agreement_fp16 40 python3 scripts/packed_agreement.py --settings W4A4 --half
-     stage gemm_detect 120 python3 bench/bench_kernels.py --only gemm detect
      stage e2e 150 python3 bench/bench_e2e.py --models Vim-T Vim-S default --batches 1 16 64 256 --budget-s 130 ;;
   2) stage scan_fusion 200 python3 bench/bench_kernels.py --only scan train fusion
      stage gen 60 python3 bench/bench_gen.py

@@ -23,19 +23,15 @@ import torch
 from bench.common import machine_header, write_results
 from core.data import calibration_images
 from core.default_model import DEFAULT_MODEL_DIR, load_default_model
+from core.intercept import Site
+from core.observe import detect_outliers, growing_steps, site_quantizers
+from core.observe.probe import run_probe
 from core.quant import QuantConfig, quantize
 from core.quant.config import ReconstructionConfig
 from core.quant.quantizers import OutlierAwareQuantizer
 
 ROWS = (1, 2, 4, 8, 16)
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def growing_steps(mask: torch.Tensor, n_refresh: int) -> torch.Tensor:
-    """(batch, L) bool: the steps at which the outlier set (mask (batch, L, C)) gained a channel."""
-    before = torch.roll(mask, 1, dims=1)
-    before[:, ::n_refresh] = False  # every window starts empty
-    return (mask & ~before).any(-1)
 
 
 def rounds(grows: list[bool], rows: int) -> int:
@@ -60,29 +56,25 @@ def main() -> None:
     qmodel = quantize(model, config, calibration_images("real", 128, 0))
     growth: dict[str, list[int]] = defaultdict(list)
     rounds_at: dict[tuple[str, int], list[int]] = defaultdict(list)
+    sources = {name: q for name, q in site_quantizers(qmodel).items()
+               if isinstance(q, OutlierAwareQuantizer) and not q.static_channels}
 
-    def record(site: str):
-        def hook(quantizer: OutlierAwareQuantizer, inputs: tuple, _: torch.Tensor) -> None:
-            grows = growing_steps(quantizer.masks(quantizer.smoothed(inputs[0])), quantizer.n_refresh)
-            for sample in grows.tolist():
-                for start in range(0, len(sample), quantizer.n_refresh):
-                    window = sample[start:start + quantizer.n_refresh]
-                    growth[site].append(sum(window))
-                    for rows in ROWS:
-                        rounds_at[site, rows].append(rounds(window, rows))
-        return hook
+    def record(site: Site, x: torch.Tensor, _: torch.Tensor) -> None:
+        mask, n_refresh, _scale = detect_outliers(x, sources[site.name])
+        tensor = site.tensor  # both directions and every layer together
+        for sample in growing_steps(mask, n_refresh).tolist():
+            for start in range(0, len(sample), n_refresh):
+                window = sample[start:start + n_refresh]
+                growth[tensor].append(sum(window))
+                for rows in ROWS:
+                    rounds_at[tensor, rows].append(rounds(window, rows))
 
-    for name, quantizer in qmodel.quantizers.items():
-        if isinstance(quantizer, OutlierAwareQuantizer) and not quantizer.static_channels:
-            site = ".".join(part for part in name.split(":")[2:] if part not in ("fwd", "bwd"))
-            quantizer.register_forward_hook(record(site))
-    with torch.no_grad():
-        qmodel(calibration_images("real", args.images, 1))
+    run_probe(qmodel, calibration_images("real", args.images, 1), set(sources), record)
 
     table = []
     for site, counts in growth.items():
         n = len(counts)
-        row = {"site": site, "windows": n, "mean growing steps": round(sum(counts) / n, 2)}
+        row = {"tensor": site, "windows": n, "mean growing steps": round(sum(counts) / n, 2)}
         row |= {f"share {label}": round(sum(1 for c in counts if test(c)) / n, 3)
                 for label, test in (("0", lambda c: c == 0), ("1", lambda c: c == 1), ("2-3", lambda c: 2 <= c <= 3),
                                     ("4+", lambda c: c >= 4))}

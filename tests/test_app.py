@@ -157,6 +157,8 @@ def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
     text, heatmap, windows, misses = client.predict(1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2",
                                                     3, 10, api_name="/outliers_view")
     assert text.startswith("**layers.1.fwd.x_proj.input**, test image #2") and "of 128 channels" in text
+    growing = float(re.search(r"grows at ([\d.]+) of its steps", text).group(1))
+    assert 0 < growing <= 10  # n_refresh 10: one image's windows
     assert all(plot["type"] == "plotly" for plot in (heatmap, windows, misses))
     looser = client.predict(1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2", 1, 10,
                             api_name="/outliers_view")[0]

@@ -23,6 +23,7 @@ from core.observe import (
     cosine_similarity,
     dynamic_outlier_summary,
     error_report,
+    growing_steps,
     histogram,
     layer_output_error,
     layer_sensitivity,
@@ -315,6 +316,20 @@ def tiny_ouromamba():
     return model, quantize(model, config, images[:4]), images
 
 
+def test_growing_steps_count_where_a_window_list_gains_a_channel():
+    """Steps 0 and 2 of the first window grow the list, step 1 repeats it; the second window starts empty, so
+    its first step grows whatever the first window ended with; a step that only keeps the list grows nothing."""
+    mask = torch.zeros(1, 6, 4, dtype=torch.bool)
+    mask[0, 0, 1] = mask[0, 1, 1] = True  # step 0 grows, step 1 keeps
+    mask[0, 2, [1, 3]] = True  # step 2 grows
+    mask[0, 3, [1, 3]] = True  # window 2 (n_refresh 3) starts: step 3 grows from empty
+    mask[0, 4, [1, 3]] = True
+    mask[0, 5, [0, 1, 3]] = True
+    assert growing_steps(mask, 3).tolist() == [[True, False, True, True, False, True]]
+    timeline = outlier_timeline(torch.randn(2, 6, 4), OutlierParams(k=3.0, n_refresh=3, static_scale=0.01))
+    assert timeline.windows["growing_steps"].between(0, 3).all()
+
+
 def test_dynamic_outlier_summary_ranks_sites_of_an_ouromamba_model(tiny_ouromamba):
     model, qmodel, images = tiny_ouromamba
     summary = dynamic_outlier_summary(qmodel, images, batch_size=3)
@@ -323,6 +338,7 @@ def test_dynamic_outlier_summary_ranks_sites_of_an_ouromamba_model(tiny_ouromamb
     assert {"layer", "direction", "tensor", "outlier_channels_per_token", "olist_size",
             "new_channels_vs_previous_window"} <= set(summary.columns)
     assert (summary["olist_size"] >= summary["outlier_channels_per_token"] - 1e-9).all()  # lists only grow
+    assert summary["growing_steps_per_window"].between(0, 10).all() and summary["growing_steps_per_window"].max() > 0
     site = "layers.1.fwd.x_proj.input"
     row = summary.set_index("site").loc[site]
     x = capture_quantizer_inputs(qmodel, images, [site], batch_size=3)[site]

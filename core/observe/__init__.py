@@ -11,6 +11,7 @@ from core.observe.outliers import (
     OutlierTimeline,
     detect_outliers,
     dynamic_outlier_summary,
+    growing_steps,
     outlier_quantizer,
     outlier_timeline,
     quantizer_at,
@@ -43,8 +44,8 @@ from core.observe.stats import (
 __all__ = [
     "SHARED", "ErrorSums", "OutlierParams", "OutlierTimeline", "QuantProbe",
     "capture", "capture_quantizer_inputs", "cosine_similarity", "detect_outliers", "dynamic_outlier_summary",
-    "error_report", "histogram", "layer_output_error", "layer_sensitivity", "only_layer", "outlier_quantizer",
-    "precision_suggestion", "quantizer_inputs_bytes", "run_layer_sensitivity", "suggest_precision",
-    "outlier_timeline", "parse_site", "quantizer_at", "rule_of", "site_quantizers", "sqnr_db",
+    "error_report", "growing_steps", "histogram", "layer_output_error", "layer_sensitivity", "only_layer",
+    "outlier_quantizer", "precision_suggestion", "quantizer_inputs_bytes", "run_layer_sensitivity",
+    "suggest_precision", "outlier_timeline", "parse_site", "quantizer_at", "rule_of", "site_quantizers", "sqnr_db",
     "state_outliers", "static_list_misses", "time_channel_stats", "top1", "window_counts",
 ]

@@ -53,7 +53,7 @@ class OutlierTimeline:
     fraction_flagged`` (share of images with that cell flagged; plus ``flagged`` for the chosen image).
     ``steps``: ``time_step, window, outlier_channels, fraction_outlier, inlier_scale``. ``windows``:
     ``window, first_step, last_step, olist_size, new_channels_vs_previous_window`` (NaN for window 0,
-    which has no previous list).
+    which has no previous list), ``growing_steps`` (steps at which the O_list gained a channel).
     """
 
     mask: torch.Tensor
@@ -165,6 +165,15 @@ def window_ends(length: int, n_refresh: int) -> list[int]:
     return [min(start + n_refresh, length) - 1 for start in range(0, length, n_refresh)]
 
 
+def growing_steps(mask: torch.Tensor, n_refresh: int) -> torch.Tensor:
+    """(batch, L) bool: the time-steps at which a window's O_list gained a channel (it starts empty at each
+    window start and only grows). A detection kernel cannot skip these: a step's rule depends on the list
+    before it, so every growing step is one more dependent round (kernels/README.md, "Rounds")."""
+    before = torch.roll(mask, 1, dims=1)
+    before[:, ::n_refresh] = False
+    return (mask & ~before).any(-1)
+
+
 def window_counts(mask: torch.Tensor, n_refresh: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image: outlier channels per time-step (b, L), O_list size at each window's end (b, W) and channels
     of each O_list not in the previous window's (b, W−1). O_list only grows inside a window, so its end
@@ -200,12 +209,14 @@ def outlier_timeline(x: torch.Tensor, source: OutlierSource, image: int | None =
     })
     ends = window_ends(length, n_refresh)
     new_mean = new.float().mean(0).cpu().numpy()
+    growth = growing_steps(chosen, n_refresh).float().mean(0)
     windows = pd.DataFrame({
         "window": np.arange(len(ends)),
         "first_step": np.arange(len(ends)) * n_refresh,
         "last_step": ends,
         "olist_size": sizes.float().mean(0).cpu().numpy(),
         "new_channels_vs_previous_window": np.concatenate([[np.nan], new_mean]),
+        "growing_steps": [float(growth[start:start + n_refresh].sum()) for start in range(0, length, n_refresh)],
     })
     return OutlierTimeline(mask, cells, steps, windows)
 
@@ -246,10 +257,11 @@ class _SiteOutlierSums:
 
     def __init__(self, channels: int) -> None:
         self.channels = channels
-        self.flagged = self.tokens = self.list_sum = self.lists = self.new_sum = self.pairs = 0
+        self.flagged = self.tokens = self.list_sum = self.lists = self.new_sum = self.pairs = self.growing = 0
 
     def add(self, mask: torch.Tensor, n_refresh: int) -> None:
         per_step, sizes, new = window_counts(mask, n_refresh)
+        self.growing += int(growing_steps(mask, n_refresh).sum())
         self.flagged += int(per_step.sum())
         self.tokens += per_step.numel()
         self.list_sum += int(sizes.sum())
@@ -272,7 +284,7 @@ def dynamic_outlier_summary(qmodel: QuantizedVim, images: torch.Tensor, batch_si
     (for a static-list quantizer too: what a dynamic detector would flag; ``static_list`` marks those rows).
     A and D (one token, no time axis) are left out unless ``include_single_token``. Columns: ``site, layer,
     direction, tensor, channels, outlier_channels_per_token, fraction_outlier, olist_size,
-    new_channels_vs_previous_window, static_list``.
+    new_channels_vs_previous_window, growing_steps_per_window, static_list``.
     """
     sources: dict[str, nn.Module] = {}
     for name, quantizer in site_quantizers(qmodel).items():
@@ -300,6 +312,7 @@ def dynamic_outlier_summary(qmodel: QuantizedVim, images: torch.Tensor, batch_si
             "fraction_outlier": per_token / totals.channels,
             "olist_size": _ratio(totals.list_sum, totals.lists),
             "new_channels_vs_previous_window": _ratio(totals.new_sum, totals.pairs),
+            "growing_steps_per_window": _ratio(totals.growing, totals.lists),
             "static_list": bool(outlier_quantizer(sources[name]).static_channels),
         })
     return pd.DataFrame(rows)
