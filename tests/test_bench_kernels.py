@@ -1,0 +1,25 @@
+"""bench/bench_kernels.py runs only on the GPU machine, where device time is scarce: its detection section runs
+here at a tiny shape (the kernels interpreted on the CPU, timing replaced by one call), so that a benchmark that
+would break or fail its own checks shows before a GPU session is spent on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_kernels import DEVICE
+
+
+def test_the_detection_benchmark_runs_and_checks_every_variant(monkeypatch):
+    bench = pytest.importorskip("bench.bench_kernels")
+    monkeypatch.setattr(bench, "median_us", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "TOKENS", 12)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    rows = bench.bench_detect(DEVICE, 1e12, {"tiny": 32}, (1,), generator)
+    assert {row["kind"] for row in rows} == {"detect_quant 4-bit", "detect_quant lean rounds",
+                                            "detect_fake_quant Δ rounds"}
+    per_round = ("1 row a round", "8 rows a round")  # 8: window_rows at 32 and 64 channels
+    assert {row["variant"] for row in rows if row["kind"].endswith("rounds")} == {
+        f"{data} outliers, {count}" for data in ("moving", "fixed") for count in per_round}
+    assert all(row["check"] in ("ok", "ok exact", "reference") for row in rows)
+    assert "checks: 0 failed" in bench.summary(rows, 1e12)
