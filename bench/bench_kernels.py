@@ -631,7 +631,18 @@ def summary(rows: list[dict], bandwidth: float) -> str:
     if gemm:
         lines.append("geomean speed-up vs cuBLAS fp16 over the Vim layers:")
         lines += geomean_lines(gemm, lambda r: r["variant"], lambda r: (r["batch"],), "vs_fp16")
-    detect = [r for r in rows if r["kind"].startswith("detect")]
+    rounds = [r for r in rows if r["kind"].endswith(" rounds")]
+    if rounds:
+        lines.append("detection in rounds (window_rows), speed-up over step by step (geomean over the shapes):")
+        step = {(r["kind"], r["model"], r["layer"], r["batch"], r["variant"].split(",")[0]): r["us"] for r in rounds
+                if r["variant"].endswith("1 row a round")}
+        speedups: dict[str, list[float]] = {}
+        for r in rounds:
+            key = (r["kind"], r["model"], r["layer"], r["batch"], r["variant"].split(",")[0])
+            if not r["variant"].endswith("1 row a round"):
+                speedups.setdefault(f"{r['kind'].removesuffix(' rounds')}, {key[-1]}", []).append(step[key] / r["us"])
+        lines += [f"  {name}: {statistics.geometric_mean(values):.2f}×" for name, values in speedups.items()]
+    detect = [r for r in rows if r["kind"] == "detect_quant 4-bit"]
     if detect:
         best = max(detect, key=lambda r: r["GB/s"])
         lines.append(f"detect_quant: {min(r['us'] for r in detect):.1f} … {max(r['us'] for r in detect):.1f} us, "
