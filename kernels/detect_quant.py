@@ -16,7 +16,7 @@ Kernel: one program per (sample, window), walking the window's steps in order so
 in registers; the C channels form one block (next power of two, masked), so C up to a few thousand. The walk
 goes in rounds of ``rows_per_round`` steps: a round detects all its steps at once against the set known so far
 and commits them up to the first step that grows the set (``detect_rows``), so where the set seldom grows a
-window takes one or two rounds instead of n_refresh dependent steps; 1 is the plain step-by-step walk. A
+window takes a few rounds instead of n_refresh dependent steps; 1 is the plain step-by-step walk. A
 round's detection + quantization is the JIT function ``detect_quant_rows``, shared with the fused producers
 (``kernels.norm_detect_quant``, ``kernels.merge_detect_quant``) through ``launch_detect_quant``: they differ only
 in how a round's input rows are made.
@@ -299,6 +299,7 @@ def window_rows(channels: int, n_refresh: int, num_warps: int | None = None) -> 
 
 
 def check_rows(rows_per_round: int) -> int:
+    """``rows_per_round`` itself, or a ValueError that says what it may be."""
     if rows_per_round & (rows_per_round - 1) or not 1 <= rows_per_round <= MAX_ROUND_ROWS:
         raise ValueError(f"rows_per_round must be a power of two from 1 to {MAX_ROUND_ROWS}, got {rows_per_round}")
     return rows_per_round
