@@ -52,18 +52,18 @@ KERNEL_BITS = (4, 8)  # what detect_quant and mixed_gemm take for weights and in
 BACKENDS = ("auto", "triton", "reference")
 DYNAMIC_S6 = ("delta_pre", "B", "C")  # quantized as the model runs
 STATIC_S6 = ("A", "D")  # quantized once, at packing
+LINEAR_SITES = len(SHARED_LINEARS) + 2 * (len(LINEARS) - len(SHARED_LINEARS))  # packed projections per layer
 # Where the outlier set seldom grows inside a window, detection runs in rounds over the window instead of step by
 # step (the kernels' ``rows_per_round``, ``window_rows``; the same values). Measured on the default model
 # (results/quant/outlier_growth.md): Δ's and dt_proj's input sets never grow after the refresh, B's and C's grow
-# once in 15–33 % of windows; in_proj's input grows at ~4 steps of 10, x_proj's and out_proj's at 6–9, where
-# rounds would redo work for few fewer rounds, so those stay step by step.
+# once in 13 % / 35 % of windows; the inputs of in_proj, x_proj and out_proj grow at 4.0, 8.3 and 7.0 steps of
+# 10, where rounds would redo work for few fewer rounds, so those stay step by step.
 WINDOW_ROUND_TENSORS = ("dt_proj", "delta_pre", "B", "C")
 
 
 def detection_rows(tensor: str, channels: int, n_refresh: int) -> int:
     """``rows_per_round`` of the detection at a site's tensor (``"dt_proj"`` for its input, ``"B"``, …)."""
     return window_rows(channels, n_refresh) if tensor in WINDOW_ROUND_TENSORS else 1
-LINEAR_SITES = len(SHARED_LINEARS) + 2 * (len(LINEARS) - len(SHARED_LINEARS))  # packed projections per layer
 
 
 def uses_kernels(backend: str, x: torch.Tensor) -> bool:
