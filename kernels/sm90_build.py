@@ -265,7 +265,7 @@ def main() -> int:
         for bits in (4, 8):
             seen[("detect", channels, bits)] = report = build_detect(channels, bits)
             print(f"detect_quant C={channels} {bits}-bit (lean, the packed model's): {report}", flush=True)
-    for channels in (48,) if args.quick else (12, 24, 48):  # dt_proj's input: the packed model's whole-window rounds
+    for channels in (48,) if args.quick else (12, 24, 48):  # dt_proj's input: the packed model's rounds (window_rows)
         rows = dq.window_rows(channels, 10)
         seen[("detect", channels, 4, "rows", rows)] = report = build_detect(channels, 4, rows=rows)
         print(f"detect_quant C={channels} 4-bit lean in rounds of {rows} steps: {report}", flush=True)
