@@ -12,7 +12,7 @@ from core.quant.fake import (
     search_symmetric_clip,
     symmetric_qmax,
 )
-from core.quant.outliers import max_abs_scale, outlier_masks, strip_outliers
+from core.quant.outliers import max_abs_scale, outlier_masks, range_scale, strip_outliers
 from core.quant.quantizers import OutlierAwareQuantizer, PerTokenStaticQuantizer, WeightQuantizer
 from core.quant.reconstruct import block_parameters, reconstruct
 
@@ -100,6 +100,23 @@ def test_per_sample_trigger_is_independent_of_the_batch():
     together = outlier_masks(x, scale, max_abs_scale(7), 3.0, 10)
     alone = torch.cat([outlier_masks(x[i:i + 1], scale, max_abs_scale(7), 3.0, 10) for i in range(3)])
     assert torch.equal(together, alone)
+
+
+def test_masks_do_not_depend_on_memory_layout():
+    """Vim hands the quantizers channel-first and time-major views; detection reads them in one order."""
+    x = planted(batch=3)
+    scale = torch.full((30,), 0.8)
+    masks = outlier_masks(x, scale, max_abs_scale(7), 3.0, 7)
+    assert masks.any()
+    for view in (x.transpose(1, 2).contiguous().transpose(1, 2), x.transpose(0, 1).contiguous().transpose(0, 1)):
+        assert torch.equal(outlier_masks(view, scale, max_abs_scale(7), 3.0, 7), masks)
+
+
+def test_range_scale_spans_the_inlier_channels_only():
+    x = torch.tensor([[-3.0, 1.0, 2.0, 50.0], [1.0, 2.0, 3.0, 4.0]])
+    keep = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    # row 0: (2 − (−3)) / 15 without the outlier 50; row 1: no inliers left, no scale
+    assert torch.equal(range_scale(15)(x, keep, x.abs() * keep), torch.tensor([5.0 / 15, 0.0]))
 
 
 def test_release_compatible_trigger_is_batch_wide():

@@ -11,6 +11,9 @@ and for each sample the outlier set starts empty (the refresh) and only grows. A
 Per-sample trigger by default (results do not depend on the rest of the batch). ``release_compatible``
 reproduces the released code instead: the trigger is OR-ed over the batch, and mean/std are taken over all
 C channels of the inlier tensor (flagged channels counted as zeros).
+
+Inside the loop the sets are 0/1 floats, not bools: on the CPU, torch's comparisons and masked fills that read
+or write bool tensors run 5–10× slower than float arithmetic, and the two give the same values for finite x.
 """
 
 from __future__ import annotations
@@ -20,34 +23,37 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-DynamicScale = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DynamicScale = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""S^D per token from (x, keep, inlier magnitude): ``keep`` is 1.0 on the token's inlier channels and 0.0 on its
+outliers, the inlier magnitude is |x| · keep; all (..., C)."""
 
 
 def max_abs_scale(qmax: int) -> DynamicScale:
     """S^D for symmetric inliers: max |x| over the inlier channels / qmax."""
-    def scale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return x.abs().masked_fill(mask, 0).amax(dim=-1) / qmax
+    def scale(x: torch.Tensor, keep: torch.Tensor, inlier_magnitude: torch.Tensor) -> torch.Tensor:
+        return inlier_magnitude.amax(dim=-1) / qmax
     return scale
 
 
 def range_scale(levels: int) -> DynamicScale:
-    """S^D for asymmetric inliers (Δ): (max − min) over the inlier channels / levels."""
-    def scale(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        high = x.masked_fill(mask, float("-inf")).amax(dim=-1)
-        low = x.masked_fill(mask, float("inf")).amin(dim=-1)
+    """S^D for asymmetric inliers (Δ): (max − min) over the inlier channels / levels (0 when there are none)."""
+    def scale(x: torch.Tensor, keep: torch.Tensor, inlier_magnitude: torch.Tensor) -> torch.Tensor:
+        outside = (1 - keep) * torch.finfo(x.dtype).max  # outliers sit at ∓max, below/above every inlier
+        inliers = x * keep
+        high, low = (inliers - outside).amax(dim=-1), (inliers + outside).amin(dim=-1)
         return torch.nan_to_num((high - low) / levels, nan=0.0, posinf=0.0, neginf=0.0)
     return scale
 
 
-def _threshold(magnitude: torch.Tensor, mask: torch.Tensor, k: float, release_compatible: bool) -> torch.Tensor:
+def _threshold(magnitude: torch.Tensor, keep: torch.Tensor, inlier_magnitude: torch.Tensor, k: float,
+               release_compatible: bool) -> torch.Tensor:
     """mean + k·std of |x| (unbiased) over the token's inlier channels (over all channels when release-compatible)."""
     if release_compatible:
-        inlier_magnitude = magnitude.masked_fill(mask, 0)
         return inlier_magnitude.mean(-1) + k * inlier_magnitude.std(-1)
-    keep = (~mask).to(magnitude.dtype)
     count = keep.sum(-1)
-    mean = (magnitude * keep).sum(-1) / count.clamp(min=1)
-    var = (((magnitude - mean[..., None]) ** 2) * keep).sum(-1) / (count - 1).clamp(min=1)
+    mean = inlier_magnitude.sum(-1) / count.clamp(min=1)
+    deviation = (magnitude - mean[..., None]).mul_(keep)
+    var = deviation.mul_(deviation).sum(-1) / (count - 1).clamp(min=1)
     return mean + k * var.sqrt()
 
 
@@ -60,21 +66,25 @@ def outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, dynamic_scale: Dy
     batch, length, channels = x.shape
     windows = -(-length // n_refresh)
     pad = windows * n_refresh - length
-    # padded steps get an infinite static scale: they never trigger and are cut off at the end
-    xw = F.pad(x, (0, 0, 0, pad)).view(batch, windows, n_refresh, channels)
-    scale_w = F.pad(static_scale.to(x.dtype), (0, pad), value=float("inf")).view(windows, n_refresh)
-    magnitude_w = xw.abs()
-    mask = torch.zeros(batch, windows, channels, dtype=torch.bool, device=x.device)
-    masks = []
+    # time-major (L, batch, C), as Vim's out_proj input already is in memory (other sites take one copy), so
+    # that each step's (windows, batch, C) slice is made of contiguous blocks and each per-token reduction reads
+    # contiguous channels. Padded steps get an infinite static scale: they never trigger and are cut off at the end.
+    steps = F.pad(x.transpose(0, 1), (0, 0, 0, 0, 0, pad)).contiguous().view(windows, n_refresh, batch, channels)
+    scale_w = F.pad(static_scale.to(x.dtype), (0, pad), value=float("inf")).view(windows, n_refresh, 1)
+    masks = torch.empty_like(steps)
+    mask = steps.new_zeros(windows, batch, channels)
     for i in range(n_refresh):
-        x_i, magnitude = xw[:, :, i], magnitude_w[:, :, i]
-        trigger = dynamic_scale(x_i, mask) > scale_w[:, i]
+        x_i = steps[:, i]
+        magnitude, keep = x_i.abs(), 1 - mask
+        inlier_magnitude = magnitude * keep
+        trigger = dynamic_scale(x_i, keep, inlier_magnitude) > scale_w[:, i]
         if release_compatible:
-            trigger = trigger.any(dim=0, keepdim=True).expand_as(trigger)
-        theta = _threshold(magnitude, mask, k, release_compatible)
-        mask = mask | ((magnitude > theta[..., None]) & trigger[..., None])
-        masks.append(mask)
-    return torch.stack(masks, dim=2).view(batch, windows * n_refresh, channels)[:, :length]
+            trigger = trigger.any(dim=1, keepdim=True).expand_as(trigger)
+        theta = _threshold(magnitude, keep, inlier_magnitude, k, release_compatible)
+        # 1 where |x| > θ: the sign of the difference, negatives clamped to 0 (exact for finite values)
+        flagged = (magnitude - theta[..., None]).sign_().clamp_(min=0).mul_(trigger[..., None].to(x.dtype))
+        mask = torch.maximum(mask, flagged, out=masks[:, i])
+    return masks.view(-1, batch, channels)[:length].transpose(0, 1).bool()
 
 
 def strip_outliers(x: torch.Tensor, k: float, n_refresh: int) -> torch.Tensor:
