@@ -13,7 +13,8 @@ its trained ones):
 * ``W8A8O8``, ``W4A8O8``, ``W4A4O8`` — OuroMamba calibrated on 8 noise images (no reconstruction: latency only),
   packed (:mod:`core.quant.packed`), fp16 activations: ``detect_quant`` → ``mixed_gemm`` at every projection,
   Δ/B/C quantized by their simulation quantizers, the same scan as ``fp16``; the fused producers (add + RMSNorm +
-  quantize, conv1d + SiLU, merge + quantize) on, and ``W4A4O8 unfused`` without them, to show what fusion buys.
+  quantize, conv1d + SiLU, merge + quantize) on, and ``W4A4O8 unfused`` without them, to show what fusion buys;
+* ``bf16``, ``W4A4O8 bf16`` — the same with bf16 activations (``vs_fp16`` still against ``fp16``).
 
 Per (model, variant, batch): median latency of ``--repeats`` forward passes after one warm-up (CUDA-synchronised
 wall time), images/s, and peak memory allocated during the timed passes. ``vs_fp16`` is fp16 latency / this
@@ -49,7 +50,7 @@ MODELS = {
     "Vim-B": "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2",
 }
 QUANTIZED = {"W8A8O8": (8, 8), "W4A8O8": (4, 8), "W4A4O8": (4, 4)}
-VARIANTS = ("fp32 eager", "fp16", *QUANTIZED, "W4A4O8 unfused")
+VARIANTS = ("fp32 eager", "fp16", *QUANTIZED, "W4A4O8 unfused", "bf16", "W4A4O8 bf16")
 SMOKE = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
 
 
@@ -64,7 +65,8 @@ def build(name: str) -> VisionMamba:
 
 def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[], torch.nn.Module]]:
     """Builders, called one at a time so that only one variant's weights sit in GPU memory."""
-    half = torch.float16 if device.type == "cuda" else torch.float32  # the CPU smoke run keeps fp32
+    def activations(dtype: torch.dtype) -> torch.dtype:
+        return dtype if device.type == "cuda" else torch.float32  # the CPU smoke run keeps fp32
 
     def fp32() -> torch.nn.Module:
         copy = VisionMamba(model.cfg)
@@ -72,12 +74,15 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
         copy.set_scan_impl("fast")
         return copy.eval().to(device)
 
-    def fp16() -> torch.nn.Module:
-        copy = VisionMamba(model.cfg)
-        copy.load_state_dict(model.state_dict())
-        return copy.eval().to(device=device, dtype=half)
+    def floating(dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
+        def make() -> torch.nn.Module:
+            copy = VisionMamba(model.cfg)
+            copy.load_state_dict(model.state_dict())
+            return copy.eval().to(device=device, dtype=activations(dtype))
+        return make
 
-    def quantized(w_bits: int, a_bits: int, fused: bool = True) -> Callable[[], torch.nn.Module]:
+    def quantized(w_bits: int, a_bits: int, fused: bool = True,
+                  dtype: torch.dtype = torch.float16) -> Callable[[], torch.nn.Module]:
         def make() -> torch.nn.Module:
             cfg = model.cfg
             calib = torch.randn(8, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
@@ -85,11 +90,13 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
             packed = pack(quantize(model.to(device), config, calib.to(device))).to(device)
             model.cpu()
             packed.fused = fused
-            return packed.half_activations() if half == torch.float16 else packed
+            return packed if activations(dtype) == torch.float32 else packed.half_activations(dtype)
         return make
 
-    makers = {"fp32 eager": fp32, "fp16": fp16, **{label: quantized(*bits) for label, bits in QUANTIZED.items()},
-              "W4A4O8 unfused": quantized(4, 4, fused=False)}
+    makers = {"fp32 eager": fp32, "fp16": floating(torch.float16),
+              **{label: quantized(*bits) for label, bits in QUANTIZED.items()},
+              "W4A4O8 unfused": quantized(4, 4, fused=False), "bf16": floating(torch.bfloat16),
+              "W4A4O8 bf16": quantized(4, 4, dtype=torch.bfloat16)}
     return {label: makers[label] for label in VARIANTS}
 
 

@@ -14,7 +14,8 @@ Layouts (row-major, last dimension K):
 - inlier codes: int8 (M, K), or uint8 (M, K/2) packed two int4 per byte (``kernels.packing``);
 - outlier codes: int8 (M, K), zero on inlier channels (dense: the cost does not depend on the outlier count);
 - weight: int8 (N, K) (W8) or uint8 (N, K/2) packed int4 (W4), as ``torch.nn.Linear.weight``;
-- scales: fp32 inlier (M,), outlier (M,), weight (N,); bias (N,) any float dtype; output fp16 or fp32 (M, N).
+- scales: fp32 inlier (M,), outlier (M,), weight (N,); bias (N,) any float dtype; output fp16, bf16 or fp32 (M, N),
+  rounded to nearest even from the fp32 epilogue (bf16 by ``round_to_dtype``: the interpreter's cast truncates).
 When either operand is packed, the K loop runs over byte pairs and does one dot for the even and one for the
 odd elements (no register interleaving); unpacked operands are then loaded contiguously and split into even
 and odd halves in registers. Offsets are int32: M·K and M·N must stay below 2^31.
@@ -35,7 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.detect_quant import round_to_dtype
 from kernels.packing import pack_int4, unpack_int4, unpack_int4_halves
+
+OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -151,8 +155,9 @@ def _mixed_gemm_kernel(a_ptr, a_scale_ptr, o_ptr, o_scale_ptr, w_ptr, w_scale_pt
     y = y * tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    out_type: tl.constexpr = y_ptr.dtype.element_ty
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             round_to_dtype(y, out_type).to(out_type), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -283,8 +288,8 @@ def mixed_gemm(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: t
     if outlier_weight_t is not None and (outlier_weight_t.dtype != torch.int8 or outlier_weight_t.shape != (k, n)
                                          or not outlier_weight_t.is_contiguous()):
         raise ValueError(f"outlier_weight_t must be contiguous int8 (K, N) = ({k}, {n})")
-    if out_dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"output must be fp16 or fp32, got {out_dtype}")
+    if out_dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"output must be fp16, bf16 or fp32, got {out_dtype}")
     a_packed, w_packed = inlier_codes.dtype == torch.uint8, weight.dtype == torch.uint8
     if (a_packed or w_packed) and k % 2:
         raise ValueError(f"a packed operand needs an even K, got {k}")

@@ -337,10 +337,21 @@ def test_mixed_gemm_matches_float64_reference(variant, m, n, k, bias):
         ops["bias"] = torch.randn(n, generator=torch.Generator().manual_seed(1))
     ref = mixed_gemm_reference(**ops)
     device_ops = {name: t.to(DEVICE) for name, t in ops.items()}
-    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 1e-3)):
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 4e-3)):
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
         y = mixed_gemm(**device_ops, out_dtype=dtype, out=out)
         assert rel_error(y.cpu(), ref) < tolerance
+
+
+def test_mixed_gemm_rounds_its_outputs_to_nearest_even():
+    """fp16 and bf16 outputs are the fp32 result rounded as PyTorch casts (the interpreter's bf16 cast alone would
+    truncate): with unit scales the fp32 result is an exact integer sum, so the rounding is all that differs."""
+    ops = gemm_operands(128, 64, 256, 8, 8, True, seed=2, unit_scales=True)
+    ops["weight_scale"] = torch.full((64,), 2.0**-8 * (1.0 + 2.0**-9))  # in fp16 range, between bf16 neighbours
+    exact = mixed_gemm(**{name: t.to(DEVICE) for name, t in ops.items()}, out_dtype=torch.float32).cpu()
+    for dtype in (torch.float16, torch.bfloat16):
+        y = mixed_gemm(**{name: t.to(DEVICE) for name, t in ops.items()}, out_dtype=dtype).cpu()
+        assert torch.equal(y, exact.to(dtype))
 
 
 def test_outlier_path_carries_the_weight_scale():

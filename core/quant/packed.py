@@ -43,7 +43,7 @@ from kernels.conv_silu import conv_silu
 from kernels.detect_fake_quant import detect_fake_quant
 from kernels.detect_quant import DetectQuantOutput, detect_quant, detect_quant_reference, window_rows
 from kernels.merge_detect_quant import merge_detect_quant
-from kernels.mixed_gemm import GATHER_MIN_K, mixed_gemm, mixed_gemm_reference, quantize_weight
+from kernels.mixed_gemm import GATHER_MIN_K, OUTPUT_DTYPES, mixed_gemm, mixed_gemm_reference, quantize_weight
 from kernels.norm_detect_quant import norm_detect_quant
 from kernels.packing import unpack_int4
 
@@ -137,7 +137,7 @@ class PackedLinear(nn.Module):
                     codes.outlier_codes.reshape(rows, -1), codes.outlier_scale.reshape(rows),
                     None if bias is None else bias.float())
         if use_kernels:
-            y = mixed_gemm(*operands, out_dtype=torch.float16 if dtype == torch.float16 else torch.float32,
+            y = mixed_gemm(*operands, out_dtype=dtype if dtype in OUTPUT_DTYPES else torch.float32,
                            outlier_weight_t=self.outlier_weight_t)
         else:
             y = mixed_gemm_reference(*operands)
@@ -231,10 +231,12 @@ class PackedVim(nn.Module):
         self.interceptor.static = dict(self.static.named_buffers())
         return self
 
-    def half_activations(self) -> PackedVim:
-        """Run the float parts in fp16 (the GPU path); codes and every scale stay as calibrated (fp32),
+    def half_activations(self, dtype: torch.dtype = torch.float16) -> PackedVim:
+        """Run the float parts in fp16 (the GPU path) or bf16; codes and every scale stay as calibrated (fp32),
         which ``.half()`` on the whole module would round."""
-        self.model.half()
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"half activations are fp16 or bf16, not {dtype}")
+        self.model.to(dtype)
         return self
 
     def check_input(self, x: torch.Tensor) -> None:
