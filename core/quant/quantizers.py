@@ -45,16 +45,19 @@ class ActivationQuantizer(nn.Module):
             return fake_quant_asymmetric(x, scale, zero, self.qmax)
         return fake_quant_symmetric(x, scale, self.qmax)
 
-    def _dynamic(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-(sample, token) scale from the values themselves (restricted to ``keep`` if given)."""
+    def _dynamic(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-(sample, token) scale from the values themselves, over the channels where ``weights`` (0/1 floats:
+        on the CPU, masked fills and products with bool tensors are several times slower) is 1 if given."""
         if self.asymmetric:
-            high = x if keep is None else x.masked_fill(~keep, float("-inf"))
-            low = x if keep is None else x.masked_fill(~keep, float("inf"))
-            high, low = high.amax(-1, keepdim=True), low.amin(-1, keepdim=True)
+            if weights is None:
+                high, low = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
+            else:  # the other channels sit at ∓max, below/above every chosen one; none chosen: the grid of 0
+                inside, outside = x * weights, (1 - weights) * torch.finfo(x.dtype).max
+                high, low = (inside - outside).amax(-1, keepdim=True), (inside + outside).amin(-1, keepdim=True)
             high, low = torch.nan_to_num(high, neginf=0.0), torch.nan_to_num(low, posinf=0.0)
             scale, zero = asymmetric_params(low, high, self.qmax)
             return fake_quant_asymmetric(x, scale, zero, self.qmax)
-        magnitude = x.abs() if keep is None else x.abs() * keep
+        magnitude = x.abs() if weights is None else x.abs() * weights
         return fake_quant_symmetric(x, magnitude.amax(-1, keepdim=True) / self.qmax, self.qmax)
 
     def calibrate(self, x: torch.Tensor) -> None:
@@ -160,8 +163,9 @@ class OutlierAwareQuantizer(PerTokenStaticQuantizer):
         x = self.smoothed(x)
         scale, zero = self._token_params(x)
         mask = self.masks(x)
+        outlier = mask.to(x.dtype)
         inliers = self._quant(x.masked_fill(mask, 0), scale, zero)
-        outliers = x if self.outlier is None else self.outlier._dynamic(x, keep=mask)
+        outliers = x if self.outlier is None else self.outlier._dynamic(x, outlier)
         return torch.where(mask, outliers, inliers)
 
 
