@@ -161,6 +161,44 @@ def test_outliers_in_floating_point_with_16_bits():
     assert all(out[0, t, (3 * t) % 32] == 40.0 for t in range(30))
 
 
+def _outlier_grid_by_definition(q: OutlierAwareQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """The outlier-aware forward written with bool masks: the static inlier grid on the inlier channels, the token's
+    dynamic grid over its outlier channels (their min/max, or max |x|) on those."""
+    mask = q.masks(x)
+    inliers = q._quant(x.masked_fill(mask, 0), q.scale[:, None], None if q.zero_point is None else q.zero_point[:, None])
+    if q.asymmetric:
+        high = x.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True).nan_to_num(neginf=0.0)
+        low = x.masked_fill(~mask, float("inf")).amin(-1, keepdim=True).nan_to_num(posinf=0.0)
+        outliers = fake_quant_asymmetric(x, *asymmetric_params(low, high, q.outlier.qmax), q.outlier.qmax)
+    else:
+        peak = x.abs().masked_fill(~mask, 0).amax(-1, keepdim=True)
+        outliers = fake_quant_symmetric(x, peak / q.outlier.qmax, q.outlier.qmax)
+    return torch.where(mask, outliers, inliers)
+
+
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_outlier_grid_from_float_weights_is_the_bool_mask_definition(asymmetric):
+    """The forward takes the outlier grid's range with 0/1 float weights (faster on the CPU); values and
+    gradients (block reconstruction learns the scales) equal the bool-mask definition bit for bit, tokens
+    without outliers included."""
+    q = OutlierAwareQuantizer(4, 8, k=2.0, n_refresh=4, asymmetric=asymmetric)
+    x = planted(batch=3, length=12) - (1.0 if asymmetric else 0.0)
+    q.calibrate(x)
+    q.scale.data[4:8] = 1e3  # the second window (steps 4–7) never triggers: its tokens keep no outliers
+    mask = q.masks(x)
+    assert mask.any(-1).any() and not mask.any(-1).all()
+    results = []
+    for forward in (q, lambda t: _outlier_grid_by_definition(q, t)):
+        x_in = x.clone().requires_grad_()
+        q.scale.grad = None
+        out = forward(x_in)
+        (out * torch.linspace(-1, 1, x.shape[-1])).sum().backward()
+        results.append((out.detach(), x_in.grad, q.scale.grad))
+    for ours, defined in zip(*results):
+        assert torch.equal(ours, defined)
+    assert results[0][2].abs().sum() > 0
+
+
 def test_per_token_scales_are_learnable_and_tied_to_the_sequence_length():
     q = PerTokenStaticQuantizer(4)
     q.calibrate(torch.randn(4, 10, 8))

@@ -49,11 +49,8 @@ class ActivationQuantizer(nn.Module):
         """Per-(sample, token) scale from the values themselves, over the channels where ``weights`` (0/1 floats:
         on the CPU, masked fills and products with bool tensors are several times slower) is 1 if given."""
         if self.asymmetric:
-            if weights is None:
-                high, low = x.amax(-1, keepdim=True), x.amin(-1, keepdim=True)
-            else:  # the other channels sit at ∓max, below/above every chosen one; none chosen: the grid of 0
-                inside, outside = x * weights, (1 - weights) * torch.finfo(x.dtype).max
-                high, low = (inside - outside).amax(-1, keepdim=True), (inside + outside).amin(-1, keepdim=True)
+            chosen = x if weights is None else x * weights  # the others at 0, which the grid spans anyway
+            high, low = chosen.amax(-1, keepdim=True), chosen.amin(-1, keepdim=True)
             high, low = torch.nan_to_num(high, neginf=0.0), torch.nan_to_num(low, posinf=0.0)
             scale, zero = asymmetric_params(low, high, self.qmax)
             return fake_quant_asymmetric(x, scale, zero, self.qmax)
