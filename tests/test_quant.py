@@ -165,7 +165,8 @@ def _outlier_grid_by_definition(q: OutlierAwareQuantizer, x: torch.Tensor) -> to
     """The outlier-aware forward written with bool masks: the static inlier grid on the inlier channels, the token's
     dynamic grid over its outlier channels (their min/max, or max |x|) on those."""
     mask = q.masks(x)
-    inliers = q._quant(x.masked_fill(mask, 0), q.scale[:, None], None if q.zero_point is None else q.zero_point[:, None])
+    zero = None if q.zero_point is None else q.zero_point[:, None]
+    inliers = q._quant(x.masked_fill(mask, 0), q.scale[:, None], zero)
     if q.asymmetric:
         high = x.masked_fill(~mask, float("-inf")).amax(-1, keepdim=True).nan_to_num(neginf=0.0)
         low = x.masked_fill(~mask, float("inf")).amin(-1, keepdim=True).nan_to_num(posinf=0.0)
@@ -194,7 +195,7 @@ def test_outlier_grid_from_float_weights_is_the_bool_mask_definition(asymmetric)
         out = forward(x_in)
         (out * torch.linspace(-1, 1, x.shape[-1])).sum().backward()
         results.append((out.detach(), x_in.grad, q.scale.grad))
-    for ours, defined in zip(*results):
+    for ours, defined in zip(*results, strict=True):
         assert torch.equal(ours, defined)
     assert results[0][2].abs().sum() > 0
 
