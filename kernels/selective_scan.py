@@ -228,13 +228,17 @@ def _check(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tenso
 
 
 def _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale, B_scale, C_scale, y,
-                    states, config):
+                    states, config, z_reversed=False):
     """One forward launch; y (and ``states``, a contiguous fp32 (batch, L, N, E) buffer, when given) filled in.
     A, D, delta_bias and the scales are already fp32 and contiguous where the kernel needs it."""
     batch, length, channels = u.shape
     n_state = A.shape[1]
     placeholder = A  # stands in for absent optional tensors: never read (the constexpr flags are off)
     z_or_u = u if z is None else z  # strides of the placeholder gate are never used either
+    z_strides = z_or_u.stride()
+    if z is not None and z_reversed:  # step t at z[:, L − 1 − t]: start at the last step, walk back
+        z_or_u = z.select(1, length - 1)
+        z_strides = (z.stride(0), -z.stride(1), z.stride(2))
     block_e, warps = config or launch_config(batch, channels)
     if block_e < 2 or block_e & (block_e - 1):
         raise ValueError(f"BLOCK_E must be a power of two ≥ 2, got {block_e}")
@@ -243,7 +247,7 @@ def _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale
         u, delta, A, B, C, placeholder if D is None else D, z_or_u, placeholder if delta_bias is None else delta_bias,
         placeholder if u_scale is None else u_scale, placeholder if B_scale is None else B_scale,
         placeholder if C_scale is None else C_scale, y, placeholder if states is None else states, length, channels,
-        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_or_u.stride(), *y.stride(), *A.stride(),
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(), *A.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, U_SCALED=u_scale is not None, B_SCALED=B_scale is not None,
         C_SCALED=C_scale is not None, STORE_STATES=states is not None, N_STATE=n_state, BLOCK_E=block_e,
@@ -260,7 +264,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    u_scale: torch.Tensor | None = None, B_scale: torch.Tensor | None = None,
                    C_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                    out: torch.Tensor | None = None, config: tuple[int, int] | None = None,
-                   return_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   return_states: bool = False,
+                   z_reversed: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton: y (batch, L, E) of the selective scan, written to ``out`` (any strides) when given.
 
     u, delta, z, B, C are read through their strides (no copies); A, D, delta_bias are converted to fp32 and the
@@ -269,7 +274,11 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
 
     Differentiable for float inputs (see :class:`SelectiveScanFunction`): when autograd records, or when
     ``return_states`` asks for every h_t as well ((batch, L, E, N) fp32, a view of a (batch, L, N, E) buffer),
-    the call goes through it; ``out``, ``out_dtype`` and int8 inputs are for inference only."""
+    the call goes through it; ``out``, ``out_dtype`` and int8 inputs are for inference only.
+
+    ``z_reversed``: z is given in the opposite time order, step t's gate at z[:, L − 1 − t] (Vim's backward
+    branch scans flipped time while its gate is the forward-time half of in_proj's output). The forward reads
+    it backwards through its strides, no flipped copy; under autograd the flip is an ordinary op."""
     _check(u, delta, A, B, C, D, z, delta_bias, u_scale, B_scale, C_scale)
     if not _kernel_runs_on(u.device):
         raise ValueError(f"the Triton scan needs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set "
@@ -280,8 +289,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         if any(scale is not None for scale in (u_scale, B_scale, C_scale)) or out is not None or out_dtype:
             raise ValueError("gradients and return_states need float u, B, C and no out/out_dtype (y comes in "
                              "u's dtype); the int8 and out= paths are for inference")
-        return SelectiveScanFunction.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_states,
-                                           config)
+        return SelectiveScanFunction.apply(u, delta, A, B, C, D, z.flip(1) if z_reversed and z is not None else z,
+                                           delta_bias, delta_softplus, return_states, config)
     batch, length, channels = u.shape
     out_dtype = out_dtype or (out.dtype if out is not None else
                               torch.float32 if u.dtype == torch.int8 else u.dtype)
@@ -293,7 +302,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                          f"got {y.dtype} {tuple(y.shape)} on {y.device}")
     if y.numel():
         _launch_forward(u, delta, A.to(torch.float32), B, C, *_as_fp32(D), z, *_as_fp32(delta_bias), delta_softplus,
-                        *_as_fp32(u_scale, B_scale, C_scale), y, None, config)
+                        *_as_fp32(u_scale, B_scale, C_scale), y, None, config, z_reversed)
     return y
 
 

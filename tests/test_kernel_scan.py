@@ -124,6 +124,30 @@ def test_strided_inputs_give_bitwise_the_same_result():
     assert torch.equal(strided, contiguous) and torch.equal(out_channel_first.transpose(1, 2), contiguous)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_time_reversed_gate_is_read_backwards_bit_for_bit(dtype):
+    """Vim's backward branch: its gate is in_proj's z in forward time. ``z_reversed`` reads it backwards through
+    its strides (the second half of a projection, as the packed model has it): the same bits as scanning with a
+    flipped copy, in core's dispatch too, and the same gradient (there through an ordinary flip)."""
+    x = scan_inputs(2, 19, 32, 16, seed=17, dtype=dtype)
+    xz = torch.cat([torch.randn_like(x["z"]), x["z"].flip(1)], dim=-1)
+    forward_time_z = xz.chunk(2, dim=-1)[1]
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"])
+    flipped = selective_scan(*args, x["z"])
+    assert torch.equal(selective_scan(*args, forward_time_z, z_reversed=True,
+                                      out=poisoned(2, 19, 32, dtype)), flipped)
+    assert torch.equal(core_scan.selective_scan(*args, forward_time_z, impl="triton", z_reversed=True), flipped)
+    assert torch.equal(core_scan.selective_scan(*(t.cpu() for t in args), forward_time_z.cpu(), impl="fast",
+                                                z_reversed=True),
+                       core_scan.selective_scan(*(t.cpu() for t in args), x["z"].cpu(), impl="fast"))
+    grad_y = torch.randn(2, 19, 32, device=DEVICE)
+    flipped_z = x["z"].detach().clone().requires_grad_()
+    (selective_scan(*args, flipped_z).float() * grad_y).sum().backward()
+    reversed_z = forward_time_z.detach().clone().requires_grad_()
+    (selective_scan(*args, reversed_z, z_reversed=True).float() * grad_y).sum().backward()
+    assert torch.equal(reversed_z.grad, flipped_z.grad.flip(1))
+
+
 def test_int8_inputs_match_dequantize_then_scan():
     """u, B, C as int8 codes with a scale per (sample, step), dequantized in registers, against dequantizing first
     (in fp32) and running the float64 reference; also u alone quantized, B and C in fp16."""

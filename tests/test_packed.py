@@ -158,6 +158,27 @@ def test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run():
     assert len(calls) == 3 * 2 * cfg.depth
 
 
+def test_the_fused_path_with_the_triton_scan_copies_nothing_and_recomputes_no_constant():
+    """The backward branch's gate is read backwards by the scan (no flipped copy of z) and A, D come as stored at
+    packing (no exp of A_log per call); the logits stay the unfused path's (up to RMSNorm's rounding)."""
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    images = torch.randn(2, 1, 16, 16, device=DEVICE)
+    packed = pack(quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images), backend="triton")
+    packed.model.set_scan_impl("triton")
+    flips, exps, flip, exp = [], [], torch.Tensor.flip, torch.exp
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "flip", lambda self, *dims: flips.append(self.shape) or flip(self, *dims))
+        patch.setattr(torch, "exp", lambda x, *args, **kwargs: exps.append(x.shape) or exp(x, *args, **kwargs))
+        fused = packed(images)
+        assert not flips and not exps
+        packed.fused = False
+        unfused = packed(images)
+    assert flips and exps  # the unfused path is the model's forward: it flips xz and takes exp(A_log)
+    assert torch.linalg.norm(fused - unfused) / torch.linalg.norm(unfused) < 2e-3
+
+
 def test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logit():
     """Δ, B, C and dt_proj's input detect in rounds over the window (``WINDOW_ROUND_TENSORS``), x_proj's input
     step by step; the logits equal a run with every site step by step, bit for bit."""

@@ -20,6 +20,7 @@ tensors and, as metadata, the Vim config, the QuantConfig and the provenance of 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -134,8 +135,7 @@ class PackedLinear(nn.Module):
         inliers = codes.inlier_codes if use_kernels or self.a_bits == 8 else codes.inlier_packed
         operands = (inliers.reshape(rows, -1), codes.inlier_scale.reshape(rows),
                     self.int8_weight if use_kernels else self.weight_codes, self.weight_scale,
-                    codes.outlier_codes.reshape(rows, -1), codes.outlier_scale.reshape(rows),
-                    None if bias is None else bias.float())
+                    codes.outlier_codes.reshape(rows, -1), codes.outlier_scale.reshape(rows), bias)
         if use_kernels:
             y = mixed_gemm(*operands, out_dtype=dtype if dtype in OUTPUT_DTYPES else torch.float32,
                            outlier_weight_t=self.outlier_weight_t)
@@ -289,10 +289,17 @@ class PackedVim(nn.Module):
         delta_pre, B, C = (self.interceptor.intercept(mixer.sites[name, direction], value)
                            for name, value in (("delta_pre", delta_pre), ("B", B), ("C", C)))
         a_log, d_skip = (mixer.A_b_log, mixer.D_b) if backward else (mixer.A_log, mixer.D)
-        A = self.interceptor.intercept(mixer.sites["A", direction], -torch.exp(a_log.float()))
-        D = self.interceptor.intercept(mixer.sites["D", direction], d_skip.float())
-        return selective_scan(u, delta_pre, A, B, C, D, z.flip(1) if backward else z, delta_softplus=True,
-                              impl=mixer.scan_impl)
+        A = self._scan_parameter(mixer.sites["A", direction], lambda: -torch.exp(a_log.float()))
+        D = self._scan_parameter(mixer.sites["D", direction], d_skip.float)
+        # the backward branch's gate is z in forward time: the scan reads it backwards (no flipped copy)
+        return selective_scan(u, delta_pre, A, B, C, D, z, delta_softplus=True, impl=mixer.scan_impl,
+                              z_reversed=backward)
+
+    def _scan_parameter(self, site: Site, float_value: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A or D as the scan takes it (fp32): the value quantized at packing, or where the config left the site
+        in floating point the model's own, computed only then (a few launches a branch saved)."""
+        stored = self.interceptor.static.get(_key(site.name))
+        return float_value() if stored is None else stored.float()
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of the quantized projections' weights as stored (codes + scales) and as float32 would be."""

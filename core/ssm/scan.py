@@ -227,10 +227,12 @@ def _triton_scan() -> Callable | None:
     return _optional("kernels.selective_scan", "selective_scan")
 
 
-def _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus, return_states):
+def _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus, return_states, z_reversed):
     """The kernel takes core's (batch, L, ·) layouts and any strides (Vim's transposed conv output, the z and
-    B/C slices of one projection) as they are; it returns y in u's dtype (and fp32 states (batch, L, E, N))."""
-    return _triton_scan()(u, delta, A, B, C, D, z, delta_softplus=delta_softplus, return_states=return_states)
+    B/C slices of one projection) as they are, a time-reversed z included; it returns y in u's dtype (and fp32
+    states (batch, L, E, N))."""
+    return _triton_scan()(u, delta, A, B, C, D, z, delta_softplus=delta_softplus, return_states=return_states,
+                          z_reversed=z_reversed)
 
 
 def _triton_unusable(dtype: torch.dtype) -> str | None:
@@ -282,13 +284,17 @@ def selective_scan(
     return_states: bool = False,
     state_fn: StateFn | None = None,
     impl: str = "auto",
+    z_reversed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The dispatch point; :func:`resolve_impl` says which implementation runs."""
+    """The dispatch point; :func:`resolve_impl` says which implementation runs. ``z_reversed``: z comes in the
+    opposite time order (Vim's backward branch); the Triton scan reads it so, the others take a flipped copy."""
     chosen = resolve_impl(impl, u.is_cuda, u.dtype, return_states, state_fn is not None)
+    if chosen == "triton":
+        return _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus, return_states, z_reversed)
+    if z_reversed and z is not None:
+        z = z.flip(1)
     if chosen == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_softplus, return_states, state_fn)
     if chosen == "cuda":
         return _selective_scan_cuda(u, delta, A, B, C, D, z, delta_softplus)
-    if chosen == "triton":
-        return _selective_scan_triton(u, delta, A, B, C, D, z, delta_softplus, return_states)
     return selective_scan_fast(u, delta, A, B, C, D, z, delta_softplus, return_states)
