@@ -18,10 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
 from kernels.detect_quant import (
     MIN_SCALE,
     _round_half_even,
     check_rows,
+    detect_launches,
     detect_rows,
     grow_set,
     launch_block,
@@ -95,10 +97,12 @@ def _check(x: torch.Tensor, static_scale: torch.Tensor, zero_point: torch.Tensor
 
 
 def detect_fake_quant(x: torch.Tensor, static_scale: torch.Tensor, zero_point: torch.Tensor | None, k: float,
-                      n_refresh: int, levels: int, outlier_levels: int, rows_per_round: int = 1) -> torch.Tensor:
+                      n_refresh: int, levels: int, outlier_levels: int, rows_per_round: int = 1,
+                      tune: bool = False) -> torch.Tensor:
     """Triton: x (batch, L, C) detected and fake-quantized, same shape and dtype, contiguous. ``zero_point``
     (L,) selects the unsigned grid (``levels`` = 2^bits − 1) and None the symmetric one (``levels`` = qmax).
-    ``rows_per_round``: steps of a window detected at once (``kernels.detect_quant.window_rows``), not a value."""
+    ``rows_per_round``: steps of a window detected at once (``kernels.detect_quant.window_rows``), not a value;
+    ``tune``: on CUDA, the fastest of ``detect_launches`` per shape (``kernels.tuning``), not a value either."""
     _check(x, static_scale, zero_point, n_refresh)
     check_rows(rows_per_round)
     batch, length, channels = x.shape
@@ -107,10 +111,17 @@ def detect_fake_quant(x: torch.Tensor, static_scale: torch.Tensor, zero_point: t
     asymmetric = zero_point is not None
     zero = zero_point.to(device=x.device, dtype=torch.float32).contiguous() if asymmetric else scale
     block, warps = launch_block(channels)
-    _detect_fake_quant_kernel[(batch, triton.cdiv(length, n_refresh))](
-        x, *x.stride(), y, scale, zero, length, channels, n_refresh, float(k), LEVELS=levels,
-        OUTLIER_LEVELS=outlier_levels, ASYMMETRIC=asymmetric, BLOCK_C=block, ROWS=rows_per_round,
-        num_warps=warps, enable_fp_fusion=False)  # no FMA: as PyTorch rounds
+
+    def launch(option: tuple[int, int]) -> None:
+        _detect_fake_quant_kernel[(batch, triton.cdiv(length, n_refresh))](
+            x, *x.stride(), y, scale, zero, length, channels, n_refresh, float(k), LEVELS=levels,
+            OUTLIER_LEVELS=outlier_levels, ASYMMETRIC=asymmetric, BLOCK_C=block, ROWS=option[1],
+            num_warps=option[0], enable_fp_fusion=False)  # no FMA: as PyTorch rounds
+
+    key = (_detect_fake_quant_kernel, x.shape, x.stride(), x.dtype, n_refresh, levels, outlier_levels, asymmetric,
+           rows_per_round)
+    candidates = detect_launches(channels, n_refresh, rows_per_round) if tune else [(warps, rows_per_round)]
+    tuning.TUNER.launch(key, candidates, launch, x.device)
     return y
 
 

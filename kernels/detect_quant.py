@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
 from kernels.packing import pack_int4
 
 OUTLIER_QMAX = 127
@@ -298,6 +299,21 @@ def window_rows(channels: int, n_refresh: int, num_warps: int | None = None) -> 
     return max(1, min(triton.next_power_of_2(n_refresh), per_round, WINDOW_MAX_ROWS))
 
 
+def detect_launches(channels: int, n_refresh: int, rows_per_round: int) -> list[tuple[int, int]]:
+    """(num_warps, rows_per_round) a detecting launch may take, the fixed rule first (``launch_block``'s warps,
+    the rows asked for), then fewer warps down to 32 channels a thread (64 spill in the sm_90 build), each in
+    rounds of up to the rows asked for where ``window_rows``' register budget allows, and step by step. The
+    same values whichever runs (tested); ``kernels.tuning`` times them."""
+    block, warps = launch_block(channels)
+    options = [(warps, rows_per_round)]
+    while warps >= 1 and block <= 32 * 32 * warps:
+        for rows in (min(rows_per_round, window_rows(channels, n_refresh, warps)), 1):
+            if (warps, rows) not in options:
+                options.append((warps, rows))
+        warps //= 2
+    return options
+
+
 def check_rows(rows_per_round: int) -> int:
     """``rows_per_round`` itself, or a ValueError that says what it may be."""
     if rows_per_round & (rows_per_round - 1) or not 1 <= rows_per_round <= MAX_ROUND_ROWS:
@@ -308,14 +324,17 @@ def check_rows(rows_per_round: int) -> int:
 def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tensor, static_scale: torch.Tensor,
                         k: float, n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None,
                         lean: bool = False, num_warps: int | None = None, rows_per_round: int = 1,
-                        **constants: object) -> DetectQuantOutput:
+                        tune: bool = False, **constants: object) -> DetectQuantOutput:
     """Check, allocate and launch a kernel built on ``detect_quant_rows``: its own arguments (``inputs``) come
     first, then the ones every such kernel shares, in ``_detect_quant_kernel``'s order. ``x`` stands for the
     activation being quantized (its shape, dtype and device); one program per (sample, window). ``lean``: only
     what ``mixed_gemm``'s int8 path reads, the inlier codes as int8 whatever the bits (no mask, no packed copy):
     2 bytes written per element instead of 3.5 at 4 bits, 3 at 8. ``num_warps`` replaces ``launch_block``'s
     choice (the benchmark compares them: fewer warps, fewer barriers per reduction, more work per thread).
-    ``rows_per_round``: how many of a window's steps a round detects at once (``detect_rows``; ``window_rows``)."""
+    ``rows_per_round``: how many of a window's steps a round detects at once (``detect_rows``; ``window_rows``).
+    ``tune`` (without ``num_warps``): on CUDA the first call of each shape times ``detect_launches`` (rows up to
+    ``rows_per_round``) and every later one runs the fastest (``kernels.tuning.TUNER``); the launch must then be
+    repeatable (no output aliasing an input)."""
     _check(x, static_scale, n_refresh, inlier_bits)
     check_rows(rows_per_round)
     out = empty_output(x, inlier_bits, lean) if out is None else out
@@ -331,30 +350,37 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
     batch, length, channels = x.shape
     static_scale = static_scale.to(device=x.device, dtype=torch.float32).contiguous()
     block, warps = launch_block(channels)
-    warps = num_warps or warps
-    if warps & (warps - 1) or not 1 <= warps <= 32:
-        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {warps}")
+    if num_warps is not None and (num_warps & (num_warps - 1) or not 1 <= num_warps <= 32):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
     placeholder = out.outlier_codes  # for the buffers a lean output lacks: never written (constexpr flags off)
     pack = out.inlier_packed is not None
-    kernel[(batch, triton.cdiv(length, n_refresh))](
-        *inputs, static_scale, out.inlier_codes, out.inlier_packed if pack else placeholder,
-        placeholder if out.outlier_mask is None else out.outlier_mask.view(torch.uint8), out.outlier_codes,
-        out.outlier_scale, out.inlier_scale, length, channels, n_refresh, float(k),
-        INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block, STORE_MASK=out.outlier_mask is not None,
-        ROWS=rows_per_round, **constants, num_warps=warps,
-        enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
+
+    def launch(option: tuple[int, int]) -> None:
+        kernel[(batch, triton.cdiv(length, n_refresh))](
+            *inputs, static_scale, out.inlier_codes, out.inlier_packed if pack else placeholder,
+            placeholder if out.outlier_mask is None else out.outlier_mask.view(torch.uint8), out.outlier_codes,
+            out.outlier_scale, out.inlier_scale, length, channels, n_refresh, float(k),
+            INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block, STORE_MASK=out.outlier_mask is not None,
+            ROWS=option[1], **constants, num_warps=option[0],
+            enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
+
+    candidates = detect_launches(channels, n_refresh, rows_per_round) if tune and num_warps is None \
+        else [(num_warps or warps, rows_per_round)]
+    key = (kernel, x.shape, x.stride(), x.dtype, n_refresh, inlier_bits, pack, lean, rows_per_round,
+           tuple(sorted(constants.items())))
+    tuning.TUNER.launch(key, candidates, launch, x.device)
     return out
 
 
 def detect_quant(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
                  out: DetectQuantOutput | None = None, lean: bool = False,
-                 num_warps: int | None = None, rows_per_round: int = 1) -> DetectQuantOutput:
+                 num_warps: int | None = None, rows_per_round: int = 1, tune: bool = False) -> DetectQuantOutput:
     """Triton: outlier masks, inlier/outlier codes and scales of x (batch, L, C), fp32/fp16/bf16, any strides.
     ``out`` (from ``empty_output``) is written in place, so repeated calls allocate nothing; ``lean`` skips what
-    the GEMM does not read, ``num_warps`` and ``rows_per_round`` set the launch (see ``launch_detect_quant``);
-    none of the three changes a value."""
+    the GEMM does not read, ``num_warps``, ``rows_per_round`` and ``tune`` set the launch (see
+    ``launch_detect_quant``); none of them changes a value."""
     return launch_detect_quant(_detect_quant_kernel, (x, *x.stride()), x, static_scale, k, n_refresh, inlier_bits,
-                               out, lean, num_warps, rows_per_round)
+                               out, lean, num_warps, rows_per_round, tune)
 
 
 def window_outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, k: float, n_refresh: int,

@@ -63,16 +63,16 @@ def _check(y_forward: torch.Tensor, y_backward: torch.Tensor) -> None:
 
 def merge_detect_quant(y_forward: torch.Tensor, y_backward: torch.Tensor, static_scale: torch.Tensor, k: float,
                        n_refresh: int, inlier_bits: int, out: DetectQuantOutput | None = None,
-                       lean: bool = False, rows_per_round: int = 1) -> DetectQuantOutput:
+                       lean: bool = False, rows_per_round: int = 1, tune: bool = False) -> DetectQuantOutput:
     """Triton: ``detect_quant((y_forward + y_backward.flip(1)) / 2, …)`` without materialising either operand.
 
     y_forward (batch, L, E) and y_backward (batch, L, E) in the backward branch's time order, same float dtype,
-    any strides. ``out``, ``lean`` and ``rows_per_round`` as for ``detect_quant``."""
+    any strides. ``out``, ``lean``, ``rows_per_round`` and ``tune`` as for ``detect_quant``."""
     _check(y_forward, y_backward)
     return launch_detect_quant(_merge_detect_quant_kernel, (y_forward, y_backward, *y_forward.stride(),
                                                             *y_backward.stride()),
                                y_forward, static_scale, k, n_refresh, inlier_bits, out, lean,
-                               rows_per_round=rows_per_round)
+                               rows_per_round=rows_per_round, tune=tune)
 
 
 def merge_detect_quant_reference(y_forward: torch.Tensor, y_backward: torch.Tensor, static_scale: torch.Tensor,

@@ -89,21 +89,24 @@ def _check(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
 def norm_detect_quant(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                       static_scale: torch.Tensor, k: float, n_refresh: int, inlier_bits: int,
                       out: DetectQuantOutput | None = None, residual_out: torch.Tensor | None = None,
-                      lean: bool = False, rows_per_round: int = 1) -> tuple[DetectQuantOutput, torch.Tensor]:
+                      lean: bool = False, rows_per_round: int = 1,
+                      tune: bool = False) -> tuple[DetectQuantOutput, torch.Tensor]:
     """Triton: (detect_quant(RMSNorm(residual + hidden) cast to hidden's dtype), residual + hidden in fp32).
 
     hidden (batch, L, C) fp32/fp16/bf16 and residual (batch, L, C) fp32 (None: the first block, whose residual
     is hidden itself), any strides; norm_weight (C,). ``out`` and ``lean`` as for ``detect_quant``;
     ``residual_out`` (fp32, any strides) may be ``residual`` itself: each element is read before it is
     overwritten, by the same thread, and rows are written only when their round commits them.
-    ``rows_per_round`` as for ``detect_quant``."""
+    ``rows_per_round`` and ``tune`` as for ``detect_quant``; ``tune`` only where the call allocates the new
+    residual (a residual updated in place cannot be timed by running it again)."""
     _check(hidden, residual, norm_weight, residual_out)
+    tune = tune and residual_out is None
     residual_out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if residual_out is None \
         else residual_out
     inputs = (hidden, hidden if residual is None else residual, norm_weight, residual_out, float(eps),
               *hidden.stride(), *(hidden if residual is None else residual).stride(), *residual_out.stride())
     out = launch_detect_quant(_norm_detect_quant_kernel, inputs, hidden, static_scale, k, n_refresh, inlier_bits, out,
-                              lean, rows_per_round=rows_per_round, HAS_RESIDUAL=residual is not None)
+                              lean, rows_per_round=rows_per_round, tune=tune, HAS_RESIDUAL=residual is not None)
     return out, residual_out
 
 

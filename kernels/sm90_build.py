@@ -136,7 +136,8 @@ def build_detect(channels: int, bits: int, lean: bool = True, warps: int | None 
                                 divisible, lean, warps, rows)
 
 
-def build_norm_detect(channels: int, bits: int, dtype: str, residual: bool = True, rows: int = 1) -> BuildReport:
+def build_norm_detect(channels: int, bits: int, dtype: str, residual: bool = True, rows: int = 1,
+                      warps: int | None = None) -> BuildReport:
     """norm_detect_quant at a block's entry (C = embed dim): ``dtype`` hidden and norm weight (as ``model.half()``
     holds it), fp32 residual in and out, all contiguous."""
     types = {"hidden_ptr": f"*{dtype}", "residual_ptr": "*fp32", "weight_ptr": f"*{dtype}",
@@ -145,15 +146,15 @@ def build_norm_detect(channels: int, bits: int, dtype: str, residual: bool = Tru
     divisible = {"stride_hb", "stride_ht", "stride_rb", "stride_rt", "stride_ob", "stride_ot"} \
         if channels % 16 == 0 else set()
     return _build_detect_family(nd._norm_detect_quant_kernel, channels, bits, types, constants, divisible,
-                                rows=rows)
+                                warps=warps, rows=rows)
 
 
-def build_merge_detect(channels: int, bits: int, dtype: str, rows: int = 1) -> BuildReport:
+def build_merge_detect(channels: int, bits: int, dtype: str, rows: int = 1, warps: int | None = None) -> BuildReport:
     """merge_detect_quant at out_proj's input (C = E) on two contiguous ``dtype`` branch outputs."""
     types = {"forward_ptr": f"*{dtype}", "backward_ptr": f"*{dtype}"}
     divisible = {"stride_fb", "stride_ft", "stride_bb", "stride_bt"} if channels % 16 == 0 else set()
     return _build_detect_family(md._merge_detect_quant_kernel, channels, bits, types,
-                                {"stride_fc": 1, "stride_bc": 1}, divisible, rows=rows)
+                                {"stride_fc": 1, "stride_bc": 1}, divisible, warps=warps, rows=rows)
 
 
 def build_conv_silu(channels: int, dtype: str, reverse: bool) -> BuildReport:
@@ -219,17 +220,44 @@ def vim_gemm_shapes(d_models: tuple[int, ...] = (192, 384, 768),
     return shapes
 
 
-def build_detect_fake_quant(channels: int, asymmetric: bool, dtype: str, rows: int | None = None) -> BuildReport:
+def build_detect_fake_quant(channels: int, asymmetric: bool, dtype: str, rows: int | None = None,
+                            warps: int | None = None) -> BuildReport:
     """detect_fake_quant as the packed model launches it: Δ (C = E, asymmetric 4-bit, 8-bit outliers) or B/C
     (C = 16, symmetric) as strided ``dtype`` views, in rounds of ``window_rows`` steps (n_refresh 10) unless
-    ``rows`` is given."""
-    block, warps = dq.launch_block(channels)
+    ``rows`` is given, at ``launch_block``'s warps unless ``warps`` is."""
+    block, default_warps = dq.launch_block(channels)
+    warps = warps or default_warps
     types = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "k": "fp32"}
     constants = {"LEVELS": 15 if asymmetric else 7, "OUTLIER_LEVELS": 255 if asymmetric else 127,
                  "ASYMMETRIC": asymmetric, "BLOCK_C": block, "stride_xc": 1,
                  "ROWS": rows or dq.window_rows(channels, 10)}
     divisible = {"channels"} if channels % 16 == 0 else set()
     return build(dfq._detect_fake_quant_kernel, types, constants, divisible, warps, enable_fp_fusion=False)
+
+
+def tuned_launch_builds(quick: bool) -> list[tuple[tuple, BuildReport]]:
+    """Every launch ``kernels.tuning`` may time in the packed model (``detect_launches`` of each detection call,
+    with the rows the model asks for: ``core.quant.packed.detection_rows``) beyond the fixed rules built above,
+    at Vim-T/S/B's shapes; ``quick``: Vim-B's, each call's last candidate only (fewest warps: most registers)."""
+    builds = []
+    for d_model in (768,) if quick else (192, 384, 768):
+        inner, rank = 2 * d_model, math.ceil(d_model / 16)
+        calls = [("detect", inner, 1), ("detect", rank, dq.window_rows(rank, 10)),
+                 ("fake", inner, dq.window_rows(inner, 10)), ("fake", 16, dq.window_rows(16, 10)),
+                 ("norm", d_model, 1), ("merge", inner, 1)]
+        for name, channels, rows in calls:
+            rule = dq.detect_launches(channels, 10, rows)[0]
+            for warps, candidate_rows in dq.detect_launches(channels, 10, rows)[-1 if quick else 1:]:
+                if name == "detect":
+                    report = build_detect(channels, 4, warps=warps, rows=candidate_rows)
+                elif name == "fake":
+                    report = build_detect_fake_quant(channels, channels > 16, "fp16", candidate_rows, warps)
+                elif name == "norm":
+                    report = build_norm_detect(channels, 4, "fp16", rows=candidate_rows, warps=warps)
+                else:
+                    report = build_merge_detect(channels, 4, "fp16", candidate_rows, warps)
+                builds.append(((name, channels, f"(rule {rule})", warps, candidate_rows), report))
+    return builds
 
 
 def main() -> int:
@@ -319,6 +347,10 @@ def main() -> int:
     for key in fused:
         seen[key] = report = builders[key[0]](*key[1:])
         print(f"{key[0]} {' '.join(map(str, key[1:]))}: {report}", flush=True)
+    for key, report in tuned_launch_builds(args.quick):
+        seen[key] = report
+        print(f"{key[0]} {' '.join(map(str, key[1:-2]))} tuner candidate {key[-2]} warps, {key[-1]} rows: {report}",
+              flush=True)
     # the scan needs no shared memory: any there is a layout conversion inside its loop (see kernels/README.md)
     bad = [key for key, report in seen.items() if report.stack_bytes
            or (key[0] == "scan" and report.shared_bytes) or (key[0] == "gemm" and not report.wgmma)]

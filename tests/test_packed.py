@@ -191,7 +191,7 @@ def test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logi
     rows, fake_quant, detect = [], packed_module.detect_fake_quant, packed_module.detect_quant
 
     def spy_fake_quant(x, *args):
-        rows.append(("scan input", x.shape[-1], args[-1]))
+        rows.append(("scan input", x.shape[-1], args[6]))  # rows_per_round, after scale … outlier levels
         return fake_quant(x, *args)
 
     def spy_detect(x, *args, **kwargs):
@@ -209,6 +209,28 @@ def test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logi
                                           ("scan input", cfg.d_state, 8)}  # 8: the window (n_refresh 8)
     assert {r for _, _, r in rows[len(rows) // 2:]} == {1}
     assert torch.equal(step_by_step, logits)
+
+
+def test_tuned_launches_change_no_logit(monkeypatch):
+    """``tune_launches`` (on by default) times each detection's launch options on CUDA; here a fake clock times
+    them on the CPU, the last candidate winning: the logits equal the fixed rules' bit for bit."""
+    from kernels import tuning
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    images = torch.randn(2, 1, 16, 16, device=DEVICE)
+    packed = pack(quantize(model, QuantConfig(k=1.0, n_refresh=8, reconstruction=STATIC_ONLY), images),
+                  backend="triton")
+    clock = iter(range(1000, 0, -1))
+    monkeypatch.setattr(tuning, "TUNER", tuning.LaunchTuner(timer=lambda run: (run(), next(clock))[1],
+                                                            devices=("cpu",)))
+    assert packed.tune_launches
+    with torch.no_grad():
+        tuned = packed(images)
+        packed.tune_launches = False
+        fixed = packed(images)
+    assert torch.equal(tuned, fixed)
+    assert tuning.TUNER.choices()  # the sites detected in rounds offered step by step too, and were timed
 
 
 @pytest.mark.parametrize(("config", "dt_rank", "message"), [

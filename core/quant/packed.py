@@ -117,11 +117,11 @@ class PackedLinear(nn.Module):
         return 4 if self.weight_codes.dtype == torch.uint8 else 8
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None, use_kernels: bool,
-                rows_per_round: int = 1) -> torch.Tensor:
+                rows_per_round: int = 1, tune: bool = False) -> torch.Tensor:
         if x.shape[1] != self.input_scale.numel():
             raise StudioError(f"this model was calibrated for {self.input_scale.numel()} time-steps, got {x.shape[1]}")
         args = (x, self.input_scale, self.k, self.n_refresh, self.a_bits)
-        codes = detect_quant(*args, lean=True, rows_per_round=rows_per_round) if use_kernels \
+        codes = detect_quant(*args, lean=True, rows_per_round=rows_per_round, tune=tune) if use_kernels \
             else detect_quant_reference(*args)
         return self.gemm(codes, bias, x.dtype, use_kernels)
 
@@ -151,6 +151,7 @@ class PackedInterceptor(Interceptor):
     def __init__(self, linears: dict[str, PackedLinear], dynamic: dict[str, nn.Module],
                  static: dict[str, torch.Tensor], backend: str):
         self.linears, self.dynamic, self.static, self.backend = linears, dynamic, static, backend
+        self.tune_launches = True  # detection launches timed per shape on CUDA (kernels.tuning): no value changes
 
     def linear(self, input_site: Site, weight_site: Site, x: torch.Tensor, weight: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
@@ -158,7 +159,7 @@ class PackedInterceptor(Interceptor):
         if packed is None:
             return F.linear(x, weight, bias)
         rows = detection_rows(input_site.tensor.split(".")[0], x.shape[-1], packed.n_refresh)
-        return packed(x, bias, uses_kernels(self.backend, x), rows)
+        return packed(x, bias, uses_kernels(self.backend, x), rows, self.tune_launches)
 
     def intercept(self, site: Site, x: torch.Tensor) -> torch.Tensor:
         key = _key(site.name)
@@ -172,7 +173,8 @@ class PackedInterceptor(Interceptor):
             return detect_fake_quant(x, quantizer.scale.detach(), None if zero is None else zero.detach(),
                                      quantizer.k, quantizer.n_refresh, quantizer.qmax,
                                      0 if quantizer.outlier is None else quantizer.outlier.qmax,
-                                     detection_rows(site.tensor, x.shape[-1], quantizer.n_refresh))
+                                     detection_rows(site.tensor, x.shape[-1], quantizer.n_refresh),
+                                     self.tune_launches)
         # in fp32 as the kernel computes: in fp16 the scale floor (1e-8) rounds to 0 and a 0/0 gives NaN
         return quantizer(x.float()).to(x.dtype)
 
@@ -225,6 +227,16 @@ class PackedVim(nn.Module):
             raise StudioError(f"backend must be one of {', '.join(BACKENDS)}, not {value!r}")
         self.interceptor.backend = value
 
+    @property
+    def tune_launches(self) -> bool:
+        """On CUDA, each detection launch's warps and rows per round are timed at the first call of each shape and
+        the fastest kept (``kernels.tuning``); False runs the kernels' fixed rules. Never changes a value."""
+        return self.interceptor.tune_launches
+
+    @tune_launches.setter
+    def tune_launches(self, value: bool) -> None:
+        self.interceptor.tune_launches = value
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         """``.to()`` / ``.half()`` move every buffer; the interceptor then sees the moved tensors."""
         super()._apply(fn, recurse)
@@ -258,18 +270,18 @@ class PackedVim(nn.Module):
         input in one kernel, conv1d + SiLU in one (the backward branch read in reverse, no flipped copy), and the
         merge of the two directions + detection/quantization of out_proj's input in one. Same arithmetic as the
         unfused path up to the rounding of RMSNorm's square root (tested)."""
-        model = self.model
+        model, tune = self.model, self.interceptor.tune_launches
         hidden, residual = model.embed(images), None
         for block in model.layers:
             mixer, layer = block.mixer, block.mixer.layer_idx
             in_proj, out_proj = (self.linears[_key(f"layers.{layer}.{name}.weight")] for name in SHARED_LINEARS)
             codes, residual = norm_detect_quant(hidden, residual, block.norm.weight, block.norm.eps,
                                                 in_proj.input_scale, in_proj.k, in_proj.n_refresh, in_proj.a_bits,
-                                                lean=True)
+                                                lean=True, tune=tune)
             x, z = in_proj.gemm(codes, None, hidden.dtype, use_kernels=True).chunk(2, dim=-1)
             y_forward, y_backward = (self._fused_branch(mixer, x, z, direction) for direction in DIRECTIONS)
             codes = merge_detect_quant(y_forward, y_backward, out_proj.input_scale, out_proj.k, out_proj.n_refresh,
-                                       out_proj.a_bits, lean=True)
+                                       out_proj.a_bits, lean=True, tune=tune)
             hidden = out_proj.gemm(codes, None, hidden.dtype, use_kernels=True)
         residual = residual + hidden.float()
         return model.head(model.norm_f(residual)[:, self.cfg.cls_position].to(images.dtype))
@@ -281,11 +293,13 @@ class PackedVim(nn.Module):
                                    for name in ("conv1d", "x_proj", "dt_proj"))
         site = f"layers.{mixer.layer_idx}.{direction}"
         u = conv_silu(x, conv1d.weight, conv1d.bias, reverse=backward)
-        x_dbl = self.linears[_key(f"{site}.x_proj.weight")](u, None, use_kernels=True)
+        tune = self.interceptor.tune_launches
+        x_dbl = self.linears[_key(f"{site}.x_proj.weight")](u, None, True, tune=tune)
         n_state = self.cfg.d_state
         dt, B, C = torch.split(x_dbl, [dt_proj.in_features, n_state, n_state], dim=-1)
         dt_linear = self.linears[_key(f"{site}.dt_proj.weight")]
-        delta_pre = dt_linear(dt, dt_proj.bias, True, detection_rows("dt_proj", dt.shape[-1], dt_linear.n_refresh))
+        delta_pre = dt_linear(dt, dt_proj.bias, True, detection_rows("dt_proj", dt.shape[-1], dt_linear.n_refresh),
+                              tune)
         delta_pre, B, C = (self.interceptor.intercept(mixer.sites[name, direction], value)
                            for name, value in (("delta_pre", delta_pre), ("B", B), ("C", C)))
         a_log, d_skip = (mixer.A_b_log, mixer.D_b) if backward else (mixer.A_log, mixer.D)
