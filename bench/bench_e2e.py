@@ -14,6 +14,8 @@ its trained ones):
   packed (:mod:`core.quant.packed`), fp16 activations: ``detect_quant`` → ``mixed_gemm`` at every projection,
   Δ/B/C quantized by their simulation quantizers, the same scan as ``fp16``; the fused producers (add + RMSNorm +
   quantize, conv1d + SiLU, merge + quantize) on, and ``W4A4O8 unfused`` without them, to show what fusion buys;
+  each detection's warps and rows per round timed per shape at the first call (``kernels.tuning``; the picks
+  are listed in the results' header), and ``W4A4O8 fixed launches`` with the kernels' fixed rules instead;
 * ``bf16``, ``W4A4O8 bf16`` — the same with bf16 activations (``vs_fp16`` still against ``fp16``).
 
 Per (model, variant, batch): median latency of ``--repeats`` forward passes after one warm-up (CUDA-synchronised
@@ -43,6 +45,7 @@ from core.eval import graph_latency, time_forward  # noqa: E402
 from core.models import VimConfig, VisionMamba, create_vim  # noqa: E402
 from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
 from core.quant.packed import pack  # noqa: E402
+from kernels import tuning  # noqa: E402
 
 MODELS = {
     "Vim-T": "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
@@ -50,7 +53,7 @@ MODELS = {
     "Vim-B": "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2",
 }
 QUANTIZED = {"W8A8O8": (8, 8), "W4A8O8": (4, 8), "W4A4O8": (4, 4)}
-VARIANTS = ("fp32 eager", "fp16", *QUANTIZED, "W4A4O8 unfused", "bf16", "W4A4O8 bf16")
+VARIANTS = ("fp32 eager", "fp16", *QUANTIZED, "W4A4O8 unfused", "W4A4O8 fixed launches", "bf16", "W4A4O8 bf16")
 SMOKE = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
 
 
@@ -81,23 +84,35 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
             return copy.eval().to(device=device, dtype=activations(dtype))
         return make
 
-    def quantized(w_bits: int, a_bits: int, fused: bool = True,
-                  dtype: torch.dtype = torch.float16) -> Callable[[], torch.nn.Module]:
+    def quantized(w_bits: int, a_bits: int, fused: bool = True, dtype: torch.dtype = torch.float16,
+                  tuned: bool = True) -> Callable[[], torch.nn.Module]:
         def make() -> torch.nn.Module:
             cfg = model.cfg
             calib = torch.randn(8, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
             config = QuantConfig(w_bits=w_bits, a_bits=a_bits, reconstruction=ReconstructionConfig(epochs=0))
             packed = pack(quantize(model.to(device), config, calib.to(device))).to(device)
             model.cpu()
-            packed.fused = fused
+            packed.fused, packed.tune_launches = fused, tuned
             return packed if activations(dtype) == torch.float32 else packed.half_activations(dtype)
         return make
 
     makers = {"fp32 eager": fp32, "fp16": floating(torch.float16),
               **{label: quantized(*bits) for label, bits in QUANTIZED.items()},
-              "W4A4O8 unfused": quantized(4, 4, fused=False), "bf16": floating(torch.bfloat16),
+              "W4A4O8 unfused": quantized(4, 4, fused=False), "W4A4O8 fixed launches": quantized(4, 4, tuned=False),
+              "bf16": floating(torch.bfloat16),
               "W4A4O8 bf16": quantized(4, 4, dtype=torch.bfloat16)}
     return {label: makers[label] for label in VARIANTS}
+
+
+def tuner_picks() -> str:
+    """One entry per detection launch the tuner timed: kernel, input shape, the pick and the fixed rule, as
+    warps × rows per round with the median ms of each."""
+    picks = []
+    for key, timings in tuning.TUNER.choices().items():
+        (rule, rule_ms), (picked, picked_ms) = timings[0], min(timings, key=lambda timing: timing[1])
+        picks.append(f"{getattr(key[0], '__name__', key[0]).strip('_')} {tuple(key[1])}: {picked[0]}w×{picked[1]} "
+                     f"{picked_ms:.3f} ms (rule {rule[0]}w×{rule[1]} {rule_ms:.3f} ms)")
+    return "; ".join(picks) or "none timed"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -158,6 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = machine_header(device)
     if skipped:
         header["not measured (budget spent)"] = ", ".join(skipped)
+    header["detection launches the tuner picked"] = tuner_picks()
     tag = torch.cuda.get_device_name(device).lower().replace(" ", "_")
     if args.models != parser.get_default("models"):
         tag += "_" + "_".join(args.models)
