@@ -14,8 +14,9 @@ its trained ones):
   packed (:mod:`core.quant.packed`), fp16 activations: ``detect_quant`` → ``mixed_gemm`` at every projection,
   Δ/B/C quantized by their simulation quantizers, the same scan as ``fp16``; the fused producers (add + RMSNorm +
   quantize, conv1d + SiLU, merge + quantize) on, and ``W4A4O8 unfused`` without them, to show what fusion buys;
-  each detection's warps and rows per round timed per shape at the first call (``kernels.tuning``; the picks
-  are listed in the results' header), and ``W4A4O8 fixed launches`` with the kernels' fixed rules instead;
+  each detection's warps and rows per round and each GEMM's tiles timed per shape at the first call
+  (``kernels.tuning``; the picks are listed in the results' header), and ``W4A4O8 fixed launches`` with the
+  kernels' fixed rules instead;
 * ``bf16``, ``W4A4O8 bf16`` — the same with bf16 activations (``vs_fp16`` still against ``fp16``).
 
 Per (model, variant, batch): median latency of ``--repeats`` forward passes after one warm-up (CUDA-synchronised
@@ -104,14 +105,23 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
     return {label: makers[label] for label in VARIANTS}
 
 
+def launch_label(option: tuple[int, ...]) -> str:
+    """A tuner candidate in words: a detection's (warps, rows per round) or a GEMM's blocks."""
+    if len(option) == 2:
+        return f"{option[0]}w×{option[1]}"
+    block_m, block_n, block_k, warps, stages = option
+    return f"{block_m}×{block_n}×{block_k}/{warps}w/{stages}st"
+
+
 def tuner_picks() -> str:
-    """One entry per detection launch the tuner timed: kernel, input shape, the pick and the fixed rule, as
-    warps × rows per round with the median ms of each."""
+    """One entry per launch the tuner timed: kernel, shape (a detection's input, a GEMM's M, N, K), the pick and
+    the fixed rule with the median ms of each."""
     picks = []
     for key, timings in tuning.TUNER.choices().items():
         (rule, rule_ms), (picked, picked_ms) = timings[0], min(timings, key=lambda timing: timing[1])
-        picks.append(f"{getattr(key[0], '__name__', key[0]).strip('_')} {tuple(key[1])}: {picked[0]}w×{picked[1]} "
-                     f"{picked_ms:.3f} ms (rule {rule[0]}w×{rule[1]} {rule_ms:.3f} ms)")
+        shape = tuple(key[1]) if isinstance(key[1], torch.Size) else key[1:4]
+        picks.append(f"{getattr(key[0], '__name__', key[0]).strip('_')} {shape}: {launch_label(picked)} "
+                     f"{picked_ms:.3f} ms (rule {launch_label(rule)} {rule_ms:.3f} ms)")
     return "; ".join(picks) or "none timed"
 
 
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = machine_header(device)
     if skipped:
         header["not measured (budget spent)"] = ", ".join(skipped)
-    header["detection launches the tuner picked"] = tuner_picks()
+    header["launches the tuner picked"] = tuner_picks()
     tag = torch.cuda.get_device_name(device).lower().replace(" ", "_")
     if args.models != parser.get_default("models"):
         tag += "_" + "_".join(args.models)

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import tuning
 from kernels.detect_quant import round_to_dtype
 from kernels.packing import pack_int4, unpack_int4, unpack_int4_halves
 
@@ -275,14 +276,32 @@ def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     return 128, 64 if n <= 64 else 128, 128, 8, 3
 
 
+def gemm_launches(m: int, n: int, k: int) -> list[tuple[int, int, int, int, int]]:
+    """Blocks ``mixed_gemm`` may launch an (M, N, K) problem with, ``_blocks``' rule first, then tiles of other
+    shapes from the same size class (``kernels.tuning`` times them; the integers, so the outputs, are the same).
+    Every one keeps M, N, K ≥ 32 per dot (int8 wgmma) and builds for sm_90 without spills at Vim's shapes
+    (``python -m kernels.sm90_build``)."""
+    rule = _blocks(m, n, k)
+    if m <= 1024:  # few rows: narrower tiles for more programs
+        others = [(64, 32, 128, 4, 3)] if k > 64 else [(64, 32, 64, 4, 4)] if k % 16 == 0 else []
+    elif k <= 64:
+        others = [(64, 64, 64, 4, 4), (128, 128, 64, 8, 3)] if k % 16 == 0 else [(64, 64, 64, 4, 4)]
+    elif n <= 64:
+        others = [(64, 64, 128, 4, 3), (128, 64, 64, 8, 4)]
+    else:
+        others = [(128, 128, 64, 8, 4), (64, 128, 128, 4, 3), (128, 64, 128, 8, 3)]
+    return [rule, *(blocks for blocks in others if blocks != rule)]
+
+
 def mixed_gemm(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: torch.Tensor,
                weight_scale: torch.Tensor, outlier_codes: torch.Tensor | None = None,
                outlier_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                out_dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
-               outlier_weight_t: torch.Tensor | None = None) -> torch.Tensor:
+               outlier_weight_t: torch.Tensor | None = None, tune: bool = False) -> torch.Tensor:
     """Triton: (M, N) = dequantized (inlier + outlier) activations × dequantized weightᵀ (+ bias), written to
     ``out`` (any strides) when given. ``outlier_weight_t``, the weight's codes as contiguous int8 (K, N), selects
-    the gathered outlier path (same result)."""
+    the gathered outlier path (same result). ``tune``: on CUDA the first call of each shape times
+    ``gemm_launches`` and later ones run the fastest (``kernels.tuning``); never a value changed."""
     m, n, k = _check(inlier_codes, inlier_scale, weight, weight_scale, outlier_codes, outlier_scale, bias)
     gathered = outlier_codes is not None and outlier_weight_t is not None
     if outlier_weight_t is not None and (outlier_weight_t.dtype != torch.int8 or outlier_weight_t.shape != (k, n)
@@ -299,20 +318,26 @@ def mixed_gemm(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: t
     has_outliers, has_bias = outlier_codes is not None, bias is not None
     outlier_codes = outlier_codes if has_outliers else inlier_codes  # placeholders: never read when absent
     outlier_scale = outlier_scale.float().contiguous() if has_outliers else inlier_scale
-    block_m, block_n, block_k, warps, stages = _blocks(m, n, k)
-    # placeholders for the gathered path's operands: never read when it is off
-    compact = compact_outliers(outlier_codes, block_m) if gathered else \
-        CompactOutliers(inlier_scale, inlier_scale, inlier_codes, block_m)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _mixed_gemm_kernel[grid](
-        inlier_codes, inlier_scale.float().contiguous(), outlier_codes, outlier_scale, weight,
-        weight_scale.float().contiguous(), bias.contiguous() if has_bias else y, y,
-        outlier_weight_t if gathered else weight, compact.channels, compact.counts, compact.codes, m, n, k,
-        inlier_codes.stride(0), inlier_codes.stride(1), outlier_codes.stride(0), outlier_codes.stride(1),
-        weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        A_PACKED=a_packed, W_PACKED=w_packed, HAS_OUTLIERS=has_outliers, GATHERED=gathered, HAS_BIAS=has_bias,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATHER_K=GATHER_K, GROUP_M=8, num_warps=warps,
-        num_stages=stages)
+    inlier_scale, weight_scale = inlier_scale.float().contiguous(), weight_scale.float().contiguous()
+    bias = bias.contiguous() if has_bias else y
+
+    def launch(blocks: tuple[int, int, int, int, int]) -> None:
+        block_m, block_n, block_k, warps, stages = blocks
+        # placeholders for the gathered path's operands: never read when it is off
+        compact = compact_outliers(outlier_codes, block_m) if gathered else \
+            CompactOutliers(inlier_scale, inlier_scale, inlier_codes, block_m)
+        _mixed_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+            inlier_codes, inlier_scale, outlier_codes, outlier_scale, weight, weight_scale, bias, y,
+            outlier_weight_t if gathered else weight, compact.channels, compact.counts, compact.codes, m, n, k,
+            inlier_codes.stride(0), inlier_codes.stride(1), outlier_codes.stride(0), outlier_codes.stride(1),
+            weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+            A_PACKED=a_packed, W_PACKED=w_packed, HAS_OUTLIERS=has_outliers, GATHERED=gathered, HAS_BIAS=has_bias,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GATHER_K=GATHER_K, GROUP_M=8, num_warps=warps,
+            num_stages=stages)
+
+    key = (_mixed_gemm_kernel, m, n, k, a_packed, w_packed, has_outliers, gathered, has_bias, out_dtype,
+           inlier_codes.stride(), y.stride())
+    tuning.TUNER.launch(key, gemm_launches(m, n, k) if tune else [_blocks(m, n, k)], launch, inlier_codes.device)
     return y
 
 

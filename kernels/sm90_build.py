@@ -84,11 +84,13 @@ def _longest_loop(sass: str) -> int:
                default=0)
 
 
-def build_gemm(variant: str, m: int, n: int, k: int, gathered: bool = False) -> BuildReport:
+def build_gemm(variant: str, m: int, n: int, k: int, gathered: bool = False,
+               blocks: tuple[int, int, int, int, int] | None = None) -> BuildReport:
     """The mixed GEMM as ``mixed_gemm`` launches it for an (M, K) × (N, K)ᵀ problem, fp16 output; ``gathered``:
-    the outlier dot over ``compact_outliers``' lists."""
+    the outlier dot over ``compact_outliers``' lists; ``blocks`` in place of ``_blocks``' rule (a tuner
+    candidate)."""
     a_packed, w_packed, outliers = VARIANTS[variant]
-    block_m, block_n, block_k, warps, stages = mg._blocks(m, n, k)
+    block_m, block_n, block_k, warps, stages = blocks or mg._blocks(m, n, k)
     types = {"a_ptr": "*u8" if a_packed else "*i8", "w_ptr": "*u8" if w_packed else "*i8", "o_ptr": "*i8",
              "a_scale_ptr": "*fp32", "o_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
              "y_ptr": "*fp16", "wt_ptr": "*i8", "channels_ptr": "*i32", "counts_ptr": "*i32", "compact_ptr": "*i8"}
@@ -347,6 +349,17 @@ def main() -> int:
     for key in fused:
         seen[key] = report = builders[key[0]](*key[1:])
         print(f"{key[0]} {' '.join(map(str, key[1:]))}: {report}", flush=True)
+    # the tuner's other GEMM tiles, as the packed model multiplies (int8 operands, outliers gathered from K = 256);
+    # quick: at the target shapes only (Vim-B, batch 64)
+    for m, n, k in vim_gemm_shapes((768,), (64,)) if args.quick else shapes:
+        for blocks in mg.gemm_launches(m, n, k)[1:]:
+            gathered = k >= mg.GATHER_MIN_K
+            key = ("gemm", "W8A8O8 tuner candidate", blocks, gathered, m % 16 == 0, n % 16 == 0, k % 16 == 0,
+                   k % 32 == 0)
+            if key not in seen:
+                seen[key] = build_gemm("W8A8O8", m, n, k, gathered, blocks)
+                print(f"mixed_gemm W8A8O8{' gathered' if gathered else ''} tuner candidate e.g. M={m} N={n} K={k} "
+                      f"blocks {blocks}: {seen[key]}", flush=True)
     for key, report in tuned_launch_builds(args.quick):
         seen[key] = report
         print(f"{key[0]} {' '.join(map(str, key[1:-2]))} tuner candidate {key[-2]} warps, {key[-1]} rows: {report}",

@@ -57,7 +57,7 @@ environment() {
 }
 kernel_tests() {
   KERNELS_REAL_SHAPES=1 python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_kernels.py \
-    tests/test_kernel_scan.py tests/test_kernel_fusions.py tests/test_kernel_fake_quant.py \
+    tests/test_kernel_scan.py tests/test_kernel_fusions.py tests/test_kernel_fake_quant.py tests/test_kernel_tuning.py \
     "tests/test_packed.py::test_vim_tiny_packed_on_cuda_fused_and_unfused_agree" \
     "tests/test_packed.py::test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation" \
     "tests/test_packed.py::test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run" \

@@ -9,13 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import mixed_gemm as mixed_gemm_module
 from kernels import tuning
 from kernels.detect_fake_quant import detect_fake_quant
 from kernels.detect_quant import detect_launches, detect_quant, empty_output
 from kernels.merge_detect_quant import merge_detect_quant
+from kernels.mixed_gemm import mixed_gemm
 from kernels.norm_detect_quant import norm_detect_quant
 from kernels.tuning import LaunchTuner
-from tests.test_kernels import DEVICE, moving_outliers, static_scales
+from tests.test_kernels import DEVICE, gemm_operands, moving_outliers, real_shapes, static_scales
 
 CPU = torch.device("cpu")
 
@@ -52,7 +54,7 @@ def recording_tuner(monkeypatch):
     """A tuner on the CPU whose clock makes every later candidate faster (the last one is kept), and which
     snapshots what each timed launch wrote."""
     clock = iter(range(1000, 0, -1))
-    tuner = LaunchTuner(timer=lambda run: (run(), next(clock))[1], devices=("cpu",))
+    tuner = LaunchTuner(timer=lambda run: (run(), next(clock))[1], devices=("cpu", "cuda"))
     monkeypatch.setattr(tuning, "TUNER", tuner)
     return tuner
 
@@ -96,3 +98,40 @@ def test_a_residual_updated_in_place_is_never_timed(recording_tuner):
     norm_detect_quant(hidden, residual, torch.ones(512, device=DEVICE), 1e-5, scale, 3.0, 4, 4, lean=True,
                       residual_out=residual, tune=True)
     assert torch.equal(residual, want) and recording_tuner.choices() == {}
+
+
+def test_gemm_launches_start_with_the_rule_and_keep_wgmma_sized_tiles():
+    for m, n, k in ((197, 3072, 768), (12608, 3072, 768), (12608, 80, 1536), (12608, 1536, 48), (197, 384, 12)):
+        launches = mixed_gemm_module.gemm_launches(m, n, k)
+        assert launches[0] == mixed_gemm_module._blocks(m, n, k) and len(set(launches)) == len(launches)
+        assert all(block_m >= 64 and block_n >= 32 and block_k >= 64 for block_m, block_n, block_k, _, _ in launches)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1100, 96, 256), (1100, 160, 64), (70, 64, 128)])
+def test_every_gemm_candidate_gives_the_rules_output_bit_for_bit(recording_tuner, m, n, k):
+    """Dense and gathered outliers (from K = 256, as the packed model multiplies), fp16 out: each tile shape the
+    tuner may time writes exactly what the rule's does."""
+    ops = {name: t.to(DEVICE) for name, t in gemm_operands(m, n, k, 8, 8, True, seed=m + n + k).items()}
+    weight_t = ops["weight"].t().contiguous() if k >= mixed_gemm_module.GATHER_MIN_K else None
+    want = mixed_gemm(**ops, outlier_weight_t=weight_t)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    snapshots = []
+    recording_tuner.timer = lambda run: (run(), snapshots.append(out.clone()), -len(snapshots))[2]
+    mixed_gemm(**ops, outlier_weight_t=weight_t, out=out, tune=True)
+    assert len(snapshots) == len(mixed_gemm_module.gemm_launches(m, n, k)) > 1
+    assert all(torch.equal(snapshot, want) for snapshot in snapshots) and torch.equal(out, want)
+
+
+@real_shapes
+def test_on_the_gpu_the_tuner_times_real_launches_and_keeps_the_codes(monkeypatch):
+    """Vim-B's Δ-sized detection with the real clock (triton's do_bench): every candidate timed, a positive
+    time each, and the codes of the fixed rule."""
+    monkeypatch.setattr(tuning, "TUNER", LaunchTuner())
+    x = moving_outliers(16, 197, 1536, seed=5, gaussian=False, per_step=15, magnitudes=(30.0, 40.0)).half()
+    scale = static_scales(x.float(), 7, seed=5)
+    xd, sd = x.to(DEVICE), scale.to(DEVICE)
+    want = detect_quant(xd, sd, 3.0, 10, 4, lean=True, rows_per_round=2)
+    got = detect_quant(xd, sd, 3.0, 10, 4, lean=True, rows_per_round=2, tune=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True) if a is not None)
+    (timings,) = tuning.TUNER.choices().values()
+    assert [option for option, _ in timings] == detect_launches(1536, 10, 2) and all(ms > 0 for _, ms in timings)

@@ -223,7 +223,7 @@ def test_tuned_launches_change_no_logit(monkeypatch):
                   backend="triton")
     clock = iter(range(1000, 0, -1))
     monkeypatch.setattr(tuning, "TUNER", tuning.LaunchTuner(timer=lambda run: (run(), next(clock))[1],
-                                                            devices=("cpu",)))
+                                                            devices=("cpu", "cuda")))
     assert packed.tune_launches
     with torch.no_grad():
         tuned = packed(images)

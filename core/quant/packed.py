@@ -123,10 +123,10 @@ class PackedLinear(nn.Module):
         args = (x, self.input_scale, self.k, self.n_refresh, self.a_bits)
         codes = detect_quant(*args, lean=True, rows_per_round=rows_per_round, tune=tune) if use_kernels \
             else detect_quant_reference(*args)
-        return self.gemm(codes, bias, x.dtype, use_kernels)
+        return self.gemm(codes, bias, x.dtype, use_kernels, tune)
 
     def gemm(self, codes: DetectQuantOutput, bias: torch.Tensor | None, dtype: torch.dtype,
-             use_kernels: bool) -> torch.Tensor:
+             use_kernels: bool, tune: bool = False) -> torch.Tensor:
         """(batch, L, N) in ``dtype`` from the input's codes, however they were made (``detect_quant`` or a
         fused producer such as ``norm_detect_quant``). The kernels multiply int8 codes (lean outputs); the
         reference path multiplies the packed ones, so the packed layout stays checked end to end."""
@@ -138,7 +138,7 @@ class PackedLinear(nn.Module):
                     codes.outlier_codes.reshape(rows, -1), codes.outlier_scale.reshape(rows), bias)
         if use_kernels:
             y = mixed_gemm(*operands, out_dtype=dtype if dtype in OUTPUT_DTYPES else torch.float32,
-                           outlier_weight_t=self.outlier_weight_t)
+                           outlier_weight_t=self.outlier_weight_t, tune=tune)
         else:
             y = mixed_gemm_reference(*operands)
         return y.to(dtype).reshape(batch, length, -1)
@@ -151,7 +151,7 @@ class PackedInterceptor(Interceptor):
     def __init__(self, linears: dict[str, PackedLinear], dynamic: dict[str, nn.Module],
                  static: dict[str, torch.Tensor], backend: str):
         self.linears, self.dynamic, self.static, self.backend = linears, dynamic, static, backend
-        self.tune_launches = True  # detection launches timed per shape on CUDA (kernels.tuning): no value changes
+        self.tune_launches = True  # kernel launches timed per shape on CUDA (kernels.tuning): no value changes
 
     def linear(self, input_site: Site, weight_site: Site, x: torch.Tensor, weight: torch.Tensor | None,
                bias: torch.Tensor | None) -> torch.Tensor:
@@ -229,8 +229,9 @@ class PackedVim(nn.Module):
 
     @property
     def tune_launches(self) -> bool:
-        """On CUDA, each detection launch's warps and rows per round are timed at the first call of each shape and
-        the fastest kept (``kernels.tuning``); False runs the kernels' fixed rules. Never changes a value."""
+        """On CUDA, each detection's warps and rows per round and each GEMM's tiles are timed at the first call of
+        each shape and the fastest kept (``kernels.tuning``); False runs the kernels' fixed rules. Never changes a
+        value."""
         return self.interceptor.tune_launches
 
     @tune_launches.setter
@@ -278,11 +279,11 @@ class PackedVim(nn.Module):
             codes, residual = norm_detect_quant(hidden, residual, block.norm.weight, block.norm.eps,
                                                 in_proj.input_scale, in_proj.k, in_proj.n_refresh, in_proj.a_bits,
                                                 lean=True, tune=tune)
-            x, z = in_proj.gemm(codes, None, hidden.dtype, use_kernels=True).chunk(2, dim=-1)
+            x, z = in_proj.gemm(codes, None, hidden.dtype, True, tune).chunk(2, dim=-1)
             y_forward, y_backward = (self._fused_branch(mixer, x, z, direction) for direction in DIRECTIONS)
             codes = merge_detect_quant(y_forward, y_backward, out_proj.input_scale, out_proj.k, out_proj.n_refresh,
                                        out_proj.a_bits, lean=True, tune=tune)
-            hidden = out_proj.gemm(codes, None, hidden.dtype, use_kernels=True)
+            hidden = out_proj.gemm(codes, None, hidden.dtype, True, tune)
         residual = residual + hidden.float()
         return model.head(model.norm_f(residual)[:, self.cfg.cls_position].to(images.dtype))
 
