@@ -101,7 +101,9 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
     activations) on ``device``: the speed the kernels give, on the hardware named. For CUDA: elsewhere the
     packed model runs the kernels' float64 references (a check, not a speed) and there is no fp16 fast path.
     On CUDA both are also timed as replayed CUDA graphs (``*_graph_ms``): eager PyTorch pays launch overhead
-    per kernel, which for a small model can exceed the GPU work (measured, kernels/README.md)."""
+    per kernel, which for a small model can exceed the GPU work (measured, kernels/README.md). ``launches``
+    says whether the packed model's launches were tuned per shape on the first (warm-up) pass
+    (``kernels.tuning``) or ran the kernels' fixed rules."""
     device = torch.device(device)
     half = torch.float16 if device.type == "cuda" else torch.float32
     fp16 = copy.deepcopy(model).eval().to(device=device, dtype=half)
@@ -119,7 +121,8 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
             timings["graph_note"] = failures[0]
         else:
             timings |= {f"{name}_graph_ms": round(1000 * seconds, 3) for name, seconds in graphed.items()}
-    return {"hardware": hardware_label(device), "batch": len(images), "repeats": repeats, **timings}
+    return {"hardware": hardware_label(device), "batch": len(images), "repeats": repeats,
+            "launches": "tuned per shape" if integer.tune_launches else "fixed rules", **timings}
 
 
 def write_records(records: list[RunRecord], directory: str | Path, name: str) -> tuple[Path, Path]:
