@@ -28,6 +28,16 @@ ONE_EPOCH = ReconstructionConfig(epochs=1, batch_size=16)
 STATIC_ONLY = ReconstructionConfig(epochs=0)
 
 
+def tiny_packed(config: QuantConfig | None = None, depth: int = 1) -> tuple[VimConfig, PackedVim, torch.Tensor]:
+    """A seeded tiny Vim calibrated on two random images (returned too) and packed to run the Triton kernels."""
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=depth)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    images = torch.randn(2, 1, 16, 16, device=DEVICE)
+    packed = pack(quantize(model, config or QuantConfig(reconstruction=STATIC_ONLY), images), backend="triton")
+    return cfg, packed, images
+
+
 @pytest.fixture(scope="module")
 def default_w4a4():
     model, _ = load_default_model()
@@ -146,11 +156,7 @@ def test_wide_projections_gather_their_outliers_and_give_the_dense_result():
 
 def test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run():
     """Δ, B and C of both directions: one detect_fake_quant launch each (not ~15 PyTorch operations per step)."""
-    torch.manual_seed(0)
-    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
-    model = VisionMamba(cfg).eval().to(DEVICE)
-    images = torch.randn(2, 1, 16, 16, device=DEVICE)
-    packed = pack(quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images), backend="triton")
+    cfg, packed, images = tiny_packed(depth=2)
     calls, kernel = [], packed_module.detect_fake_quant
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(packed_module, "detect_fake_quant", lambda x, *args: calls.append(x.shape) or kernel(x, *args))
@@ -161,11 +167,7 @@ def test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run():
 def test_the_fused_path_with_the_triton_scan_copies_nothing_and_recomputes_no_constant():
     """The backward branch's gate is read backwards by the scan (no flipped copy of z) and A, D come as stored at
     packing (no exp of A_log per call); the logits stay the unfused path's (up to RMSNorm's rounding)."""
-    torch.manual_seed(0)
-    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
-    model = VisionMamba(cfg).eval().to(DEVICE)
-    images = torch.randn(2, 1, 16, 16, device=DEVICE)
-    packed = pack(quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images), backend="triton")
+    _, packed, images = tiny_packed()
     packed.model.set_scan_impl("triton")
     flips, exps, flip, exp = [], [], torch.Tensor.flip, torch.exp
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
@@ -182,12 +184,7 @@ def test_the_fused_path_with_the_triton_scan_copies_nothing_and_recomputes_no_co
 def test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logit():
     """Δ, B, C and dt_proj's input detect in rounds over the window (``WINDOW_ROUND_TENSORS``), x_proj's input
     step by step; the logits equal a run with every site step by step, bit for bit."""
-    torch.manual_seed(0)
-    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
-    model = VisionMamba(cfg).eval().to(DEVICE)
-    images = torch.randn(2, 1, 16, 16, device=DEVICE)
-    packed = pack(quantize(model, QuantConfig(k=1.0, n_refresh=8, reconstruction=STATIC_ONLY), images),
-                  backend="triton")
+    cfg, packed, images = tiny_packed(QuantConfig(k=1.0, n_refresh=8, reconstruction=STATIC_ONLY))
     rows, fake_quant, detect = [], packed_module.detect_fake_quant, packed_module.detect_quant
 
     def spy_fake_quant(x, *args):
@@ -215,12 +212,7 @@ def test_tuned_launches_change_no_logit(monkeypatch):
     """``tune_launches`` (on by default) times each detection's launch options on CUDA; here a fake clock times
     them on the CPU, the last candidate winning: the logits equal the fixed rules' bit for bit."""
     from kernels import tuning
-    torch.manual_seed(0)
-    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
-    model = VisionMamba(cfg).eval().to(DEVICE)
-    images = torch.randn(2, 1, 16, 16, device=DEVICE)
-    packed = pack(quantize(model, QuantConfig(k=1.0, n_refresh=8, reconstruction=STATIC_ONLY), images),
-                  backend="triton")
+    _, packed, images = tiny_packed(QuantConfig(k=1.0, n_refresh=8, reconstruction=STATIC_ONLY))
     clock = iter(range(1000, 0, -1))
     monkeypatch.setattr(tuning, "TUNER", tuning.LaunchTuner(timer=lambda run: (run(), next(clock))[1],
                                                             devices=("cpu", "cuda")))
@@ -308,11 +300,7 @@ def test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_s
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 2e-3), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_fused_producers_compute_what_the_unfused_kernels_compute(dtype, tolerance):
-    torch.manual_seed(0)
-    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
-    model = VisionMamba(cfg).eval().to(DEVICE)
-    images = torch.randn(2, 1, 16, 16, device=DEVICE)
-    packed = pack(quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images), backend="triton")
+    _, packed, images = tiny_packed()
     if dtype != torch.float32:
         packed.half_activations(dtype)
     calls = []
