@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.host import cdiv, next_power_of_2
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -53,7 +55,7 @@ def _conv_silu_kernel(x_ptr, weight_ptr, bias_ptr, y_ptr, length, channels,
 def launch_config(channels: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_E, num_warps): 16 steps × up to 128 channels, 4 warps: in fp16 each thread moves 16 bytes
     along E per row, and a Vim-T batch-1 call (L = 197, E = 384) still makes 39 programs. Fixed, not tuned."""
-    return 16, min(128, max(triton.next_power_of_2(channels), 16)), 4
+    return 16, min(128, max(next_power_of_2(channels), 16)), 4
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -80,7 +82,7 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, reverse
                          f"on {y.device}")
     batch, length, channels = x.shape
     block_t, block_e, warps = launch_config(channels)
-    grid = (batch, triton.cdiv(length, block_t), triton.cdiv(channels, block_e))
+    grid = (batch, cdiv(length, block_t), cdiv(channels, block_e))
     _conv_silu_kernel[grid](x, weight, bias, y, length, channels, *x.stride(), weight.stride(0), weight.stride(2),
                             *y.stride(), WIDTH=weight.shape[2], REVERSE=reverse, BLOCK_T=block_t, BLOCK_E=block_e,
                             num_warps=warps)

@@ -32,6 +32,7 @@ from kernels.detect_quant import (
     window_outlier_masks,
     window_program,
 )
+from kernels.host import cdiv
 
 
 @triton.jit
@@ -113,14 +114,14 @@ def detect_fake_quant(x: torch.Tensor, static_scale: torch.Tensor, zero_point: t
     block, warps = launch_block(channels)
 
     def launch(option: tuple[int, int]) -> None:
-        _detect_fake_quant_kernel[(batch, triton.cdiv(length, n_refresh))](
+        _detect_fake_quant_kernel[(batch, cdiv(length, n_refresh))](
             x, *x.stride(), y, scale, zero, length, channels, n_refresh, float(k), LEVELS=levels,
             OUTLIER_LEVELS=outlier_levels, ASYMMETRIC=asymmetric, BLOCK_C=block, ROWS=option[1],
             num_warps=option[0], enable_fp_fusion=False)  # no FMA: as PyTorch rounds
 
     key = (_detect_fake_quant_kernel, x.shape, x.stride(), x.dtype, n_refresh, levels, outlier_levels, asymmetric,
            rows_per_round)
-    candidates = detect_launches(channels, n_refresh, rows_per_round) if tune else [(warps, rows_per_round)]
+    candidates = detect_launches(channels, n_refresh, rows_per_round) if tune else ((warps, rows_per_round),)
     tuning.TUNER.launch(key, candidates, launch, x.device)
     return y
 

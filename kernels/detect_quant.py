@@ -24,6 +24,7 @@ in how a round's input rows are made.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels import tuning
+from kernels.host import cdiv, next_power_of_2
 from kernels.packing import pack_int4
 
 OUTLIER_QMAX = 127
@@ -276,9 +278,10 @@ def empty_output(x: torch.Tensor, inlier_bits: int, lean: bool = False) -> Detec
                                for spec in _output_layout(x, inlier_bits, lean)))
 
 
+@functools.cache
 def launch_block(channels: int) -> tuple[int, int]:
     """(BLOCK_C, num_warps): all C channels in one block (next power of two, masked), 1–8 warps by size."""
-    block = max(triton.next_power_of_2(channels), 2)
+    block = max(next_power_of_2(channels), 2)
     return block, max(1, min(8, block // 256))
 
 
@@ -287,6 +290,7 @@ ROUND_VALUES_PER_THREAD = 16  # fp32 values of a round's tile each thread holds 
 WINDOW_MAX_ROWS = 8  # every thread holds each per-row statistic: 16 rows spilled at C = 24 in the sm_90 build
 
 
+@functools.cache
 def window_rows(channels: int, n_refresh: int, num_warps: int | None = None) -> int:
     """Rows per round for sites whose outlier set seldom grows inside a window: the whole window (next power of
     two of n_refresh) in one round, but at most ``WINDOW_MAX_ROWS`` and fewer where the tile would pass
@@ -296,10 +300,11 @@ def window_rows(channels: int, n_refresh: int, num_warps: int | None = None) -> 
     grows at most steps this does more work for no fewer rounds: those keep 1 (step by step)."""
     block, warps = launch_block(channels)
     per_round = ROUND_VALUES_PER_THREAD * 32 * (num_warps or warps) // block
-    return max(1, min(triton.next_power_of_2(n_refresh), per_round, WINDOW_MAX_ROWS))
+    return max(1, min(next_power_of_2(n_refresh), per_round, WINDOW_MAX_ROWS))
 
 
-def detect_launches(channels: int, n_refresh: int, rows_per_round: int) -> list[tuple[int, int]]:
+@functools.cache
+def detect_launches(channels: int, n_refresh: int, rows_per_round: int) -> tuple[tuple[int, int], ...]:
     """(num_warps, rows_per_round) a detecting launch may take, the fixed rule first (``launch_block``'s warps,
     the rows asked for), then fewer warps down to 32 channels a thread (64 spill in the sm_90 build), each in
     rounds of up to the rows asked for where ``window_rows``' register budget allows, and step by step. The
@@ -311,7 +316,7 @@ def detect_launches(channels: int, n_refresh: int, rows_per_round: int) -> list[
             if (warps, rows) not in options:
                 options.append((warps, rows))
         warps //= 2
-    return options
+    return tuple(options)
 
 
 def check_rows(rows_per_round: int) -> int:
@@ -356,7 +361,7 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
     pack = out.inlier_packed is not None
 
     def launch(option: tuple[int, int]) -> None:
-        kernel[(batch, triton.cdiv(length, n_refresh))](
+        kernel[(batch, cdiv(length, n_refresh))](
             *inputs, static_scale, out.inlier_codes, out.inlier_packed if pack else placeholder,
             placeholder if out.outlier_mask is None else out.outlier_mask.view(torch.uint8), out.outlier_codes,
             out.outlier_scale, out.inlier_scale, length, channels, n_refresh, float(k),
@@ -365,7 +370,7 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
             enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
 
     candidates = detect_launches(channels, n_refresh, rows_per_round) if tune and num_warps is None \
-        else [(num_warps or warps, rows_per_round)]
+        else ((num_warps or warps, rows_per_round),)
     key = (kernel, x.shape, x.stride(), x.dtype, n_refresh, inlier_bits, pack, lean, rows_per_round,
            tuple(sorted(constants.items())))
     tuning.TUNER.launch(key, candidates, launch, x.device)

@@ -30,6 +30,7 @@ outlier count (a block whose list covers more than half of K runs the dense loop
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -38,6 +39,7 @@ import triton.language as tl
 
 from kernels import tuning
 from kernels.detect_quant import round_to_dtype
+from kernels.host import cdiv, next_power_of_2
 from kernels.packing import pack_int4, unpack_int4, unpack_int4_halves
 
 OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -196,7 +198,7 @@ class CompactOutliers(NamedTuple):
 def compact_chunk(k: int) -> int:
     """Channels per step of ``compact_outliers``: 64 (the sm_90 build at 128 rows × 128 channels spills: every
     scattered store needs its own address)."""
-    return min(64, max(16, triton.next_power_of_2(k)))
+    return min(64, max(16, next_power_of_2(k)))
 
 
 def compact_outliers(outlier_codes: torch.Tensor, block_m: int) -> CompactOutliers:
@@ -204,7 +206,7 @@ def compact_outliers(outlier_codes: torch.Tensor, block_m: int) -> CompactOutlie
     if outlier_codes.dtype != torch.int8 or outlier_codes.dim() != 2:
         raise ValueError(f"outlier codes must be int8 (M, K), got {outlier_codes.dtype} {tuple(outlier_codes.shape)}")
     m, k = outlier_codes.shape
-    blocks = triton.cdiv(m, block_m)
+    blocks = cdiv(m, block_m)
     out = CompactOutliers(torch.empty(blocks, k, dtype=torch.int32, device=outlier_codes.device),
                           torch.empty(blocks, dtype=torch.int32, device=outlier_codes.device),
                           torch.empty(m, k, dtype=torch.int8, device=outlier_codes.device), block_m)
@@ -264,6 +266,7 @@ GATHER_K = 32  # outlier channels per gathered dot: the smallest K of an int8 wg
 GATHER_MIN_K = 256  # below, the outlier dot is one or two K steps: nothing to save by gathering (callers' rule)
 
 
+@functools.cache
 def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by size class, no autotuning (the interpreter takes
     one config, and compile time is scarce on the lent GPU). Few rows (batch 1): 64×64 tiles, for more
@@ -276,7 +279,8 @@ def _blocks(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     return 128, 64 if n <= 64 else 128, 128, 8, 3
 
 
-def gemm_launches(m: int, n: int, k: int) -> list[tuple[int, int, int, int, int]]:
+@functools.cache
+def gemm_launches(m: int, n: int, k: int) -> tuple[tuple[int, int, int, int, int], ...]:
     """Blocks ``mixed_gemm`` may launch an (M, N, K) problem with, ``_blocks``' rule first, then tiles of other
     shapes from the same size class (``kernels.tuning`` times them; the integers, so the outputs, are the same).
     Every one keeps M, N, K ≥ 32 per dot (int8 wgmma) and builds for sm_90 without spills at Vim's shapes
@@ -290,7 +294,7 @@ def gemm_launches(m: int, n: int, k: int) -> list[tuple[int, int, int, int, int]
         others = [(64, 64, 128, 4, 3), (128, 64, 64, 8, 4)]
     else:
         others = [(128, 128, 64, 8, 4), (64, 128, 128, 4, 3), (128, 64, 128, 8, 3)]
-    return [rule, *(blocks for blocks in others if blocks != rule)]
+    return (rule, *(blocks for blocks in others if blocks != rule))
 
 
 def mixed_gemm(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: torch.Tensor,
@@ -326,7 +330,7 @@ def mixed_gemm(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: t
         # placeholders for the gathered path's operands: never read when it is off
         compact = compact_outliers(outlier_codes, block_m) if gathered else \
             CompactOutliers(inlier_scale, inlier_scale, inlier_codes, block_m)
-        _mixed_gemm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+        _mixed_gemm_kernel[(cdiv(m, block_m) * cdiv(n, block_n),)](
             inlier_codes, inlier_scale, outlier_codes, outlier_scale, weight, weight_scale, bias, y,
             outlier_weight_t if gathered else weight, compact.channels, compact.counts, compact.codes, m, n, k,
             inlier_codes.stride(0), inlier_codes.stride(1), outlier_codes.stride(0), outlier_codes.stride(1),
@@ -337,7 +341,7 @@ def mixed_gemm(inlier_codes: torch.Tensor, inlier_scale: torch.Tensor, weight: t
 
     key = (_mixed_gemm_kernel, m, n, k, a_packed, w_packed, has_outliers, gathered, has_bias, out_dtype,
            inlier_codes.stride(), y.stride())
-    tuning.TUNER.launch(key, gemm_launches(m, n, k) if tune else [_blocks(m, n, k)], launch, inlier_codes.device)
+    tuning.TUNER.launch(key, gemm_launches(m, n, k) if tune else (_blocks(m, n, k),), launch, inlier_codes.device)
     return y
 
 

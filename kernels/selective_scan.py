@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.host import cdiv, next_power_of_2
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -180,7 +182,7 @@ def launch_config(batch: int, channels: int) -> tuple[int, int]:
     batch 1: 12 programs of 1 warp instead of 3 of 4). Fixed rules, no autotuning: the interpreter takes one
     configuration and compile time on the lent GPU is scarce."""
     for warps in (4, 2):
-        if batch * triton.cdiv(channels, 32 * warps) >= 256:
+        if batch * cdiv(channels, 32 * warps) >= 256:
             return 32 * warps, warps
     return 32, 1
 
@@ -242,7 +244,7 @@ def _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale
     block_e, warps = config or launch_config(batch, channels)
     if block_e < 2 or block_e & (block_e - 1):
         raise ValueError(f"BLOCK_E must be a power of two ≥ 2, got {block_e}")
-    grid = (batch, triton.cdiv(channels, block_e))
+    grid = (batch, cdiv(channels, block_e))
     _selective_scan_kernel[grid](
         u, delta, A, B, C, placeholder if D is None else D, z_or_u, placeholder if delta_bias is None else delta_bias,
         placeholder if u_scale is None else u_scale, placeholder if B_scale is None else B_scale,
@@ -251,7 +253,7 @@ def _launch_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, u_scale
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, U_SCALED=u_scale is not None, B_SCALED=B_scale is not None,
         C_SCALED=C_scale is not None, STORE_STATES=states is not None, N_STATE=n_state, BLOCK_E=block_e,
-        BLOCK_N=max(triton.next_power_of_2(n_state), 2), num_warps=warps)
+        BLOCK_N=max(next_power_of_2(n_state), 2), num_warps=warps)
 
 
 def _as_fp32(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
@@ -451,7 +453,7 @@ class SelectiveScanFunction(torch.autograd.Function):
         grad_y = torch.zeros_like(u) if grad_y is None else grad_y
         grad_states = None if grad_states is None else grad_states.transpose(2, 3).contiguous()  # (b, L, N, E)
         block_e, warps = ctx.config or launch_config(batch, channels)
-        blocks = triton.cdiv(channels, block_e)
+        blocks = cdiv(channels, block_e)
         # every element of these is written by the kernel (no memset); the optional ones only when used
         grads = {name: u.new_empty(batch, length, channels, dtype=torch.float32)
                  for name, tensor in (("u", u), ("delta", delta), ("z", z)) if tensor is not None}
@@ -472,7 +474,7 @@ class SelectiveScanFunction(torch.autograd.Function):
                 *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_or_u.stride(), *grad_y.stride(),
                 *A32.stride(), HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
                 DELTA_SOFTPLUS=ctx.delta_softplus, HAS_GRAD_STATES=grad_states is not None, N_STATE=n_state,
-                BLOCK_E=block_e, BLOCK_N=max(triton.next_power_of_2(n_state), 2), num_warps=warps)
+                BLOCK_E=block_e, BLOCK_N=max(next_power_of_2(n_state), 2), num_warps=warps)
         grad_z = None if z is None else grads["z"].to(z.dtype)
         return (grads["u"].to(u.dtype), grads["delta"].to(delta.dtype), partial_A.sum(0).t().to(A.dtype),
                 partial_B.sum(0).to(B.dtype), partial_C.sum(0).to(C.dtype),

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from kernels import mixed_gemm as mixed_gemm_module
 from kernels import tuning
 from kernels.detect_fake_quant import detect_fake_quant
 from kernels.detect_quant import detect_launches, detect_quant, empty_output
+from kernels.host import cdiv, next_power_of_2
 from kernels.merge_detect_quant import merge_detect_quant
 from kernels.mixed_gemm import mixed_gemm
 from kernels.norm_detect_quant import norm_detect_quant
@@ -44,9 +46,15 @@ def test_nothing_is_timed_where_timings_mean_nothing():
 
 def test_detect_launches_offer_fewer_warps_and_rounds_within_the_register_budget():
     # Vim-B's Δ: rounds of 2 at 8 warps (window_rows), step by step below; 1 warp would hold 64 channels a thread
-    assert detect_launches(1536, 10, 2) == [(8, 2), (8, 1), (4, 1), (2, 1)]
-    assert detect_launches(768, 10, 1) == [(4, 1), (2, 1), (1, 1)]
-    assert detect_launches(16, 10, 8) == [(1, 8), (1, 1)]  # B, C: one warp, the whole window or step by step
+    assert detect_launches(1536, 10, 2) == ((8, 2), (8, 1), (4, 1), (2, 1))
+    assert detect_launches(768, 10, 1) == ((4, 1), (2, 1), (1, 1))
+    assert detect_launches(16, 10, 8) == ((1, 8), (1, 1))  # B, C: one warp, the whole window or step by step
+
+
+def test_the_launchers_host_arithmetic_is_tritons():
+    """kernels.host's plain-int cdiv / next_power_of_2 (triton's wrappers cost µs per launch) agree with triton's."""
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 40))
 
 
 @pytest.fixture
@@ -134,4 +142,4 @@ def test_on_the_gpu_the_tuner_times_real_launches_and_keeps_the_codes(monkeypatc
     got = detect_quant(xd, sd, 3.0, 10, 4, lean=True, rows_per_round=2, tune=True)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True) if a is not None)
     (timings,) = tuning.TUNER.choices().values()
-    assert [option for option, _ in timings] == detect_launches(1536, 10, 2) and all(ms > 0 for _, ms in timings)
+    assert tuple(option for option, _ in timings) == detect_launches(1536, 10, 2) and all(ms > 0 for _, ms in timings)
