@@ -1,0 +1,63 @@
+"""Host (Python) cost of one launcher call with the Triton launch itself stubbed out: what an eager forward waits
+on besides Triton's own launch path, per kernel call (a packed Vim-B forward makes ~600 such calls).
+
+    python bench/bench_launch_host.py    # µs per call, best of 7 rounds of 300 calls; any machine, no GPU
+
+Vim-B-sized arguments at batch 2 (the sizes do not matter: nothing runs). Writes results/launch_host_cpu.{csv,md}.
+Compare two checkouts by running it in each, alternately, on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_header, write_results  # noqa: E402
+from kernels import detect_fake_quant as fake_quant_module  # noqa: E402
+from kernels import detect_quant as detect_module  # noqa: E402
+from kernels import mixed_gemm as gemm_module  # noqa: E402
+
+
+class StubKernel:
+    """Stands in for a JIT kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid: tuple) -> object:
+        return lambda *args, **kwargs: None
+
+
+def main() -> list[dict]:
+    detect_module._detect_quant_kernel = fake_quant_module._detect_fake_quant_kernel = StubKernel()
+    gemm_module._mixed_gemm_kernel = gemm_module._compact_outliers_kernel = StubKernel()
+    x, scale = torch.randn(2, 197, 1536, dtype=torch.float16), torch.rand(197)
+    codes_out = detect_module.empty_output(x, 4, lean=True)
+    codes, weight = torch.zeros(2 * 197, 1536, dtype=torch.int8), torch.zeros(768, 1536, dtype=torch.int8)
+    row_scale, weight_scale = torch.rand(2 * 197), torch.rand(768)
+    y = torch.empty(2 * 197, 768, dtype=torch.float16)
+    calls = {
+        "detect_quant (lean, out=)": lambda: detect_module.detect_quant(x, scale, 3.0, 10, 4, out=codes_out,
+                                                                        lean=True),
+        "detect_fake_quant (rounds of 2)": lambda: fake_quant_module.detect_fake_quant(x, scale, scale, 3.0, 10, 15,
+                                                                                       255, 2),
+        "mixed_gemm (dense outliers, out=)": lambda: gemm_module.mixed_gemm(codes, row_scale, weight, weight_scale,
+                                                                            codes, row_scale, out=y),
+    }
+    rows = []
+    for name, call in calls.items():
+        best = float("inf")
+        for _ in range(7):
+            start = time.perf_counter()
+            for _ in range(300):
+                call()
+            best = min(best, (time.perf_counter() - start) / 300)
+        rows.append({"launcher call": name, "host_us": round(best * 1e6, 1), "hardware": "CPU (host side only)"})
+    write_results("launch_host_cpu", rows, machine_header(torch.device("cpu")), "python bench/bench_launch_host.py")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
