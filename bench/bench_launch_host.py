@@ -41,6 +41,8 @@ def main() -> list[dict]:
     calls = {
         "detect_quant (lean, out=)": lambda: detect_module.detect_quant(x, scale, 3.0, 10, 4, out=codes_out,
                                                                         lean=True),
+        "detect_quant (lean, as the packed model calls it)": lambda: detect_module.detect_quant(
+            x, scale, 3.0, 10, 4, lean=True, tune=True),
         "detect_fake_quant (rounds of 2)": lambda: fake_quant_module.detect_fake_quant(x, scale, scale, 3.0, 10, 15,
                                                                                        255, 2),
         "mixed_gemm (dense outliers, out=)": lambda: gemm_module.mixed_gemm(codes, row_scale, weight, weight_scale,

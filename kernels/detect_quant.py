@@ -272,6 +272,20 @@ def _output_layout(x: torch.Tensor, inlier_bits: int,
             ((batch, length), torch.float32), ((batch, length), torch.float32)]
 
 
+def _check_out(out: DetectQuantOutput, x: torch.Tensor, inlier_bits: int, lean: bool) -> None:
+    """A caller's output buffers: each the contiguous (shape, dtype) ``_output_layout`` asks for, on x's device,
+    and None where the call produces nothing."""
+    for name, buffer, spec in zip(out._fields, out, _output_layout(x, inlier_bits, lean), strict=True):
+        if spec is None and buffer is None:
+            continue
+        if spec is None:
+            raise ValueError(f"out.{name} must be None: this call does not produce it "
+                             f"({'lean' if lean else f'{inlier_bits}-bit'} output)")
+        if buffer is None or (buffer.shape, buffer.dtype) != spec or not buffer.is_contiguous() \
+                or buffer.device != x.device:
+            raise ValueError(f"out.{name} must be a contiguous buffer {spec} on {x.device}")
+
+
 def empty_output(x: torch.Tensor, inlier_bits: int, lean: bool = False) -> DetectQuantOutput:
     """Uninitialized output buffers for ``detect_quant(x, …, inlier_bits, out=…, lean=lean)``."""
     return DetectQuantOutput(*(None if spec is None else torch.empty(spec[0], dtype=spec[1], device=x.device)
@@ -342,16 +356,10 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
     repeatable (no output aliasing an input)."""
     _check(x, static_scale, n_refresh, inlier_bits)
     check_rows(rows_per_round)
-    out = empty_output(x, inlier_bits, lean) if out is None else out
-    for name, buffer, spec in zip(out._fields, out, _output_layout(x, inlier_bits, lean), strict=True):
-        if spec is None and buffer is None:
-            continue
-        if spec is None:
-            raise ValueError(f"out.{name} must be None: this call does not produce it "
-                             f"({'lean' if lean else f'{inlier_bits}-bit'} output)")
-        if buffer is None or (buffer.shape, buffer.dtype) != spec or not buffer.is_contiguous() \
-                or buffer.device != x.device:
-            raise ValueError(f"out.{name} must be a contiguous buffer {spec} on {x.device}")
+    if out is None:
+        out = empty_output(x, inlier_bits, lean)
+    else:
+        _check_out(out, x, inlier_bits, lean)
     batch, length, channels = x.shape
     static_scale = static_scale.to(device=x.device, dtype=torch.float32).contiguous()
     block, warps = launch_block(channels)
