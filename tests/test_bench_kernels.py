@@ -25,3 +25,23 @@ def test_the_detection_benchmark_runs_and_checks_every_variant(monkeypatch):
     summary = bench.summary(rows, 1e12)
     assert "checks: 0 failed" in summary
     assert "  detect_fake_quant Δ, fixed outliers: 1.00×" in summary  # the stubbed timings are all equal
+
+
+def test_the_gemm_benchmark_times_the_tuned_tiles_and_checks_them(monkeypatch):
+    """The packed model's GEMM operands with ``tune=True``: a fake clock makes the last candidate the fastest;
+    the row names its tiles and checks that it wrote the rule's output."""
+    bench = pytest.importorskip("bench.bench_kernels")
+    from kernels import mixed_gemm as mixed_gemm_module
+    from kernels import tuning
+    monkeypatch.setattr(bench, "median_us", lambda fn: (fn(), 1.0)[1])
+    clock = iter(range(100, 0, -1))
+    monkeypatch.setattr(tuning, "TUNER", tuning.LaunchTuner(timer=lambda run: (run(), next(clock))[1],
+                                                            devices=("cpu", "cuda")))
+    m, n, k = 1100, 96, 256
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    ops = bench.gemm_operands(m, n, k, 4, 4, 5, DEVICE, generator, packed=False, fixed_channels=True, gathered=True)
+    shape = {"kind": "gemm", "model": "tiny", "layer": "x_proj", "batch": 1, "M": m, "K": k, "N": n}
+    row = bench.bench_tuned_gemm(shape, "W4A4O8 5% fixed ch, int8 gathered", ops, bench.mixed_gemm(**ops), 1.0, 1e12)
+    block_m, block_n, block_k, warps, stages = mixed_gemm_module.gemm_launches(m, n, k)[-1]
+    assert row["check"] == "ok same as the rule"
+    assert row["variant"].endswith(f"tuned {block_m}×{block_n}×{block_k}/{warps}w/{stages}st")
