@@ -38,6 +38,7 @@ import math
 import re
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -212,6 +213,8 @@ def bench_gemms(device: torch.device, bandwidth: float, models: dict[str, int], 
     for model, d_model in models.items():
         for layer, k, n in layer_shapes(d_model):
             for batch in batches:
+                if out_of_time(f"gemm {model} {layer} batch {batch}"):
+                    continue
                 m = batch * TOKENS
                 shape = {"kind": "gemm", "model": model, "layer": layer, "batch": batch, "M": m, "K": k, "N": n}
                 variants = {"W8A8": gemm_operands(m, n, k, 8, 8, 0, device, g),
@@ -248,6 +251,18 @@ def bench_gemms(device: torch.device, bandwidth: float, models: dict[str, int], 
                     f"{r['variant']} {r['us']} us {r['check']}" for r in rows if r.get("M") == m and
                     r["model"] == model and r["layer"] == layer), flush=True)
     return rows
+
+
+DEADLINE = math.inf  # time.perf_counter() after which the sections add no more shapes (``--budget-s``)
+SKIPPED: list[str] = []  # what the budget left unmeasured, for the results' header
+
+
+def out_of_time(what: str) -> bool:
+    """True, noting ``what`` as not measured, once ``--budget-s`` is spent (the rows so far are still written)."""
+    if time.perf_counter() < DEADLINE:
+        return False
+    SKIPPED.append(what)
+    return True
 
 
 TUNED_GEMMS = ("W8A8", "W4A4O8 5% fixed ch, int8 gathered")  # the plain int8 GEMM and the packed model's operands
@@ -322,6 +337,8 @@ def bench_detect(device: torch.device, bandwidth: float, models: dict[str, int],
         inputs = {"in_proj": d_model, "x_proj/out_proj": 2 * d_model, "dt_proj": math.ceil(d_model / 16)}
         for layer, channels in inputs.items():
             for batch in batches:
+                if out_of_time(f"detect {model} {layer} batch {batch}"):
+                    continue
                 x, scale = activations(batch, channels, 5, device, g)
                 check = check_detect(x, scale)
                 out, lean = empty_output(x, 4), empty_output(x, 4, lean=True)
@@ -426,6 +443,8 @@ def bench_scan(device: torch.device, bandwidth: float, models: dict[str, int], b
     for model, d_model in models.items():
         channels = 2 * d_model
         for batch in batches:
+            if out_of_time(f"scan {model} batch {batch}"):
+                continue
             for dtype in (torch.float16, torch.float32):
                 x = scan_inputs(batch, channels, dtype, device, g)
                 args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"])
@@ -504,6 +523,8 @@ def bench_scan_training(device: torch.device, bandwidth: float, models: dict[str
     for model, d_model in models.items():
         channels = 2 * d_model
         for batch in batches:
+            if out_of_time(f"scan training {model} batch {batch}"):
+                continue
             for dtype in (torch.float32, torch.bfloat16):
                 x = scan_inputs(batch, channels, dtype, device, g)
                 grad_y = torch.randn(batch, TOKENS, channels, generator=g, device=device).to(dtype)
@@ -565,6 +586,8 @@ def bench_fusions(device: torch.device, bandwidth: float, models: dict[str, int]
     for model, d_model in models.items():
         inner = 2 * d_model
         for batch in batches:
+            if out_of_time(f"fusion {model} batch {batch}"):
+                continue
             shape = {"kind": "fusion", "model": model, "batch": batch, "M": batch * TOKENS}
             elements = {"norm": batch * TOKENS * d_model, "inner": batch * TOKENS * inner}
             timed: dict[str, tuple[float, float, str, float]] = {}  # layer → (unfused, fused, check, bytes)
@@ -707,7 +730,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Vim-T and Vim-B at batch 1 and 64 only")
     parser.add_argument("--only", nargs="+", choices=("gemm", "detect", "scan", "train", "fusion"),
                         help="these kernels' sections only (written to kernels_<gpu>_<sections>)")
+    parser.add_argument("--budget-s", type=float, default=math.inf,
+                        help="add no more shapes after this many seconds; what ran is still written")
     args = parser.parse_args()
+    global DEADLINE
+    DEADLINE = time.perf_counter() + args.budget_s
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py: no CUDA device (torch.cuda.is_available() is False); "
                  "the CPU checks of the kernels are tests/test_kernels.py")
@@ -725,7 +752,10 @@ def main() -> None:
     command = "python bench/bench_kernels.py" + (" --quick" if args.quick else "") + \
         (f" --only {' '.join(args.only)}" if args.only else "")
     suffix = "_" + "_".join(args.only) if args.only else ""
-    write_results(f"kernels_{gpu_slug(device)}{suffix}", rows, machine_header(device), command)
+    header = machine_header(device)
+    if SKIPPED:
+        header["not measured (budget spent)"] = ", ".join(SKIPPED)
+    write_results(f"kernels_{gpu_slug(device)}{suffix}", rows, header, command)
     print("\n" + summary(rows, bandwidth))
 
 

@@ -97,12 +97,12 @@ case "$part" in
      stage e2e_vim_b 130 python3 bench/bench_e2e.py --models Vim-B --batches 1 64 --budget-s 120 \
        --variants fp16 W8A8O8 W4A4O8 "W4A4O8 fixed launches"
      stage profile 45 python3 scripts/gpu_profile.py --model Vim-B --batch 64
-     stage detect 90 python3 bench/bench_kernels.py --only detect
-     stage gemm 100 python3 bench/bench_kernels.py --only gemm
+     stage detect 90 python3 bench/bench_kernels.py --only detect --budget-s 75
+     stage gemm 100 python3 bench/bench_kernels.py --only gemm --budget-s 80
      stage packed_agreement 100 python3 scripts/packed_agreement.py
      stage packed_agreement_fp16 40 python3 scripts/packed_agreement.py --settings W4A4 --half
      stage e2e 150 python3 bench/bench_e2e.py --models Vim-T Vim-S default --batches 1 16 64 256 --budget-s 130 ;;
-  2) stage scan_fusion 200 python3 bench/bench_kernels.py --only scan train fusion
+  2) stage scan_fusion 200 python3 bench/bench_kernels.py --only scan train fusion --budget-s 180
      stage gen 60 python3 bench/bench_gen.py
      stage e2e_vim_b_256 50 python3 bench/bench_e2e.py --models Vim-B --batches 256 --budget-s 40 \
        --variants fp16 W8A8O8 W4A4O8 ;;

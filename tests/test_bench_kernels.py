@@ -45,3 +45,12 @@ def test_the_gemm_benchmark_times_the_tuned_tiles_and_checks_them(monkeypatch):
     block_m, block_n, block_k, warps, stages = mixed_gemm_module.gemm_launches(m, n, k)[-1]
     assert row["check"] == "ok same as the rule"
     assert row["variant"].endswith(f"tuned {block_m}×{block_n}×{block_k}/{warps}w/{stages}st")
+
+
+def test_a_spent_budget_skips_the_remaining_shapes_and_says_so(monkeypatch):
+    bench = pytest.importorskip("bench.bench_kernels")
+    monkeypatch.setattr(bench, "DEADLINE", 0.0)
+    monkeypatch.setattr(bench, "SKIPPED", [])
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    assert bench.bench_detect(DEVICE, 1e12, {"tiny": 32}, (1, 2), generator) == []
+    assert bench.SKIPPED[:2] == ["detect tiny in_proj batch 1", "detect tiny in_proj batch 2"]
