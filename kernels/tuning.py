@@ -1,12 +1,13 @@
 """Launch options timed on the GPU, once per shape, for launchers whose options never change a value.
 
-Warps and rows per round of the detecting kernels change how fast they run, never what they write (tested).
-Which is fastest depends on the GPU and on the data (how often an outlier set grows), so a fixed rule cannot
-know it. Like ``triton.autotune``, a :class:`LaunchTuner` times every candidate at the first call of each key
-and keeps the fastest for the process; unlike it, the launcher lists its own candidates (those that fit the
-register budget), the first being its fixed rule, which is what runs where nothing is timed: on the CPU (the
-interpreter's timings mean nothing), during CUDA graph capture (nothing may be timed there), or when the caller
-did not ask for tuning. ``choices()`` says what was picked, so a benchmark can report it.
+The detecting kernels' warps and rows per round and the GEMM's tiles change how fast they run, never what they
+write (tested). Which is fastest depends on the GPU and on the data (how often an outlier set grows, how many
+channels a row block's outliers touch), so a fixed rule cannot know it. Like ``triton.autotune``, a
+:class:`LaunchTuner` times every candidate at the first call of each key and keeps the fastest for the process;
+unlike it, the launcher lists its own candidates (those that build without spills), the first being its fixed
+rule, which is what runs where nothing is timed: on the CPU (the interpreter's timings mean nothing), during CUDA
+graph capture (nothing may be timed there), or when the caller did not ask for tuning. ``choices()`` says what
+was picked, so a benchmark can report it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class LaunchTuner:
         return dict(self._timings)
 
     def forget(self) -> None:
+        """Drop every choice: the next call of each key is timed again (a benchmark isolating one shape)."""
         self._chosen.clear()
         self._timings.clear()
 
