@@ -68,7 +68,7 @@ def recording_tuner(monkeypatch):
 
 
 def test_every_candidate_of_every_detecting_kernel_writes_the_fixed_rules_values(recording_tuner):
-    x = moving_outliers(2, 12, 512, seed=21, gaussian=False).to(DEVICE)
+    x = moving_outliers(1, 12, 512, seed=21, gaussian=False).to(DEVICE)
     scale = static_scales(x.cpu(), 7, seed=21).to(DEVICE)
     zero = torch.full_like(scale, 8.0)
     snapshots = []
