@@ -2,7 +2,7 @@
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions: called from host code each goes through a
 wrapper that imports and unwraps its arguments, microseconds a call, paid on every launch (a packed Vim-B
-forward makes ~1,100, and eager PyTorch waits on the host). These are the same functions without the wrapper.
+forward makes ~620: 26 a layer, and eager PyTorch waits on the host). These are the same functions without the wrapper.
 """
 
 from __future__ import annotations
