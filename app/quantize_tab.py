@@ -105,6 +105,8 @@ def gpu_kernel_note(ws: Workspace, packed: PackedVim | None, test: LabelledImage
     if "packed_graph_ms" in timing:
         note += (f"; as CUDA graphs (no launch overhead) {timing['fp16_graph_ms']:.2f} ms and "
                  f"{timing['packed_graph_ms']:.2f} ms ({timing['fp16_graph_ms'] / timing['packed_graph_ms']:.2f}×)")
+    if "launches" in timing:  # the kernels' launch choices: timed per shape on the warm-up pass, or fixed rules
+        note += f"; kernel launches {timing['launches']}"
     return note + "." + (f" {timing['graph_note']}." if "graph_note" in timing else "")
 
 
