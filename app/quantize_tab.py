@@ -100,7 +100,8 @@ def gpu_kernel_note(ws: Workspace, packed: PackedVim | None, test: LabelledImage
     except (RuntimeError, StudioError) as err:  # a kernel that fails to build or run must not lose the run
         return f" GPU kernel timing failed: {str(err).splitlines()[0][:160]}."
     timing = record.kernel_latency
-    note = (f" On {timing['hardware']}, batch {timing['batch']}: FP16 {timing['fp16_ms']:.2f} ms, packed integer "
+    fp16 = f"FP16 ({timing['fp16_model']})" if "fp16_model" in timing else "FP16"
+    note = (f" On {timing['hardware']}, batch {timing['batch']}: {fp16} {timing['fp16_ms']:.2f} ms, packed integer "
             f"model {timing['packed_ms']:.2f} ms ({timing['fp16_ms'] / timing['packed_ms']:.2f}× FP16)")
     if "packed_graph_ms" in timing:
         note += (f"; as CUDA graphs (no launch overhead) {timing['fp16_graph_ms']:.2f} ms and "

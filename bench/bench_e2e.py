@@ -9,7 +9,13 @@ its trained ones):
 * ``fp32 eager`` — fp32 weights and activations, PyTorch's fast scan (``scan_impl="fast"``): what a plain
   PyTorch port runs;
 * ``fp16`` — fp16 weights and activations, cuBLAS projections, the scan the model dispatches to on CUDA
-  (mamba-ssm's when installed, else our Triton scan): the baseline the quantized models are measured against;
+  (mamba-ssm's when installed, else our Triton scan): the model's own forward, a baseline of the quantized
+  models;
+* ``fp16 fused`` — the same weights through :class:`core.models.fused.FusedVim`: the packed models' fused
+  skeleton with float operations (conv1d + SiLU, the block entry and the merge as one kernel each, the backward
+  branch read in reverse, no flipped or transposed copies; cuBLAS projections; the Triton scan). It differs from
+  the fused packed models only where they quantize, so it is the baseline that shows what the integer kernels
+  buy;
 * ``W8A8O8``, ``W4A8O8``, ``W4A4O8`` — OuroMamba calibrated on 8 noise images (no reconstruction: latency only),
   packed (:mod:`core.quant.packed`), fp16 activations: ``detect_quant`` → ``mixed_gemm`` at every projection,
   Δ/B/C quantized by their simulation quantizers, the same scan as ``fp16``; the fused producers (add + RMSNorm +
@@ -17,14 +23,15 @@ its trained ones):
   each detection's warps and rows per round and each GEMM's tiles timed per shape at the first call
   (``kernels.tuning``; the picks are listed in the results' header), and ``W4A4O8 fixed launches`` with the
   kernels' fixed rules instead;
-* ``bf16``, ``W4A4O8 bf16`` — the same with bf16 activations (``vs_fp16`` still against ``fp16``).
+* ``bf16``, ``W4A4O8 bf16`` — the same with bf16 activations (the ratios still against the fp16 baselines).
 
 Per (model, variant, batch): median latency of ``--repeats`` forward passes after one warm-up (CUDA-synchronised
 wall time), images/s, and peak memory allocated during the timed passes. ``vs_fp16`` is fp16 latency / this
-latency (> 1: faster). On CUDA each is also timed as a replayed CUDA graph (``graph_ms``, ``graph_vs_fp16``
-against the fp16 graph): eager PyTorch pays Python and launch overhead per kernel, which at these sizes can
-exceed the GPU work; the graph shows what the kernels themselves cost. Stops adding rows when ``--budget-s``
-is spent, and says so. Writes results/e2e_<gpu>[_<models>].{csv,md}.
+latency (> 1: faster), ``vs_fp16_fused`` the same against ``fp16 fused`` (each when that baseline ran). On CUDA
+each is also timed as a replayed CUDA graph (``graph_ms``, ``graph_vs_…`` against the baseline's graph): eager
+PyTorch pays Python and launch overhead per kernel, which at these sizes can exceed the GPU work; the graph shows
+what the kernels themselves cost. Stops adding rows when ``--budget-s`` is spent, and says so. Writes
+results/e2e_<gpu>[_<models>].{csv,md}.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from bench.common import machine_header, write_results  # noqa: E402
 from core.default_model import load_default_model  # noqa: E402
 from core.eval import graph_latency, time_forward  # noqa: E402
 from core.models import VimConfig, VisionMamba, create_vim  # noqa: E402
+from core.models.fused import FusedVim  # noqa: E402
 from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
 from core.quant.packed import pack  # noqa: E402
 from kernels import tuning  # noqa: E402
@@ -54,7 +62,8 @@ MODELS = {
     "Vim-B": "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2",
 }
 QUANTIZED = {"W8A8O8": (8, 8), "W4A8O8": (4, 8), "W4A4O8": (4, 4)}
-VARIANTS = ("fp32 eager", "fp16", *QUANTIZED, "W4A4O8 unfused", "W4A4O8 fixed launches", "bf16", "W4A4O8 bf16")
+BASELINES = ("fp16", "fp16 fused")
+VARIANTS = ("fp32 eager", *BASELINES, *QUANTIZED, "W4A4O8 unfused", "W4A4O8 fixed launches", "bf16", "W4A4O8 bf16")
 SMOKE = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
 
 
@@ -78,11 +87,12 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
         copy.set_scan_impl("fast")
         return copy.eval().to(device)
 
-    def floating(dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
+    def floating(dtype: torch.dtype, fused: bool = False) -> Callable[[], torch.nn.Module]:
         def make() -> torch.nn.Module:
             copy = VisionMamba(model.cfg)
             copy.load_state_dict(model.state_dict())
-            return copy.eval().to(device=device, dtype=activations(dtype))
+            copy = copy.eval().to(device=device, dtype=activations(dtype))
+            return FusedVim(copy).eval() if fused else copy
         return make
 
     def quantized(w_bits: int, a_bits: int, fused: bool = True, dtype: torch.dtype = torch.float16,
@@ -97,12 +107,26 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
             return packed if activations(dtype) == torch.float32 else packed.half_activations(dtype)
         return make
 
-    makers = {"fp32 eager": fp32, "fp16": floating(torch.float16),
+    makers = {"fp32 eager": fp32, "fp16": floating(torch.float16), "fp16 fused": floating(torch.float16, fused=True),
               **{label: quantized(*bits) for label, bits in QUANTIZED.items()},
               "W4A4O8 unfused": quantized(4, 4, fused=False), "W4A4O8 fixed launches": quantized(4, 4, tuned=False),
               "bf16": floating(torch.bfloat16),
               "W4A4O8 bf16": quantized(4, 4, dtype=torch.bfloat16)}
     return {label: makers[label] for label in VARIANTS}
+
+
+def ratios(baselines: dict[str, dict[int, tuple[float, float | str | None]]], batch: int, seconds: float,
+           graphed: float | str | None) -> dict[str, float | str]:
+    """``vs_<baseline>`` and ``graph_vs_<baseline>``: the baseline's latency / this one (> 1: faster), eager and as
+    CUDA graphs, empty where the baseline did not run at this batch."""
+    columns = {}
+    for label, timings in baselines.items():
+        column = label.replace(" ", "_")
+        baseline, graph_baseline = timings.get(batch, (None, None))
+        columns[f"vs_{column}"] = round(baseline / seconds, 2) if baseline else ""
+        columns[f"graph_vs_{column}"] = round(graph_baseline / graphed, 2) \
+            if isinstance(graphed, float) and isinstance(graph_baseline, float) else ""
+    return columns
 
 
 def launch_label(option: tuple[int, ...]) -> str:
@@ -135,6 +159,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop adding rows after this many seconds")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the plumbing only")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="one forward per variant and batch, nothing timed or written: compiles the kernels "
+                             "into Triton's cache (the tuner's candidates included) so that a later timed run "
+                             "spends its budget timing; scripts/gpu_session.sh runs it beside the tests")
     args = parser.parse_args(argv)
     if args.smoke:
         device, names, batches = torch.device("cpu"), ["smoke"], [2]
@@ -146,8 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for name in names:
         model = build(name)
         cfg = model.cfg
-        fp16_latency: dict[int, float] = {}
-        fp16_graph: dict[int, float | str | None] = {}
+        baselines: dict[str, dict[int, tuple[float, float | str | None]]] = {label: {} for label in BASELINES}
         for label, make in variants(model, device).items():
             if args.variants and label not in args.variants:
                 continue
@@ -158,6 +185,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for batch in batches:
                 dtype = next(p.dtype for p in variant.parameters() if p.is_floating_point())
                 images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
+                if args.warm_only:
+                    with torch.inference_mode():
+                        variant(images)
+                    rows.append({"model": name, "variant": label, "batch": batch, "latency_ms": "warm-up only"})
+                    print(rows[-1], flush=True)
+                    continue
                 try:
                     seconds, peak = time_forward(variant, images, args.repeats)
                 except torch.OutOfMemoryError:
@@ -165,21 +198,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     torch.cuda.empty_cache()
                     continue
                 graphed = graph_latency(variant, images, args.repeats) if device.type == "cuda" else None
-                if label == "fp16":
-                    fp16_latency[batch], fp16_graph[batch] = seconds, graphed
-                baseline, graph_baseline = fp16_latency.get(batch), fp16_graph.get(batch)
+                if label in baselines:
+                    baselines[label][batch] = seconds, graphed
                 rows.append({"model": name, "variant": label, "batch": batch, "latency_ms": round(seconds * 1e3, 3),
                              "images_per_s": round(batch / seconds, 1), "peak_MiB": round(peak / 2**20, 1),
-                             "vs_fp16": round(baseline / seconds, 2) if baseline else "",
                              "graph_ms": round(graphed * 1e3, 3) if isinstance(graphed, float) else graphed or "",
-                             "graph_vs_fp16": round(graph_baseline / graphed, 2)
-                             if isinstance(graphed, float) and isinstance(graph_baseline, float) else ""})
+                             **ratios(baselines, batch, seconds, graphed)})
                 print(rows[-1], flush=True)
             del variant
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if args.smoke:
-        return rows  # plumbing only: nothing is written
+    if args.smoke or args.warm_only:
+        return rows  # plumbing, or the compile cache filled: nothing is written
     header = machine_header(device)
     if skipped:
         header["not measured (budget spent)"] = ", ".join(skipped)

@@ -20,6 +20,7 @@ from core.data import LabelledImages, calibration_images
 from core.errors import StudioError
 from core.eval import EvalResult, evaluate, graph_latency, hardware_label, time_forward
 from core.models import VisionMamba
+from core.models.fused import FusedVim
 from core.quant import QuantConfig, QuantizedVim, quantize
 from core.quant.config import Progress
 from core.quant.packed import PackedVim
@@ -98,7 +99,9 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
 def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, device: str | torch.device,
                    repeats: int = 5) -> dict:
     """Median time of one forward pass over ``images`` for the FP16 model and the packed integer model (fp16
-    activations) on ``device``: the speed the kernels give, on the hardware named. For CUDA: elsewhere the
+    activations) on ``device``: the speed the kernels give, on the hardware named. The FP16 model runs the
+    packed model's fused skeleton with float operations (``core.models.fused.FusedVim``), so the two differ only
+    where the packed one quantizes. For CUDA: elsewhere the
     packed model runs the kernels' float64 references (a check, not a speed) and there is no fp16 fast path.
     On CUDA both are also timed as replayed CUDA graphs (``*_graph_ms``): eager PyTorch pays launch overhead
     per kernel, which for a small model can exceed the GPU work (measured, kernels/README.md). ``launches``
@@ -106,7 +109,7 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
     (``kernels.tuning``) or ran the kernels' fixed rules."""
     device = torch.device(device)
     half = torch.float16 if device.type == "cuda" else torch.float32
-    fp16 = copy.deepcopy(model).eval().to(device=device, dtype=half)
+    fp16 = FusedVim(copy.deepcopy(model).to(device=device, dtype=half)).eval()
     integer = copy.deepcopy(packed).to(device)
     if device.type == "cuda":
         integer.half_activations()
@@ -121,7 +124,8 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
             timings["graph_note"] = failures[0]
         else:
             timings |= {f"{name}_graph_ms": round(1000 * seconds, 3) for name, seconds in graphed.items()}
-    return {"hardware": hardware_label(device), "batch": len(images), "repeats": repeats,
+    fp16_model = "fused float path, FusedVim" if device.type == "cuda" else "the model's own forward"
+    return {"hardware": hardware_label(device), "batch": len(images), "repeats": repeats, "fp16_model": fp16_model,
             "launches": "tuned per shape" if integer.tune_launches else "fixed rules", **timings}
 
 

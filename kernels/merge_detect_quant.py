@@ -10,6 +10,9 @@ The merged value rounds as PyTorch's does in the inputs' dtype: the sum is compu
 dtype, then halved (exact in fp32) and rounded again, so the codes equal ``detect_quant`` on the merged tensor bit
 for bit. Kernel: ``kernels.detect_quant``'s, one program per (sample, window) in rounds; each round builds its
 merged rows in registers and hands them to ``detect_quant_rows``.
+
+``merge_directions`` is the same producer (``merged_rows``) for a float model: it writes the merge instead of
+quantizing it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,17 @@ from kernels.detect_quant import (
     round_to_dtype,
     window_program,
 )
+from kernels.host import cdiv
+
+
+@triton.jit
+def merged_rows(forward_rows, backward_rows, stride_fc, stride_bc, offs, tile):
+    """(y_forward + y_backward) / 2 rounded as PyTorch rounds it in the inputs' dtype, for a tile of rows given
+    pointers to each row's start (the backward row already the one of the mirrored time-step)."""
+    forward = tl.load(forward_rows[:, None] + offs[None, :] * stride_fc, mask=tile, other=0.0)
+    backward = tl.load(backward_rows[:, None] + offs[None, :] * stride_bc, mask=tile, other=0.0)
+    dtype = forward_rows.dtype.element_ty
+    return round_to_dtype(round_to_dtype(forward.to(tl.float32) + backward.to(tl.float32), dtype) * 0.5, dtype)
 
 
 @triton.jit
@@ -41,12 +55,9 @@ def _merge_detect_quant_kernel(forward_ptr, backward_ptr, stride_fb, stride_ft, 
     i = 0
     while i < steps:
         live, t, tile = round_rows(i, start, steps, valid, ROWS)
-        forward = tl.load(forward_ptr + sample * stride_fb + t[:, None] * stride_ft + offs[None, :] * stride_fc,
-                          mask=tile, other=0.0)
-        backward = tl.load(backward_ptr + sample * stride_bb + (length - 1 - t)[:, None] * stride_bt
-                           + offs[None, :] * stride_bc, mask=tile, other=0.0)
-        dtype = forward_ptr.dtype.element_ty
-        x = round_to_dtype(round_to_dtype(forward.to(tl.float32) + backward.to(tl.float32), dtype) * 0.5, dtype)
+        x = merged_rows(forward_ptr + sample * stride_fb + t * stride_ft,
+                        backward_ptr + sample * stride_bb + (length - 1 - t) * stride_bt, stride_fc, stride_bc, offs,
+                        tile)
         outlier, advance = detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_scale_ptr,
                                              inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
                                              inlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, ROWS)
@@ -73,6 +84,41 @@ def merge_detect_quant(y_forward: torch.Tensor, y_backward: torch.Tensor, static
                                                             *y_backward.stride()),
                                y_forward, static_scale, k, n_refresh, inlier_bits, out, lean,
                                rows_per_round=rows_per_round, tune=tune)
+
+
+@triton.jit
+def _merge_directions_kernel(forward_ptr, backward_ptr, out_ptr, stride_fb, stride_ft, stride_fc,
+                             stride_bb, stride_bt, stride_bc, stride_ob, stride_ot, stride_oc, rows, length, channels,
+                             BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    sample, t = row // length, row % length
+    offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tile = (row < rows)[:, None] & (offs < channels)[None, :]
+    x = merged_rows(forward_ptr + sample * stride_fb + t * stride_ft,
+                    backward_ptr + sample * stride_bb + (length - 1 - t) * stride_bt, stride_fc, stride_bc, offs, tile)
+    tl.store(out_ptr + (sample * stride_ob + t * stride_ot)[:, None] + offs[None, :] * stride_oc,
+             x.to(out_ptr.dtype.element_ty), mask=tile)
+
+
+MERGE_BLOCK = (16, 256)  # rows × channels a program of merge_directions: element-wise, any tile streams
+
+
+def merge_directions(y_forward: torch.Tensor, y_backward: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton: ``(y_forward + y_backward.flip(1)) / 2`` in one pass, without the flipped copy (a float Vim's merge,
+    ``core.models.fused``), bit for bit PyTorch's; the producer ``merge_detect_quant`` quantizes. Inputs as for
+    ``merge_detect_quant``; ``out`` (their shape and dtype, any strides) receives the merge."""
+    _check(y_forward, y_backward)
+    if out is not None and (out.shape != y_forward.shape or out.dtype != y_forward.dtype
+                            or out.device != y_forward.device):
+        raise ValueError(f"out must be {y_forward.dtype} {tuple(y_forward.shape)} on {y_forward.device}")
+    out = torch.empty_like(y_forward) if out is None else out
+    batch, length, channels = y_forward.shape
+    rows, block = MERGE_BLOCK
+    _merge_directions_kernel[(cdiv(batch * length, rows), cdiv(channels, block))](
+        y_forward, y_backward, out, *y_forward.stride(), *y_backward.stride(), *out.stride(), batch * length, length,
+        channels, BLOCK_C=block, ROWS=rows, num_warps=4)
+    return out
 
 
 def merge_detect_quant_reference(y_forward: torch.Tensor, y_backward: torch.Tensor, static_scale: torch.Tensor,

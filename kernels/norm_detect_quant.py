@@ -19,9 +19,14 @@ Kernel: ``kernels.detect_quant``'s, one program per (sample, window) walking the
 round builds its normalized rows in registers and hands them to ``detect_quant_rows``. A row's residual is
 written when its round commits it (a later round reads the uncommitted rows again, and ``residual_out`` may be
 ``residual``).
+
+``add_rms_norm`` is the same producer (``add_norm_rows``) for a float model: it writes the normalized value
+instead of quantizing it, one program per block of whole rows.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -36,6 +41,22 @@ from kernels.detect_quant import (
     round_to_dtype,
     window_program,
 )
+from kernels.host import cdiv, next_power_of_2
+
+
+@triton.jit
+def add_norm_rows(hidden_rows, residual_rows, stride_hc, stride_rc, offs, tile, weight, eps, channels,
+                  HAS_RESIDUAL: tl.constexpr):
+    """(residual + hidden in fp32, RMSNorm of it rounded to hidden's dtype) for a tile of rows, given pointers to
+    each row's start in hidden and residual: the producer ``norm_detect_quant`` quantizes and ``add_rms_norm``
+    writes."""
+    residual = tl.load(hidden_rows[:, None] + offs[None, :] * stride_hc, mask=tile, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        residual += tl.load(residual_rows[:, None] + offs[None, :] * stride_rc, mask=tile, other=0.0)
+    mean_square = tl.math.div_rn(tl.sum(residual * residual, axis=1), channels * 1.0)
+    inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
+    dtype = hidden_rows.dtype.element_ty
+    return residual, round_to_dtype((residual * inv_rms[:, None]) * weight[None, :], dtype)
 
 
 @triton.jit
@@ -52,15 +73,10 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
     i = 0
     while i < steps:
         live, t, tile = round_rows(i, start, steps, valid, ROWS)
-        residual = tl.load(hidden_ptr + sample * stride_hb + t[:, None] * stride_ht + offs[None, :] * stride_hc,
-                           mask=tile, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            residual += tl.load(residual_ptr + sample * stride_rb + t[:, None] * stride_rt + offs[None, :] * stride_rc,
-                                mask=tile, other=0.0)
-        mean_square = tl.math.div_rn(tl.sum(residual * residual, axis=1), channels * 1.0)
-        inv_rms = tl.math.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
         # the model quantizes the normalized value cast to hidden's dtype
-        x = round_to_dtype((residual * inv_rms[:, None]) * weight[None, :], hidden_ptr.dtype.element_ty)
+        residual, x = add_norm_rows(hidden_ptr + sample * stride_hb + t * stride_ht,
+                                    residual_ptr + sample * stride_rb + t * stride_rt, stride_hc, stride_rc, offs,
+                                    tile, weight, eps, channels, HAS_RESIDUAL)
         residual_out = residual_out_ptr + sample * stride_ob + t[:, None] * stride_ot + offs[None, :] * stride_oc
         if ROWS == 1:  # the step is committed: store before the reductions (the row need not stay live)
             tl.store(residual_out, residual, mask=tile)
@@ -107,6 +123,62 @@ def norm_detect_quant(hidden: torch.Tensor, residual: torch.Tensor | None, norm_
               *hidden.stride(), *(hidden if residual is None else residual).stride(), *residual_out.stride())
     out = launch_detect_quant(_norm_detect_quant_kernel, inputs, hidden, static_scale, k, n_refresh, inlier_bits, out,
                               lean, rows_per_round=rows_per_round, tune=tune, HAS_RESIDUAL=residual is not None)
+    return out, residual_out
+
+
+@triton.jit
+def _add_rms_norm_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out_ptr, out_ptr, eps,
+                         stride_hb, stride_ht, stride_hc, stride_rb, stride_rt, stride_rc,
+                         stride_ob, stride_ot, stride_oc, stride_xb, stride_xt, stride_xc,
+                         rows, length, channels,
+                         BLOCK_C: tl.constexpr, ROWS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    sample, t = row // length, row % length
+    offs = tl.arange(0, BLOCK_C)
+    valid = offs < channels
+    tile = (row < rows)[:, None] & valid[None, :]
+    weight = tl.load(weight_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    residual, x = add_norm_rows(hidden_ptr + sample * stride_hb + t * stride_ht,
+                                residual_ptr + sample * stride_rb + t * stride_rt, stride_hc, stride_rc, offs, tile,
+                                weight, eps, channels, HAS_RESIDUAL)
+    tl.store(residual_out_ptr + (sample * stride_ob + t * stride_ot)[:, None] + offs[None, :] * stride_oc, residual,
+             mask=tile)
+    tl.store(out_ptr + (sample * stride_xb + t * stride_xt)[:, None] + offs[None, :] * stride_xc,
+             x.to(out_ptr.dtype.element_ty), mask=tile)
+
+
+NORM_ELEMENTS = 4096  # per program of add_rms_norm: whole rows, as many as fit
+
+
+@functools.cache
+def _norm_launch(channels: int) -> tuple[int, int, int]:
+    """(BLOCK_C, rows a program, num_warps) of ``add_rms_norm``."""
+    block = max(next_power_of_2(channels), 2)
+    rows = max(1, NORM_ELEMENTS // block)
+    return block, rows, max(1, min(8, rows * block // 512))
+
+
+def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                 out: torch.Tensor | None = None,
+                 residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton: (RMSNorm(residual + hidden) cast to hidden's dtype, residual + hidden in fp32): the producer of
+    ``norm_detect_quant`` writing the normalized value instead of quantizing it (a float Vim's block entry,
+    ``core.models.fused``), in one pass. Arguments as for ``norm_detect_quant``; ``out`` (hidden's shape and
+    dtype, any strides) receives the normalized value. The values are ``norm_detect_quant``'s rows bit for bit."""
+    _check(hidden, residual, norm_weight, residual_out)
+    if out is not None and (out.shape != hidden.shape or out.dtype != hidden.dtype or out.device != hidden.device):
+        raise ValueError(f"out must be {hidden.dtype} {tuple(hidden.shape)} on {hidden.device}")
+    residual_out = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if residual_out is None \
+        else residual_out
+    out = torch.empty_like(hidden) if out is None else out
+    batch, length, channels = hidden.shape
+    block, rows, warps = _norm_launch(channels)
+    source = hidden if residual is None else residual
+    _add_rms_norm_kernel[(cdiv(batch * length, rows),)](
+        hidden, source, norm_weight, residual_out, out, float(eps), *hidden.stride(), *source.stride(),
+        *residual_out.stride(), *out.stride(), batch * length, length, channels,
+        BLOCK_C=block, ROWS=rows, HAS_RESIDUAL=residual is not None, num_warps=warps,
+        enable_fp_fusion=False)  # no FMA: the rounding of norm_detect_quant's rows
     return out, residual_out
 
 

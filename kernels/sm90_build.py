@@ -159,6 +159,28 @@ def build_merge_detect(channels: int, bits: int, dtype: str, rows: int = 1, warp
                                 {"stride_fc": 1, "stride_bc": 1}, divisible, warps=warps, rows=rows)
 
 
+def build_add_rms_norm(channels: int, dtype: str) -> BuildReport:
+    """add_rms_norm (a float Vim's block entry) on contiguous ``dtype`` hidden, fp32 residual in and out."""
+    block, rows, warps = nd._norm_launch(channels)
+    types = {"hidden_ptr": f"*{dtype}", "residual_ptr": "*fp32", "weight_ptr": f"*{dtype}",
+             "residual_out_ptr": "*fp32", "out_ptr": f"*{dtype}", "eps": "fp32"}
+    constants = {"HAS_RESIDUAL": True, "BLOCK_C": block, "ROWS": rows, "stride_hc": 1, "stride_rc": 1,
+                 "stride_oc": 1, "stride_xc": 1}
+    divisible = {"channels", "stride_hb", "stride_ht", "stride_rb", "stride_rt", "stride_ob", "stride_ot",
+                 "stride_xb", "stride_xt"} if channels % 16 == 0 else set()
+    return build(nd._add_rms_norm_kernel, types, constants, divisible, warps, enable_fp_fusion=False)
+
+
+def build_merge_directions(channels: int, dtype: str) -> BuildReport:
+    """merge_directions (a float Vim's merge) on two contiguous ``dtype`` branch outputs."""
+    rows, block = md.MERGE_BLOCK
+    types = {"forward_ptr": f"*{dtype}", "backward_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+    constants = {"BLOCK_C": block, "ROWS": rows, "stride_fc": 1, "stride_bc": 1, "stride_oc": 1}
+    divisible = {"channels", "stride_fb", "stride_ft", "stride_bb", "stride_bt", "stride_ob", "stride_ot"} \
+        if channels % 16 == 0 else set()
+    return build(md._merge_directions_kernel, types, constants, divisible, 4)
+
+
 def build_conv_silu(channels: int, dtype: str, reverse: bool) -> BuildReport:
     """conv_silu on the model's x (half of in_proj's output, time stride 2E), weight (E, 1, 4) and bias in x's
     dtype (as ``model.half()`` holds them), contiguous output."""
@@ -344,8 +366,12 @@ def main() -> int:
         + [("fake", 16, False, dtype) for dtype in ("fp16", "fp32", "bf16")] + [("fake", 1536, True, "fp16", 1)] \
         + [("norm", 768, 4, "fp16", True, rows) for rows in (2, 4)] + [("merge", 1536, 4, "fp16", rows)
                                                                        for rows in (2, 4)]
+    # the float model's block entry and merge (core.models.fused), fp16 as FusedVim runs on the GPU
+    fused += [("add_rms_norm", channels, "fp16") for channels in ((768,) if args.quick else (192, 384, 768))] \
+        + [("merge_directions", 1536, "fp16")]
     builders = {"norm": build_norm_detect, "merge": build_merge_detect, "conv": build_conv_silu,
-                "fake": build_detect_fake_quant}
+                "fake": build_detect_fake_quant, "add_rms_norm": build_add_rms_norm,
+                "merge_directions": build_merge_directions}
     for key in fused:
         seen[key] = report = builders[key[0]](*key[1:])
         print(f"{key[0]} {' '.join(map(str, key[1:]))}: {report}", flush=True)

@@ -1,5 +1,6 @@
-"""Where the end-to-end time goes on a CUDA GPU: torch.profiler over one forward of FP16 and of the packed
-W4A4O8 model (bench_e2e's variants), kernels ranked by GPU time, with the launch count and the host wall time.
+"""Where the end-to-end time goes on a CUDA GPU: torch.profiler over one forward of FP16 (the model's own forward
+and the fused float path) and of the packed W4A4O8 model (bench_e2e's variants), kernels ranked by GPU time, with
+the launch count and the host wall time.
 
     PYTHONPATH=. python scripts/gpu_profile.py [--model Vim-B] [--batch 64]
 
@@ -51,7 +52,7 @@ def main() -> None:
     lines = [f"# Profile: {args.model}, batch {args.batch}", "",
              *(f"- {key}: {value}" for key, value in header.items()), "",
              f"Regenerate: `PYTHONPATH=. python scripts/gpu_profile.py --model {args.model} --batch {args.batch}`", ""]
-    for label in ("fp16", "W4A4O8"):
+    for label in ("fp16", "fp16 fused", "W4A4O8"):
         variant = makers[label]()
         dtype = next(p.dtype for p in variant.parameters() if p.is_floating_point())
         cfg = model.cfg

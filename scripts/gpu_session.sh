@@ -10,11 +10,12 @@
 #           candidates        the default model (issue 2): two candidates side by side, BUDGET_MIN
 #                             minutes each (default 4.5), through the Triton scan + backward          ≤ 330 s
 #           card_eval         FP32 test top-1 of both on the machine's CPU (selection is by validation) ≤ 90 s
-#   1       environment, tests (every kernel test compiled, Vim-size shapes)                         ≤ 180 s
-#           e2e_vim_b         the target: Vim-B batch 1 and 64, FP16 / W8A8O8 / W4A4O8 (detection launches
-#                             tuned: ~1.5 s to compile each candidate, once) / W4A4O8 fixed launches,
-#                             eager and graphs                                                          ≤ 130 s
-#           profile           where Vim-B batch 64's time goes, fp16 and W4A4O8 (gpu_profile.py)      ≤  45 s
+#   1       environment, tests (every kernel test compiled, Vim-size shapes; one pytest per file, side by
+#                             side: compiling is most of their time)                                  ≤ 180 s
+#           e2e_vim_b         the target: Vim-B batch 1 and 64, FP16 (the model's forward and the fused
+#                             float path) / W8A8O8 / W4A4O8 (detection launches tuned: ~1.5 s to compile
+#                             each candidate, once) / W4A4O8 fixed launches, eager and graphs          ≤ 140 s
+#           profile           where Vim-B batch 64's time goes: fp16, fp16 fused, W4A4O8              ≤  55 s
 #           detect            bench_kernels: detection step by step, in rounds, at 1–8 warps          ≤  90 s
 #           gemm              bench_kernels: mixed_gemm vs cuBLAS fp16 (dense and gathered outliers)  ≤ 100 s
 #           packed_agreement  the packed model on CUDA with fp32 activations, W4A4/W4A8/W8A8, and W4A4
@@ -56,13 +57,44 @@ environment() {
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda,
     'available', torch.cuda.is_available(), 'triton', triton.__version__)"
 }
-kernel_tests() {
-  KERNELS_REAL_SHAPES=1 python3 -m pytest -q -p no:cacheprovider --durations=5 tests/test_kernels.py \
-    tests/test_kernel_scan.py tests/test_kernel_fusions.py tests/test_kernel_fake_quant.py tests/test_kernel_tuning.py \
-    "tests/test_packed.py::test_vim_tiny_packed_on_cuda_fused_and_unfused_agree" \
-    "tests/test_packed.py::test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation" \
-    "tests/test_packed.py::test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run" \
-    "tests/test_packed.py::test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logit"
+kernel_tests() {  # one pytest per file, side by side: compiling is most of their time and the machine has 16 cores
+  local failed=0 pid name
+  declare -A files=([kernels]=tests/test_kernels.py [scan]=tests/test_kernel_scan.py
+    [fusions]=tests/test_kernel_fusions.py [fake_quant]=tests/test_kernel_fake_quant.py
+    [tuning]=tests/test_kernel_tuning.py [fused]=tests/test_fused.py
+    [packed]="tests/test_packed.py::test_vim_tiny_packed_on_cuda_fused_and_unfused_agree
+      tests/test_packed.py::test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation
+      tests/test_packed.py::test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run
+      tests/test_packed.py::test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logit")
+  declare -A pids
+  for name in "${!files[@]}"; do
+    # shellcheck disable=SC2086 - the packed entry is several test ids
+    KERNELS_REAL_SHAPES=1 python3 -m pytest -q -p no:cacheprovider --durations=3 ${files[$name]} \
+      > "$stage_dir/tests_$name.log" 2>&1 &
+    pids[$name]=$!
+  done
+  for name in "${!pids[@]}"; do
+    wait "${pids[$name]}" || failed=1
+    echo "-- $name: $(tail -n 1 "$stage_dir/tests_$name.log")"
+  done
+  return $failed
+}
+tests_and_warm_up() {  # beside the tests, the timed stages' kernels compiled into Triton's cache while they run
+  local rc pid  # (nothing timed or written; stopped when the tests end, keeping what compiled; the warm-ups first)
+  python3 bench/bench_e2e.py --warm-only --models Vim-B --batches 1 64 \
+    --variants "fp16 fused" W8A8O8 W4A4O8 "W4A4O8 fixed launches" > "$stage_dir/warm_e2e.log" 2>&1 &
+  local warm_e2e=$!
+  python3 bench/bench_kernels.py --warm-only --only detect gemm > "$stage_dir/warm_kernels.log" 2>&1 &
+  local warm_kernels=$!
+  kernel_tests
+  rc=$?
+  for pid in $warm_e2e $warm_kernels; do
+    kill -0 "$pid" 2>/dev/null && echo "-- warm-up $pid still running: stopped" && kill "$pid"
+  done
+  wait
+  echo "-- warm-up e2e: $(grep -c "warm-up only" "$stage_dir/warm_e2e.log") of 8 forwards;" \
+    "kernels: $(tail -n 1 "$stage_dir/warm_kernels.log")"
+  return $rc
 }
 scan_grad_tests() {
   KERNELS_REAL_SHAPES=1 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_scan.py -k "gradient or vim_mixer" \
@@ -85,7 +117,7 @@ card_eval() {  # test top-1 of each candidate, measured once; the choice between
       'val', c['val_top1'], 'test', c['test_top1'], 'train s', c['train_seconds'])" "$dir/card.json"
   done
 }
-export -f environment kernel_tests scan_grad_tests candidates card_eval
+export -f environment kernel_tests tests_and_warm_up scan_grad_tests candidates card_eval
 export stage_dir
 case "$part" in
   train) stage environment 5 environment
@@ -93,10 +125,10 @@ case "$part" in
      stage candidates 330 candidates
      stage card_eval 90 card_eval ;;
   1) stage environment 5 environment
-     stage tests 180 kernel_tests
-     stage e2e_vim_b 130 python3 bench/bench_e2e.py --models Vim-B --batches 1 64 --budget-s 120 \
-       --variants fp16 W8A8O8 W4A4O8 "W4A4O8 fixed launches"
-     stage profile 45 python3 scripts/gpu_profile.py --model Vim-B --batch 64
+     stage tests 180 tests_and_warm_up
+     stage e2e_vim_b 140 python3 bench/bench_e2e.py --models Vim-B --batches 1 64 --budget-s 130 \
+       --variants fp16 "fp16 fused" W8A8O8 W4A4O8 "W4A4O8 fixed launches"
+     stage profile 55 python3 scripts/gpu_profile.py --model Vim-B --batch 64
      stage detect 90 python3 bench/bench_kernels.py --only detect --budget-s 75
      stage gemm 100 python3 bench/bench_kernels.py --only gemm --budget-s 80
      stage packed_agreement 100 python3 scripts/packed_agreement.py
@@ -105,7 +137,7 @@ case "$part" in
   2) stage scan_fusion 200 python3 bench/bench_kernels.py --only scan train fusion --budget-s 180
      stage gen 60 python3 bench/bench_gen.py
      stage e2e_vim_b_256 50 python3 bench/bench_e2e.py --models Vim-B --batches 256 --budget-s 40 \
-       --variants fp16 W8A8O8 W4A4O8 ;;
+       --variants fp16 "fp16 fused" W8A8O8 W4A4O8 ;;
   *) echo "usage: bash scripts/gpu_session.sh train|1|2"; exit 2 ;;
 esac
 echo "== total $((SECONDS - start)) s"

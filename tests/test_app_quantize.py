@@ -313,6 +313,7 @@ def test_kernel_latency_times_both_models_on_the_named_hardware():
     timing = kernel_latency(model, packed, images, "cpu", repeats=2)
     assert timing["hardware"].startswith("CPU") and timing["batch"] == 4 and timing["repeats"] == 2
     assert timing["fp16_ms"] > 0 and timing["packed_ms"] > 0 and timing["launches"] == "tuned per shape"
+    assert timing["fp16_model"] == "the model's own forward"  # FusedVim runs no kernels on the CPU
     assert packed.model.layers[0].mixer.in_proj.weight is None  # measured on copies: the packed model is untouched
 
 
@@ -330,12 +331,13 @@ def test_the_gpu_timing_note_states_eager_and_graph_timings_and_keeps_the_run_wh
     from core.data import LabelledImages
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     timing = {"hardware": "NVIDIA H100 80GB HBM3", "batch": 4, "repeats": 5, "fp16_ms": 8.0, "packed_ms": 16.0,
-              "fp16_graph_ms": 4.0, "packed_graph_ms": 2.0, "launches": "tuned per shape"}
+              "fp16_graph_ms": 4.0, "packed_graph_ms": 2.0, "launches": "tuned per shape",
+              "fp16_model": "fused float path, FusedVim"}
     monkeypatch.setattr(tab, "kernel_latency", lambda *args: timing)
     test = LabelledImages(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), ("a",), "zeros")
     record = _record()
     note = tab.gpu_kernel_note(default_workspace(), object(), test, record)
-    assert "FP16 8.00 ms, packed integer model 16.00 ms (0.50× FP16)" in note
+    assert "FP16 (fused float path, FusedVim) 8.00 ms, packed integer model 16.00 ms (0.50× FP16)" in note
     assert "as CUDA graphs (no launch overhead) 4.00 ms and 2.00 ms (2.00×); kernel launches tuned per shape." in note
     assert record.kernel_latency == timing
 

@@ -1,8 +1,10 @@
-"""bench/bench_kernels.py runs only on the GPU machine, where device time is scarce: its detection section runs
-here at a tiny shape (the kernels interpreted on the CPU, timing replaced by one call), so that a benchmark that
-would break or fail its own checks shows before a GPU session is spent on it."""
+"""bench/bench_kernels.py runs only on the GPU machine, where device time is scarce: its detection, GEMM and
+fusion sections run here at tiny shapes (the kernels interpreted on the CPU, timing replaced by one call), so that
+a benchmark that would break or fail its own checks shows before a GPU session is spent on it."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -10,12 +12,22 @@ import torch
 from tests.test_kernels import DEVICE
 
 
-def test_the_detection_benchmark_runs_and_checks_every_variant(monkeypatch):
+@pytest.fixture
+def tiny_bench(monkeypatch):
+    """The benchmark module with each timing one call (1 µs) and 12 tokens a sample."""
     bench = pytest.importorskip("bench.bench_kernels")
     monkeypatch.setattr(bench, "median_us", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(bench, "TOKENS", 12)
-    generator = torch.Generator(device=DEVICE).manual_seed(0)
-    rows = bench.bench_detect(DEVICE, 1e12, {"tiny": 32}, (1,), generator)
+    return bench
+
+
+def generator():
+    return torch.Generator(device=DEVICE).manual_seed(0)
+
+
+def test_the_detection_benchmark_runs_and_checks_every_variant(tiny_bench):
+    bench = tiny_bench
+    rows = bench.bench_detect(DEVICE, 1e12, {"tiny": 32}, (1,), generator())
     assert {row["kind"] for row in rows} == {"detect_quant 4-bit", "detect_quant lean rounds",
                                             "detect_fake_quant Δ rounds"}
     per_round = ("1 row a round", "8 rows a round")  # 8: window_rows at 32 and 64 channels
@@ -25,6 +37,26 @@ def test_the_detection_benchmark_runs_and_checks_every_variant(monkeypatch):
     summary = bench.summary(rows, 1e12)
     assert "checks: 0 failed" in summary
     assert "  detect_fake_quant Δ, fixed outliers: 1.00×" in summary  # the stubbed timings are all equal
+
+
+def test_the_fusion_benchmark_runs_and_checks_every_producer(tiny_bench):
+    rows = tiny_bench.bench_fusions(DEVICE, 1e12, {"tiny": 32}, (1,), generator())
+    fused = {row["layer"]: row["check"] for row in rows if row["variant"] == "fused"}
+    assert set(fused) == {"add+rmsnorm+detect", "add+rmsnorm (float)", "conv+silu fwd", "conv+silu bwd",
+                          "merge+detect", "merge (float)"}
+    assert all(check.startswith("ok") for check in fused.values()), fused
+
+
+def test_warm_only_launches_everything_once_and_times_nothing(monkeypatch):
+    """``--warm-only`` (run beside the tests on the GPU machine to compile the kernels early): each launch once,
+    do_bench never called, the checks still made, the times not-a-number."""
+    bench = pytest.importorskip("bench.bench_kernels")
+    monkeypatch.setattr(bench, "WARM_ONLY", True)
+    monkeypatch.setattr(bench, "do_bench", lambda *args, **kwargs: pytest.fail("timed in warm-only mode"))
+    monkeypatch.setattr(bench, "TOKENS", 12)
+    rows = bench.bench_detect(DEVICE, 1e12, {"tiny": 32}, (1,), generator())
+    assert rows and all(math.isnan(row["us"]) for row in rows)
+    assert all(row["check"] in ("ok", "ok exact", "reference") for row in rows)
 
 
 def test_the_gemm_benchmark_times_the_tuned_tiles_and_checks_them(monkeypatch):
@@ -38,8 +70,7 @@ def test_the_gemm_benchmark_times_the_tuned_tiles_and_checks_them(monkeypatch):
     monkeypatch.setattr(tuning, "TUNER", tuning.LaunchTuner(timer=lambda run: (run(), next(clock))[1],
                                                             devices=("cpu", "cuda")))
     m, n, k = 1100, 96, 256
-    generator = torch.Generator(device=DEVICE).manual_seed(0)
-    ops = bench.gemm_operands(m, n, k, 4, 4, 5, DEVICE, generator, packed=False, fixed_channels=True, gathered=True)
+    ops = bench.gemm_operands(m, n, k, 4, 4, 5, DEVICE, generator(), packed=False, fixed_channels=True, gathered=True)
     shape = {"kind": "gemm", "model": "tiny", "layer": "x_proj", "batch": 1, "M": m, "K": k, "N": n}
     row = bench.bench_tuned_gemm(shape, "W4A4O8 5% fixed ch, int8 gathered", ops, bench.mixed_gemm(**ops), 1.0, 1e12)
     block_m, block_n, block_k, warps, stages = mixed_gemm_module.gemm_launches(m, n, k)[-1]
@@ -51,8 +82,7 @@ def test_a_spent_budget_skips_the_remaining_shapes_and_says_so(monkeypatch):
     bench = pytest.importorskip("bench.bench_kernels")
     monkeypatch.setattr(bench, "DEADLINE", 0.0)
     monkeypatch.setattr(bench, "SKIPPED", [])
-    generator = torch.Generator(device=DEVICE).manual_seed(0)
-    assert bench.bench_detect(DEVICE, 1e12, {"tiny": 32}, (1, 2), generator) == []
+    assert bench.bench_detect(DEVICE, 1e12, {"tiny": 32}, (1, 2), generator()) == []
     assert bench.SKIPPED[:2] == ["detect tiny in_proj batch 1", "detect tiny in_proj batch 2"]
 
 

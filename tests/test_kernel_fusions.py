@@ -7,6 +7,8 @@
   normalized value crosses a rounding point; that test bounds how much.
 - ``conv_silu``: causal depthwise conv1d + SiLU, forward and reversed time, against float64.
 - ``merge_detect_quant``: detect_quant of (y_forward + flip(y_backward)) / 2, exact.
+- ``add_rms_norm`` and ``merge_directions``: the same producers writing the float value (a float Vim's block entry
+  and merge, ``core.models.fused``), exact on the same data.
 
 On the CPU under TRITON_INTERPRET=1 at small shapes; on CUDA compiled, plus Vim-size cases with
 KERNELS_REAL_SHAPES=1 (scripts/gpu_session.sh). Outputs are poisoned before every kernel run.
@@ -20,8 +22,8 @@ import torch.nn.functional as F
 
 from kernels.conv_silu import conv_silu, conv_silu_reference
 from kernels.detect_quant import DetectQuantOutput, detect_quant, inlier_qmax
-from kernels.merge_detect_quant import merge_detect_quant, merge_detect_quant_reference
-from kernels.norm_detect_quant import norm_detect_quant, norm_detect_quant_reference, rms_norm_reference
+from kernels.merge_detect_quant import merge_detect_quant, merge_detect_quant_reference, merge_directions
+from kernels.norm_detect_quant import add_rms_norm, norm_detect_quant, norm_detect_quant_reference, rms_norm_reference
 from tests.test_kernels import (
     DEVICE,
     assert_same_detection,
@@ -221,6 +223,47 @@ def test_conv_silu_rejects_bad_inputs():
         conv_silu(x, weight, bias, out=torch.empty(1, 4, 16, dtype=torch.float16, device=DEVICE))
 
 
+def check_add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       in_place: bool = False) -> None:
+    """``add_rms_norm`` writes the reference's normalized value and residual bit for bit (exact data), into
+    poisoned buffers; ``in_place``: the residual updated where it lies."""
+    want_residual = hidden.float() if residual is None else residual + hidden.float()
+    want = rms_norm_reference(want_residual, weight, EPS).to(hidden.dtype)
+    hd, rd = hidden.to(DEVICE), None if residual is None else residual.to(DEVICE)
+    out = torch.full(hidden.shape, float("nan"), dtype=hidden.dtype, device=DEVICE)
+    residual_out = rd if in_place else torch.full(hidden.shape, float("nan"), device=DEVICE)
+    got, got_residual = add_rms_norm(hd, rd, weight.to(DEVICE), EPS, out=out, residual_out=residual_out)
+    assert got is out and got_residual is residual_out
+    assert torch.equal(got.cpu(), want) and torch.equal(got_residual.cpu(), want_residual)
+
+
+@pytest.mark.parametrize(("dtype", "channels", "with_residual"), [
+    (torch.float16, 64, True), (torch.float32, 45, False), (torch.bfloat16, 96, True), (torch.float16, 640, True)])
+def test_add_rms_norm_exact(dtype, channels, with_residual):
+    """Rows of 64 to 640 channels (a program takes whole rows: 64 rows of 64, 4 of 640), 29 steps: the last
+    program's rows cut short and crossing samples."""
+    hidden, residual, weight = block_inputs(3, 29, channels, dtype, with_residual, seed=channels)
+    check_add_rms_norm(hidden, residual, weight)
+
+
+def test_add_rms_norm_strided_in_place_and_as_norm_detect_quant_produces():
+    hidden, residual, weight = block_inputs(2, 23, 64, torch.float16, True, seed=5)
+    strided = hidden.transpose(1, 2).contiguous().transpose(1, 2)
+    check_add_rms_norm(strided, residual, weight, in_place=True)
+    # the rows norm_detect_quant quantizes are these: its codes equal detect_quant's on add_rms_norm's output
+    x, _ = add_rms_norm(hidden.to(DEVICE), residual.to(DEVICE), weight.to(DEVICE), EPS)
+    scale = static_scales(x.float().cpu(), 7, seed=6)
+    fused, _ = norm_detect_quant(hidden.to(DEVICE), residual.to(DEVICE), weight.to(DEVICE), EPS, scale.to(DEVICE),
+                                 3.0, 10, 4)
+    assert_same_detection(on_device(fused), on_device(detect_quant(x, scale.to(DEVICE), 3.0, 10, 4)))
+
+
+def test_add_rms_norm_rejects_a_wrong_output():
+    hidden = torch.zeros(2, 5, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"out must be torch.float32 \(2, 5, 8\)"):
+        add_rms_norm(hidden, None, torch.ones(8, device=DEVICE), EPS, out=torch.empty(2, 5, 8, dtype=torch.float16))
+
+
 # ---- merge of the two directions + detect_quant ----
 
 
@@ -246,6 +289,20 @@ def test_merge_detect_quant_matches_reference(dtype, bits, channels, n_refresh, 
     if dtype == torch.float16:  # the same integers as detect_quant on the materialised merge
         merged_device = (yf + yb.flip(1)) / 2
         assert_same_detection(on_device(detect_quant(merged_device, scale.to(DEVICE), 3.0, n_refresh, bits)), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_merge_directions_is_pytorchs_merge_bit_for_bit(dtype):
+    """Random data, strided inputs (the in_proj halves' layout, a transposed view) and a strided output; 300
+    channels: two column blocks, the second cut short."""
+    g = torch.Generator().manual_seed(7)
+    y_forward = (torch.randn(3, 21, 600, generator=g) * 5).to(dtype)[..., ::2]
+    y_backward = (torch.randn(3, 300, 21, generator=g) * 5).to(dtype).transpose(1, 2)
+    want = (y_forward + y_backward.flip(1)) / 2
+    buffer = torch.full((3, 21, 301), float("nan"), dtype=dtype, device=DEVICE)
+    got = merge_directions(y_forward.to(DEVICE), y_backward.to(DEVICE), out=buffer[..., 1:])
+    assert torch.equal(got.cpu(), want) and buffer[..., 0].isnan().all()
+    assert torch.equal(merge_directions(y_forward.to(DEVICE), y_backward.to(DEVICE)).cpu(), want)
 
 
 def test_merge_detect_quant_rejects_mismatched_inputs():
@@ -307,6 +364,17 @@ def test_conv_silu_real_shape(reverse):
     y = conv_silu(x, weight, bias, reverse=reverse, out=torch.full(x.shape, float("nan"), dtype=x.dtype,
                                                                    device=DEVICE))
     assert rel_error(y.cpu(), conv_silu_reference(x.cpu(), weight.cpu(), bias.cpu(), reverse)) < 1e-3
+
+
+@real_shapes
+def test_float_producers_real_shapes():
+    hidden, residual, weight = block_inputs(64, 197, 768, torch.float16, True, seed=771,
+                                            per_step=7)
+    check_add_rms_norm(hidden, residual, weight)
+    g = torch.Generator().manual_seed(8)
+    y_forward, y_backward = (torch.randn(2, 64, 197, 1536, generator=g) * 3).half()
+    assert torch.equal(merge_directions(y_forward.to(DEVICE), y_backward.to(DEVICE)).cpu(),
+                       (y_forward + y_backward.flip(1)) / 2)
 
 
 @real_shapes

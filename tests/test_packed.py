@@ -19,7 +19,7 @@ from core.errors import StudioError
 from core.models import VimConfig, VisionMamba
 from core.quant import QuantConfig, ReconstructionConfig, quantize
 from core.quant import packed as packed_module
-from core.quant.packed import PackedVim, agreement, load_packed, pack, save_packed
+from core.quant.packed import PackedFusedForward, PackedVim, agreement, load_packed, pack, save_packed
 from kernels.mixed_gemm import GATHER_MIN_K
 from kernels.packing import unpack_int4
 from tests.test_kernels import DEVICE, real_shapes
@@ -278,6 +278,13 @@ def test_the_end_to_end_benchmark_runs_every_variant():
     rows = main(["--smoke"])
     assert [row["variant"] for row in rows] == list(VARIANTS)
     assert all(row["latency_ms"] > 0 and row["images_per_s"] > 0 for row in rows)
+    # each row is compared with both fp16 baselines once they ran: fp16 first, then fp16 fused
+    after_baselines = rows[VARIANTS.index("fp16 fused"):]
+    assert all(row["vs_fp16"] > 0 and row["vs_fp16_fused"] > 0 for row in after_baselines)
+    assert rows[0]["vs_fp16"] == rows[0]["vs_fp16_fused"] == ""
+    warm = main(["--smoke", "--warm-only", "--variants", "fp16 fused", "W4A4O8"])  # compiles, times nothing
+    assert [(row["variant"], row["latency_ms"]) for row in warm] == [("fp16 fused", "warm-up only"),
+                                                                      ("W4A4O8", "warm-up only")]
 
 
 def test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation():
@@ -304,14 +311,14 @@ def test_fused_producers_compute_what_the_unfused_kernels_compute(dtype, toleran
     if dtype != torch.float32:
         packed.half_activations(dtype)
     calls = []
-    original = PackedVim._fused_forward
+    original = PackedFusedForward.__call__
 
     def spy(self, x):
         calls.append(x.shape)
         return original(self, x)
 
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(PackedVim, "_fused_forward", spy)
+        patch.setattr(PackedFusedForward, "__call__", spy)
         fused = packed(images.to(dtype))
         packed.fused = False
         unfused = packed(images.to(dtype))

@@ -127,14 +127,19 @@ class BiMambaMixer(Tapped):
         self.out_proj = nn.Linear(d_inner, cfg.embed_dim, bias=False)
         self.scan_impl = "auto"
 
-    def _direction_params(self, direction: str) -> tuple:
+    def direction_params(self, direction: str) -> tuple:
+        """(conv1d, x_proj, dt_proj, A_log, D) of one scan direction."""
         if direction == FORWARD:
             return self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
         return self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
 
+    def projection(self, name: str, direction: str | None) -> nn.Linear:
+        """A projection by its site name: ``"in_proj"``, ``"out_proj"`` (shared), ``"x_proj"``, ``"dt_proj"``."""
+        return getattr(self, name + ("_b" if direction == BACKWARD else ""))
+
     def _branch(self, xz: torch.Tensor, direction: str) -> torch.Tensor:
         """One scan direction over ``xz`` (batch, L, 2E) given in that direction's time order."""
-        conv1d, x_proj, dt_proj, a_log, d_skip = self._direction_params(direction)
+        conv1d, x_proj, dt_proj, a_log, d_skip = self.direction_params(direction)
         site = self.sites
         length = xz.shape[1]
         x, z = xz.chunk(2, dim=-1)

@@ -20,7 +20,6 @@ tensors and, as metadata, the Vim config, the QuantConfig and the provenance of 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,16 +30,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from core.errors import StudioError
-from core.intercept import BACKWARD, DIRECTIONS, Interceptor, Site, set_interceptor
+from core.intercept import Interceptor, Site, set_interceptor
 from core.models import VimConfig, VisionMamba
+from core.models.fused import FusedForward, check_backend, uses_kernels
 from core.models.loading import CONFIG_METADATA_KEY, PACKED_FORMAT_PREFIX, load_state_dict_strict
 from core.quant.config import QuantConfig
 from core.quant.fake import MIN_SCALE
 from core.quant.model import QuantizedVim
 from core.quant.quantize import LINEARS, SHARED_LINEARS, activation_quantizer, quantized_sites
 from core.quant.quantizers import OutlierAwareQuantizer, WeightQuantizer
-from core.ssm import selective_scan
-from kernels.conv_silu import conv_silu
 from kernels.detect_fake_quant import detect_fake_quant
 from kernels.detect_quant import DetectQuantOutput, detect_quant, detect_quant_reference, window_rows
 from kernels.merge_detect_quant import merge_detect_quant
@@ -50,7 +48,6 @@ from kernels.packing import unpack_int4
 
 FORMAT = PACKED_FORMAT_PREFIX + "1"
 KERNEL_BITS = (4, 8)  # what detect_quant and mixed_gemm take for weights and inliers
-BACKENDS = ("auto", "triton", "reference")
 DYNAMIC_S6 = ("delta_pre", "B", "C")  # quantized as the model runs
 STATIC_S6 = ("A", "D")  # quantized once, at packing
 LINEAR_SITES = len(SHARED_LINEARS) + 2 * (len(LINEARS) - len(SHARED_LINEARS))  # packed projections per layer
@@ -65,11 +62,6 @@ WINDOW_ROUND_TENSORS = ("dt_proj", "delta_pre", "B", "C")
 def detection_rows(tensor: str, channels: int, n_refresh: int) -> int:
     """``rows_per_round`` of the detection at a site's tensor (``"dt_proj"`` for its input, ``"B"``, …)."""
     return window_rows(channels, n_refresh) if tensor in WINDOW_ROUND_TENSORS else 1
-
-
-def uses_kernels(backend: str, x: torch.Tensor) -> bool:
-    """Whether ``backend`` runs the Triton kernels for an input like ``x`` ('auto': on CUDA tensors)."""
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
 def _key(name: str) -> str:
@@ -197,8 +189,7 @@ class PackedVim(nn.Module):
                  dynamic: dict[str, nn.Module], static: dict[str, torch.Tensor], provenance: dict,
                  backend: str = "auto"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise StudioError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        check_backend(backend)
         self.model, self.config, self.provenance = model, config, provenance
         self.fused = True  # the fused producer kernels when the kernels run (False: one kernel per operation)
         self.linears = nn.ModuleDict({_key(name): module for name, module in linears.items()})
@@ -223,9 +214,7 @@ class PackedVim(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise StudioError(f"backend must be one of {', '.join(BACKENDS)}, not {value!r}")
-        self.interceptor.backend = value
+        self.interceptor.backend = check_backend(value)
 
     @property
     def tune_launches(self) -> bool:
@@ -257,7 +246,7 @@ class PackedVim(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self._can_fuse(x):
-            return self._fused_forward(x)
+            return PackedFusedForward(self)(x)
         return self.model(x)
 
     def _can_fuse(self, x: torch.Tensor) -> bool:
@@ -265,56 +254,6 @@ class PackedVim(nn.Module):
         every = len(self.linears) == LINEAR_SITES * self.cfg.depth
         observed = any(block.mixer.interceptor is not self.interceptor for block in self.model.layers)
         return uses_kernels(self.backend, x) and every and not observed
-
-    def _fused_forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The model's forward with the fused producers: add + RMSNorm + detection/quantization of in_proj's
-        input in one kernel, conv1d + SiLU in one (the backward branch read in reverse, no flipped copy), and the
-        merge of the two directions + detection/quantization of out_proj's input in one. Same arithmetic as the
-        unfused path up to the rounding of RMSNorm's square root (tested)."""
-        model, tune = self.model, self.interceptor.tune_launches
-        hidden, residual = model.embed(images), None
-        for block in model.layers:
-            mixer, layer = block.mixer, block.mixer.layer_idx
-            in_proj, out_proj = (self.linears[_key(f"layers.{layer}.{name}.weight")] for name in SHARED_LINEARS)
-            codes, residual = norm_detect_quant(hidden, residual, block.norm.weight, block.norm.eps,
-                                                in_proj.input_scale, in_proj.k, in_proj.n_refresh, in_proj.a_bits,
-                                                lean=True, tune=tune)
-            x, z = in_proj.gemm(codes, None, hidden.dtype, True, tune).chunk(2, dim=-1)
-            y_forward, y_backward = (self._fused_branch(mixer, x, z, direction) for direction in DIRECTIONS)
-            codes = merge_detect_quant(y_forward, y_backward, out_proj.input_scale, out_proj.k, out_proj.n_refresh,
-                                       out_proj.a_bits, lean=True, tune=tune)
-            hidden = out_proj.gemm(codes, None, hidden.dtype, True, tune)
-        residual = residual + hidden.float()
-        return model.head(model.norm_f(residual)[:, self.cfg.cls_position].to(images.dtype))
-
-    def _fused_branch(self, mixer: nn.Module, x: torch.Tensor, z: torch.Tensor, direction: str) -> torch.Tensor:
-        """One scan direction, y in that direction's time order (the merge kernel reads the backward one flipped)."""
-        backward = direction == BACKWARD
-        conv1d, x_proj, dt_proj = (getattr(mixer, name + ("_b" if backward else ""))
-                                   for name in ("conv1d", "x_proj", "dt_proj"))
-        site = f"layers.{mixer.layer_idx}.{direction}"
-        u = conv_silu(x, conv1d.weight, conv1d.bias, reverse=backward)
-        tune = self.interceptor.tune_launches
-        x_dbl = self.linears[_key(f"{site}.x_proj.weight")](u, None, True, tune=tune)
-        n_state = self.cfg.d_state
-        dt, B, C = torch.split(x_dbl, [dt_proj.in_features, n_state, n_state], dim=-1)
-        dt_linear = self.linears[_key(f"{site}.dt_proj.weight")]
-        delta_pre = dt_linear(dt, dt_proj.bias, True, detection_rows("dt_proj", dt.shape[-1], dt_linear.n_refresh),
-                              tune)
-        delta_pre, B, C = (self.interceptor.intercept(mixer.sites[name, direction], value)
-                           for name, value in (("delta_pre", delta_pre), ("B", B), ("C", C)))
-        a_log, d_skip = (mixer.A_b_log, mixer.D_b) if backward else (mixer.A_log, mixer.D)
-        A = self._scan_parameter(mixer.sites["A", direction], lambda: -torch.exp(a_log.float()))
-        D = self._scan_parameter(mixer.sites["D", direction], d_skip.float)
-        # the backward branch's gate is z in forward time: the scan reads it backwards (no flipped copy)
-        return selective_scan(u, delta_pre, A, B, C, D, z, delta_softplus=True, impl=mixer.scan_impl,
-                              z_reversed=backward)
-
-    def _scan_parameter(self, site: Site, float_value: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A or D as the scan takes it (fp32): the value quantized at packing, or where the config left the site
-        in floating point the model's own, computed only then (a few launches a branch saved)."""
-        stored = self.interceptor.static.get(_key(site.name))
-        return float_value() if stored is None else stored.float()
 
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of the quantized projections' weights as stored (codes + scales) and as float32 would be."""
@@ -325,12 +264,55 @@ class PackedVim(nn.Module):
         return {"packed": stored, "float32": float32}
 
 
+class PackedFusedForward(FusedForward):
+    """The packed model's fused forward: add + RMSNorm + detection/quantization of in_proj's input in one kernel,
+    the merge of the two directions + detection/quantization of out_proj's input in one, every projection an
+    integer GEMM, Δ/B/C through ``detect_fake_quant``, A and D as quantized at packing; the rest (conv1d + SiLU,
+    the scan reading the backward gate in reverse) is :class:`FusedForward`'s. Same arithmetic as the unfused
+    path up to the rounding of RMSNorm's square root (tested)."""
+
+    def __init__(self, packed: PackedVim):
+        super().__init__(packed.model)
+        self.linears, self.interceptor = packed.linears, packed.interceptor
+        self.tune = packed.interceptor.tune_launches
+
+    def mix_in(self, block: nn.Module, hidden: torch.Tensor,
+               residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        in_proj = self.linears[_key(f"layers.{block.mixer.layer_idx}.in_proj.weight")]
+        codes, residual = norm_detect_quant(hidden, residual, block.norm.weight, block.norm.eps, in_proj.input_scale,
+                                            in_proj.k, in_proj.n_refresh, in_proj.a_bits, lean=True, tune=self.tune)
+        return (*in_proj.gemm(codes, None, hidden.dtype, True, self.tune).chunk(2, dim=-1), residual)
+
+    def project(self, mixer: nn.Module, name: str, direction: str, x: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        linear = self.linears[_key(f"layers.{mixer.layer_idx}.{direction}.{name}.weight")]
+        return linear(x, bias, True, detection_rows(name, x.shape[-1], linear.n_refresh), self.tune)
+
+    def scan_inputs(self, mixer: nn.Module, direction: str, delta_pre: torch.Tensor, B: torch.Tensor,
+                    C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.interceptor.intercept(mixer.sites[name, direction], value)
+                     for name, value in (("delta_pre", delta_pre), ("B", B), ("C", C)))
+
+    def scan_parameters(self, mixer: nn.Module, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and D as quantized at packing; where the config left them in floating point, the model's own
+        (computed only then: a few launches a branch saved)."""
+        stored = [self.interceptor.static.get(_key(mixer.sites[name, direction].name)) for name in STATIC_S6]
+        if None in stored:
+            float_a, float_d = super().scan_parameters(mixer, direction)
+            stored = [float_a if stored[0] is None else stored[0], float_d if stored[1] is None else stored[1]]
+        return stored[0].float(), stored[1].float()
+
+    def mix_out(self, mixer: nn.Module, y_forward: torch.Tensor, y_backward: torch.Tensor) -> torch.Tensor:
+        out_proj = self.linears[_key(f"layers.{mixer.layer_idx}.out_proj.weight")]
+        codes = merge_detect_quant(y_forward, y_backward, out_proj.input_scale, out_proj.k, out_proj.n_refresh,
+                                   out_proj.a_bits, lean=True, tune=self.tune)
+        return out_proj.gemm(codes, None, y_forward.dtype, True, self.tune)
+
+
 def _linear_module(model: VisionMamba, weight_site: str) -> nn.Linear:
     """The nn.Linear of a weight site name such as ``layers.3.bwd.x_proj.weight``."""
     parts = weight_site.split(".")
-    mixer = model.layers[int(parts[1])].mixer
-    linear = parts[-2]
-    return getattr(mixer, linear + ("_b" if parts[2] == "bwd" else ""))
+    return model.layers[int(parts[1])].mixer.projection(parts[-2], parts[2] if len(parts) == 5 else None)
 
 
 def _check_packable(config: QuantConfig) -> None:
