@@ -39,7 +39,8 @@ class StubKernel:
 KERNELS = ((detect_module, "_detect_quant_kernel"), (fake_quant_module, "_detect_fake_quant_kernel"),
            (gemm_module, "_mixed_gemm_kernel"), (gemm_module, "_compact_outliers_kernel"),
            (scan_module, "_selective_scan_kernel"), (conv_module, "_conv_silu_kernel"),
-           (norm_module, "_norm_detect_quant_kernel"), (merge_module, "_merge_detect_quant_kernel"))
+           (norm_module, "_norm_detect_quant_kernel"), (merge_module, "_merge_detect_quant_kernel"),
+           (norm_module, "_add_rms_norm_kernel"), (merge_module, "_merge_directions_kernel"))
 
 
 @contextmanager
@@ -89,6 +90,9 @@ def time_launchers() -> list[dict]:
             hidden, residual, torch.ones(768, dtype=torch.float16), 1e-5, scale, 3.0, 10, 4, lean=True, tune=True),
         "merge_detect_quant (lean)": lambda: merge_module.merge_detect_quant(x, x, scale, 3.0, 10, 4, lean=True,
                                                                              tune=True),
+        "add_rms_norm (the float model's block entry)": lambda: norm_module.add_rms_norm(
+            hidden, residual, torch.ones(768, dtype=torch.float16), 1e-5),
+        "merge_directions (the float model's merge)": lambda: merge_module.merge_directions(x, x),
         "conv_silu (reversed)": lambda: conv_module.conv_silu(x, conv_weight, conv_bias, reverse=True),
         "selective_scan (fp16, D, z reversed)": lambda: scan_module.selective_scan(x, x, A, B, B, D, x,
                                                                                    delta_softplus=True,
