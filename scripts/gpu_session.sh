@@ -63,6 +63,7 @@ kernel_tests() {  # one pytest per file, side by side: compiling is most of thei
     [fusions]=tests/test_kernel_fusions.py [fake_quant]=tests/test_kernel_fake_quant.py
     [tuning]=tests/test_kernel_tuning.py [fused]=tests/test_fused.py
     [packed]="tests/test_packed.py::test_vim_tiny_packed_on_cuda_fused_and_unfused_agree
+      tests/test_packed.py::test_packed_default_model_on_cuda_agrees_with_its_simulation
       tests/test_packed.py::test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation
       tests/test_packed.py::test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run
       tests/test_packed.py::test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logit")
