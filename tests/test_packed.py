@@ -193,6 +193,23 @@ def test_the_fused_path_with_the_triton_scan_copies_nothing_and_recomputes_no_co
     assert torch.linalg.norm(fused - unfused) / torch.linalg.norm(unfused) < 2e-3
 
 
+def test_a_scan_parameter_left_in_floating_point_comes_from_the_model_on_the_fused_path():
+    """A config that skips one direction's A: the fused path takes exp(A_log) there (and only there), D as stored,
+    and computes what the unfused path does."""
+    _, packed, images = tiny_packed(QuantConfig(overrides={"layers.0.bwd.A": {"skip": True}},
+                                                reconstruction=STATIC_ONLY))
+    packed.model.set_scan_impl("triton")
+    assert "layers:0:bwd:A" not in packed.interceptor.static and "layers:0:bwd:D" in packed.interceptor.static
+    exps, exp = [], torch.exp
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "exp", lambda x, *args, **kwargs: exps.append(x.shape) or exp(x, *args, **kwargs))
+        fused = packed(images)
+        assert exps == [packed.model.layers[0].mixer.A_b_log.shape]
+        packed.fused = False
+        unfused = packed(images)
+    assert torch.linalg.norm(fused - unfused) / torch.linalg.norm(unfused) < 2e-3
+
+
 def test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logit():
     """Δ, B, C and dt_proj's input detect in rounds over the window (``WINDOW_ROUND_TENSORS``), x_proj's input
     step by step; the logits equal a run with every site step by step, bit for bit."""

@@ -296,11 +296,11 @@ class PackedFusedForward(FusedForward):
     def scan_parameters(self, mixer: nn.Module, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A and D as quantized at packing; where the config left them in floating point, the model's own
         (computed only then: a few launches a branch saved)."""
-        stored = [self.interceptor.static.get(_key(mixer.sites[name, direction].name)) for name in STATIC_S6]
-        if None in stored:
+        a, d = (self.interceptor.static.get(_key(mixer.sites[name, direction].name)) for name in STATIC_S6)
+        if a is None or d is None:
             float_a, float_d = super().scan_parameters(mixer, direction)
-            stored = [float_a if stored[0] is None else stored[0], float_d if stored[1] is None else stored[1]]
-        return stored[0].float(), stored[1].float()
+            a, d = float_a if a is None else a, float_d if d is None else d
+        return a.float(), d.float()
 
     def mix_out(self, mixer: nn.Module, y_forward: torch.Tensor, y_backward: torch.Tensor) -> torch.Tensor:
         out_proj = self.linears[_key(f"layers.{mixer.layer_idx}.out_proj.weight")]
