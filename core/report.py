@@ -103,11 +103,15 @@ def latency_figure(records: list[RunRecord]) -> go.Figure:
                            ("packed_graph", "packed integer model, CUDA graph")):
         runs = [(i, r) for i, r in kernel_runs if f"{variant}_ms" in r.kernel_latency]
         if runs:
+            # which FP16 forward was timed: runs before FusedVim timed the model's own (no record key then)
+            paths = [r.kernel_latency.get("fp16_model", "the model's own forward") if variant.startswith("fp16")
+                     else "Triton kernels" for _, r in runs]
             figure.add_bar(x=[run_label(i, r) for i, r in runs],
                            y=[r.kernel_latency[f"{variant}_ms"] / r.kernel_latency["batch"] for _, r in runs],
                            name=f"{label}, batch {runs[0][1].kernel_latency['batch']}: "
                                 f"{runs[0][1].kernel_latency['hardware']}",
-                           hovertemplate="%{x}<br>%{y:.4f} ms per image<extra>" + label + "</extra>")
+                           customdata=paths,
+                           hovertemplate="%{x}<br>%{y:.4f} ms per image (%{customdata})<extra>" + label + "</extra>")
     cpu_only = all(r.hardware.startswith("CPU") for r in records) and not kernel_runs
     kernels = "; GPU kernel timings where measured" if kernel_runs else ""
     figure.update_layout(

@@ -295,6 +295,11 @@ def test_gpu_kernel_timings_get_their_own_labelled_bars():
     names = [t.name for t in latency_figure([_record(), _record(kernel_latency=graphed)]).data]
     assert names[3:] == ["FP16 model, CUDA graph, batch 64: NVIDIA H100 80GB HBM3",
                          "packed integer model, CUDA graph, batch 64: NVIDIA H100 80GB HBM3"]
+    # the hover says which FP16 forward was timed; records from before FusedVim timed the model's own
+    fused = {**timing, "fp16_model": "fused float path, FusedVim"}
+    latency = latency_figure([_record(kernel_latency=timing), _record(kernel_latency=fused)])
+    assert list(latency.data[1].customdata) == ["the model's own forward", "fused float path, FusedVim"]
+    assert list(latency.data[2].customdata) == ["Triton kernels", "Triton kernels"]
 
 
 def test_kernel_latency_times_both_models_on_the_named_hardware():
