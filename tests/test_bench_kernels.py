@@ -47,6 +47,19 @@ def test_the_fusion_benchmark_runs_and_checks_every_producer(tiny_bench):
     assert all(check.startswith("ok") for check in fused.values()), fused
 
 
+def test_the_gemm_section_runs_every_layer_and_checks_every_variant(tiny_bench, monkeypatch):
+    """Every Vim layer's shape class at batch 1, dt_proj's included: its K (2 here, 12 at Vim-T) leaves the tuner
+    one candidate, which it does not time, and the row says so instead of failing."""
+    from kernels import tuning
+    monkeypatch.setattr(tuning, "TUNER", tuning.LaunchTuner(timer=lambda run: (run(), 1.0)[1],
+                                                            devices=("cpu", "cuda")))
+    rows = tiny_bench.bench_gemms(DEVICE, 1e12, {"tiny": 32}, (1,), generator())
+    assert {row["layer"] for row in rows} == {"in_proj", "x_proj", "dt_proj", "out_proj"}
+    assert all(row["check"].startswith("ok") or row["check"] == "baseline" for row in rows)
+    tuned = {row["layer"]: row["variant"] for row in rows if row["variant"].startswith("W8A8, ")}
+    assert tuned["dt_proj"].startswith("W8A8, rule only") and tuned["in_proj"].startswith("W8A8, tuned")
+
+
 def test_warm_only_runs_each_timed_call_once_and_times_nothing(monkeypatch):
     """``--warm-only`` (run beside the tests on the GPU machine to compile the kernels early): every timing the
     sections take goes through ``median_us``, which then calls once, never do_bench, and reports not-a-number."""
