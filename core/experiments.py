@@ -99,14 +99,14 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
 def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, device: str | torch.device,
                    repeats: int = 5) -> dict:
     """Median time of one forward pass over ``images`` for the FP16 model and the packed integer model (fp16
-    activations) on ``device``: the speed the kernels give, on the hardware named. The FP16 model runs the
-    packed model's fused skeleton with float operations (``core.models.fused.FusedVim``), so the two differ only
-    where the packed one quantizes. For CUDA: elsewhere the
+    activations) on ``device``: the speed the kernels give, on the hardware named. For CUDA: elsewhere the
     packed model runs the kernels' float64 references (a check, not a speed) and there is no fp16 fast path.
-    On CUDA both are also timed as replayed CUDA graphs (``*_graph_ms``): eager PyTorch pays launch overhead
-    per kernel, which for a small model can exceed the GPU work (measured, kernels/README.md). ``launches``
-    says whether the packed model's launches were tuned per shape on the first (warm-up) pass
-    (``kernels.tuning``) or ran the kernels' fixed rules."""
+    On CUDA the FP16 model runs the packed model's fused skeleton with float operations
+    (``core.models.fused.FusedVim``), so the two differ only where the packed one quantizes, and both are also
+    timed as replayed CUDA graphs (``*_graph_ms``): eager PyTorch pays launch overhead per kernel, which for a
+    small model can exceed the GPU work (measured, kernels/README.md). ``launches`` says whether the packed
+    model's launches were tuned per shape on the first (warm-up) pass (``kernels.tuning``) or ran the kernels'
+    fixed rules."""
     device = torch.device(device)
     half = torch.float16 if device.type == "cuda" else torch.float32
     fp16 = FusedVim(copy.deepcopy(model).to(device=device, dtype=half)).eval()
