@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import gradio as gr
 import numpy as np
@@ -51,6 +54,45 @@ def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.Stat
     run_button.click(arm, run_state, run_state, concurrency_limit=None, api_visibility="private").then(
         job, [*inputs, run_state], outputs, api_name=api_name)
     cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
+
+
+Value = TypeVar("Value")
+
+
+class RecentResults(Generic[Value]):
+    """Finished jobs by configuration, shared by every session of the app, forgetting the least recently used
+    beyond ``max_items`` entries or ``max_bytes`` (as ``size`` counts them). A demo server runs for days and
+    every configuration anyone tries would otherwise stay in memory (a Vim-T activation capture is over a GB).
+    The newest entry is kept even when it alone is over ``max_bytes``: it is what its session is looking at.
+    Jobs finish on Gradio's worker threads, so every access holds a lock."""
+
+    def __init__(self, max_items: int, max_bytes: int | None = None, size: Callable[[Value], int] = lambda _: 0):
+        self.max_items, self.max_bytes, self.size = max_items, max_bytes, size
+        self._entries: OrderedDict[Hashable, Value] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Value | None:
+        """The entry, now the most recently used, or None when it was never made or has been forgotten."""
+        with self._lock:
+            if key not in self._entries:
+                return None
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def put(self, key: Hashable, value: Value) -> Value:
+        """Keep ``value`` as the most recent entry, forget the oldest ones beyond the limits; returns ``value``."""
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > 1 and (len(self._entries) > self.max_items or self._over_bytes()):
+                self._entries.popitem(last=False)
+        return value
+
+    def _over_bytes(self) -> bool:
+        return self.max_bytes is not None and sum(map(self.size, self._entries.values())) > self.max_bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 REPOSITORY = Path(__file__).resolve().parent.parent

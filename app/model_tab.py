@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.common import Run, cell, error, in_range, stopped, wire_run
+from app.common import RecentResults, Run, cell, error, in_range, stopped, wire_run
 from core.default_model import CARD_FILE, DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
@@ -18,6 +18,7 @@ from core.workspace import Workspace, architecture, default_workspace, fits_fash
 DEFAULT_COUNT = 1_000
 # small batches so that the bar moves and Cancel takes effect within a fraction of a second on a CPU
 BATCH_SIZE = 100
+KEPT_EVALUATIONS = 256  # finished evaluations kept for repeated requests (a few hundred bytes each)
 CHECKPOINT_TYPES = [".pth", ".pt", ".bin", ".safetensors"]
 
 
@@ -92,7 +93,7 @@ def count_box(workspace: Workspace) -> dict:
 
 def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
     """The tab that sets ``workspace`` (this browser session's model and data) and evaluates it."""
-    results: dict[tuple[str, int], EvalResult] = {}
+    results = RecentResults[EvalResult](KEPT_EVALUATIONS)
 
     def load(path: str | None, upload: str | None, data_folder: str | None, current: Workspace,
              progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Workspace, str]]:  # noqa: B008 (gradio's hook)
@@ -127,9 +128,8 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         except StudioError as err:
             return error(err), None
         key = (ws.fingerprint, count)
-        if key in results:
-            return result_markdown(results[key], ws, cached=True), {**results[key].to_dict(), **ws.provenance(),
-                                                                    "cached": True}
+        if (earlier := results.get(key)) is not None:
+            return result_markdown(earlier, ws, cached=True), {**earlier.to_dict(), **ws.provenance(), "cached": True}
         run = run or Run()  # API calls come without a tab, hence without an armed run
 
         def report(done: int, total: int) -> None:
@@ -145,7 +145,7 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
             return error(err), None
         finally:
             run.done = True
-        results[key] = result
+        results.put(key, result)
         return result_markdown(result, ws, cached=False), {**result.to_dict(), **ws.provenance(), "cached": False}
 
     gr.Markdown("## Choose the model\n\nA Vim checkpoint (an official `.pth`, a plain state dict or `.safetensors`) "

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import torch
 
 from app.common import (
+    RecentResults,
     Run,
     calibration_dropdown,
     default_calibration,
@@ -52,6 +53,8 @@ STATE = "h"
 ALL_IMAGES = "max over all images"
 MAX_IMAGES = 256
 MAX_CAPTURE_BYTES = 2_000_000_000  # activations kept per inspection (Vim-T: 32 images ≈ 1.3 GB)
+KEPT_CAPTURE_BYTES = 2 * MAX_CAPTURE_BYTES  # every session's inspections together; the oldest are released
+KEPT_INSPECTIONS = 8
 K_RANGE = (0.5, 8)
 READY = "Press **Calibrate & capture** (under a minute on 2 CPU cores for the default model)."
 
@@ -81,6 +84,11 @@ class Inspection:
         self.inputs = capture_quantizer_inputs(qmodel, images)
         self.summary = dynamic_outlier_summary(qmodel, images)
         self._states: dict[str, tuple[torch.Tensor, OutlierAwareQuantizer]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the captured tensors, the scan states asked for so far included."""
+        return sum(x.nbytes for x in [*self.inputs.values(), *(state for state, _ in self._states.values())])
 
     def tensor_and_quantizer(self, site: str) -> tuple[torch.Tensor, torch.nn.Module]:
         """What a site's outlier rule sees and the quantizer holding that rule; scan states are captured (and
@@ -148,7 +156,7 @@ def summary_figure(summary: pd.DataFrame) -> go.Figure:
 def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
     """The tab; the layer and n_refresh ranges follow ``workspace``'s architecture."""
     cfg = startup.model.cfg
-    inspections: dict[tuple, Inspection] = {}
+    inspections = RecentResults[Inspection](KEPT_INSPECTIONS, KEPT_CAPTURE_BYTES, size=lambda i: i.nbytes)
 
     def prepare(ws: Workspace, a_bits: str, calib: str, n_calib: float, n_images: float, seed: float | None,
                 run: Run | None, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
@@ -168,7 +176,8 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
             if seed is None:
                 raise StudioError("the seed needs a value")
             key = (ws.fingerprint, int(a_bits), calib, n_calib, n_images, int(seed))
-            if key not in inspections:
+            inspection = inspections.get(key)
+            if inspection is None:
                 model_cfg = ws.model.cfg
                 progress(0, desc="Calibrating inlier scales")
                 calib_images = calibration_images(calib, n_calib, int(seed), model_cfg.img_size, model_cfg.in_chans)
@@ -180,15 +189,14 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                 images, described = ws.inspection_images(n_images, int(seed))
                 label = (f"A{a_bits} inlier scales from {n_calib} {calib} images (seed {int(seed)}); "
                          f"statistics of {described}")
-                inspections[key] = Inspection(qmodel, calib_images, images, label,
-                                              "test" if ws.data is not None else "noise", int(a_bits))
+                inspection = inspections.put(key, Inspection(qmodel, calib_images, images, label,
+                                                             "test" if ws.data is not None else "noise", int(a_bits)))
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip(), gr.skip()
         except StudioError as err:
             return error(err), gr.skip(), gr.skip(), gr.skip()
         finally:
             run.done = True
-        inspection = inspections[key]
         choices = [ALL_IMAGES, *(f"image #{i}" for i in range(len(inspection.images)))]
         return (f"Ready: {inspection.label}.", summary_figure(inspection.summary), key,
                 gr.update(choices=choices, value="image #0"))
@@ -196,9 +204,12 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
     def show(ws: Workspace, key: tuple | None, layer: float, tensor: str, direction: str, image: str,
              k: float | None, n_refresh: float | None) -> tuple:
         """Outlier detection with this k and n_refresh on the captured tensors: milliseconds, so it runs live."""
-        if key is None or tuple(key) not in inspections or key[0] != ws.fingerprint:
+        if key is None or key[0] != ws.fingerprint:
             return "Press **Calibrate & capture** first.", None, None, None
-        inspection = inspections[tuple(key)]
+        inspection = inspections.get(tuple(key))
+        if inspection is None:
+            return (f"This capture was released to free memory (the app keeps the {KEPT_INSPECTIONS} most recent, "
+                    f"at most {KEPT_CAPTURE_BYTES / 1e9:g} GB): press **Calibrate & capture** again.", None, None, None)
         model_cfg = ws.model.cfg
         try:
             k = in_range("k", k, *K_RANGE)

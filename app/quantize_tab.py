@@ -30,8 +30,19 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from app.common import Run, calibration_dropdown, cell, default_calibration, error, in_range, stopped, wire_run, zoom
-from app.model_tab import BATCH_SIZE, count_box
+from app.common import (
+    RecentResults,
+    Run,
+    calibration_dropdown,
+    cell,
+    default_calibration,
+    error,
+    in_range,
+    stopped,
+    wire_run,
+    zoom,
+)
+from app.model_tab import BATCH_SIZE, KEPT_EVALUATIONS, count_box
 from core.data import LabelledImages
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
@@ -60,6 +71,7 @@ MAX_CALIB, MAX_EPOCHS = 1024, 100
 ERROR_IMAGES = 32  # SQNR on the first 32 test images: about a second on 2 CPU cores
 SENSITIVITY_IMAGES = 200  # one evaluation per layer: ~1.5 s per layer of the default model on 2 CPU cores
 MAX_GALLERY = 48
+KEPT_RUNS = 32  # finished runs kept for repeated requests: figures and a gallery each, a few MB at most
 EXAMPLE_OVERRIDES = '{"layers.0.*": {"w_bits": 8}}'
 READY = ("Choose a configuration and press **Quantize**. On 2 CPU cores, with the default model, 128 calibration "
          "images and 10 reconstruction epochs take about 3 minutes (the bar moves once per reconstructed block); "
@@ -223,8 +235,8 @@ def summary_markdown(shown: Shown, cached: bool) -> str:
 def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> gr.JSON:
     """The Quantize tab for this session's model; every fresh run is appended to ``runs``. Returns the record
     output, which changes after every run (Compare listens to it)."""
-    cache: dict[str, Shown] = {}
-    fp_results: dict[tuple[str, int], EvalResult] = {}
+    cache = RecentResults[Shown](KEPT_RUNS)
+    fp_results = RecentResults[EvalResult](KEPT_EVALUATIONS)
 
     def finished(shown: Shown, cached: bool) -> tuple:
         record = {**asdict(shown.record), "cached": cached, "changed_predictions": shown.changed,
@@ -256,8 +268,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         seed = int(seed)
         key = json.dumps({"workspace": ws.fingerprint, "config": config.to_dict(), "source": source,
                           "calib": calib_count, "seed": seed, "test": test_count}, sort_keys=True)
-        if key in cache:
-            return finished(cache[key], cached=True)
+        if (earlier := cache.get(key)) is not None:
+            return finished(earlier, cached=True)
         run = run or Run()  # API calls come without a tab, hence without an armed run
         test = test_split.subset(test_count)
 
@@ -270,9 +282,9 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
 
         try:
             fp_key = (ws.fingerprint, test_count)
-            if fp_key not in fp_results:
-                fp_results[fp_key] = evaluate(ws.model, test, BATCH_SIZE, evaluating("FP32"), run.cancel)
-            fp = fp_results[fp_key]
+            fp = fp_results.get(fp_key)
+            if fp is None:
+                fp = fp_results.put(fp_key, evaluate(ws.model, test, BATCH_SIZE, evaluating("FP32"), run.cancel))
             progress(0, desc="Calibrating")
             result = quantize_and_evaluate(ws.model, ws.name, config, test, fp.top1, source, calib_count, seed,
                                            progress=quantizing, cancel=run.cancel,
@@ -311,7 +323,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
                       broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note,
                       suggestion=suggestion)
-        cache[key] = shown
+        cache.put(key, shown)
         return finished(shown, cached=False)
 
     gr.Markdown("## Quantize the model\n\nPick a method and bit-widths, calibrate, and compare the quantized model's "

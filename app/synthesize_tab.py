@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import Run, cell, error, in_range, sets_dir, slider_top, stopped, wire_run, zoom
+from app.common import RecentResults, Run, cell, error, in_range, sets_dir, slider_top, stopped, wire_run, zoom
 from core.errors import StudioError
 from core.gen import GEN_PRESETS, GenConfig, GenResult, attention_maps, generate, save_generated, to_pixels
 from core.models import VimConfig
@@ -30,6 +30,7 @@ SOURCES = {
 MAX_COUNT, MAX_ITERATIONS = 256, 2000
 MAX_WEIGHT, LR_RANGE = 100, (0.001, 10)
 REAL_EXAMPLES_FROM = 2000  # the first test images searched for one real image of each class
+KEPT_SETS, KEPT_SET_BYTES = 16, 1_000_000_000  # finished sets kept for repeated requests (images)
 APP_COUNT = 16  # the page's default: a first look in seconds; the interactive preset makes the paper's 128
 INTERACTIVE, FIDELITY = GEN_PRESETS["interactive"], GEN_PRESETS["fidelity"]
 READY = ("Pick a source and press **Synthesize**. The defaults (16 images, 20 iterations) take seconds on 2 CPU cores "
@@ -164,7 +165,7 @@ def _query_position(query: str, cfg: VimConfig) -> int | str:
 def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
     """The tab; controls that depend on the architecture (top-K, layer, query token) follow ``workspace``."""
     cfg = startup.model.cfg
-    cache: dict[str, GenResult] = {}
+    cache = RecentResults[GenResult](KEPT_SETS, KEPT_SET_BYTES, size=lambda result: result.images.nbytes)
 
     def finished(ws: Workspace, result: GenResult, cached: bool) -> tuple:
         folder, archive = _save(result, ws)
@@ -203,8 +204,8 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
             yield message(error(err))
             return
         key = json.dumps({"workspace": ws.fingerprint, **config.to_dict()}, sort_keys=True)
-        if key in cache:
-            yield finished(ws, cache[key], cached=True)
+        if (earlier := cache.get(key)) is not None:
+            yield finished(ws, earlier, cached=True)
             return
         run = run or Run()
         updates: queue.Queue = queue.Queue()
@@ -234,7 +235,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
         if "error" in outcome:
             yield message(stopped(outcome["error"]) if run.cancel.is_set() else error(outcome["error"]))
             return
-        cache[key] = outcome["result"]
+        cache.put(key, outcome["result"])
         yield finished(ws, outcome["result"], cached=False)
 
     def show_attention(ws: Workspace, made: tuple[str, GenResult] | None, origin: str, index: float | None,

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import re
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import gradio as gr
 import pytest
 from gradio_client import Client
 
-from app.common import calibration_choices, sets_dir
+from app import outliers_tab
+from app.common import RecentResults, calibration_choices, sets_dir
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.default_model import load_card
 from core.models import create_vim, save_safetensors
@@ -172,3 +174,55 @@ def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
                                           api_name="/outliers_view")
     assert state.startswith("**layers.2.bwd.h**, test image #1") and "of 2048 channels" in state
     assert json.loads(heatmap["plot"])["data"][0]["type"] == "heatmap"
+
+
+def test_recent_results_forget_the_least_recently_used_first():
+    kept = RecentResults[str](max_items=2)
+    kept.put("a", "A"), kept.put("b", "B")
+    assert kept.get("a") == "A"  # a is now the most recent: b goes first
+    kept.put("c", "C")
+    assert (kept.get("a"), kept.get("b"), kept.get("c"), len(kept)) == ("A", None, "C", 2)
+
+
+def test_recent_results_stay_under_their_byte_limit_but_keep_the_newest():
+    kept = RecentResults[bytes](max_items=10, max_bytes=10, size=len)
+    kept.put(1, b"x" * 4), kept.put(2, b"x" * 4)
+    kept.put(3, b"x" * 4)  # 12 bytes: the oldest goes
+    assert kept.get(1) is None and kept.get(2) is not None and kept.get(3) is not None
+    kept.put(4, b"x" * 50)  # over the limit alone: what its session is looking at stays
+    assert len(kept) == 1 and kept.get(4) == b"x" * 50
+
+
+def test_recent_results_hold_their_limit_under_concurrent_jobs():
+    kept = RecentResults[int](max_items=5)
+
+    def job(worker: int) -> None:
+        for i in range(300):
+            kept.put((worker, i), i)
+            kept.get((worker, i - 1))
+
+    threads = [threading.Thread(target=job, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(kept) == 5
+
+
+def test_a_released_outlier_capture_asks_for_a_new_one(monkeypatch):
+    """Captures are the app's largest results; beyond the kept ones the oldest is released, and the session that
+    still points at it is told to capture again (not shown another session's tensors, not a stack trace)."""
+    monkeypatch.setattr(outliers_tab, "KEPT_INSPECTIONS", 1)
+    demo = build_app()
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        first, second = Client(demo.local_url, verbose=False), Client(demo.local_url, verbose=False)
+        view = (1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #0", 3, 10)
+        assert first.predict("4", "real", 4, 2, 0, api_name="/outliers_prepare")[0].startswith("Ready")
+        assert first.predict(*view, api_name="/outliers_view")[0].startswith("**layers.1.fwd.x_proj.input**")
+        assert second.predict("4", "real", 4, 2, 1, api_name="/outliers_prepare")[0].startswith("Ready")
+        released = first.predict(*view, api_name="/outliers_view")[0]
+        assert "released to free memory" in released and "Calibrate & capture" in released
+        assert second.predict(*view, api_name="/outliers_view")[0].startswith("**layers.1.fwd.x_proj.input**")
+    finally:
+        demo.close()
