@@ -37,19 +37,22 @@ def _ms_per_image(record: RunRecord) -> float:
 
 
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
-    """One row per run, with everything needed to reproduce its numbers (the config as compact JSON)."""
+    """One row per run, with everything needed to reproduce its numbers (the config as compact JSON). The
+    columns people compare come first (the run's label names its method and setting), so a narrow table still
+    shows them; provenance follows."""
     return pd.DataFrame([{
-        "run": run_label(index, r), "model": r.model, "data": r.data or None, "method": r.method,
-        "setting": r.setting,
-        "calibration": _calibration(r), "top-1 (%)": r.top1, "FP top-1 (%)": r.fp_top1, "Δ vs FP": r.delta_vs_fp,
-        "test images": r.test_images, "eval ms / image": _ms_per_image(r), "hardware": r.hardware,
+        "run": run_label(index, r), "top-1 (%)": r.top1, "Δ vs FP": r.delta_vs_fp, "FP top-1 (%)": r.fp_top1,
+        "test images": r.test_images, "calibration": _calibration(r), "eval ms / image": _ms_per_image(r),
+        "hardware": r.hardware, "method": r.method, "setting": r.setting, "model": r.model, "data": r.data or None,
         "calibration s": r.calibration_seconds, "date": r.date,
         "versions": ", ".join(f"{k} {v}" for k, v in r.versions.items()), "checkpoint": r.checkpoint or None,
         "config": json.dumps(r.config, separators=(",", ":")), "quantized model": r.quantized_model or None,
-    } for index, r in enumerate(records)], columns=[
-        "run", "model", "data", "method", "setting", "calibration", "top-1 (%)", "FP top-1 (%)", "Δ vs FP",
-        "test images", "eval ms / image", "hardware", "calibration s", "date", "versions", "checkpoint", "config",
-        "quantized model"])
+    } for index, r in enumerate(records)], columns=RUN_COLUMNS)
+
+
+RUN_COLUMNS = ["run", "top-1 (%)", "Δ vs FP", "FP top-1 (%)", "test images", "calibration", "eval ms / image",
+               "hardware", "method", "setting", "model", "data", "calibration s", "date", "versions", "checkpoint",
+               "config", "quantized model"]
 
 
 def _series(record: RunRecord, several_models: bool) -> str:

@@ -265,6 +265,7 @@ def test_table_figures_and_report():
                                   hardware="NVIDIA H100 80GB HBM3", eval_seconds=0.5)]
     frame = runs_frame(records)
     assert list(frame["run"]) == ["#1 ouromamba W4A8O8", "#2 per_tensor W8A8"]
+    assert list(frame.columns[:3]) == ["run", "top-1 (%)", "Δ vs FP"]  # what a narrow table must still show
     assert list(frame["eval ms / image"]) == [12.0, 0.5] and list(frame["calibration"])[0] == "real × 128, seed 0"
     assert runs_frame([]).empty and "config" in runs_frame([]).columns
     accuracy = accuracy_figure(records)
