@@ -95,11 +95,13 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
     """The tab that sets ``workspace`` (this browser session's model and data) and evaluates it."""
     results = RecentResults[EvalResult](KEPT_EVALUATIONS)
 
-    def load(path: str | None, upload: str | None, data_folder: str | None, current: Workspace,
+    def load(path: str | None, upload: str | None, data_folder: str | None, data_upload: str | None,
+             current: Workspace,
              progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Workspace, str]]:  # noqa: B008 (gradio's hook)
-        """Open the uploaded file, else the typed path, with the data folder if one is given. On any problem
-        the session keeps its model and the status line says why."""
-        path, folder = (path or "").strip(), (data_folder or "").strip() or None
+        """Open the uploaded file, else the typed path, with the uploaded .zip of test images, else the typed
+        folder, if one is given. On any problem the session keeps its model and the status line says why."""
+        path = (path or "").strip()
+        folder = data_upload or (data_folder or "").strip() or None
         if not upload and not path:
             yield current, error("type the path of a checkpoint on this machine or upload one")
             return
@@ -109,7 +111,8 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         try:
             loaded = open_workspace(upload or path, folder, shown_as=shown if upload else None,
                                     progress=lambda done, total: progress((done, total), desc="Reading images",
-                                                                          unit="images"))
+                                                                          unit="images"),
+                                    data_shown_as=f"uploaded {Path(data_upload).name}" if data_upload else None)
         except StudioError as err:
             yield current, error(f"{err}. Still working on `{cell(current.name)}`.")
             return
@@ -149,8 +152,9 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         return result_markdown(result, ws, cached=False), {**result.to_dict(), **ws.provenance(), "cached": False}
 
     gr.Markdown("## Choose the model\n\nA Vim checkpoint (an official `.pth`, a plain state dict or `.safetensors`) "
-                "and, optionally, a folder of labelled test images (one sub-folder per class, ImageNet-val style; "
-                "images of any size are resized to the model's input). The choice holds for this browser tab only.")
+                "and, optionally, a folder of labelled test images (one sub-folder per class, ImageNet-val style, "
+                "on this machine or uploaded as a .zip; images of any size are resized to the model's input). The "
+                "choice holds for this browser tab only.")
     with gr.Row(equal_height=True):
         path = gr.Textbox(label="Checkpoint on this machine", placeholder="/path/to/vim_t_midclstok_76p1acc.pth",
                           elem_id="ws-path", scale=3)
@@ -160,6 +164,8 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         data_folder = gr.Textbox(label="Test images folder (optional)", placeholder="/path/to/imagenet/val",
                                  info="Without one, models of Fashion-MNIST's shape use its test split",
                                  elem_id="ws-data", scale=3)
+        data_upload = gr.File(label="…or upload it as a .zip (used instead of the folder)", file_types=[".zip"],
+                              type="filepath", elem_id="ws-data-upload", scale=2, height=110)
         load_button = gr.Button("Load", variant="primary", elem_id="ws-load", scale=1)
         default_button = gr.Button("Default model", elem_id="ws-default", scale=1)
     status = gr.Markdown("Type a path or upload a checkpoint, then press **Load**.", elem_id="ws-status")
@@ -173,7 +179,8 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
     with gr.Accordion("Record (JSON)", open=False):
         record = gr.JSON(show_label=False)
     # loading waits for no job (its own queue lane), and two loads never compete for memory
-    load_button.click(load, [path, upload, data_folder, workspace], [workspace, status], api_name="load_model",
+    load_button.click(load, [path, upload, data_folder, data_upload, workspace], [workspace, status],
+                      api_name="load_model",
                       concurrency_limit=1, concurrency_id="load")
     default_button.click(use_default, None, [workspace, status], api_name="default_model", concurrency_limit=None)
     wire_run(run_button, cancel_button, gr.State(), run_evaluation, [workspace, count], [result, record], "evaluate")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from core.data import (
     LabelledImages,
     calibration_images,
     load_fashion_mnist,
+    load_labelled_archive,
     load_labelled_folder,
 )
 from core.default_model import CARD_FILE, DEFAULT_CHECKPOINT, load_card
@@ -107,13 +109,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _evaluation_data(cfg: VimConfig, data_folder: Path | None,
-                     progress: Callable[[int, int], None] | None) -> tuple[LabelledImages | None, str]:
-    """The folder's images when one is given, else Fashion-MNIST's test split when the model reads it."""
+def _evaluation_data(cfg: VimConfig, data_folder: Path | None, progress: Callable[[int, int], None] | None,
+                     shown_as: str | None = None) -> tuple[LabelledImages | None, str]:
+    """The folder's (or .zip archive's) images when one is given, else Fashion-MNIST's test split when the model
+    reads it."""
     if data_folder is not None:
-        data = load_labelled_folder(data_folder, cfg.img_size, cfg.in_chans, progress=progress)
+        shown = shown_as or str(data_folder)
+        if data_folder.is_file() and zipfile.is_zipfile(data_folder):
+            data = load_labelled_archive(data_folder, cfg.img_size, cfg.in_chans, progress=progress, shown_as=shown)
+        elif data_folder.is_file():
+            raise StudioError(f"test images '{shown}' is a file but not a .zip archive: give a folder with one "
+                              "sub-folder per class, or a .zip of one")
+        else:
+            data = load_labelled_folder(data_folder, cfg.img_size, cfg.in_chans, progress=progress)
         if len(data.classes) > cfg.num_classes:
-            raise StudioError(f"'{data_folder}' has {len(data.classes)} class folders but the model predicts "
+            raise StudioError(f"'{shown}' has {len(data.classes)} class folders but the model predicts "
                               f"{cfg.num_classes} classes")
         return data, ""
     if not fits_fashion_mnist(cfg):
@@ -126,14 +136,15 @@ def _evaluation_data(cfg: VimConfig, data_folder: Path | None,
 
 
 def open_workspace(checkpoint: str | Path, data_folder: str | Path | None = None, shown_as: str | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> Workspace:
+                   progress: Callable[[int, int], None] | None = None,
+                   data_shown_as: str | None = None) -> Workspace:
     """Load a checkpoint (official Vim ``.pth``, plain state dict or safetensors) and its evaluation data.
 
-    ``data_folder`` (ImageFolder layout) replaces Fashion-MNIST's test split, which is used only for models
-    of its shape; its images are resized to the model's input (:func:`core.data.pixel_transform`).
-    ``shown_as`` is how messages and records name the file when its path means nothing to the user (an
-    upload's temporary copy). ``progress(done, total)`` follows the folder's images. Every problem is a
-    :class:`StudioError` of one line.
+    ``data_folder`` (ImageFolder layout, or a .zip of one) replaces Fashion-MNIST's test split, which is used
+    only for models of its shape; its images are resized to the model's input (:func:`core.data.pixel_transform`).
+    ``shown_as`` / ``data_shown_as`` are how messages and records name the checkpoint / the data when their path
+    means nothing to the user (an upload's temporary copy). ``progress(done, total)`` follows the folder's
+    images. Every problem is a :class:`StudioError` of one line.
     """
     path = Path(checkpoint)
     shown = shown_as or str(path)
@@ -150,7 +161,7 @@ def open_workspace(checkpoint: str | Path, data_folder: str | Path | None = None
     if cfg.num_classes < 1:
         raise StudioError(f"'{shown}' has no classification head (head.weight): the studio needs a classifier")
     folder = Path(data_folder) if data_folder else None
-    data, no_data = _evaluation_data(cfg, folder, progress)
+    data, no_data = _evaluation_data(cfg, folder, progress, data_shown_as)
     card = load_card(path.parent) if (path.parent / CARD_FILE).is_file() else None
     digest = file_sha256(path)
     fingerprint = hashlib.sha256(digest.encode())

@@ -4,6 +4,7 @@ bad input of every kind is one line in the page while the app keeps serving."""
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from app.common import Run
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.models import save_safetensors
 from core.workspace import default_workspace
-from tests.test_workspace import BAD_CHECKPOINTS, _junk, image_folder, tiny_vim
+from tests.test_workspace import BAD_CHECKPOINTS, _junk, _zip_folder, image_folder, tiny_vim
 
 NOISE = "Gaussian noise (no optimisation)"
 GEN = "OuroMamba-Gen (contrastive + output loss)"
@@ -46,8 +47,10 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return save_safetensors(tiny_vim(), root / "tiny.safetensors"), image_folder(root / "data")
 
 
-def _load(client: Client, path: str = "", upload: str | None = None, data: str = "") -> str:
-    return client.predict(path, handle_file(upload) if upload else None, data, api_name="/load_model")
+def _load(client: Client, path: str = "", upload: str | None = None, data: str = "",
+          data_upload: str | None = None) -> str:
+    return client.predict(path, handle_file(upload) if upload else None, data,
+                          handle_file(data_upload) if data_upload else None, api_name="/load_model")
 
 
 def _is_one_line_error(text: str) -> bool:
@@ -118,6 +121,23 @@ def test_another_model_with_its_folder_runs_in_every_tab(client: Client, tiny: t
     assert record["data"].startswith("image folder") and "`tiny.safetensors`" in text
     text, _, _, _, record, _ = client.predict(*FAST_QUANT[:6], "real", *FAST_QUANT[7:], api_name="/quantize")
     assert record is None and "real calibration images are Fashion-MNIST" in text
+
+
+def test_test_images_uploaded_as_a_zip(client: Client, tiny: tuple[Path, Path], tmp_path: Path):
+    """What a browser on another machine can do: the folder zipped (under a top folder, as zipping one by hand
+    makes), named in the page and the records as the user knows it; a bad archive is one line."""
+    checkpoint, folder = tiny
+    archive = _zip_folder(folder, tmp_path / "my_val.zip", "my_val/")
+    status = _load(client, str(checkpoint), data="/typed/but/ignored", data_upload=str(archive))
+    assert status.startswith("Loaded `"), status
+    text, record = client.predict(12, api_name="/evaluate")
+    assert record["total"] == 12 and record["data"] == "image archive uploaded my_val.zip (3 classes)"
+    empty = tmp_path / "empty.zip"
+    with zipfile.ZipFile(empty, "w") as zipped:
+        zipped.writestr("notes/readme.txt", "no images")
+    status = _load(client, str(checkpoint), data_upload=str(empty))
+    assert _is_one_line_error(status) and "'uploaded empty.zip' holds no images" in status
+    assert client.predict(12, api_name="/evaluate")[1]["data"].startswith("image archive uploaded my_val.zip")
 
 
 def test_model_without_test_images_says_so_where_they_are_needed(client: Client, tiny: tuple[Path, Path]):

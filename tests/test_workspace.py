@@ -4,6 +4,8 @@ what loads, how folder images are resized, and the one-line message for every ba
 from __future__ import annotations
 
 import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+import core.data.image_folder as image_folder_module
 import core.workspace as workspace_module
 from core.data import VIM_EVAL_MEAN, load_labelled_folder
 from core.default_model import DEFAULT_CHECKPOINT
@@ -164,3 +167,60 @@ def test_copy_of_the_default_model_has_its_fingerprint_but_no_card(tmp_path: Pat
     copy = Path(shutil.copy(DEFAULT_CHECKPOINT, tmp_path / "mine.safetensors"))
     ws = open_workspace(copy)
     assert ws.fingerprint == default_workspace().fingerprint and ws.card is None and ws.name == "mine.safetensors"
+
+
+def _zip_folder(folder: Path, archive: Path, under: str = "") -> Path:
+    """``folder`` zipped with its files at ``under`` (a top folder, as zipping a folder by hand makes)."""
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zipped.write(path, f"{under}{path.relative_to(folder).as_posix()}")
+    return archive
+
+
+@pytest.mark.parametrize("under", ["", "val/"])
+def test_a_zip_of_a_folder_gives_the_same_images_and_leaves_nothing_behind(tmp_path: Path, under: str):
+    checkpoint = save_safetensors(tiny_vim(), tmp_path / "tiny.safetensors")
+    folder = image_folder(tmp_path / "data")
+    archive = _zip_folder(folder, tmp_path / "data.zip", under)
+    with zipfile.ZipFile(archive, "a") as zipped:  # what macOS' Finder adds: skipped, not read as images
+        zipped.writestr(f"__MACOSX/{under}class_0/._0.png", b"resource fork")
+        zipped.writestr(f"{under}class_1/._1.png", b"resource fork")
+    before = set(Path(tempfile.gettempdir()).glob("ouromamba-images-*"))
+    from_folder = open_workspace(checkpoint, folder).data
+    ws = open_workspace(checkpoint, archive, data_shown_as="uploaded data.zip")
+    assert torch.equal(ws.data.images, from_folder.images) and torch.equal(ws.data.labels, from_folder.labels)
+    assert ws.data.classes == from_folder.classes and ws.data.source == "image archive uploaded data.zip (3 classes)"
+    assert set(Path(tempfile.gettempdir()).glob("ouromamba-images-*")) == before
+
+
+def test_bad_archives_are_one_line_and_write_nothing_outside(tmp_path: Path, monkeypatch):
+    escaping, bomb, text, empty = (tmp_path / name for name in ("escaping.zip", "bomb.zip", "text.zip", "empty.zip"))
+    with zipfile.ZipFile(escaping, "w") as zipped:
+        zipped.writestr("class_0/0.png", b"x")
+        zipped.writestr("../../outside.png", b"x")
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("class_0/big.png", bytes(2_000_000))  # zeros: a few kB zipped
+    with zipfile.ZipFile(empty, "w") as zipped:
+        zipped.writestr("class_0/readme.txt", "no images")
+    text.write_text("not a zip")
+    monkeypatch.setattr(image_folder_module, "MAX_ARCHIVE_BYTES", 1_000_000)
+    for archive, expected in ((escaping, "holds a file outside its own folder .'../../outside.png'.: refused"),
+                              (bomb, "would unpack to 0.0 GB of images, more than the 0.001 GB"),
+                              (empty, "holds no images: zip a folder"),
+                              (text, "is a file but not a .zip archive")):
+        with pytest.raises(StudioError, match=expected) as caught:
+            open_workspace(DEFAULT_CHECKPOINT, archive)
+        assert "\n" not in str(caught.value)
+    assert not (tmp_path.parent.parent / "outside.png").exists()
+
+
+def test_an_archive_whose_header_lies_about_its_size_is_refused(tmp_path: Path):
+    """The size limit reads the headers; a forged one is caught while unpacking, not after the disk fills."""
+    archive = tmp_path / "forged.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("class_0/0.png", bytes(5000))
+    forged = archive.read_bytes().replace((5000).to_bytes(4, "little"), (50).to_bytes(4, "little"))
+    archive.write_bytes(forged)
+    with pytest.raises(StudioError, match="forged.zip' (is damaged|is not a readable .zip archive)"):
+        open_workspace(DEFAULT_CHECKPOINT, archive)

@@ -15,6 +15,7 @@ from core.data.image_folder import (
     VIM_EVAL_STD,
     input_normalization,
     load_image_folder,
+    load_labelled_archive,
     load_labelled_folder,
     pixel_transform,
     vim_eval_transform,
@@ -24,6 +25,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "LabelledImages",
     "find_fashion_mnist", "load_fashion_mnist",
     "BUILTIN_SOURCES", "calibration_images", "input_normalization",
-    "MAX_FOLDER_IMAGES", "VIM_EVAL_MEAN", "VIM_EVAL_STD", "load_image_folder", "load_labelled_folder",
+    "MAX_FOLDER_IMAGES", "VIM_EVAL_MEAN", "VIM_EVAL_STD", "load_image_folder", "load_labelled_archive",
+    "load_labelled_folder",
     "pixel_transform", "vim_eval_transform",
 ]
