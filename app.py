@@ -27,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--checkpoint", help="Vim checkpoint every session starts on (default: the embedded default "
                                              "model); any architecture, each session can load another in the page")
-    parser.add_argument("--data", help="its test images: a folder with one sub-folder per class, or a .zip of one (default: "
-                                       "Fashion-MNIST's test split for models of its shape, none for others)")
+    parser.add_argument("--data", help="its test images: a folder with one sub-folder per class, or a .zip of one "
+                                       "(default: Fashion-MNIST's test split for models of its shape, none for others)")
     return parser.parse_args(argv)
 
 

@@ -21,13 +21,16 @@ import triton.language as tl
 from kernels import tuning
 from kernels.detect_quant import (
     MIN_SCALE,
+    SHARED_DIVISOR_ELEMENTS,
     _round_half_even,
     check_rows,
     detect_launches,
     detect_rows,
+    divide,
     grow_set,
     launch_block,
     load_rows,
+    register_cap,
     round_rows,
     window_outlier_masks,
     window_program,
@@ -36,10 +39,11 @@ from kernels.host import cdiv
 
 
 @triton.jit
-def _grid_round(v, scale, zero, levels, ASYMMETRIC: tl.constexpr):
+def _grid_round(v, scale, reciprocal, zero, levels, ASYMMETRIC: tl.constexpr, BY_RECIPROCAL: tl.constexpr):
     """Fake quantization of v on a grid: symmetric ±levels, or unsigned 0…levels with zero point ``zero``; the
-    grid may differ per element (one call rounds inliers and outliers on their own grids)."""
-    q = tl.math.div_rn(v, scale)
+    grid (``scale`` with its correctly rounded ``reciprocal``) may differ per element (one call rounds inliers
+    and outliers on their own grids)."""
+    q = divide(v, scale, reciprocal, BY_RECIPROCAL)
     if ASYMMETRIC:
         q = tl.minimum(tl.maximum(_round_half_even(tl.minimum(tl.maximum(q, -2.0**22), 2.0**22)) + zero, 0.0), levels)
         return (q - zero) * scale
@@ -54,6 +58,7 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
                               LEVELS: tl.constexpr, OUTLIER_LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr,
                               BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
     sample, start, steps, offs, valid, outlier = window_program(length, channels, n_refresh, BLOCK_C)
+    BY_RECIPROCAL: tl.constexpr = ROWS * BLOCK_C >= SHARED_DIVISOR_ELEMENTS
     row = x_ptr + sample * stride_xb + offs * stride_xc
     x_next = load_rows(row, stride_xt, start, 0, steps, valid, ROWS)
     i = 0
@@ -65,7 +70,8 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
         grown, outlier_high, outlier_low, last = detect_rows(x, outlier, valid, live, static_scale, k, LEVELS,
                                                              ASYMMETRIC, ROWS)
 
-        inlier_scale = tl.maximum(static_scale, 1e-8)[:, None]
+        inlier_scale = tl.where(live, tl.maximum(static_scale, 1e-8), 1.0)[:, None]  # past the window: not stored
+        inlier_reciprocal = tl.math.div_rn(1.0, inlier_scale)
         zero = tl.load(zero_ptr + t, mask=live, other=0.0)[:, None] if ASYMMETRIC else 0.0
         if OUTLIER_LEVELS > 0:  # one division and rounding an element, inliers and outliers each on their grid
             if ASYMMETRIC:
@@ -75,10 +81,12 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
             else:
                 outlier_peak = tl.maximum(outlier_high, -outlier_low)
                 outlier_scale = tl.maximum(tl.math.div_rn(outlier_peak, OUTLIER_LEVELS * 1.0), 1e-8)
-            y = _grid_round(x, tl.where(grown, outlier_scale[:, None], inlier_scale), zero,
-                            tl.where(grown, OUTLIER_LEVELS * 1.0, LEVELS * 1.0), ASYMMETRIC)
+            y = _grid_round(x, tl.where(grown, outlier_scale[:, None], inlier_scale),
+                            tl.where(grown, tl.math.div_rn(1.0, outlier_scale)[:, None], inlier_reciprocal), zero,
+                            tl.where(grown, OUTLIER_LEVELS * 1.0, LEVELS * 1.0), ASYMMETRIC, BY_RECIPROCAL)
         else:  # outliers stay in floating point
-            y = tl.where(grown, x, _grid_round(x, inlier_scale, zero, LEVELS * 1.0, ASYMMETRIC))
+            y = tl.where(grown, x, _grid_round(x, inlier_scale, inlier_reciprocal, zero, LEVELS * 1.0, ASYMMETRIC,
+                                               BY_RECIPROCAL))
         tl.store(y_ptr + (sample * length + t).to(tl.int64)[:, None] * channels + offs[None, :],
                  y.to(y_ptr.dtype.element_ty), mask=tile & (tl.arange(0, ROWS) <= last)[:, None])
         outlier, advance = grow_set(grown, last, ROWS)
@@ -117,7 +125,7 @@ def detect_fake_quant(x: torch.Tensor, static_scale: torch.Tensor, zero_point: t
         _detect_fake_quant_kernel[(batch, cdiv(length, n_refresh))](
             x, *x.stride(), y, scale, zero, length, channels, n_refresh, float(k), LEVELS=levels,
             OUTLIER_LEVELS=outlier_levels, ASYMMETRIC=asymmetric, BLOCK_C=block, ROWS=option[1],
-            num_warps=option[0], enable_fp_fusion=False)  # no FMA: as PyTorch rounds
+            num_warps=option[0], **register_cap(*option), enable_fp_fusion=False)  # no FMA: as PyTorch rounds
 
     key = (_detect_fake_quant_kernel, x.shape, x.stride(), x.dtype, n_refresh, levels, outlier_levels, asymmetric,
            rows_per_round)

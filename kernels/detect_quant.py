@@ -71,12 +71,47 @@ def _round_half_even(v):
     return (v + ROUNDING_SHIFT) - ROUNDING_SHIFT
 
 
+# Under TRITON_INTERPRET=1 triton.jit makes interpreted functions, not JIT ones. The interpreter's tl.fma rounds
+# the product before the sum, so there ``fused_multiply_add`` takes it in fp64.
+INTERPRETED = tl.constexpr(not isinstance(_round_half_even, triton.JITFunction))
+
+
 @triton.jit
-def _quantize(v, scale, qmax):
+def fused_multiply_add(a, b, c):
+    """a · b + c rounded once, as the GPU's FFMA. Interpreted: the product exactly in fp64, the sum rounded to
+    fp64 and then to fp32, which is the single rounding wherever that sum is exact in fp64 (the remainder
+    below always is) and can differ otherwise only where it falls exactly on an fp32 rounding tie."""
+    if INTERPRETED:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
+
+
+SHARED_DIVISOR_ELEMENTS = tl.constexpr(256)  # per round; below, the rows' reciprocals cost more than they save
+
+
+@triton.jit
+def divide(v, scale, reciprocal, BY_RECIPROCAL: tl.constexpr):
+    """v / scale, correctly rounded. With ``BY_RECIPROCAL``, for a divisor shared by many elements whose
+    correctly rounded ``reciprocal`` (div_rn(1, scale)) is known: q = v · reciprocal, then one Markstein
+    correction with the exact remainder, q + (v − q · scale) · reciprocal. Three instructions an element where
+    div_rn issues a reciprocal, four FMAs, a range check and a slow-path branch (~14 in the sm_90 build); unused,
+    the reciprocal is not computed. Equal to div_rn's result except where |v| < 2^-100 (the remainder
+    underflows; |v / scale| < 2^-73 for every scale ≥ 1e-8, which quantizes to 0 all the same) and where
+    v · reciprocal overflows (tests/test_kernels.py, with FMA emulated exactly)."""
+    if BY_RECIPROCAL:
+        q = v * reciprocal
+        return fused_multiply_add(fused_multiply_add(-q, scale, v), reciprocal, q)
+    else:
+        return tl.math.div_rn(v, scale)
+
+
+@triton.jit
+def _quantize(v, scale, reciprocal, qmax, BY_RECIPROCAL: tl.constexpr):
     """clamp(round(v / scale), ±qmax) as fp32; clamping before rounding gives the same integers (qmax is one).
-    ``scale`` and ``qmax`` may differ per element (one call quantizes inliers and outliers on their grids)."""
-    q = tl.math.div_rn(v, scale)
-    q = tl.minimum(tl.maximum(q, -qmax), qmax)
+    ``scale`` (with its ``reciprocal``: see ``divide``) and ``qmax`` may differ per element (one call quantizes
+    inliers and outliers on their grids)."""
+    q = tl.minimum(tl.maximum(divide(v, scale, reciprocal, BY_RECIPROCAL), -qmax), qmax)
     return _round_half_even(q)
 
 
@@ -182,11 +217,13 @@ def detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_s
     if STORE_MASK:
         tl.store(mask_ptr + out, grown.to(tl.uint8), mask=stored)
 
-    inlier_scale = tl.maximum(static_scale, 1e-8)
+    inlier_scale = tl.where(live, tl.maximum(static_scale, 1e-8), 1.0)  # rows past the window: never stored
     outlier_scale = tl.maximum(tl.math.div_rn(tl.maximum(outlier_high, -outlier_low), 127.0), 1e-8)
     # one division and rounding an element, each on its own grid: an element is an inlier or an outlier
     codes = _quantize(x, tl.where(grown, outlier_scale[:, None], inlier_scale[:, None]),
-                      tl.where(grown, 127.0, INLIER_QMAX * 1.0)).to(tl.int32)
+                      tl.where(grown, tl.math.div_rn(1.0, outlier_scale)[:, None],
+                               tl.math.div_rn(1.0, inlier_scale)[:, None]),
+                      tl.where(grown, 127.0, INLIER_QMAX * 1.0), ROWS * BLOCK_C >= SHARED_DIVISOR_ELEMENTS).to(tl.int32)
     inlier_codes = tl.where(grown, 0, codes)
     tl.store(inlier_ptr + out, inlier_codes.to(tl.int8), mask=stored)
     if PACK:
@@ -333,6 +370,17 @@ def detect_launches(channels: int, n_refresh: int, rows_per_round: int) -> tuple
     return tuple(options)
 
 
+REGISTER_CAP = 64  # 65,536 registers an SM / (8 warps · 32 threads · 64) = four programs an SM
+
+
+def register_cap(num_warps: int, rows: int) -> dict[str, int]:
+    """Launch options holding a step-by-step launch of eight warps (C ≥ 1536) to ``REGISTER_CAP`` registers.
+    Triton 3.6, the GPU machine's, builds the C = 1536 detection at 78 registers by itself (three programs an
+    SM) and at 59 with the cap, without spilling (``python -m kernels.sm90_build``); 3.8 stays under it anyway.
+    Rounds of several rows need more and keep what the compiler picks."""
+    return {"maxnreg": REGISTER_CAP} if num_warps == 8 and rows == 1 else {}
+
+
 def check_rows(rows_per_round: int) -> int:
     """``rows_per_round`` itself, or a ValueError that says what it may be."""
     if rows_per_round & (rows_per_round - 1) or not 1 <= rows_per_round <= MAX_ROUND_ROWS:
@@ -374,7 +422,7 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
             placeholder if out.outlier_mask is None else out.outlier_mask.view(torch.uint8), out.outlier_codes,
             out.outlier_scale, out.inlier_scale, length, channels, n_refresh, float(k),
             INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block, STORE_MASK=out.outlier_mask is not None,
-            ROWS=option[1], **constants, num_warps=option[0],
+            ROWS=option[1], **constants, num_warps=option[0], **register_cap(*option),
             enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
 
     candidates = detect_launches(channels, n_refresh, rows_per_round) if tune and num_warps is None \

@@ -127,7 +127,8 @@ def _build_detect_family(kernel: triton.JITFunction, channels: int, bits: int, t
     constants = {"INLIER_QMAX": dq.inlier_qmax(bits), "PACK": bits == 4 and not lean, "BLOCK_C": block,
                  "STORE_MASK": not lean, "ROWS": rows, **constants}
     divisible = divisible | ({"channels"} if channels % 16 == 0 else set())
-    return build(kernel, {**DETECT_OUTPUTS, **types}, constants, divisible, warps, enable_fp_fusion=False)
+    return build(kernel, {**DETECT_OUTPUTS, **types}, constants, divisible, warps, enable_fp_fusion=False,
+                 **dq.register_cap(warps, rows))
 
 
 def build_detect(channels: int, bits: int, lean: bool = True, warps: int | None = None,
@@ -252,11 +253,12 @@ def build_detect_fake_quant(channels: int, asymmetric: bool, dtype: str, rows: i
     block, default_warps = dq.launch_block(channels)
     warps = warps or default_warps
     types = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "scale_ptr": "*fp32", "zero_ptr": "*fp32", "k": "fp32"}
+    rows = rows or dq.window_rows(channels, 10)
     constants = {"LEVELS": 15 if asymmetric else 7, "OUTLIER_LEVELS": 255 if asymmetric else 127,
-                 "ASYMMETRIC": asymmetric, "BLOCK_C": block, "stride_xc": 1,
-                 "ROWS": rows or dq.window_rows(channels, 10)}
+                 "ASYMMETRIC": asymmetric, "BLOCK_C": block, "stride_xc": 1, "ROWS": rows}
     divisible = {"channels"} if channels % 16 == 0 else set()
-    return build(dfq._detect_fake_quant_kernel, types, constants, divisible, warps, enable_fp_fusion=False)
+    return build(dfq._detect_fake_quant_kernel, types, constants, divisible, warps, enable_fp_fusion=False,
+                 **dq.register_cap(warps, rows))
 
 
 def tuned_launch_builds(quick: bool) -> list[tuple[tuple, BuildReport]]:

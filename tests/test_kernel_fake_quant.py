@@ -61,6 +61,7 @@ def test_reference_is_the_simulation_quantizer(bits, outlier_bits, asymmetric):
     (torch.float32, 8, 16, True, 40),
     (torch.float32, 4, 8, False, 16),  # B and C: d_state channels
     (torch.float16, 8, 8, False, 30),
+    (torch.float16, 4, 8, False, 384),  # Δ at Vim-T's width: divisions by the rows' reciprocals
 ])
 def test_kernel_matches_reference(dtype, bits, outlier_bits, asymmetric, channels):
     x = (moving_outliers(2, 37, channels, seed=channels, gaussian=False) + (0.3 if asymmetric else 0.0)).to(dtype)

@@ -93,6 +93,7 @@ def check_norm_case(hidden: torch.Tensor, residual: torch.Tensor | None, weight:
     (torch.float32, 8, 45, 7, False),  # odd C (masked block), the first block (no residual yet)
     (torch.bfloat16, 4, 96, 4, True),
     (torch.float16, 8, 128, 50, False),  # one window longer than L
+    (torch.float16, 4, 192, 10, True),  # Vim-T's width: divisions by the rows' reciprocals
 ])
 def test_norm_detect_quant_exact(dtype, bits, channels, n_refresh, with_residual):
     hidden, residual, weight = block_inputs(2, 29, channels, dtype, with_residual, seed=channels)
@@ -269,7 +270,7 @@ def test_add_rms_norm_rejects_a_wrong_output():
 
 @pytest.mark.parametrize(("dtype", "bits", "channels", "n_refresh", "rows"), [
     (torch.float16, 4, 64, 10, 1), (torch.float32, 8, 45, 7, 4), (torch.bfloat16, 4, 96, 3, 1),
-    (torch.float16, 4, 64, 10, 2)])
+    (torch.float16, 4, 64, 10, 2), (torch.float16, 4, 384, 10, 1)])
 def test_merge_detect_quant_matches_reference(dtype, bits, channels, n_refresh, rows):
     """The model's (y_f + flip(y_b)) / 2 in the dtype, then detect_quant_reference; y_backward strided."""
     y_forward = moving_outliers(2, 27, channels, seed=channels, gaussian=False, magnitudes=(20.0, 40.0)).to(dtype)

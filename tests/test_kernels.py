@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -26,6 +27,7 @@ from kernels.detect_quant import (
     _round_half_even,
     detect_quant,
     detect_quant_reference,
+    divide,
     empty_output,
     inlier_qmax,
     window_rows,
@@ -171,6 +173,67 @@ def test_rounding_is_torch_round_ties_to_even():
     assert torch.equal(y.cpu(), torch.round(x))
 
 
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """a · b + c rounded once to fp32, as the GPU's FFMA: the product is exact in fp64, the sum exact as fp64
+    hi + lo (TwoSum), and hi's rounding to fp32 only goes wrong at an exact fp32 tie, which lo then breaks."""
+    product, c = a.astype(np.float64) * b.astype(np.float64), c.astype(np.float64)
+    hi = product + c
+    bv = hi - product
+    lo = (product - (hi - bv)) + (c - bv)
+    rounded = hi.astype(np.float32)
+    beyond = np.nextafter(rounded, np.where(hi > rounded, np.inf, -np.inf).astype(np.float32))
+    tie = (hi != rounded) & (hi == (rounded.astype(np.float64) + beyond.astype(np.float64)) / 2)
+    return np.where(tie & (lo != 0) & ((beyond.astype(np.float64) - hi) * lo > 0), beyond, rounded)
+
+
+def test_division_by_the_rows_reciprocal_is_division_on_the_gpu():
+    """The sequence ``divide`` compiles to (q = v · RN(1/s), then q + fma(−q, s, v) · RN(1/s) by FMA), with the
+    GPU's single-rounding FMA emulated exactly, gives torch's v / s on 4 M random bit patterns and quantizer-like
+    values, except where the remainder underflows (|v| < 2^-100, so |v / s| < 2^-73 for the kernels' s ≥ 1e-8):
+    there the codes, round(clamp(v / s)), are still the same."""
+    g = np.random.default_rng(0)
+    size = 1_000_000
+    bits = g.integers(0, 0x7F000000, size, dtype=np.uint32).view(np.float32)
+    scales = np.exp(g.uniform(np.log(1e-8), np.log(10), 3 * size)).astype(np.float32)
+    v = np.concatenate([bits * np.where(g.random(size) < 0.5, -1, 1).astype(np.float32),
+                        (scales[:size] * g.uniform(-200, 200, size)).astype(np.float32),  # codes near ±127
+                        (scales[size:2 * size] * (g.integers(-130, 130, size) + 0.5)).astype(np.float32),  # ties
+                        (scales[2 * size:] * g.integers(-130, 130, size)).astype(np.float32)])
+    s = np.concatenate([g.integers(np.float32(1e-8).view(np.uint32), 0x7E000000, size, dtype=np.uint32)
+                        .view(np.float32), scales])
+    with np.errstate(over="ignore", invalid="ignore"):
+        reciprocal = np.float32(1) / s
+        q = v * reciprocal
+        q = _fma32(_fma32(-q, s, v), reciprocal, q)
+        exact = v / s
+        kept = np.isfinite(exact) & (np.abs(exact) < 2.0**100) & np.isfinite(v * reciprocal)
+    normal = kept & (np.abs(v) >= 2.0**-100)
+    assert normal.sum() > 3_000_000 and np.array_equal(q[normal], exact[normal])
+    for qmax in (7, 127, 255):
+        assert np.array_equal(np.round(np.clip(q[kept], -qmax, qmax)), np.round(np.clip(exact[kept], -qmax, qmax)))
+
+
+@triton.jit
+def _divide_kernel(v_ptr, s_ptr, q_ptr, N: tl.constexpr, BY_RECIPROCAL: tl.constexpr):
+    offs = tl.arange(0, N)
+    scale = tl.load(s_ptr + offs)
+    tl.store(q_ptr + offs, divide(tl.load(v_ptr + offs), scale, tl.math.div_rn(1.0, scale), BY_RECIPROCAL))
+
+
+@pytest.mark.parametrize("by_reciprocal", [True, False])
+def test_the_kernels_division_is_torchs(by_reciprocal: bool):
+    """``divide`` itself, both ways (interpreted on the CPU: FMA taken in fp64), on values around the
+    quantizers' rounding ties."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.exp(torch.empty(1 << 14).uniform_(-18, 2, generator=g))
+    v = s * (torch.randint(-130, 130, s.shape, generator=g) + 0.5)
+    v = torch.cat([v, torch.nextafter(v, torch.zeros(1)), torch.randn(1 << 15, generator=g) * 50])
+    s = torch.cat([s, s, torch.exp(torch.empty(1 << 15).uniform_(-18, 2, generator=g))])
+    q = torch.full_like(v, float("nan")).to(DEVICE)
+    _divide_kernel[(1,)](v.to(DEVICE), s.to(DEVICE), q, N=len(v), BY_RECIPROCAL=by_reciprocal)
+    assert torch.equal(q.cpu(), v / s)
+
+
 @pytest.mark.parametrize(("k", "n_refresh", "bits", "length"), [(3.0, 10, 4, 37), (2.5, 4, 8, 23), (3.0, 1, 4, 9),
                                                                   (3.0, 50, 8, 30)])
 def test_reference_mask_is_outlier_masks(k, n_refresh, bits, length):
@@ -190,6 +253,7 @@ def test_reference_mask_is_outlier_masks(k, n_refresh, bits, length):
     (torch.float16, 4, 96, 7, False),
     (torch.float32, 8, 45, 10, False),  # odd C: masked block, no packing
     (torch.float16, 8, 128, 3, True),
+    (torch.float16, 4, 384, 10, False),  # Vim-S's width: divisions by the rows' reciprocals (kernel's ``divide``)
 ])
 def test_detect_quant_matches_reference(dtype, bits, channels, n_refresh, gaussian):
     x = moving_outliers(2, 41, channels, seed=channels, gaussian=gaussian).to(dtype)
