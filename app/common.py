@@ -48,11 +48,12 @@ def cancel(run: Run | None) -> None:
 
 
 def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.State, job, inputs: list,
-             outputs: list, api_name: str) -> None:
+             outputs: list, api_name: str, **queueing: object) -> None:
     """Run arms a fresh :class:`Run` (instant, never queued), then queues ``job(*inputs, run)``; Cancel sets
-    the tab's event. The job follows the queue's default concurrency limit (set where the app is launched)."""
+    the tab's event. The job follows the queue's default concurrency limit (set where the app is launched)
+    unless ``queueing`` (``concurrency_limit``, ``concurrency_id``) says otherwise."""
     run_button.click(arm, run_state, run_state, concurrency_limit=None, api_visibility="private").then(
-        job, [*inputs, run_state], outputs, api_name=api_name)
+        job, [*inputs, run_state], outputs, api_name=api_name, **queueing)
     cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
 
 

@@ -96,26 +96,38 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
     results = RecentResults[EvalResult](KEPT_EVALUATIONS)
 
     def load(path: str | None, upload: str | None, data_folder: str | None, data_upload: str | None,
-             current: Workspace,
+             current: Workspace, run: Run | None,
              progress: gr.Progress = gr.Progress()) -> Iterator[tuple[Workspace, str]]:  # noqa: B008 (gradio's hook)
         """Open the uploaded file, else the typed path, with the uploaded .zip of test images, else the typed
-        folder, if one is given. On any problem the session keeps its model and the status line says why."""
+        folder, if one is given. On any problem, or a Cancel while the images are read, the session keeps its
+        model and the status line says why."""
+        run = run or Run()  # API calls come without a tab, hence without an armed run
+
+        def reading(done: int, total: int) -> None:
+            if run.cancel.is_set():
+                raise Cancelled(f"loading cancelled after {done:,} of {total:,} images")
+            progress((done, total), desc="Reading images", unit="images")
+
         path = (path or "").strip()
         folder = data_upload or (data_folder or "").strip() or None
         if not upload and not path:
+            run.done = True
             yield current, error("type the path of a checkpoint on this machine or upload one")
             return
         shown = f"uploaded {Path(upload).name}" if upload else path
         yield current, f"Loading `{cell(shown)}`…"
         start = time.perf_counter()
         try:
-            loaded = open_workspace(upload or path, folder, shown_as=shown if upload else None,
-                                    progress=lambda done, total: progress((done, total), desc="Reading images",
-                                                                          unit="images"),
+            loaded = open_workspace(upload or path, folder, shown_as=shown if upload else None, progress=reading,
                                     data_shown_as=f"uploaded {Path(data_upload).name}" if data_upload else None)
+        except Cancelled as err:
+            yield current, stopped(f"{err}. Still working on `{cell(current.name)}`")
+            return
         except StudioError as err:
             yield current, error(f"{err}. Still working on `{cell(current.name)}`.")
             return
+        finally:
+            run.done = True
         yield loaded, (f"Loaded `{cell(loaded.label)}` in {time.perf_counter() - start:.1f} s. This browser tab "
                        "works on it now; other browser tabs keep theirs.")
 
@@ -167,6 +179,7 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         data_upload = gr.File(label="…or upload it as a .zip (used instead of the folder)", file_types=[".zip"],
                               type="filepath", elem_id="ws-data-upload", scale=2, height=110)
         load_button = gr.Button("Load", variant="primary", elem_id="ws-load", scale=1)
+        load_cancel = gr.Button("Cancel", variant="stop", elem_id="ws-cancel", scale=1)
         default_button = gr.Button("Default model", elem_id="ws-default", scale=1)
     status = gr.Markdown("Type a path or upload a checkpoint, then press **Load**.", elem_id="ws-status")
     card = gr.Markdown(card_markdown(startup), elem_id="model-card")
@@ -179,9 +192,8 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
     with gr.Accordion("Record (JSON)", open=False):
         record = gr.JSON(show_label=False)
     # loading waits for no job (its own queue lane), and two loads never compete for memory
-    load_button.click(load, [path, upload, data_folder, data_upload, workspace], [workspace, status],
-                      api_name="load_model",
-                      concurrency_limit=1, concurrency_id="load")
+    wire_run(load_button, load_cancel, gr.State(), load, [path, upload, data_folder, data_upload, workspace],
+             [workspace, status], "load_model", concurrency_limit=1, concurrency_id="load")
     default_button.click(use_default, None, [workspace, status], api_name="default_model", concurrency_limit=None)
     wire_run(run_button, cancel_button, gr.State(), run_evaluation, [workspace, count], [result, record], "evaluate")
     workspace.change(lambda ws: (card_markdown(ws), gr.update(**count_box(ws)), "Press **Run** to evaluate it.", None),

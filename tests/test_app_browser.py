@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from app.ui import build_app
+from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.models import save_safetensors
 from tests.test_workspace import image_folder, tiny_vim
 
@@ -218,3 +219,27 @@ def test_two_pages_on_two_models_run_at_once(browser: Browser, url: str, tmp_pat
     _screenshot(theirs, "app_two_sessions_default.png")
     mine.close()
     theirs.close()
+
+
+def test_cancel_stops_loading_and_the_tab_keeps_its_model(browser: Browser, url: str,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    """A test images folder is read image by image; Cancel stops it there and the tab stays on its model."""
+    from app import model_tab
+    from core.workspace import open_workspace
+
+    def slow_open(*args, progress, **kwargs):  # 400 images at 20 ms: Cancel lands mid-read
+        for done in range(1, 401):
+            time.sleep(0.02)
+            progress(done, 400)
+        return open_workspace(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr(model_tab, "open_workspace", slow_open)
+    page = _open(browser, url)
+    page.locator("#ws-path textarea, #ws-path input").first.fill(str(DEFAULT_CHECKPOINT))
+    page.locator("#ws-load").click()
+    expect(page.get_by_text(re.compile(r"Reading images"))).to_be_visible(timeout=20_000)
+    page.locator("#ws-cancel").click()
+    status = page.locator("#ws-status")
+    expect(status).to_contain_text("Stopped: loading cancelled after", timeout=15_000)
+    expect(status).to_contain_text("Still working on default_model")
+    page.close()
