@@ -1,24 +1,27 @@
-"""Command line: ``python -m core {info,eval,card-eval,generate,quantize,pack,outliers}``; bad input: one line,
-exit 2."""
+"""Command line: ``python -m core {info,eval,card-eval,generate,quantize,pack,outliers,sweep}``; bad input: one
+line, exit 2."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from core.data import calibration_images, load_fashion_mnist
+from core.data import calibration_images, load_fashion_mnist, load_validation
 from core.default_model import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_card
 from core.errors import StudioError
 from core.eval import evaluate
-from core.experiments import accuracy_table, quantize_and_evaluate, write_records
+from core.experiments import accuracy_table, quantize_and_evaluate, threshold_sweep, write_records
 from core.gen import GEN_PRESETS, GEN_SOURCES, GenConfig, GenProgress, generate, save_generated
 from core.models import load_checkpoint
 from core.observe import dynamic_outlier_summary
 from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, quantize
 from core.quant.packed import agreement, pack, save_packed
+from core.records import provenance
+from core.workspace import file_sha256
 
 
 def _progress(done: int, total: int) -> None:
@@ -150,6 +153,60 @@ def cmd_outliers(args: argparse.Namespace) -> None:
           f"n_refresh {args.n_refresh})")
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it: a command that reruns elsewhere."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else path
+
+
+def _sweep_command(args: argparse.Namespace) -> str:
+    """The command line that reruns a sweep, every default spelled out."""
+    return (f"python -m core sweep {_shown_path(args.checkpoint)} --setting {args.setting} "
+            f"--k {' '.join(map(str, args.k))} "
+            f"--n-refresh {' '.join(map(str, args.n_refresh))} --calib {args.calib} --n-calib {args.n_calib} "
+            f"--recon-epochs {args.recon_epochs} --seed {args.seed} --val {args.val} "
+            f"--outlier-images {args.outlier_images} --out {args.out}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Validation top-1 and outlier share for every (k, n_refresh): a CSV of the points and a JSON with them
+    and their provenance; the table printed."""
+    model = load_checkpoint(args.checkpoint)
+    cfg = model.cfg
+    if min(args.k) <= 0 or min(args.n_refresh) < 1 or args.val < 1:
+        raise StudioError(f"k must be positive, n_refresh and --val at least 1; got k {args.k}, n_refresh "
+                          f"{args.n_refresh}, --val {args.val}")
+    images = load_validation(args.data).subset(args.val)
+    fp = evaluate(model, images)
+    w_bits, a_bits = SETTINGS[args.setting]
+    base = QuantConfig(w_bits=w_bits, a_bits=a_bits,
+                       reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
+    calib = calibration_images(args.calib, args.n_calib, args.seed, cfg.img_size, cfg.in_chans, args.data)
+    print(f"FP32 {fp.top1:.2f}% on {fp.total} validation images; {len(args.k) * len(args.n_refresh)} points",
+          file=sys.stderr)
+    rows = threshold_sweep(model, base, calib, images, args.k, args.n_refresh, fp.top1, args.outlier_images,
+                           progress=lambda done, total: print(f"\r{done}/{total} points", file=sys.stderr,
+                                                              end="\n" if done == total else "", flush=True))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    checkpoint = Path(args.checkpoint)
+    out.with_suffix(".json").write_text(json.dumps({
+        "checkpoint": f"{_shown_path(args.checkpoint)} (sha256 {file_sha256(checkpoint)[:12]})",
+        "images": images.source,
+        "fp_top1": round(fp.top1, 2), "base_config": base.to_dict(),
+        "calibration": {"source": args.calib, "images": args.n_calib, "seed": args.seed},
+        "outlier_images": min(args.outlier_images, fp.total), "hardware": fp.device, **provenance(),
+        "command": _sweep_command(args), "points": rows}, indent=2) + "\n")
+    columns = list(rows[0])
+    print("\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+                     *("| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows)]))
+    print(f"FP32 {fp.top1:.2f}% on the {fp.total} validation images → {out.with_suffix('.csv')} / .json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.cli", description="OuroMamba Studio engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     outl.add_argument("--top", type=int, default=12, help="rows to print")
     outl.add_argument("--out", default="results/quant/outlier_stats.csv")
     outl.set_defaults(run=cmd_outliers)
+    sweep = sub.add_parser("sweep", help="validation top-1 and 8-bit channel share of OuroMamba for each k × n_refresh")
+    sweep.add_argument("checkpoint", nargs="?", default=default_weights)
+    sweep.add_argument("--setting", choices=["W4A4", "W4A8", "W8A8"], default="W4A4")
+    sweep.add_argument("--k", type=float, nargs="+", default=[2.0, 2.5, 3.0, 4.0, 5.0])
+    sweep.add_argument("--n-refresh", type=int, nargs="+", default=[1, 5, 10, 25, 50])
+    sweep.add_argument("--calib", default="real", help="real | noise | a folder of images")
+    sweep.add_argument("--n-calib", type=int, default=128)
+    sweep.add_argument("--recon-epochs", type=int, default=0, help="block reconstruction epochs per point (0: none)")
+    sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--val", type=int, default=5000, help="the first N of the 5,000 validation images")
+    sweep.add_argument("--outlier-images", type=int, default=256, help="images the outlier shares are measured on")
+    sweep.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
+    sweep.add_argument("--out", default="results/quant/threshold_sweep", help="path of the .csv / .json, no suffix")
+    sweep.set_defaults(run=cmd_sweep)
     args = parser.parse_args(argv)
     try:
         args.run(args)

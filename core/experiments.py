@@ -10,7 +10,7 @@ import copy
 import csv
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from threading import Event
 
@@ -21,6 +21,7 @@ from core.errors import StudioError
 from core.eval import EvalResult, evaluate, graph_latency, hardware_label, time_forward
 from core.models import VisionMamba
 from core.models.fused import FusedVim
+from core.observe import dynamic_outlier_summary
 from core.quant import QuantConfig, QuantizedVim, quantize
 from core.quant.config import Progress
 from core.quant.packed import PackedVim
@@ -127,6 +128,40 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
     fp16_model = "fused float path, FusedVim" if device.type == "cuda" else "the model's own forward"
     return {"hardware": hardware_label(device), "batch": len(images), "repeats": repeats, "fp16_model": fp16_model,
             "launches": "tuned per shape" if integer.tune_launches else "fixed rules", **timings}
+
+
+def threshold_sweep(model: VisionMamba, base: QuantConfig, calib: torch.Tensor, images: LabelledImages,
+                    ks: list[float], n_refreshes: list[int], fp_top1: float, outlier_images: int = 256,
+                    progress: Callable[[int, int], None] | None = None, cancel: Event | None = None,
+                    eval_batch_size: int = 500) -> list[dict]:
+    """OuroMamba-Quant's two knobs of the outlier rule against what they cost, one row per (k, n_refresh):
+    top-1 on ``images`` (held-out images to choose on, never the test set) and the share of activation
+    channels at outlier precision. A larger k flags fewer channels; a larger n_refresh lets a window's outlier
+    set grow longer (the paper's Fig. 9d: its 8-bit work grows), a smaller one resets it more often. Each point
+    is calibrated anew from ``calib`` (the inlier scales are calibrated with the rule), with ``base``'s other
+    settings (Δ keeps its own ``k_delta``). ``outlier_share_pct``: per token, the outlier channels over all
+    channels of every outlier-aware site (``core.observe.dynamic_outlier_summary`` on the first
+    ``outlier_images`` images), i.e. the share of the activation GEMMs' reduction that runs at 8 bits;
+    ``olist_share_pct``: the same for a window's final set."""
+    if base.method != "ouromamba":
+        raise StudioError(f"the sweep varies OuroMamba's per-time-step rule; method {base.method!r} has none")
+    points = [(k, n) for k in ks for n in n_refreshes]
+    rows = []
+    for index, (k, n_refresh) in enumerate(points):
+        config = replace(base, k=float(k), n_refresh=int(n_refresh))
+        torch.manual_seed(base.reconstruction.seed)
+        qmodel = quantize(model, config, calib, cancel=cancel)
+        result = evaluate(qmodel, images, eval_batch_size, cancel=cancel)
+        summary = dynamic_outlier_summary(qmodel, images.normalized(0, outlier_images))
+        channels = summary["channels"].sum()
+        rows.append({"k": float(k), "n_refresh": int(n_refresh), "top1": round(result.top1, 2),
+                     "delta_vs_fp": round(result.top1 - fp_top1, 2),
+                     "outlier_share_pct": round(float(100 * summary["outlier_channels_per_token"].sum() / channels), 2),
+                     "olist_share_pct": round(float(100 * summary["olist_size"].sum() / channels), 2),
+                     "calibration_s": qmodel.provenance["calibration_seconds"], "eval_s": round(result.seconds, 2)})
+        if progress is not None:
+            progress(index + 1, len(points))
+    return rows
 
 
 def write_records(records: list[RunRecord], directory: str | Path, name: str) -> tuple[Path, Path]:

@@ -1,5 +1,6 @@
 """The CLI explains bad input in one line and exits with 2."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -43,3 +44,31 @@ def test_pack_writes_a_model_that_loads_and_reports_agreement(tmp_path: Path, ca
 def test_pack_refuses_what_it_cannot_read(tmp_path: Path, capsys):
     assert main(["pack", "--calib", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "neither 'real', 'noise' nor a folder" in capsys.readouterr().err
+
+
+def test_sweep_trades_accuracy_for_eight_bit_channels_on_validation_images(tmp_path: Path, capsys):
+    """k × n_refresh, scored on held-out training images (never the test set), with what each point costs:
+    a lower k keeps more channels at 8 bits; the files carry the points and how to rerun them."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--k", "2", "5", "--n-refresh", "10", "25", "--val", "200", "--n-calib", "8",
+                 "--outlier-images", "32", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "validation images" in printed and sum(line.startswith("| ") for line in printed.splitlines()) == 5
+    with out.with_suffix(".csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["k"], row["n_refresh"]) for row in rows] == [("2.0", "10"), ("2.0", "25"), ("5.0", "10"),
+                                                              ("5.0", "25")]
+    share = {(row["k"], row["n_refresh"]): float(row["outlier_share_pct"]) for row in rows}
+    assert share["2.0", "10"] > 3 * share["5.0", "10"] > 0
+    assert all(float(row["olist_share_pct"]) >= float(row["outlier_share_pct"]) for row in rows)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["images"].startswith("fashion-mnist/train[55000:], validation") and len(record["points"]) == 4
+    assert record["command"].startswith("python -m core sweep ") and "--val 200" in record["command"]
+    assert record["base_config"]["method"] == "ouromamba" and record["calibration"]["images"] == 8
+
+
+def test_sweep_refuses_a_knob_out_of_range(tmp_path: Path, capsys):
+    assert main(["sweep", "--k", "0", "3", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: k must be positive") and "\n" not in err
+    assert not (tmp_path / "never.csv").exists()

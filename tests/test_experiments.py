@@ -77,3 +77,12 @@ def test_cuda_graph_timing_refuses_the_cpu_clearly():
     from core.eval import time_forward
     with pytest.raises(StudioError, match="CUDA graphs need a CUDA device"):
         time_forward(torch.nn.Identity(), torch.zeros(2, 3), cuda_graph=True)
+
+
+def test_the_threshold_sweep_needs_the_per_time_step_rule():
+    from core.default_model import load_default_model
+    from core.experiments import threshold_sweep
+    from core.quant import QuantConfig
+    model, _ = load_default_model()
+    with pytest.raises(StudioError, match="method 'ptq4vm' has none"):
+        threshold_sweep(model, QuantConfig(method="ptq4vm"), torch.zeros(1, 1, 28, 28), None, [3.0], [10], 90.0)

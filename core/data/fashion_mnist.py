@@ -116,3 +116,12 @@ def load_fashion_mnist(split: str = "test", root: str | Path | None = None) -> L
         raise StudioError(f"{directory}: {len(images)} images but {len(labels)} labels; {_HOW_TO_GET}")
     return LabelledImages(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)),
                           FASHION_MNIST_CLASSES, f"fashion-mnist/{split} ({directory})")
+
+
+def load_validation(root: str | Path | None = None) -> LabelledImages:
+    """train[55000:], the 5,000 training images held out from training and calibration: where a knob of the
+    method may be chosen without touching the test set."""
+    train = load_fashion_mnist("train", root)
+    cut = len(train) - VALIDATION_SIZE
+    return LabelledImages(train.images[cut:], train.labels[cut:], train.classes,
+                          train.source.replace("fashion-mnist/train", f"fashion-mnist/train[{cut}:], validation"))
