@@ -243,3 +243,19 @@ def test_cancel_stops_loading_and_the_tab_keeps_its_model(browser: Browser, url:
     expect(status).to_contain_text("Stopped: loading cancelled after", timeout=15_000)
     expect(status).to_contain_text("Still working on default_model")
     page.close()
+
+
+def test_sweep_draws_accuracy_against_the_outlier_share(browser: Browser, url: str):
+    page = _open(browser, url, "Quantize")
+    _type(page, "quant-calib-count", 8)
+    page.get_by_text("Sweep k × n_refresh on validation images").click()
+    page.locator("#sweep-k textarea, #sweep-k input").first.fill("2, 4")
+    page.locator("#sweep-n-refresh textarea, #sweep-n-refresh input").first.fill("5, 25")
+    _type(page, "sweep-images", 200)
+    page.locator("#sweep-run").click()
+    expect(page.locator("#sweep-status")).to_contain_text("on the first 200 validation images", timeout=120_000)
+    expect(page.locator("#sweep-plot .js-plotly-plot")).to_be_visible(timeout=20_000)
+    expect(page.locator("#sweep-table")).to_contain_text("outlier_share_pct")
+    page.locator("#sweep").scroll_into_view_if_needed()
+    _screenshot(page, "app_sweep.png")
+    page.close()

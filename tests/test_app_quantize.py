@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -354,3 +355,32 @@ def test_the_gpu_timing_note_states_eager_and_graph_timings_and_keeps_the_run_wh
     assert tab.gpu_kernel_note(default_workspace(), object(), test, record) == \
         " GPU kernel timing failed: triton compile error."
     assert not record.kernel_latency
+
+
+def test_the_sweep_scores_each_pair_on_validation_images_and_caches(served):
+    """k × n_refresh with the tab's bits and calibration: one row and one plotted point per pair, scored on
+    the held-out validation images; the same request again comes from the cache."""
+    _, client = served
+    status, plot, table = client.predict(4, 4, "real", 8, 0, "2, 5", "10", 150, api_name="/sweep")
+    assert "W4A4O8 on the first 150 validation images" in status and "no reconstruction" in status
+    assert re.search(r"uncertain by about ±\d\.\d points", status)
+    rows = table["data"]
+    columns = table["headers"]
+    assert len(rows) == 2 and [row[columns.index("k")] for row in rows] == [2.0, 5.0]
+    share = columns.index("outlier_share_pct")
+    assert rows[0][share] > rows[1][share] > 0  # a lower threshold keeps more channels at 8 bits
+    figure = json.loads(plot["plot"])
+    assert [trace["name"] for trace in figure["data"]] == ["n_refresh 10"] and len(figure["data"][0]["x"]) == 2
+    again = client.predict(4, 4, "real", 8, 0, "2, 5", "10", 150, api_name="/sweep")[0]
+    assert again.endswith("Cached: swept earlier with the same settings.")
+
+
+@pytest.mark.parametrize(("ks", "refreshes", "images", "expected"), [
+    ("2, x", "10", 100, "k values: type numbers separated by commas"), ("0, 3", "10", 100, "k values must be above 0"),
+    ("3", "0", 100, "n_refresh values must be at least 1"), ("3", "2.5", 100, "n_refresh values: type numbers"),
+    ("1 2 3 4 5 6", "1 2 3 4 5 6", 100, "36 points; at most 30"), ("3", "10", 9000, "validation images must be from 1"),
+])
+def test_the_sweeps_bad_input_is_one_line(served, ks: str, refreshes: str, images: int, expected: str):
+    _, client = served
+    status, _, _ = client.predict(4, 4, "real", 8, 0, ks, refreshes, images, api_name="/sweep")
+    assert status.startswith("**Error:**") and expected in status and "\n" not in status
