@@ -33,7 +33,8 @@ default model — a small Vim trained on Fashion-MNIST — and works on any Vim 
 * **Outliers over time** — the activations OuroMamba-Quant sees, time-step by channel, with the outlier
   channels it detects at each time-step and what a fixed outlier list would miss.
 * **Quantize** — OuroMamba-Quant or a baseline at the bit-widths you choose, calibrated on real, noise or
-  synthetic images: accuracy against FP32, where the error comes from, which predictions changed.
+  synthetic images: accuracy against FP32, where the error comes from, which predictions changed; and a sweep of
+  the outlier threshold k and window n_refresh against what they cost in 8-bit channels.
 * **Compare** — every run so far (kept on disk) side by side, with CSV/JSON and a standalone HTML report.
 """
 
