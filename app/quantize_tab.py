@@ -371,7 +371,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                  elem_id="quant-model-file")
             with gr.Accordion("Record: config, calibration, versions, date (JSON)", open=False):
                 record = gr.JSON(show_label=False, elem_id="quant-record")
-    build_sweep_section(workspace, w_bits, a_bits, calib_source, calib_count, seed)
+    build_sweep_section(workspace, w_bits, a_bits, calib_source, calib_count, seed, MAX_CALIB)
     inputs = [workspace, method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed,
               test_count, overrides]
     outputs = [summary, sqnr, sensitivity, gallery, record, model_file]

@@ -59,8 +59,9 @@ def sweep_figure(frame: pd.DataFrame) -> go.Figure:
 
 
 def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio, calib_source: gr.Dropdown,
-                        calib_count: gr.Number, seed: gr.Number) -> None:
-    """The section, under the Quantize tab's controls it reads."""
+                        calib_count: gr.Number, seed: gr.Number, max_calib: int) -> None:
+    """The section, under the Quantize tab's controls it reads (``max_calib``: the tab's limit on
+    calibration images)."""
     kept = RecentResults[tuple[str, pd.DataFrame]](KEPT_SWEEPS)
 
     def sweep(ws: Workspace, w: int, a: int, source: str, count: float | None, seed_value: float | None,
@@ -77,7 +78,7 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
             if len(ks) * len(refreshes) > MAX_POINTS:
                 raise StudioError(f"{len(ks)} k × {len(refreshes)} n_refresh values make "
                                   f"{len(ks) * len(refreshes)} points; at most {MAX_POINTS}")
-            count = int(in_range("calibration images", count, 1, 1024))
+            count = int(in_range("calibration images", count, 1, max_calib))
             images = int(in_range("validation images", images, 1, MAX_VALIDATION))
             if seed_value is None or not (source or "").strip():
                 raise StudioError("the seed and the calibration source (above) need a value")
