@@ -195,7 +195,8 @@ def test_a_zip_of_a_folder_gives_the_same_images_and_leaves_nothing_behind(tmp_p
 
 
 def test_bad_archives_are_one_line_and_write_nothing_outside(tmp_path: Path, monkeypatch):
-    escaping, bomb, text, empty = (tmp_path / name for name in ("escaping.zip", "bomb.zip", "text.zip", "empty.zip"))
+    escaping, bomb, text, empty, flood = (tmp_path / name for name in ("escaping.zip", "bomb.zip", "text.zip",
+                                                                       "empty.zip", "flood.zip"))
     with zipfile.ZipFile(escaping, "w") as zipped:
         zipped.writestr("class_0/0.png", b"x")
         zipped.writestr("../../outside.png", b"x")
@@ -203,11 +204,16 @@ def test_bad_archives_are_one_line_and_write_nothing_outside(tmp_path: Path, mon
         zipped.writestr("class_0/big.png", bytes(2_000_000))  # zeros: a few kB zipped
     with zipfile.ZipFile(empty, "w") as zipped:
         zipped.writestr("class_0/readme.txt", "no images")
+    with zipfile.ZipFile(flood, "w") as zipped:
+        for index in range(6):
+            zipped.writestr(f"class_0/{index}.png", b"x")
     text.write_text("not a zip")
     monkeypatch.setattr(image_folder_module, "MAX_ARCHIVE_BYTES", 1_000_000)
+    monkeypatch.setattr(image_folder_module, "MAX_ARCHIVE_IMAGES", 5)
     for archive, expected in ((escaping, "holds a file outside its own folder .'../../outside.png'.: refused"),
                               (bomb, "would unpack to 0.0 GB of images, more than the 0.001 GB"),
                               (empty, "holds no images: zip a folder"),
+                              (flood, "holds 6 images, more than the 5 the studio unpacks"),
                               (text, "is a file but not a .zip archive")):
         with pytest.raises(StudioError, match=expected) as caught:
             open_workspace(DEFAULT_CHECKPOINT, archive)

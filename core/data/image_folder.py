@@ -23,6 +23,7 @@ VIM_EVAL_STD = (0.229, 0.224, 0.225)
 VIM_CROP_RATIO = 0.875
 MAX_FOLDER_IMAGES = 1000  # 150 MB of uint8 at 224×224 RGB; on a CPU a Vim-T evaluates far fewer in a minute
 MAX_ARCHIVE_BYTES = 2_000_000_000  # the images a .zip may unpack to: a zip bomb stops here, before the disk fills
+MAX_ARCHIVE_IMAGES = 50_000  # files a .zip may unpack (at most MAX_FOLDER_IMAGES are read): no inode flood either
 
 
 def input_normalization(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -103,9 +104,9 @@ def load_labelled_folder(root: str | Path, img_size: int, in_chans: int, limit: 
 
 def _archive_members(archive: zipfile.ZipFile, shown: str) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
     """The archive's image files with their paths (backslashes, which some Windows tools write, read as
-    separators), refused as a whole when one would land outside the extraction folder or when they would unpack
-    to more than ``MAX_ARCHIVE_BYTES``. macOS' resource forks (``__MACOSX/``, ``._*``) are skipped: they carry
-    image suffixes but no images."""
+    separators), refused as a whole when one would land outside the extraction folder, when there are more than
+    ``MAX_ARCHIVE_IMAGES`` or when they would unpack to more than ``MAX_ARCHIVE_BYTES``. macOS' resource forks
+    (``__MACOSX/``, ``._*``) are skipped: they carry image suffixes but no images."""
     members = []
     for member in archive.infolist():
         path = PurePosixPath(member.filename.replace("\\", "/"))
@@ -115,6 +116,9 @@ def _archive_members(archive: zipfile.ZipFile, shown: str) -> list[tuple[zipfile
             raise StudioError(f"'{shown}' holds a file outside its own folder ({member.filename!r}): refused")
         if path.suffix.lower() in IMG_EXTENSIONS:
             members.append((member, path))
+    if len(members) > MAX_ARCHIVE_IMAGES:
+        raise StudioError(f"'{shown}' holds {len(members):,} images, more than the {MAX_ARCHIVE_IMAGES:,} the studio "
+                          f"unpacks (it reads at most {MAX_FOLDER_IMAGES:,}): zip fewer images")
     total = sum(member.file_size for member, _ in members)
     if total > MAX_ARCHIVE_BYTES:
         raise StudioError(f"'{shown}' would unpack to {total / 1e9:.1f} GB of images, more than the "
