@@ -21,7 +21,7 @@ from core.observe import dynamic_outlier_summary
 from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, quantize
 from core.quant.packed import agreement, pack, save_packed
 from core.records import provenance
-from core.workspace import file_sha256
+from core.workspace import architecture, file_sha256, fits_fashion_mnist
 
 
 def _progress(done: int, total: int) -> None:
@@ -173,6 +173,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     and their provenance; the table printed."""
     model = load_checkpoint(args.checkpoint)
     cfg = model.cfg
+    if not fits_fashion_mnist(cfg):
+        raise StudioError(f"the sweep scores on Fashion-MNIST's validation images, and this checkpoint "
+                          f"({architecture(cfg)}) does not read them")
     if min(args.k) <= 0 or min(args.n_refresh) < 1 or args.val < 1:
         raise StudioError(f"k must be positive, n_refresh and --val at least 1; got k {args.k}, n_refresh "
                           f"{args.n_refresh}, --val {args.val}")

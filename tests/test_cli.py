@@ -72,3 +72,12 @@ def test_sweep_refuses_a_knob_out_of_range(tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: k must be positive") and "\n" not in err
     assert not (tmp_path / "never.csv").exists()
+
+
+def test_sweep_refuses_a_model_that_does_not_read_fashion_mnist(tmp_path: Path, capsys):
+    from core.models import create_vim, save_safetensors
+    other = save_safetensors(create_vim("vim_fmnist_patch4_28_midclstok", img_size=32, in_chans=3, num_classes=3,
+                                        embed_dim=16, depth=1), tmp_path / "rgb.safetensors")
+    assert main(["sweep", str(other), "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Fashion-MNIST's validation images" in err and "32×32, 3 channels, 3 classes" in err and "\n" not in err
