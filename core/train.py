@@ -20,19 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core.data import LabelledImages, load_fashion_mnist
-from core.data.fashion_mnist import VALIDATION_SIZE
+from core.data import load_fashion_mnist
+from core.data.fashion_mnist import split_validation
 from core.eval import evaluate, hardware_label
 from core.models import VisionMamba, create_vim, load_checkpoint, save_safetensors
 from core.records import utc_now
 from core.ssm import SCAN_IMPLEMENTATIONS
-
-
-def split_train_val(train: LabelledImages) -> tuple[LabelledImages, LabelledImages]:
-    cut = len(train) - VALIDATION_SIZE
-    fit = LabelledImages(train.images[:cut], train.labels[:cut], train.classes, train.source + "[:55000]")
-    val = LabelledImages(train.images[cut:], train.labels[cut:], train.classes, train.source + "[55000:]")
-    return fit, val
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
@@ -90,7 +83,7 @@ def train(args: argparse.Namespace,
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = True
     model = initial_model(args).to(device).set_scan_impl(args.scan_impl)
-    fit, val = split_train_val(load_fashion_mnist("train", args.data))
+    fit, val = split_validation(load_fashion_mnist("train", args.data))
     images = fit.normalized().to(device)
     labels = fit.labels.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in model.no_weight_decay()]

@@ -118,10 +118,19 @@ def load_fashion_mnist(split: str = "test", root: str | Path | None = None) -> L
                           FASHION_MNIST_CLASSES, f"fashion-mnist/{split} ({directory})")
 
 
+def split_validation(train: LabelledImages) -> tuple[LabelledImages, LabelledImages]:
+    """The training split as (train[:55000], what training and calibration use; train[55000:], held out for
+    validation)."""
+    cut = len(train) - VALIDATION_SIZE
+
+    def part(rows: slice, name: str) -> LabelledImages:
+        return LabelledImages(train.images[rows], train.labels[rows], train.classes,
+                              train.source.replace("fashion-mnist/train", f"fashion-mnist/train{name}"))
+
+    return part(slice(None, cut), f"[:{cut}]"), part(slice(cut, None), f"[{cut}:], validation")
+
+
 def load_validation(root: str | Path | None = None) -> LabelledImages:
     """train[55000:], the 5,000 training images held out from training and calibration: where a knob of the
     method may be chosen without touching the test set."""
-    train = load_fashion_mnist("train", root)
-    cut = len(train) - VALIDATION_SIZE
-    return LabelledImages(train.images[cut:], train.labels[cut:], train.classes,
-                          train.source.replace("fashion-mnist/train", f"fashion-mnist/train[{cut}:], validation"))
+    return split_validation(load_fashion_mnist("train", root))[1]
