@@ -120,6 +120,8 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         try:
             loaded = open_workspace(upload or path, folder, shown_as=shown if upload else None, progress=reading,
                                     data_shown_as=f"uploaded {Path(data_upload).name}" if data_upload else None)
+            if run.cancel.is_set():  # pressed while the checkpoint itself loaded: the tab does not switch
+                raise Cancelled("loading cancelled")
         except Cancelled as err:
             yield current, stopped(f"{err}. Still working on `{cell(current.name)}`")
             return
