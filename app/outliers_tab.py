@@ -7,6 +7,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from app.common import (
     RecentResults,
@@ -24,9 +25,11 @@ from core.errors import StudioError
 from core.eval import Cancelled
 from core.intercept import DIRECTIONS, SHARED_TENSORS, Site
 from core.observe import (
+    GridView,
     capture_quantizer_inputs,
     dynamic_outlier_summary,
     outlier_timeline,
+    quantization_grid,
     quantizer_at,
     quantizer_inputs_bytes,
     rule_of,
@@ -69,6 +72,9 @@ each window start, so channels that stop being outliers do not keep costing 8-bi
 list grows depends on the steps before it; where it seldom grows, the GPU kernels detect a window's steps together
 instead of one by one. A *static* list (chosen once, as many channels as the dynamic rule flags per token) misses
 channels that move — those get clipped.
+**Grids.** Each time-step has its own calibrated inlier step S^I(t); measured in those steps, all values fall on
+one axis, where the inlier grid covers the codes ±qmax (−7…7 at 4 bits) and an inlier beyond them is clipped.
+The outlier channels get an 8-bit grid of their own per token; the SQNR per time-step shows what that buys.
 """
 
 
@@ -144,6 +150,68 @@ def misses_figure(misses: pd.DataFrame) -> go.Figure:
     return figure
 
 
+def grid_histogram_figure(view: GridView, quantizer: OutlierAwareQuantizer, title: str) -> go.Figure:
+    """The values of the inlier and of the outlier channels in steps of the inlier grid (log counts), with the
+    grid's ends: what lies beyond them on an inlier channel is clipped."""
+    bins = view.histogram
+    centres = (bins["bin_left"] + bins["bin_right"]) / 2
+    width = float(bins["bin_right"].iloc[0] - bins["bin_left"].iloc[0])
+    outliers = ("outlier channels (kept in floating point)" if quantizer.outlier is None else
+                f"outlier channels (on their own {quantizer.outlier_bits}-bit grid)")
+    figure = go.Figure()
+    figure.add_bar(x=centres, y=bins["inlier"], width=width, name="inlier channels", marker_color="#1f77b4")
+    figure.add_bar(x=centres, y=bins["outlier"], width=width, name=outliers, marker_color="red", opacity=0.7)
+    first, last = view.codes
+    for edge in (first - 0.5, last + 0.5):
+        figure.add_vline(x=edge, line={"color": "black", "width": 1, "dash": "dash"})
+    figure.add_annotation(x=(first + last) / 2, y=1.02, yref="paper", showarrow=False,
+                          text=f"{quantizer.bits}-bit inlier grid: codes {first}…{last}")
+    axis = "x / S^I(t) + z(t)" if quantizer.asymmetric else "x / S^I(t)"
+    figure.update_layout(title=title, xaxis_title=f"{axis} (steps of the time-step's calibrated inlier grid)",
+                         yaxis={"title": "values", "type": "log", "dtick": 1}, barmode="overlay", height=360,
+                         margin={"l": 50, "r": 10, "t": 60, "b": 40}, legend={"orientation": "h", "y": -0.25})
+    return figure
+
+
+def grid_steps_figure(view: GridView, quantizer: OutlierAwareQuantizer, n_refresh: int) -> go.Figure:
+    """Per time-step: the calibrated inlier step against the step the token itself would need (all channels,
+    then its inliers only: above S^I(t) they are clipped) and the outliers' step; below, the site's SQNR with
+    the detected outliers and with every channel on the inlier grid."""
+    steps = view.steps
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.55, 0.45])
+    lines = [("static_scale", "S^I(t), calibrated inlier step", {"color": "black", "width": 2}),
+             ("token_scale", "the token's own step, all channels", {"color": "#ff7f0e"}),
+             ("inlier_token_scale", "… its inlier channels only", {"color": "#1f77b4", "dash": "dot"})]
+    for column, name, line in lines:
+        figure.add_scatter(x=steps["time_step"], y=steps[column], name=name, mode="lines", line=line, row=1, col=1)
+    if quantizer.outlier is not None:
+        figure.add_scatter(x=steps["time_step"], y=steps["outlier_scale"], mode="markers", marker={"color": "red"},
+                           name=f"outlier step ({quantizer.outlier_bits}-bit)", row=1, col=1)
+    figure.add_scatter(x=steps["time_step"], y=steps["sqnr_db"], mode="lines", line={"color": "red"},
+                       name="SQNR with the outliers", row=2, col=1)
+    figure.add_scatter(x=steps["time_step"], y=steps["sqnr_db_without_outliers"], mode="lines",
+                       line={"color": "#1f77b4"}, name=f"SQNR, all channels {quantizer.bits}-bit", row=2, col=1)
+    for start in range(n_refresh, len(steps), n_refresh):
+        figure.add_vline(x=start - 0.5, line={"color": "grey", "width": 1, "dash": "dot"})
+    figure.update_yaxes(type="log", dtick=1, title_text="step size", row=1, col=1)
+    figure.update_yaxes(title_text="SQNR (dB)", row=2, col=1)
+    figure.update_xaxes(title_text="time-step", row=2, col=1)
+    figure.update_layout(title="The grid per time-step, and what the outliers buy", height=460,
+                         margin={"l": 50, "r": 10, "t": 50, "b": 40}, legend={"orientation": "h", "y": -0.2})
+    return figure
+
+
+def grid_sentence(grid: GridView, quantizer: OutlierAwareQuantizer) -> str:
+    """The grid charts in one sentence: SQNR on the inlier grid alone, with the outliers, and what is clipped."""
+    if not grid.histogram["outlier"].any():
+        return (f"No value is on an outlier channel: on the {quantizer.bits}-bit inlier grid this tensor has an SQNR "
+                f"of {grid.sqnr_db:.1f} dB, and {grid.clipped:.2%} of its values fall off the grid.")
+    kept = "in floating point" if quantizer.outlier is None else f"at {quantizer.outlier_bits} bits"
+    return (f"Quantized with every channel on the {quantizer.bits}-bit inlier grid this tensor has an SQNR of "
+            f"{grid.sqnr_db_without_outliers:.1f} dB; with these outliers kept {kept}, {grid.sqnr_db:.1f} dB; "
+            f"{grid.clipped:.2%} of the inlier values fall off the grid.")
+
+
 def summary_figure(summary: pd.DataFrame) -> go.Figure:
     """Which sites have the most moving outliers: new O_list channels per window, per site."""
     figure = px.bar(summary, x="site", y="new_channels_vs_previous_window", color="tensor",
@@ -204,12 +272,13 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
     def show(ws: Workspace, key: tuple | None, layer: float, tensor: str, direction: str, image: str,
              k: float | None, n_refresh: float | None) -> tuple:
         """Outlier detection with this k and n_refresh on the captured tensors: milliseconds, so it runs live."""
+        nothing = (None,) * (len(view_outputs) - 1)
         if key is None or key[0] != ws.fingerprint:
-            return "Press **Calibrate & capture** first.", None, None, None
+            return "Press **Calibrate & capture** first.", *nothing
         inspection = inspections.get(tuple(key))
         if inspection is None:
             return (f"This capture was released to free memory (the app keeps the {KEPT_INSPECTIONS} most recent, "
-                    f"at most {KEPT_CAPTURE_BYTES / 1e9:g} GB): press **Calibrate & capture** again.", None, None, None)
+                    f"at most {KEPT_CAPTURE_BYTES / 1e9:g} GB): press **Calibrate & capture** again.", *nothing)
         model_cfg = ws.model.cfg
         try:
             k = in_range("k", k, *K_RANGE)
@@ -223,8 +292,9 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
             static = most_frequent_channels(mask)
             misses = static_list_misses(x if chosen is None else x[chosen:chosen + 1],
                                         mask if chosen is None else mask[chosen:chosen + 1], static)
+            grid = quantization_grid(x, quantizer, mask, chosen)
         except (StudioError, KeyError, ValueError, IndexError) as err:
-            return error(err), None, None, None
+            return error(err), *nothing
         shown = "max over images" if chosen is None else f"{inspection.kind} image #{chosen}"
         per_token = timeline.steps["outlier_channels"].mean()
         windows = timeline.windows
@@ -235,10 +305,12 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                 f"{windows['olist_size'].mean():.1f} channels, {moving}, and grows at "
                 f"{windows['growing_steps'].mean():.1f} of its steps. A static list of the "
                 f"{int(static.sum())} most frequent outlier channel(s) misses {misses['missed'].mean():.1f} "
-                f"outlier channels per token. ({inspection.label}.)")
+                f"outlier channels per token. {grid_sentence(grid, quantizer)} ({inspection.label}.)")
         title = f"|x| at {site} ({shown}); red: detected outliers; dotted: window starts"
+        values_title = f"Values of {site} on the grids ({shown})"
         return (text, heatmap_figure(x, mask, chosen, n_refresh, title), windows_figure(timeline.windows),
-                misses_figure(misses))
+                misses_figure(misses), grid_histogram_figure(grid, quantizer, values_title),
+                grid_steps_figure(grid, quantizer, n_refresh))
 
     gr.Markdown(EXPLAIN)
     with gr.Row(equal_height=True):
@@ -268,10 +340,13 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
     with gr.Row():
         windows = gr.Plot(label="O_list per window", elem_id="outliers-windows")
         misses = gr.Plot(label="Static list", elem_id="outliers-misses")
+    with gr.Row():
+        grid_values = gr.Plot(label="Values on the quantization grids", elem_id="outliers-grid-values")
+        grid_steps = gr.Plot(label="The grid per time-step", elem_id="outliers-grid-steps")
     summary = gr.Plot(label="Per-site summary", elem_id="outliers-summary")
     key = gr.State()
     view_inputs = [workspace, key, layer, tensor, direction, image, k, n_refresh]
-    view_outputs = [text, heatmap, windows, misses]
+    view_outputs = [text, heatmap, windows, misses, grid_values, grid_steps]
     run_state = gr.State()
     wire_run(prepare_button, cancel_button, run_state, prepare, [workspace, a_bits, calib, n_calib, n_images, seed],
              [status, summary, key, image], "outliers_prepare")

@@ -156,12 +156,19 @@ def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
     status, summary, images = client.predict("4", "real", 8, 4, 0, api_name="/outliers_prepare")  # the key is state
     assert status.startswith("Ready") and "8 real images" in status and summary["type"] == "plotly"
     assert [choice[0] for choice in images["choices"]] == ["max over all images"] + [f"image #{i}" for i in range(4)]
-    text, heatmap, windows, misses = client.predict(1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2",
-                                                    3, 10, api_name="/outliers_view")
+    text, heatmap, windows, misses, values, steps = client.predict(
+        1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2", 3, 10, api_name="/outliers_view")
     assert text.startswith("**layers.1.fwd.x_proj.input**, test image #2") and "of 128 channels" in text
     growing = float(re.search(r"grows at ([\d.]+) of its steps", text).group(1))
     assert 0 < growing <= 10  # n_refresh 10: one image's windows
-    assert all(plot["type"] == "plotly" for plot in (heatmap, windows, misses))
+    assert all(plot["type"] == "plotly" for plot in (heatmap, windows, misses, values, steps))
+    # the grids: the 8-bit outliers lift this site's SQNR well above what the 4-bit grid alone gives
+    alone, kept = map(float, re.search(r"SQNR of ([\d.]+) dB; with these outliers kept at 8 bits, ([\d.]+) dB",
+                                       text).groups())
+    assert kept > alone + 3
+    traces = {trace.get("name") for trace in json.loads(steps["plot"])["data"]}
+    assert {"SQNR with the outliers", "SQNR, all channels 4-bit", "S^I(t), calibrated inlier step"} <= traces
+    assert [trace["type"] for trace in json.loads(values["plot"])["data"]] == ["bar", "bar"]
     looser = client.predict(1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2", 1, 10,
                             api_name="/outliers_view")[0]
     strict_count = float(re.search(r"([\d.]+) of 128 channels", text).group(1))
@@ -170,8 +177,8 @@ def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
                             api_name="/outliers_view")[0]
     assert shared.startswith("**layers.0.in_proj.input**, max over images") and "one window only" in shared
     # the scan state: every (channel, state) pair a column, an outlier rule calibrated for it on first request
-    state, heatmap, _, _ = client.predict(2, "h (scan state; columns are channel × state)", "bwd", "image #1", 3, 10,
-                                          api_name="/outliers_view")
+    state, heatmap, *_ = client.predict(2, "h (scan state; columns are channel × state)", "bwd", "image #1", 3, 10,
+                                        api_name="/outliers_view")
     assert state.startswith("**layers.2.bwd.h**, test image #1") and "of 2048 channels" in state
     assert json.loads(heatmap["plot"])["data"][0]["type"] == "heatmap"
 

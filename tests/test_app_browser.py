@@ -130,9 +130,11 @@ def test_outliers_heatmap_follows_k(browser: Browser, url: str):
     expect(page.locator("#outliers-status")).to_contain_text("Ready", timeout=120_000)
     text = page.locator("#outliers-text")
     expect(text).to_contain_text("k = 3,", timeout=20_000)
-    expect(page.locator("#outliers-heatmap .js-plotly-plot")).to_be_visible(timeout=20_000)
+    for plot in ("heatmap", "grid-values", "grid-steps"):
+        expect(page.locator(f"#outliers-{plot} .js-plotly-plot")).to_be_visible(timeout=20_000)
     _type(page, "outliers-k", 1.5)
     expect(text).to_contain_text("k = 1.5,", timeout=20_000)
+    expect(text).to_contain_text("with these outliers kept at 8 bits")
     _screenshot(page, "app_outliers.png")
     page.close()
 

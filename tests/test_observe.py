@@ -30,6 +30,7 @@ from core.observe import (
     outlier_timeline,
     parse_site,
     precision_suggestion,
+    quantization_grid,
     quantizer_at,
     quantizer_inputs_bytes,
     rule_of,
@@ -43,7 +44,7 @@ from core.observe import (
 )
 from core.quant import QuantConfig, quantize, quantized_sites
 from core.quant.model import QuantInterceptor
-from core.quant.quantizers import OutlierAwareQuantizer
+from core.quant.quantizers import OutlierAwareQuantizer, PerTokenStaticQuantizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -422,3 +423,74 @@ def test_suggested_precision_comes_from_calibration_images_without_labels(defaul
     frame = run_layer_sensitivity(qmodel, calib, fp)
     assert frame.attrs["fp_top1"] == 100.0  # agreement with its own predictions
     assert suggestion == precision_suggestion(frame, config)
+
+
+def _restored(scale: torch.Tensor, zero_point: torch.Tensor | None = None, outlier_bits: int = 8
+              ) -> OutlierAwareQuantizer:
+    quantizer = OutlierAwareQuantizer(4, outlier_bits, k=3.0, n_refresh=10, asymmetric=zero_point is not None)
+    quantizer.restore(scale, zero_point)
+    return quantizer
+
+
+def test_quantize_with_its_own_mask_is_the_forward_and_with_none_the_inlier_grid_alone():
+    torch.manual_seed(0)
+    x = torch.randn(3, 20, 32)
+    x[:, :, 5] *= 30  # a planted outlier channel
+    quantizer = OutlierAwareQuantizer(4, 8, k=3.0, n_refresh=10)
+    quantizer.calibrate(x)
+    assert torch.equal(quantizer.quantize_with(x, quantizer.masks(x)), quantizer(x))
+    static = PerTokenStaticQuantizer(4)
+    static.restore(quantizer.scale.detach())
+    assert torch.equal(quantizer.quantize_with(x, torch.zeros_like(x, dtype=torch.bool)), static(x))
+
+
+def test_quantization_grid_counts_clipped_values_and_what_the_outliers_buy():
+    """S^I = 1 at every step, 4 bits (codes −7…7): 7.4 rounds onto the grid, 7.6 and −9 fall off it; the
+    outlier channel holds 100, far off the grid, and on its own 8-bit grid costs almost nothing."""
+    x = torch.full((2, 3, 4), 0.5)
+    x[0, 0, 0], x[0, 1, 1], x[1, 2, 2] = 7.4, 7.6, -9.0
+    x[:, :, 3] = 100.0
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[:, :, 3] = True
+    view = quantization_grid(x, _restored(torch.ones(3)), mask)
+    assert view.codes == (-7, 7)
+    assert view.histogram["inlier"].sum() == 18 and view.histogram["outlier"].sum() == 6
+    assert view.clipped == pytest.approx(2 / 18)
+    assert view.steps["clipped"].tolist() == pytest.approx([0, 1 / 6, 1 / 6])
+    assert view.steps["outlier_share"].tolist() == pytest.approx([0.25] * 3)
+    assert view.steps["static_scale"].tolist() == [1.0] * 3
+    assert view.steps["token_scale"].tolist() == pytest.approx([100 / 7] * 3)  # what the token alone would need
+    assert view.steps["inlier_token_scale"].tolist() == pytest.approx([7.4 / 7, 7.6 / 7, 9 / 7])
+    assert view.steps["outlier_scale"].tolist() == pytest.approx([100 / 127] * 3)
+    # every channel on the inlier grid: 100 becomes 7; the step's SQNR from its own slice, independently
+    inlier_grid = torch.clamp(torch.round(x), -7, 7)
+    for t in range(3):
+        assert view.steps["sqnr_db_without_outliers"][t] == pytest.approx(sqnr_db(x[:, t], inlier_grid[:, t]))
+    assert view.sqnr_db_without_outliers == pytest.approx(sqnr_db(x, inlier_grid))
+    assert view.sqnr_db > view.sqnr_db_without_outliers + 30
+    # one image: the same as the view of that image alone
+    alone = quantization_grid(x[1:], _restored(torch.ones(3)), mask[1:])
+    chosen = quantization_grid(x, _restored(torch.ones(3)), mask, image=1)
+    pd.testing.assert_frame_equal(chosen.steps, alone.steps)
+    assert chosen.clipped == alone.clipped == pytest.approx(1 / 9)
+
+
+def test_quantization_grid_of_an_unsigned_grid_counts_in_codes_from_its_zero_point():
+    """Δ's grid: step 0.5, zero point 4, 4 bits: codes 0…15 cover x ∈ [−2, 5.5]; −2 is code 0, 6 falls off."""
+    x = torch.tensor([[[-2.0, 0.0, 5.5, 6.0]]])
+    view = quantization_grid(x, _restored(torch.tensor([0.5]), torch.tensor([4.0])), torch.zeros_like(x, dtype=bool))
+    assert view.codes == (0, 15)
+    bins = view.histogram
+    centres = ((bins["bin_left"] + bins["bin_right"]) / 2)[bins["inlier"] > 0]
+    assert centres.tolist() == pytest.approx([0, 4, 15, 16], abs=(bins["bin_right"] - bins["bin_left"]).iloc[0])
+    assert view.clipped == pytest.approx(1 / 4) and math.isnan(view.steps["outlier_scale"][0])
+
+
+def test_quantization_grid_refuses_a_mask_of_another_shape_and_sites_without_outliers():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="the mask is"):
+        quantization_grid(x, _restored(torch.ones(3)), torch.zeros(2, 3, 5, dtype=torch.bool))
+    plain = PerTokenStaticQuantizer(4)
+    plain.restore(torch.ones(3))
+    with pytest.raises(StudioError, match="keeps no outlier channels"):
+        quantization_grid(x, plain, torch.zeros_like(x, dtype=torch.bool))

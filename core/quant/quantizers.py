@@ -45,17 +45,21 @@ class ActivationQuantizer(nn.Module):
             return fake_quant_asymmetric(x, scale, zero, self.qmax)
         return fake_quant_symmetric(x, scale, self.qmax)
 
-    def _dynamic(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-(sample, token) scale from the values themselves, over the channels where ``weights`` (0/1 floats:
-        on the CPU, masked fills and products with bool tensors are several times slower) is 1 if given."""
+    def dynamic_params(self, x: torch.Tensor, weights: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-(sample, token) scale (and zero point), (..., 1), from the values themselves, over the channels
+        where ``weights`` (0/1 floats: on the CPU, masked fills and products with bool tensors are several times
+        slower) is 1 if given."""
         if self.asymmetric:
             chosen = x if weights is None else x * weights  # the others at 0, which the grid spans anyway
             high, low = chosen.amax(-1, keepdim=True), chosen.amin(-1, keepdim=True)
             high, low = torch.nan_to_num(high, neginf=0.0), torch.nan_to_num(low, posinf=0.0)
-            scale, zero = asymmetric_params(low, high, self.qmax)
-            return fake_quant_asymmetric(x, scale, zero, self.qmax)
+            return asymmetric_params(low, high, self.qmax)
         magnitude = x.abs() if weights is None else x.abs() * weights
-        return fake_quant_symmetric(x, magnitude.amax(-1, keepdim=True) / self.qmax, self.qmax)
+        return magnitude.amax(-1, keepdim=True) / self.qmax, None
+
+    def _dynamic(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self._quant(x, *self.dynamic_params(x, weights))
 
     def calibrate(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -158,11 +162,14 @@ class OutlierAwareQuantizer(PerTokenStaticQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.smoothed(x)
+        return self.quantize_with(x, self.masks(x))
+
+    def quantize_with(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(Smoothed) x fake-quantized with ``mask``'s cells as the outliers: what ``forward`` does with its own
+        mask, and what the app shows for a mask of another k or n_refresh (or none)."""
         scale, zero = self._token_params(x)
-        mask = self.masks(x)
-        outlier = mask.to(x.dtype)
         inliers = self._quant(x.masked_fill(mask, 0), scale, zero)
-        outliers = x if self.outlier is None else self.outlier._dynamic(x, outlier)
+        outliers = x if self.outlier is None else self.outlier._dynamic(x, mask.to(x.dtype))
         return torch.where(mask, outliers, inliers)
 
 

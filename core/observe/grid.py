@@ -1,0 +1,108 @@
+"""Where a site's values fall on its quantization grids, time-step by time-step: the data behind the app's
+quantization-grid charts.
+
+OuroMamba's inlier grid has one calibrated step S^I(t) per time-step (and, for Δ's unsigned grid, a zero point
+z(t)); the channels the rule flags at a step go to their own 8-bit grid, scaled per (image, step). Measured in
+steps of the inlier grid, x / S^I(t) (+ z(t)), every value of a site falls on one axis whatever its time-step:
+the inlier grid covers the codes −qmax..qmax (0..levels for Δ) and what an inlier channel holds beyond them is
+clipped. The error per step with the detected outliers and without any (every channel on the inlier grid)
+shows where keeping them at 8 bits pays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from core.observe.outliers import outlier_quantizer
+from core.observe.stats import _as_tokens, _select_image, histogram
+from core.quant.fake import MIN_SCALE
+
+
+@dataclass(frozen=True)
+class GridView:
+    """Result of :func:`quantization_grid`.
+
+    ``histogram``: ``bin_left, bin_right, inlier, outlier``, counts of the values on inlier and on outlier
+    channels in codes of the inlier grid. ``steps``: ``time_step, static_scale`` (S^I(t)), ``token_scale`` (the
+    scale the token itself would need, all channels: the max over the images shown), ``inlier_token_scale``
+    (the same over the channels left as inliers: above S^I(t), inliers are clipped), ``outlier_scale`` (the
+    outlier grid's step; NaN where no channel is an outlier or outliers stay in floating point), ``clipped``
+    (share of the step's inlier values beyond the grid), ``outlier_share``, ``sqnr_db`` (the site's
+    quantization with these outliers) and ``sqnr_db_without_outliers`` (every channel on the inlier grid).
+    ``codes``: the inlier grid's first and last code. The three floats: the same over all steps."""
+
+    histogram: pd.DataFrame
+    steps: pd.DataFrame
+    codes: tuple[int, int]
+    sqnr_db: float
+    sqnr_db_without_outliers: float
+    clipped: float
+
+
+def _sqnr_db(signal: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
+    """10·log10(signal / noise) element-wise in float64: +inf without noise, NaN without signal either."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 10 * np.log10(signal.double().cpu().numpy() / noise.double().cpu().numpy())
+
+
+def quantization_grid(x: torch.Tensor, quantizer: nn.Module, mask: torch.Tensor, image: int | None = None,
+                      bins: int = 121) -> GridView:
+    """How ``x`` (the tensor entering ``quantizer``, (batch, L, C)) sits on the quantizer's grids with
+    ``mask`` (batch, L, C) as its outlier cells, e.g. ``outlier_timeline(...).mask`` for another k or
+    n_refresh. ``image`` restricts everything to one image; ``bins`` sets the histogram's resolution."""
+    quantizer = outlier_quantizer(quantizer)
+    x = quantizer.smoothed(_as_tokens(x).detach())
+    if mask.shape != x.shape:
+        raise ValueError(f"the mask is {tuple(mask.shape)}, the tensor {tuple(x.shape)}")
+    x, mask = _select_image(x, image), _select_image(mask, image)
+    with torch.no_grad():
+        quantized = quantizer.quantize_with(x, mask)
+        on_inlier_grid = quantizer.quantize_with(x, torch.zeros_like(mask))
+    scale = quantizer.scale.detach().to(x.dtype).clamp(min=MIN_SCALE)
+    codes = x / scale[:, None]
+    if quantizer.asymmetric:
+        codes = codes + quantizer.zero_point[:, None]
+        first, last = 0, int(quantizer.qmax)
+    else:
+        first, last = -int(quantizer.qmax), int(quantizer.qmax)
+    inlier = ~mask
+    clipped = inlier & ((codes < first - 0.5) | (codes > last + 0.5))  # rounding moves these by over half a step
+
+    finite = codes[torch.isfinite(codes)]
+    low = min(float(finite.min()), first - 1.0) if finite.numel() else first - 1.0
+    high = max(float(finite.max()), last + 1.0) if finite.numel() else last + 1.0
+    counts = histogram(codes[inlier], bins, value_range=(low, high))
+    counts = counts.rename(columns={"count": "inlier"})
+    counts["outlier"] = histogram(codes[mask], bins, value_range=(low, high))["count"].to_numpy()
+
+    keep = inlier.to(x.dtype)
+    token_scale, _ = quantizer.dynamic_params(x)
+    inlier_token_scale, _ = quantizer.dynamic_params(x, keep)
+    if quantizer.outlier is None:
+        outlier_scale = torch.full(x.shape[:2], float("nan"), dtype=x.dtype)
+    else:
+        outlier_scale = quantizer.outlier.dynamic_params(x, mask.to(x.dtype))[0][..., 0].clamp(min=MIN_SCALE)
+        outlier_scale = outlier_scale.masked_fill(~mask.any(-1), float("nan"))
+    signal = x.double().pow(2).sum((0, 2))
+    noise, noise_inlier_grid = ((x.double() - q.double()).pow(2).sum((0, 2)) for q in (quantized, on_inlier_grid))
+    inlier_count = inlier.sum((0, 2))
+    steps = pd.DataFrame({
+        "time_step": np.arange(x.shape[1]),
+        "static_scale": scale.cpu().numpy(),
+        "token_scale": token_scale[..., 0].amax(0).cpu().numpy(),
+        "inlier_token_scale": inlier_token_scale[..., 0].amax(0).cpu().numpy(),
+        "outlier_scale": np.fmax.reduce(outlier_scale.cpu().numpy(), axis=0),  # NaN only where every image's is
+        "clipped": (clipped.sum((0, 2)) / inlier_count.clamp(min=1)).cpu().numpy(),
+        "outlier_share": mask.float().mean((0, 2)).cpu().numpy(),
+        "sqnr_db": _sqnr_db(signal, noise),
+        "sqnr_db_without_outliers": _sqnr_db(signal, noise_inlier_grid),
+    })
+    total = signal.sum()
+    return GridView(counts, steps, (first, last), float(_sqnr_db(total, noise.sum())),
+                    float(_sqnr_db(total, noise_inlier_grid.sum())),
+                    float(clipped.sum() / inlier_count.sum().clamp(min=1)))
