@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from app.common import (
     RecentResults,
@@ -56,7 +57,7 @@ from core.experiments import (
     write_records,
 )
 from core.gen import to_pixels
-from core.observe import error_report, run_layer_sensitivity, suggest_precision
+from core.observe import WeightGridView, error_report, run_layer_sensitivity, suggest_precision, weight_grids
 from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig
 from core.quant.config import parse_overrides
 from core.quant.packed import PackedVim, pack, save_packed
@@ -138,6 +139,7 @@ class Shown:
     saved: str
     model_note: str
     suggestion: dict[str, dict]  # overrides keeping the most sensitive layers at 8 bits ({}: none to suggest)
+    weights: dict[str, WeightGridView]  # every quantized weight on its grid, by site
 
 
 def sqnr_figure(report: pd.DataFrame, images: int) -> go.Figure:
@@ -171,6 +173,41 @@ def sensitivity_figure(frame: pd.DataFrame, images: int) -> go.Figure:
     figure.update_layout(title=f"Layer sensitivity: top-1 drop with only that layer quantized (first {images} test "
                                f"images, FP32 {frame.attrs['fp_top1']:.2f} %)",
                          yaxis_title="drop vs FP32 (points)", height=320, margin={"l": 60, "r": 10, "t": 50, "b": 40})
+    return figure
+
+
+def weight_figure(weights: dict[str, WeightGridView] | None, site: str | None) -> go.Figure | None:
+    """One weight matrix on its grid: its values in steps of their output channel's scale (log counts, the grid's
+    ends), and per output channel its largest |W| in steps: above the grid's end it is clipped, well below it
+    the channel uses few of its codes."""
+    if not weights or site not in weights:
+        return None
+    view = weights[site]
+    first, last = view.codes
+    bits = int(np.log2(last + 1)) + 1
+    figure = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.1,
+                           subplot_titles=("values in steps of their output channel's scale",
+                                           "largest |W| per output channel, in steps"))
+    bins = view.histogram
+    figure.add_bar(x=((bins["bin_left"] + bins["bin_right"]) / 2).tolist(), y=bins["count"].tolist(), name="weights",
+                   width=float(bins["bin_right"].iloc[0] - bins["bin_left"].iloc[0]), row=1, col=1)
+    channels = view.channels
+    figure.add_scatter(x=channels["output_channel"].tolist(), y=channels["max_code"].tolist(), mode="markers",
+                       name="output channels",
+                       customdata=channels[["scale", "sqnr_db", "clipped"]].to_numpy(),
+                       hovertemplate="channel %{x}: largest |W| %{y:.2f} steps<br>scale %{customdata[0]:.3g}, "
+                                     "SQNR %{customdata[1]:.1f} dB, %{customdata[2]:.1%} clipped<extra></extra>",
+                       row=1, col=2)
+    for edge in (first - 0.5, last + 0.5):
+        figure.add_vline(x=edge, line={"color": "black", "width": 1, "dash": "dash"}, row=1, col=1)
+    figure.add_hline(y=last + 0.5, line={"color": "black", "width": 1, "dash": "dash"}, row=1, col=2)
+    figure.update_yaxes(type="log", dtick=1, title_text="weights", row=1, col=1)
+    figure.update_yaxes(title_text="|W| / scale", rangemode="tozero", row=1, col=2)
+    figure.update_xaxes(title_text="W / s_W (codes)", row=1, col=1)
+    figure.update_xaxes(title_text="output channel", row=1, col=2)
+    figure.update_layout(title=f"{site}: {bits}-bit grid (codes {first}…{last}), SQNR {view.sqnr_db:.1f} dB, "
+                               f"{view.clipped:.2%} of the weights clipped",
+                         height=340, showlegend=False, margin={"l": 60, "r": 10, "t": 70, "b": 40})
     return figure
 
 
@@ -244,13 +281,16 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                   "suggested_overrides": shown.suggestion}
         model_file = shown.record.quantized_model
         model_file = model_file if model_file and Path(model_file).is_file() else None
-        return summary_markdown(shown, cached), shown.figure, shown.sensitivity, shown.gallery, record, model_file
+        first = next(iter(shown.weights), None)
+        return (summary_markdown(shown, cached), shown.figure, shown.sensitivity, shown.gallery, record, model_file,
+                gr.update(choices=list(shown.weights), value=first), weight_figure(shown.weights, first), shown.weights)
 
     def quantize_run(ws: Workspace, method: str, w_bits: int, a_bits: int, o_bits: int, k: float | None,
                      n_refresh: float | None, calib_source: str, calib_count: float | None, epochs: float | None,
                      seed: float | None, test_count: float | None, overrides: str, run: Run | None,
                      progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
         """Quantize with one configuration, evaluate against FP32 on the same test images, log the run."""
+        unchanged = (gr.skip(), gr.skip(), gr.skip(), None, *(gr.skip(),) * 4)  # the record clears
         try:
             test_split = ws.test_data("comparing the quantized model with FP32")
             test_count = int(in_range("test images", test_count, 1, len(test_split)))
@@ -265,7 +305,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                  n_refresh=int(n_refresh), overrides=parse_overrides(overrides or ""),
                                  reconstruction=ReconstructionConfig(epochs=epochs, seed=int(seed)))
         except (StudioError, TypeError, ValueError) as err:
-            return error(err), gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
+            return error(err), *unchanged
         seed = int(seed)
         key = json.dumps({"workspace": ws.fingerprint, "config": config.to_dict(), "source": source,
                           "calib": calib_count, "seed": seed, "test": test_count}, sort_keys=True)
@@ -304,10 +344,11 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                                 run.cancel, BATCH_SIZE)
             progress(1, desc="Mixed-precision suggestion (calibration images)")
             suggestion = suggest_precision(result.qmodel, result.calibration, config, run.cancel, BATCH_SIZE)
+            weights = weight_grids(result.qmodel)
         except Cancelled as err:
-            return stopped(err), gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
+            return stopped(err), *unchanged
         except StudioError as err:
-            return error(err), gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
+            return error(err), *unchanged
         finally:
             run.done = True
         record, quantized = result.record, result.evaluation.predictions
@@ -323,7 +364,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                       changed_gallery(test, fp.predictions, quantized, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
                       broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note,
-                      suggestion=suggestion)
+                      suggestion=suggestion, weights=weights)
         cache.put(key, shown)
         return finished(shown, cached=False)
 
@@ -365,6 +406,9 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             summary = gr.Markdown(READY, elem_id="quant-summary")
             sqnr = gr.Plot(label="SQNR per layer and tensor", elem_id="quant-sqnr")
             sensitivity = gr.Plot(label="Layer sensitivity", elem_id="quant-sensitivity")
+            weight_site = gr.Dropdown([], label="Weight on its quantization grid", elem_id="quant-weight-site",
+                                      info="Every quantized projection of the run")
+            weight_plot = gr.Plot(label="Weights on their grid", elem_id="quant-weights")
             gallery = gr.Gallery(label=f"Test images whose prediction changed (first {MAX_GALLERY})", columns=6,
                                  height="auto", elem_id="quant-changed")
             model_file = gr.File(label="Quantized model: integer weight codes + scales (safetensors)",
@@ -374,10 +418,13 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
     build_sweep_section(workspace, w_bits, a_bits, calib_source, calib_count, seed, MAX_CALIB)
     inputs = [workspace, method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed,
               test_count, overrides]
-    outputs = [summary, sqnr, sensitivity, gallery, record, model_file]
+    weights = gr.State()
+    outputs = [summary, sqnr, sensitivity, gallery, record, model_file, weight_site, weight_plot, weights]
     wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
     use_suggestion.click(overrides_from_record, record, overrides, api_visibility="private", concurrency_limit=None)
-    cleared = (READY, None, None, [], None, None)
+    weight_site.input(weight_figure, [weights, weight_site], weight_plot, api_visibility="private",
+                      concurrency_limit=None)
+    cleared = (READY, None, None, [], None, None, gr.update(choices=[], value=None), None, None)
     workspace.change(lambda ws: (*cleared, default_calibration(ws), gr.update(**count_box(ws))), workspace,
                      [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)
     return record

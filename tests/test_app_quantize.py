@@ -70,7 +70,8 @@ def _job(demo: gr.Blocks, api_name: str):
 
 def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     _, client = served
-    text, plot, sensitivity, gallery, record, model_file = client.predict(*FAST, api_name="/quantize")
+    text, plot, sensitivity, gallery, record, model_file, weight_site, weights = client.predict(*FAST,
+                                                                                            api_name="/quantize")
     assert not record["cached"] and record["method"] == "ouromamba" and record["setting"] == "W4A4O8"
     assert record["test_images"] == 40 and 0 <= record["top1"] <= 100 and 0 <= record["fp_top1"] <= 100
     assert record["delta_vs_fp"] == pytest.approx(record["top1"] - record["fp_top1"], abs=0.011)
@@ -88,6 +89,12 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     assert figure["data"][0]["type"] == "heatmap" and len(figure["data"][0]["y"]) == 4  # the default model's depth
     bars = json.loads(sensitivity["plot"])["data"][0]
     assert bars["type"] == "bar" and len(bars["x"]) == 4 and all(0 <= t <= 100 for t in bars["customdata"])
+    # every projection's weights on their 4-bit grid, the first shown: 4 layers × (in, out, 2 × (x, dt))
+    assert weight_site["value"] == "layers.0.in_proj.weight" and len(weight_site["choices"]) == 4 * 6
+    figure = json.loads(weights["plot"])
+    histogram, channels = figure["data"]
+    assert histogram["type"] == "bar" and sum(histogram["y"]) == 256 * 64  # in_proj: (2E, D) = (256, 64)
+    assert len(channels["x"]) == 256 and "4-bit grid (codes -7…7)" in figure["layout"]["title"]["text"]
     assert len(gallery) == record["changed_predictions"] <= 40
     assert all(" → quantized " in item["caption"] for item in gallery)
     assert [r.top1 for r in load_records(runs)] == [record["top1"]]
@@ -109,7 +116,7 @@ def test_use_suggestion_puts_the_suggested_overrides_in_the_box():
 def test_repeated_run_is_cached_and_not_logged_again(served, runs: Path):
     _, client = served
     first = client.predict(*FAST, api_name="/quantize")[4]
-    text, _, _, _, again, model_file = client.predict(*FAST, api_name="/quantize")
+    text, _, _, _, again, model_file, *_ = client.predict(*FAST, api_name="/quantize")
     assert again["cached"] and "Cached" in text
     assert again["top1"] == first["top1"] and again["date"] == first["date"]
     assert len(load_records(runs)) == 1 and Path(model_file).name == Path(first["quantized_model"]).name
@@ -122,7 +129,7 @@ def test_repeated_run_is_cached_and_not_logged_again(served, runs: Path):
 ])
 def test_bad_overrides_are_one_line(served, overrides: str, expected: str):
     _, client = served
-    text, _, _, _, record, _ = client.predict(*FAST[:-1], overrides, api_name="/quantize")
+    text, _, _, _, record, *_ = client.predict(*FAST[:-1], overrides, api_name="/quantize")
     assert record is None and text.startswith("**Error:**") and expected in text and "\n" not in text
 
 
@@ -137,7 +144,7 @@ def test_out_of_range_input_is_one_line(served, position: int, value, expected: 
     _, client = served
     inputs = list(FAST)
     inputs[position] = value
-    text, _, _, _, record, _ = client.predict(*inputs, api_name="/quantize")
+    text, _, _, _, record, *_ = client.predict(*inputs, api_name="/quantize")
     assert record is None and text.startswith("**Error:**") and expected in text and "\n" not in text
 
 
@@ -158,7 +165,8 @@ def test_cancel_stops_the_run(served, runs: Path):
             run.cancel.set()
 
     before = len(load_records(runs))
-    text, _, _, _, record, _ = _job(demo, "quantize")(default_workspace(), *FAST[:-2], 30, "", run, progress=progress)
+    text, _, _, _, record, *_ = _job(demo, "quantize")(default_workspace(), *FAST[:-2], 30, "", run,
+                                                       progress=progress)
     assert text.startswith("**Stopped:**") and "calibration cancelled after 3 of" in text and record is None
     assert run.done and len(load_records(runs)) == before
 
@@ -166,8 +174,8 @@ def test_cancel_stops_the_run(served, runs: Path):
 def test_compare_lists_runs_and_downloads(served, runs: Path):
     _, client = served
     client.predict(*FAST, api_name="/quantize")
-    text, *_, other, no_model = client.predict("per_tensor", 8, 8, 8, 3, 10, "noise", 8, 0, 1, 40,
-                                              '{"layers.0.*": {"w_bits": 6}}', api_name="/quantize")
+    text, _, _, _, other, no_model, *_ = client.predict("per_tensor", 8, 8, 8, 3, 10, "noise", 8, 0, 1, 40,
+                                                        '{"layers.0.*": {"w_bits": 6}}', api_name="/quantize")
     assert other["setting"] == "W8A8" and other["calibration"]["source"] == "noise"
     assert no_model is None and other["quantized_model"] == "" and "No integer model to download: cannot pack" in text
     status, table, accuracy, latency, csv_file, json_file, html_file, models = client.predict(api_name="/compare")

@@ -116,10 +116,10 @@ def test_another_model_with_its_folder_runs_in_every_tab(client: Client, tiny: t
     assert message == "" and plot["type"] == "plotly"
     ready = client.predict("4", "noise", 4, 6, 0, api_name="/outliers_prepare")[0]
     assert ready.startswith("Ready") and "the first 6 test images" in ready
-    text, _, _, _, record, _ = client.predict(*FAST_QUANT, api_name="/quantize")
+    text, _, _, _, record, *_ = client.predict(*FAST_QUANT, api_name="/quantize")
     assert record["model"] == "tiny.safetensors" and record["checkpoint"].startswith(f"{checkpoint} (sha256 ")
     assert record["data"].startswith("image folder") and "`tiny.safetensors`" in text
-    text, _, _, _, record, _ = client.predict(*FAST_QUANT[:6], "real", *FAST_QUANT[7:], api_name="/quantize")
+    text, _, _, _, record, *_ = client.predict(*FAST_QUANT[:6], "real", *FAST_QUANT[7:], api_name="/quantize")
     assert record is None and "real calibration images are Fashion-MNIST" in text
 
 
@@ -146,7 +146,7 @@ def test_model_without_test_images_says_so_where_they_are_needed(client: Client,
             "Fashion-MNIST one and no data folder was given"
     text, record = client.predict(10, api_name="/evaluate")
     assert record is None and _is_one_line_error(text) and needs in text
-    text, _, _, _, record, _ = client.predict(*FAST_QUANT, api_name="/quantize")
+    text, _, _, _, record, *_ = client.predict(*FAST_QUANT, api_name="/quantize")
     assert record is None and _is_one_line_error(text) and needs in text
     assert needs in client.predict("test set", 0, 1, "fwd", "CLS token", "3", api_name="/attention")[1]
     status, _, gallery, real, *_ = client.predict(NOISE, 2, 0, "5", 12, 0.2, 1, 1, 0.2, 0, api_name="/synthesize")

@@ -41,10 +41,12 @@ from core.observe import (
     suggest_precision,
     time_channel_stats,
     top1,
+    weight_grid,
+    weight_grids,
 )
 from core.quant import QuantConfig, quantize, quantized_sites
 from core.quant.model import QuantInterceptor
-from core.quant.quantizers import OutlierAwareQuantizer, PerTokenStaticQuantizer
+from core.quant.quantizers import OutlierAwareQuantizer, PerTokenStaticQuantizer, WeightQuantizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -494,3 +496,32 @@ def test_quantization_grid_refuses_a_mask_of_another_shape_and_sites_without_out
     plain.restore(torch.ones(3))
     with pytest.raises(StudioError, match="keeps no outlier channels"):
         quantization_grid(x, plain, torch.zeros_like(x, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("per_tensor, group_size", [(False, 0), (False, 2), (True, 0)])
+def test_weight_grid_measures_each_output_channel_in_its_own_steps(per_tensor: bool, group_size: int):
+    """4 bits: one scale per output channel (or group, or tensor); a weight set to 7.6 steps is clipped."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4)
+    quantizer = WeightQuantizer(weight, 4, group_size=group_size, per_tensor=per_tensor)
+    scale = quantizer.scale.detach().expand(6, 4 // (group_size or 4), 1)
+    weight[2, 1] = 7.6 * scale[2, 1 // (group_size or 4), 0]
+    view = weight_grid(weight, quantizer)
+    codes = (weight.reshape(6, -1, group_size or 4) / scale).reshape(6, 4)
+    assert view.codes == (-7, 7) and view.histogram["count"].sum() == 24
+    assert view.channels["max_code"].tolist() == pytest.approx(codes.abs().amax(1).tolist())
+    assert view.channels["scale"].tolist() == pytest.approx(scale.reshape(6, -1).amax(1).tolist())
+    clipped = (codes.abs() > 7.5).float()
+    assert view.channels["clipped"].tolist() == pytest.approx(clipped.mean(1).tolist()) and clipped[2, 1] == 1
+    assert view.clipped == pytest.approx(float(clipped.mean()))
+    assert view.channels["sqnr_db"][0] == pytest.approx(sqnr_db(weight[0], quantizer(weight)[0]))
+    assert view.sqnr_db == pytest.approx(sqnr_db(weight, quantizer(weight)))
+
+
+def test_weight_grids_cover_every_quantized_projection_in_forward_order(tiny_ouromamba):
+    model, qmodel, _ = tiny_ouromamba
+    views = weight_grids(qmodel)
+    weights = [site.name for site in quantized_sites(model) if site.tensor.endswith(".weight")]
+    assert list(views) == weights and len(views) == model.cfg.depth * 6
+    assert views["layers.0.in_proj.weight"].histogram["count"].sum() == model.layers[0].mixer.in_proj.weight.numel()
+    assert views["layers.1.bwd.x_proj.weight"].codes == (-127, 127)  # the run's 8-bit weights

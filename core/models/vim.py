@@ -246,6 +246,11 @@ class VisionMamba(nn.Module):
                 module.scan_impl = impl
         return self
 
+    def linear_at(self, weight_site: str) -> nn.Linear:
+        """The nn.Linear of a weight site name such as ``layers.3.bwd.x_proj.weight`` or ``layers.0.in_proj.weight``."""
+        parts = weight_site.split(".")
+        return self.layers[int(parts[1])].mixer.projection(parts[-2], parts[2] if len(parts) == 5 else None)
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "A_log", "A_b_log", "D", "D_b"}

@@ -3,11 +3,12 @@
 ``capture`` records tensors at interception sites; ``time_channel_stats`` and ``histogram`` describe one
 tensor; ``outlier_timeline``, ``static_list_misses`` and ``dynamic_outlier_summary`` show where outlier
 channels are and how much they move; ``quantization_grid`` how a site's values sit on its inlier and outlier
-grids per time-step; ``error_report``, ``layer_output_error`` and ``layer_sensitivity``
-show what quantization costs, per site and per layer. No plotting library is imported here.
+grids per time-step, ``weight_grids`` every quantized weight on its grid; ``error_report``,
+``layer_output_error`` and ``layer_sensitivity`` show what quantization costs, per site and per layer. No
+plotting library is imported here.
 """
 
-from core.observe.grid import GridView, quantization_grid
+from core.observe.grid import GridView, WeightGridView, quantization_grid, weight_grid, weight_grids
 from core.observe.outliers import (
     OutlierParams,
     OutlierTimeline,
@@ -44,11 +45,11 @@ from core.observe.stats import (
 )
 
 __all__ = [
-    "SHARED", "ErrorSums", "GridView", "OutlierParams", "OutlierTimeline", "QuantProbe",
+    "SHARED", "ErrorSums", "GridView", "OutlierParams", "OutlierTimeline", "QuantProbe", "WeightGridView",
     "capture", "capture_quantizer_inputs", "cosine_similarity", "detect_outliers", "dynamic_outlier_summary",
     "error_report", "growing_steps", "histogram", "layer_output_error", "layer_sensitivity", "only_layer",
     "outlier_quantizer", "precision_suggestion", "quantizer_inputs_bytes", "run_layer_sensitivity",
     "suggest_precision", "outlier_timeline", "parse_site", "quantization_grid", "quantizer_at", "rule_of",
-    "site_quantizers", "sqnr_db",
-    "state_outliers", "static_list_misses", "time_channel_stats", "top1", "window_counts",
+    "site_quantizers", "sqnr_db", "state_outliers", "static_list_misses", "time_channel_stats", "top1", "weight_grid",
+    "weight_grids", "window_counts",
 ]

@@ -1,12 +1,13 @@
-"""Where a site's values fall on its quantization grids, time-step by time-step: the data behind the app's
-quantization-grid charts.
+"""Where a site's values fall on its quantization grids, time-step by time-step, and a linear weight's on its
+per-output-channel grid: the data behind the app's quantization-grid charts.
 
 OuroMamba's inlier grid has one calibrated step S^I(t) per time-step (and, for Δ's unsigned grid, a zero point
 z(t)); the channels the rule flags at a step go to their own 8-bit grid, scaled per (image, step). Measured in
 steps of the inlier grid, x / S^I(t) (+ z(t)), every value of a site falls on one axis whatever its time-step:
 the inlier grid covers the codes −qmax..qmax (0..levels for Δ) and what an inlier channel holds beyond them is
 clipped. The error per step with the detected outliers and without any (every channel on the inlier grid)
-shows where keeping them at 8 bits pays.
+shows where keeping them at 8 bits pays. Weights have one step per output channel (and group), so the same axis
+holds a whole weight matrix.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import torch
 from torch import nn
 
 from core.observe.outliers import outlier_quantizer
+from core.observe.probe import site_quantizers
 from core.observe.stats import _as_tokens, _select_image, histogram
+from core.quant import QuantizedVim
 from core.quant.fake import MIN_SCALE
+from core.quant.quantizers import WeightQuantizer
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,19 @@ def _sqnr_db(signal: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
         return 10 * np.log10(signal.double().cpu().numpy() / noise.double().cpu().numpy())
 
 
+def _code_range(codes: torch.Tensor, first: int, last: int) -> tuple[float, float]:
+    """A histogram's range in codes: every finite value and a code beyond each end of the grid."""
+    finite = codes[torch.isfinite(codes)]
+    if not finite.numel():
+        return first - 1.0, last + 1.0
+    return min(float(finite.min()), first - 1.0), max(float(finite.max()), last + 1.0)
+
+
+def _off_grid(codes: torch.Tensor, first: int, last: int) -> torch.Tensor:
+    """Codes that rounding moves by more than half a step: they lie past the grid's ends, so they are clipped."""
+    return (codes < first - 0.5) | (codes > last + 0.5)
+
+
 def quantization_grid(x: torch.Tensor, quantizer: nn.Module, mask: torch.Tensor, image: int | None = None,
                       bins: int = 121) -> GridView:
     """How ``x`` (the tensor entering ``quantizer``, (batch, L, C)) sits on the quantizer's grids with
@@ -71,11 +88,8 @@ def quantization_grid(x: torch.Tensor, quantizer: nn.Module, mask: torch.Tensor,
     else:
         first, last = -int(quantizer.qmax), int(quantizer.qmax)
     inlier = ~mask
-    clipped = inlier & ((codes < first - 0.5) | (codes > last + 0.5))  # rounding moves these by over half a step
-
-    finite = codes[torch.isfinite(codes)]
-    low = min(float(finite.min()), first - 1.0) if finite.numel() else first - 1.0
-    high = max(float(finite.max()), last + 1.0) if finite.numel() else last + 1.0
+    clipped = inlier & _off_grid(codes, first, last)
+    low, high = _code_range(codes, first, last)
     counts = histogram(codes[inlier], bins, value_range=(low, high))
     counts = counts.rename(columns={"count": "inlier"})
     counts["outlier"] = histogram(codes[mask], bins, value_range=(low, high))["count"].to_numpy()
@@ -106,3 +120,49 @@ def quantization_grid(x: torch.Tensor, quantizer: nn.Module, mask: torch.Tensor,
     return GridView(counts, steps, (first, last), float(_sqnr_db(total, noise.sum())),
                     float(_sqnr_db(total, noise_inlier_grid.sum())),
                     float(clipped.sum() / inlier_count.sum().clamp(min=1)))
+
+
+@dataclass(frozen=True)
+class WeightGridView:
+    """Result of :func:`weight_grid`. ``histogram``: ``bin_left, bin_right, count`` of the weights in codes of
+    their output channel's (and group's) step. ``channels``: ``output_channel, scale`` (the largest of its
+    groups'), ``max_code`` (its largest |W| in steps: above qmax + ½ it is clipped, far below it the grid is
+    under-used), ``clipped`` (share of its weights past the grid), ``sqnr_db``. ``codes``: the grid's ends."""
+
+    histogram: pd.DataFrame
+    channels: pd.DataFrame
+    codes: tuple[int, int]
+    sqnr_db: float
+    clipped: float
+
+
+def weight_grid(weight: torch.Tensor, quantizer: WeightQuantizer, bins: int = 121) -> WeightGridView:
+    """How a linear ``weight`` (out, in) sits on ``quantizer``'s grid (W · s with a smoothing scale s: the
+    weight the layer multiplies)."""
+    weight = weight.detach()
+    with torch.no_grad():
+        quantized = quantizer(weight)
+    rows, columns = weight.shape
+    smoothed = quantizer.smoothed(weight)
+    groups = columns // quantizer.group_size
+    scale = quantizer.scale.detach().clamp(min=MIN_SCALE).expand(rows, groups, 1)  # one per tensor, or per group
+    codes = (smoothed.reshape(rows, -1, quantizer.group_size) / scale).reshape(rows, -1)
+    first, last = -int(quantizer.qmax), int(quantizer.qmax)
+    clipped = _off_grid(codes, first, last)
+    signal = smoothed.double().pow(2).sum(1)
+    noise = (smoothed.double() - quantized.double()).pow(2).sum(1)
+    channels = pd.DataFrame({
+        "output_channel": np.arange(rows),
+        "scale": scale.reshape(rows, -1).amax(1).cpu().numpy(),
+        "max_code": codes.abs().amax(1).cpu().numpy(),
+        "clipped": clipped.float().mean(1).cpu().numpy(),
+        "sqnr_db": _sqnr_db(signal, noise),
+    })
+    return WeightGridView(histogram(codes, bins, value_range=_code_range(codes, first, last)), channels,
+                          (first, last), float(_sqnr_db(signal.sum(), noise.sum())), float(clipped.float().mean()))
+
+
+def weight_grids(qmodel: QuantizedVim, bins: int = 121) -> dict[str, WeightGridView]:
+    """:func:`weight_grid` of every quantized linear weight of ``qmodel``, by site name in forward order."""
+    return {name: weight_grid(qmodel.model.linear_at(name).weight, quantizer, bins)
+            for name, quantizer in site_quantizers(qmodel).items() if isinstance(quantizer, WeightQuantizer)}

@@ -198,7 +198,7 @@ class PackedVim(nn.Module):
         for name, value in static.items():
             self.static.register_buffer(_key(name), value)
         for name in linears:  # the float weight is not kept: only the codes exist
-            _linear_module(model, name).register_parameter("weight", None)
+            model.linear_at(name).register_parameter("weight", None)
         self.interceptor = PackedInterceptor(dict(self.linears.items()), dict(self.dynamic.items()),
                                              dict(self.static.named_buffers()), backend)
         set_interceptor(self.model, self.interceptor)
@@ -309,12 +309,6 @@ class PackedFusedForward(FusedForward):
         return out_proj.gemm(codes, None, y_forward.dtype, True, self.tune)
 
 
-def _linear_module(model: VisionMamba, weight_site: str) -> nn.Linear:
-    """The nn.Linear of a weight site name such as ``layers.3.bwd.x_proj.weight``."""
-    parts = weight_site.split(".")
-    return model.layers[int(parts[1])].mixer.projection(parts[-2], parts[2] if len(parts) == 5 else None)
-
-
 def _check_packable(config: QuantConfig) -> None:
     problems = []
     if config.method != "ouromamba":
@@ -358,7 +352,7 @@ def pack(qmodel: QuantizedVim, backend: str = "auto") -> PackedVim:
         if site.tensor.endswith(".weight"):
             weight_config, input_config = _projection_configs(config, site.name)
             input_quantizer = quantizers[site.name.replace(".weight", ".input")]
-            weight = _linear_module(qmodel.model, site.name).weight
+            weight = qmodel.model.linear_at(site.name).weight
             if 4 in (weight_config.w_bits, input_config.a_bits) and weight.shape[1] % 2:
                 raise StudioError(f"cannot pack {site.name}: 4-bit codes go two per byte along its "
                                   f"{weight.shape[1]} inputs, an odd count; give it 8 bits with an override")
@@ -435,7 +429,7 @@ def load_packed(path: str | Path, backend: str = "auto") -> PackedVim:
     model = VisionMamba(cfg)
     linear_fields = _group(tensors, "linears")
     for key in linear_fields:  # their float weights were never saved
-        _linear_module(model, key.replace(":", ".")).register_parameter("weight", None)
+        model.linear_at(key.replace(":", ".")).register_parameter("weight", None)
     load_state_dict_strict(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     linears = {}
     for key, fields in linear_fields.items():
