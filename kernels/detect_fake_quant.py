@@ -39,17 +39,13 @@ from kernels.host import cdiv
 
 
 @triton.jit
-def _grid_round(v, scale, reciprocal, zero, levels, ASYMMETRIC: tl.constexpr, BY_RECIPROCAL: tl.constexpr):
-    """Fake quantization of v on a grid: symmetric ±levels, or unsigned 0…levels with zero point ``zero``; the
-    grid (``scale`` with its correctly rounded ``reciprocal``) may differ per element (one call rounds inliers
-    and outliers on their own grids)."""
-    q = divide(v, scale, reciprocal, BY_RECIPROCAL)
-    if ASYMMETRIC:
-        q = tl.minimum(tl.maximum(_round_half_even(tl.minimum(tl.maximum(q, -2.0**22), 2.0**22)) + zero, 0.0), levels)
-        return (q - zero) * scale
-    else:
-        q = tl.minimum(tl.maximum(q, -levels), levels)
-        return _round_half_even(q) * scale
+def _grid_round(v, scale, reciprocal, lowest, highest, BY_RECIPROCAL: tl.constexpr):
+    """round(clamp(v / scale, lowest, highest)) · scale: fake quantization on a grid of integer codes
+    ``lowest``…``highest``; the grid (``scale`` with its correctly rounded ``reciprocal``, the bounds) may differ
+    per element (one call rounds inliers and outliers on their own grids). Clamping to integer bounds and
+    rounding commute, so clamping first keeps |q| small enough for ``_round_half_even``."""
+    q = tl.minimum(tl.maximum(divide(v, scale, reciprocal, BY_RECIPROCAL), lowest), highest)
+    return _round_half_even(q) * scale
 
 
 @triton.jit
@@ -69,24 +65,33 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
         static_scale = tl.load(scale_ptr + t, mask=live, other=float("inf"))
         grown, outlier_high, outlier_low, last = detect_rows(x, outlier, valid, live, static_scale, k, LEVELS,
                                                              ASYMMETRIC, ROWS)
+        flagged = grown > 0.0
 
         inlier_scale = tl.where(live, tl.maximum(static_scale, 1e-8), 1.0)[:, None]  # past the window: not stored
         inlier_reciprocal = tl.math.div_rn(1.0, inlier_scale)
-        zero = tl.load(zero_ptr + t, mask=live, other=0.0)[:, None] if ASYMMETRIC else 0.0
+        levels = LEVELS * 1.0
+        if ASYMMETRIC:
+            zero = tl.load(zero_ptr + t, mask=live, other=0.0)[:, None]
         if OUTLIER_LEVELS > 0:  # one division and rounding an element, inliers and outliers each on their grid
             if ASYMMETRIC:
                 outlier_scale = tl.maximum(tl.math.div_rn(outlier_high - outlier_low, OUTLIER_LEVELS * 1.0), 1e-8)
                 outlier_zero = _round_half_even(tl.math.div_rn(-outlier_low, outlier_scale))[:, None]
-                zero = tl.where(grown, outlier_zero, zero)
+                zero = tl.where(flagged, outlier_zero, zero)
             else:
                 outlier_peak = tl.maximum(outlier_high, -outlier_low)
                 outlier_scale = tl.maximum(tl.math.div_rn(outlier_peak, OUTLIER_LEVELS * 1.0), 1e-8)
-            y = _grid_round(x, tl.where(grown, outlier_scale[:, None], inlier_scale),
-                            tl.where(grown, tl.math.div_rn(1.0, outlier_scale)[:, None], inlier_reciprocal), zero,
-                            tl.where(grown, OUTLIER_LEVELS * 1.0, LEVELS * 1.0), ASYMMETRIC, BY_RECIPROCAL)
+            levels = tl.where(flagged, OUTLIER_LEVELS * 1.0, levels)
+            scale = tl.where(flagged, outlier_scale[:, None], inlier_scale)
+            reciprocal = tl.where(flagged, tl.math.div_rn(1.0, outlier_scale)[:, None], inlier_reciprocal)
         else:  # outliers stay in floating point
-            y = tl.where(grown, x, _grid_round(x, inlier_scale, inlier_reciprocal, zero, LEVELS * 1.0, ASYMMETRIC,
-                                               BY_RECIPROCAL))
+            scale, reciprocal = inlier_scale, inlier_reciprocal
+        # unsigned 0…levels with zero point z: clamp(round(q) + z, 0, levels) − z = round(clamp(q, −z, levels − z))
+        if ASYMMETRIC:
+            y = _grid_round(x, scale, reciprocal, -zero, levels - zero, BY_RECIPROCAL)
+        else:
+            y = _grid_round(x, scale, reciprocal, -levels, levels, BY_RECIPROCAL)
+        if OUTLIER_LEVELS == 0:
+            y = tl.where(flagged, x, y)
         tl.store(y_ptr + (sample * length + t).to(tl.int64)[:, None] * channels + offs[None, :],
                  y.to(y_ptr.dtype.element_ty), mask=tile & (tl.arange(0, ROWS) <= last)[:, None])
         outlier, advance = grow_set(grown, last, ROWS)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from kernels.detect_quant import (
     DetectQuantOutput,
+    _quantize,
     _round_half_even,
     detect_quant,
     detect_quant_reference,
@@ -171,6 +172,26 @@ def test_rounding_is_torch_round_ties_to_even():
     y = torch.full_like(x, float("nan")).to(DEVICE)
     _round_kernel[(1,)](x.to(DEVICE), y, N=len(x))
     assert torch.equal(y.cpu(), torch.round(x))
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, y_ptr, scale, qmax, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, _quantize(tl.load(x_ptr + offs), scale, 1.0 / scale, qmax, False))
+
+
+@pytest.mark.parametrize("qmax", [7, 127])
+def test_quantized_codes_are_torch_round_and_clamp(qmax: int):
+    """The codes read from the rounding sum's bit pattern: ties both ways, the grid's ends (±qmax ± ½), values
+    far past them, and random values, against PyTorch's clamp(round(x / s), ±qmax)."""
+    scale = 0.5
+    ties = torch.tensor([0.5, 1.5, 2.5, qmax - 0.5, qmax + 0.5, qmax + 1.5, 1e6]) * scale
+    special = torch.cat([ties, torch.nextafter(ties, torch.zeros(1)), torch.tensor([0.0, 1e-30])])
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([special, -special, torch.randn(2048 - 2 * len(special), generator=g) * qmax * scale])
+    y = torch.full(x.shape, -999, dtype=torch.int32, device=DEVICE)
+    _quantize_kernel[(1,)](x.to(DEVICE), y, scale, float(qmax), N=len(x))
+    assert torch.equal(y.cpu(), torch.clamp(torch.round(x / scale), -qmax, qmax).to(torch.int32))
 
 
 def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
