@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
 import gradio as gr
 import pandas as pd
 import plotly.express as px
@@ -40,6 +45,7 @@ from core.observe import (
 from core.quant import QuantConfig, QuantizedVim, ReconstructionConfig, quantize
 from core.quant.outliers import most_frequent_channels
 from core.quant.quantizers import OutlierAwareQuantizer
+from core.records import provenance
 from core.workspace import Workspace
 
 TENSORS = {
@@ -201,6 +207,17 @@ def grid_steps_figure(view: GridView, quantizer: OutlierAwareQuantizer, n_refres
     return figure
 
 
+def view_csv(folder: Path, header: dict, timeline_steps: pd.DataFrame, grid: GridView) -> Path:
+    """The view's numbers per time-step as CSV, its provenance (``header``) as leading ``# key: value`` lines
+    (``pandas.read_csv(path, comment="#")`` reads the table); one file per distinct view, whatever its date."""
+    steps = timeline_steps.merge(grid.steps.drop(columns=["static_scale", "outlier_share"]), on="time_step")
+    lines = [f"# {key}: {json.dumps(value) if isinstance(value, dict) else value}" for key, value in header.items()]
+    digest = hashlib.sha256(repr({k: v for k, v in header.items() if k != "date"}).encode()).hexdigest()[:12]
+    path = folder / f"outliers_{header['site']}_{digest}.csv"
+    path.write_text("\n".join(lines) + "\n" + steps.to_csv(index=False))
+    return path
+
+
 def grid_sentence(grid: GridView, quantizer: OutlierAwareQuantizer) -> str:
     """The grid charts in one sentence: SQNR on the inlier grid alone, with the outliers, and what is clipped."""
     if not grid.histogram["outlier"].any():
@@ -225,6 +242,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
     """The tab; the layer and n_refresh ranges follow ``workspace``'s architecture."""
     cfg = startup.model.cfg
     inspections = RecentResults[Inspection](KEPT_INSPECTIONS, KEPT_CAPTURE_BYTES, size=lambda i: i.nbytes)
+    csv_folder = Path(tempfile.mkdtemp(prefix="ouromamba-outliers-"))
 
     def prepare(ws: Workspace, a_bits: str, calib: str, n_calib: float, n_images: float, seed: float | None,
                 run: Run | None, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
@@ -307,10 +325,13 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                 f"{int(static.sum())} most frequent outlier channel(s) misses {misses['missed'].mean():.1f} "
                 f"outlier channels per token. {grid_sentence(grid, quantizer)} ({inspection.label}.)")
         title = f"|x| at {site} ({shown}); red: detected outliers; dotted: window starts"
+        header = {"site": site, "images": shown, "k": k, "n_refresh": n_refresh, "inlier_bits": quantizer.bits,
+                  "capture": inspection.label, **ws.provenance(), **provenance()}
+        data = view_csv(csv_folder, header, timeline.steps, grid)
         values_title = f"Values of {site} on the grids ({shown})"
         return (text, heatmap_figure(x, mask, chosen, n_refresh, title), windows_figure(timeline.windows),
                 misses_figure(misses), grid_histogram_figure(grid, quantizer, values_title),
-                grid_steps_figure(grid, quantizer, n_refresh))
+                grid_steps_figure(grid, quantizer, n_refresh), str(data))
 
     gr.Markdown(EXPLAIN)
     with gr.Row(equal_height=True):
@@ -343,10 +364,11 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
     with gr.Row():
         grid_values = gr.Plot(label="Values on the quantization grids", elem_id="outliers-grid-values")
         grid_steps = gr.Plot(label="The grid per time-step", elem_id="outliers-grid-steps")
+    data = gr.File(label="This view per time-step (CSV, provenance in its # lines)", elem_id="outliers-csv")
     summary = gr.Plot(label="Per-site summary", elem_id="outliers-summary")
     key = gr.State()
     view_inputs = [workspace, key, layer, tensor, direction, image, k, n_refresh]
-    view_outputs = [text, heatmap, windows, misses, grid_values, grid_steps]
+    view_outputs = [text, heatmap, windows, misses, grid_values, grid_steps, data]
     run_state = gr.State()
     wire_run(prepare_button, cancel_button, run_state, prepare, [workspace, a_bits, calib, n_calib, n_images, seed],
              [status, summary, key, image], "outliers_prepare")

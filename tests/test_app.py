@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 import pytest
 from gradio_client import Client
 
@@ -156,7 +157,7 @@ def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
     status, summary, images = client.predict("4", "real", 8, 4, 0, api_name="/outliers_prepare")  # the key is state
     assert status.startswith("Ready") and "8 real images" in status and summary["type"] == "plotly"
     assert [choice[0] for choice in images["choices"]] == ["max over all images"] + [f"image #{i}" for i in range(4)]
-    text, heatmap, windows, misses, values, steps = client.predict(
+    text, heatmap, windows, misses, values, steps, data = client.predict(
         1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2", 3, 10, api_name="/outliers_view")
     assert text.startswith("**layers.1.fwd.x_proj.input**, test image #2") and "of 128 channels" in text
     growing = float(re.search(r"grows at ([\d.]+) of its steps", text).group(1))
@@ -169,6 +170,14 @@ def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
     traces = {trace.get("name") for trace in json.loads(steps["plot"])["data"]}
     assert {"SQNR with the outliers", "SQNR, all channels 4-bit", "S^I(t), calibrated inlier step"} <= traces
     assert [trace["type"] for trace in json.loads(values["plot"])["data"]] == ["bar", "bar"]
+    # the view's numbers per time-step, with what made them
+    table = pd.read_csv(data, comment="#")
+    assert len(table) == 50 and table["time_step"].tolist() == list(range(50))
+    assert {"outlier_channels", "token_scale", "clipped", "sqnr_db", "sqnr_db_without_outliers"} <= set(table.columns)
+    assert float(re.search(r"([\d.]+) of 128 channels", text).group(1)) == pytest.approx(
+        table["outlier_channels"].mean(), abs=0.05)
+    header = Path(data).read_text().split("\n# model: ")[0]
+    assert "# site: layers.1.fwd.x_proj.input" in header and "# k: 3" in header and "# n_refresh: 10" in header
     looser = client.predict(1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2", 1, 10,
                             api_name="/outliers_view")[0]
     strict_count = float(re.search(r"([\d.]+) of 128 channels", text).group(1))
