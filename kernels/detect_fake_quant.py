@@ -22,6 +22,7 @@ from kernels import tuning
 from kernels.detect_quant import (
     MIN_SCALE,
     SHARED_DIVISOR_ELEMENTS,
+    WIDE_REGISTER_CAP,
     _round_half_even,
     check_rows,
     detect_launches,
@@ -130,7 +131,8 @@ def detect_fake_quant(x: torch.Tensor, static_scale: torch.Tensor, zero_point: t
         _detect_fake_quant_kernel[(batch, cdiv(length, n_refresh))](
             x, *x.stride(), y, scale, zero, length, channels, n_refresh, float(k), LEVELS=levels,
             OUTLIER_LEVELS=outlier_levels, ASYMMETRIC=asymmetric, BLOCK_C=block, ROWS=option[1],
-            num_warps=option[0], **register_cap(*option), enable_fp_fusion=False)  # no FMA: as PyTorch rounds
+            num_warps=option[0], **register_cap(*option, WIDE_REGISTER_CAP),
+            enable_fp_fusion=False)  # no FMA: as PyTorch rounds
 
     key = (_detect_fake_quant_kernel, x.shape, x.stride(), x.dtype, n_refresh, levels, outlier_levels, asymmetric,
            rows_per_round)

@@ -381,14 +381,17 @@ def detect_launches(channels: int, n_refresh: int, rows_per_round: int) -> tuple
 
 
 REGISTER_CAP = 64  # 65,536 registers an SM / (8 warps · 32 threads · 64) = four programs an SM
+WIDE_REGISTER_CAP = 72  # three programs an SM
 
 
-def register_cap(num_warps: int, rows: int) -> dict[str, int]:
-    """Launch options holding a step-by-step launch of eight warps (C ≥ 1536) to ``REGISTER_CAP`` registers.
-    Triton 3.6, the GPU machine's, builds the C = 1536 detection at 78 registers by itself (three programs an
-    SM) and at 59 with the cap, without spilling (``python -m kernels.sm90_build``); 3.8 stays under it anyway.
-    Rounds of several rows need more and keep what the compiler picks."""
-    return {"maxnreg": REGISTER_CAP} if num_warps == 8 and rows == 1 else {}
+def register_cap(num_warps: int, rows: int, registers: int = REGISTER_CAP) -> dict[str, int]:
+    """Launch options holding a step-by-step launch of eight warps (C ≥ 1536) to ``registers``. Triton 3.6,
+    the GPU machine's, builds the lean C = 1536 detection at 78 registers by itself (three programs an SM) and
+    at 64 with ``REGISTER_CAP``, without spilling (``python -m kernels.sm90_build``). Steps that hold more per
+    element spill 16 bytes under that cap with 3.6 and get ``WIDE_REGISTER_CAP``: every output of
+    ``detect_quant`` (75 registers uncapped), Δ's ``detect_fake_quant`` (91). Rounds of several rows need more
+    and keep what the compiler picks."""
+    return {"maxnreg": registers} if num_warps == 8 and rows == 1 else {}
 
 
 def check_rows(rows_per_round: int) -> int:
@@ -432,7 +435,8 @@ def launch_detect_quant(kernel: triton.JITFunction, inputs: tuple, x: torch.Tens
             placeholder if out.outlier_mask is None else out.outlier_mask.view(torch.uint8), out.outlier_codes,
             out.outlier_scale, out.inlier_scale, length, channels, n_refresh, float(k),
             INLIER_QMAX=inlier_qmax(inlier_bits), PACK=pack, BLOCK_C=block, STORE_MASK=out.outlier_mask is not None,
-            ROWS=option[1], **constants, num_warps=option[0], **register_cap(*option),
+            ROWS=option[1], **constants, num_warps=option[0],
+            **register_cap(*option, REGISTER_CAP if lean else WIDE_REGISTER_CAP),
             enable_fp_fusion=False)  # no FMA: mean + k·std as PyTorch rounds it
 
     candidates = detect_launches(channels, n_refresh, rows_per_round) if tune and num_warps is None \

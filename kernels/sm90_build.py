@@ -128,7 +128,7 @@ def _build_detect_family(kernel: triton.JITFunction, channels: int, bits: int, t
                  "STORE_MASK": not lean, "ROWS": rows, **constants}
     divisible = divisible | ({"channels"} if channels % 16 == 0 else set())
     return build(kernel, {**DETECT_OUTPUTS, **types}, constants, divisible, warps, enable_fp_fusion=False,
-                 **dq.register_cap(warps, rows))
+                 **dq.register_cap(warps, rows, dq.REGISTER_CAP if lean else dq.WIDE_REGISTER_CAP))
 
 
 def build_detect(channels: int, bits: int, lean: bool = True, warps: int | None = None,
@@ -258,7 +258,7 @@ def build_detect_fake_quant(channels: int, asymmetric: bool, dtype: str, rows: i
                  "ASYMMETRIC": asymmetric, "BLOCK_C": block, "stride_xc": 1, "ROWS": rows}
     divisible = {"channels"} if channels % 16 == 0 else set()
     return build(dfq._detect_fake_quant_kernel, types, constants, divisible, warps, enable_fp_fusion=False,
-                 **dq.register_cap(warps, rows))
+                 **dq.register_cap(warps, rows, dq.WIDE_REGISTER_CAP))
 
 
 def tuned_launch_builds(quick: bool) -> list[tuple[tuple, BuildReport]]:
