@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import core.observe.grid as grid
 import core.observe.sensitivity as sensitivity
 from core.data import load_fashion_mnist
 from core.default_model import load_default_model
@@ -475,6 +476,23 @@ def test_quantization_grid_counts_clipped_values_and_what_the_outliers_buy():
     chosen = quantization_grid(x, _restored(torch.ones(3)), mask, image=1)
     pd.testing.assert_frame_equal(chosen.steps, alone.steps)
     assert chosen.clipped == alone.clipped == pytest.approx(1 / 9)
+
+
+def test_quantization_grid_in_chunks_of_images_equals_one_pass(monkeypatch):
+    """Large tensors (a scan state) go through a few images at a time; every number is the same."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 20, 32)
+    x[:, :, 3] *= 40
+    quantizer = OutlierAwareQuantizer(4, 8, k=3.0, n_refresh=10)
+    quantizer.calibrate(x)
+    mask = quantizer.masks(x)
+    whole = quantization_grid(x, quantizer, mask)
+    monkeypatch.setattr(grid, "CHUNK_VALUES", 2 * 20 * 32)  # two images a chunk: chunks of 2, 2, 1
+    chunked = quantization_grid(x, quantizer, mask)
+    pd.testing.assert_frame_equal(chunked.histogram, whole.histogram)
+    pd.testing.assert_frame_equal(chunked.steps, whole.steps, rtol=1e-12)
+    assert (chunked.sqnr_db, chunked.clipped) == pytest.approx((whole.sqnr_db, whole.clipped), rel=1e-12)
+    assert whole.histogram["outlier"].sum() == mask.sum() > 0
 
 
 def test_quantization_grid_of_an_unsigned_grid_counts_in_codes_from_its_zero_point():

@@ -67,59 +67,77 @@ def _off_grid(codes: torch.Tensor, first: int, last: int) -> torch.Tensor:
     return (codes < first - 0.5) | (codes > last + 0.5)
 
 
+CHUNK_VALUES = 1 << 22  # values per pass over a tensor: bounds the temporaries (a Vim-T scan state is 10^8)
+
+
 def quantization_grid(x: torch.Tensor, quantizer: nn.Module, mask: torch.Tensor, image: int | None = None,
                       bins: int = 121) -> GridView:
     """How ``x`` (the tensor entering ``quantizer``, (batch, L, C)) sits on the quantizer's grids with
     ``mask`` (batch, L, C) as its outlier cells, e.g. ``outlier_timeline(...).mask`` for another k or
-    n_refresh. ``image`` restricts everything to one image; ``bins`` sets the histogram's resolution."""
+    n_refresh. ``image`` restricts everything to one image; ``bins`` sets the histogram's resolution. Images
+    go through in chunks of about ``CHUNK_VALUES`` values, so memory stays bounded whatever the tensor."""
     quantizer = outlier_quantizer(quantizer)
-    x = quantizer.smoothed(_as_tokens(x).detach())
+    x = _as_tokens(x).detach()
     if mask.shape != x.shape:
         raise ValueError(f"the mask is {tuple(mask.shape)}, the tensor {tuple(x.shape)}")
     x, mask = _select_image(x, image), _select_image(mask, image)
-    with torch.no_grad():
-        quantized = quantizer.quantize_with(x, mask)
-        on_inlier_grid = quantizer.quantize_with(x, torch.zeros_like(mask))
+    length = x.shape[1]
+    step = max(1, CHUNK_VALUES // max(1, length * x.shape[2]))
+    chunks = [(x[i:i + step], mask[i:i + step]) for i in range(0, len(x), step)]
     scale = quantizer.scale.detach().to(x.dtype).clamp(min=MIN_SCALE)
-    codes = x / scale[:, None]
-    if quantizer.asymmetric:
-        codes = codes + quantizer.zero_point[:, None]
-        first, last = 0, int(quantizer.qmax)
-    else:
-        first, last = -int(quantizer.qmax), int(quantizer.qmax)
-    inlier = ~mask
-    clipped = inlier & _off_grid(codes, first, last)
-    low, high = _code_range(codes, first, last)
-    counts = histogram(codes[inlier], bins, value_range=(low, high))
-    counts = counts.rename(columns={"count": "inlier"})
-    counts["outlier"] = histogram(codes[mask], bins, value_range=(low, high))["count"].to_numpy()
+    first, last = (0, int(quantizer.qmax)) if quantizer.asymmetric else (-int(quantizer.qmax), int(quantizer.qmax))
 
-    keep = inlier.to(x.dtype)
-    token_scale, _ = quantizer.dynamic_params(x)
-    inlier_token_scale, _ = quantizer.dynamic_params(x, keep)
-    if quantizer.outlier is None:
-        outlier_scale = torch.full(x.shape[:2], float("nan"), dtype=x.dtype)
-    else:
-        outlier_scale = quantizer.outlier.dynamic_params(x, mask.to(x.dtype))[0][..., 0].clamp(min=MIN_SCALE)
-        outlier_scale = outlier_scale.masked_fill(~mask.any(-1), float("nan"))
-    signal = x.double().pow(2).sum((0, 2))
-    noise, noise_inlier_grid = ((x.double() - q.double()).pow(2).sum((0, 2)) for q in (quantized, on_inlier_grid))
-    inlier_count = inlier.sum((0, 2))
+    def codes_of(values: torch.Tensor) -> torch.Tensor:
+        codes = values / scale[:, None]
+        return codes + quantizer.zero_point[:, None] if quantizer.asymmetric else codes
+
+    ranges = [_code_range(codes_of(quantizer.smoothed(part)), first, last) for part, _ in chunks]
+    value_range = (min(low for low, _ in ranges), max(high for _, high in ranges))
+    counts = {"inlier": np.zeros(bins, dtype=np.int64), "outlier": np.zeros(bins, dtype=np.int64)}
+    sums = {name: torch.zeros(length, dtype=torch.float64) for name in
+            ("signal", "noise", "noise_inlier_grid", "clipped", "inliers", "outliers")}
+    peaks = {name: torch.full((length,), float("nan"), dtype=torch.float64) for name in
+             ("token_scale", "inlier_token_scale", "outlier_scale")}
+    for part, part_mask in chunks:
+        part = quantizer.smoothed(part)
+        inlier = ~part_mask
+        codes = codes_of(part)
+        for name, chosen in (("inlier", inlier), ("outlier", part_mask)):
+            counts[name] += histogram(codes[chosen], bins, value_range=value_range)["count"].to_numpy()
+        with torch.no_grad():
+            quantized = quantizer.quantize_with(part, part_mask)
+            on_inlier_grid = quantizer.quantize_with(part, torch.zeros_like(part_mask))
+        wide = part.double()
+        sums["signal"] += wide.pow(2).sum((0, 2)).cpu()
+        sums["noise"] += (wide - quantized.double()).pow(2).sum((0, 2)).cpu()
+        sums["noise_inlier_grid"] += (wide - on_inlier_grid.double()).pow(2).sum((0, 2)).cpu()
+        sums["clipped"] += (inlier & _off_grid(codes, first, last)).sum((0, 2)).cpu()
+        sums["inliers"] += inlier.sum((0, 2)).cpu()
+        sums["outliers"] += part_mask.sum((0, 2)).cpu()
+        scales = {"token_scale": quantizer.dynamic_params(part)[0][..., 0],
+                  "inlier_token_scale": quantizer.dynamic_params(part, inlier.to(part.dtype))[0][..., 0]}
+        if quantizer.outlier is not None:
+            outlier_scale = quantizer.outlier.dynamic_params(part, part_mask.to(part.dtype))[0][..., 0]
+            scales["outlier_scale"] = outlier_scale.clamp(min=MIN_SCALE).masked_fill(~part_mask.any(-1), float("nan"))
+        for name, value in scales.items():  # the largest over images; NaN only where every image's is
+            peaks[name] = torch.fmax(peaks[name], value.double().amax(0).cpu())
+
+    edges = np.linspace(*value_range, bins + 1)
+    histogram_frame = pd.DataFrame({"bin_left": edges[:-1], "bin_right": edges[1:], **counts})
+    cells = sums["inliers"] + sums["outliers"]
     steps = pd.DataFrame({
-        "time_step": np.arange(x.shape[1]),
+        "time_step": np.arange(length),
         "static_scale": scale.cpu().numpy(),
-        "token_scale": token_scale[..., 0].amax(0).cpu().numpy(),
-        "inlier_token_scale": inlier_token_scale[..., 0].amax(0).cpu().numpy(),
-        "outlier_scale": np.fmax.reduce(outlier_scale.cpu().numpy(), axis=0),  # NaN only where every image's is
-        "clipped": (clipped.sum((0, 2)) / inlier_count.clamp(min=1)).cpu().numpy(),
-        "outlier_share": mask.float().mean((0, 2)).cpu().numpy(),
-        "sqnr_db": _sqnr_db(signal, noise),
-        "sqnr_db_without_outliers": _sqnr_db(signal, noise_inlier_grid),
+        **{name: peak.numpy() for name, peak in peaks.items()},
+        "clipped": (sums["clipped"] / sums["inliers"].clamp(min=1)).numpy(),
+        "outlier_share": (sums["outliers"] / cells.clamp(min=1)).numpy(),
+        "sqnr_db": _sqnr_db(sums["signal"], sums["noise"]),
+        "sqnr_db_without_outliers": _sqnr_db(sums["signal"], sums["noise_inlier_grid"]),
     })
-    total = signal.sum()
-    return GridView(counts, steps, (first, last), float(_sqnr_db(total, noise.sum())),
-                    float(_sqnr_db(total, noise_inlier_grid.sum())),
-                    float(clipped.sum() / inlier_count.sum().clamp(min=1)))
+    total = sums["signal"].sum()
+    return GridView(histogram_frame, steps, (first, last), float(_sqnr_db(total, sums["noise"].sum())),
+                    float(_sqnr_db(total, sums["noise_inlier_grid"].sum())),
+                    float(sums["clipped"].sum() / sums["inliers"].sum().clamp(min=1)))
 
 
 @dataclass(frozen=True)
