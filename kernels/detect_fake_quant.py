@@ -28,6 +28,7 @@ from kernels.detect_quant import (
     detect_launches,
     detect_rows,
     divide,
+    divide_by_constant,
     grow_set,
     launch_block,
     load_rows,
@@ -75,12 +76,12 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
             zero = tl.load(zero_ptr + t, mask=live, other=0.0)[:, None]
         if OUTLIER_LEVELS > 0:  # one division and rounding an element, inliers and outliers each on their grid
             if ASYMMETRIC:
-                outlier_scale = tl.maximum(tl.math.div_rn(outlier_high - outlier_low, OUTLIER_LEVELS * 1.0), 1e-8)
+                outlier_scale = tl.maximum(divide_by_constant(outlier_high - outlier_low, OUTLIER_LEVELS), 1e-8)
                 outlier_zero = _round_half_even(tl.math.div_rn(-outlier_low, outlier_scale))[:, None]
                 zero = tl.where(flagged, outlier_zero, zero)
             else:
                 outlier_peak = tl.maximum(outlier_high, -outlier_low)
-                outlier_scale = tl.maximum(tl.math.div_rn(outlier_peak, OUTLIER_LEVELS * 1.0), 1e-8)
+                outlier_scale = tl.maximum(divide_by_constant(outlier_peak, OUTLIER_LEVELS), 1e-8)
             levels = tl.where(flagged, OUTLIER_LEVELS * 1.0, levels)
             scale = tl.where(flagged, outlier_scale[:, None], inlier_scale)
             reciprocal = tl.where(flagged, tl.math.div_rn(1.0, outlier_scale)[:, None], inlier_reciprocal)

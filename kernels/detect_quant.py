@@ -108,6 +108,15 @@ def divide(v, scale, reciprocal, BY_RECIPROCAL: tl.constexpr):
 
 
 @triton.jit
+def divide_by_constant(v, DIVISOR: tl.constexpr):
+    """v / DIVISOR correctly rounded, for a compile-time divisor (a grid's level count, 2^b − 1): ``divide``
+    with the reciprocal rounded at compile time, three instructions where div_rn takes ~10 with its range check
+    and slow-path branch. 1 / DIVISOR is rounded from float64 to fp32, which gives its correctly rounded fp32
+    value for these divisors: 1 / (2^b − 1) repeats with period b in binary, so it never lies on an fp32 tie."""
+    return divide(v, tl.full((), DIVISOR, tl.float32), tl.full((), 1.0 / DIVISOR, tl.float32), True)
+
+
+@triton.jit
 def _quantize(v, scale, reciprocal, qmax, BY_RECIPROCAL: tl.constexpr):
     """clamp(round(v / scale), ±qmax) as int32 codes; clamping before rounding gives the same integers (qmax is
     one). ``scale`` (with its ``reciprocal``: see ``divide``) and ``qmax`` may differ per element (one call
@@ -172,12 +181,12 @@ def detect_rows(x, outlier, valid, live, static_scale, k, LEVELS: tl.constexpr, 
         high, negated_low = tl.split(inlier_extremes)
         kept_high, negated_kept_low = tl.split(kept_extremes)
         low, kept_low = -negated_low, -negated_kept_low
-        dynamic_scale = tl.where(high > -float("inf"), tl.math.div_rn(high - low, LEVELS * 1.0), 0.0)
+        dynamic_scale = tl.where(high > -float("inf"), divide_by_constant(high - low, LEVELS), 0.0)
         inlier_peak = tl.maximum(high, negated_low)
     else:  # the largest |x| stands for both signs
         high, kept_high = tl.split(tl.max(tl.join(inlier_magnitude, magnitude * before), axis=1))
         low, kept_low = -high, -kept_high
-        dynamic_scale = tl.math.div_rn(high, LEVELS * 1.0)
+        dynamic_scale = divide_by_constant(high, LEVELS)
         inlier_peak = high
     count, total = tl.split(tl.sum(tl.join(tl.broadcast_to(keep, x.shape), inlier_magnitude), axis=1))
     mean = tl.math.div_rn(total, tl.maximum(count, 1.0))
@@ -226,7 +235,7 @@ def detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_s
     flagged = grown > 0.0
 
     inlier_scale = tl.where(live, tl.maximum(static_scale, 1e-8), 1.0)  # rows past the window: never stored
-    outlier_scale = tl.maximum(tl.math.div_rn(tl.maximum(outlier_high, -outlier_low), 127.0), 1e-8)
+    outlier_scale = tl.maximum(divide_by_constant(tl.maximum(outlier_high, -outlier_low), 127), 1e-8)
     # one division and rounding an element, each on its own grid: an element is an inlier or an outlier
     codes = _quantize(x, tl.where(flagged, outlier_scale[:, None], inlier_scale[:, None]),
                       tl.where(flagged, tl.math.div_rn(1.0, outlier_scale)[:, None],

@@ -29,6 +29,7 @@ from kernels.detect_quant import (
     detect_quant,
     detect_quant_reference,
     divide,
+    divide_by_constant,
     empty_output,
     inlier_qmax,
     window_rows,
@@ -253,6 +254,41 @@ def test_the_kernels_division_is_torchs(by_reciprocal: bool):
     q = torch.full_like(v, float("nan")).to(DEVICE)
     _divide_kernel[(1,)](v.to(DEVICE), s.to(DEVICE), q, N=len(v), BY_RECIPROCAL=by_reciprocal)
     assert torch.equal(q.cpu(), v / s)
+
+
+@pytest.mark.parametrize("divisor", [1, 3, 7, 15, 31, 63, 127, 255])
+def test_division_by_a_level_count_is_division_on_the_gpu(divisor: int):
+    """``divide_by_constant``'s sequence with the reciprocal rounded from float64 (as the kernel's constant is),
+    the GPU's FMA emulated exactly, gives torch's v / d on 1 M random bit patterns and on the statistics the
+    kernels divide (maxima, ranges, peaks: values near multiples of d), except where the remainder underflows."""
+    g = np.random.default_rng(divisor)
+    size = 500_000
+    bits = g.integers(0x0D000000, 0x7F000000, size, dtype=np.uint32).view(np.float32)  # |v| ≥ 2^-101
+    v = np.concatenate([bits * np.where(g.random(size) < 0.5, -1, 1).astype(np.float32),
+                        (divisor * np.exp(g.uniform(-20, 10, size)) * g.integers(1, 300, size)).astype(np.float32)])
+    d, reciprocal = np.float32(divisor), np.float32(1.0 / divisor)
+    assert reciprocal == np.float32(1) / d  # the float64 → fp32 rounding is the correctly rounded reciprocal
+    with np.errstate(over="ignore"):
+        q = v * reciprocal
+        q = _fma32(_fma32(-q, np.full_like(v, d), v), np.full_like(v, reciprocal), q)
+        exact = v / d
+    assert np.array_equal(q, exact)
+
+
+@triton.jit
+def _divide_by_constant_kernel(v_ptr, q_ptr, N: tl.constexpr, DIVISOR: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(q_ptr + offs, divide_by_constant(tl.load(v_ptr + offs), DIVISOR))
+
+
+@pytest.mark.parametrize("divisor", [7, 127, 255])
+def test_the_kernels_division_by_a_level_count_is_torchs(divisor: int):
+    g = torch.Generator().manual_seed(divisor)
+    v = torch.cat([divisor * torch.randint(0, 300, (1 << 13,), generator=g) * torch.exp(
+        torch.empty(1 << 13).uniform_(-20, 5, generator=g)), torch.randn(1 << 13, generator=g) * 1e3])
+    q = torch.full_like(v, float("nan")).to(DEVICE)
+    _divide_by_constant_kernel[(1,)](v.to(DEVICE), q, N=len(v), DIVISOR=divisor)
+    assert torch.equal(q.cpu(), v / divisor)
 
 
 @pytest.mark.parametrize(("k", "n_refresh", "bits", "length"), [(3.0, 10, 4, 37), (2.5, 4, 8, 23), (3.0, 1, 4, 9),
