@@ -232,7 +232,8 @@ def grid_sentence(grid: GridView, quantizer: OutlierAwareQuantizer) -> str:
 def summary_figure(summary: pd.DataFrame) -> go.Figure:
     """Which sites have the most moving outliers: new O_list channels per window, per site."""
     figure = px.bar(summary, x="site", y="new_channels_vs_previous_window", color="tensor",
-                    hover_data=["olist_size", "growing_steps_per_window", "outlier_channels_per_token", "channels"],
+                    hover_data=["olist_size", "growing_steps_per_window", "outlier_channels_per_token", "channels",
+                             "sqnr_db", "sqnr_db_without_outliers"],
                     title="Dynamic outliers per site: O_list channels new in each window (mean)")
     figure.update_layout(height=360, margin={"l": 50, "r": 10, "t": 50, "b": 120}, xaxis_tickangle=-60)
     return figure

@@ -343,6 +343,12 @@ def test_dynamic_outlier_summary_ranks_sites_of_an_ouromamba_model(tiny_ouromamb
             "new_channels_vs_previous_window"} <= set(summary.columns)
     assert (summary["olist_size"] >= summary["outlier_channels_per_token"] - 1e-9).all()  # lists only grow
     assert summary["growing_steps_per_window"].between(0, 10).all() and summary["growing_steps_per_window"].max() > 0
+    # what the outlier channels buy: the site's SQNR as quantized against every channel on its 4-bit grid
+    report = error_report(model, qmodel, images, batch_size=3).set_index("site")
+    assert summary.set_index("site")["sqnr_db"].to_numpy() == pytest.approx(
+        report.loc[summary["site"], "sqnr_db"].to_numpy(), rel=1e-9)
+    flagging = summary[summary["outlier_channels_per_token"] > 0.5]
+    assert len(flagging) and (flagging["sqnr_db"] > flagging["sqnr_db_without_outliers"]).all()
     site = "layers.1.fwd.x_proj.input"
     row = summary.set_index("site").loc[site]
     x = capture_quantizer_inputs(qmodel, images, [site], batch_size=3)[site]

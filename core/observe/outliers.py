@@ -21,7 +21,7 @@ from torch import nn
 from core.errors import StudioError
 from core.intercept import Site
 from core.observe.probe import parse_site, run_probe, site_columns, site_quantizers
-from core.observe.stats import _as_tokens, _select_image, capture, grid_frame
+from core.observe.stats import ErrorSums, _as_tokens, _select_image, capture, grid_frame
 from core.quant import QuantizedVim
 from core.quant.fake import asymmetric_levels, symmetric_qmax
 from core.quant.outliers import max_abs_scale, outlier_masks, range_scale
@@ -253,11 +253,13 @@ def static_list_misses(x: torch.Tensor, dynamic_mask: torch.Tensor, static_mask:
 
 
 class _SiteOutlierSums:
-    """Running totals of one site's outlier counts over batches."""
+    """Running totals of one site's outlier counts over batches, and of its quantization error with its
+    outlier channels and with every channel on the inlier grid."""
 
     def __init__(self, channels: int) -> None:
         self.channels = channels
         self.flagged = self.tokens = self.list_sum = self.lists = self.new_sum = self.pairs = self.growing = 0
+        self.quantized, self.inlier_grid = ErrorSums(), ErrorSums()
 
     def add(self, mask: torch.Tensor, n_refresh: int) -> None:
         per_step, sizes, new = window_counts(mask, n_refresh)
@@ -282,9 +284,11 @@ def dynamic_outlier_summary(qmodel: QuantizedVim, images: torch.Tensor, batch_si
 
     Counts come from the per-time-step rule on the tensors entering each quantizer in the quantized model
     (for a static-list quantizer too: what a dynamic detector would flag; ``static_list`` marks those rows).
-    A and D (one token, no time axis) are left out unless ``include_single_token``. Columns: ``site, layer,
-    direction, tensor, channels, outlier_channels_per_token, fraction_outlier, olist_size,
-    new_channels_vs_previous_window, growing_steps_per_window, static_list``.
+    A and D (one token, no time axis) are left out unless ``include_single_token``. ``sqnr_db`` is the site's
+    quantization as configured (its outlier channels on their own grid), ``sqnr_db_without_outliers`` with every
+    channel on the inlier grid: what the outlier channels buy there. Columns: ``site, layer, direction, tensor,
+    channels, outlier_channels_per_token, fraction_outlier, olist_size, new_channels_vs_previous_window,
+    growing_steps_per_window, sqnr_db, sqnr_db_without_outliers, static_list``.
     """
     sources: dict[str, nn.Module] = {}
     for name, quantizer in site_quantizers(qmodel).items():
@@ -297,9 +301,14 @@ def dynamic_outlier_summary(qmodel: QuantizedVim, images: torch.Tensor, batch_si
                           f"{qmodel.config.method!r}); use 'ouromamba' or 'static_outliers'")
     sums: dict[str, _SiteOutlierSums] = {}
 
-    def observe(site: Site, x: torch.Tensor, _: torch.Tensor) -> None:
+    def observe(site: Site, x: torch.Tensor, xq: torch.Tensor) -> None:
         mask, n_refresh, _scale = detect_outliers(x, sources[site.name], dynamic_rule=True)
-        sums.setdefault(site.name, _SiteOutlierSums(mask.shape[-1])).add(mask, n_refresh)
+        totals = sums.setdefault(site.name, _SiteOutlierSums(mask.shape[-1]))
+        totals.add(mask, n_refresh)
+        quantizer = outlier_quantizer(sources[site.name])
+        tokens = quantizer.smoothed(_as_tokens(x.reshape(1, 1, -1) if x.dim() < 3 else x))
+        totals.quantized.add(tokens, xq.reshape(tokens.shape))
+        totals.inlier_grid.add(tokens, quantizer.quantize_with(tokens, torch.zeros_like(tokens, dtype=torch.bool)))
 
     run_probe(qmodel, images, set(sources), observe, batch_size)
     rows = []
@@ -313,6 +322,8 @@ def dynamic_outlier_summary(qmodel: QuantizedVim, images: torch.Tensor, batch_si
             "olist_size": _ratio(totals.list_sum, totals.lists),
             "new_channels_vs_previous_window": _ratio(totals.new_sum, totals.pairs),
             "growing_steps_per_window": _ratio(totals.growing, totals.lists),
+            "sqnr_db": totals.quantized.sqnr_db,
+            "sqnr_db_without_outliers": totals.inlier_grid.sqnr_db,
             "static_list": bool(outlier_quantizer(sources[name]).static_channels),
         })
     return pd.DataFrame(rows)
