@@ -81,3 +81,15 @@ def test_sweep_refuses_a_model_that_does_not_read_fashion_mnist(tmp_path: Path, 
     assert main(["sweep", str(other), "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err.strip()
     assert "Fashion-MNIST's validation images" in err and "32×32, 3 channels, 3 classes" in err and "\n" not in err
+
+
+def test_outliers_writes_per_site_statistics_with_what_the_outliers_buy(tmp_path: Path, capsys):
+    out = tmp_path / "stats.csv"
+    assert main(["outliers", "--n-calib", "8", "--images", "16", "--top", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "48 sites →" in printed and "statistics on the first 16 test images" in printed
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 48 and {"sqnr_db", "sqnr_db_without_outliers", "growing_steps_per_window"} <= set(rows[0])
+    x_proj = [row for row in rows if row["tensor"] == "x_proj.input"]
+    assert all(float(row["sqnr_db"]) > float(row["sqnr_db_without_outliers"]) + 3 for row in x_proj)
