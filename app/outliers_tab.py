@@ -9,7 +9,6 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
@@ -230,12 +229,28 @@ def grid_sentence(grid: GridView, quantizer: OutlierAwareQuantizer) -> str:
 
 
 def summary_figure(summary: pd.DataFrame) -> go.Figure:
-    """Which sites have the most moving outliers: new O_list channels per window, per site."""
-    figure = px.bar(summary, x="site", y="new_channels_vs_previous_window", color="tensor",
-                    hover_data=["olist_size", "growing_steps_per_window", "outlier_channels_per_token", "channels",
-                             "sqnr_db", "sqnr_db_without_outliers"],
-                    title="Dynamic outliers per site: O_list channels new in each window (mean)")
-    figure.update_layout(height=360, margin={"l": 50, "r": 10, "t": 50, "b": 120}, xaxis_tickangle=-60)
+    """Per site, which have the most moving outliers (O_list channels new in each window) and what keeping the
+    outlier channels at 8 bits buys there (SQNR against every channel on the inlier grid)."""
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.5, 0.5],
+                           subplot_titles=("O_list channels new in each window (mean)",
+                                           "SQNR: with the outlier channels at 8 bits, and every channel on the "
+                                           "inlier grid"))
+    hover = ["olist_size", "growing_steps_per_window", "outlier_channels_per_token", "channels"]
+    for tensor, rows in summary.groupby("tensor", sort=False):
+        figure.add_bar(x=rows["site"].tolist(), y=rows["new_channels_vs_previous_window"].tolist(), name=tensor,
+                       legendgroup="tensor", customdata=rows[hover].to_numpy(),
+                       hovertemplate="%{x}: %{y:.1f} new of an O_list of %{customdata[0]:.1f}, growing at "
+                                     "%{customdata[1]:.1f} steps a window; %{customdata[2]:.1f} of "
+                                     "%{customdata[3]} channels a token<extra></extra>", row=1, col=1)
+    for column, name, color in (("sqnr_db", "SQNR with the outliers", "red"),
+                                ("sqnr_db_without_outliers", "SQNR, all on the inlier grid", "#1f77b4")):
+        figure.add_scatter(x=summary["site"].tolist(), y=summary[column].tolist(), mode="markers", name=name,
+                           marker={"color": color}, legendgroup="sqnr", row=2, col=1)
+    figure.update_yaxes(title_text="channels", row=1, col=1)
+    figure.update_yaxes(title_text="dB", row=2, col=1)
+    figure.update_xaxes(tickangle=-60, row=2, col=1)
+    figure.update_layout(title="Per site: how much the outliers move, and what keeping them buys", height=620,
+                         margin={"l": 50, "r": 10, "t": 70, "b": 120}, barmode="relative")
     return figure
 
 

@@ -156,6 +156,8 @@ def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
     _, client = served
     status, summary, images = client.predict("4", "real", 8, 4, 0, api_name="/outliers_prepare")  # the key is state
     assert status.startswith("Ready") and "8 real images" in status and summary["type"] == "plotly"
+    names = [trace["name"] for trace in json.loads(summary["plot"])["data"]]
+    assert "x_proj.input" in names and {"SQNR with the outliers", "SQNR, all on the inlier grid"} <= set(names)
     assert [choice[0] for choice in images["choices"]] == ["max over all images"] + [f"image #{i}" for i in range(4)]
     text, heatmap, windows, misses, values, steps, data = client.predict(
         1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #2", 3, 10, api_name="/outliers_view")
