@@ -178,10 +178,10 @@ def grid_histogram_figure(view: GridView, quantizer: OutlierAwareQuantizer, titl
     return figure
 
 
-def grid_steps_figure(view: GridView, quantizer: OutlierAwareQuantizer, n_refresh: int) -> go.Figure:
+def grid_steps_figure(view: GridView, quantizer: OutlierAwareQuantizer, n_refresh: int, shown: str) -> go.Figure:
     """Per time-step: the calibrated inlier step against the step the token itself would need (all channels,
-    then its inliers only: above S^I(t) they are clipped) and the outliers' step; below, the site's SQNR with
-    the detected outliers and with every channel on the inlier grid."""
+    then its inliers only: above S^I(t) they are clipped) and the outliers' step, the largest over the images
+    ``shown``; below, the site's SQNR with the detected outliers and with every channel on the inlier grid."""
     steps = view.steps
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.55, 0.45])
     lines = [("static_scale", "S^I(t), calibrated inlier step", {"color": "black", "width": 2}),
@@ -201,7 +201,7 @@ def grid_steps_figure(view: GridView, quantizer: OutlierAwareQuantizer, n_refres
     figure.update_yaxes(type="log", dtick=1, title_text="step size", row=1, col=1)
     figure.update_yaxes(title_text="SQNR (dB)", row=2, col=1)
     figure.update_xaxes(title_text="time-step", row=2, col=1)
-    figure.update_layout(title="The grid per time-step, and what the outliers buy", height=460,
+    figure.update_layout(title=f"The grid per time-step, and what the outliers buy ({shown})", height=460,
                          margin={"l": 50, "r": 10, "t": 50, "b": 40}, legend={"orientation": "h", "y": -0.2})
     return figure
 
@@ -347,7 +347,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         values_title = f"Values of {site} on the grids ({shown})"
         return (text, heatmap_figure(x, mask, chosen, n_refresh, title), windows_figure(timeline.windows),
                 misses_figure(misses), grid_histogram_figure(grid, quantizer, values_title),
-                grid_steps_figure(grid, quantizer, n_refresh), str(data))
+                grid_steps_figure(grid, quantizer, n_refresh, shown), str(data))
 
     gr.Markdown(EXPLAIN)
     with gr.Row(equal_height=True):
