@@ -55,7 +55,7 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
                               length, channels, n_refresh, k,
                               LEVELS: tl.constexpr, OUTLIER_LEVELS: tl.constexpr, ASYMMETRIC: tl.constexpr,
                               BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    sample, start, steps, offs, valid, outlier = window_program(length, channels, n_refresh, BLOCK_C)
+    sample, start, steps, offs, valid, inliers = window_program(length, channels, n_refresh, BLOCK_C)
     BY_RECIPROCAL: tl.constexpr = ROWS * BLOCK_C >= SHARED_DIVISOR_ELEMENTS
     row = x_ptr + sample * stride_xb + offs * stride_xc
     x_next = load_rows(row, stride_xt, start, 0, steps, valid, ROWS)
@@ -65,9 +65,9 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
         x = x_next.to(tl.float32)
         x_next = load_rows(row, stride_xt, start, i + ROWS, steps, valid, ROWS)  # before the reductions wait
         static_scale = tl.load(scale_ptr + t, mask=live, other=float("inf"))
-        grown, outlier_high, outlier_low, last = detect_rows(x, outlier, valid, live, static_scale, k, LEVELS,
+        after, outlier_high, outlier_low, last = detect_rows(x, inliers, valid, live, static_scale, k, LEVELS,
                                                              ASYMMETRIC, ROWS)
-        flagged = grown > 0.0
+        flagged = after == 0.0
 
         inlier_scale = tl.where(live, tl.maximum(static_scale, 1e-8), 1.0)[:, None]  # past the window: not stored
         inlier_reciprocal = tl.math.div_rn(1.0, inlier_scale)
@@ -96,7 +96,7 @@ def _detect_fake_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc, y_ptr, sca
             y = tl.where(flagged, x, y)
         tl.store(y_ptr + (sample * length + t).to(tl.int64)[:, None] * channels + offs[None, :],
                  y.to(y_ptr.dtype.element_ty), mask=tile & (tl.arange(0, ROWS) <= last)[:, None])
-        outlier, advance = grow_set(grown, last, ROWS)
+        inliers, advance = grow_set(after, last, ROWS)
         if advance < ROWS:  # the set grew before the round's last row: the next round starts after it
             x_next = load_rows(row, stride_xt, start, i + advance, steps, valid, ROWS)
         i += advance

@@ -142,15 +142,16 @@ def round_to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def detect_rows(x, outlier, valid, live, static_scale, k, LEVELS: tl.constexpr, SIGNED: tl.constexpr,
+def detect_rows(x, inliers, valid, live, static_scale, k, LEVELS: tl.constexpr, SIGNED: tl.constexpr,
                 ROWS: tl.constexpr):
     """One step of the rule on each row of x (fp32, (ROWS, BLOCK_C)): consecutive steps of a window, all against
-    the same set (``outlier``, (BLOCK_C,)), which is the set before each of them up to the first step that grows
-    it. ``live`` (ROWS,) marks the rows inside the window, ``static_scale`` (ROWS,) their S^I(t). The trigger
-    S^D(t) is max |x| over the current inliers / LEVELS, or for SIGNED (asymmetric) grids (max − min of x) /
-    LEVELS; when it exceeds S^I(t), the channels with |x| > θ = mean + k·std (unbiased) of |x| over the current
-    inliers join the set. Returns (grown, grown_high, grown_low, last): per row the set after its step and
-    max(x, 0), min(x, 0) over it (the outlier grid's range), and the last row the round commits: the first live
+    the same outlier set (given as ``inliers``, (BLOCK_C,): 1.0 on each channel outside it), the set before each
+    of them up to the first step that grows it. ``live`` (ROWS,) marks the rows inside the window,
+    ``static_scale`` (ROWS,) their S^I(t). The trigger S^D(t) is max |x| over the current inliers / LEVELS, or
+    for SIGNED (asymmetric) grids (max − min of x) / LEVELS; when it exceeds S^I(t), the channels with |x| > θ =
+    mean + k·std (unbiased) of |x| over the current inliers join the set. Returns (after, grown_high, grown_low,
+    last): per row the inliers after its step and max(x, 0), min(x, 0) over the set after it (the outlier grid's
+    range), and the last row the round commits: the first live
     row whose step adds channels, or the round's last row if none does. Rows up to ``last`` are exact; the
     caller commits those and starts its next round after ``last``, so a window costs one round per step that
     grows the set (plus one) instead of one per step.
@@ -164,16 +165,16 @@ def detect_rows(x, outlier, valid, live, static_scale, k, LEVELS: tl.constexpr, 
     would be ≤ that largest x ≤ θ < |x|) and drops out of max(x, 0). Likewise for the smallest. Exact, not an
     approximation; and a row grows the set exactly when its largest inlier |x| exceeds θ.
 
-    The set is fp32 0.0 / 1.0 per channel (``grown`` too), and the inlier statistics multiply by it instead of
-    selecting, as ``window_outlier_masks`` and core's rule do: the same values for finite x. Boolean tensors of a
-    thread's channels live as bits of one register, and every use extracted or inserted a predicate (the sm_90
-    build at C = 1536: 607 instructions a step, 154 of them bit and predicate moves; with 0/1 floats 494)."""
+    The set travels as its complement, fp32 1.0 on the inlier channels and 0.0 on the outliers and past C
+    (``after`` too), and the inlier statistics multiply by it instead of selecting, as ``window_outlier_masks``
+    and core's rule do: the same values for finite x. Boolean tensors of a thread's channels live as bits of one
+    register, and every use extracted or inserted a predicate (the sm_90 build at C = 1536: 607 instructions a
+    step, 154 of them bit and predicate moves; with 0/1 floats 494)."""
     magnitude = tl.abs(x)
-    before = outlier[None, :]
-    keep = valid.to(tl.float32)[None, :] - before  # 1.0 on the current inliers (the set lies inside the channels)
+    keep = inliers[None, :]
     inlier_magnitude = magnitude * keep  # products with 0/1, not selects: see the docstring
     if SIGNED:
-        inlier, kept = keep > 0.0, before > 0.0
+        inlier, kept = keep > 0.0, valid[None, :] & (keep == 0.0)
         extremes = tl.max(tl.join(tl.join(tl.where(inlier, x, -float("inf")), tl.where(inlier, -x, -float("inf"))),
                                   tl.join(tl.where(kept, x, -float("inf")), tl.where(kept, -x, -float("inf")))),
                           axis=1)
@@ -184,7 +185,7 @@ def detect_rows(x, outlier, valid, live, static_scale, k, LEVELS: tl.constexpr, 
         dynamic_scale = tl.where(high > -float("inf"), divide_by_constant(high - low, LEVELS), 0.0)
         inlier_peak = tl.maximum(high, negated_low)
     else:  # the largest |x| stands for both signs
-        high, kept_high = tl.split(tl.max(tl.join(inlier_magnitude, magnitude * before), axis=1))
+        high, kept_high = tl.split(tl.max(tl.join(inlier_magnitude, magnitude - inlier_magnitude), axis=1))
         low, kept_low = -high, -kept_high
         dynamic_scale = divide_by_constant(high, LEVELS)
         inlier_peak = high
@@ -193,30 +194,30 @@ def detect_rows(x, outlier, valid, live, static_scale, k, LEVELS: tl.constexpr, 
     deviation = magnitude - mean[:, None]
     var = tl.math.div_rn(tl.sum(deviation * deviation * keep, axis=1), tl.maximum(count - 1.0, 1.0))
     theta = tl.where(dynamic_scale > static_scale, mean + k * tl.sqrt_rn(var), float("inf"))  # no trigger: none
-    grown = tl.where(magnitude > theta[:, None], valid.to(tl.float32)[None, :], before)
+    after = tl.where(magnitude > theta[:, None], 0.0, keep)
     grown_high = tl.maximum(tl.maximum(kept_high, tl.where(high > theta, high, -float("inf"))), 0.0)
     grown_low = tl.minimum(tl.minimum(kept_low, tl.where(-low > theta, low, float("inf"))), 0.0)
     # one row: a compile-time 0 (searching a one-row round still cost ~20 registers in the sm_90 build)
     last = 0 if ROWS == 1 else tl.min(tl.where(live & (inlier_peak > theta), tl.arange(0, ROWS), ROWS - 1), axis=0)
-    return grown, grown_high, grown_low, last
+    return after, grown_high, grown_low, last
 
 
 @triton.jit
-def grow_set(grown, last, ROWS: tl.constexpr):
-    """The set after a round, ``grown``'s row ``last`` (the rows before it grew nothing), and the number of
-    steps the round committed."""
+def grow_set(after, last, ROWS: tl.constexpr):
+    """The inliers after a round, ``after``'s row ``last`` (the rows before it grew the set by nothing), and the
+    number of steps the round committed."""
     if ROWS == 1:
-        return tl.max(grown, axis=0), 1
+        return tl.min(after, axis=0), 1
     else:
-        return tl.max(tl.where((tl.arange(0, ROWS) == last)[:, None], grown, 0.0), axis=0), last + 1
+        return tl.min(tl.where((tl.arange(0, ROWS) == last)[:, None], after, 1.0), axis=0), last + 1
 
 
 @triton.jit
-def detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_scale_ptr, inlier_ptr, packed_ptr,
+def detect_quant_rows(x, inliers, live, sample, t, length, channels, k, static_scale_ptr, inlier_ptr, packed_ptr,
                       mask_ptr, outlier_ptr, outlier_scale_ptr, inlier_scale_ptr, INLIER_QMAX: tl.constexpr,
                       PACK: tl.constexpr, BLOCK_C: tl.constexpr, STORE_MASK: tl.constexpr, ROWS: tl.constexpr):
     """One round of a sample's window: detection on the rows x (fp32, (ROWS, BLOCK_C), 0 past C) of steps t
-    ((ROWS,), ``live`` inside the window) given the outlier set before the first, then the quantization and every
+    ((ROWS,), ``live`` inside the window) given the inliers before the first, then the quantization and every
     store of the rows up to the first that grows the set (``detect_rows``). Returns (the set after the last
     committed row, the number of rows committed). Every kernel that produces ``DetectQuantOutput`` (this
     module's, ``kernels.norm_detect_quant``'s, ``kernels.merge_detect_quant``'s) runs this same code on its own
@@ -224,15 +225,15 @@ def detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_s
     offs = tl.arange(0, BLOCK_C)
     valid = offs < channels
     static_scale = tl.load(static_scale_ptr + t, mask=live, other=float("inf"))
-    grown, outlier_high, outlier_low, last = detect_rows(x, outlier, valid, live, static_scale, k, INLIER_QMAX,
+    after, outlier_high, outlier_low, last = detect_rows(x, inliers, valid, live, static_scale, k, INLIER_QMAX,
                                                          False, ROWS)
     committed = live & (tl.arange(0, ROWS) <= last)
     row = (sample * length + t).to(tl.int64)
     out = row[:, None] * channels + offs[None, :]
     stored = committed[:, None] & valid[None, :]
+    flagged = after == 0.0
     if STORE_MASK:
-        tl.store(mask_ptr + out, grown.to(tl.uint8), mask=stored)
-    flagged = grown > 0.0
+        tl.store(mask_ptr + out, flagged.to(tl.uint8), mask=stored)
 
     inlier_scale = tl.where(live, tl.maximum(static_scale, 1e-8), 1.0)  # rows past the window: never stored
     outlier_scale = tl.maximum(divide_by_constant(tl.maximum(outlier_high, -outlier_low), 127), 1e-8)
@@ -254,17 +255,17 @@ def detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_s
     tl.store(outlier_ptr + out, tl.where(flagged, codes, 0).to(tl.int8), mask=stored)
     tl.store(outlier_scale_ptr + row, outlier_scale, mask=committed)
     tl.store(inlier_scale_ptr + row, inlier_scale, mask=committed)  # the GEMM's per-row inlier scale
-    return grow_set(grown, last, ROWS)
+    return grow_set(after, last, ROWS)
 
 
 @triton.jit
 def window_program(length, channels, n_refresh, BLOCK_C: tl.constexpr):
     """What a detecting program starts from: its sample, its window's first step and step count, the channel
-    offsets with their mask, and the refresh (an empty outlier set, 0.0 on every channel)."""
+    offsets with their mask, and the refresh (an empty outlier set: every channel an inlier, 1.0)."""
     offs = tl.arange(0, BLOCK_C)
     start = tl.program_id(1) * n_refresh
     return (tl.program_id(0), start, tl.minimum(n_refresh, length - start), offs, offs < channels,
-            tl.zeros([BLOCK_C], tl.float32))
+            (offs < channels).to(tl.float32))
 
 
 @triton.jit
@@ -290,7 +291,7 @@ def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
                          length, channels, n_refresh, k,
                          INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
                          STORE_MASK: tl.constexpr, ROWS: tl.constexpr):
-    sample, start, steps, offs, valid, outlier = window_program(length, channels, n_refresh, BLOCK_C)
+    sample, start, steps, offs, valid, inliers = window_program(length, channels, n_refresh, BLOCK_C)
     row = x_ptr + sample * stride_xb + offs * stride_xc
     x_next = load_rows(row, stride_xt, start, 0, steps, valid, ROWS)
     i = 0
@@ -298,7 +299,7 @@ def _detect_quant_kernel(x_ptr, stride_xb, stride_xt, stride_xc,
         live, t, _ = round_rows(i, start, steps, valid, ROWS)
         x = x_next.to(tl.float32)
         x_next = load_rows(row, stride_xt, start, i + ROWS, steps, valid, ROWS)  # before the reductions wait
-        outlier, advance = detect_quant_rows(x, outlier, live, sample, t, length, channels, k,
+        inliers, advance = detect_quant_rows(x, inliers, live, sample, t, length, channels, k,
                                              static_scale_ptr, inlier_ptr, packed_ptr, mask_ptr, outlier_ptr,
                                              outlier_scale_ptr, inlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C,
                                              STORE_MASK, ROWS)

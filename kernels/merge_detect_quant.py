@@ -51,14 +51,14 @@ def _merge_detect_quant_kernel(forward_ptr, backward_ptr, stride_fb, stride_ft, 
                                length, channels, n_refresh, k,
                                INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
                                STORE_MASK: tl.constexpr, ROWS: tl.constexpr):
-    sample, start, steps, offs, valid, outlier = window_program(length, channels, n_refresh, BLOCK_C)
+    sample, start, steps, offs, valid, inliers = window_program(length, channels, n_refresh, BLOCK_C)
     i = 0
     while i < steps:
         live, t, tile = round_rows(i, start, steps, valid, ROWS)
         x = merged_rows(forward_ptr + sample * stride_fb + t * stride_ft,
                         backward_ptr + sample * stride_bb + (length - 1 - t) * stride_bt, stride_fc, stride_bc, offs,
                         tile)
-        outlier, advance = detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_scale_ptr,
+        inliers, advance = detect_quant_rows(x, inliers, live, sample, t, length, channels, k, static_scale_ptr,
                                              inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
                                              inlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, ROWS)
         i += advance

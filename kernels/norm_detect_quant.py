@@ -68,7 +68,7 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
                               length, channels, n_refresh, k,
                               INLIER_QMAX: tl.constexpr, PACK: tl.constexpr, BLOCK_C: tl.constexpr,
                               STORE_MASK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr):
-    sample, start, steps, offs, valid, outlier = window_program(length, channels, n_refresh, BLOCK_C)
+    sample, start, steps, offs, valid, inliers = window_program(length, channels, n_refresh, BLOCK_C)
     weight = tl.load(weight_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     i = 0
     while i < steps:
@@ -80,7 +80,7 @@ def _norm_detect_quant_kernel(hidden_ptr, residual_ptr, weight_ptr, residual_out
         residual_out = residual_out_ptr + sample * stride_ob + t[:, None] * stride_ot + offs[None, :] * stride_oc
         if ROWS == 1:  # the step is committed: store before the reductions (the row need not stay live)
             tl.store(residual_out, residual, mask=tile)
-        outlier, advance = detect_quant_rows(x, outlier, live, sample, t, length, channels, k, static_scale_ptr,
+        inliers, advance = detect_quant_rows(x, inliers, live, sample, t, length, channels, k, static_scale_ptr,
                                              inlier_ptr, packed_ptr, mask_ptr, outlier_ptr, outlier_scale_ptr,
                                              inlier_scale_ptr, INLIER_QMAX, PACK, BLOCK_C, STORE_MASK, ROWS)
         if ROWS > 1:  # only the committed rows: a later round reads the others again (residual_out may be residual)
