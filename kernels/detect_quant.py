@@ -169,7 +169,7 @@ def detect_rows(x, inliers, valid, live, static_scale, k, LEVELS: tl.constexpr, 
     (``after`` too), and the inlier statistics multiply by it instead of selecting, as ``window_outlier_masks``
     and core's rule do: the same values for finite x. Boolean tensors of a thread's channels live as bits of one
     register, and every use extracted or inserted a predicate (the sm_90 build at C = 1536: 607 instructions a
-    step, 154 of them bit and predicate moves; with 0/1 floats 494)."""
+    step, 154 of them bit and predicate moves; with 0/1 floats alone 494; kernels/README.md has the counts)."""
     magnitude = tl.abs(x)
     keep = inliers[None, :]
     inlier_magnitude = magnitude * keep  # products with 0/1, not selects: see the docstring
