@@ -396,8 +396,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                        **count_box(startup))
             overrides = gr.Textbox("", label="Per-layer overrides (JSON)", placeholder=EXAMPLE_OVERRIDES, lines=2,
                                    elem_id="quant-overrides",
-                                   info='Site patterns → w_bits / a_bits / o_bits, or {"skip": true} to keep them '
-                                        "in floating point")
+                                   info="Site patterns → w_bits / a_bits / o_bits, the outlier rule's k / n_refresh, "
+                                        'or {"skip": true} to keep them in floating point')
             use_suggestion = gr.Button("Use suggestion", size="sm", elem_id="quant-use-suggestion")
             with gr.Row():
                 run_button = gr.Button("Quantize", variant="primary", elem_id="quant-run")

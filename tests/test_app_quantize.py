@@ -139,6 +139,7 @@ def test_bad_overrides_are_one_line(served, overrides: str, expected: str):
     (7, 2000, "calibration images must be from 1 to 1,024 (got 2000)"), (4, -0.5, "k must be ≥ 0"),
     (10, None, "test images must be from 1 to 10,000 (got nothing)"),
     (11, '{"layers.0.*": {"w_bits": 12}}', "w_bits must be an integer from 2 to 8"),
+    (11, '{"layers.0.*": {"n_refresh": 0}}', "n_refresh must be a whole number of time-steps ≥ 1, got 0"),
 ])
 def test_out_of_range_input_is_one_line(served, position: int, value, expected: str):
     _, client = served

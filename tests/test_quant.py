@@ -276,6 +276,37 @@ def test_unknown_override_names_are_rejected(small_vim):
         quantize(model, QuantConfig(overrides={"layers.7.*": {"skip": True}}, reconstruction=STATIC_ONLY), images)
 
 
+def test_per_site_outlier_thresholds_reach_the_quantizers_and_the_packed_model(small_vim):
+    """k / k_delta / n_refresh in an override set the outlier rule of the matching sites only; the packed
+    integer model detects with them too."""
+    from core.observe import quantizer_at
+    from core.quant.packed import pack
+    model, images = small_vim
+    overrides = {"layers.1.*": {"k": 2.0, "k_delta": 5, "n_refresh": 5},
+                 "*.dt_proj.*": {"w_bits": 8, "a_bits": 8}}  # dt_rank 1: 4-bit codes cannot go two per byte
+    config = QuantConfig(overrides=overrides, reconstruction=STATIC_ONLY)
+    qmodel = quantize(model, config, images)
+    rule = {site: (quantizer_at(qmodel, site).k, quantizer_at(qmodel, site).n_refresh)
+            for site in ("layers.0.fwd.x_proj.input", "layers.1.fwd.x_proj.input", "layers.1.bwd.delta_pre")}
+    assert rule == {"layers.0.fwd.x_proj.input": (3.0, 10), "layers.1.fwd.x_proj.input": (2.0, 5),
+                    "layers.1.bwd.delta_pre": (5, 5)}
+    packed = pack(qmodel, backend="reference")
+    assert (packed.linears["layers:1:fwd:x_proj:weight"].k, packed.linears["layers:1:fwd:x_proj:weight"].n_refresh) \
+        == (2.0, 5)
+    assert packed.linears["layers:0:fwd:x_proj:weight"].k == 3.0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"k": -1}, "k must be a number ≥ 0"), ({"k_delta": "4"}, "k_delta must be a number ≥ 0"),
+    ({"n_refresh": 0}, "n_refresh must be a whole number"), ({"n_refresh": 2.5}, "n_refresh must be a whole number"),
+    ({"n_refresh": True}, "n_refresh must be a whole number"),
+])
+def test_bad_per_site_thresholds_are_one_line(change, message):
+    with pytest.raises(StudioError, match=message) as caught:
+        QuantConfig(overrides={"layers.0.*": change})
+    assert "\n" not in str(caught.value) and "layers.0.*" in str(caught.value)
+
+
 def test_skipping_every_site_gives_the_fp_model(small_vim):
     model, images = small_vim
     qmodel = quantize(model, QuantConfig(overrides={"*": {"skip": True}}, reconstruction=STATIC_ONLY), images)

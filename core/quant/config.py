@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -19,7 +20,7 @@ METHODS = {
     "per_tensor": "static per-tensor min-max (weights and activations)",
 }
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
-OVERRIDE_FIELDS = {"w_bits", "a_bits", "o_bits", "skip"}
+OVERRIDE_FIELDS = {"w_bits", "a_bits", "o_bits", "k", "k_delta", "n_refresh", "skip"}
 # progress(stage, done, total, loss): stage "calibrate" counts sites, "reconstruct" counts blocks (with loss)
 Progress = Callable[[str, int, int, float | None], None]
 
@@ -50,8 +51,8 @@ class QuantConfig:
     channels, and S6 quantizers (Δ, A, B, C, D) shared by both scan directions (calibrated by the backward
     pass, which runs second). ``o_bits`` 16 keeps outlier channels in floating point (the release's W4A8
     "O16" setting). ``overrides`` maps site-name patterns (fnmatch, e.g. ``"layers.0.*"`` or
-    ``"*.out_proj.*"``) to field changes (``w_bits``, ``a_bits``, ``o_bits``) or ``{"skip": True}`` to keep
-    those sites in floating point.
+    ``"*.out_proj.*"``) to field changes (``w_bits``, ``a_bits``, ``o_bits``, and the outlier rule's ``k``,
+    ``k_delta``, ``n_refresh``: per-site thresholds) or ``{"skip": True}`` to keep those sites in floating point.
     """
 
     method: str = "ouromamba"
@@ -93,6 +94,12 @@ class QuantConfig:
                     _check_bits(f"{pattern}: {name}", change[name])
             if "o_bits" in change:
                 _check_bits(f"{pattern}: o_bits", change["o_bits"], allow_float=True)
+            for name in ("k", "k_delta"):
+                if name in change and not (_is_number(change[name]) and change[name] >= 0):
+                    raise StudioError(f"{pattern}: {name} must be a number ≥ 0, got {change[name]!r}")
+            refresh = change.get("n_refresh", 1)
+            if not (isinstance(refresh, int) and not isinstance(refresh, bool) and refresh >= 1):
+                raise StudioError(f"{pattern}: n_refresh must be a whole number of time-steps ≥ 1, got {refresh!r}")
 
     @property
     def label(self) -> str:
@@ -142,6 +149,10 @@ def parse_overrides(text: str) -> dict[str, dict]:
         raise StudioError('overrides must map site patterns to field changes, e.g. {"layers.0.*": {"w_bits": 8}} '
                           'or {"*.out_proj.*": {"skip": true}}')
     return overrides
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_bits(name: str, bits: int, allow_float: bool = False) -> None:
