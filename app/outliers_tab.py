@@ -181,7 +181,8 @@ def grid_histogram_figure(view: GridView, quantizer: OutlierAwareQuantizer, titl
 def grid_steps_figure(view: GridView, quantizer: OutlierAwareQuantizer, n_refresh: int, shown: str) -> go.Figure:
     """Per time-step: the calibrated inlier step against the step the token itself would need (all channels,
     then its inliers only: above S^I(t) they are clipped) and the outliers' step, the largest over the images
-    ``shown``; below, the site's SQNR with the detected outliers and with every channel on the inlier grid."""
+    ``shown``; below, the site's SQNR over them with the detected outliers and with every channel on the inlier
+    grid."""
     steps = view.steps
     figure = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.55, 0.45])
     lines = [("static_scale", "S^I(t), calibrated inlier step", {"color": "black", "width": 2}),
@@ -330,6 +331,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         except (StudioError, KeyError, ValueError, IndexError) as err:
             return error(err), *nothing
         shown = "max over images" if chosen is None else f"{inspection.kind} image #{chosen}"
+        pooled = f"all {len(x)} {inspection.kind} images" if chosen is None else shown  # the grids sum, not max
         per_token = timeline.steps["outlier_channels"].mean()
         windows = timeline.windows
         moving = ("one window only: nothing to compare" if len(windows) < 2 else
@@ -341,13 +343,15 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                 f"{int(static.sum())} most frequent outlier channel(s) misses {misses['missed'].mean():.1f} "
                 f"outlier channels per token. {grid_sentence(grid, quantizer)} ({inspection.label}.)")
         title = f"|x| at {site} ({shown}); red: detected outliers; dotted: window starts"
-        header = {"site": site, "images": shown, "k": k, "n_refresh": n_refresh, "inlier_bits": quantizer.bits,
+        header = {"site": site, "images": pooled, "k": k, "n_refresh": n_refresh, "inlier_bits": quantizer.bits,
                   "capture": inspection.label, **ws.provenance(), **provenance()}
         data = view_csv(csv_folder, header, timeline.steps, grid)
-        values_title = f"Values of {site} on the grids ({shown})"
+        values_title = f"Values of {site} on the grids ({pooled})"
         return (text, heatmap_figure(x, mask, chosen, n_refresh, title), windows_figure(timeline.windows),
                 misses_figure(misses), grid_histogram_figure(grid, quantizer, values_title),
-                grid_steps_figure(grid, quantizer, n_refresh, shown), str(data))
+                grid_steps_figure(grid, quantizer, n_refresh,
+                                  pooled if chosen is not None else f"{pooled}; steps: the largest of them"),
+                str(data))
 
     gr.Markdown(EXPLAIN)
     with gr.Row(equal_height=True):
