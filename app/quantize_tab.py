@@ -140,6 +140,7 @@ class Shown:
     model_note: str
     suggestion: dict[str, dict]  # overrides keeping the most sensitive layers at 8 bits ({}: none to suggest)
     weights: dict[str, WeightGridView]  # every quantized weight on its grid, by site
+    top_k: list[dict]  # per gallery image, FP32's and the quantized model's most probable classes (top_k_items)
 
 
 def sqnr_figure(report: pd.DataFrame, images: int) -> go.Figure:
@@ -224,6 +225,40 @@ def changed_gallery(test: LabelledImages, fp: list[int], quantized: list[int],
     return items
 
 
+def top_k_items(test: LabelledImages, fp: EvalResult, quantized: EvalResult, workspace: Workspace) -> list[dict]:
+    """Per image of the changed gallery (same order), its true class and both models' most probable classes with
+    their probabilities: what the gallery's selection shows side by side."""
+    changed = [i for i, (a, b) in enumerate(zip(fp.predictions, quantized.predictions, strict=True)) if a != b]
+
+    def named(top: list[tuple[int, float]]) -> list[tuple[str, float]]:
+        return [(workspace.class_name(c), p) for c, p in top]
+    return [{"index": i, "truth": workspace.class_name(int(test.labels[i])), "fp": named(fp.top(i)),
+             "quantized": named(quantized.top(i))} for i in changed[:MAX_GALLERY]]
+
+
+def top_k_figure(items: list[dict] | None, position: int = 0) -> go.Figure | None:
+    """One changed test image's FP32 and quantized top classes side by side, the true class in green."""
+    if not items or not 0 <= position < len(items):
+        return None
+    item = items[position]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("FP32", "quantized"), horizontal_spacing=0.25)
+    for col, key in enumerate(("fp", "quantized"), start=1):
+        names, probabilities = zip(*reversed(item[key]), strict=True)  # most probable on top
+        colours = ["#2ca02c" if name == item["truth"] else "#1f77b4" for name in names]
+        figure.add_trace(go.Bar(x=probabilities, y=[f"{name} " for name in names], orientation="h",
+                                marker_color=colours, text=[f"{p:.1%}" for p in probabilities],
+                                textposition="auto", hovertemplate="%{y}: %{x:.2%}<extra></extra>"), row=1, col=col)
+        figure.update_xaxes(title_text="probability", range=[0, 1], tickformat=".0%", row=1, col=col)
+    figure.update_layout(title=f"Test image #{item['index']} (true class {item['truth']}): the most probable "
+                               f"classes", height=300, showlegend=False, margin={"l": 10, "r": 10, "t": 70, "b": 40})
+    return figure
+
+
+def show_top_k(items: list[dict] | None, selected: gr.SelectData) -> go.Figure | None:
+    """The changed gallery's selection: the chosen image's top classes under both models."""
+    return top_k_figure(items, selected.index)
+
+
 def suggestion_text(suggestion: dict[str, dict], config: dict) -> str:
     """The mixed-precision suggestion as the summary shows it."""
     if config["w_bits"] >= 8 and config["a_bits"] >= 8:
@@ -283,14 +318,15 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         model_file = model_file if model_file and Path(model_file).is_file() else None
         first = next(iter(shown.weights), None)
         return (summary_markdown(shown, cached), shown.figure, shown.sensitivity, shown.gallery, record, model_file,
-                gr.update(choices=list(shown.weights), value=first), weight_figure(shown.weights, first), shown.weights)
+                gr.update(choices=list(shown.weights), value=first), weight_figure(shown.weights, first),
+                top_k_figure(shown.top_k), shown.weights, shown.top_k)
 
     def quantize_run(ws: Workspace, method: str, w_bits: int, a_bits: int, o_bits: int, k: float | None,
                      n_refresh: float | None, calib_source: str, calib_count: float | None, epochs: float | None,
                      seed: float | None, test_count: float | None, overrides: str, run: Run | None,
                      progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
         """Quantize with one configuration, evaluate against FP32 on the same test images, log the run."""
-        unchanged = (gr.skip(), gr.skip(), gr.skip(), None, *(gr.skip(),) * 4)  # the record clears
+        unchanged = (gr.skip(), gr.skip(), gr.skip(), None, *(gr.skip(),) * 6)  # the record clears
         try:
             test_split = ws.test_data("comparing the quantized model with FP32")
             test_count = int(in_range("test images", test_count, 1, len(test_split)))
@@ -351,7 +387,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             return error(err), *unchanged
         finally:
             run.done = True
-        record, quantized = result.record, result.evaluation.predictions
+        record, quantized = result.record, result.evaluation
         model_note, packed = save_integer_model(result.qmodel, record, runs)
         model_note += gpu_kernel_note(ws, packed, test, record)
         try:
@@ -359,12 +395,12 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             saved = "Saved to the run log: see **Compare**."
         except StudioError as err:
             saved = f"**Not saved:** {err}."
-        pairs = list(zip(test.labels.tolist(), fp.predictions, quantized, strict=True))
+        pairs = list(zip(test.labels.tolist(), fp.predictions, quantized.predictions, strict=True))
         shown = Shown(record, sqnr_figure(report, error_images), sensitivity_figure(sensitivity, sensitivity_images),
-                      changed_gallery(test, fp.predictions, quantized, ws),
+                      changed_gallery(test, fp.predictions, quantized.predictions, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
                       broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note,
-                      suggestion=suggestion, weights=weights)
+                      suggestion=suggestion, weights=weights, top_k=top_k_items(test, fp, quantized, ws))
         cache.put(key, shown)
         return finished(shown, cached=False)
 
@@ -409,8 +445,10 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             weight_site = gr.Dropdown([], label="Weight on its quantization grid", elem_id="quant-weight-site",
                                       info="Every quantized projection of the run")
             weight_plot = gr.Plot(label="Weights on their grid", elem_id="quant-weights")
-            gallery = gr.Gallery(label=f"Test images whose prediction changed (first {MAX_GALLERY})", columns=6,
-                                 height="auto", elem_id="quant-changed")
+            gallery = gr.Gallery(label=f"Test images whose prediction changed (first {MAX_GALLERY}; select one to "
+                                       "compare the two models' top classes)", columns=6, height="auto",
+                                 elem_id="quant-changed")
+            top_k_plot = gr.Plot(label="FP32 vs quantized: the most probable classes", elem_id="quant-top-k")
             model_file = gr.File(label="Quantized model: integer weight codes + scales (safetensors)",
                                  elem_id="quant-model-file")
             with gr.Accordion("Record: config, calibration, versions, date (JSON)", open=False):
@@ -418,13 +456,15 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
     build_sweep_section(workspace, w_bits, a_bits, calib_source, calib_count, seed, MAX_CALIB)
     inputs = [workspace, method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed,
               test_count, overrides]
-    weights = gr.State()
-    outputs = [summary, sqnr, sensitivity, gallery, record, model_file, weight_site, weight_plot, weights]
+    weights, top_k = gr.State(), gr.State()
+    outputs = [summary, sqnr, sensitivity, gallery, record, model_file, weight_site, weight_plot, top_k_plot, weights,
+               top_k]
     wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
     use_suggestion.click(overrides_from_record, record, overrides, api_visibility="private", concurrency_limit=None)
     weight_site.input(weight_figure, [weights, weight_site], weight_plot, api_visibility="private",
                       concurrency_limit=None)
-    cleared = (READY, None, None, [], None, None, gr.update(choices=[], value=None), None, None)
+    gallery.select(show_top_k, top_k, top_k_plot, api_visibility="private", concurrency_limit=None)
+    cleared = (READY, None, None, [], None, None, gr.update(choices=[], value=None), None, None, None, None)
     workspace.change(lambda ws: (*cleared, default_calibration(ws), gr.update(**count_box(ws))), workspace,
                      [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)
     return record

@@ -6,7 +6,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from threading import Event
 
 import torch
@@ -16,6 +16,7 @@ from core.data import LabelledImages
 from core.errors import StudioError
 
 Progress = Callable[[int, int], None]
+TOP_K = 5  # classes kept per image with their probabilities: what a side-by-side of two models shows
 
 
 class Cancelled(StudioError):
@@ -31,9 +32,17 @@ class EvalResult:
     device: str
     data: str
     predictions: list[int] = field(repr=False, default_factory=list)
+    #: per image the TOP_K most probable classes (most probable first) and their softmax probabilities
+    top_classes: torch.Tensor = field(repr=False, default_factory=lambda: torch.empty(0, TOP_K, dtype=torch.long))
+    top_probabilities: torch.Tensor = field(repr=False, default_factory=lambda: torch.empty(0, TOP_K))
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "predictions"}
+        per_image = ("predictions", "top_classes", "top_probabilities")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in per_image}
+
+    def top(self, index: int) -> list[tuple[int, float]]:
+        """(class, probability) of image ``index``'s most probable classes, most probable first."""
+        return list(zip(self.top_classes[index].tolist(), self.top_probabilities[index].tolist(), strict=True))
 
 
 def hardware_label(device: torch.device) -> str:
@@ -100,23 +109,38 @@ def graph_latency(model: nn.Module, images: torch.Tensor, repeats: int = 5) -> f
         return "CUDA graph capture failed: " + str(error).splitlines()[0][:120]
 
 
+@dataclass
+class Predictions:
+    """Every image's predicted class (argmax of the logits) and its TOP_K classes with their probabilities."""
+
+    classes: torch.Tensor
+    top_classes: torch.Tensor
+    top_probabilities: torch.Tensor
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, data: LabelledImages, batch_size: int = 500, progress: Progress | None = None,
-            cancel: Event | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Predicted class of every image, in order. Raises :class:`Cancelled` when ``cancel`` is set."""
+            cancel: Event | None = None, device: str | torch.device = "cpu") -> Predictions:
+    """The predictions for every image, in order. Raises :class:`Cancelled` when ``cancel`` is set."""
     if batch_size < 1:
         raise StudioError(f"batch size must be at least 1, got {batch_size}")
     device = torch.device(device)
     model.eval().to(device)
-    predictions = []
+    classes, top_classes, top_probabilities = [], [], []
     for start in range(0, len(data), batch_size):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"evaluation cancelled after {start} of {len(data)} images")
-        batch = data.normalized(start, start + batch_size).to(device)
-        predictions.append(model(batch).argmax(-1).cpu())
+        logits = model(data.normalized(start, start + batch_size).to(device)).float()
+        probabilities, top = logits.softmax(-1).topk(min(TOP_K, logits.shape[-1]), dim=-1)
+        classes.append(logits.argmax(-1).cpu())
+        top_classes.append(top.cpu())
+        top_probabilities.append(probabilities.cpu())
         if progress is not None:
             progress(min(start + batch_size, len(data)), len(data))
-    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    if not classes:
+        return Predictions(torch.empty(0, dtype=torch.long), torch.empty(0, TOP_K, dtype=torch.long),
+                           torch.empty(0, TOP_K))
+    return Predictions(torch.cat(classes), torch.cat(top_classes), torch.cat(top_probabilities))
 
 
 def evaluate(model: nn.Module, data: LabelledImages, batch_size: int = 500, progress: Progress | None = None,
@@ -127,7 +151,8 @@ def evaluate(model: nn.Module, data: LabelledImages, batch_size: int = 500, prog
     start = time.perf_counter()
     predictions = predict(model, data, batch_size, progress, cancel, device)
     seconds = time.perf_counter() - start
-    correct = int((predictions == data.labels).sum())
+    correct = int((predictions.classes == data.labels).sum())
     return EvalResult(top1=100.0 * correct / len(data), correct=correct, total=len(data), seconds=seconds,
                       device=hardware_label(torch.device(device)), data=data.source,
-                      predictions=predictions.tolist())
+                      predictions=predictions.classes.tolist(), top_classes=predictions.top_classes,
+                      top_probabilities=predictions.top_probabilities)

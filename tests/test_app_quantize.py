@@ -22,6 +22,7 @@ from app.quantize_tab import (
     build_quantize_tab,
     overrides_from_record,
     runs_file,
+    top_k_figure,
 )
 from core.errors import StudioError
 from core.experiments import RunRecord, append_record, load_records
@@ -70,8 +71,8 @@ def _job(demo: gr.Blocks, api_name: str):
 
 def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     _, client = served
-    text, plot, sensitivity, gallery, record, model_file, weight_site, weights = client.predict(*FAST,
-                                                                                            api_name="/quantize")
+    text, plot, sensitivity, gallery, record, model_file, weight_site, weights, top_k = client.predict(
+        *FAST, api_name="/quantize")
     assert not record["cached"] and record["method"] == "ouromamba" and record["setting"] == "W4A4O8"
     assert record["test_images"] == 40 and 0 <= record["top1"] <= 100 and 0 <= record["fp_top1"] <= 100
     assert record["delta_vs_fp"] == pytest.approx(record["top1"] - record["fp_top1"], abs=0.011)
@@ -97,6 +98,15 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     assert len(channels["x"]) == 256 and "4-bit grid (codes -7…7)" in figure["layout"]["title"]["text"]
     assert len(gallery) == record["changed_predictions"] <= 40
     assert all(" → quantized " in item["caption"] for item in gallery)
+    if gallery:  # the first changed image's top classes, FP32 beside quantized; their top classes differ
+        first = json.loads(top_k["plot"])
+        fp_bars, quantized_bars = first["data"]
+        assert fp_bars["y"][-1] != quantized_bars["y"][-1]  # most probable on top (the last bar)
+        caption = gallery[0]["caption"]
+        assert f"{fp_bars['y'][-1].strip()} → quantized {quantized_bars['y'][-1].strip()}" in caption
+        assert caption.split(" ")[0] in first["layout"]["title"]["text"]
+    else:
+        assert top_k is None
     assert [r.top1 for r in load_records(runs)] == [record["top1"]]
     # the integer model: saved beside the run log, named in the record, offered for download, and it loads
     assert "Integer model (weight codes + scales" in text
@@ -393,3 +403,14 @@ def test_the_sweeps_bad_input_is_one_line(served, ks: str, refreshes: str, image
     _, client = served
     status, _, _ = client.predict(4, 4, "real", 8, 0, ks, refreshes, images, api_name="/sweep")
     assert status.startswith("**Error:**") and expected in status and "\n" not in status
+
+
+def test_top_k_figure_shows_the_selected_image_and_nothing_out_of_range():
+    items = [{"index": i, "truth": "Bag", "fp": [("Bag", 0.7), ("Shirt", 0.2)],
+              "quantized": [("Shirt", 0.6), ("Bag", 0.3)]} for i in (3, 9)]
+    figure = top_k_figure(items, 1)
+    fp_bars, quantized_bars = figure.data
+    assert "#9 (true class Bag)" in figure.layout.title.text
+    assert list(fp_bars.y) == ["Shirt ", "Bag "] and list(fp_bars.x) == [0.2, 0.7]  # most probable on top
+    assert list(quantized_bars.marker.color) == ["#2ca02c", "#1f77b4"]  # the true class in green
+    assert top_k_figure(items, 2) is None and top_k_figure(None) is None and top_k_figure([], 0) is None

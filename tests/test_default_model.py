@@ -30,3 +30,9 @@ def test_accuracy_on_fixed_1000_image_subset_matches_the_card(default):
     assert result.total == 1000
     assert result.top1 >= 90.0
     assert abs(result.top1 - card["test_top1"]) < 3.0
+    # each image's five most probable classes: the prediction first, probabilities falling, the rest below them
+    assert result.top_classes.shape == result.top_probabilities.shape == (1000, 5)
+    assert result.top_classes[:, 0].tolist() == result.predictions
+    assert (result.top_probabilities.diff(dim=1) <= 0).all() and (result.top_probabilities.sum(1) <= 1 + 1e-6).all()
+    assert result.top(0)[0] == (result.predictions[0], float(result.top_probabilities[0, 0]))
+    assert "top_classes" not in result.to_dict() and "predictions" not in result.to_dict()
