@@ -29,8 +29,11 @@ from core.errors import StudioError
 from core.eval import Cancelled
 from core.intercept import DIRECTIONS, SHARED_TENSORS, Site
 from core.observe import (
+    DECAY,
+    STATE,
     GridView,
     capture_quantizer_inputs,
+    decay_outliers,
     dynamic_outlier_summary,
     outlier_timeline,
     quantization_grid,
@@ -55,9 +58,10 @@ TENSORS = {
     "B": "B",
     "C": "C",
     "out_proj input (merged scan output)": "out_proj.input",
-    "h (scan state; columns are channel × state)": "h",
+    "h (scan state; columns are channel × state)": STATE,
+    "Ā = exp(Δ·A) (the state's decay per step; columns are channel × state)": DECAY,
 }
-STATE = "h"
+LOOKED_AT = {STATE: state_outliers, DECAY: decay_outliers}  # not quantized: a rule is calibrated on them to look
 ALL_IMAGES = "max over all images"
 MAX_IMAGES = 256
 MAX_CAPTURE_BYTES = 2_000_000_000  # activations kept per inspection (Vim-T: 32 images ≈ 1.3 GB)
@@ -80,6 +84,9 @@ channels that move — those get clipped.
 **Grids.** Each time-step has its own calibrated inlier step S^I(t); measured in those steps, all values fall on
 one axis, where the inlier grid covers the codes ±qmax (−7…7 at 4 bits) and an inlier beyond them is clipped.
 The outlier channels get an 8-bit grid of their own per token; the SQNR per time-step shows what that buys.
+**Inside the scan** (not quantized by OuroMamba; a rule is calibrated on them to show what it would flag): the state
+h, and **Ā = exp(Δ·A)**, the factor each (channel, state) pair of h keeps from one step to the next. Near 1 a pair
+remembers many steps, and so does any error that enters it; near 0 it forgets at once.
 """
 
 
@@ -102,12 +109,13 @@ class Inspection:
         return sum(x.nbytes for x in [*self.inputs.values(), *(state for state, _ in self._states.values())])
 
     def tensor_and_quantizer(self, site: str) -> tuple[torch.Tensor, torch.nn.Module]:
-        """What a site's outlier rule sees and the quantizer holding that rule; scan states are captured (and
-        an outlier rule calibrated for them) the first time a state site is asked for, then kept."""
-        if not site.endswith(f".{STATE}"):
+        """What a site's outlier rule sees and the quantizer holding that rule; scan states and Ā are computed
+        (and an outlier rule calibrated for them) the first time their site is asked for, then kept."""
+        looked_at = LOOKED_AT.get(site.rsplit(".", 1)[-1])
+        if looked_at is None:
             return self.inputs[site], quantizer_at(self.qmodel, site)
         if site not in self._states:
-            self._states[site] = state_outliers(self.qmodel, site, self.calib_images, self.images, self.bits)
+            self._states[site] = looked_at(self.qmodel, site, self.calib_images, self.images, self.bits)
         return self._states[site]
 
 

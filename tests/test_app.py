@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import re
@@ -11,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 import pytest
 from gradio_client import Client
@@ -192,6 +194,13 @@ def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
                                         api_name="/outliers_view")
     assert state.startswith("**layers.2.bwd.h**, test image #1") and "of 2048 channels" in state
     assert json.loads(heatmap["plot"])["data"][0]["type"] == "heatmap"
+    # Ā = exp(Δ·A), the state's decay per step: every value in (0, 1]
+    decay, heatmap, *_ = client.predict(2, "Ā = exp(Δ·A) (the state's decay per step; columns are channel × state)",
+                                        "fwd", "image #0", 3, 10, api_name="/outliers_view")
+    assert decay.startswith("**layers.2.fwd.A_bar**, test image #0") and "of 2048 channels" in decay
+    z = json.loads(heatmap["plot"])["data"][0]["z"]  # plotly's typed array: base64 bytes, dtype and shape
+    values = np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"])
+    assert z["shape"].replace(" ", "") == "2048,50" and ((values > 0) & (values <= 1)).all()
 
 
 def test_recent_results_forget_the_least_recently_used_first():

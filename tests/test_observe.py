@@ -8,6 +8,7 @@ from dataclasses import fields
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 import core.observe.grid as grid
 import core.observe.sensitivity as sensitivity
@@ -18,10 +19,12 @@ from core.eval import Cancelled
 from core.intercept import intercepting
 from core.models import VimConfig, VisionMamba
 from core.observe import (
+    DECAY,
     OutlierParams,
     capture,
     capture_quantizer_inputs,
     cosine_similarity,
+    decay_outliers,
     dynamic_outlier_summary,
     error_report,
     growing_steps,
@@ -391,6 +394,24 @@ def test_state_outliers_sees_every_channel_state_pair_and_calibrates_a_rule(defa
     assert timeline.mask.shape == states.shape
     with pytest.raises(StudioError, match="not a scan-state site"):
         state_outliers(qmodel, "layers.1.fwd.B", images[:2], images[:2], bits=4)
+
+
+def test_decay_is_the_factor_the_scan_state_decays_by_at_each_step(default_setup):
+    """Ā from decay_outliers drives the recurrence the scan computes: h_t = Ā_t ⊙ h_{t−1} + Δ_t u_t B_t."""
+    model, qmodel, images, data = default_setup
+    site, cfg = "layers.1.bwd", model.cfg
+    batch = data.normalized(0, 3)
+    decay, quantizer = decay_outliers(model, f"{site}.{DECAY}", images[:6], batch, bits=4)
+    assert decay.shape == (3, cfg.seq_len, cfg.d_inner * cfg.d_state) and ((decay > 0) & (decay <= 1)).all()
+    assert quantizer.scale.shape == (cfg.seq_len,) and (quantizer.scale > 0).all()
+    names = [f"{site}.{t}" for t in ("h", "x_proj.input", "B", "delta_pre")]
+    h, u, b, delta_pre = (capture(model, batch, names, record_states=True)[n].double() for n in names)
+    decay = decay.double().reshape(h.shape)
+    previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+    driven = F.softplus(delta_pre)[..., None] * u[..., None] * b[:, :, None, :]
+    torch.testing.assert_close(decay * previous + driven, h, rtol=1e-4, atol=1e-5)
+    with pytest.raises(StudioError, match="not a decay site"):
+        decay_outliers(model, f"{site}.h", images[:2], images[:2], bits=4)
 
 
 def test_quantizer_inputs_bytes_is_what_a_capture_holds(default_setup):

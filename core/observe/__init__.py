@@ -10,8 +10,10 @@ plotting library is imported here.
 
 from core.observe.grid import GridView, WeightGridView, quantization_grid, weight_grid, weight_grids
 from core.observe.outliers import (
+    DECAY,
     OutlierParams,
     OutlierTimeline,
+    decay_outliers,
     detect_outliers,
     dynamic_outlier_summary,
     growing_steps,
@@ -23,7 +25,7 @@ from core.observe.outliers import (
     static_list_misses,
     window_counts,
 )
-from core.observe.probe import SHARED, QuantProbe, parse_site, site_quantizers
+from core.observe.probe import SHARED, STATE, QuantProbe, parse_site, site_quantizers
 from core.observe.quant_error import error_report, layer_output_error
 from core.observe.sensitivity import (
     layer_sensitivity,
@@ -45,11 +47,11 @@ from core.observe.stats import (
 )
 
 __all__ = [
-    "SHARED", "ErrorSums", "GridView", "OutlierParams", "OutlierTimeline", "QuantProbe", "WeightGridView",
-    "capture", "capture_quantizer_inputs", "cosine_similarity", "detect_outliers", "dynamic_outlier_summary",
-    "error_report", "growing_steps", "histogram", "layer_output_error", "layer_sensitivity", "only_layer",
-    "outlier_quantizer", "precision_suggestion", "quantizer_inputs_bytes", "run_layer_sensitivity",
-    "suggest_precision", "outlier_timeline", "parse_site", "quantization_grid", "quantizer_at", "rule_of",
-    "site_quantizers", "sqnr_db", "state_outliers", "static_list_misses", "time_channel_stats", "top1", "weight_grid",
-    "weight_grids", "window_counts",
+    "DECAY", "SHARED", "STATE", "ErrorSums", "GridView", "OutlierParams", "OutlierTimeline", "QuantProbe",
+    "WeightGridView", "capture", "capture_quantizer_inputs", "cosine_similarity", "decay_outliers", "detect_outliers",
+    "dynamic_outlier_summary", "error_report", "growing_steps", "histogram", "layer_output_error",
+    "layer_sensitivity", "only_layer", "outlier_quantizer", "outlier_timeline", "parse_site", "precision_suggestion",
+    "quantization_grid", "quantizer_at", "quantizer_inputs_bytes", "rule_of", "run_layer_sensitivity",
+    "site_quantizers", "sqnr_db", "state_outliers", "static_list_misses", "suggest_precision", "time_channel_stats",
+    "top1", "weight_grid", "weight_grids", "window_counts",
 ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.errors import StudioError
@@ -26,6 +27,8 @@ from core.quant import QuantizedVim
 from core.quant.fake import asymmetric_levels, symmetric_qmax
 from core.quant.outliers import max_abs_scale, outlier_masks, range_scale
 from core.quant.quantizers import OutlierAwareQuantizer, SingleToken
+
+DECAY = "A_bar"  # Ā = exp(Δ·A) per step: derived from the Δ and A sites (``decay_outliers``), not a tap of its own
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,37 @@ def state_outliers(model: nn.Module, site: str, calib_images: torch.Tensor, imag
     if not site.endswith(".h"):
         raise StudioError(f"{site!r} is not a scan-state site; they look like 'layers.1.fwd.h'")
     states = [capture(model, batch, [site], record_states=True)[site] for batch in (calib_images, images)]
-    calib_states, states = (h.reshape(h.shape[0], h.shape[1], -1) for h in states)
+    return _looked_at(*states, bits, k, n_refresh)
+
+
+def decay_outliers(model: nn.Module, site: str, calib_images: torch.Tensor, images: torch.Tensor, bits: int,
+                   k: float = 3.0, n_refresh: int = 10) -> tuple[torch.Tensor, OutlierAwareQuantizer]:
+    """Ā = exp(Δ·A) at ``site`` (e.g. ``layers.1.fwd.A_bar``) on ``images`` as (n, L, E·N), with Δ =
+    softplus(Δ before softplus) per token and channel: the factor by which each (channel, state) pair of the
+    scan state decays at each time-step (h_t = Ā_t h_{t−1} + …). Near 1 a pair remembers many steps, and
+    whatever error enters it lasts as long; near 0 it forgets at once. Computed from the Δ and A the model
+    itself uses (after their quantizers in a QuantizedVim), and, as for ``state_outliers``, with an outlier
+    quantizer calibrated on ``calib_images``: what the rule would flag if Ā were quantized (nobody does; the
+    scan computes it in floating point)."""
+    if not site.endswith(f".{DECAY}"):
+        raise StudioError(f"{site!r} is not a decay site; they look like 'layers.1.fwd.{DECAY}'")
+    prefix = site.removesuffix(f".{DECAY}")
+    delta_site, a_site = f"{prefix}.delta_pre", f"{prefix}.A"
+
+    def decay(batch: torch.Tensor) -> torch.Tensor:
+        tensors = capture(model, batch, [delta_site, a_site])
+        return torch.exp(F.softplus(tensors[delta_site])[..., None] * tensors[a_site])
+    return _looked_at(decay(calib_images), decay(images), bits, k, n_refresh)
+
+
+def _looked_at(calib_values: torch.Tensor, values: torch.Tensor, bits: int, k: float,
+               n_refresh: int) -> tuple[torch.Tensor, OutlierAwareQuantizer]:
+    """(n, L, E, N) values of a tensor nobody quantizes, as (n, L, E·N), with an outlier quantizer calibrated
+    on ``calib_values``."""
+    calib_values, values = (v.reshape(v.shape[0], v.shape[1], -1) for v in (calib_values, values))
     quantizer = OutlierAwareQuantizer(bits, 8, k, n_refresh)
-    quantizer.calibrate(calib_states)
-    return states, quantizer
+    quantizer.calibrate(calib_values)
+    return values, quantizer
 
 
 def quantizer_at(qmodel: QuantizedVim, site: str) -> nn.Module:
