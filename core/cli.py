@@ -1,5 +1,5 @@
-"""Command line: ``python -m core {info,eval,card-eval,generate,quantize,pack,outliers,sweep}``; bad input: one
-line, exit 2."""
+"""Command line: ``python -m core {info,eval,card-eval,generate,quantize,pack,outliers,sweep,report}``; bad input:
+one line, exit 2."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from core.data import calibration_images, load_fashion_mnist, load_validation
 from core.default_model import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_card
 from core.errors import StudioError
 from core.eval import evaluate
-from core.experiments import accuracy_table, quantize_and_evaluate, threshold_sweep, write_records
+from core.experiments import accuracy_table, quantize_and_evaluate, read_records, threshold_sweep, write_records
 from core.gen import GEN_PRESETS, GEN_SOURCES, GenConfig, GenProgress, generate, save_generated
 from core.models import load_checkpoint
 from core.observe import dynamic_outlier_summary
@@ -210,6 +210,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(f"FP32 {fp.top1:.2f}% on the {fp.total} validation images → {out.with_suffix('.csv')} / .json")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from core.report import write_report  # plotly: only here, so the rest runs where it is not installed
+
+    records = [record for path in args.records for record in read_records(path)]
+    if not records:
+        raise StudioError("these files hold no runs: quantize first (python -m core quantize, or the app)")
+    out = write_report(records, args.out, args.title)
+    print(accuracy_table(records))
+    print(f"{len(records)} run(s) → {out} (one HTML file: opens with no server and no network)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.cli", description="OuroMamba Studio engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
     sweep.add_argument("--out", default="results/quant/threshold_sweep", help="path of the .csv / .json, no suffix")
     sweep.set_defaults(run=cmd_sweep)
+    report = sub.add_parser("report", help="one standalone HTML page (figures, table, full records) from run files")
+    report.add_argument("records", nargs="+", help="the quantize command's .json files or the app's runs.jsonl")
+    report.add_argument("--out", default="report.html", help="the .html file to write")
+    report.add_argument("--title", default="OuroMamba Studio: quantization runs")
+    report.set_defaults(run=cmd_report)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -207,6 +207,22 @@ def load_records(path: str | Path) -> list[RunRecord]:
     return records
 
 
+def read_records(path: str | Path) -> list[RunRecord]:
+    """The runs in a file either writer makes: a JSON array (``write_records``, the command line's
+    ``<name>.json``) or a JSON-lines log (``append_record``, the app's run log)."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudioError(f"'{path}' is not a file of run records (the quantize command's .json or the app's "
+                          "runs.jsonl)")
+    text = path.read_text()
+    if not text.lstrip().startswith("["):
+        return load_records(path)
+    try:
+        return [RunRecord.from_dict(record) for record in json.loads(text)]
+    except (json.JSONDecodeError, TypeError, AttributeError, StudioError) as err:
+        raise StudioError(f"'{path}' is not a list of run records ({err})") from None
+
+
 def accuracy_table(records: list[RunRecord], row: Callable[[RunRecord], str] = lambda r: r.method,
                    label: str = "method") -> str:
     """Markdown: one row per ``row(record)`` (default: the method), one column per setting (top-1, Δ vs FP)."""

@@ -164,8 +164,12 @@ calibration (source × images, seed), test images, hardware, software versions a
 """
 
 
-def write_report(records: list[RunRecord], path: str | Path) -> Path:
+def write_report(records: list[RunRecord], path: str | Path,
+                 title: str = "OuroMamba Studio: quantization runs") -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html_report(records), encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(html_report(records, title), encoding="utf-8")
+    except OSError as err:
+        raise StudioError(f"could not write the report to '{path}' ({err.strerror or err})") from None
     return path

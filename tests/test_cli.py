@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from core.cli import main
+from core.experiments import append_record, read_records
 
 
 def test_bad_checkpoint_is_one_line(tmp_path: Path, capsys):
@@ -93,3 +94,26 @@ def test_outliers_writes_per_site_statistics_with_what_the_outliers_buy(tmp_path
     assert len(rows) == 48 and {"sqnr_db", "sqnr_db_without_outliers", "growing_steps_per_window"} <= set(rows[0])
     x_proj = [row for row in rows if row["tensor"] == "x_proj.input"]
     assert all(float(row["sqnr_db"]) > float(row["sqnr_db_without_outliers"]) + 3 for row in x_proj)
+
+
+def test_report_makes_one_html_page_from_the_quantize_records_and_the_apps_log(tmp_path: Path, capsys):
+    results = Path(__file__).resolve().parent.parent / "results" / "quant"
+    arrays = [results / "real128_W4A4.json", results / "real128_W8A8.json"]
+    log = tmp_path / "runs.jsonl"
+    append_record(read_records(arrays[0])[0], log)
+    out = tmp_path / "shared" / "report.html"
+    assert main(["report", *map(str, arrays), str(log), "--out", str(out), "--title", "W4A4 <vs> W8A8"]) == 0
+    printed = capsys.readouterr().out
+    runs = len(read_records(arrays[0])) + len(read_records(arrays[1])) + 1
+    assert f"{runs} run(s) → {out}" in printed and "| method | W4A4 | W8A8 |" in printed
+    page = out.read_text()
+    assert "<title>W4A4 &lt;vs&gt; W8A8</title>" in page and f"<p>{runs} run(s)." in page
+    assert page.count("<tr") == runs + 1  # a row per run under the header
+    for bad, message in ((tmp_path / "none.json", "is not a file of run records"),
+                         (results / "outlier_stats_default_model.csv", "is not a run record"),
+                         (results / "real128_W4A4.csv", "is not a run record")):
+        assert main(["report", str(bad), "--out", str(tmp_path / "x.html")]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main(["report", str(tmp_path / "empty.jsonl")]) == 2
+    assert "hold no runs" in capsys.readouterr().err
