@@ -1,12 +1,12 @@
 """Statistics behind the app's outlier heatmaps and error charts, as tidy (long-format) pandas frames.
 
-``capture`` records tensors at interception sites; ``time_channel_stats`` and ``histogram`` describe one
-tensor; ``outlier_timeline``, ``static_list_misses`` and ``dynamic_outlier_summary`` show where outlier
-channels are and how much they move (``state_outliers`` and ``decay_outliers`` look the same way at the scan's
-state h and its decay Ā = exp(Δ·A), which nothing quantizes); ``quantization_grid`` how a site's values sit on its inlier and outlier
-grids per time-step, ``weight_grids`` every quantized weight on its grid; ``error_report``,
-``layer_output_error`` and ``layer_sensitivity`` show what quantization costs, per site and per layer. No
-plotting library is imported here.
+``capture`` records tensors at interception sites; ``time_channel_stats`` and ``histogram`` describe one tensor;
+``outlier_timeline``, ``static_list_misses`` and ``dynamic_outlier_summary`` show where outlier channels are and
+how much they move (``state_outliers`` and ``decay_outliers`` look the same way at the scan's state h and its
+decay Ā = exp(Δ·A), which nothing quantizes); ``quantization_grid`` how a site's values sit on its inlier and
+outlier grids per time-step, ``weight_grids`` every quantized weight on its grid; ``error_report``,
+``layer_output_error`` and ``layer_sensitivity`` show what quantization costs, per site and per layer. No plotting
+library is imported here.
 """
 
 from core.observe.grid import GridView, WeightGridView, quantization_grid, weight_grid, weight_grids
