@@ -24,6 +24,9 @@ its trained ones):
   (``kernels.tuning``; the picks are listed in the results' header), and ``W4A4O8 fixed launches`` with the
   kernels' fixed rules instead;
 * ``bf16``, ``W4A4O8 bf16`` — the same with bf16 activations (the ratios still against the fp16 baselines).
+* ``fp16 fused one stream``, ``W4A4O8 one stream`` — the fused models with both scan directions on one CUDA
+  stream; the others run each backward branch on a side stream beside the forward one
+  (``FusedForward.branches``), which matters where a branch's kernels leave the GPU idle (small batches).
 
 Per (model, variant, batch): median latency of ``--repeats`` forward passes after one warm-up (CUDA-synchronised
 wall time), images/s, and peak memory allocated during the timed passes. ``vs_fp16`` is fp16 latency / this
@@ -63,7 +66,8 @@ MODELS = {
 }
 QUANTIZED = {"W8A8O8": (8, 8), "W4A8O8": (4, 8), "W4A4O8": (4, 4)}
 BASELINES = ("fp16", "fp16 fused")
-VARIANTS = ("fp32 eager", *BASELINES, *QUANTIZED, "W4A4O8 unfused", "W4A4O8 fixed launches", "bf16", "W4A4O8 bf16")
+VARIANTS = ("fp32 eager", *BASELINES, *QUANTIZED, "W4A4O8 unfused", "W4A4O8 fixed launches", "W4A4O8 one stream",
+            "fp16 fused one stream", "bf16", "W4A4O8 bf16")
 SMOKE = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
 
 
@@ -87,29 +91,31 @@ def variants(model: VisionMamba, device: torch.device) -> dict[str, Callable[[],
         copy.set_scan_impl("fast")
         return copy.eval().to(device)
 
-    def floating(dtype: torch.dtype, fused: bool = False) -> Callable[[], torch.nn.Module]:
+    def floating(dtype: torch.dtype, fused: bool = False, concurrent: bool = True) -> Callable[[], torch.nn.Module]:
         def make() -> torch.nn.Module:
             copy = VisionMamba(model.cfg)
             copy.load_state_dict(model.state_dict())
             copy = copy.eval().to(device=device, dtype=activations(dtype))
-            return FusedVim(copy).eval() if fused else copy
+            return FusedVim(copy, concurrent_directions=concurrent).eval() if fused else copy
         return make
 
     def quantized(w_bits: int, a_bits: int, fused: bool = True, dtype: torch.dtype = torch.float16,
-                  tuned: bool = True) -> Callable[[], torch.nn.Module]:
+                  tuned: bool = True, concurrent: bool = True) -> Callable[[], torch.nn.Module]:
         def make() -> torch.nn.Module:
             cfg = model.cfg
             calib = torch.randn(8, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
             config = QuantConfig(w_bits=w_bits, a_bits=a_bits, reconstruction=ReconstructionConfig(epochs=0))
             packed = pack(quantize(model.to(device), config, calib.to(device))).to(device)
             model.cpu()
-            packed.fused, packed.tune_launches = fused, tuned
+            packed.fused, packed.tune_launches, packed.concurrent_directions = fused, tuned, concurrent
             return packed if activations(dtype) == torch.float32 else packed.half_activations(dtype)
         return make
 
     makers = {"fp32 eager": fp32, "fp16": floating(torch.float16), "fp16 fused": floating(torch.float16, fused=True),
               **{label: quantized(*bits) for label, bits in QUANTIZED.items()},
               "W4A4O8 unfused": quantized(4, 4, fused=False), "W4A4O8 fixed launches": quantized(4, 4, tuned=False),
+              "W4A4O8 one stream": quantized(4, 4, concurrent=False),
+              "fp16 fused one stream": floating(torch.float16, fused=True, concurrent=False),
               "bf16": floating(torch.bfloat16),
               "W4A4O8 bf16": quantized(4, 4, dtype=torch.bfloat16)}
     return {label: makers[label] for label in VARIANTS}

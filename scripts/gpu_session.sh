@@ -128,7 +128,7 @@ case "$part" in
   1) stage environment 5 environment
      stage tests 180 tests_and_warm_up
      stage e2e_vim_b 140 python3 bench/bench_e2e.py --models Vim-B --batches 1 64 --budget-s 130 \
-       --variants fp16 "fp16 fused" W8A8O8 W4A4O8 "W4A4O8 fixed launches"
+       --variants fp16 "fp16 fused" W8A8O8 W4A4O8 "W4A4O8 fixed launches" "W4A4O8 one stream"
      stage profile 55 python3 scripts/gpu_profile.py --model Vim-B --batch 64
      stage detect 90 python3 bench/bench_kernels.py --only detect --budget-s 75
      stage gemm 100 python3 bench/bench_kernels.py --only gemm --budget-s 80

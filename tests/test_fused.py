@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from core.errors import StudioError
+from core.eval import capture_cuda_graph
 from core.intercept import Recorder, intercepting
 from core.models import create_vim
 from core.models.fused import FusedVim
@@ -104,3 +105,19 @@ def test_vim_small_in_fp16_on_cuda_agrees_with_the_models_forward():
     with torch.no_grad():
         expected, got = model(x).float(), FusedVim(model).eval()(x).float()
     assert torch.linalg.norm(got - expected) / torch.linalg.norm(expected) < 1e-2
+
+
+@real_shapes
+def test_the_backward_branches_on_a_side_stream_agree_with_one_stream_eagerly_and_as_a_cuda_graph():
+    """Vim-S in fp16: the backward branches beside the forward ones (the default on CUDA) against one stream.
+    cuBLAS keeps a workspace per stream and may then reduce in another order, so close, not bit for bit (the
+    packed model, all Triton, is compared bit for bit in tests/test_packed.py)."""
+    torch.manual_seed(0)
+    model = create_vim(VIM_S).eval().to(DEVICE, torch.float16)
+    x = images(model, 4).half()
+    with torch.no_grad():
+        expected = FusedVim(model, concurrent_directions=False).eval()(x).float()
+        concurrent = FusedVim(model).eval()
+        eager, graphed = concurrent(x).float(), capture_cuda_graph(concurrent, x)().float()
+    for logits in (eager, graphed):
+        assert torch.linalg.norm(logits - expected) / torch.linalg.norm(expected) < 1e-3

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import StudioError
-from core.intercept import BACKWARD, DIRECTIONS
+from core.intercept import BACKWARD, FORWARD
 from core.models.vim import BiMambaMixer, Block, VimConfig, VisionMamba
 from core.ssm import selective_scan
 from kernels.conv_silu import conv_silu
@@ -37,23 +37,51 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream the backward branches of ``device`` run on, made once."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class FusedForward:
     """One forward of ``model`` (eval mode: no dropout, no drop-path) through the fused producers; the hooks
     are the float model's operations, which a subclass replaces. ``scan_impl`` overrides the mixers' own
-    choice of scan (``core.ssm.selective_scan``'s ``impl``)."""
+    choice of scan (``core.ssm.selective_scan``'s ``impl``); ``concurrent_directions``: see ``branches``."""
 
-    def __init__(self, model: VisionMamba, scan_impl: str | None = None):
-        self.model, self.scan_impl = model, scan_impl
+    def __init__(self, model: VisionMamba, scan_impl: str | None = None, concurrent_directions: bool = True):
+        self.model, self.scan_impl, self.concurrent_directions = model, scan_impl, concurrent_directions
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         model = self.model
         hidden, residual = model.embed(images), None
         for block in model.layers:
             x, z, residual = self.mix_in(block, hidden, residual)
-            y_forward, y_backward = (self.branch(block.mixer, x, z, direction) for direction in DIRECTIONS)
+            y_forward, y_backward = self.branches(block.mixer, x, z)
             hidden = self.mix_out(block.mixer, y_forward, y_backward)
         cls = model.cfg.cls_position  # the head reads the CLS token only: the last add and norm on it alone
         return model.head(model.norm_f(residual[:, cls] + hidden[:, cls].float()).to(images.dtype))
+
+    def branches(self, mixer: BiMambaMixer, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both scan directions' y. They are independent until the merge, so on CUDA (with
+        ``concurrent_directions``) the backward branch runs on a side stream beside the forward one: at small
+        batches each branch's kernels leave most of the GPU idle (a detection has one program per sample and
+        window, 20 for one Vim image). The side stream waits for everything enqueued before it, and the merge
+        for the side stream; the caching allocator needs nothing more, because the side stream's next work (the
+        next block's branch) again waits for the merge, the last reader of what it made. CUDA graphs capture
+        the fork and the join. Without CUDA, or with it off, one branch after the other: the same values."""
+        if not (self.concurrent_directions and x.is_cuda):
+            return self.branch(mixer, x, z, FORWARD), self.branch(mixer, x, z, BACKWARD)
+        main, side = torch.cuda.current_stream(x.device), side_stream(x.device)
+        side.wait_stream(main)
+        y_forward = self.branch(mixer, x, z, FORWARD)
+        with torch.cuda.stream(side):
+            y_backward = self.branch(mixer, x, z, BACKWARD)
+        main.wait_stream(side)
+        return y_forward, y_backward
 
     def branch(self, mixer: BiMambaMixer, x: torch.Tensor, z: torch.Tensor, direction: str) -> torch.Tensor:
         """One scan direction, y in that direction's time order (``mix_out`` reads the backward one flipped)."""
@@ -98,8 +126,8 @@ class FusedForward:
 class _CachedScanParameters(FusedForward):
     """The float hooks with A and D computed once per model placement (they do not depend on the input)."""
 
-    def __init__(self, model: VisionMamba, scan_impl: str | None, cache: dict):
-        super().__init__(model, scan_impl)
+    def __init__(self, model: VisionMamba, scan_impl: str | None, cache: dict, concurrent_directions: bool):
+        super().__init__(model, scan_impl, concurrent_directions)
         self.cache = cache
 
     def scan_parameters(self, mixer: BiMambaMixer, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,16 +143,18 @@ class FusedVim(nn.Module):
 
     ``backend``: ``"auto"`` runs the kernels on CUDA tensors and the model's own forward elsewhere;
     ``"triton"`` always runs them, the Triton scan included (on the CPU only under ``TRITON_INTERPRET=1``);
-    ``"reference"`` never.
+    ``"reference"`` never. ``concurrent_directions``: the backward branches on a side stream (``FusedForward.branches``;
+    False for one stream, which ``bench/bench_e2e.py`` compares).
     A and D are derived from the weights once per placement (``.to()`` derives them again), so change the
     weights through a new wrapper. Wraps ``model`` without copying it. The model's own forward runs instead in
     training mode (dropout, drop-path) and while an interceptor is plugged into it (a recorder, a quantizer:
     the interception sites are on that path).
     """
 
-    def __init__(self, model: VisionMamba, backend: str = "auto"):
+    def __init__(self, model: VisionMamba, backend: str = "auto", concurrent_directions: bool = True):
         super().__init__()
         self.model, self.backend = model, check_backend(backend)
+        self.concurrent_directions = concurrent_directions
         self._scan_parameters: dict = {}
 
     @property
@@ -143,4 +173,4 @@ class FusedVim(nn.Module):
         if self.training or observed or not uses_kernels(self.backend, images):
             return self.model(images)
         scan_impl = "triton" if self.backend == "triton" else None
-        return _CachedScanParameters(self.model, scan_impl, self._scan_parameters)(images)
+        return _CachedScanParameters(self.model, scan_impl, self._scan_parameters, self.concurrent_directions)(images)

@@ -192,6 +192,7 @@ class PackedVim(nn.Module):
         check_backend(backend)
         self.model, self.config, self.provenance = model, config, provenance
         self.fused = True  # the fused producer kernels when the kernels run (False: one kernel per operation)
+        self.concurrent_directions = True  # fused on CUDA: the backward branches on a side stream (FusedForward)
         self.linears = nn.ModuleDict({_key(name): module for name, module in linears.items()})
         self.dynamic = nn.ModuleDict({_key(name): module for name, module in dynamic.items()})
         self.static = nn.Module()
@@ -272,7 +273,7 @@ class PackedFusedForward(FusedForward):
     path up to the rounding of RMSNorm's square root (tested)."""
 
     def __init__(self, packed: PackedVim):
-        super().__init__(packed.model)
+        super().__init__(packed.model, concurrent_directions=packed.concurrent_directions)
         self.linears, self.interceptor = packed.linears, packed.interceptor
         self.tune = packed.interceptor.tune_launches
 
