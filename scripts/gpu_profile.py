@@ -130,7 +130,10 @@ def main() -> None:
         lines += [f"## {label}", "", summary, "", "```", table, "```", ""]
         del variant
         torch.cuda.empty_cache()
-    by_kind = ["## GPU kernel time by kind of work", "", kind_table(kinds_by_variant), "",
+    by_kind = ["## GPU kernel time by kind of work", "",
+               "Kernel times summed: the fused forwards run each backward branch on a side stream, so their kernels "
+               "overlap and the sum can exceed the forward's elapsed GPU time (bench_e2e.py's graph timings are "
+               "elapsed). The sums say where the work is.", "", kind_table(kinds_by_variant), "",
                *ceiling_lines(kinds_by_variant), ""]
     print("\n".join(by_kind), flush=True)
     tag = torch.cuda.get_device_name(device).lower().replace(" ", "_")
