@@ -83,11 +83,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     """Quantize with every requested method × setting, print an accuracy table, write CSV + JSON records."""
     model = load_checkpoint(args.checkpoint)
-    data = load_fashion_mnist("test", args.data)
+    data = load_validation(args.data) if args.eval_split == "val" else load_fashion_mnist("test", args.data)
     if args.limit:
         data = data.subset(args.limit)
     fp = evaluate(model, data, progress=_progress)
-    print(f"FP32: {fp.top1:.2f}% on {fp.total} test images ({fp.seconds:.1f} s, {fp.device})", file=sys.stderr)
+    print(f"FP32: {fp.top1:.2f}% on {fp.total} images of {data.source} ({fp.seconds:.1f} s, {fp.device})",
+          file=sys.stderr)
     settings = [SETTINGS[s] for s in args.setting] if args.setting else [(args.w_bits, args.a_bits)]
     records = []
     for method in args.method:
@@ -104,7 +105,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                   f"{record.calibration_seconds:.1f} s, eval {record.eval_seconds:.1f} s", file=sys.stderr)
             records.append(record)
             write_records(records, args.out, args.name)  # after every run: an interruption loses nothing
-    print(f"FP32 {fp.top1:.2f}% on {fp.total} images; quantized top-1 (Δ vs FP):")
+    print(f"FP32 {fp.top1:.2f}% on {fp.total} images of {data.source}; quantized top-1 (Δ vs FP):")
     print(accuracy_table(records))
     print(f"records: {Path(args.out) / args.name}.csv / .json")
 
@@ -271,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
     quant.add_argument("--limit", type=int, help="only the first N test images")
+    quant.add_argument("--eval-split", choices=["test", "val"], default="test",
+                       help="val: the 5,000 held-out training images (train[55000:]), to choose settings without "
+                            "touching the test set")
     quant.add_argument("--out", default="results/quant", help="directory for the CSV/JSON records")
     quant.add_argument("--name", default="runs", help="file name (without extension) of the records")
     quant.set_defaults(run=cmd_quantize)

@@ -53,6 +53,18 @@ def test_quantize_command_writes_records_with_provenance(tmp_path: Path, capsys)
     assert (tmp_path / "runs.csv").read_text().count("\n") == 3
 
 
+def test_quantize_command_can_score_on_the_held_out_validation_images(tmp_path: Path, capsys):
+    """--eval-split val: the records say which images scored them, and they are not the test images."""
+    args = ["quantize", "--method", "per_tensor", "--setting", "W8A8", "--limit", "30", "--n-calib", "4",
+            "--recon-epochs", "0", "--out", str(tmp_path)]
+    assert main([*args, "--eval-split", "val", "--name", "val"]) == 0
+    assert "images of fashion-mnist/train[55000:], validation" in capsys.readouterr().out
+    assert main([*args, "--name", "test"]) == 0
+    val, test = (json.loads((tmp_path / f"{name}.json").read_text())[0] for name in ("val", "test"))
+    assert "train[55000:], validation" in val["data"] and "test" in test["data"] and "train" not in test["data"]
+    assert val["test_images"] == test["test_images"] == 30
+
+
 def test_quantize_command_bad_input_is_one_line(capsys):
     assert main(["quantize", "--w-bits", "0", "--limit", "5", "--n-calib", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
