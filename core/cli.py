@@ -14,7 +14,14 @@ from core.data import calibration_images, load_fashion_mnist, load_validation
 from core.default_model import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_card
 from core.errors import StudioError
 from core.eval import evaluate
-from core.experiments import accuracy_table, quantize_and_evaluate, read_records, threshold_sweep, write_records
+from core.experiments import (
+    accuracy_table,
+    quantize_and_evaluate,
+    read_records,
+    scored_on,
+    threshold_sweep,
+    write_records,
+)
 from core.gen import GEN_PRESETS, GEN_SOURCES, GenConfig, GenProgress, generate, save_generated
 from core.models import load_checkpoint
 from core.observe import dynamic_outlier_summary
@@ -218,7 +225,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     if not records:
         raise StudioError("these files hold no runs: quantize first (python -m core quantize, or the app)")
     out = write_report(records, args.out, args.title)
-    print(accuracy_table(records))
+    several_splits = len({scored_on(r) for r in records}) > 1  # a row per method and scoring images then
+    print(accuracy_table(records, lambda r: f"{r.method} on {scored_on(r)}") if several_splits else
+          accuracy_table(records))
     print(f"{len(records)} run(s) → {out} (one HTML file: opens with no server and no network)")
 
 

@@ -223,6 +223,12 @@ def read_records(path: str | Path) -> list[RunRecord]:
         raise StudioError(f"'{path}' is not a list of run records ({err})") from None
 
 
+def scored_on(record: RunRecord) -> str:
+    """The images a run was scored on, short: 'fashion-mnist/test' or 'fashion-mnist/train[55000:], validation'
+    (where the files were read dropped). Records older than the ``data`` field were all scored on test images."""
+    return (record.data or "test images").split(" (")[0]
+
+
 def accuracy_table(records: list[RunRecord], row: Callable[[RunRecord], str] = lambda r: r.method,
                    label: str = "method") -> str:
     """Markdown: one row per ``row(record)`` (default: the method), one column per setting (top-1, Δ vs FP)."""

@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core.errors import StudioError
-from core.experiments import RunRecord
+from core.experiments import RunRecord, scored_on
 from core.records import utc_now, versions
 
 FAKE_QUANT_NOTE = ("Fake-quant timings: quantizers are simulated in floating point, so these times show the "
@@ -55,13 +55,14 @@ RUN_COLUMNS = ["run", "top-1 (%)", "Δ vs FP", "FP top-1 (%)", "test images", "c
                "config", "quantized model"]
 
 
-def _series(record: RunRecord, several_models: bool) -> str:
+def _series(record: RunRecord, several_models: bool, several_splits: bool) -> str:
     """Runs of one method and outlier precision share a marker series (overrides are marked apart), per model
-    when the log holds several: their accuracies are not comparable."""
+    and per set of scoring images when the runs have several: their accuracies are not comparable."""
     outliers = record.setting.partition("O")[2]
     overrides = " + overrides" if record.config.get("overrides") else ""
     model = f"{record.model}: " if several_models else ""
-    return model + record.method + (f" O{outliers}" if outliers else "") + overrides
+    split = f" on {scored_on(record)}" if several_splits else ""
+    return model + record.method + (f" O{outliers}" if outliers else "") + overrides + split
 
 
 def accuracy_figure(records: list[RunRecord]) -> go.Figure:
@@ -70,19 +71,19 @@ def accuracy_figure(records: list[RunRecord]) -> go.Figure:
     order = [f"W{w}A{a}" for a, w in sorted(bits)]
     figure = go.Figure()
     series: dict[str, list[tuple[int, RunRecord]]] = {}
-    several_models = len({r.model for r in records}) > 1
+    several_models, several_splits = (len({key(r) for r in records}) > 1 for key in (lambda r: r.model, scored_on))
     for index, record in enumerate(records):
-        series.setdefault(_series(record, several_models), []).append((index, record))
+        series.setdefault(_series(record, several_models, several_splits), []).append((index, record))
     for name, runs in series.items():
         figure.add_scatter(
             x=[r.setting.partition("O")[0] for _, r in runs], y=[r.top1 for _, r in runs],
             mode="markers", name=name, marker={"size": 11},
             text=[f"{run_label(i, r)}<br>calibration {_calibration(r)}<br>Δ vs FP {r.delta_vs_fp:+.2f} on "
-                  f"{r.test_images} test images<br>{r.date}" for i, r in runs],
+                  f"{r.test_images} images of {scored_on(r)}<br>{r.date}" for i, r in runs],
             hovertemplate="%{text}<br>top-1 %{y:.2f} %<extra></extra>")
-    for fp_top1, images in sorted({(r.fp_top1, r.test_images) for r in records}):
+    for fp_top1, images, split in sorted({(r.fp_top1, r.test_images, scored_on(r)) for r in records}):
         figure.add_hline(y=fp_top1, line_dash="dash", line_color="gray",
-                         annotation_text=f"FP32 {fp_top1:.2f} % ({images} test images)")
+                         annotation_text=f"FP32 {fp_top1:.2f} % ({images} images of {split})")
     figure.update_xaxes(categoryorder="array", categoryarray=order, title="bit-widths (weights W, activations A)")
     figure.update_layout(title="Top-1 accuracy vs bit-width", yaxis_title="top-1 (%)", height=420,
                          margin={"l": 50, "r": 10, "t": 50, "b": 50})

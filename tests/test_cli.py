@@ -6,6 +6,7 @@ from pathlib import Path
 
 from core.cli import main
 from core.experiments import append_record, read_records
+from core.report import accuracy_figure
 
 
 def test_bad_checkpoint_is_one_line(tmp_path: Path, capsys):
@@ -117,3 +118,19 @@ def test_report_makes_one_html_page_from_the_quantize_records_and_the_apps_log(t
     (tmp_path / "empty.jsonl").write_text("")
     assert main(["report", str(tmp_path / "empty.jsonl")]) == 2
     assert "hold no runs" in capsys.readouterr().err
+
+
+def test_report_keeps_runs_scored_on_other_images_apart(tmp_path: Path, capsys):
+    """A validation run and a test run of the same method and setting: two rows and two series, never one."""
+    results = Path(__file__).resolve().parent.parent / "results" / "gen"
+    files = [results / "quant_ouromamba_1000it.json", results / "validation" / "val_ouromamba_1000it.json"]
+    out = tmp_path / "report.html"
+    assert main(["report", *map(str, files), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| ouromamba on fashion-mnist/test | 83.08 (-5.86) | 88.62 (-0.32) |" in printed
+    assert "| ouromamba on fashion-mnist/train[55000:], validation | 83.04 (-6.16) | – |" in printed
+    assert out.is_file()
+    figure = accuracy_figure([record for path in files for record in read_records(path)])
+    assert [trace.name for trace in figure.data] == ["ouromamba O8 on fashion-mnist/test",
+                                                      "ouromamba O8 on fashion-mnist/train[55000:], validation"]
+    assert "5000 images of fashion-mnist/train[55000:], validation" in figure.data[1].text[0]
