@@ -212,10 +212,14 @@ def weight_figure(weights: dict[str, WeightGridView] | None, site: str | None) -
     return figure
 
 
-def changed_gallery(test: LabelledImages, fp: list[int], quantized: list[int],
+def changed_images(fp: list[int], quantized: list[int]) -> list[int]:
+    """The test images whose predicted class changed, the first MAX_GALLERY: the gallery and its top-k charts."""
+    return [i for i, (a, b) in enumerate(zip(fp, quantized, strict=True)) if a != b][:MAX_GALLERY]
+
+
+def changed_gallery(test: LabelledImages, changed: list[int], fp: list[int], quantized: list[int],
                     workspace: Workspace) -> list[tuple[np.ndarray, str]]:
-    """Test images whose predicted class changed, captioned true / FP / quantized class (first few only)."""
-    changed = [i for i, (a, b) in enumerate(zip(fp, quantized, strict=True)) if a != b][:MAX_GALLERY]
+    """The ``changed`` test images, captioned true / FP / quantized class."""
     items = []
     for index in changed:
         pixels = to_pixels(test.normalized(index, index + 1))[0]
@@ -225,15 +229,14 @@ def changed_gallery(test: LabelledImages, fp: list[int], quantized: list[int],
     return items
 
 
-def top_k_items(test: LabelledImages, fp: EvalResult, quantized: EvalResult, workspace: Workspace) -> list[dict]:
-    """Per image of the changed gallery (same order), its true class and both models' most probable classes with
+def top_k_items(test: LabelledImages, changed: list[int], fp: EvalResult, quantized: EvalResult,
+                workspace: Workspace) -> list[dict]:
+    """Per ``changed`` image (the gallery's order), its true class and both models' most probable classes with
     their probabilities: what the gallery's selection shows side by side."""
-    changed = [i for i, (a, b) in enumerate(zip(fp.predictions, quantized.predictions, strict=True)) if a != b]
-
     def named(top: list[tuple[int, float]]) -> list[tuple[str, float]]:
         return [(workspace.class_name(c), p) for c, p in top]
     return [{"index": i, "truth": workspace.class_name(int(test.labels[i])), "fp": named(fp.top(i)),
-             "quantized": named(quantized.top(i))} for i in changed[:MAX_GALLERY]]
+             "quantized": named(quantized.top(i))} for i in changed]
 
 
 def top_k_figure(items: list[dict] | None, position: int = 0) -> go.Figure | None:
@@ -396,11 +399,12 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         except StudioError as err:
             saved = f"**Not saved:** {err}."
         pairs = list(zip(test.labels.tolist(), fp.predictions, quantized.predictions, strict=True))
+        changed = changed_images(fp.predictions, quantized.predictions)
         shown = Shown(record, sqnr_figure(report, error_images), sensitivity_figure(sensitivity, sensitivity_images),
-                      changed_gallery(test, fp.predictions, quantized.predictions, ws),
+                      changed_gallery(test, changed, fp.predictions, quantized.predictions, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
                       broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note,
-                      suggestion=suggestion, weights=weights, top_k=top_k_items(test, fp, quantized, ws))
+                      suggestion=suggestion, weights=weights, top_k=top_k_items(test, changed, fp, quantized, ws))
         cache.put(key, shown)
         return finished(shown, cached=False)
 
