@@ -31,6 +31,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from app.block_diagram import DEFAULT_METRIC, METRICS, block_diagram_figure, worst_layer
 from app.common import (
     RecentResults,
     Run,
@@ -39,6 +40,7 @@ from app.common import (
     default_calibration,
     error,
     in_range,
+    slider_top,
     stopped,
     wire_run,
     zoom,
@@ -131,6 +133,7 @@ class Shown:
 
     record: RunRecord
     figure: go.Figure
+    report: pd.DataFrame  # error_report's rows: the heatmap's values, and the block diagram's
     sensitivity: go.Figure
     gallery: list[tuple[np.ndarray, str]]
     changed: int
@@ -262,6 +265,11 @@ def show_top_k(items: list[dict] | None, selected: gr.SelectData) -> go.Figure |
     return top_k_figure(items, selected.index)
 
 
+def show_block_diagram(report: pd.DataFrame | None, layer: float | None, metric: str) -> go.Figure | None:
+    """The block diagram's controls: the shown run's layer ``layer`` coloured by ``metric`` (a METRICS label)."""
+    return block_diagram_figure(report, layer, METRICS.get(metric, ""))
+
+
 def suggestion_text(suggestion: dict[str, dict], config: dict) -> str:
     """The mixed-precision suggestion as the summary shows it."""
     if config["w_bits"] >= 8 and config["a_bits"] >= 8:
@@ -320,16 +328,21 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         model_file = shown.record.quantized_model
         model_file = model_file if model_file and Path(model_file).is_file() else None
         first = next(iter(shown.weights), None)
+        metric = METRICS[DEFAULT_METRIC]
+        layer = worst_layer(shown.report, metric)
+        depth = int(shown.report["layer"].max()) + 1
         return (summary_markdown(shown, cached), shown.figure, shown.sensitivity, shown.gallery, record, model_file,
                 gr.update(choices=list(shown.weights), value=first), weight_figure(shown.weights, first),
-                top_k_figure(shown.top_k), shown.weights, shown.top_k)
+                top_k_figure(shown.top_k), block_diagram_figure(shown.report, layer, metric),
+                gr.update(maximum=slider_top(depth - 1), value=layer), gr.update(value=DEFAULT_METRIC),
+                shown.weights, shown.top_k, shown.report)
 
     def quantize_run(ws: Workspace, method: str, w_bits: int, a_bits: int, o_bits: int, k: float | None,
                      n_refresh: float | None, calib_source: str, calib_count: float | None, epochs: float | None,
                      seed: float | None, test_count: float | None, overrides: str, run: Run | None,
                      progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
         """Quantize with one configuration, evaluate against FP32 on the same test images, log the run."""
-        unchanged = (gr.skip(), gr.skip(), gr.skip(), None, *(gr.skip(),) * 6)  # the record clears
+        unchanged = (gr.skip(), gr.skip(), gr.skip(), None, *(gr.skip(),) * (len(outputs) - 5))  # record clears
         try:
             test_split = ws.test_data("comparing the quantized model with FP32")
             test_count = int(in_range("test images", test_count, 1, len(test_split)))
@@ -400,7 +413,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             saved = f"**Not saved:** {err}."
         pairs = list(zip(test.labels.tolist(), fp.predictions, quantized.predictions, strict=True))
         changed = changed_images(fp.predictions, quantized.predictions)
-        shown = Shown(record, sqnr_figure(report, error_images), sensitivity_figure(sensitivity, sensitivity_images),
+        shown = Shown(record, sqnr_figure(report, error_images), report,
+                      sensitivity_figure(sensitivity, sensitivity_images),
                       changed_gallery(test, changed, fp.predictions, quantized.predictions, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
                       broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note,
@@ -445,6 +459,13 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         with gr.Column(scale=2):
             summary = gr.Markdown(READY, elem_id="quant-summary")
             sqnr = gr.Plot(label="SQNR per layer and tensor", elem_id="quant-sqnr")
+            with gr.Row():
+                diagram_layer = gr.Slider(0, slider_top(startup.model.cfg.depth - 1), 0, step=1,
+                                          label="Layer in the block diagram", elem_id="quant-diagram-layer",
+                                          info="A run opens on the layer with its lowest SQNR")
+                diagram_metric = gr.Radio(list(METRICS), value=DEFAULT_METRIC, label="Colour by",
+                                          elem_id="quant-diagram-metric")
+            diagram = gr.Plot(label="One block's quantizers where they sit in the dataflow", elem_id="quant-diagram")
             sensitivity = gr.Plot(label="Layer sensitivity", elem_id="quant-sensitivity")
             weight_site = gr.Dropdown([], label="Weight on its quantization grid", elem_id="quant-weight-site",
                                       info="Every quantized projection of the run")
@@ -460,16 +481,24 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
     build_sweep_section(workspace, w_bits, a_bits, calib_source, calib_count, seed, MAX_CALIB)
     inputs = [workspace, method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed,
               test_count, overrides]
-    weights, top_k = gr.State(), gr.State()
-    outputs = [summary, sqnr, sensitivity, gallery, record, model_file, weight_site, weight_plot, top_k_plot, weights,
-               top_k]
+    weights, top_k, report = gr.State(), gr.State(), gr.State()
+    outputs = [summary, sqnr, sensitivity, gallery, record, model_file, weight_site, weight_plot, top_k_plot, diagram,
+               diagram_layer, diagram_metric, weights, top_k, report]
     wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
     use_suggestion.click(overrides_from_record, record, overrides, api_visibility="private", concurrency_limit=None)
     weight_site.input(weight_figure, [weights, weight_site], weight_plot, api_visibility="private",
                       concurrency_limit=None)
     gallery.select(show_top_k, top_k, top_k_plot, api_visibility="private", concurrency_limit=None)
-    cleared = (READY, None, None, [], None, None, gr.update(choices=[], value=None), None, None, None, None)
-    workspace.change(lambda ws: (*cleared, default_calibration(ws), gr.update(**count_box(ws))), workspace,
+    gr.on([diagram_layer.input, diagram_metric.input], show_block_diagram, [report, diagram_layer, diagram_metric],
+          diagram, api_visibility="private", concurrency_limit=None)
+
+    def cleared(ws: Workspace) -> tuple:
+        """Every output emptied for a new model, the diagram's layers its layers."""
+        return (READY, None, None, [], None, None, gr.update(choices=[], value=None), None, None, None,
+                gr.update(maximum=slider_top(ws.model.cfg.depth - 1), value=0), gr.skip(), None, None, None,
+                default_calibration(ws), gr.update(**count_box(ws)))
+
+    workspace.change(cleared, workspace,
                      [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)
     return record
 

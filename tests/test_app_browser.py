@@ -150,6 +150,14 @@ def test_quantize_then_compare(browser: Browser, url: str):
     expect(page.locator("#quant-sqnr .js-plotly-plot")).to_be_visible(timeout=20_000)
     expect(page.locator("#quant-sensitivity .js-plotly-plot")).to_be_visible(timeout=20_000)
     expect(page.locator("#quant-model-file")).to_contain_text(".safetensors", timeout=20_000)
+    diagram = page.locator("#quant-diagram .gtitle")  # the block diagram follows its layer and colour controls
+    expect(diagram).to_contain_text("SQNR of the quantizer alone", timeout=20_000)
+    page.locator("#quant-diagram-metric").get_by_text("SQNR vs the FP model").click()
+    expect(diagram).to_contain_text("SQNR vs the FP model", timeout=20_000)
+    other = (int(page.locator("#quant-diagram-layer input[type=number]").input_value()) + 1) % 4
+    page.locator("#quant-diagram-layer input[type=number]").fill(str(other))
+    page.locator("#quant-diagram-layer input[type=number]").press("Enter")
+    expect(diagram).to_contain_text(f"Layer {other}: SQNR vs the FP model", timeout=20_000)
     thumbnails = page.locator("#quant-changed button.thumbnail-item")
     if thumbnails.count() > 1:  # selecting a changed image shows its top classes under both models
         title = page.locator("#quant-top-k .gtitle")

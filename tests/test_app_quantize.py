@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
+import pandas as pd
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from app.block_diagram import DEFAULT_METRIC, METRICS, block_diagram_figure, worst_layer
 from app.common import Run
 from app.quantize_tab import (
     RUNS_DIR_ENV,
@@ -30,6 +34,7 @@ from core.quant.config import parse_overrides
 from core.quant.packed import load_packed
 from core.report import accuracy_figure, html_report, latency_figure, runs_frame, write_report
 from core.workspace import default_workspace
+from tests.test_app import plotly_values
 
 # method, w_bits, a_bits, o_bits, k, n_refresh, calibration source, count, epochs, seed, test images, overrides
 FAST = ("ouromamba", 4, 4, 8, 3, 10, "real", 8, 0, 0, 40, "")
@@ -71,8 +76,8 @@ def _job(demo: gr.Blocks, api_name: str):
 
 def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     _, client = served
-    text, plot, sensitivity, gallery, record, model_file, weight_site, weights, top_k = client.predict(
-        *FAST, api_name="/quantize")
+    (text, plot, sensitivity, gallery, record, model_file, weight_site, weights, top_k, diagram, diagram_layer,
+     diagram_metric) = client.predict(*FAST, api_name="/quantize")
     assert not record["cached"] and record["method"] == "ouromamba" and record["setting"] == "W4A4O8"
     assert record["test_images"] == 40 and 0 <= record["top1"] <= 100 and 0 <= record["fp_top1"] <= 100
     assert record["delta_vs_fp"] == pytest.approx(record["top1"] - record["fp_top1"], abs=0.011)
@@ -88,6 +93,15 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     assert ("keep layer" in text) == bool(suggestion)
     figure = json.loads(plot["plot"])
     assert figure["data"][0]["type"] == "heatmap" and len(figure["data"][0]["y"]) == 4  # the default model's depth
+    # the block diagram opens on the layer with the heatmap's lowest SQNR, and colours its quantizers by it
+    z = plotly_values(figure["data"][0]["z"])
+    worst = int(np.nanargmin(np.nanmin(z, axis=1)))
+    assert diagram_layer["value"] == worst and diagram_metric["value"] == DEFAULT_METRIC  # gradio updates
+    drawn = json.loads(diagram["plot"])
+    assert drawn["layout"]["title"]["text"].startswith(f"Layer {worst}: {DEFAULT_METRIC}")
+    nodes = next(trace for trace in drawn["data"] if "colorbar" in trace.get("marker", {}))
+    expected = sorted(z[worst][~np.isnan(z[worst])])
+    assert sorted(plotly_values(nodes["marker"]["color"])) == pytest.approx(expected)  # each quantizer once
     bars = json.loads(sensitivity["plot"])["data"][0]
     assert bars["type"] == "bar" and len(bars["x"]) == 4 and all(0 <= t <= 100 for t in bars["customdata"])
     # every projection's weights on their 4-bit grid, the first shown: 4 layers × (in, out, 2 × (x, dt))
@@ -414,3 +428,55 @@ def test_top_k_figure_shows_the_selected_image_and_nothing_out_of_range():
     assert list(fp_bars.y) == ["Shirt ", "Bag "] and list(fp_bars.x) == [0.2, 0.7]  # most probable on top
     assert list(quantized_bars.marker.color) == ["#2ca02c", "#1f77b4"]  # the true class in green
     assert top_k_figure(items, 2) is None and top_k_figure(None) is None and top_k_figure([], 0) is None
+
+
+def _report(layers: int, states: bool = False) -> pd.DataFrame:
+    """error_report's rows for a default-model-shaped run: site values 10·layer + position, so each is known."""
+    from core.observe.probe import SHARED
+    from core.quant.quantize import quantized_sites
+    from core.workspace import default_workspace
+
+    rows = []
+    for position, site in enumerate(quantized_sites(default_workspace().model, include_states=states)):
+        if site.layer < layers:
+            value = 10.0 * site.layer + position % 40
+            rows.append({"site": site.name, "layer": site.layer, "direction": site.direction or SHARED,
+                         "tensor": site.tensor, "bits": 4, "sqnr_db": value, "cosine": 0.99,
+                         "sqnr_db_vs_fp_model": value - 1})
+    return pd.DataFrame(rows)
+
+
+def test_block_diagram_draws_each_quantizer_of_the_layer_on_the_runs_colour_scale():
+    report = _report(2)
+    skipped = report["site"] == "layers.1.bwd.dt_proj.weight"  # as a {"skip": true} override leaves it
+    report.loc[report["site"] == "layers.1.fwd.B", "sqnr_db"] = math.inf  # an exact quantizer
+    report = report[~skipped].reset_index(drop=True)
+    figure = block_diagram_figure(report, 1, "sqnr_db")
+    edges, quantized, left = figure.data
+    layer = report[report["layer"] == 1]
+    assert len(quantized.x) == len(layer) == 21 and len(left.x) == 1 and "dt_proj W<br>FP" in left.text[0]
+    finite = report["sqnr_db"].replace(math.inf, math.nan)
+    assert (quantized.marker.cmin, quantized.marker.cmax) == (finite.min(), finite.max())  # both layers' range
+    by_site = dict(zip((row[0] for row in quantized.customdata), quantized.marker.color, strict=True))
+    assert by_site["layers.1.fwd.B"] == finite.max() and "exact" in " ".join(quantized.text)
+    assert all(by_site[row.site] == row.sqnr_db for row in layer.itertuples() if row.sqnr_db != math.inf)
+    assert [s for s, t in zip(quantized.marker.symbol, quantized.customdata, strict=True)
+            if t[0].endswith(".weight")] == ["square"] * 5  # in, out and 2 × (x, dt) minus the skipped one
+    assert "h (state)" not in " ".join(quantized.text + left.text)  # states unquantized: not drawn
+    ops = {a.text for a in figure.layout.annotations}
+    assert {"add + RMSNorm", "selective scan", "conv1d + SiLU", "merge (y_f + flip(y_b)) / 2"} <= ops
+    vs_fp = block_diagram_figure(report, 1, "sqnr_db_vs_fp_model").data[1]
+    assert sorted(vs_fp.marker.color) == sorted(layer["sqnr_db_vs_fp_model"])
+    assert block_diagram_figure(report, 2, "sqnr_db") is None and block_diagram_figure(None, 0, "sqnr_db") is None
+    assert block_diagram_figure(report, 0, "top1") is None
+    assert set(METRICS.values()) == {"sqnr_db", "sqnr_db_vs_fp_model"}
+
+
+def test_block_diagram_shows_quantized_states_and_opens_on_the_worst_layer():
+    report = _report(3, states=True)
+    report.loc[report["site"] == "layers.2.out_proj.weight", "sqnr_db"] = -3.0
+    assert worst_layer(report, "sqnr_db") == 2
+    report.loc[report["site"] == "layers.0.fwd.C", "sqnr_db_vs_fp_model"] = -math.inf
+    assert worst_layer(report, "sqnr_db_vs_fp_model") == 0  # -inf: as bad as it gets, not skipped
+    quantized = block_diagram_figure(report, 0, "sqnr_db").data[1]
+    assert sum("h (state)" in text for text in quantized.text) == 2  # one per direction

@@ -1,0 +1,141 @@
+"""One Vim block drawn as its dataflow, every quantizer a node coloured by its SQNR: the layers × tensors heatmap
+of the Quantize tab read one layer at a time, with each tensor where it sits in the block (which input of which
+projection, which scan operand, which direction). Colours share one scale across the run's layers, so two
+layers' diagrams compare at a glance."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from core.intercept import BACKWARD, FORWARD, SHARED_TENSORS
+
+METRICS = {  # the report column a diagram colours by
+    "SQNR of the quantizer alone": "sqnr_db",
+    "SQNR vs the FP model (upstream error included)": "sqnr_db_vs_fp_model",
+}
+DEFAULT_METRIC = "SQNR of the quantizer alone"
+BRANCH_X = {FORWARD: -2.2, BACKWARD: 2.2}  # the two scan branches' columns; the shared projections sit at 0
+SHARED_X = 0.0
+# (x offset within its column, row) of every quantized tensor; rows run top to bottom in data order
+SITE_PLACES = {
+    "in_proj.input": (-0.35, 1), "in_proj.weight": (0.35, 1),
+    "x_proj.input": (-0.35, 3), "x_proj.weight": (0.35, 3),
+    "dt_proj.input": (-0.8, 4), "dt_proj.weight": (-0.2, 4), "B": (0.4, 4), "C": (0.95, 4),
+    "delta_pre": (-0.45, 5), "A": (0.2, 5), "D": (0.7, 5),
+    "h": (0.0, 6.5),
+    "out_proj.input": (-0.35, 9), "out_proj.weight": (0.35, 9),
+}
+SITE_LABELS = {
+    "in_proj.input": "in_proj in", "in_proj.weight": "in_proj W", "x_proj.input": "x_proj in (u)",
+    "x_proj.weight": "x_proj W", "dt_proj.input": "dt_proj in", "dt_proj.weight": "dt_proj W", "B": "B", "C": "C",
+    "delta_pre": "Δ (pre-softplus)", "A": "A", "D": "D", "h": "h (state)", "out_proj.input": "out_proj in",
+    "out_proj.weight": "out_proj W",
+}
+BRANCH_OPS = (("conv1d + SiLU", 2), ("selective scan", 6), ("× SiLU(z)", 7.5))
+SHARED_OPS = (("add + RMSNorm", 0), ("merge (y_f + flip(y_b)) / 2", 8.3), ("block output", 10))
+Z_LANE = 1.25  # how far right of its branch the gate z runs down to × SiLU(z)
+
+
+def _place(tensor: str, direction: str) -> tuple[float, float]:
+    dx, row = SITE_PLACES[tensor]
+    return (SHARED_X if direction == "shared" else BRANCH_X[direction]) + dx, row
+
+
+def _edges() -> list[list[tuple[float, float]]]:
+    """The block's dataflow as polylines (top to bottom), drawn under the nodes."""
+    lines = [[(SHARED_X, 0), (SHARED_X, 1)], [(SHARED_X, 8.3), _place("out_proj.input", "shared")],
+             [(SHARED_X, 9), (SHARED_X, 10)]]
+    for direction, x in BRANCH_X.items():
+        lines += [
+            [(SHARED_X, 1), (x, 2)],  # in_proj's x half
+            [(SHARED_X, 1), (x + Z_LANE, 2), (x + Z_LANE, 7.5), (x, 7.5)],  # its gate half z
+            [(x, 2), _place("x_proj.input", direction)],
+            [(x, 2), (x - 1.05, 2), (x - 1.05, 6), (x, 6)],  # u also enters the scan
+            [(x, 3), _place("dt_proj.input", direction)], [(x, 3), _place("B", direction)],
+            [(x, 3), _place("C", direction)], [_place("dt_proj.weight", direction), _place("delta_pre", direction)],
+            *([_place(tensor, direction), (x, 6)] for tensor in ("delta_pre", "A", "B", "C", "D")),
+            [(x, 6), (x, 7.5)], [(x, 7.5), (SHARED_X, 8.3)],
+        ]
+    return lines
+
+
+def worst_layer(report: pd.DataFrame, metric: str) -> int:
+    """The layer holding the run's lowest ``metric`` (dB): where a diagram first looks."""
+    values = report[metric].replace([np.inf, -np.inf], np.nan)
+    return int(report["layer"][values.idxmin()]) if values.notna().any() else int(report["layer"].min())
+
+
+def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metric: str) -> go.Figure | None:
+    """``layer``'s block with every quantizer of ``report`` (``core.observe.error_report``'s rows) coloured by
+    ``metric`` on the run's common scale; tensors the run left in floating point are hollow grey nodes, the
+    operations grey boxes. Hover: site, bits, both SQNRs and the cosine. None without a report, or for a layer
+    the report does not have."""
+    if report is None or layer is None or metric not in METRICS.values() or int(layer) not in set(report["layer"]):
+        return None
+    layer = int(layer)
+    finite = report[metric].replace([np.inf, -np.inf], np.nan).dropna()
+    low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    high = max(high, low + 1e-6)
+    rows = {(row.tensor, row.direction): row for row in report[report["layer"] == layer].itertuples()}
+    tensors = [t for t in SITE_PLACES if t != "h" or (report["tensor"] == "h").any()]  # h only where quantized
+    sites = [(t, d) for t in tensors for d in (["shared"] if t in SHARED_TENSORS else [FORWARD, BACKWARD])]
+
+    figure = go.Figure()
+    xs, ys = [], []
+    for line in _edges():
+        xs += [p[0] for p in line] + [None]
+        ys += [p[1] for p in line] + [None]
+    figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#c8c8c8", "width": 1.5},
+                                hoverinfo="skip", showlegend=False))
+    quantized = [s for s in sites if s in rows]
+    left = [s for s in sites if s not in rows]
+    if quantized:
+        values = [getattr(rows[s], metric) for s in quantized]
+        colours = [high if v == math.inf else low if v == -math.inf or math.isnan(v) else v for v in values]
+        figure.add_trace(go.Scatter(
+            x=[_place(*s)[0] for s in quantized], y=[_place(*s)[1] for s in quantized], mode="markers+text",
+            marker={"size": 22, "color": colours, "cmin": low, "cmax": high, "colorscale": "Viridis",
+                    "symbol": ["square" if t.endswith(".weight") else "circle" for t, _ in quantized],
+                    "line": {"color": "#444", "width": 1}, "colorbar": {"title": "SQNR (dB)"}},
+            text=[f"{SITE_LABELS[t]}<br>{_db(v)}" for (t, _), v in zip(quantized, values, strict=True)],
+            textposition="bottom center", textfont={"size": 10},
+            customdata=[[rows[s].site, _bits(rows[s].bits), _db(rows[s].sqnr_db), rows[s].cosine,
+                         _db(rows[s].sqnr_db_vs_fp_model)] for s in quantized],
+            hovertemplate="%{customdata[0]} (%{customdata[1]})<br>SQNR %{customdata[2]}, cosine %{customdata[3]:.4f}"
+                          "<br>vs FP model %{customdata[4]}<extra></extra>", showlegend=False))
+    if left:
+        figure.add_trace(go.Scatter(
+            x=[_place(*s)[0] for s in left], y=[_place(*s)[1] for s in left], mode="markers+text",
+            marker={"size": 18, "color": "white", "line": {"color": "#999", "width": 1.5},
+                    "symbol": ["square" if t.endswith(".weight") else "circle" for t, _ in left]},
+            text=[f"{SITE_LABELS[t]}<br>FP" for t, _ in left], textposition="bottom center",
+            textfont={"size": 10, "color": "#888"}, hovertemplate="%{text}: not quantized in this run<extra></extra>",
+            showlegend=False))
+    ops = [(name, SHARED_X, row) for name, row in SHARED_OPS]
+    ops += [(name, x, row) for x in BRANCH_X.values() for name, row in BRANCH_OPS]
+    for name, x, row in ops:
+        figure.add_annotation(x=x, y=row, text=name, showarrow=False, font={"size": 11},
+                              bgcolor="#f2f2f2", bordercolor="#999", borderpad=3)
+    for direction, x in BRANCH_X.items():
+        figure.add_annotation(x=x, y=-0.7, text=f"<b>{'forward' if direction == FORWARD else 'backward'} scan</b>"
+                                                 + ("" if direction == FORWARD else " (time reversed)"),
+                              showarrow=False)
+    name = next(label for label, column in METRICS.items() if column == metric)
+    figure.update_xaxes(visible=False, range=[-3.9, 3.9])
+    figure.update_yaxes(visible=False, autorange="reversed")
+    figure.update_layout(title=f"Layer {layer}: {name}<br><sup>one colour scale for all layers ({low:.1f} to "
+                               f"{high:.1f} dB); squares are weights; hollow nodes stay in floating point</sup>",
+                         height=640, margin={"l": 10, "r": 10, "t": 50, "b": 10}, plot_bgcolor="white")
+    return figure
+
+
+def _db(value: float) -> str:
+    return "exact" if value == math.inf else "n/a" if math.isnan(value) else f"{value:.1f} dB"
+
+
+def _bits(bits: float | None) -> str:
+    return "bits ?" if bits is None or (isinstance(bits, float) and math.isnan(bits)) else f"{int(bits)} bits"
