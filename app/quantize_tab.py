@@ -31,7 +31,6 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from app.block_diagram import DEFAULT_METRIC, METRICS, block_diagram_figure, worst_layer
 from app.common import (
     RecentResults,
     Run,
@@ -48,6 +47,7 @@ from app.common import (
 from app.model_tab import BATCH_SIZE, KEPT_EVALUATIONS, count_box
 from app.sweep_section import build_sweep_section
 from core.data import LabelledImages
+from core.error_figures import DEFAULT_METRIC, METRICS, block_diagram_figure, sqnr_heatmap, worst_layer
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
 from core.experiments import (
@@ -56,10 +56,11 @@ from core.experiments import (
     kernel_latency,
     load_records,
     quantize_and_evaluate,
+    site_errors_frame,
     write_records,
 )
 from core.gen import to_pixels
-from core.observe import WeightGridView, error_report, run_layer_sensitivity, suggest_precision, weight_grids
+from core.observe import WeightGridView, run_layer_sensitivity, suggest_precision, weight_grids
 from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig
 from core.quant.config import parse_overrides
 from core.quant.packed import PackedVim, pack, save_packed
@@ -72,7 +73,6 @@ RUNS_FILE = "runs.jsonl"
 KERNEL_BATCH = 64  # test images per timed forward pass of the GPU kernel comparison
 MODELS_FOLDER = "models"  # beside the run log: the packed integer model of every run that can be packed
 MAX_CALIB, MAX_EPOCHS = 1024, 100
-ERROR_IMAGES = 32  # SQNR on the first 32 test images: about a second on 2 CPU cores
 SENSITIVITY_IMAGES = 200  # one evaluation per layer: ~1.5 s per layer of the default model on 2 CPU cores
 MAX_GALLERY = 48
 KEPT_RUNS = 32  # finished runs kept for repeated requests: figures and a gallery each, a few MB at most
@@ -133,7 +133,7 @@ class Shown:
 
     record: RunRecord
     figure: go.Figure
-    report: pd.DataFrame  # error_report's rows: the heatmap's values, and the block diagram's
+    report: pd.DataFrame  # the record's per-site errors as a frame: the heatmap's values, and the block diagram's
     sensitivity: go.Figure
     gallery: list[tuple[np.ndarray, str]]
     changed: int
@@ -144,29 +144,6 @@ class Shown:
     suggestion: dict[str, dict]  # overrides keeping the most sensitive layers at 8 bits ({}: none to suggest)
     weights: dict[str, WeightGridView]  # every quantized weight on its grid, by site
     top_k: list[dict]  # per gallery image, FP32's and the quantized model's most probable classes (top_k_items)
-
-
-def sqnr_figure(report: pd.DataFrame, images: int) -> go.Figure:
-    """Layers × tensors heatmap of each quantizer's SQNR (dB); hover adds bits, cosine and the SQNR against
-    the FP model (error accumulated upstream included)."""
-    report = report.assign(column=[t if d == "shared" else f"{d} {t}"
-                                   for d, t in zip(report["direction"], report["tensor"], strict=True)])
-    columns = list(dict.fromkeys(report["column"]))
-
-    def grid(name: str) -> pd.DataFrame:
-        return report.pivot(index="layer", columns="column", values=name).reindex(columns=columns)
-
-    sqnr = grid("sqnr_db").replace([np.inf, -np.inf], np.nan)
-    extra = np.dstack([grid(name).to_numpy(dtype=float) for name in ("bits", "cosine", "sqnr_db_vs_fp_model")])
-    figure = go.Figure(go.Heatmap(
-        z=sqnr.to_numpy(), x=columns, y=[f"layer {layer}" for layer in sqnr.index], customdata=extra,
-        colorscale="Viridis", colorbar={"title": "SQNR (dB)"}, texttemplate="%{z:.0f}",
-        hovertemplate="%{y}, %{x}<br>SQNR %{z:.1f} dB (%{customdata[0]} bits)<br>cosine %{customdata[1]:.4f}"
-                      "<br>SQNR vs FP model %{customdata[2]:.1f} dB<extra></extra>"))
-    figure.update_yaxes(autorange="reversed")
-    figure.update_layout(title=f"SQNR (dB) of every quantizer, per layer and tensor (first {images} test images)",
-                         height=360, margin={"l": 70, "r": 10, "t": 50, "b": 120})
-    return figure
 
 
 def sensitivity_figure(frame: pd.DataFrame, images: int) -> go.Figure:
@@ -383,11 +360,6 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                            progress=quantizing, cancel=run.cancel,
                                            eval_progress=evaluating("the quantized model"),
                                            eval_batch_size=BATCH_SIZE, checkpoint=ws.label)
-            if run.cancel.is_set():
-                raise Cancelled("cancelled before the error report")
-            progress(1, desc="Measuring SQNR per quantizer")
-            error_images = min(ERROR_IMAGES, len(test_split))
-            report = error_report(ws.model, result.qmodel, test_split.normalized(0, error_images))
             sensitivity_images = min(SENSITIVITY_IMAGES, test_count)
             sensitivity = run_layer_sensitivity(result.qmodel, test.normalized(0, sensitivity_images),
                                                 test.labels[:sensitivity_images],
@@ -413,7 +385,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             saved = f"**Not saved:** {err}."
         pairs = list(zip(test.labels.tolist(), fp.predictions, quantized.predictions, strict=True))
         changed = changed_images(fp.predictions, quantized.predictions)
-        shown = Shown(record, sqnr_figure(report, error_images), report,
+        report = site_errors_frame(record)  # the figures show what the record keeps
+        shown = Shown(record, sqnr_heatmap(report, record.site_errors["images"]), report,
                       sensitivity_figure(sensitivity, sensitivity_images),
                       changed_gallery(test, changed, fp.predictions, quantized.predictions, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),

@@ -15,6 +15,7 @@ from core.default_model import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_
 from core.errors import StudioError
 from core.eval import evaluate
 from core.experiments import (
+    ERROR_IMAGES,
     accuracy_table,
     quantize_and_evaluate,
     read_records,
@@ -107,7 +108,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             print(f"{config.label}: calibrating on {args.n_calib} {args.calib} images", file=sys.stderr)
             record = quantize_and_evaluate(model, Path(args.checkpoint).parent.name, config, data, fp.top1,
                                            args.calib, args.n_calib, args.seed, args.data,
-                                           eval_progress=_progress, checkpoint=str(args.checkpoint)).record
+                                           eval_progress=_progress, checkpoint=str(args.checkpoint),
+                                           error_images=args.error_images).record
             print(f"  top-1 {record.top1:.2f}% ({record.delta_vs_fp:+.2f}), calibration "
                   f"{record.calibration_seconds:.1f} s, eval {record.eval_seconds:.1f} s", file=sys.stderr)
             records.append(record)
@@ -284,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--eval-split", choices=["test", "val"], default="test",
                        help="val: the 5,000 held-out training images (train[55000:]), to choose settings without "
                             "touching the test set")
+    quant.add_argument("--error-images", type=int, default=ERROR_IMAGES,
+                       help="every quantizer's SQNR on the first N scored images, into the records (0: skip); "
+                            "`report` draws them")
     quant.add_argument("--out", default="results/quant", help="directory for the CSV/JSON records")
     quant.add_argument("--name", default="runs", help="file name (without extension) of the records")
     quant.set_defaults(run=cmd_quantize)

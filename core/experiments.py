@@ -9,19 +9,22 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from threading import Event
 
+import pandas as pd
 import torch
 
 from core.data import LabelledImages, calibration_images
 from core.errors import StudioError
-from core.eval import EvalResult, evaluate, graph_latency, hardware_label, time_forward
+from core.eval import Cancelled, EvalResult, evaluate, graph_latency, hardware_label, time_forward
 from core.models import VisionMamba
 from core.models.fused import FusedVim
-from core.observe import dynamic_outlier_summary
+from core.observe import dynamic_outlier_summary, error_report, parse_site
+from core.observe.probe import site_columns
 from core.quant import QuantConfig, QuantizedVim, quantize
 from core.quant.config import Progress
 from core.quant.packed import PackedVim
@@ -50,6 +53,9 @@ class RunRecord:
     quantized_model: str = ""  # the packed integer model's file ('' when the config cannot be packed, or none saved)
     # FP16 vs packed integer model on a GPU: {"hardware", "batch", "fp16_ms", "packed_ms", "repeats"} ({} if unmeasured)
     kernel_latency: dict = field(default_factory=dict)
+    # every quantizer's SQNR / cosine on the first test images: {"images": N, "rows": [{"site", "bits", "sqnr_db",
+    # "cosine", "sqnr_db_vs_fp_model", "cosine_vs_fp_model"}, ...]} ({} if not measured); null: not finite
+    site_errors: dict = field(default_factory=dict)
 
     def flat(self) -> dict:
         """One CSV row: scalars as they are, nested fields as JSON."""
@@ -71,19 +77,52 @@ class QuantizationRun:
     calibration: torch.Tensor
 
 
+ERROR_IMAGES = 32  # per-site SQNR on the first 32 test images: about a second for the default model on 2 CPU cores
+SITE_ERROR_COLUMNS = ("bits", "sqnr_db", "cosine", "sqnr_db_vs_fp_model", "cosine_vs_fp_model")
+
+
+def site_errors_of(report: pd.DataFrame, images: int) -> dict:
+    """``core.observe.error_report``'s rows as a record carries them: plain JSON (non-finite values as null)."""
+    def plain(value: float | None) -> float | None:
+        return None if value is None or not math.isfinite(value) else round(float(value), 6)
+
+    rows = [{"site": row["site"], **{name: plain(row[name]) for name in SITE_ERROR_COLUMNS}}
+            for row in report.to_dict("records")]
+    return {"images": images, "rows": rows}
+
+
+def site_errors_frame(record: RunRecord) -> pd.DataFrame | None:
+    """A record's per-site errors as ``error_report``'s frame (site, layer, direction, tensor, bits, SQNRs,
+    cosines; NaN where not finite), or None when the run did not measure them."""
+    rows = record.site_errors.get("rows") if record.site_errors else None
+    if not rows:
+        return None
+    frame = pd.DataFrame([{**site_columns(parse_site(row["site"])), **row} for row in rows])
+    return frame.astype({name: float for name in SITE_ERROR_COLUMNS})
+
+
 def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConfig, test: LabelledImages,
                           fp_top1: float, calib_source: str, n_calib: int, seed: int, data_root: str | None = None,
                           progress: Progress | None = None, cancel: Event | None = None,
                           eval_progress: Callable[[int, int], None] | None = None,
-                          eval_batch_size: int = 500, checkpoint: str = "") -> QuantizationRun:
+                          eval_batch_size: int = 500, checkpoint: str = "",
+                          error_images: int = ERROR_IMAGES) -> QuantizationRun:
     """Calibrate, quantize and evaluate one configuration; keeps the quantized model and the predictions
     beside the record (smaller ``eval_batch_size``: a finer progress bar and a quicker cancel). ``checkpoint``
-    names the weights file in the record, the test images name themselves."""
+    names the weights file in the record, the test images name themselves. Every quantizer's SQNR against FP
+    is measured on the first ``error_images`` test images (0: not measured) and travels in the record."""
+    if error_images < 0:
+        raise StudioError(f"the per-site error images must be 0 (none) or more (got {error_images})")
     cfg = model.cfg
     calib = calibration_images(calib_source, n_calib, seed, cfg.img_size, cfg.in_chans, data_root)
     torch.manual_seed(seed)
     qmodel = quantize(model, config, calib, progress, cancel)
     result = evaluate(qmodel, test, eval_batch_size, eval_progress, cancel)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled before the per-site errors")
+    error_images = min(error_images, len(test))
+    site_errors = site_errors_of(error_report(model, qmodel, test.normalized(0, error_images)),
+                                 error_images) if error_images else {}
     setting = f"W{config.w_bits}A{config.a_bits}" + (f"O{config.o_bits}" if config.method in
                                                       ("ouromamba", "static_outliers") else "")
     record = RunRecord(
@@ -93,7 +132,7 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
         test_images=result.total, calibration_seconds=qmodel.provenance["calibration_seconds"],
         eval_seconds=round(result.seconds, 2), hardware=result.device, config=config.to_dict(),
         reconstruction=qmodel.provenance.get("reconstruction", {}).get("blocks", []), versions=versions(),
-        date=utc_now(), checkpoint=checkpoint, data=test.source)
+        date=utc_now(), checkpoint=checkpoint, data=test.source, site_errors=site_errors)
     return QuantizationRun(record, qmodel, result, calib)
 
 

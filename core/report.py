@@ -14,10 +14,12 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.error_figures import diagram_with_layer_menu, sqnr_heatmap
 from core.errors import StudioError
-from core.experiments import RunRecord, scored_on
+from core.experiments import RunRecord, scored_on, site_errors_frame
 from core.records import utc_now, versions
 
+SITE_ERROR_RUNS = 12  # the newest runs whose per-site errors a report draws (two figures each)
 FAKE_QUANT_NOTE = ("Fake-quant timings: quantizers are simulated in floating point, so these times show the "
                    "simulation's cost on the hardware named, not the speed of integer kernels.")
 
@@ -135,6 +137,7 @@ def html_report(records: list[RunRecord], title: str = "OuroMamba Studio: quanti
     accuracy = accuracy_figure(records).to_html(full_html=False, include_plotlyjs=True)
     latency = latency_figure(records).to_html(full_html=False, include_plotlyjs=False)
     made = ", ".join(f"{k} {v}" for k, v in versions().items())
+    errors = site_error_sections(records)
     full = html.escape(json.dumps([asdict(r) for r in records], indent=2))
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -157,12 +160,32 @@ calibration (source × images, seed), test images, hardware, software versions a
 <h2>Latency</h2>
 <p>{html.escape(FAKE_QUANT_NOTE)}</p>
 {latency}
+{errors}
 <h2>Runs</h2>
 {table}
 <details><summary>Full records (JSON)</summary><pre>{full}</pre></details>
 </body>
 </html>
 """
+
+
+def site_error_sections(records: list[RunRecord]) -> str:
+    """HTML of the newest ``SITE_ERROR_RUNS`` runs with per-site errors: each run's SQNR heatmap and its block
+    diagram with a layer menu ('' when no run measured them)."""
+    measured = [(i, r) for i, r in enumerate(records) if r.site_errors.get("rows")][::-1][:SITE_ERROR_RUNS]
+    if not measured:
+        return ""
+    parts = ["<h2>Where each run loses precision</h2>",
+             f"<p>Every quantizer's SQNR, the newest {len(measured)} run(s) that measured it (of {len(records)}); "
+             "the block diagram opens on the run's lowest SQNR, its menu shows the other layers.</p>"]
+    for index, record in measured:
+        frame = site_errors_frame(record)
+        images = record.site_errors["images"]
+        parts += [f"<h3>{html.escape(run_label(index, record))}: top-1 {record.top1:.2f} % "
+                  f"(Δ {record.delta_vs_fp:+.2f})</h3>",
+                  sqnr_heatmap(frame, images).to_html(full_html=False, include_plotlyjs=False),
+                  diagram_with_layer_menu(frame).to_html(full_html=False, include_plotlyjs=False)]
+    return "\n".join(parts)
 
 
 def write_report(records: list[RunRecord], path: str | Path,

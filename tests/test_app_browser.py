@@ -12,7 +12,10 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from app.ui import DEFAULT_CHECKPOINT, build_app
+from core.experiments import RunRecord, site_errors_of
 from core.models import save_safetensors
+from core.report import write_report
+from tests.test_error_figures import _record_fields, _report
 from tests.test_workspace import image_folder, tiny_vim
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -277,4 +280,27 @@ def test_sweep_draws_accuracy_against_the_outlier_share(browser: Browser, url: s
     expect(page.locator("#sweep-table")).to_contain_text("outlier_share_pct")
     page.locator("#sweep").scroll_into_view_if_needed()
     _screenshot(page, "app_sweep.png")
+    page.close()
+
+
+def test_the_html_reports_block_diagram_changes_layer_offline(browser: Browser, tmp_path: Path):
+    """The downloaded report, opened from disk with the network cut: its diagram's layer menu redraws the nodes."""
+    report = _report(3)
+    errors = site_errors_of(report, 32)
+    sqnr = report.set_index("site")["sqnr_db"]
+    page_file = write_report([RunRecord.from_dict(_record_fields(site_errors=errors))], tmp_path / "report.html")
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_())
+    page.goto(page_file.as_uri())
+    diagram = page.locator(".js-plotly-plot").filter(has=page.locator(".updatemenu-container"))
+    title = diagram.locator(".gtitle")
+    expect(title).to_contain_text("Layer 0: SQNR of the quantizer alone", timeout=20_000)  # _report's lowest
+    diagram.locator(".updatemenu-header").click()
+    diagram.locator(".updatemenu-dropdown-button", has_text="layer 2").click()
+    expect(title).to_contain_text("Layer 2: SQNR of the quantizer alone", timeout=10_000)
+    labels = diagram.locator(".scatterlayer .textpoint")
+    expect(labels.first).to_contain_text("in_proj in", timeout=10_000)
+    layer_2, layer_0 = sqnr["layers.2.in_proj.input"], sqnr["layers.0.in_proj.input"]
+    assert f"{layer_2:.1f} dB" in labels.first.text_content() and layer_2 != layer_0
+    _screenshot(page, "report_block_diagram.png")
     page.close()

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
-import pandas as pd
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from app.block_diagram import DEFAULT_METRIC, METRICS, block_diagram_figure, worst_layer
 from app.common import Run
 from app.quantize_tab import (
     RUNS_DIR_ENV,
@@ -28,6 +25,7 @@ from app.quantize_tab import (
     runs_file,
     top_k_figure,
 )
+from core.error_figures import DEFAULT_METRIC
 from core.errors import StudioError
 from core.experiments import RunRecord, append_record, load_records
 from core.quant.config import parse_overrides
@@ -429,54 +427,3 @@ def test_top_k_figure_shows_the_selected_image_and_nothing_out_of_range():
     assert list(quantized_bars.marker.color) == ["#2ca02c", "#1f77b4"]  # the true class in green
     assert top_k_figure(items, 2) is None and top_k_figure(None) is None and top_k_figure([], 0) is None
 
-
-def _report(layers: int, states: bool = False) -> pd.DataFrame:
-    """error_report's rows for a default-model-shaped run: site values 10·layer + position, so each is known."""
-    from core.observe.probe import SHARED
-    from core.quant.quantize import quantized_sites
-    from core.workspace import default_workspace
-
-    rows = []
-    for position, site in enumerate(quantized_sites(default_workspace().model, include_states=states)):
-        if site.layer < layers:
-            value = 10.0 * site.layer + position % 40
-            rows.append({"site": site.name, "layer": site.layer, "direction": site.direction or SHARED,
-                         "tensor": site.tensor, "bits": 4, "sqnr_db": value, "cosine": 0.99,
-                         "sqnr_db_vs_fp_model": value - 1})
-    return pd.DataFrame(rows)
-
-
-def test_block_diagram_draws_each_quantizer_of_the_layer_on_the_runs_colour_scale():
-    report = _report(2)
-    skipped = report["site"] == "layers.1.bwd.dt_proj.weight"  # as a {"skip": true} override leaves it
-    report.loc[report["site"] == "layers.1.fwd.B", "sqnr_db"] = math.inf  # an exact quantizer
-    report = report[~skipped].reset_index(drop=True)
-    figure = block_diagram_figure(report, 1, "sqnr_db")
-    edges, quantized, left = figure.data
-    layer = report[report["layer"] == 1]
-    assert len(quantized.x) == len(layer) == 21 and len(left.x) == 1 and "dt_proj W<br>FP" in left.text[0]
-    finite = report["sqnr_db"].replace(math.inf, math.nan)
-    assert (quantized.marker.cmin, quantized.marker.cmax) == (finite.min(), finite.max())  # both layers' range
-    by_site = dict(zip((row[0] for row in quantized.customdata), quantized.marker.color, strict=True))
-    assert by_site["layers.1.fwd.B"] == finite.max() and "exact" in " ".join(quantized.text)
-    assert all(by_site[row.site] == row.sqnr_db for row in layer.itertuples() if row.sqnr_db != math.inf)
-    assert [s for s, t in zip(quantized.marker.symbol, quantized.customdata, strict=True)
-            if t[0].endswith(".weight")] == ["square"] * 5  # in, out and 2 × (x, dt) minus the skipped one
-    assert "h (state)" not in " ".join(quantized.text + left.text)  # states unquantized: not drawn
-    ops = {a.text for a in figure.layout.annotations}
-    assert {"add + RMSNorm", "selective scan", "conv1d + SiLU", "merge (y_f + flip(y_b)) / 2"} <= ops
-    vs_fp = block_diagram_figure(report, 1, "sqnr_db_vs_fp_model").data[1]
-    assert sorted(vs_fp.marker.color) == sorted(layer["sqnr_db_vs_fp_model"])
-    assert block_diagram_figure(report, 2, "sqnr_db") is None and block_diagram_figure(None, 0, "sqnr_db") is None
-    assert block_diagram_figure(report, 0, "top1") is None
-    assert set(METRICS.values()) == {"sqnr_db", "sqnr_db_vs_fp_model"}
-
-
-def test_block_diagram_shows_quantized_states_and_opens_on_the_worst_layer():
-    report = _report(3, states=True)
-    report.loc[report["site"] == "layers.2.out_proj.weight", "sqnr_db"] = -3.0
-    assert worst_layer(report, "sqnr_db") == 2
-    report.loc[report["site"] == "layers.0.fwd.C", "sqnr_db_vs_fp_model"] = -math.inf
-    assert worst_layer(report, "sqnr_db_vs_fp_model") == 0  # -inf: as bad as it gets, not skipped
-    quantized = block_diagram_figure(report, 0, "sqnr_db").data[1]
-    assert sum("h (state)" in text for text in quantized.text) == 2  # one per direction

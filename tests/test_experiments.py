@@ -51,24 +51,35 @@ def test_quantize_command_writes_records_with_provenance(tmp_path: Path, capsys)
     assert first["test_images"] == 40 and 0 <= first["top1"] <= 100
     assert first["config"]["w_bits"] == 8 and "torch" in first["versions"] and first["date"]
     assert (tmp_path / "runs.csv").read_text().count("\n") == 3
+    # every quantizer's SQNR on the first 32 scored images, in forward order; at 8 bits most sit near 8-bit
+    # levels (~30 dB), out_proj's input far below (its outlier channels set every token's static scale)
+    errors = first["site_errors"]
+    assert errors["images"] == 32 and len(errors["rows"]) == 4 * 22  # the default model: 22 sites a layer
+    assert errors["rows"][0]["site"] == "layers.0.in_proj.input" and all(r["bits"] == 8 for r in errors["rows"])
+    sqnr = {r["site"]: r["sqnr_db"] for r in errors["rows"]}
+    assert sorted(sqnr.values())[len(sqnr) // 2] > 25 and sqnr["layers.0.out_proj.input"] < 20
+    assert all(0.9 < r["cosine"] <= 1 and r["cosine_vs_fp_model"] <= 1 for r in errors["rows"])
 
 
 def test_quantize_command_can_score_on_the_held_out_validation_images(tmp_path: Path, capsys):
     """--eval-split val: the records say which images scored them, and they are not the test images."""
     args = ["quantize", "--method", "per_tensor", "--setting", "W8A8", "--limit", "30", "--n-calib", "4",
             "--recon-epochs", "0", "--out", str(tmp_path)]
-    assert main([*args, "--eval-split", "val", "--name", "val"]) == 0
+    assert main([*args, "--eval-split", "val", "--name", "val", "--error-images", "0"]) == 0
     assert "images of fashion-mnist/train[55000:], validation" in capsys.readouterr().out
     assert main([*args, "--name", "test"]) == 0
     val, test = (json.loads((tmp_path / f"{name}.json").read_text())[0] for name in ("val", "test"))
     assert "train[55000:], validation" in val["data"] and "test" in test["data"] and "train" not in test["data"]
     assert val["test_images"] == test["test_images"] == 30
+    assert val["site_errors"] == {} and test["site_errors"]["images"] == 30  # no more than were scored
 
 
 def test_quantize_command_bad_input_is_one_line(capsys):
     assert main(["quantize", "--w-bits", "0", "--limit", "5", "--n-calib", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "w_bits must be" in err
+    assert main(["quantize", "--error-images", "-1", "--limit", "5", "--n-calib", "2"]) == 2
+    assert "per-site error images must be 0 (none) or more (got -1)" in capsys.readouterr().err
 
 
 def test_outliers_command_writes_per_site_statistics(tmp_path: Path, capsys):

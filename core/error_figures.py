@@ -1,7 +1,9 @@
-"""One Vim block drawn as its dataflow, every quantizer a node coloured by its SQNR: the layers × tensors heatmap
-of the Quantize tab read one layer at a time, with each tensor where it sits in the block (which input of which
-projection, which scan operand, which direction). Colours share one scale across the run's layers, so two
-layers' diagrams compare at a glance."""
+"""Where a quantized run loses precision, as figures of its per-site errors (``core.observe.error_report``'s frame,
+or a record's ``site_errors`` through ``core.experiments.site_errors_frame``): a layers × tensors SQNR heatmap,
+and one Vim block drawn as its dataflow, every quantizer a node coloured by its SQNR where it sits in the block
+(which input of which projection, which scan operand, which direction). The diagram's colours share one scale
+across the run's layers, so two layers compare at a glance. The app shows them; the HTML report embeds them
+(the diagram with a menu of layers, no server needed). Needs plotly: imported by the app and the report only."""
 
 from __future__ import annotations
 
@@ -72,8 +74,9 @@ def worst_layer(report: pd.DataFrame, metric: str) -> int:
 def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metric: str) -> go.Figure | None:
     """``layer``'s block with every quantizer of ``report`` (``core.observe.error_report``'s rows) coloured by
     ``metric`` on the run's common scale; tensors the run left in floating point are hollow grey nodes, the
-    operations grey boxes. Hover: site, bits, both SQNRs and the cosine. None without a report, or for a layer
-    the report does not have."""
+    operations grey boxes. Hover: site, bits, both SQNRs and the cosine. Always three traces (edges, quantized
+    nodes, floating-point nodes; either node trace may be empty), so that a menu can swap layers. None without
+    a report, or for a layer the report does not have."""
     if report is None or layer is None or metric not in METRICS.values() or int(layer) not in set(report["layer"]):
         return None
     layer = int(layer)
@@ -93,28 +96,26 @@ def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metri
                                 hoverinfo="skip", showlegend=False))
     quantized = [s for s in sites if s in rows]
     left = [s for s in sites if s not in rows]
-    if quantized:
-        values = [getattr(rows[s], metric) for s in quantized]
-        colours = [high if v == math.inf else low if v == -math.inf or math.isnan(v) else v for v in values]
-        figure.add_trace(go.Scatter(
-            x=[_place(*s)[0] for s in quantized], y=[_place(*s)[1] for s in quantized], mode="markers+text",
-            marker={"size": 22, "color": colours, "cmin": low, "cmax": high, "colorscale": "Viridis",
-                    "symbol": ["square" if t.endswith(".weight") else "circle" for t, _ in quantized],
-                    "line": {"color": "#444", "width": 1}, "colorbar": {"title": "SQNR (dB)"}},
-            text=[f"{SITE_LABELS[t]}<br>{_db(v)}" for (t, _), v in zip(quantized, values, strict=True)],
-            textposition="bottom center", textfont={"size": 10},
-            customdata=[[rows[s].site, _bits(rows[s].bits), _db(rows[s].sqnr_db), rows[s].cosine,
-                         _db(rows[s].sqnr_db_vs_fp_model)] for s in quantized],
-            hovertemplate="%{customdata[0]} (%{customdata[1]})<br>SQNR %{customdata[2]}, cosine %{customdata[3]:.4f}"
-                          "<br>vs FP model %{customdata[4]}<extra></extra>", showlegend=False))
-    if left:
-        figure.add_trace(go.Scatter(
-            x=[_place(*s)[0] for s in left], y=[_place(*s)[1] for s in left], mode="markers+text",
-            marker={"size": 18, "color": "white", "line": {"color": "#999", "width": 1.5},
-                    "symbol": ["square" if t.endswith(".weight") else "circle" for t, _ in left]},
-            text=[f"{SITE_LABELS[t]}<br>FP" for t, _ in left], textposition="bottom center",
-            textfont={"size": 10, "color": "#888"}, hovertemplate="%{text}: not quantized in this run<extra></extra>",
-            showlegend=False))
+    values = [getattr(rows[s], metric) for s in quantized]
+    colours = [high if v == math.inf else low if v == -math.inf or math.isnan(v) else v for v in values]
+    figure.add_trace(go.Scatter(
+        x=[_place(*s)[0] for s in quantized], y=[_place(*s)[1] for s in quantized], mode="markers+text",
+        marker={"size": 22, "color": colours, "cmin": low, "cmax": high, "colorscale": "Viridis",
+                "symbol": ["square" if t.endswith(".weight") else "circle" for t, _ in quantized],
+                "line": {"color": "#444", "width": 1}, "colorbar": {"title": "SQNR (dB)"}},
+        text=[f"{SITE_LABELS[t]}<br>{_db(v)}" for (t, _), v in zip(quantized, values, strict=True)],
+        textposition="bottom center", textfont={"size": 10},
+        customdata=[[rows[s].site, _bits(rows[s].bits), _db(rows[s].sqnr_db), _cosine(rows[s].cosine),
+                     _db(rows[s].sqnr_db_vs_fp_model)] for s in quantized],
+        hovertemplate="%{customdata[0]} (%{customdata[1]})<br>SQNR %{customdata[2]}, cosine %{customdata[3]}"
+                      "<br>vs FP model %{customdata[4]}<extra></extra>", showlegend=False))
+    figure.add_trace(go.Scatter(
+        x=[_place(*s)[0] for s in left], y=[_place(*s)[1] for s in left], mode="markers+text",
+        marker={"size": 18, "color": "white", "line": {"color": "#999", "width": 1.5},
+                "symbol": ["square" if t.endswith(".weight") else "circle" for t, _ in left]},
+        text=[f"{SITE_LABELS[t]}<br>FP" for t, _ in left], textposition="bottom center",
+        textfont={"size": 10, "color": "#888"}, hovertemplate="%{text}: not quantized in this run<extra></extra>",
+        showlegend=False))
     ops = [(name, SHARED_X, row) for name, row in SHARED_OPS]
     ops += [(name, x, row) for x in BRANCH_X.values() for name, row in BRANCH_OPS]
     for name, x, row in ops:
@@ -133,8 +134,54 @@ def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metri
     return figure
 
 
+def diagram_with_layer_menu(report: pd.DataFrame, metric: str = "sqnr_db") -> go.Figure:
+    """The block diagram opened on the run's worst layer, with a menu of every layer that swaps the nodes and
+    title in the browser (a standalone page's stand-in for the app's slider)."""
+    layers = sorted(set(report["layer"]))
+    first = worst_layer(report, metric)
+    figures = {layer: block_diagram_figure(report, layer, metric) for layer in layers}
+    buttons = []
+    for layer, drawn in figures.items():
+        nodes = {key: [getattr(trace, key) for trace in drawn.data[1:]] for key in ("x", "y", "text", "customdata")}
+        nodes["marker.color"] = [drawn.data[1].marker.color, "white"]
+        nodes["marker.symbol"] = [trace.marker.symbol for trace in drawn.data[1:]]
+        buttons.append({"label": f"layer {layer}", "method": "update",
+                        "args": [nodes, {"title.text": drawn.layout.title.text}, [1, 2]]})
+    figure = figures[first]
+    figure.update_layout(updatemenus=[{"buttons": buttons, "active": layers.index(first), "x": 0.0, "y": 1.0,
+                                       "xanchor": "left", "yanchor": "top", "direction": "down"}])
+    return figure
+
+
+def sqnr_heatmap(report: pd.DataFrame, images: int) -> go.Figure:
+    """Layers × tensors heatmap of each quantizer's SQNR (dB); hover adds bits, cosine and the SQNR against
+    the FP model (error accumulated upstream included)."""
+    report = report.assign(column=[t if d == "shared" else f"{d} {t}"
+                                   for d, t in zip(report["direction"], report["tensor"], strict=True)])
+    columns = list(dict.fromkeys(report["column"]))
+
+    def grid(name: str) -> pd.DataFrame:
+        return report.pivot(index="layer", columns="column", values=name).reindex(columns=columns)
+
+    sqnr = grid("sqnr_db").replace([np.inf, -np.inf], np.nan)
+    extra = np.dstack([grid(name).to_numpy(dtype=float) for name in ("bits", "cosine", "sqnr_db_vs_fp_model")])
+    figure = go.Figure(go.Heatmap(
+        z=sqnr.to_numpy(), x=columns, y=[f"layer {layer}" for layer in sqnr.index], customdata=extra,
+        colorscale="Viridis", colorbar={"title": "SQNR (dB)"}, texttemplate="%{z:.0f}",
+        hovertemplate="%{y}, %{x}<br>SQNR %{z:.1f} dB (%{customdata[0]} bits)<br>cosine %{customdata[1]:.4f}"
+                      "<br>SQNR vs FP model %{customdata[2]:.1f} dB<extra></extra>"))
+    figure.update_yaxes(autorange="reversed")
+    figure.update_layout(title=f"SQNR (dB) of every quantizer, per layer and tensor (first {images} test images)",
+                         height=360, margin={"l": 70, "r": 10, "t": 50, "b": 120})
+    return figure
+
+
 def _db(value: float) -> str:
     return "exact" if value == math.inf else "n/a" if math.isnan(value) else f"{value:.1f} dB"
+
+
+def _cosine(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
 def _bits(bits: float | None) -> str:
