@@ -39,15 +39,15 @@ from app.common import (
     default_calibration,
     error,
     in_range,
-    slider_top,
     stopped,
     wire_run,
     zoom,
 )
 from app.model_tab import BATCH_SIZE, KEPT_EVALUATIONS, count_box
+from app.site_errors_section import build_site_errors_section
 from app.sweep_section import build_sweep_section
 from core.data import LabelledImages
-from core.error_figures import DEFAULT_METRIC, METRICS, block_diagram_figure, sqnr_heatmap, worst_layer
+from core.error_figures import sqnr_heatmap
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
 from core.experiments import (
@@ -242,11 +242,6 @@ def show_top_k(items: list[dict] | None, selected: gr.SelectData) -> go.Figure |
     return top_k_figure(items, selected.index)
 
 
-def show_block_diagram(report: pd.DataFrame | None, layer: float | None, metric: str) -> go.Figure | None:
-    """The block diagram's controls: the shown run's layer ``layer`` coloured by ``metric`` (a METRICS label)."""
-    return block_diagram_figure(report, layer, METRICS.get(metric, ""))
-
-
 def suggestion_text(suggestion: dict[str, dict], config: dict) -> str:
     """The mixed-precision suggestion as the summary shows it."""
     if config["w_bits"] >= 8 and config["a_bits"] >= 8:
@@ -305,14 +300,9 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         model_file = shown.record.quantized_model
         model_file = model_file if model_file and Path(model_file).is_file() else None
         first = next(iter(shown.weights), None)
-        metric = METRICS[DEFAULT_METRIC]
-        layer = worst_layer(shown.report, metric)
-        depth = int(shown.report["layer"].max()) + 1
         return (summary_markdown(shown, cached), shown.figure, shown.sensitivity, shown.gallery, record, model_file,
                 gr.update(choices=list(shown.weights), value=first), weight_figure(shown.weights, first),
-                top_k_figure(shown.top_k), block_diagram_figure(shown.report, layer, metric),
-                gr.update(maximum=slider_top(depth - 1), value=layer), gr.update(value=DEFAULT_METRIC),
-                shown.weights, shown.top_k, shown.report)
+                top_k_figure(shown.top_k), *site_errors.shown(shown.report), shown.weights, shown.top_k)
 
     def quantize_run(ws: Workspace, method: str, w_bits: int, a_bits: int, o_bits: int, k: float | None,
                      n_refresh: float | None, calib_source: str, calib_count: float | None, epochs: float | None,
@@ -432,13 +422,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         with gr.Column(scale=2):
             summary = gr.Markdown(READY, elem_id="quant-summary")
             sqnr = gr.Plot(label="SQNR per layer and tensor", elem_id="quant-sqnr")
-            with gr.Row():
-                diagram_layer = gr.Slider(0, slider_top(startup.model.cfg.depth - 1), 0, step=1,
-                                          label="Layer in the block diagram", elem_id="quant-diagram-layer",
-                                          info="A run opens on the layer with its lowest SQNR")
-                diagram_metric = gr.Radio(list(METRICS), value=DEFAULT_METRIC, label="Colour by",
-                                          elem_id="quant-diagram-metric")
-            diagram = gr.Plot(label="One block's quantizers where they sit in the dataflow", elem_id="quant-diagram")
+            site_errors = build_site_errors_section(overrides, startup.model.cfg.depth)
             sensitivity = gr.Plot(label="Layer sensitivity", elem_id="quant-sensitivity")
             weight_site = gr.Dropdown([], label="Weight on its quantization grid", elem_id="quant-weight-site",
                                       info="Every quantized projection of the run")
@@ -454,22 +438,20 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
     build_sweep_section(workspace, w_bits, a_bits, calib_source, calib_count, seed, MAX_CALIB)
     inputs = [workspace, method, w_bits, a_bits, o_bits, k, n_refresh, calib_source, calib_count, epochs, seed,
               test_count, overrides]
-    weights, top_k, report = gr.State(), gr.State(), gr.State()
-    outputs = [summary, sqnr, sensitivity, gallery, record, model_file, weight_site, weight_plot, top_k_plot, diagram,
-               diagram_layer, diagram_metric, weights, top_k, report]
+    weights, top_k = gr.State(), gr.State()
+    outputs = [summary, sqnr, sensitivity, gallery, record, model_file, weight_site, weight_plot, top_k_plot,
+               *site_errors.outputs, weights, top_k]
     wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
     use_suggestion.click(overrides_from_record, record, overrides, api_visibility="private", concurrency_limit=None)
     weight_site.input(weight_figure, [weights, weight_site], weight_plot, api_visibility="private",
                       concurrency_limit=None)
     gallery.select(show_top_k, top_k, top_k_plot, api_visibility="private", concurrency_limit=None)
-    gr.on([diagram_layer.input, diagram_metric.input], show_block_diagram, [report, diagram_layer, diagram_metric],
-          diagram, api_visibility="private", concurrency_limit=None)
 
     def cleared(ws: Workspace) -> tuple:
         """Every output emptied for a new model, the diagram's layers its layers."""
-        return (READY, None, None, [], None, None, gr.update(choices=[], value=None), None, None, None,
-                gr.update(maximum=slider_top(ws.model.cfg.depth - 1), value=0), gr.skip(), None, None, None,
-                default_calibration(ws), gr.update(**count_box(ws)))
+        return (READY, None, None, [], None, None, gr.update(choices=[], value=None), None, None,
+                *site_errors.cleared(ws.model.cfg.depth), None, None, default_calibration(ws),
+                gr.update(**count_box(ws)))
 
     workspace.change(cleared, workspace,
                      [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)

@@ -161,6 +161,15 @@ def test_quantize_then_compare(browser: Browser, url: str):
     page.locator("#quant-diagram-layer input[type=number]").fill(str(other))
     page.locator("#quant-diagram-layer input[type=number]").press("Enter")
     expect(diagram).to_contain_text(f"Layer {other}: SQNR vs the FP model", timeout=20_000)
+    # pick another quantizer: the diagram moves to its layer; keep it at 8 bits: the overrides box says so
+    page.locator("#quant-pick-site input").click()
+    option = page.get_by_role("option").nth(5)
+    site = re.search(r"layers\.[^:]+", option.text_content()).group()  # options carry a hidden ✓
+    option.click()
+    expect(diagram).to_contain_text(f"Layer {site.split('.')[1]}: SQNR vs the FP model", timeout=20_000)
+    page.locator("#quant-site-8-bits").click()
+    expect(page.locator("#quant-site-status")).to_contain_text(f"keep {site} at 8 bits", timeout=20_000)
+    expect(page.locator("#quant-overrides textarea")).to_have_value(f'{{"{site}": {{"w_bits": 8, "a_bits": 8}}}}')
     thumbnails = page.locator("#quant-changed button.thumbnail-item")
     if thumbnails.count() > 1:  # selecting a changed image shows its top classes under both models
         title = page.locator("#quant-top-k .gtitle")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+import pandas as pd
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
@@ -25,10 +26,12 @@ from app.quantize_tab import (
     runs_file,
     top_k_figure,
 )
+from app.site_errors_section import KEPT_FLOAT, RAISED, site_choices, with_site_override
 from core.error_figures import DEFAULT_METRIC
 from core.errors import StudioError
 from core.experiments import RunRecord, append_record, load_records
-from core.quant.config import parse_overrides
+from core.quant import QuantConfig
+from core.quant.config import parse_overrides, set_override
 from core.quant.packed import load_packed
 from core.report import accuracy_figure, html_report, latency_figure, runs_frame, write_report
 from core.workspace import default_workspace
@@ -75,7 +78,7 @@ def _job(demo: gr.Blocks, api_name: str):
 def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     _, client = served
     (text, plot, sensitivity, gallery, record, model_file, weight_site, weights, top_k, diagram, diagram_layer,
-     diagram_metric) = client.predict(*FAST, api_name="/quantize")
+     diagram_metric, pick_site) = client.predict(*FAST, api_name="/quantize")
     assert not record["cached"] and record["method"] == "ouromamba" and record["setting"] == "W4A4O8"
     assert record["test_images"] == 40 and 0 <= record["top1"] <= 100 and 0 <= record["fp_top1"] <= 100
     assert record["delta_vs_fp"] == pytest.approx(record["top1"] - record["fp_top1"], abs=0.011)
@@ -100,6 +103,10 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     nodes = next(trace for trace in drawn["data"] if "colorbar" in trace.get("marker", {}))
     expected = sorted(z[worst][~np.isnan(z[worst])])
     assert sorted(plotly_values(nodes["marker"]["color"])) == pytest.approx(expected)  # each quantizer once
+    # the site picker lists all 88 quantizers, worst first, the worst picked: a site of the worst layer
+    sites = [site for _, site in pick_site["choices"]]
+    assert len(sites) == 4 * 22 and pick_site["value"] == sites[0] and sites[0].startswith(f"layers.{worst}.")
+    assert f"{np.nanmin(z):.1f} dB" in pick_site["choices"][0][0]
     bars = json.loads(sensitivity["plot"])["data"][0]
     assert bars["type"] == "bar" and len(bars["x"]) == 4 and all(0 <= t <= 100 for t in bars["customdata"])
     # every projection's weights on their 4-bit grid, the first shown: 4 layers × (in, out, 2 × (x, dt))
@@ -289,6 +296,35 @@ def test_parse_overrides():
         parse_overrides("{oops}")
     with pytest.raises(StudioError, match="must map site patterns"):
         parse_overrides('{"layers.0.*": 8}')
+
+    # a site picked in the Quantize tab goes last, so it wins over broader patterns; skip and bits replace each other
+    broad = {"layers.0.*": {"w_bits": 6}, "layers.0.out_proj.input": {"skip": True, "k": 2}, "*.B": {"a_bits": 6}}
+    raised = set_override(broad, "layers.0.out_proj.input", {"w_bits": 8, "a_bits": 8})
+    assert list(raised) == ["layers.0.*", "*.B", "layers.0.out_proj.input"]
+    assert raised["layers.0.out_proj.input"] == {"k": 2, "w_bits": 8, "a_bits": 8}  # its k kept, the skip ended
+    assert QuantConfig(overrides=raised).for_site("layers.0.out_proj.input").a_bits == 8
+    floated = set_override(raised, "layers.0.out_proj.input", {"skip": True})
+    assert floated["layers.0.out_proj.input"] == {"skip": True}
+    assert QuantConfig(overrides=floated).for_site("layers.0.out_proj.input") is None
+    assert broad["layers.0.out_proj.input"] == {"skip": True, "k": 2}  # the input is not changed
+
+
+def test_the_site_picker_lists_worst_first_and_writes_overrides():
+    report = pd.DataFrame({"site": ["layers.0.in_proj.input", "layers.0.in_proj.weight", "layers.1.fwd.B"],
+                           "layer": [0, 0, 1], "bits": [4.0, 4.0, float("nan")],
+                           "sqnr_db": [20.0, float("nan"), 7.5], "sqnr_db_vs_fp_model": [19.0, 18.0, 30.0]})
+    assert site_choices(report, "sqnr_db") == [("layers.1.fwd.B: 7.5 dB, bits ?", "layers.1.fwd.B"),
+                                               ("layers.0.in_proj.input: 20.0 dB, 4 bits", "layers.0.in_proj.input"),
+                                               ("layers.0.in_proj.weight: n/a, 4 bits", "layers.0.in_proj.weight")]
+    assert [site for _, site in site_choices(report, "sqnr_db_vs_fp_model")][0] == "layers.0.in_proj.weight"
+    text, status = with_site_override('{"layers.0.*": {"w_bits": 8}}', "layers.1.fwd.B", RAISED)
+    assert json.loads(text) == {"layers.0.*": {"w_bits": 8}, "layers.1.fwd.B": {"w_bits": 8, "a_bits": 8}}
+    assert "keep `layers.1.fwd.B` at 8 bits" in status
+    text, status = with_site_override(text, "layers.1.fwd.B", KEPT_FLOAT)
+    assert json.loads(text)["layers.1.fwd.B"] == {"skip": True} and "in floating point" in status
+    for box, site, expected in (("{oops", "layers.1.fwd.B", "not valid JSON"), ("", None, "quantize first")):
+        unchanged, status = with_site_override(box, site, RAISED)
+        assert isinstance(unchanged, type(gr.skip())) and status.startswith("**Error:**") and expected in status
 
 
 def test_table_figures_and_report():

@@ -151,6 +151,15 @@ def parse_overrides(text: str) -> dict[str, dict]:
     return overrides
 
 
+def set_override(overrides: dict[str, dict], pattern: str, change: dict) -> dict[str, dict]:
+    """``overrides`` with ``pattern`` → ``change`` applied last (overrides apply in order, so it wins over the
+    broader patterns before it): a skip replaces the pattern's settings, other changes merge into them and end
+    an earlier skip."""
+    earlier = {} if change.get("skip") else {k: v for k, v in overrides.get(pattern, {}).items() if k != "skip"}
+    others = {key: value for key, value in overrides.items() if key != pattern}
+    return {**others, pattern: {**earlier, **change}}
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -1,0 +1,126 @@
+"""The Quantize tab's per-site error section: one Vim block drawn with every quantizer coloured by its SQNR
+(``core.error_figures``), a layer slider and a colouring choice, and a picker of the run's sites, worst first,
+that writes "keep this site at 8 bits" or "keep it in floating point" into the tab's Per-layer overrides: see
+where precision is lost, raise it there, quantize again, compare. The values are the shown run record's
+``site_errors``; nothing here computes them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+
+from app.common import error, slider_top
+from core.error_figures import DEFAULT_METRIC, METRICS, block_diagram_figure, worst_layer
+from core.errors import StudioError
+from core.quant.config import parse_overrides, set_override
+
+RAISED = {"w_bits": 8, "a_bits": 8}  # "keep at 8 bits": the site's weights or activations, whichever it holds
+KEPT_FLOAT = {"skip": True}
+PICKER_HELP = "Pick a site (worst first) to see its layer, then keep it at 8 bits or in floating point."
+
+
+def site_choices(report: pd.DataFrame, metric: str) -> list[tuple[str, str]]:
+    """(label, site) of every quantizer of the run, lowest ``metric`` first (non-finite values last)."""
+    ordered = report.assign(key=report[metric].fillna(float("inf"))).sort_values("key", kind="stable")
+    return [(f"{row.site}: {_db(getattr(row, metric))}, {_bits(row.bits)}", row.site)
+            for row in ordered.itertuples()]
+
+
+def _db(value: float) -> str:
+    return "n/a" if pd.isna(value) else f"{value:.1f} dB"
+
+
+def _bits(bits: float) -> str:
+    return "bits ?" if pd.isna(bits) else f"{int(bits)} bits"
+
+
+def with_site_override(text: str | None, site: str | None, change: dict) -> tuple[str, str]:
+    """The overrides box with ``site`` → ``change`` added last, and a one-line status (the box unchanged and
+    the reason when it holds no valid overrides or no site is picked)."""
+    if not site:
+        return gr.skip(), error(StudioError("quantize first, then pick a site"))
+    try:
+        overrides = set_override(parse_overrides(text or ""), site, change)
+    except StudioError as err:
+        return gr.skip(), error(err)
+    what = "in floating point" if change.get("skip") else "at 8 bits"
+    return (json.dumps(overrides),
+            f"Overrides now keep `{site}` {what}: press **Quantize** to measure what it buys.")
+
+
+@dataclass
+class SiteErrorsSection:
+    """The section's components a run fills (``outputs``, in the order ``shown`` and ``cleared`` give)."""
+
+    diagram: gr.Plot
+    layer: gr.Slider
+    metric: gr.Radio
+    site: gr.Dropdown
+    report: gr.State  # the run's site errors as a frame
+
+    @property
+    def outputs(self) -> list:
+        return [self.diagram, self.layer, self.metric, self.site, self.report]
+
+    @staticmethod
+    def shown(report: pd.DataFrame) -> tuple:
+        """A finished run: the diagram on its worst layer, coloured by the default metric, its sites listed."""
+        metric = METRICS[DEFAULT_METRIC]
+        layer = worst_layer(report, metric)
+        choices = site_choices(report, metric)
+        return (block_diagram_figure(report, layer, metric),
+                gr.update(maximum=slider_top(int(report["layer"].max())), value=layer), gr.update(value=DEFAULT_METRIC),
+                gr.update(choices=choices, value=choices[0][1]), report)
+
+    @staticmethod
+    def cleared(depth: int) -> tuple:
+        """A new model: nothing shown, the slider over its layers."""
+        return (None, gr.update(maximum=slider_top(depth - 1), value=0), gr.skip(),
+                gr.update(choices=[], value=None), None)
+
+
+def show_block_diagram(report: pd.DataFrame | None, layer: float | None, metric: str) -> go.Figure | None:
+    """The block diagram's controls: the shown run's layer ``layer`` coloured by ``metric`` (a METRICS label)."""
+    return block_diagram_figure(report, layer, METRICS.get(metric, ""))
+
+
+def build_site_errors_section(overrides: gr.Textbox, depth: int) -> SiteErrorsSection:
+    """The section under the Quantize tab's SQNR heatmap; its buttons edit ``overrides``."""
+    with gr.Row():
+        layer = gr.Slider(0, slider_top(depth - 1), 0, step=1, label="Layer in the block diagram",
+                          elem_id="quant-diagram-layer", info="A run opens on the layer with its lowest SQNR")
+        metric = gr.Radio(list(METRICS), value=DEFAULT_METRIC, label="Colour by", elem_id="quant-diagram-metric")
+    diagram = gr.Plot(label="One block's quantizers where they sit in the dataflow", elem_id="quant-diagram")
+    with gr.Row():
+        site = gr.Dropdown([], label="Quantizers, lowest SQNR first", elem_id="quant-pick-site", scale=3)
+        raise_button = gr.Button("Keep at 8 bits", size="sm", elem_id="quant-site-8-bits", scale=1)
+        float_button = gr.Button("Keep in floating point", size="sm", elem_id="quant-site-float", scale=1)
+    status = gr.Markdown(PICKER_HELP, elem_id="quant-site-status")
+    report = gr.State()
+
+    def recolour(rows: pd.DataFrame | None, layer_value: float | None, name: str) -> tuple:
+        """A new colouring: the diagram redrawn and the sites re-sorted by it (the picked site kept)."""
+        if rows is None:
+            return None, gr.skip()
+        return show_block_diagram(rows, layer_value, name), gr.update(choices=site_choices(rows, METRICS[name]))
+
+    def follow(rows: pd.DataFrame | None, picked: str | None, name: str) -> tuple:
+        """A picked site: the diagram moves to its layer."""
+        if rows is None or picked not in set(rows["site"]):
+            return gr.skip(), gr.skip()
+        picked_layer = int(rows.loc[rows["site"] == picked, "layer"].iloc[0])
+        return picked_layer, show_block_diagram(rows, picked_layer, name)
+
+    private = {"api_visibility": "private", "concurrency_limit": None}
+    layer.input(show_block_diagram, [report, layer, metric], diagram, **private)
+    metric.input(recolour, [report, layer, metric], [diagram, site], **private)
+    site.input(follow, [report, site, metric], [layer, diagram], **private)
+    raise_button.click(lambda text, picked: with_site_override(text, picked, RAISED), [overrides, site],
+                       [overrides, status], **private)
+    float_button.click(lambda text, picked: with_site_override(text, picked, KEPT_FLOAT), [overrides, site],
+                       [overrides, status], **private)
+    return SiteErrorsSection(diagram, layer, metric, site, report)
