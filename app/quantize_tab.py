@@ -1,7 +1,6 @@
-"""The Quantize tab (one configuration: top-1 vs FP, per-site SQNR, changed predictions) and the Compare tab
-(every run, this session's and earlier ones, from the run log on disk, with CSV/JSON/HTML downloads).
-
-Two builders share one run log (a JSON-lines file); Quantize appends to it, Compare reads it. Wiring::
+"""The Quantize tab: one configuration, top-1 vs FP, per-site SQNR, layer sensitivity, changed predictions.
+Every fresh run is appended to the run log (a JSON-lines file) that the Compare tab (app/compare_tab.py) reads.
+Wiring::
 
     runs = runs_file()
     with gr.Tab("Quantize", id="quantize"):
@@ -19,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,17 +52,15 @@ from core.experiments import (
     RunRecord,
     append_record,
     kernel_latency,
-    load_records,
     quantize_and_evaluate,
     site_errors_frame,
-    write_records,
 )
 from core.gen import to_pixels
 from core.observe import WeightGridView, run_layer_sensitivity, suggest_precision, weight_grids
 from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig
 from core.quant.config import parse_overrides
 from core.quant.packed import PackedVim, pack, save_packed
-from core.report import FAKE_QUANT_NOTE, accuracy_figure, latency_figure, runs_frame, write_report
+from core.report import FAKE_QUANT_NOTE
 from core.workspace import Workspace
 
 RUNS_DIR_ENV = "OUROMAMBA_RUNS_DIR"
@@ -456,45 +452,3 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
     workspace.change(cleared, workspace,
                      [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)
     return record
-
-
-def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
-    """The Compare tab: the run log as a table and figures, refreshed on page load, on Refresh and whenever
-    ``updated`` (the Quantize tab's record) changes."""
-
-    def show() -> tuple:
-        """Status, table, accuracy and latency figures, and the CSV / JSON / HTML files of every logged run."""
-        try:
-            records = load_records(runs)
-        except StudioError as err:
-            return error(err), runs_frame([]), None, None, None, None, None, None
-        if not records:
-            return (f"No runs logged in `{runs}` yet: quantize once in the **Quantize** tab.", runs_frame([]),
-                    None, None, None, None, None, None)
-        folder = Path(tempfile.mkdtemp(prefix="ouromamba-runs-"))
-        csv_path, json_path = write_records(records, folder, "ouromamba_runs")
-        html_path = write_report(records, folder / "ouromamba_runs.html")
-        status = (f"{len(records)} run(s) from `{runs}` (this session's and earlier ones); Δ vs FP compares with FP32 "
-                  f"on the same test images. {FAKE_QUANT_NOTE}")
-        models = [r.quantized_model for r in records if r.quantized_model and Path(r.quantized_model).is_file()]
-        return (status, runs_frame(records), accuracy_figure(records), latency_figure(records), str(csv_path),
-                str(json_path), str(html_path), models or None)
-
-    gr.Markdown("## Compare runs")
-    with gr.Row():
-        status = gr.Markdown(elem_id="compare-status")
-        refresh = gr.Button("Refresh", elem_id="compare-refresh", scale=0)
-    table = gr.Dataframe(label="Runs", interactive=False, wrap=True, elem_id="compare-table")
-    with gr.Row():
-        accuracy = gr.Plot(label="Accuracy vs bits", elem_id="compare-accuracy")
-        latency = gr.Plot(label="Latency (CPU fake-quant, and GPU kernels where measured)", elem_id="compare-latency")
-    with gr.Row():
-        csv_file = gr.File(label="All runs (CSV)", elem_id="compare-csv")
-        json_file = gr.File(label="All runs (JSON)", elem_id="compare-json")
-        html_file = gr.File(label="Standalone HTML report", elem_id="compare-html")
-    model_files = gr.File(label="Quantized models (packed safetensors, one per run that could be packed)",
-                          file_count="multiple", elem_id="compare-models")
-    outputs = [status, table, accuracy, latency, csv_file, json_file, html_file, model_files]
-    # reading the log is quick: never queue it behind a running quantization
-    gr.on([refresh.click, updated.change], show, None, outputs, api_name="compare", concurrency_limit=None)
-    gr.on(None, show, None, outputs, api_visibility="private", concurrency_limit=None)  # on page load

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.compare_tab import build_compare_tab
 from app.model_tab import build_model_tab, workspace_markdown
 from app.outliers_tab import build_outliers_tab
-from app.quantize_tab import build_compare_tab, build_quantize_tab, runs_file
+from app.quantize_tab import build_quantize_tab, runs_file
 from app.synthesize_tab import build_synthesize_tab
 from core.default_model import DEFAULT_CHECKPOINT
 from core.workspace import default_workspace, open_workspace

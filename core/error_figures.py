@@ -176,6 +176,41 @@ def sqnr_heatmap(report: pd.DataFrame, images: int) -> go.Figure:
     return figure
 
 
+def sqnr_difference_heatmap(first: pd.DataFrame, second: pd.DataFrame, first_label: str, second_label: str,
+                            metric: str = "sqnr_db") -> go.Figure | None:
+    """Layers × tensors heatmap of ``second``'s ``metric`` minus ``first``'s (dB) over the sites both runs
+    quantized: blue where the second run keeps more precision, red where it loses it; hover gives both values
+    and bits. None when the runs share no quantized site (different models)."""
+    both = first.merge(second, on=["site", "layer", "direction", "tensor"], suffixes=("_first", "_second"))
+    both = both.replace([np.inf, -np.inf], np.nan)
+    if both.empty:
+        return None
+    both["column"] = [t if d == "shared" else f"{d} {t}" for d, t in zip(both["direction"], both["tensor"],
+                                                                        strict=True)]
+    columns = list(dict.fromkeys(both["column"]))
+
+    def grid(name: str) -> np.ndarray:
+        return both.pivot(index="layer", columns="column", values=name).reindex(columns=columns).to_numpy(float)
+
+    values = [grid(f"{metric}_first"), grid(f"{metric}_second"), grid("bits_first"), grid("bits_second")]
+    difference = values[1] - values[0]
+    reach = float(np.nanmax(np.abs(difference))) if np.isfinite(difference).any() else 1.0
+    layers = sorted(set(both["layer"]))
+    name = next(label for label, column in METRICS.items() if column == metric)
+    figure = go.Figure(go.Heatmap(
+        z=difference, x=columns, y=[f"layer {layer}" for layer in layers], customdata=np.dstack(values),
+        colorscale="RdBu", zmid=0, zmin=-reach, zmax=reach, colorbar={"title": "ΔSQNR (dB)"},
+        texttemplate="%{z:+.0f}",
+        hovertemplate="%{y}, %{x}<br>%{z:+.1f} dB: " + f"{second_label} " + "%{customdata[1]:.1f} dB "
+                      "(%{customdata[3]} bits), " + f"{first_label} " + "%{customdata[0]:.1f} dB "
+                      "(%{customdata[2]} bits)<extra></extra>"))
+    figure.update_yaxes(autorange="reversed")
+    figure.update_layout(title=f"{second_label} minus {first_label}: {name} per layer and tensor<br><sup>blue: "
+                               f"{second_label} keeps more precision there; red: less</sup>",
+                         height=380, margin={"l": 70, "r": 10, "t": 60, "b": 120})
+    return figure
+
+
 def _db(value: float) -> str:
     return "exact" if value == math.inf else "n/a" if math.isnan(value) else f"{value:.1f} dB"
 

@@ -17,10 +17,10 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from app.common import Run
+from app.compare_tab import NO_PAIR, build_compare_tab, measured_runs, pair_figure
 from app.quantize_tab import (
     RUNS_DIR_ENV,
     RUNS_FILE,
-    build_compare_tab,
     build_quantize_tab,
     overrides_from_record,
     runs_file,
@@ -208,7 +208,8 @@ def test_compare_lists_runs_and_downloads(served, runs: Path):
                                                         '{"layers.0.*": {"w_bits": 6}}', api_name="/quantize")
     assert other["setting"] == "W8A8" and other["calibration"]["source"] == "noise"
     assert no_model is None and other["quantized_model"] == "" and "No integer model to download: cannot pack" in text
-    status, table, accuracy, latency, csv_file, json_file, html_file, models = client.predict(api_name="/compare")
+    (status, table, accuracy, latency, csv_file, json_file, html_file, models, first, second, metric, pair,
+     pair_status) = client.predict(api_name="/compare")
     assert [Path(m).name for m in models] == [Path(r.quantized_model).name for r in load_records(runs)
                                               if r.quantized_model]
     assert status.startswith("2 run(s)") and "Fake-quant timings" in status
@@ -226,6 +227,15 @@ def test_compare_lists_runs_and_downloads(served, runs: Path):
     assert page.startswith("<!DOCTYPE html>") and "Top-1 accuracy vs bit-width" in page
     assert 'class="plotly-graph-div"' in page and "per_tensor" in page and "noise × 8, seed 1" in page
     assert "<script src=" not in page and len(page) > 1_000_000  # plotly.js inlined: no server, no network
+    # the two runs quantizer by quantizer: B, the newest (8-bit), minus A (4-bit) per layer and tensor
+    assert (first["value"], second["value"]) == (0, 1) and [label for label, _ in first["choices"]] == [
+        "#2 per_tensor W8A8", "#1 ouromamba W4A4O8"]
+    assert pair_status.startswith("#2 per_tensor W8A8 against #1 ouromamba W4A4O8") and "first 32" in pair_status
+    logged = {i: {row["site"]: row["sqnr_db"] for row in r.site_errors["rows"]} for i, r in enumerate(load_records(
+        runs))}
+    difference = plotly_values(json.loads(pair["plot"])["data"][0]["z"])
+    assert difference.shape == (4, 22)
+    assert difference[1, 0] == pytest.approx(logged[1]["layers.1.in_proj.input"] - logged[0]["layers.1.in_proj.input"])
 
 
 def test_runs_persist_for_a_new_app(served, runs: Path):
@@ -247,10 +257,12 @@ def test_empty_and_broken_logs_are_messages(tmp_path: Path):
     demo, client = _serve(lambda: (build_compare_tab(empty, gr.JSON()), build_compare_tab(broken, gr.JSON())))
     try:
         endpoints = list(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-        (first, *_, html_file, models), (second, *_) = (client.predict(api_name=name) for name in endpoints)
+        (first, *_), (second, *_) = answers = [client.predict(api_name=name) for name in endpoints]
     finally:
         demo.close()
-    assert first.startswith("No runs logged") and html_file is None and models is None
+    html_file, models, *_, pair, pair_status = answers[0][6:]
+    assert first.startswith("No runs logged") and html_file is None and models is None and pair is None
+    assert pair_status.startswith("Two runs that measured")
     assert second.startswith("**Error:** line 1 of") and "not a run record" in second
 
 
@@ -463,3 +475,16 @@ def test_top_k_figure_shows_the_selected_image_and_nothing_out_of_range():
     assert list(quantized_bars.marker.color) == ["#2ca02c", "#1f77b4"]  # the true class in green
     assert top_k_figure(items, 2) is None and top_k_figure(None) is None and top_k_figure([], 0) is None
 
+
+
+def test_the_pair_of_runs_says_when_it_was_measured_on_other_images():
+    errors = {"images": 2, "rows": [{"site": "layers.0.in_proj.input", "bits": 4, "sqnr_db": 20.0, "cosine": 0.99,
+                                     "sqnr_db_vs_fp_model": 20.0, "cosine_vs_fp_model": 0.99}]}
+    records = [_record(site_errors=errors, data="fashion-mnist/test"), _record(site_errors=errors, data="elsewhere"),
+               _record()]
+    figure, status = pair_figure(records, 0, 1, "SQNR of the quantizer alone")
+    assert figure.data[0].z.tolist() == [[0.0]] and "**Measured on different images**" in status
+    assert "#1 ouromamba W4A8O8: first 2 of fashion-mnist/test" in status
+    assert pair_figure(records, 0, 2, "SQNR of the quantizer alone") == (None, NO_PAIR)  # #3 measured nothing
+    assert pair_figure(records, 0, 7, "SQNR of the quantizer alone") == (None, NO_PAIR)
+    assert measured_runs(records) == [("#2 ouromamba W4A8O8", 1), ("#1 ouromamba W4A8O8", 0)]

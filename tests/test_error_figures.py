@@ -8,7 +8,14 @@ import math
 
 import pandas as pd
 
-from core.error_figures import METRICS, block_diagram_figure, diagram_with_layer_menu, sqnr_heatmap, worst_layer
+from core.error_figures import (
+    METRICS,
+    block_diagram_figure,
+    diagram_with_layer_menu,
+    sqnr_difference_heatmap,
+    sqnr_heatmap,
+    worst_layer,
+)
 from core.experiments import RunRecord, site_errors_frame, site_errors_of
 from core.observe.probe import SHARED
 from core.quant.quantize import quantized_sites
@@ -112,3 +119,17 @@ def test_the_html_report_draws_the_newest_runs_site_errors():
     assert shown == drawn[-1:1:-2]  # the newest measured runs, newest first
     assert '"label":"layer 1"' in page  # the diagram's layer menu
     assert "Where each run loses precision" not in html_report(records[::2])  # none measured: no section
+
+
+def test_the_difference_of_two_runs_is_taken_site_by_site_over_the_sites_both_quantized():
+    first, second = _report(2), _report(2)
+    second["sqnr_db"] = second["sqnr_db"] + second["layer"] * 3.0 - 1.0  # layer 0: −1 dB, layer 1: +2 dB
+    second = second[second["site"] != "layers.1.out_proj.weight"]  # skipped in the second run
+    figure = sqnr_difference_heatmap(first, second, "#1 a", "#2 b")
+    heatmap = figure.data[0]
+    assert heatmap.z.shape == (2, 22) and math.isnan(heatmap.z[1][-1])  # the skipped weight: no difference
+    assert set(heatmap.z[0]) == {-1.0} and {v for v in heatmap.z[1] if not math.isnan(v)} == {2.0}
+    assert (heatmap.zmid, heatmap.zmin, heatmap.zmax) == (0, -2.0, 2.0)  # symmetric: 0 is white
+    assert "#2 b minus #1 a" in figure.layout.title.text
+    other_model = first.assign(site="other." + first["site"], tensor="other")
+    assert sqnr_difference_heatmap(first, other_model, "a", "b") is None
