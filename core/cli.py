@@ -20,6 +20,7 @@ from core.experiments import (
     quantize_and_evaluate,
     read_records,
     scored_on,
+    site_error_table,
     threshold_sweep,
     write_records,
 )
@@ -230,6 +231,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     several_splits = len({scored_on(r) for r in records}) > 1  # a row per method and scoring images then
     print(accuracy_table(records, lambda r: f"{r.method} on {scored_on(r)}") if several_splits else
           accuracy_table(records))
+    if sites := site_error_table(records):
+        print("\nSQNR (dB) of each tensor's quantizers, mean over layers and directions (first "
+              f"{max(r.site_errors.get('images', 0) for r in records)} scored images):\n{sites}\n")
     print(f"{len(records)} run(s) → {out} (one HTML file: opens with no server and no network)")
 
 

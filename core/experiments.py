@@ -268,6 +268,25 @@ def scored_on(record: RunRecord) -> str:
     return (record.data or "test images").split(" (")[0]
 
 
+def site_error_table(records: list[RunRecord], metric: str = "sqnr_db") -> str:
+    """Markdown: one row per run that measured its per-site errors, one column per tensor in forward order,
+    each cell the mean ``metric`` (dB) over the layers and both scan directions, then the run's lowest site;
+    '' when no run measured them."""
+    frames = [(r, site_errors_frame(r)) for r in records]
+    frames = [(r, frame) for r, frame in frames if frame is not None]
+    if not frames:
+        return ""
+    tensors = list(dict.fromkeys(t for _, frame in frames for t in frame["tensor"]))
+    lines = ["| run | " + " | ".join(tensors) + " | lowest |", "|---|" + "---|" * (len(tensors) + 1)]
+    for r, frame in frames:
+        means = frame.groupby("tensor")[metric].mean()
+        worst = frame.loc[frame[metric].idxmin()] if frame[metric].notna().any() else None
+        cells = [f"{means[t]:.1f}" if t in means and pd.notna(means[t]) else "–" for t in tensors]
+        lowest = "–" if worst is None else f"{worst['site']} {worst[metric]:.1f}"
+        lines.append(f"| {r.method} {r.setting} | " + " | ".join(cells) + f" | {lowest} |")
+    return "\n".join(lines)
+
+
 def accuracy_table(records: list[RunRecord], row: Callable[[RunRecord], str] = lambda r: r.method,
                    label: str = "method") -> str:
     """Markdown: one row per ``row(record)`` (default: the method), one column per setting (top-1, Δ vs FP)."""

@@ -16,7 +16,7 @@ from core.error_figures import (
     sqnr_heatmap,
     worst_layer,
 )
-from core.experiments import RunRecord, site_errors_frame, site_errors_of
+from core.experiments import RunRecord, site_error_table, site_errors_frame, site_errors_of
 from core.observe.probe import SHARED
 from core.quant.quantize import quantized_sites
 from core.report import SITE_ERROR_RUNS, html_report
@@ -133,3 +133,17 @@ def test_the_difference_of_two_runs_is_taken_site_by_site_over_the_sites_both_qu
     assert "#2 b minus #1 a" in figure.layout.title.text
     other_model = first.assign(site="other." + first["site"], tensor="other")
     assert sqnr_difference_heatmap(first, other_model, "a", "b") is None
+
+
+def test_the_site_error_table_averages_each_tensor_over_layers_and_directions():
+    report = _report(2)
+    report.loc[report["site"] == "layers.1.bwd.C", "sqnr_db"] = -4.0
+    records = [RunRecord.from_dict(_record_fields(site_errors=site_errors_of(report, 32))),
+               RunRecord.from_dict(_record_fields(method="per_tensor"))]  # measured nothing: no row
+    header, rule, row, *rest = site_error_table(records).splitlines()
+    assert not rest and header.startswith("| run | in_proj.input | in_proj.weight | x_proj.input |")
+    assert header.endswith("| out_proj.weight | lowest |") and rule.count("---") == 15
+    cells = dict(zip(header.strip("| ").split(" | ")[1:], row.strip("| ").split(" | ")[1:], strict=True))
+    c = report[report["tensor"] == "C"]["sqnr_db"]
+    assert cells["C"] == f"{c.mean():.1f}" and cells["lowest"] == "layers.1.bwd.C -4.0"
+    assert row.startswith("| ouromamba W4A4O8 |") and site_error_table(records[1:]) == ""
