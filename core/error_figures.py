@@ -8,6 +8,7 @@ across the run's layers, so two layers compare at a glance. The app shows them; 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -67,8 +68,56 @@ def _edges() -> list[list[tuple[float, float]]]:
 
 def worst_layer(report: pd.DataFrame, metric: str) -> int:
     """The layer holding the run's lowest ``metric`` (dB): where a diagram first looks."""
-    values = report[metric].replace([np.inf, -np.inf], np.nan)
-    return int(report["layer"][values.idxmin()]) if values.notna().any() else int(report["layer"].min())
+    values = report[metric].to_numpy(dtype=float)
+    values[np.isposinf(values)] = np.nan  # exact quantizers are not the worst; −inf is
+    if np.isnan(values).all():
+        return int(report["layer"].min())
+    return int(report["layer"].iloc[int(np.nanargmin(values))])
+
+
+@dataclass
+class LayerNodes:
+    """What changes from one layer's diagram to another's: the two node traces' data (quantized sites coloured
+    by the metric, floating-point sites hollow) and the title."""
+
+    quantized: dict  # x, y, text, customdata, colours, symbols of the quantized sites
+    floating: dict  # x, y, text, symbols of the sites the run left in floating point
+    title: str
+
+
+def _colour_range(report: pd.DataFrame, metric: str) -> tuple[float, float]:
+    """The run's finite ``metric`` range: one colour scale for every layer."""
+    finite = report[metric].replace([np.inf, -np.inf], np.nan).dropna()
+    low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    return low, max(high, low + 1e-6)
+
+
+def layer_nodes(report: pd.DataFrame, layer: int, metric: str, colour_range: tuple[float, float]) -> LayerNodes:
+    """One layer's nodes: every site the diagram has, quantized (in ``report``) or left in floating point."""
+    low, high = colour_range
+    rows = {(row.tensor, row.direction): row for row in report[report["layer"] == layer].itertuples()}
+    tensors = [t for t in SITE_PLACES if t != "h" or (report["tensor"] == "h").any()]  # h only where quantized
+    sites = [(t, d) for t in tensors for d in (["shared"] if t in SHARED_TENSORS else [FORWARD, BACKWARD])]
+    quantized = [s for s in sites if s in rows]
+    left = [s for s in sites if s not in rows]
+    values = [getattr(rows[s], metric) for s in quantized]
+
+    def symbols(chosen: list[tuple[str, str]]) -> list[str]:
+        return ["square" if t.endswith(".weight") else "circle" for t, _ in chosen]
+
+    name = next(label for label, column in METRICS.items() if column == metric)
+    return LayerNodes(
+        quantized={"x": [_place(*s)[0] for s in quantized], "y": [_place(*s)[1] for s in quantized],
+                   "text": [f"{SITE_LABELS[t]}<br>{_db(v)}" for (t, _), v in zip(quantized, values, strict=True)],
+                   "customdata": [[rows[s].site, _bits(rows[s].bits), _db(rows[s].sqnr_db), _cosine(rows[s].cosine),
+                                   _db(rows[s].sqnr_db_vs_fp_model)] for s in quantized],
+                   "colours": [high if v == math.inf else low if v == -math.inf or math.isnan(v) else v
+                               for v in values],
+                   "symbols": symbols(quantized)},
+        floating={"x": [_place(*s)[0] for s in left], "y": [_place(*s)[1] for s in left],
+                  "text": [f"{SITE_LABELS[t]}<br>FP" for t, _ in left], "symbols": symbols(left)},
+        title=f"Layer {layer}: {name}<br><sup>one colour scale for all layers ({low:.1f} to {high:.1f} dB); "
+              "squares are weights; hollow nodes stay in floating point</sup>")
 
 
 def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metric: str) -> go.Figure | None:
@@ -79,14 +128,9 @@ def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metri
     a report, or for a layer the report does not have."""
     if report is None or layer is None or metric not in METRICS.values() or int(layer) not in set(report["layer"]):
         return None
-    layer = int(layer)
-    finite = report[metric].replace([np.inf, -np.inf], np.nan).dropna()
-    low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
-    high = max(high, low + 1e-6)
-    rows = {(row.tensor, row.direction): row for row in report[report["layer"] == layer].itertuples()}
-    tensors = [t for t in SITE_PLACES if t != "h" or (report["tensor"] == "h").any()]  # h only where quantized
-    sites = [(t, d) for t in tensors for d in (["shared"] if t in SHARED_TENSORS else [FORWARD, BACKWARD])]
-
+    low, high = colour_range = _colour_range(report, metric)
+    nodes = layer_nodes(report, int(layer), metric, colour_range)
+    quantized, left = nodes.quantized, nodes.floating
     figure = go.Figure()
     xs, ys = [], []
     for line in _edges():
@@ -94,28 +138,19 @@ def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metri
         ys += [p[1] for p in line] + [None]
     figure.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line={"color": "#c8c8c8", "width": 1.5},
                                 hoverinfo="skip", showlegend=False))
-    quantized = [s for s in sites if s in rows]
-    left = [s for s in sites if s not in rows]
-    values = [getattr(rows[s], metric) for s in quantized]
-    colours = [high if v == math.inf else low if v == -math.inf or math.isnan(v) else v for v in values]
     figure.add_trace(go.Scatter(
-        x=[_place(*s)[0] for s in quantized], y=[_place(*s)[1] for s in quantized], mode="markers+text",
-        marker={"size": 22, "color": colours, "cmin": low, "cmax": high, "colorscale": "Viridis",
-                "symbol": ["square" if t.endswith(".weight") else "circle" for t, _ in quantized],
-                "line": {"color": "#444", "width": 1}, "colorbar": {"title": "SQNR (dB)"}},
-        text=[f"{SITE_LABELS[t]}<br>{_db(v)}" for (t, _), v in zip(quantized, values, strict=True)],
-        textposition="bottom center", textfont={"size": 10},
-        customdata=[[rows[s].site, _bits(rows[s].bits), _db(rows[s].sqnr_db), _cosine(rows[s].cosine),
-                     _db(rows[s].sqnr_db_vs_fp_model)] for s in quantized],
+        x=quantized["x"], y=quantized["y"], mode="markers+text", text=quantized["text"],
+        marker={"size": 22, "color": quantized["colours"], "cmin": low, "cmax": high, "colorscale": "Viridis",
+                "symbol": quantized["symbols"], "line": {"color": "#444", "width": 1},
+                "colorbar": {"title": "SQNR (dB)"}},
+        textposition="bottom center", textfont={"size": 10}, customdata=quantized["customdata"],
         hovertemplate="%{customdata[0]} (%{customdata[1]})<br>SQNR %{customdata[2]}, cosine %{customdata[3]}"
                       "<br>vs FP model %{customdata[4]}<extra></extra>", showlegend=False))
     figure.add_trace(go.Scatter(
-        x=[_place(*s)[0] for s in left], y=[_place(*s)[1] for s in left], mode="markers+text",
-        marker={"size": 18, "color": "white", "line": {"color": "#999", "width": 1.5},
-                "symbol": ["square" if t.endswith(".weight") else "circle" for t, _ in left]},
-        text=[f"{SITE_LABELS[t]}<br>FP" for t, _ in left], textposition="bottom center",
-        textfont={"size": 10, "color": "#888"}, hovertemplate="%{text}: not quantized in this run<extra></extra>",
-        showlegend=False))
+        x=left["x"], y=left["y"], mode="markers+text", text=left["text"],
+        marker={"size": 18, "color": "white", "line": {"color": "#999", "width": 1.5}, "symbol": left["symbols"]},
+        textposition="bottom center", textfont={"size": 10, "color": "#888"},
+        hovertemplate="%{text}: not quantized in this run<extra></extra>", showlegend=False))
     ops = [(name, SHARED_X, row) for name, row in SHARED_OPS]
     ops += [(name, x, row) for x in BRANCH_X.values() for name, row in BRANCH_OPS]
     for name, x, row in ops:
@@ -125,12 +160,10 @@ def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metri
         figure.add_annotation(x=x, y=-0.7, text=f"<b>{'forward' if direction == FORWARD else 'backward'} scan</b>"
                                                  + ("" if direction == FORWARD else " (time reversed)"),
                               showarrow=False)
-    name = next(label for label, column in METRICS.items() if column == metric)
     figure.update_xaxes(visible=False, range=[-3.9, 3.9])
     figure.update_yaxes(visible=False, autorange="reversed")
-    figure.update_layout(title=f"Layer {layer}: {name}<br><sup>one colour scale for all layers ({low:.1f} to "
-                               f"{high:.1f} dB); squares are weights; hollow nodes stay in floating point</sup>",
-                         height=640, margin={"l": 10, "r": 10, "t": 50, "b": 10}, plot_bgcolor="white")
+    figure.update_layout(title=nodes.title, height=640, margin={"l": 10, "r": 10, "t": 50, "b": 10},
+                         plot_bgcolor="white")
     return figure
 
 
@@ -139,15 +172,18 @@ def diagram_with_layer_menu(report: pd.DataFrame, metric: str = "sqnr_db") -> go
     title in the browser (a standalone page's stand-in for the app's slider)."""
     layers = sorted(set(report["layer"]))
     first = worst_layer(report, metric)
-    figures = {layer: block_diagram_figure(report, layer, metric) for layer in layers}
+    colour_range = _colour_range(report, metric)
     buttons = []
-    for layer, drawn in figures.items():
-        nodes = {key: [getattr(trace, key) for trace in drawn.data[1:]] for key in ("x", "y", "text", "customdata")}
-        nodes["marker.color"] = [drawn.data[1].marker.color, "white"]
-        nodes["marker.symbol"] = [trace.marker.symbol for trace in drawn.data[1:]]
+    for layer in layers:
+        nodes = layer_nodes(report, layer, metric, colour_range)
+        quantized, left = nodes.quantized, nodes.floating
+        swapped = {"x": [quantized["x"], left["x"]], "y": [quantized["y"], left["y"]],
+                   "text": [quantized["text"], left["text"]], "customdata": [quantized["customdata"], None],
+                   "marker.color": [quantized["colours"], "white"],
+                   "marker.symbol": [quantized["symbols"], left["symbols"]]}
         buttons.append({"label": f"layer {layer}", "method": "update",
-                        "args": [nodes, {"title.text": drawn.layout.title.text}, [1, 2]]})
-    figure = figures[first]
+                        "args": [swapped, {"title.text": nodes.title}, [1, 2]]})
+    figure = block_diagram_figure(report, first, metric)
     figure.update_layout(updatemenus=[{"buttons": buttons, "active": layers.index(first), "x": 0.0, "y": 1.0,
                                        "xanchor": "left", "yanchor": "top", "direction": "down"}])
     return figure

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from threading import Event
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -280,7 +281,7 @@ def site_error_table(records: list[RunRecord], metric: str = "sqnr_db") -> str:
     lines = ["| run | " + " | ".join(tensors) + " | lowest |", "|---|" + "---|" * (len(tensors) + 1)]
     for r, frame in frames:
         means = frame.groupby("tensor")[metric].mean()
-        worst = frame.loc[frame[metric].idxmin()] if frame[metric].notna().any() else None
+        worst = frame.iloc[int(np.nanargmin(frame[metric]))] if frame[metric].notna().any() else None
         cells = [f"{means[t]:.1f}" if t in means and pd.notna(means[t]) else "–" for t in tensors]
         lowest = "–" if worst is None else f"{worst['site']} {worst[metric]:.1f}"
         lines.append(f"| {r.method} {r.setting} | " + " | ".join(cells) + f" | {lowest} |")

@@ -63,8 +63,11 @@ def test_block_diagram_shows_quantized_states_and_opens_on_the_worst_layer():
     report = _report(3, states=True)
     report.loc[report["site"] == "layers.2.out_proj.weight", "sqnr_db"] = -3.0
     assert worst_layer(report, "sqnr_db") == 2
-    report.loc[report["site"] == "layers.0.fwd.C", "sqnr_db_vs_fp_model"] = -math.inf
-    assert worst_layer(report, "sqnr_db_vs_fp_model") == 0  # -inf: as bad as it gets, not skipped
+    report.loc[report["site"] == "layers.1.fwd.C", "sqnr_db_vs_fp_model"] = -math.inf
+    report.loc[report["site"] == "layers.0.fwd.B", "sqnr_db_vs_fp_model"] = math.inf
+    assert worst_layer(report, "sqnr_db_vs_fp_model") == 1  # −inf: as bad as it gets; +inf (exact) is not
+    doubled = pd.concat([report, report.assign(layer=report["layer"] + 3)])  # an index with repeats
+    assert worst_layer(doubled, "sqnr_db") == 2
     quantized = block_diagram_figure(report, 0, "sqnr_db").data[1]
     assert sum("h (state)" in text for text in quantized.text) == 2  # one per direction
 
