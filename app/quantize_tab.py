@@ -371,7 +371,9 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             saved = f"**Not saved:** {err}."
         pairs = list(zip(test.labels.tolist(), fp.predictions, quantized.predictions, strict=True))
         changed = changed_images(fp.predictions, quantized.predictions)
-        report = site_errors_frame(record)  # the figures show what the record keeps
+        report = site_errors_frame(record)  # the figures show what the record keeps, and the run's steps
+        report.attrs.update(step_sqnr_db=result.step_sqnr_db, images=record.site_errors["images"],
+                            config=record.config)
         shown = Shown(record, sqnr_heatmap(report, record.site_errors["images"]), report,
                       sensitivity_figure(sensitivity, sensitivity_images),
                       changed_gallery(test, changed, fp.predictions, quantized.predictions, ws),

@@ -1,8 +1,9 @@
 """The Quantize tab's per-site error section: one Vim block drawn with every quantizer coloured by its SQNR
 (``core.error_figures``), a layer slider and a colouring choice, and a picker of the run's sites, worst first,
 that writes "keep this site at 8 bits" or "keep it in floating point" into the tab's Per-layer overrides: see
-where precision is lost, raise it there, quantize again, compare. The values are the shown run record's
-``site_errors``; nothing here computes them."""
+where precision is lost, raise it there, quantize again, compare; and the picked quantizer's SQNR along the
+scan, time-step by time-step. The values are the shown run record's ``site_errors`` (the per-step ones come
+with the run, in the frame's attrs); nothing here computes them."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app.common import error, slider_top
-from core.error_figures import DEFAULT_METRIC, METRICS, block_diagram_figure, worst_layer
+from core.error_figures import DEFAULT_METRIC, METRICS, block_diagram_figure, step_sqnr_figure, worst_layer
 from core.errors import StudioError
+from core.quant import QuantConfig
 from core.quant.config import parse_overrides, set_override
 
 RAISED = {"w_bits": 8, "a_bits": 8}  # "keep at 8 bits": the site's weights or activations, whichever it holds
@@ -36,6 +38,21 @@ def _db(value: float) -> str:
 
 def _bits(bits: float) -> str:
     return "bits ?" if pd.isna(bits) else f"{int(bits)} bits"
+
+
+def site_steps_figure(report: pd.DataFrame | None, site: str | None) -> go.Figure | None:
+    """``site``'s SQNR per time-step from ``report.attrs`` (``step_sqnr_db``, ``images``, the run's ``config``),
+    with OuroMamba's refresh windows as the site's config has them; None for sites without time-steps
+    (weights, A, D) or without a report."""
+    if report is None or site is None:
+        return None
+    steps = report.attrs.get("step_sqnr_db", {}).get(site)
+    if steps is None:
+        return None
+    config = report.attrs.get("config")
+    site_config = QuantConfig.from_dict(config).for_site(site) if config else None
+    window = site_config.n_refresh if site_config is not None and site_config.method == "ouromamba" else None
+    return step_sqnr_figure(steps, site, report.attrs.get("images", 0), window)
 
 
 def with_site_override(text: str | None, site: str | None, change: dict) -> tuple[str, str]:
@@ -60,27 +77,30 @@ class SiteErrorsSection:
     layer: gr.Slider
     metric: gr.Radio
     site: gr.Dropdown
+    steps: gr.Plot
     report: gr.State  # the run's site errors as a frame
 
     @property
     def outputs(self) -> list:
-        return [self.diagram, self.layer, self.metric, self.site, self.report]
+        return [self.diagram, self.layer, self.metric, self.site, self.steps, self.report]
 
     @staticmethod
     def shown(report: pd.DataFrame) -> tuple:
-        """A finished run: the diagram on its worst layer, coloured by the default metric, its sites listed."""
+        """A finished run: the diagram on its worst layer, coloured by the default metric, its sites listed
+        (the worst picked), and the worst site with time-steps along the scan."""
         metric = METRICS[DEFAULT_METRIC]
         layer = worst_layer(report, metric)
         choices = site_choices(report, metric)
+        along = next((site for _, site in choices if site in report.attrs.get("step_sqnr_db", {})), None)
         return (block_diagram_figure(report, layer, metric),
                 gr.update(maximum=slider_top(int(report["layer"].max())), value=layer), gr.update(value=DEFAULT_METRIC),
-                gr.update(choices=choices, value=choices[0][1]), report)
+                gr.update(choices=choices, value=choices[0][1]), site_steps_figure(report, along), report)
 
     @staticmethod
     def cleared(depth: int) -> tuple:
         """A new model: nothing shown, the slider over its layers."""
         return (None, gr.update(maximum=slider_top(depth - 1), value=0), gr.skip(),
-                gr.update(choices=[], value=None), None)
+                gr.update(choices=[], value=None), None, None)
 
 
 def show_block_diagram(report: pd.DataFrame | None, layer: float | None, metric: str) -> go.Figure | None:
@@ -100,6 +120,8 @@ def build_site_errors_section(overrides: gr.Textbox, depth: int) -> SiteErrorsSe
         raise_button = gr.Button("Keep at 8 bits", size="sm", elem_id="quant-site-8-bits", scale=1)
         float_button = gr.Button("Keep in floating point", size="sm", elem_id="quant-site-float", scale=1)
     status = gr.Markdown(PICKER_HELP, elem_id="quant-site-status")
+    steps = gr.Plot(label="The quantizer along the scan (weights, A and D have no time-steps)",
+                    elem_id="quant-site-steps")
     report = gr.State()
 
     def recolour(rows: pd.DataFrame | None, layer_value: float | None, name: str) -> tuple:
@@ -109,18 +131,18 @@ def build_site_errors_section(overrides: gr.Textbox, depth: int) -> SiteErrorsSe
         return show_block_diagram(rows, layer_value, name), gr.update(choices=site_choices(rows, METRICS[name]))
 
     def follow(rows: pd.DataFrame | None, picked: str | None, name: str) -> tuple:
-        """A picked site: the diagram moves to its layer."""
+        """A picked site: the diagram moves to its layer, the plot below follows it along the scan."""
         if rows is None or picked not in set(rows["site"]):
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         picked_layer = int(rows.loc[rows["site"] == picked, "layer"].iloc[0])
-        return picked_layer, show_block_diagram(rows, picked_layer, name)
+        return picked_layer, show_block_diagram(rows, picked_layer, name), site_steps_figure(rows, picked)
 
     private = {"api_visibility": "private", "concurrency_limit": None}
     layer.input(show_block_diagram, [report, layer, metric], diagram, **private)
     metric.input(recolour, [report, layer, metric], [diagram, site], **private)
-    site.input(follow, [report, site, metric], [layer, diagram], **private)
+    site.input(follow, [report, site, metric], [layer, diagram, steps], **private)
     raise_button.click(lambda text, picked: with_site_override(text, picked, RAISED), [overrides, site],
                        [overrides, status], **private)
     float_button.click(lambda text, picked: with_site_override(text, picked, KEPT_FLOAT), [overrides, site],
                        [overrides, status], **private)
-    return SiteErrorsSection(diagram, layer, metric, site, report)
+    return SiteErrorsSection(diagram, layer, metric, site, steps, report)

@@ -212,6 +212,28 @@ def sqnr_heatmap(report: pd.DataFrame, images: int) -> go.Figure:
     return figure
 
 
+def step_sqnr_figure(step_sqnr_db: np.ndarray, site: str, images: int, window: int | None = None) -> go.Figure:
+    """One quantizer's SQNR per time-step (its scan direction's order), with its mean over the steps and, for a
+    per-time-step outlier rule, the starts of its refresh windows (where the outlier set is emptied)."""
+    steps = np.arange(len(step_sqnr_db))
+    finite = step_sqnr_db[np.isfinite(step_sqnr_db)]
+    figure = go.Figure(go.Scatter(x=steps, y=np.where(np.isfinite(step_sqnr_db), step_sqnr_db, np.nan),
+                                  mode="lines+markers", marker={"size": 4}, name="SQNR",
+                                  hovertemplate="time-step %{x}: %{y:.1f} dB<extra></extra>"))
+    if len(finite):
+        figure.add_hline(y=float(finite.mean()), line={"dash": "dot", "color": "#888"},
+                         annotation_text=f"mean over steps {finite.mean():.1f} dB", annotation_position="top left")
+    for start in range(window, len(steps), window) if window else []:
+        figure.add_vline(x=start - 0.5, line={"color": "#ddd", "width": 1})
+    order = "backward scan order" if ".bwd." in site else "forward scan order" if ".fwd." in site else "token order"
+    windows = f"; grey lines: its refresh windows of {window} steps" if window else ""
+    figure.update_layout(title=f"{site}: SQNR per time-step<br><sup>the quantizer alone, first {images} test "
+                               f"images{windows}</sup>",
+                         xaxis_title=f"time-step ({order})", yaxis_title="SQNR (dB)", height=300,
+                         margin={"l": 60, "r": 10, "t": 50, "b": 45}, showlegend=False)
+    return figure
+
+
 def sqnr_difference_heatmap(first: pd.DataFrame, second: pd.DataFrame, first_label: str, second_label: str,
                             metric: str = "sqnr_db") -> go.Figure | None:
     """Layers × tensors heatmap of ``second``'s ``metric`` minus ``first``'s (dB) over the sites both runs

@@ -76,6 +76,7 @@ class QuantizationRun:
     qmodel: QuantizedVim
     evaluation: EvalResult
     calibration: torch.Tensor
+    step_sqnr_db: dict[str, np.ndarray] = field(default_factory=dict)  # site → SQNR per time-step (not recorded)
 
 
 ERROR_IMAGES = 32  # per-site SQNR on the first 32 test images: about a second for the default model on 2 CPU cores
@@ -122,8 +123,8 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled before the per-site errors")
     error_images = min(error_images, len(test))
-    site_errors = site_errors_of(error_report(model, qmodel, test.normalized(0, error_images)),
-                                 error_images) if error_images else {}
+    report = error_report(model, qmodel, test.normalized(0, error_images)) if error_images else None
+    site_errors = site_errors_of(report, error_images) if error_images else {}
     setting = f"W{config.w_bits}A{config.a_bits}" + (f"O{config.o_bits}" if config.method in
                                                       ("ouromamba", "static_outliers") else "")
     record = RunRecord(
@@ -134,7 +135,7 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
         eval_seconds=round(result.seconds, 2), hardware=result.device, config=config.to_dict(),
         reconstruction=qmodel.provenance.get("reconstruction", {}).get("blocks", []), versions=versions(),
         date=utc_now(), checkpoint=checkpoint, data=test.source, site_errors=site_errors)
-    return QuantizationRun(record, qmodel, result, calib)
+    return QuantizationRun(record, qmodel, result, calib, report.attrs["step_sqnr_db"] if error_images else {})
 
 
 def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, device: str | torch.device,

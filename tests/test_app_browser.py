@@ -167,6 +167,8 @@ def test_quantize_then_compare(browser: Browser, url: str):
     site = re.search(r"layers\.[^:]+", option.text_content()).group()  # options carry a hidden ✓
     option.click()
     expect(diagram).to_contain_text(f"Layer {site.split('.')[1]}: SQNR vs the FP model", timeout=20_000)
+    if not site.endswith((".weight", ".A", ".D")):  # the plot below follows it along the scan
+        expect(page.locator("#quant-site-steps .gtitle")).to_contain_text(f"{site}: SQNR per time-step")
     page.locator("#quant-site-8-bits").click()
     expect(page.locator("#quant-site-status")).to_contain_text(f"keep {site} at 8 bits", timeout=20_000)
     expect(page.locator("#quant-overrides textarea")).to_have_value(f'{{"{site}": {{"w_bits": 8, "a_bits": 8}}}}')

@@ -78,7 +78,7 @@ def _job(demo: gr.Blocks, api_name: str):
 def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     _, client = served
     (text, plot, sensitivity, gallery, record, model_file, weight_site, weights, top_k, diagram, diagram_layer,
-     diagram_metric, pick_site) = client.predict(*FAST, api_name="/quantize")
+     diagram_metric, pick_site, along_the_scan) = client.predict(*FAST, api_name="/quantize")
     assert not record["cached"] and record["method"] == "ouromamba" and record["setting"] == "W4A4O8"
     assert record["test_images"] == 40 and 0 <= record["top1"] <= 100 and 0 <= record["fp_top1"] <= 100
     assert record["delta_vs_fp"] == pytest.approx(record["top1"] - record["fp_top1"], abs=0.011)
@@ -107,6 +107,13 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     sites = [site for _, site in pick_site["choices"]]
     assert len(sites) == 4 * 22 and pick_site["value"] == sites[0] and sites[0].startswith(f"layers.{worst}.")
     assert f"{np.nanmin(z):.1f} dB" in pick_site["choices"][0][0]
+    # along the scan: the worst quantizer that has time-steps, its 50 steps, OuroMamba's windows of 10
+    along = json.loads(along_the_scan["plot"])
+    first_with_steps = next(s for s in sites if not s.endswith((".weight", ".A", ".D")))
+    title = along["layout"]["title"]["text"]
+    assert title.startswith(f"{first_with_steps}: SQNR per time-step") and "first 32 test images" in title
+    assert len(plotly_values(along["data"][0]["y"])) == 50
+    assert sorted(s["x0"] for s in along["layout"]["shapes"] if s["x0"] == s["x1"]) == [9.5, 19.5, 29.5, 39.5]
     bars = json.loads(sensitivity["plot"])["data"][0]
     assert bars["type"] == "bar" and len(bars["x"]) == 4 and all(0 <= t <= 100 for t in bars["customdata"])
     # every projection's weights on their 4-bit grid, the first shown: 4 layers × (in, out, 2 × (x, dt))

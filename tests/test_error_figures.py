@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 
 from core.error_figures import (
@@ -14,6 +15,7 @@ from core.error_figures import (
     diagram_with_layer_menu,
     sqnr_difference_heatmap,
     sqnr_heatmap,
+    step_sqnr_figure,
     worst_layer,
 )
 from core.experiments import RunRecord, site_error_table, site_errors_frame, site_errors_of
@@ -150,3 +152,17 @@ def test_the_site_error_table_averages_each_tensor_over_layers_and_directions():
     c = report[report["tensor"] == "C"]["sqnr_db"]
     assert cells["C"] == f"{c.mean():.1f}" and cells["lowest"] == "layers.1.bwd.C -4.0"
     assert row.startswith("| ouromamba W4A4O8 |") and site_error_table(records[1:]) == ""
+
+
+def test_a_quantizers_sqnr_along_the_scan_marks_its_windows_and_mean():
+    values = np.array([10.0, 20.0, np.inf, 30.0, 40.0, -np.inf, 25.0])
+    figure = step_sqnr_figure(values, "layers.1.bwd.B", 32, window=3)
+    line = figure.data[0]
+    assert list(line.x) == list(range(7)) and np.isnan(line.y[2]) and np.isnan(line.y[5])  # not drawable
+    lines = [shape for shape in figure.layout.shapes if shape.x0 == shape.x1]
+    assert [shape.x0 for shape in lines] == [2.5, 5.5]  # windows start at steps 3 and 6
+    mean = [shape for shape in figure.layout.shapes if shape.y0 == shape.y1]
+    assert mean[0].y0 == 25.0 and "backward scan order" in figure.layout.xaxis.title.text
+    assert "refresh windows of 3 steps" in figure.layout.title.text
+    plain = step_sqnr_figure(values[:2], "layers.0.in_proj.input", 32)
+    assert all(shape.y0 == shape.y1 for shape in plain.layout.shapes) and "token order" in plain.layout.xaxis.title.text

@@ -11,6 +11,7 @@ from core.observe.probe import (
     STATE,
     batches,
     eval_mode,
+    is_static,
     model_device,
     parse_site,
     run_probe,
@@ -18,7 +19,7 @@ from core.observe.probe import (
     site_quantizers,
     vim_of,
 )
-from core.observe.stats import ErrorSums, capture
+from core.observe.stats import ErrorSums, StepErrorSums, capture
 from core.quant import QuantizedVim, quantized_sites
 
 
@@ -34,8 +35,9 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
     ``kind`` is ``weight`` for linear weights (w_bits) and ``activation`` for everything quantized with
     a_bits (A, D and, with ``quantize_state``, the scan states h, per step).
     Columns: ``site, layer, direction, tensor, kind, bits, sqnr_db, cosine, sqnr_db_vs_fp_model,
-    cosine_vs_fp_model``. Sums run over all images; the FP tensors of one batch at every site are held at
-    once, so lower ``batch_size`` for large models.
+    cosine_vs_fp_model``. ``attrs["step_sqnr_db"]``: site → the quantizer's SQNR per time-step (in its scan
+    direction's order), for the activations that have time-steps (not weights, A, D or h). Sums run over all
+    images; the FP tensors of one batch at every site are held at once, so lower ``batch_size`` for large models.
     """
     stored = site_quantizers(qmodel)
     order = [site.name for site in quantized_sites(vim_of(qmodel), include_states=True)]
@@ -43,6 +45,8 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
     watched = set(quantizers)
     local: dict[str, ErrorSums] = {name: ErrorSums() for name in quantizers}
     end_to_end: dict[str, ErrorSums] = {name: ErrorSums() for name in quantizers}
+    steps = {name: StepErrorSums() for name in quantizers
+             if not is_static(name) and parse_site(name).tensor != STATE}
     reference: dict[str, torch.Tensor] = {}
     states = any(parse_site(name).tensor == STATE for name in quantizers)
 
@@ -50,6 +54,8 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
         smoothed = getattr(quantizers[site.name], "smoothed", lambda t: t)
         local[site.name].add(smoothed(x), xq)
         end_to_end[site.name].add(smoothed(reference[site.name]), xq)
+        if site.name in steps:
+            steps[site.name].add(smoothed(x), xq)
 
     def observe_state(site: Site, step: int, h: torch.Tensor, hq: torch.Tensor) -> None:
         local[site.name].add(h, hq)
@@ -72,7 +78,9 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
             "sqnr_db_vs_fp_model": end_to_end[name].sqnr_db,
             "cosine_vs_fp_model": end_to_end[name].cosine,
         })
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["step_sqnr_db"] = {name: sums.sqnr_db for name, sums in steps.items()}
+    return frame
 
 
 def _block_outputs(model: nn.Module, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -154,6 +154,31 @@ class ErrorSums:
         return self.dot / norms
 
 
+class StepErrorSums:
+    """Σx² and Σ(x−x̂)² per time-step over many batches of (batch, L, C) activations (float64): the SQNR along
+    the scan."""
+
+    def __init__(self) -> None:
+        self.signal: torch.Tensor | None = None
+        self.noise: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, xq: torch.Tensor) -> None:
+        x, xq = _as_tokens(x.detach()).double(), _as_tokens(xq.detach()).double()
+        signal, noise = (x * x).sum(dim=(0, 2)), ((x - xq) ** 2).sum(dim=(0, 2))
+        self.signal = signal if self.signal is None else self.signal + signal
+        self.noise = noise if self.noise is None else self.noise + noise
+
+    @property
+    def sqnr_db(self) -> np.ndarray:
+        """SQNR (dB) per time-step: +inf where nothing was rounded, −inf where the signal is 0 (and noise is not),
+        NaN where both are 0; empty before any ``add``."""
+        if self.signal is None:
+            return np.zeros(0)
+        signal, noise = self.signal.cpu().numpy(), self.noise.cpu().numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 10 * np.log10(signal / noise)
+
+
 def sqnr_db(x: torch.Tensor, xq: torch.Tensor) -> float:
     """10·log10(‖x‖² / ‖x − x̂‖²) in dB: +inf when x̂ equals x; every 6 dB is about one more bit."""
     sums = ErrorSums()
