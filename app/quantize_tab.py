@@ -238,6 +238,20 @@ def show_top_k(items: list[dict] | None, selected: gr.SelectData) -> go.Figure |
     return top_k_figure(items, selected.index)
 
 
+def lowest_sqnr_text(report: pd.DataFrame) -> str:
+    """The run's weakest quantizer, alone and against the FP model, as the summary states it."""
+    parts = []
+    for column, what in (("sqnr_db", "alone"), ("sqnr_db_vs_fp_model", "against the FP model")):
+        values = report[column].to_numpy(dtype=float)
+        if np.isfinite(values).any():
+            row = report.iloc[int(np.nanargmin(np.where(np.isfinite(values), values, np.nan)))]
+            parts.append(f"`{row['site']}` {row[column]:.1f} dB {what}")
+    if not parts:
+        return "not measured"
+    images = report.attrs.get("images")
+    return "; ".join(parts) + (f" (first {images} test images; the block diagram below shows where)" if images else "")
+
+
 def suggestion_text(suggestion: dict[str, dict], config: dict) -> str:
     """The mixed-precision suggestion as the summary shows it."""
     if config["w_bits"] >= 8 and config["a_bits"] >= 8:
@@ -272,6 +286,7 @@ def summary_markdown(shown: Shown, cached: bool) -> str:
             ("Reconstruction", f"{epochs} epochs" if epochs else "none (clip-searched scales)"),
             ("Predictions changed", f"{shown.changed:,} of {r.test_images:,} (FP wrong → right: {shown.fixed:,}; "
                                     f"FP right → wrong: {shown.broken:,})"),
+            ("Lowest SQNR", lowest_sqnr_text(shown.report)),
             ("Mixed-precision suggestion", suggestion_text(shown.suggestion, config)),
             ("Time", f"calibration {r.calibration_seconds:.1f} s, evaluation {r.eval_seconds:.1f} s on {r.hardware}: "
                      f"{kind}"),

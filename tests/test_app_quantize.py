@@ -107,6 +107,7 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     sites = [site for _, site in pick_site["choices"]]
     assert len(sites) == 4 * 22 and pick_site["value"] == sites[0] and sites[0].startswith(f"layers.{worst}.")
     assert f"{np.nanmin(z):.1f} dB" in pick_site["choices"][0][0]
+    assert f"| **Lowest SQNR** | `{sites[0]}` {np.nanmin(z):.1f} dB alone; `" in text
     # along the scan: the worst quantizer that has time-steps, its 50 steps, OuroMamba's windows of 10
     along = json.loads(along_the_scan["plot"])
     first_with_steps = next(s for s in sites if not s.endswith((".weight", ".A", ".D")))
