@@ -12,7 +12,7 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from app.common import error
-from core.error_figures import METRICS, sqnr_difference_heatmap
+from core.error_figures import DEFAULT_METRIC, METRICS, sqnr_difference_heatmap
 from core.errors import StudioError
 from core.experiments import RunRecord, load_records, site_errors_frame, write_records
 from core.report import FAKE_QUANT_NOTE, accuracy_figure, latency_figure, run_label, runs_frame, write_report
@@ -71,10 +71,10 @@ def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
         models = [r.quantized_model for r in records if r.quantized_model and Path(r.quantized_model).is_file()]
         choices = measured_runs(records)
         second, first = [i for _, i in choices[:2]] if len(choices) > 1 else (None, None)
-        figure, pair_status = pair_figure(records, first, second, next(iter(METRICS)))
+        figure, pair_status = pair_figure(records, first, second, DEFAULT_METRIC)
         return (status, runs_frame(records), accuracy_figure(records), latency_figure(records), str(csv_path),
                 str(json_path), str(html_path), models or None, gr.update(choices=choices, value=first),
-                gr.update(choices=choices, value=second), gr.update(value=next(iter(METRICS))), figure, pair_status,
+                gr.update(choices=choices, value=second), gr.update(value=DEFAULT_METRIC), figure, pair_status,
                 records)
 
     gr.Markdown("## Compare runs")
@@ -95,7 +95,7 @@ def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
     with gr.Row():
         first = gr.Dropdown([], label="Run A", elem_id="compare-first")
         second = gr.Dropdown([], label="Run B", elem_id="compare-second")
-        metric = gr.Radio(list(METRICS), value=next(iter(METRICS)), label="SQNR", elem_id="compare-metric")
+        metric = gr.Radio(list(METRICS), value=DEFAULT_METRIC, label="SQNR", elem_id="compare-metric")
     pair_status = gr.Markdown(NO_PAIR, elem_id="compare-pair-status")
     pair = gr.Plot(label="SQNR of B minus A", elem_id="compare-pair")
     records = gr.State([])

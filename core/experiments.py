@@ -123,8 +123,10 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
     if cancel is not None and cancel.is_set():
         raise Cancelled("cancelled before the per-site errors")
     error_images = min(error_images, len(test))
-    report = error_report(model, qmodel, test.normalized(0, error_images)) if error_images else None
-    site_errors = site_errors_of(report, error_images) if error_images else {}
+    site_errors, step_sqnr_db = {}, {}
+    if error_images:
+        report = error_report(model, qmodel, test.normalized(0, error_images))
+        site_errors, step_sqnr_db = site_errors_of(report, error_images), report.attrs["step_sqnr_db"]
     setting = f"W{config.w_bits}A{config.a_bits}" + (f"O{config.o_bits}" if config.method in
                                                       ("ouromamba", "static_outliers") else "")
     record = RunRecord(
@@ -135,7 +137,7 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
         eval_seconds=round(result.seconds, 2), hardware=result.device, config=config.to_dict(),
         reconstruction=qmodel.provenance.get("reconstruction", {}).get("blocks", []), versions=versions(),
         date=utc_now(), checkpoint=checkpoint, data=test.source, site_errors=site_errors)
-    return QuantizationRun(record, qmodel, result, calib, report.attrs["step_sqnr_db"] if error_images else {})
+    return QuantizationRun(record, qmodel, result, calib, step_sqnr_db)
 
 
 def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, device: str | torch.device,
