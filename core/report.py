@@ -38,13 +38,23 @@ def _ms_per_image(record: RunRecord) -> float:
     return round(1000 * record.eval_seconds / max(record.test_images, 1), 3)
 
 
+def _lowest_sqnr(record: RunRecord) -> str | None:
+    """The run's weakest quantizer, 'layers.3.out_proj.input 6.8 dB' (None if it measured none)."""
+    rows = [row for row in record.site_errors.get("rows", []) if row["sqnr_db"] is not None]
+    if not rows:
+        return None
+    worst = min(rows, key=lambda row: row["sqnr_db"])
+    return f"{worst['site']} {worst['sqnr_db']:.1f} dB"
+
+
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
     """One row per run, with everything needed to reproduce its numbers (the config as compact JSON). The
     columns people compare come first (the run's label names its method and setting), so a narrow table still
     shows them; provenance follows."""
     return pd.DataFrame([{
         "run": run_label(index, r), "top-1 (%)": r.top1, "Δ vs FP": r.delta_vs_fp, "FP top-1 (%)": r.fp_top1,
-        "test images": r.test_images, "calibration": _calibration(r), "eval ms / image": _ms_per_image(r),
+        "test images": r.test_images, "lowest SQNR": _lowest_sqnr(r), "calibration": _calibration(r),
+        "eval ms / image": _ms_per_image(r),
         "hardware": r.hardware, "method": r.method, "setting": r.setting, "model": r.model, "data": r.data or None,
         "calibration s": r.calibration_seconds, "date": r.date,
         "versions": ", ".join(f"{k} {v}" for k, v in r.versions.items()), "checkpoint": r.checkpoint or None,
@@ -52,9 +62,9 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
     } for index, r in enumerate(records)], columns=RUN_COLUMNS)
 
 
-RUN_COLUMNS = ["run", "top-1 (%)", "Δ vs FP", "FP top-1 (%)", "test images", "calibration", "eval ms / image",
-               "hardware", "method", "setting", "model", "data", "calibration s", "date", "versions", "checkpoint",
-               "config", "quantized model"]
+RUN_COLUMNS = ["run", "top-1 (%)", "Δ vs FP", "FP top-1 (%)", "test images", "lowest SQNR", "calibration",
+               "eval ms / image", "hardware", "method", "setting", "model", "data", "calibration s", "date", "versions",
+               "checkpoint", "config", "quantized model"]
 
 
 def _series(record: RunRecord, several_models: bool, several_splits: bool) -> str:

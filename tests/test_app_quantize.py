@@ -225,6 +225,8 @@ def test_compare_lists_runs_and_downloads(served, runs: Path):
     assert [(r["method"], r["setting"], r["calibration"]) for r in rows] == [
         ("ouromamba", "W4A4O8", "real × 8, seed 0"), ("per_tensor", "W8A8", "noise × 8, seed 1")]
     assert rows[1]["Δ vs FP"] == other["delta_vs_fp"] and rows[1]["hardware"].startswith("CPU")
+    worst = min(other["site_errors"]["rows"], key=lambda row: row["sqnr_db"])
+    assert rows[1]["lowest SQNR"] == f"{worst['site']} {worst['sqnr_db']:.1f} dB"
     assert json.loads(rows[1]["config"])["overrides"] == {"layers.0.*": {"w_bits": 6}}
     assert "CPU fake-quant" in json.loads(latency["plot"])["layout"]["title"]["text"]
     assert {t["name"] for t in json.loads(accuracy["plot"])["data"]} == {"ouromamba O8", "per_tensor + overrides"}
