@@ -231,9 +231,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     several_splits = len({scored_on(r) for r in records}) > 1  # a row per method and scoring images then
     print(accuracy_table(records, lambda r: f"{r.method} on {scored_on(r)}") if several_splits else
           accuracy_table(records))
-    if sites := site_error_table(records):
-        print("\nSQNR (dB) of each tensor's quantizers, mean over layers and directions (first "
-              f"{max(r.site_errors.get('images', 0) for r in records)} scored images):\n{sites}\n")
+    images = max((r.site_errors.get("images", 0) for r in records), default=0)
+    for metric, what in (("sqnr_db", "alone"), ("sqnr_db_vs_fp_model", "against the FP model (upstream error in)")):
+        if sites := site_error_table(records, metric):
+            print(f"\nSQNR (dB) of each tensor's quantizers {what}, mean over layers and directions (first {images} "
+                  f"scored images):\n{sites}")
     print(f"{len(records)} run(s) → {out} (one HTML file: opens with no server and no network)")
 
 

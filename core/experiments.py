@@ -273,7 +273,8 @@ def scored_on(record: RunRecord) -> str:
 
 
 def site_error_table(records: list[RunRecord], metric: str = "sqnr_db") -> str:
-    """Markdown: one row per run that measured its per-site errors, one column per tensor in forward order,
+    """Markdown: one row per run that measured its per-site errors (method, setting, calibration source × images),
+    one column per tensor in forward order,
     each cell the mean ``metric`` (dB) over the layers and both scan directions, then the run's lowest site;
     '' when no run measured them."""
     frames = [(r, site_errors_frame(r)) for r in records]
@@ -287,7 +288,8 @@ def site_error_table(records: list[RunRecord], metric: str = "sqnr_db") -> str:
         worst = frame.iloc[int(np.nanargmin(frame[metric]))] if frame[metric].notna().any() else None
         cells = [f"{means[t]:.1f}" if t in means and pd.notna(means[t]) else "–" for t in tensors]
         lowest = "–" if worst is None else f"{worst['site']} {worst[metric]:.1f}"
-        lines.append(f"| {r.method} {r.setting} | " + " | ".join(cells) + f" | {lowest} |")
+        calibration = f"{Path(r.calibration['source']).name} × {r.calibration['images']}"
+        lines.append(f"| {r.method} {r.setting}, {calibration} | " + " | ".join(cells) + f" | {lowest} |")
     return "\n".join(lines)
 
 

@@ -151,7 +151,7 @@ def test_the_site_error_table_averages_each_tensor_over_layers_and_directions():
     cells = dict(zip(header.strip("| ").split(" | ")[1:], row.strip("| ").split(" | ")[1:], strict=True))
     c = report[report["tensor"] == "C"]["sqnr_db"]
     assert cells["C"] == f"{c.mean():.1f}" and cells["lowest"] == "layers.1.bwd.C -4.0"
-    assert row.startswith("| ouromamba W4A4O8 |") and site_error_table(records[1:]) == ""
+    assert row.startswith("| ouromamba W4A4O8, real × 8 |") and site_error_table(records[1:]) == ""
 
 
 def test_a_quantizers_sqnr_along_the_scan_marks_its_windows_and_mean():
