@@ -28,6 +28,7 @@ from core.gen import GEN_PRESETS, GEN_SOURCES, GenConfig, GenProgress, generate,
 from core.models import load_checkpoint
 from core.observe import dynamic_outlier_summary
 from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, quantize
+from core.quant.config import parse_overrides
 from core.quant.packed import agreement, pack, save_packed
 from core.records import provenance
 from core.workspace import architecture, file_sha256, fits_fashion_mnist
@@ -91,6 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     """Quantize with every requested method × setting, print an accuracy table, write CSV + JSON records."""
+    overrides = parse_overrides(args.overrides)  # before any work: a typo costs nothing
     model = load_checkpoint(args.checkpoint)
     data = load_validation(args.data) if args.eval_split == "val" else load_fashion_mnist("test", args.data)
     if args.limit:
@@ -104,7 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         for w_bits, a_bits in settings:
             config = QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, o_bits=args.outlier_bits, k=args.k,
                                  n_refresh=args.n_refresh, release_compatible=args.release_compatible,
-                                 quantize_state=args.quantize_state,
+                                 quantize_state=args.quantize_state, overrides=overrides,
                                  reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
             print(f"{config.label}: calibrating on {args.n_calib} {args.calib} images", file=sys.stderr)
             record = quantize_and_evaluate(model, Path(args.checkpoint).parent.name, config, data, fp.top1,
@@ -292,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--eval-split", choices=["test", "val"], default="test",
                        help="val: the 5,000 held-out training images (train[55000:]), to choose settings without "
                             "touching the test set")
+    quant.add_argument("--overrides", default="",
+                       help='per-site changes as JSON, applied in order, e.g. \'{"*.out_proj.input": {"a_bits": 8}}\' '
+                            'or \'{"layers.0.*": {"skip": true}}\' (the Quantize tab\'s Per-layer overrides)')
     quant.add_argument("--error-images", type=int, default=ERROR_IMAGES,
                        help="every quantizer's SQNR on the first N scored images, into the records (0: skip); "
                             "`report` draws them")

@@ -80,6 +80,22 @@ def test_quantize_command_bad_input_is_one_line(capsys):
     assert err.startswith("error: ") and "w_bits must be" in err
     assert main(["quantize", "--error-images", "-1", "--limit", "5", "--n-calib", "2"]) == 2
     assert "per-site error images must be 0 (none) or more (got -1)" in capsys.readouterr().err
+    assert main(["quantize", "--overrides", "{oops", "--limit", "5"]) == 2
+    assert "overrides are not valid JSON" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["quantize", "--overrides", '{"layers.9.*": {"w_bits": 8}}', "--limit", "5", "--n-calib", "2",
+                 "--recon-epochs", "0"]) == 2
+    assert "override 'layers.9.*' matches no site of this model" in capsys.readouterr().err
+
+
+def test_quantize_command_applies_per_site_overrides(tmp_path: Path, capsys):
+    """The out_proj inputs at 8 bits: their records say so, and their SQNR is an 8-bit one (the rest stay 4-bit)."""
+    assert main(["quantize", "--method", "ptq4vm", "--setting", "W4A4", "--limit", "30", "--n-calib", "4",
+                 "--recon-epochs", "0", "--overrides", '{"*.out_proj.input": {"a_bits": 8}}', "--out",
+                 str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "runs.json").read_text())[0]
+    assert record["config"]["overrides"] == {"*.out_proj.input": {"a_bits": 8}}
+    bits = {row["site"]: row["bits"] for row in record["site_errors"]["rows"]}
+    assert {site for site, b in bits.items() if b == 8} == {f"layers.{i}.out_proj.input" for i in range(4)}
 
 
 def test_outliers_command_writes_per_site_statistics(tmp_path: Path, capsys):
