@@ -14,7 +14,7 @@ from core.quant.fake import (
 )
 from core.quant.outliers import max_abs_scale, outlier_masks, range_scale, strip_outliers
 from core.quant.quantizers import OutlierAwareQuantizer, PerTokenStaticQuantizer, WeightQuantizer
-from core.quant.reconstruct import block_parameters, reconstruct
+from core.quant.reconstruct import block_parameters, grid_bits, reconstruct
 
 STATIC_ONLY = ReconstructionConfig(epochs=0)
 
@@ -351,6 +351,32 @@ def test_reconstruction_lowers_every_block_loss_and_trains_every_scale(default_m
     unchanged = [name for name, p in qmodel.quantizers.named_parameters() if torch.equal(p, before[name])]
     assert not unchanged, f"scales that received no update: {unchanged}"
     assert len(block_parameters(qmodel, 0)) == len(before) // 4
+
+
+def test_reconstruction_keeps_the_scales_of_grids_finer_than_4_bits(default_model_and_calibration):
+    """An 8-bit site in a 4-bit model keeps its calibrated scale (the release's lr only made it drift) while every
+    4-bit scale learns; a 4-bit model trains exactly as the release does (the same steps: bit for bit)."""
+    model, images = default_model_and_calibration
+
+    def scales(quant: QuantConfig, limit: int | None, epochs: int = 1) -> dict[str, torch.Tensor]:
+        qmodel = quantize(model, quant, images)
+        if epochs:
+            config = ReconstructionConfig(epochs=epochs, batch_size=8, max_learned_bits=limit)
+            reconstruct(qmodel, model, images, config)
+        return {name: p.detach() for name, p in qmodel.quantizers.named_parameters()}
+
+    mixed = QuantConfig(w_bits=4, a_bits=4, overrides={"*.x_proj.weight": {"w_bits": 8}}, reconstruction=STATIC_ONLY)
+    calibrated, kept, moved = scales(mixed, 4, epochs=0), scales(mixed, 4), scales(mixed, None)
+    for name, value in calibrated.items():
+        eight_bits = ":x_proj:weight" in name
+        assert torch.equal(kept[name], value) == eight_bits, name  # only the 8-bit scales stay put
+        assert not torch.equal(moved[name], value), name  # the release's way: every scale moves
+    four_bits = QuantConfig(w_bits=4, a_bits=4, reconstruction=STATIC_ONLY)
+    assert all(torch.equal(a, b) for a, b in zip(scales(four_bits, 4).values(), scales(four_bits, None).values(),
+                                                 strict=True))
+    qmodel = quantize(model, mixed, images)
+    assert {grid_bits(q) for q in qmodel.quantizers.modules() if hasattr(q, "qmax")} == {4, 8}
+    assert grid_bits(torch.nn.Identity()) is None
 
 
 def test_reconstruction_can_be_cancelled(small_vim):

@@ -27,8 +27,11 @@ Progress = Callable[[str, int, int, float | None], None]
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
-    """Block-wise reconstruction after the static calibration (defaults: the release's, §7.7).
-    ``epochs`` 0 keeps the clip-searched scales."""
+    """Block-wise reconstruction after the static calibration (defaults: the release's, §7.7, but for
+    ``max_learned_bits``). ``epochs`` 0 keeps the clip-searched scales. Only the scales of grids of at most
+    ``max_learned_bits`` bits learn; finer grids keep their calibrated scales (None: every scale learns, as in
+    the release). AdamW moves a scale by about lr a step whatever its size, and the release's lr suits 4-bit
+    scales: an 8-bit one, ~18× smaller, drifted 2× and some below zero (docs/method-decisions.md)."""
 
     epochs: int = 10
     lr: float = 5e-4
@@ -36,6 +39,7 @@ class ReconstructionConfig:
     batch_size: int = 32
     grad_clip: float = 2.0
     seed: int = 0
+    max_learned_bits: int | None = 4
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:

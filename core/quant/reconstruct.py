@@ -6,6 +6,8 @@ on the FP model's inputs. The loss is 1 − cosine similarity over the hidden di
 stream after the block (residual + block output, what the next block normalises), averaged over tokens and
 images. Every scale of the block's quantizers (weights and static activation scales) is a parameter and
 learns through the straight-through rounding; the release learned only out_proj's (we test that all move).
+Scales of grids finer than ``ReconstructionConfig.max_learned_bits`` (4) keep their calibrated values: the
+release's lr suits 4-bit scales, and an 8-bit one, ~18× smaller, only drifted (docs/method-decisions.md).
 """
 
 from __future__ import annotations
@@ -26,6 +28,26 @@ def block_parameters(qmodel: QuantizedVim, layer: int) -> dict[str, torch.nn.Par
     """The learnable quantization scales of one block, by name."""
     prefix = f"layers:{layer}:"
     return {name: p for name, p in qmodel.quantizers.named_parameters() if name.startswith(prefix)}
+
+
+def grid_bits(quantizer: torch.nn.Module) -> int | None:
+    """The bits of a quantizer's grid (from its ``qmax``: 2^(b−1) − 1 symmetric, 2^b − 1 asymmetric levels), or
+    None for modules without one."""
+    if not hasattr(quantizer, "qmax"):
+        return None
+    levels = quantizer.qmax if getattr(quantizer, "asymmetric", False) else 2 * quantizer.qmax + 1
+    return int(levels + 1).bit_length() - 1
+
+
+def learned_parameters(qmodel: QuantizedVim, layer: int, config: ReconstructionConfig) -> list[torch.nn.Parameter]:
+    """The scales of one block that reconstruction trains: every one, or with ``config.max_learned_bits`` those
+    of grids that coarse (in ``block_parameters``' order, so a 4-bit model trains exactly as the release)."""
+    owners = {f"{module_name}.{name}" if module_name else name: module
+              for module_name, module in qmodel.quantizers.named_modules()
+              for name, _ in module.named_parameters(recurse=False)}
+    limit = config.max_learned_bits
+    return [parameter for name, parameter in block_parameters(qmodel, layer).items()
+            if limit is None or (grid_bits(owners[name]) or 0) <= limit]
 
 
 def _stream(hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -55,7 +77,7 @@ def reconstruct(qmodel: QuantizedVim, fp_model: VisionMamba, calib_images: torch
             fp_hidden, fp_residual = fp_block(fp_hidden, fp_residual)
             target = _stream(fp_hidden, fp_residual)
             before = block_loss(target, _stream(*q_block(q_hidden, q_residual))).item()
-        params = list(block_parameters(qmodel, index).values())
+        params = learned_parameters(qmodel, index, config)
         if params and config.epochs:
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
             for _ in range(config.epochs):
