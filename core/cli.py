@@ -19,6 +19,7 @@ from core.experiments import (
     accuracy_table,
     quantize_and_evaluate,
     read_records,
+    run_name,
     scored_on,
     site_error_table,
     threshold_sweep,
@@ -231,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise StudioError("these files hold no runs: quantize first (python -m core quantize, or the app)")
     out = write_report(records, args.out, args.title)
     several_splits = len({scored_on(r) for r in records}) > 1  # a row per method and scoring images then
-    print(accuracy_table(records, lambda r: f"{r.method} on {scored_on(r)}") if several_splits else
+    print(accuracy_table(records, lambda r: f"{run_name(r)} on {scored_on(r)}") if several_splits else
           accuracy_table(records))
     images = max((r.site_errors.get("images", 0) for r in records), default=0)
     for metric, what in (("sqnr_db", "alone"), ("sqnr_db_vs_fp_model", "against the FP model (upstream error in)")):

@@ -272,6 +272,12 @@ def scored_on(record: RunRecord) -> str:
     return (record.data or "test images").split(" (")[0]
 
 
+def run_name(record: RunRecord) -> str:
+    """The method, with its per-site overrides when it has any: how tables tell runs of one method apart."""
+    overrides = record.config.get("overrides") or {}
+    return record.method + (f" + {json.dumps(overrides, separators=(',', ':'))}" if overrides else "")
+
+
 def site_error_table(records: list[RunRecord], metric: str = "sqnr_db") -> str:
     """Markdown: one row per run that measured its per-site errors (method, setting, calibration source × images),
     one column per tensor in forward order,
@@ -289,13 +295,14 @@ def site_error_table(records: list[RunRecord], metric: str = "sqnr_db") -> str:
         cells = [f"{means[t]:.1f}" if t in means and pd.notna(means[t]) else "–" for t in tensors]
         lowest = "–" if worst is None else f"{worst['site']} {worst[metric]:.1f}"
         calibration = f"{Path(r.calibration['source']).name} × {r.calibration['images']}"
-        lines.append(f"| {r.method} {r.setting}, {calibration} | " + " | ".join(cells) + f" | {lowest} |")
+        lines.append(f"| {run_name(r)} {r.setting}, {calibration} | " + " | ".join(cells) + f" | {lowest} |")
     return "\n".join(lines)
 
 
-def accuracy_table(records: list[RunRecord], row: Callable[[RunRecord], str] = lambda r: r.method,
+def accuracy_table(records: list[RunRecord], row: Callable[[RunRecord], str] = run_name,
                    label: str = "method") -> str:
-    """Markdown: one row per ``row(record)`` (default: the method), one column per setting (top-1, Δ vs FP)."""
+    """Markdown: one row per ``row(record)`` (default: the method and its overrides), one column per setting
+    (top-1, Δ vs FP)."""
     settings = list(dict.fromkeys(r.setting.split("O")[0] for r in records))
     rows = list(dict.fromkeys(row(r) for r in records))
     cell = {(row(r), r.setting.split("O")[0]): f"{r.top1:.2f} ({r.delta_vs_fp:+.2f})" for r in records}

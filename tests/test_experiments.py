@@ -125,3 +125,15 @@ def test_the_threshold_sweep_needs_the_per_time_step_rule():
     model, _ = load_default_model()
     with pytest.raises(StudioError, match="method 'ptq4vm' has none"):
         threshold_sweep(model, QuantConfig(method="ptq4vm"), torch.zeros(1, 1, 28, 28), None, [3.0], [10], 90.0)
+
+
+def test_tables_keep_runs_with_other_overrides_apart():
+    from core.experiments import RunRecord, accuracy_table, run_name
+    fields = {"model": "m", "method": "ptq4vm", "setting": "W4A4", "calibration": {"source": "real", "images": 8,
+              "seed": 0}, "top1": 80.0, "fp_top1": 90.0, "delta_vs_fp": -10.0, "test_images": 10,
+              "calibration_seconds": 1.0, "eval_seconds": 1.0, "hardware": "CPU", "config": {"overrides": {}}}
+    plain = RunRecord.from_dict(fields)
+    raised = RunRecord.from_dict({**fields, "top1": 89.0, "config": {"overrides": {"*.out_proj.input": {"a_bits": 8}}}})
+    assert run_name(plain) == "ptq4vm" and run_name(raised) == 'ptq4vm + {"*.out_proj.input":{"a_bits":8}}'
+    rows = accuracy_table([plain, raised]).splitlines()[2:]
+    assert rows == ["| ptq4vm | 80.00 (-10.00) |", '| ptq4vm + {"*.out_proj.input":{"a_bits":8}} | 89.00 (-10.00) |']
