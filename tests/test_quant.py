@@ -1,10 +1,12 @@
 """OuroMamba-Quant: quantizer math on hand-computed examples, the outlier rule, configs and the API."""
 
+import copy
+
 import pytest
 import torch
 
 from core.errors import StudioError
-from core.quant import QuantConfig, ReconstructionConfig, quantize, quantized_sites
+from core.quant import QuantConfig, QuantizedVim, ReconstructionConfig, quantize, quantized_sites
 from core.quant.fake import (
     asymmetric_params,
     fake_quant_asymmetric,
@@ -358,24 +360,22 @@ def test_reconstruction_keeps_the_scales_of_grids_finer_than_4_bits(default_mode
     4-bit scale learns; a 4-bit model trains exactly as the release does (the same steps: bit for bit)."""
     model, images = default_model_and_calibration
 
-    def scales(quant: QuantConfig, limit: int | None, epochs: int = 1) -> dict[str, torch.Tensor]:
-        qmodel = quantize(model, quant, images)
-        if epochs:
-            config = ReconstructionConfig(epochs=epochs, batch_size=8, max_learned_bits=limit)
-            reconstruct(qmodel, model, images, config)
+    def scales(calibrated: QuantizedVim, limit: int | None) -> dict[str, torch.Tensor]:
+        qmodel = copy.deepcopy(calibrated)
+        reconstruct(qmodel, model, images, ReconstructionConfig(epochs=1, batch_size=8, max_learned_bits=limit))
         return {name: p.detach() for name, p in qmodel.quantizers.named_parameters()}
 
-    mixed = QuantConfig(w_bits=4, a_bits=4, overrides={"*.x_proj.weight": {"w_bits": 8}}, reconstruction=STATIC_ONLY)
-    calibrated, kept, moved = scales(mixed, 4, epochs=0), scales(mixed, 4), scales(mixed, None)
-    for name, value in calibrated.items():
+    mixed = quantize(model, QuantConfig(w_bits=4, a_bits=4, overrides={"*.x_proj.weight": {"w_bits": 8}},
+                                        reconstruction=STATIC_ONLY), images)
+    kept, moved = scales(mixed, 4), scales(mixed, None)
+    for name, value in mixed.quantizers.named_parameters():
         eight_bits = ":x_proj:weight" in name
         assert torch.equal(kept[name], value) == eight_bits, name  # only the 8-bit scales stay put
         assert not torch.equal(moved[name], value), name  # the release's way: every scale moves
-    four_bits = QuantConfig(w_bits=4, a_bits=4, reconstruction=STATIC_ONLY)
+    four_bits = quantize(model, QuantConfig(w_bits=4, a_bits=4, reconstruction=STATIC_ONLY), images)
     assert all(torch.equal(a, b) for a, b in zip(scales(four_bits, 4).values(), scales(four_bits, None).values(),
                                                  strict=True))
-    qmodel = quantize(model, mixed, images)
-    assert {grid_bits(q) for q in qmodel.quantizers.modules() if hasattr(q, "qmax")} == {4, 8}
+    assert {grid_bits(q) for q in mixed.quantizers.modules() if hasattr(q, "qmax")} == {4, 8}
     assert grid_bits(torch.nn.Identity()) is None
 
 
