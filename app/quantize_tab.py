@@ -52,6 +52,7 @@ from core.experiments import (
     RunRecord,
     append_record,
     kernel_latency,
+    lowest_site,
     quantize_and_evaluate,
     site_errors_frame,
 )
@@ -242,9 +243,7 @@ def lowest_sqnr_text(report: pd.DataFrame) -> str:
     """The run's weakest quantizer, alone and against the FP model, as the summary states it."""
     parts = []
     for column, what in (("sqnr_db", "alone"), ("sqnr_db_vs_fp_model", "against the FP model")):
-        values = report[column].to_numpy(dtype=float)
-        if np.isfinite(values).any():
-            row = report.iloc[int(np.nanargmin(np.where(np.isfinite(values), values, np.nan)))]
+        if (row := lowest_site(report, column)) is not None:
             parts.append(f"`{row['site']}` {row[column]:.1f} dB {what}")
     if not parts:
         return "not measured"

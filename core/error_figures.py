@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.experiments import lowest_site
 from core.intercept import BACKWARD, FORWARD, SHARED_TENSORS
 
 METRICS = {  # the report column a diagram colours by
@@ -68,11 +69,8 @@ def _edges() -> list[list[tuple[float, float]]]:
 
 def worst_layer(report: pd.DataFrame, metric: str) -> int:
     """The layer holding the run's lowest ``metric`` (dB): where a diagram first looks."""
-    values = report[metric].to_numpy(dtype=float)
-    values[np.isposinf(values)] = np.nan  # exact quantizers are not the worst; −inf is
-    if np.isnan(values).all():
-        return int(report["layer"].min())
-    return int(report["layer"].iloc[int(np.nanargmin(values))])
+    worst = lowest_site(report, metric)
+    return int(report["layer"].min() if worst is None else worst["layer"])
 
 
 @dataclass

@@ -272,6 +272,14 @@ def scored_on(record: RunRecord) -> str:
     return (record.data or "test images").split(" (")[0]
 
 
+def lowest_site(frame: pd.DataFrame, metric: str = "sqnr_db") -> pd.Series | None:
+    """The row of a per-site error frame with the lowest ``metric``: −inf counts (nothing of the signal left),
+    +inf (an exact quantizer) and NaN do not; None when no row has a value."""
+    values = frame[metric].to_numpy(dtype=float).copy()
+    values[np.isposinf(values)] = np.nan
+    return None if np.isnan(values).all() else frame.iloc[int(np.nanargmin(values))]
+
+
 def run_name(record: RunRecord) -> str:
     """The method, with its per-site overrides when it has any: how tables tell runs of one method apart."""
     overrides = record.config.get("overrides") or {}
@@ -291,7 +299,7 @@ def site_error_table(records: list[RunRecord], metric: str = "sqnr_db") -> str:
     lines = ["| run | " + " | ".join(tensors) + " | lowest |", "|---|" + "---|" * (len(tensors) + 1)]
     for r, frame in frames:
         means = frame.groupby("tensor")[metric].mean()
-        worst = frame.iloc[int(np.nanargmin(frame[metric]))] if frame[metric].notna().any() else None
+        worst = lowest_site(frame, metric)
         cells = [f"{means[t]:.1f}" if t in means and pd.notna(means[t]) else "–" for t in tensors]
         lowest = "–" if worst is None else f"{worst['site']} {worst[metric]:.1f}"
         calibration = f"{Path(r.calibration['source']).name} × {r.calibration['images']}"

@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 
 from core.error_figures import diagram_with_layer_menu, sqnr_heatmap
 from core.errors import StudioError
-from core.experiments import RunRecord, scored_on, site_errors_frame
+from core.experiments import RunRecord, lowest_site, scored_on, site_errors_frame
 from core.records import utc_now, versions
 
 SITE_ERROR_RUNS = 12  # the newest runs whose per-site errors a report draws (two figures each)
@@ -40,11 +40,9 @@ def _ms_per_image(record: RunRecord) -> float:
 
 def _lowest_sqnr(record: RunRecord) -> str | None:
     """The run's weakest quantizer, 'layers.3.out_proj.input 6.8 dB' (None if it measured none)."""
-    rows = [row for row in record.site_errors.get("rows", []) if row["sqnr_db"] is not None]
-    if not rows:
-        return None
-    worst = min(rows, key=lambda row: row["sqnr_db"])
-    return f"{worst['site']} {worst['sqnr_db']:.1f} dB"
+    frame = site_errors_frame(record)
+    worst = None if frame is None else lowest_site(frame)
+    return None if worst is None else f"{worst['site']} {worst['sqnr_db']:.1f} dB"
 
 
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:

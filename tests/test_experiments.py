@@ -137,3 +137,16 @@ def test_tables_keep_runs_with_other_overrides_apart():
     assert run_name(plain) == "ptq4vm" and run_name(raised) == 'ptq4vm + {"*.out_proj.input":{"a_bits":8}}'
     rows = accuracy_table([plain, raised]).splitlines()[2:]
     assert rows == ["| ptq4vm | 80.00 (-10.00) |", '| ptq4vm + {"*.out_proj.input":{"a_bits":8}} | 89.00 (-10.00) |']
+
+
+def test_the_lowest_site_counts_minus_infinity_and_skips_exact_and_unmeasured_ones():
+    import math
+
+    import pandas as pd
+
+    from core.experiments import lowest_site
+    frame = pd.DataFrame({"site": ["a", "b", "c", "d"], "sqnr_db": [12.0, math.inf, math.nan, 3.0]}, index=[5, 5, 6, 6])
+    assert lowest_site(frame)["site"] == "d"  # an index with repeats: positions, not labels
+    frame.loc[frame["site"] == "a", "sqnr_db"] = -math.inf
+    assert lowest_site(frame)["site"] == "a"
+    assert lowest_site(frame.assign(sqnr_db=[math.inf, math.nan, math.inf, math.nan])) is None
