@@ -15,7 +15,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app.common import error, slider_top
-from core.error_figures import DEFAULT_METRIC, METRICS, block_diagram_figure, step_sqnr_figure, worst_layer
+from core.error_figures import (
+    DEFAULT_METRIC,
+    METRICS,
+    bits_text,
+    block_diagram_figure,
+    db_text,
+    step_sqnr_figure,
+    worst_layer,
+)
 from core.errors import StudioError
 from core.quant import QuantConfig
 from core.quant.config import parse_overrides, set_override
@@ -28,16 +36,8 @@ PICKER_HELP = "Pick a site (worst first) to see its layer, then keep it at 8 bit
 def site_choices(report: pd.DataFrame, metric: str) -> list[tuple[str, str]]:
     """(label, site) of every quantizer of the run, lowest ``metric`` first (non-finite values last)."""
     ordered = report.assign(key=report[metric].fillna(float("inf"))).sort_values("key", kind="stable")
-    return [(f"{row.site}: {_db(getattr(row, metric))}, {_bits(row.bits)}", row.site)
+    return [(f"{row.site}: {db_text(getattr(row, metric))}, {bits_text(row.bits)}", row.site)
             for row in ordered.itertuples()]
-
-
-def _db(value: float) -> str:
-    return "n/a" if pd.isna(value) else f"{value:.1f} dB"
-
-
-def _bits(bits: float) -> str:
-    return "bits ?" if pd.isna(bits) else f"{int(bits)} bits"
 
 
 def site_steps_figure(report: pd.DataFrame | None, site: str | None) -> go.Figure | None:

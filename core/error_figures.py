@@ -106,9 +106,9 @@ def layer_nodes(report: pd.DataFrame, layer: int, metric: str, colour_range: tup
     name = next(label for label, column in METRICS.items() if column == metric)
     return LayerNodes(
         quantized={"x": [_place(*s)[0] for s in quantized], "y": [_place(*s)[1] for s in quantized],
-                   "text": [f"{SITE_LABELS[t]}<br>{_db(v)}" for (t, _), v in zip(quantized, values, strict=True)],
-                   "customdata": [[rows[s].site, _bits(rows[s].bits), _db(rows[s].sqnr_db), _cosine(rows[s].cosine),
-                                   _db(rows[s].sqnr_db_vs_fp_model)] for s in quantized],
+                   "text": [f"{SITE_LABELS[t]}<br>{db_text(v)}" for (t, _), v in zip(quantized, values, strict=True)],
+                   "customdata": [[rows[s].site, bits_text(rows[s].bits), db_text(rows[s].sqnr_db),
+                                   _cosine(rows[s].cosine), db_text(rows[s].sqnr_db_vs_fp_model)] for s in quantized],
                    "colours": [high if v == math.inf else low if v == -math.inf or math.isnan(v) else v
                                for v in values],
                    "symbols": symbols(quantized)},
@@ -187,25 +187,30 @@ def diagram_with_layer_menu(report: pd.DataFrame, metric: str = "sqnr_db") -> go
     return figure
 
 
-def sqnr_heatmap(report: pd.DataFrame, images: int) -> go.Figure:
-    """Layers × tensors heatmap of each quantizer's SQNR (dB); hover adds bits, cosine and the SQNR against
-    the FP model (error accumulated upstream included)."""
-    report = report.assign(column=[t if d == "shared" else f"{d} {t}"
-                                   for d, t in zip(report["direction"], report["tensor"], strict=True)])
-    columns = list(dict.fromkeys(report["column"]))
+def layer_tensor_grids(frame: pd.DataFrame, names: list[str]) -> tuple[list[str], list[str], list[np.ndarray]]:
+    """A per-site frame as layers × tensors grids of its columns ``names`` (±inf as NaN, NaN where a layer lacks
+    the tensor): the tensor labels ('in_proj.input', 'fwd B', … in forward order), the layer labels, the grids."""
+    frame = frame.assign(column=[t if d == "shared" else f"{d} {t}"
+                                 for d, t in zip(frame["direction"], frame["tensor"], strict=True)])
+    columns = list(dict.fromkeys(frame["column"]))
+    grids = [frame.pivot(index="layer", columns="column", values=name).reindex(columns=columns)
+             .to_numpy(dtype=float) for name in names]
+    grids = [np.where(np.isinf(grid), np.nan, grid) for grid in grids]
+    return columns, [f"layer {layer}" for layer in sorted(set(frame["layer"]))], grids
 
-    def grid(name: str) -> pd.DataFrame:
-        return report.pivot(index="layer", columns="column", values=name).reindex(columns=columns)
 
-    sqnr = grid("sqnr_db").replace([np.inf, -np.inf], np.nan)
-    extra = np.dstack([grid(name).to_numpy(dtype=float) for name in ("bits", "cosine", "sqnr_db_vs_fp_model")])
+def sqnr_heatmap(report: pd.DataFrame, images: int, source: str = "test images") -> go.Figure:
+    """Layers × tensors heatmap of each quantizer's SQNR (dB) on the first ``images`` of ``source``; hover adds
+    bits, cosine and the SQNR against the FP model (error accumulated upstream included)."""
+    columns, layers, (sqnr, *extra) = layer_tensor_grids(report, ["sqnr_db", "bits", "cosine",
+                                                                  "sqnr_db_vs_fp_model"])
     figure = go.Figure(go.Heatmap(
-        z=sqnr.to_numpy(), x=columns, y=[f"layer {layer}" for layer in sqnr.index], customdata=extra,
+        z=sqnr, x=columns, y=layers, customdata=np.dstack(extra),
         colorscale="Viridis", colorbar={"title": "SQNR (dB)"}, texttemplate="%{z:.0f}",
         hovertemplate="%{y}, %{x}<br>SQNR %{z:.1f} dB (%{customdata[0]} bits)<br>cosine %{customdata[1]:.4f}"
                       "<br>SQNR vs FP model %{customdata[2]:.1f} dB<extra></extra>"))
     figure.update_yaxes(autorange="reversed")
-    figure.update_layout(title=f"SQNR (dB) of every quantizer, per layer and tensor (first {images} test images)",
+    figure.update_layout(title=f"SQNR (dB) of every quantizer, per layer and tensor (first {images} {source})",
                          height=360, margin={"l": 70, "r": 10, "t": 50, "b": 120})
     return figure
 
@@ -238,23 +243,15 @@ def sqnr_difference_heatmap(first: pd.DataFrame, second: pd.DataFrame, first_lab
     quantized: blue where the second run keeps more precision, red where it loses it; hover gives both values
     and bits. None when the runs share no quantized site (different models)."""
     both = first.merge(second, on=["site", "layer", "direction", "tensor"], suffixes=("_first", "_second"))
-    both = both.replace([np.inf, -np.inf], np.nan)
     if both.empty:
         return None
-    both["column"] = [t if d == "shared" else f"{d} {t}" for d, t in zip(both["direction"], both["tensor"],
-                                                                        strict=True)]
-    columns = list(dict.fromkeys(both["column"]))
-
-    def grid(name: str) -> np.ndarray:
-        return both.pivot(index="layer", columns="column", values=name).reindex(columns=columns).to_numpy(float)
-
-    values = [grid(f"{metric}_first"), grid(f"{metric}_second"), grid("bits_first"), grid("bits_second")]
+    columns, layers, values = layer_tensor_grids(both, [f"{metric}_first", f"{metric}_second", "bits_first",
+                                                        "bits_second"])
     difference = values[1] - values[0]
     reach = float(np.nanmax(np.abs(difference))) if np.isfinite(difference).any() else 1.0
-    layers = sorted(set(both["layer"]))
     name = next(label for label, column in METRICS.items() if column == metric)
     figure = go.Figure(go.Heatmap(
-        z=difference, x=columns, y=[f"layer {layer}" for layer in layers], customdata=np.dstack(values),
+        z=difference, x=columns, y=layers, customdata=np.dstack(values),
         colorscale="RdBu", zmid=0, zmin=-reach, zmax=reach, colorbar={"title": "ΔSQNR (dB)"},
         texttemplate="%{z:+.0f}",
         hovertemplate="%{y}, %{x}<br>%{z:+.1f} dB: " + f"{second_label} " + "%{customdata[1]:.1f} dB "
@@ -267,7 +264,8 @@ def sqnr_difference_heatmap(first: pd.DataFrame, second: pd.DataFrame, first_lab
     return figure
 
 
-def _db(value: float) -> str:
+def db_text(value: float) -> str:
+    """An SQNR as text: 'exact' for +inf, 'n/a' where not measured."""
     return "exact" if value == math.inf else "n/a" if math.isnan(value) else f"{value:.1f} dB"
 
 
@@ -275,5 +273,6 @@ def _cosine(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
-def _bits(bits: float | None) -> str:
+def bits_text(bits: float | None) -> str:
+    """A grid's bits as text ('bits ?' where unknown)."""
     return "bits ?" if bits is None or (isinstance(bits, float) and math.isnan(bits)) else f"{int(bits)} bits"

@@ -54,8 +54,9 @@ class RunRecord:
     quantized_model: str = ""  # the packed integer model's file ('' when the config cannot be packed, or none saved)
     # FP16 vs packed integer model on a GPU: {"hardware", "batch", "fp16_ms", "packed_ms", "repeats"} ({} if unmeasured)
     kernel_latency: dict = field(default_factory=dict)
-    # every quantizer's SQNR / cosine on the first test images: {"images": N, "rows": [{"site", "bits", "sqnr_db",
-    # "cosine", "sqnr_db_vs_fp_model", "cosine_vs_fp_model"}, ...]} ({} if not measured); null: not finite
+    # every quantizer's SQNR / cosine on the first scored images (test or validation, as ``data`` says):
+    # {"images": N, "rows": [{"site", "bits", "sqnr_db", "cosine", "sqnr_db_vs_fp_model", "cosine_vs_fp_model"},
+    # ...]} ({} if not measured); null: not finite
     site_errors: dict = field(default_factory=dict)
 
     def flat(self) -> dict:
@@ -112,7 +113,7 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
     """Calibrate, quantize and evaluate one configuration; keeps the quantized model and the predictions
     beside the record (smaller ``eval_batch_size``: a finer progress bar and a quicker cancel). ``checkpoint``
     names the weights file in the record, the test images name themselves. Every quantizer's SQNR against FP
-    is measured on the first ``error_images`` test images (0: not measured) and travels in the record."""
+    is measured on the first ``error_images`` of the scored images (0: not measured) and travels in the record."""
     if error_images < 0:
         raise StudioError(f"the per-site error images must be 0 (none) or more (got {error_images})")
     cfg = model.cfg

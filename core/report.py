@@ -191,7 +191,8 @@ def site_error_sections(records: list[RunRecord]) -> str:
         images = record.site_errors["images"]
         parts += [f"<h3>{html.escape(run_label(index, record))}: top-1 {record.top1:.2f} % "
                   f"(Δ {record.delta_vs_fp:+.2f})</h3>",
-                  sqnr_heatmap(frame, images).to_html(full_html=False, include_plotlyjs=False),
+                  sqnr_heatmap(frame, images, f"images of {scored_on(record)}").to_html(full_html=False,
+                                                                                         include_plotlyjs=False),
                   diagram_with_layer_menu(frame).to_html(full_html=False, include_plotlyjs=False)]
     return "\n".join(parts)
 
