@@ -4,6 +4,9 @@ formatting. The session's model and data (a :class:`core.workspace.Workspace`) l
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -16,7 +19,7 @@ import gradio as gr
 import numpy as np
 
 from core.data import BUILTIN_SOURCES
-from core.errors import StudioError
+from core.errors import StudioError, check_seed
 from core.gen import saved_sets
 from core.workspace import Workspace, fits_fashion_mnist
 
@@ -53,8 +56,42 @@ def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.Stat
     the tab's event. The job follows the queue's default concurrency limit (set where the app is launched)
     unless ``queueing`` (``concurrency_limit``, ``concurrency_id``) says otherwise."""
     run_button.click(arm, run_state, run_state, concurrency_limit=None, api_visibility="private").then(
-        job, [*inputs, run_state], outputs, api_name=api_name, **queueing)
+        guarded(job), [*inputs, run_state], outputs, api_name=api_name, **queueing)
     cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
+
+
+def guarded(job: Callable) -> Callable:
+    """``job`` (a function or a generator) with what escapes it turned into one line in the page: a
+    :class:`StudioError` as it is, anything else (a bug) named with the server log's traceback behind it. What
+    the tab shows stays as it was."""
+
+    def one_line(err: Exception) -> gr.Error:
+        if isinstance(err, StudioError):
+            return gr.Error(str(err))
+        logging.getLogger("ouromamba.app").exception("%s failed", job.__name__)
+        return gr.Error(f"unexpected {type(err).__name__} ({err}); what the tab showed is kept, and the server "
+                        "log has the traceback: please report it")
+
+    if inspect.isgeneratorfunction(job):
+        @functools.wraps(job)
+        def generator(*args, **kwargs):
+            try:
+                yield from job(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as err:
+                raise one_line(err) from err
+        return generator
+
+    @functools.wraps(job)
+    def function(*args, **kwargs):
+        try:
+            return job(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as err:
+            raise one_line(err) from err
+    return function
 
 
 Value = TypeVar("Value")
@@ -147,6 +184,19 @@ def in_range(name: str, value: float | None, low: float, high: float) -> float:
         typed = "nothing" if value is None else int(value) if float(value).is_integer() else value
         raise StudioError(f"{name} must be from {low:,g} to {high:,g} (got {typed})")
     return value
+
+
+K_RANGE = (0.5, 8)  # the outlier threshold k, in standard deviations, wherever a tab takes it
+
+
+def seed_of(value: float | None) -> int:
+    """A seed typed into a number box, checked (``core.errors.check_seed``): one line when it is missing,
+    fractional or out of range."""
+    if value is None:
+        raise StudioError("the seed needs a value")
+    if not float(value).is_integer():
+        raise StudioError(f"the seed must be a whole number (got {value})")
+    return check_seed(int(value))
 
 
 def error(message: object) -> str:

@@ -112,7 +112,9 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         folder = data_upload or (data_folder or "").strip() or None
         if not upload and not path:
             run.done = True
-            yield current, error("type the path of a checkpoint on this machine or upload one")
+            images = " (test images load with their model, so they were not read)" if folder else ""
+            yield current, error(f"type the path of a checkpoint on this machine or upload one{images}. Still working "
+                                 f"on `{cell(current.name)}`.")
             return
         shown = f"uploaded {Path(upload).name}" if upload else path
         yield current, f"Loading `{cell(shown)}`…"

@@ -14,12 +14,14 @@ import torch
 from plotly.subplots import make_subplots
 
 from app.common import (
+    K_RANGE,
     RecentResults,
     Run,
     calibration_dropdown,
     default_calibration,
     error,
     in_range,
+    seed_of,
     slider_top,
     stopped,
     wire_run,
@@ -67,7 +69,6 @@ MAX_IMAGES = 256
 MAX_CAPTURE_BYTES = 2_000_000_000  # activations kept per inspection (Vim-T: 32 images ≈ 1.3 GB)
 KEPT_CAPTURE_BYTES = 2 * MAX_CAPTURE_BYTES  # every session's inspections together; the oldest are released
 KEPT_INSPECTIONS = 8
-K_RANGE = (0.5, 8)
 READY = "Press **Calibrate & capture** (under a minute on 2 CPU cores for the default model)."
 
 EXPLAIN = """\
@@ -226,6 +227,14 @@ def view_csv(folder: Path, header: dict, timeline_steps: pd.DataFrame, grid: Gri
     return path
 
 
+def static_sentence(static: torch.Tensor, misses: pd.DataFrame, mask: torch.Tensor) -> str:
+    """What a fixed list with the rule's budget would miss, or that there is nothing to list."""
+    if not mask.any():
+        return "Nothing is flagged here, so a static list has nothing to keep."
+    return (f"A static list of the {int(static.sum())} most frequent outlier channel(s) misses "
+            f"{misses['missed'].mean():.1f} outlier channels per token.")
+
+
 def grid_sentence(grid: GridView, quantizer: OutlierAwareQuantizer) -> str:
     """The grid charts in one sentence: SQNR on the inlier grid alone, with the outliers, and what is clipped."""
     if not grid.histogram["outlier"].any():
@@ -284,21 +293,20 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                 raise StudioError(f"inspecting {n_images} images of this model would hold {needed / 1e6:,.0f} MB "
                                   f"of activations (limit {MAX_CAPTURE_BYTES / 1e6:,.0f} MB): use at most "
                                   f"{fits} image{plural}")
-            if seed is None:
-                raise StudioError("the seed needs a value")
-            key = (ws.fingerprint, int(a_bits), calib, n_calib, n_images, int(seed))
+            seed = seed_of(seed)
+            key = (ws.fingerprint, int(a_bits), calib, n_calib, n_images, seed)
             inspection = inspections.get(key)
             if inspection is None:
                 model_cfg = ws.model.cfg
                 progress(0, desc="Calibrating inlier scales")
-                calib_images = calibration_images(calib, n_calib, int(seed), model_cfg.img_size, model_cfg.in_chans)
+                calib_images = calibration_images(calib, n_calib, seed, model_cfg.img_size, model_cfg.in_chans)
                 config = QuantConfig(method="ouromamba", w_bits=4, a_bits=int(a_bits),
                                      reconstruction=ReconstructionConfig(epochs=0))
                 qmodel = quantize(ws.model, config, calib_images, cancel=run.cancel,
                                   progress=lambda stage, done, total, _: progress((done, total), desc=stage))
                 progress(1, desc="Capturing activations")
-                images, described = ws.inspection_images(n_images, int(seed))
-                label = (f"A{a_bits} inlier scales from {n_calib} {calib} images (seed {int(seed)}); "
+                images, described = ws.inspection_images(n_images, seed)
+                label = (f"A{a_bits} inlier scales from {n_calib} {calib} images (seed {seed}); "
                          f"statistics of {described}")
                 inspection = inspections.put(key, Inspection(qmodel, calib_images, images, label,
                                                              "test" if ws.data is not None else "noise", int(a_bits)))
@@ -337,7 +345,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                                         mask if chosen is None else mask[chosen:chosen + 1], static)
             grid = quantization_grid(x, quantizer, mask, chosen)
         except (StudioError, KeyError, ValueError, IndexError) as err:
-            return error(err), *nothing
+            return error(err), *(gr.skip(),) * (len(view_outputs) - 1)  # the last good view stays
         shown = "max over images" if chosen is None else f"{inspection.kind} image #{chosen}"
         pooled = f"all {len(x)} {inspection.kind} images" if chosen is None else shown  # the grids sum, not max
         per_token = timeline.steps["outlier_channels"].mean()
@@ -347,9 +355,8 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         text = (f"**{site}**, {shown}: {per_token:.1f} of {x.shape[-1]} channels per token are outliers "
                 f"(k = {k:g}, n_refresh = {n_refresh}); a window's O_list holds "
                 f"{windows['olist_size'].mean():.1f} channels, {moving}, and grows at "
-                f"{windows['growing_steps'].mean():.1f} of its steps. A static list of the "
-                f"{int(static.sum())} most frequent outlier channel(s) misses {misses['missed'].mean():.1f} "
-                f"outlier channels per token. {grid_sentence(grid, quantizer)} ({inspection.label}.)")
+                f"{windows['growing_steps'].mean():.1f} of its steps. {static_sentence(static, misses, mask)} "
+                f"{grid_sentence(grid, quantizer)} ({inspection.label}.)")
         title = f"|x| at {site} ({shown}); red: detected outliers; dotted: window starts"
         header = {"site": site, "images": pooled, "k": k, "n_refresh": n_refresh, "inlier_bits": quantizer.bits,
                   "capture": inspection.label, **ws.provenance(), **provenance()}

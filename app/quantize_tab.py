@@ -30,6 +30,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from app.common import (
+    K_RANGE,
     RecentResults,
     Run,
     calibration_dropdown,
@@ -37,6 +38,7 @@ from app.common import (
     default_calibration,
     error,
     in_range,
+    seed_of,
     stopped,
     wire_run,
     zoom,
@@ -267,6 +269,7 @@ def suggestion_text(suggestion: dict[str, dict], config: dict) -> str:
 def overrides_from_record(record: dict | None) -> str:
     """The Per-layer overrides text of a shown run's suggestion (unchanged text when it has none)."""
     if not record or not record.get("suggested_overrides"):
+        gr.Info("No suggestion to use: run Quantize first, or this run has none (its summary says why).")
         return gr.skip()
     return json.dumps(record["suggested_overrides"])
 
@@ -325,17 +328,17 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             test_count = int(in_range("test images", test_count, 1, len(test_split)))
             epochs = int(in_range("reconstruction epochs", epochs, 0, MAX_EPOCHS))
             calib_count = int(in_range("calibration images", calib_count, 1, MAX_CALIB))
-            if None in (k, n_refresh, seed):
-                raise StudioError("k, n_refresh and the seed need a value")
+            k = in_range("k", k, *K_RANGE)
+            n_refresh = int(in_range("n_refresh", n_refresh, 1, ws.model.cfg.seq_len))
+            seed = seed_of(seed)
             source = (calib_source or "").strip()
             if not source:
                 raise StudioError("choose a calibration source: real, noise, or a folder of images")
             config = QuantConfig(method=method, w_bits=int(w_bits), a_bits=int(a_bits), o_bits=int(o_bits), k=float(k),
                                  n_refresh=int(n_refresh), overrides=parse_overrides(overrides or ""),
-                                 reconstruction=ReconstructionConfig(epochs=epochs, seed=int(seed)))
+                                 reconstruction=ReconstructionConfig(epochs=epochs, seed=seed))
         except (StudioError, TypeError, ValueError) as err:
             return error(err), *unchanged
-        seed = int(seed)
         key = json.dumps({"workspace": ws.fingerprint, "config": config.to_dict(), "source": source,
                           "calib": calib_count, "seed": seed, "test": test_count}, sort_keys=True)
         if (earlier := cache.get(key)) is not None:
@@ -378,11 +381,6 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         record, quantized = result.record, result.evaluation
         model_note, packed = save_integer_model(result.qmodel, record, runs)
         model_note += gpu_kernel_note(ws, packed, test, record)
-        try:
-            append_record(record, runs)
-            saved = "Saved to the run log: see **Compare**."
-        except StudioError as err:
-            saved = f"**Not saved:** {err}."
         pairs = list(zip(test.labels.tolist(), fp.predictions, quantized.predictions, strict=True))
         changed = changed_images(fp.predictions, quantized.predictions)
         report = site_errors_frame(record)  # the figures show what the record keeps, and the run's steps
@@ -392,8 +390,13 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                       sensitivity_figure(sensitivity, sensitivity_images),
                       changed_gallery(test, changed, fp.predictions, quantized.predictions, ws),
                       changed=sum(f != q for _, f, q in pairs), fixed=sum(f != t and q == t for t, f, q in pairs),
-                      broken=sum(f == t and q != t for t, f, q in pairs), saved=saved, model_note=model_note,
+                      broken=sum(f == t and q != t for t, f, q in pairs), saved="", model_note=model_note,
                       suggestion=suggestion, weights=weights, top_k=top_k_items(test, changed, fp, quantized, ws))
+        try:  # last: a run whose results could not be shown is not logged
+            append_record(record, runs)
+            shown.saved = "Saved to the run log: see **Compare**."
+        except StudioError as err:
+            shown.saved = f"**Not saved:** {err}."
         cache.put(key, shown)
         return finished(shown, cached=False)
 
@@ -409,8 +412,10 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             o_bits = gr.Radio([("8", 8), ("16 (float)", 16)], value=8, label="Outlier bits",
                               info="ouromamba and static_outliers only", elem_id="quant-o-bits")
             with gr.Row():
-                k = gr.Number(3, label="k (outlier threshold, std devs)", elem_id="quant-k")
-                n_refresh = gr.Number(10, label="n_refresh (time-steps)", precision=0, elem_id="quant-n-refresh")
+                k = gr.Number(3, label="k (outlier threshold, std devs)", elem_id="quant-k",
+                              info=f"{K_RANGE[0]:g} to {K_RANGE[1]:g}")
+                n_refresh = gr.Number(10, label="n_refresh (time-steps)", precision=0, elem_id="quant-n-refresh",
+                                      info="1 to the scan's length")
             with gr.Row():
                 calib_source = calibration_dropdown(startup, label="Calibration source", elem_id="quant-calib-source",
                                                     info="real, noise, a set saved by Synthesize, or type a folder "

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import RecentResults, Run, error, in_range, stopped, wire_run
+from app.common import K_RANGE, RecentResults, Run, error, in_range, seed_of, stopped, wire_run
 from core.data import calibration_images, load_validation
 from core.errors import StudioError
 from core.eval import Cancelled, evaluate
@@ -29,17 +29,17 @@ what each pair costs: the share of a token's activation channels kept at 8 bits,
 activation GEMM that runs on the outlier path. Lower k and longer windows keep more channels at 8 bits."""
 
 
-def parse_values(name: str, text: str | None, kind: type, low: float) -> list:
-    """'2, 2.5, 3' → [2.0, 2.5, 3.0]: distinct values, each at least ``low`` (above it for k), in the order
-    typed; a one-line StudioError otherwise."""
+def parse_values(name: str, text: str | None, kind: type, low: float, high: float) -> list:
+    """'2, 2.5, 3' → [2.0, 2.5, 3.0]: distinct values, each from ``low`` to ``high``, in the order typed; a
+    one-line StudioError otherwise (NaN and infinities included)."""
     try:
         values = list(dict.fromkeys(kind(part) for part in (text or "").replace(",", " ").split()))
     except ValueError:
         raise StudioError(f"{name}: type numbers separated by commas, like '2, 3, 4' (got {text!r})") from None
     if not values:
         raise StudioError(f"{name}: give at least one value")
-    if any(value < low or (kind is float and value <= low) for value in values):
-        raise StudioError(f"{name} must be {'above' if kind is float else 'at least'} {low:g} (got {text!r})")
+    if not all(low <= value <= high for value in values):
+        raise StudioError(f"{name} must each be from {low:g} to {high:g} (got {text!r})")
     return values
 
 
@@ -73,26 +73,27 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
             if not fits_fashion_mnist(ws.model.cfg):
                 raise StudioError(f"the sweep scores on Fashion-MNIST's validation images, and this model "
                                   f"({architecture(ws.model.cfg)}) does not read them")
-            ks = parse_values("k values", ks_text, float, 0.0)
-            refreshes = parse_values("n_refresh values", refresh_text, int, 1)
+            ks = parse_values("k values", ks_text, float, *K_RANGE)
+            refreshes = parse_values("n_refresh values", refresh_text, int, 1, ws.model.cfg.seq_len)
             if len(ks) * len(refreshes) > MAX_POINTS:
                 raise StudioError(f"{len(ks)} k × {len(refreshes)} n_refresh values make "
                                   f"{len(ks) * len(refreshes)} points; at most {MAX_POINTS}")
             count = int(in_range("calibration images", count, 1, max_calib))
             images = int(in_range("validation images", images, 1, MAX_VALIDATION))
-            if seed_value is None or not (source or "").strip():
-                raise StudioError("the seed and the calibration source (above) need a value")
-            key = json.dumps([ws.fingerprint, w, a, source, count, int(seed_value), ks, refreshes, images])
+            seed = seed_of(seed_value)
+            if not (source or "").strip():
+                raise StudioError("the calibration source (above) needs a value")
+            key = json.dumps([ws.fingerprint, w, a, source, count, seed, ks, refreshes, images])
             if (earlier := kept.get(key)) is not None:
                 status, frame = earlier
                 return f"{status} Cached: swept earlier with the same settings.", sweep_figure(frame), frame
             base = QuantConfig(w_bits=int(w), a_bits=int(a), reconstruction=ReconstructionConfig(
-                epochs=0, seed=int(seed_value)))
+                epochs=0, seed=seed))
             validation = load_validation().subset(images)
             progress(0, desc="FP32 on the validation images")
             fp = evaluate(ws.model, validation, cancel=run.cancel)
             cfg = ws.model.cfg
-            calib = calibration_images(source.strip(), count, int(seed_value), cfg.img_size, cfg.in_chans)
+            calib = calibration_images(source.strip(), count, seed, cfg.img_size, cfg.in_chans)
             progress((0, len(ks) * len(refreshes)), desc="Sweeping", unit="points")
             rows = threshold_sweep(ws.model, base, calib, validation, ks, refreshes, fp.top1,
                                    progress=lambda done, total: progress((done, total), desc="Sweeping",
@@ -107,7 +108,7 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
         frame = pd.DataFrame(rows)
         standard_error = 100 * (fp.top1 / 100 * (1 - fp.top1 / 100) / fp.total) ** 0.5
         status = (f"W{w}A{a}O8 on the first {fp.total:,} validation images (FP32 {fp.top1:.2f} %), calibrated on "
-                  f"{count} {source} images, seed {int(seed_value)}, no reconstruction; 8-bit shares on the first "
+                  f"{count} {source} images, seed {seed}, no reconstruction; 8-bit shares on the first "
                   f"{min(256, fp.total)} of them; {fp.device}. A top-1 on {fp.total:,} images is uncertain by "
                   f"about ±{standard_error:.1f} points (one binomial standard error): smaller differences may be "
                   "noise.")

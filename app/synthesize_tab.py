@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import shutil
@@ -14,9 +15,30 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import RecentResults, Run, cell, error, in_range, sets_dir, slider_top, stopped, wire_run, zoom
+from app.common import (
+    RecentResults,
+    Run,
+    cell,
+    error,
+    in_range,
+    seed_of,
+    sets_dir,
+    slider_top,
+    stopped,
+    wire_run,
+    zoom,
+)
 from core.errors import StudioError
-from core.gen import GEN_PRESETS, GenConfig, GenResult, attention_maps, generate, save_generated, to_pixels
+from core.gen import (
+    GEN_PRESETS,
+    OPTIMISED_SOURCES,
+    GenConfig,
+    GenResult,
+    attention_maps,
+    generate,
+    save_generated,
+    to_pixels,
+)
 from core.models import VimConfig
 from core.workspace import Workspace
 
@@ -117,12 +139,21 @@ def attention_figure(image: np.ndarray, maps: dict, query: int | str, grid: int,
     return figure
 
 
+def set_name(config: GenConfig, count: int, fingerprint: str) -> str:
+    """The folder name of a saved set: what a person reads in the calibration list (source, images, iterations,
+    seed), then a digest of every other setting of an optimised source, then the model's fingerprint. So a set
+    is only ever replaced by the same images (the same settings are seeded, hence the same set)."""
+    if config.source not in OPTIMISED_SOURCES:
+        return f"{config.source}_{count}_seed{config.seed}_{fingerprint[:8]}"
+    settings = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
+    return f"{config.source}_{count}_it{config.iterations}_seed{config.seed}_{settings}_{fingerprint[:8]}"
+
+
 def _save(result: GenResult, workspace: Workspace) -> tuple[Path, str]:
     """The set saved as PNGs + manifest.json under the sets folder (Quantize lists it as a calibration source),
     and the same folder zipped into a fresh temporary folder for the download. The name ends with the model's
     fingerprint: sets of two models never overwrite each other."""
-    config = result.config
-    name = f"{config.source}_{len(result.images)}_it{config.iterations}_seed{config.seed}_{workspace.fingerprint[:8]}"
+    name = set_name(result.config, len(result.images), workspace.fingerprint)
     folder = save_generated(result, sets_dir() / name)
     archive = shutil.make_archive(str(Path(tempfile.mkdtemp(prefix="ouromamba-gen-")) / name), "zip",
                                   folder.parent, name)
@@ -177,9 +208,18 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
         """Only the status changes; whatever the tab showed (a finished set included) stays."""
         return (text, *(gr.skip(),) * 6)
 
-    def synthesize(ws: Workspace, source: str, count: float | None, iterations: float | None, neighbourhood: str,
-                   top_k: float, temperature: float, contrastive_weight: float | None, output_weight: float | None,
-                   lr: float | None, seed: float | None, run: Run | None,
+    def restored(ws: Workspace, made: tuple[str, GenResult] | None, text: object) -> tuple:
+        """After a stopped or failed job: the status, and the last finished set's curves and images back in place
+        of the stopped job's previews (the rest of the tab still shows that set)."""
+        if made is None or made[0] != ws.fingerprint:
+            return text, None, [], *(gr.skip(),) * 4
+        return (text, loss_figure(made[1].history, "losses (mean over batches)"), gallery_items(made[1], ws),
+                *(gr.skip(),) * 4)
+
+    def synthesize(ws: Workspace, made: tuple[str, GenResult] | None, source: str, count: float | None,
+                   iterations: float | None, neighbourhood: str, top_k: float, temperature: float,
+                   contrastive_weight: float | None, output_weight: float | None, lr: float | None,
+                   seed: float | None, run: Run | None,
                    progress: gr.Progress = gr.Progress()):  # noqa: B008 (gradio's hook)
         """Generate a calibration set for this session's model; yields live previews and loss curves, then the
         final set."""
@@ -191,13 +231,11 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
             for name, weight in (("λ contrastive", contrastive_weight), ("λ output", output_weight)):
                 in_range(name, weight, 0, MAX_WEIGHT)
             in_range("the learning rate", lr, *LR_RANGE)
-            if seed is None:
-                raise StudioError("the seed needs a value")
             config = GenConfig(source=SOURCES[source], count=count, iterations=iterations,
                                batch_size=min(count, FIDELITY.batch_size), neighbourhood=int(neighbourhood),
                                top_k=int(top_k), temperature=float(temperature),
                                contrastive_weight=float(contrastive_weight), output_weight=float(output_weight),
-                               lr=float(lr), seed=int(seed), preview_every=INTERACTIVE.preview_every,
+                               lr=float(lr), seed=seed_of(seed), preview_every=INTERACTIVE.preview_every,
                                max_shift=0 if iterations < 200 else FIDELITY.max_shift,
                                flip=iterations >= 200)
         except (StudioError, TypeError, ValueError) as err:
@@ -214,7 +252,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
         def work() -> None:
             try:
                 outcome["result"] = generate(ws.model, config, progress=updates.put, cancel=run.cancel)
-            except StudioError as err:  # Cancelled included
+            except Exception as err:  # noqa: BLE001 - a StudioError (Cancelled included) or a bug, shown below
                 outcome["error"] = err
             finally:
                 updates.put(None)
@@ -233,7 +271,11 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
                 yield status, loss_figure(history, f"losses, batch {update.batch + 1}"), preview, *(gr.skip(),) * 4
         run.done = True
         if "error" in outcome:
-            yield message(stopped(outcome["error"]) if run.cancel.is_set() else error(outcome["error"]))
+            failure = outcome["error"]
+            if not isinstance(failure, StudioError):  # a bug: guarded() names it, the server log keeps the trace
+                yield restored(ws, made, gr.skip())
+                raise failure
+            yield restored(ws, made, stopped(failure) if run.cancel.is_set() else error(failure))
             return
         cache.put(key, outcome["result"])
         yield finished(ws, outcome["result"], cached=False)
@@ -305,7 +347,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
             with gr.Accordion("Manifest: config, seed, versions (JSON)", open=False):
                 manifest = gr.JSON(show_label=False)
     made_state = gr.State()  # (workspace fingerprint, GenResult) of the last finished set
-    inputs = [workspace, source, count, iterations, neighbourhood, top_k, temperature, contrastive_weight,
+    inputs = [workspace, made_state, source, count, iterations, neighbourhood, top_k, temperature, contrastive_weight,
               output_weight, lr, seed]
     set_outputs = [status, losses, gallery, real, manifest, download, made_state]
     wire_run(run_button, cancel_button, gr.State(), synthesize, inputs, set_outputs, "synthesize")

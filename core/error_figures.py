@@ -199,6 +199,12 @@ def layer_tensor_grids(frame: pd.DataFrame, names: list[str]) -> tuple[list[str]
     return columns, [f"layer {layer}" for layer in sorted(set(frame["layer"]))], grids
 
 
+def cell_text(grid: np.ndarray, form: str) -> list[list[str]]:
+    """Each cell's value as the heatmap prints it, '' where there is none: formatted here, since Chromium's
+    plotly printed the difference map's floats in full through ``texttemplate="%{z:+.0f}"``."""
+    return [["" if np.isnan(value) else form.format(value) for value in row] for row in grid]
+
+
 def sqnr_heatmap(report: pd.DataFrame, images: int, source: str = "test images") -> go.Figure:
     """Layers × tensors heatmap of each quantizer's SQNR (dB) on the first ``images`` of ``source``; hover adds
     bits, cosine and the SQNR against the FP model (error accumulated upstream included)."""
@@ -206,7 +212,8 @@ def sqnr_heatmap(report: pd.DataFrame, images: int, source: str = "test images")
                                                                   "sqnr_db_vs_fp_model"])
     figure = go.Figure(go.Heatmap(
         z=sqnr, x=columns, y=layers, customdata=np.dstack(extra),
-        colorscale="Viridis", colorbar={"title": "SQNR (dB)"}, texttemplate="%{z:.0f}",
+        colorscale="Viridis", colorbar={"title": "SQNR (dB)"}, text=cell_text(sqnr, "{:.0f}"),
+        texttemplate="%{text}",
         hovertemplate="%{y}, %{x}<br>SQNR %{z:.1f} dB (%{customdata[0]} bits)<br>cosine %{customdata[1]:.4f}"
                       "<br>SQNR vs FP model %{customdata[2]:.1f} dB<extra></extra>"))
     figure.update_yaxes(autorange="reversed")
@@ -253,7 +260,7 @@ def sqnr_difference_heatmap(first: pd.DataFrame, second: pd.DataFrame, first_lab
     figure = go.Figure(go.Heatmap(
         z=difference, x=columns, y=layers, customdata=np.dstack(values),
         colorscale="RdBu", zmid=0, zmin=-reach, zmax=reach, colorbar={"title": "ΔSQNR (dB)"},
-        texttemplate="%{z:+.0f}",
+        text=cell_text(difference, "{:+.0f}"), texttemplate="%{text}",
         hovertemplate="%{y}, %{x}<br>%{z:+.1f} dB: " + f"{second_label} " + "%{customdata[1]:.1f} dB "
                       "(%{customdata[3]} bits), " + f"{first_label} " + "%{customdata[0]:.1f} dB "
                       "(%{customdata[2]} bits)<extra></extra>"))

@@ -7,3 +7,14 @@ class StudioError(Exception):
     The CLI prints it and exits with status 2; the app shows it in the page. Anything else that
     escapes is a bug in the studio.
     """
+
+
+MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range; torch takes it too
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` when it is a whole number from 0 to :data:`MAX_SEED`, else a one-line :class:`StudioError`:
+    torch refuses larger ones with an overflow deep in a run."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise StudioError(f"the seed must be a whole number from 0 to {MAX_SEED:,} (got {seed!r})")
+    return seed

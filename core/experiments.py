@@ -26,7 +26,7 @@ from core.models import VisionMamba
 from core.models.fused import FusedVim
 from core.observe import dynamic_outlier_summary, error_report, parse_site
 from core.observe.probe import site_columns
-from core.quant import QuantConfig, QuantizedVim, quantize
+from core.quant import QuantConfig, QuantizedVim, quantize, quantized_sites
 from core.quant.config import Progress
 from core.quant.packed import PackedVim
 from core.records import checked_fields, utc_now, versions
@@ -116,6 +116,9 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
     is measured on the first ``error_images`` of the scored images (0: not measured) and travels in the record."""
     if error_images < 0:
         raise StudioError(f"the per-site error images must be 0 (none) or more (got {error_images})")
+    if all(config.for_site(site.name) is None for site in quantized_sites(model, config.quantize_state)):
+        raise StudioError("the overrides skip every quantizer, so the run would be the FP model under a quantized "
+                          'label: narrow the skip patterns (e.g. {"layers.0.*": {"skip": true}})')
     cfg = model.cfg
     calib = calibration_images(calib_source, n_calib, seed, cfg.img_size, cfg.in_chans, data_root)
     torch.manual_seed(seed)
@@ -128,10 +131,8 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
     if error_images:
         report = error_report(model, qmodel, test.normalized(0, error_images))
         site_errors, step_sqnr_db = site_errors_of(report, error_images), report.attrs["step_sqnr_db"]
-    setting = f"W{config.w_bits}A{config.a_bits}" + (f"O{config.o_bits}" if config.method in
-                                                      ("ouromamba", "static_outliers") else "")
     record = RunRecord(
-        model=model_name, method=config.method, setting=setting,
+        model=model_name, method=config.method, setting=config.setting,
         calibration={"source": calib_source, "images": n_calib, "seed": seed},
         top1=round(result.top1, 2), fp_top1=round(fp_top1, 2), delta_vs_fp=round(result.top1 - fp_top1, 2),
         test_images=result.total, calibration_seconds=qmodel.provenance["calibration_seconds"],

@@ -17,16 +17,27 @@ import plotly.graph_objects as go
 from core.error_figures import diagram_with_layer_menu, sqnr_heatmap
 from core.errors import StudioError
 from core.experiments import RunRecord, lowest_site, scored_on, site_errors_frame
+from core.quant import QuantConfig
+from core.quant.config import OUTLIER_METHODS
 from core.records import utc_now, versions
 
+DEFAULT_CONFIG = QuantConfig()
 SITE_ERROR_RUNS = 12  # the newest runs whose per-site errors a report draws (two figures each)
 FAKE_QUANT_NOTE = ("Fake-quant timings: quantizers are simulated in floating point, so these times show the "
                    "simulation's cost on the hardware named, not the speed of integer kernels.")
 
 
 def run_label(index: int, record: RunRecord) -> str:
-    """How one run is named in tables and figures: its position in the log, method and setting."""
-    return f"#{index + 1} {record.method} {record.setting}"
+    """How one run is named in tables, figures and menus: its position in the log, method and setting, then
+    what else sets it apart: the outlier rule's k and n_refresh where they are not the defaults (for the methods
+    that have the rule) and its per-site overrides, counted (the config column spells them out)."""
+    config, parts = record.config, [f"#{index + 1} {record.method} {record.setting}"]
+    if record.method in OUTLIER_METHODS:
+        parts += [f"{name} {config[name]:g}" for name in ("k", "n_refresh")
+                  if name in config and config[name] != getattr(DEFAULT_CONFIG, name)]
+    if overrides := config.get("overrides"):
+        parts.append(f"+{len(overrides)} override{'s' if len(overrides) > 1 else ''}")
+    return " ".join(parts)
 
 
 def _calibration(record: RunRecord) -> str:

@@ -474,6 +474,7 @@ def window_outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, k: float, 
     ``trigger_scale(row, mask)`` (batch, windows) exceeds the static scale by the channels above mean + k·std
     of |x| over the current inliers. All windows in parallel, step by step inside them."""
     batch, length, channels = x.shape
+    n_refresh = min(n_refresh, length)  # a longer window is the whole scan: the same masks, no padding to it
     windows = -(-length // n_refresh)
     pad = windows * n_refresh - length
     xw = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, windows, n_refresh, channels)

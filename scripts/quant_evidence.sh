@@ -3,6 +3,8 @@
 #   scripts/quant_evidence.sh real noise      (about 10 minutes per column on the 2-core CPU)
 #   scripts/quant_evidence.sh table           the markdown tables of results/quant/README.md
 # Columns already present are kept; delete a results/quant/<calib>128_<setting>.csv to rerun it.
+# MODEL_DIR=<folder> works on another model folder (default: assets/default_model; the committed tables were
+# measured on assets/default_model/stage1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 methods=(ouromamba static_outliers ptq4vm ptq4vm_smooth dynamic_per_token per_tensor)
@@ -24,7 +26,7 @@ for calib in "${calibs[@]}"; do
   for setting in W8A8 W6A6 W4A8 W4A4; do
     name="${calib}128_${setting}"
     [ -f "results/quant/${name}.csv" ] && continue
-    .venv/bin/python -m core quantize --method "${methods[@]}" --setting "$setting" --calib "$calib" \
+    .venv/bin/python -m core quantize "${MODEL_DIR:-assets/default_model}/model.safetensors" --method "${methods[@]}" --setting "$setting" --calib "$calib" \
       --n-calib 128 --out results/quant --name "$name" ${FASHION_MNIST_DIR:+--data "$FASHION_MNIST_DIR"} \
       2>&1 | tee "results/quant/${name}.log"
   done

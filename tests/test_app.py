@@ -9,6 +9,7 @@ import re
 import shutil
 import threading
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -18,10 +19,14 @@ import pytest
 from gradio_client import Client
 
 from app import outliers_tab
-from app.common import RecentResults, calibration_choices, sets_dir
+from app.common import RecentResults, Run, calibration_choices, guarded, sets_dir
+from app.synthesize_tab import set_name
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.default_model import load_card
+from core.errors import StudioError
+from core.gen import GenConfig
 from core.models import create_vim, save_safetensors
+from core.workspace import default_workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,6 +138,72 @@ def test_synthesize_makes_a_reproducible_downloadable_set(served):
     saved = Path(re.search(r"Saved as `([^`]+)`", status).group(1))
     assert saved.parent == sets_dir() and len(list(saved.glob("*.png"))) == 3
     assert str(saved) in calibration_choices()  # Quantize offers it as a calibration source
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({1: 0}, "images must be from 1 to 256 (got 0)"),
+    ({6: 0, 7: 0}, "every loss weight this source uses is 0"),  # was an AttributeError in the worker thread
+    ({9: 10**23}, "the seed must be a whole number from 0 to 4,294,967,295"),  # was torch's overflow
+])
+def test_synthesize_bad_input_is_one_line(served, changes: dict[int, object], expected: str):
+    _, client = served
+    inputs = [GEN, 3, 4, "5", 12, 0.2, 1, 1, 0.2, 7]
+    for position, value in changes.items():
+        inputs[position] = value
+    status, *_ = client.predict(*inputs, api_name="/synthesize")
+    assert status.startswith("**Error:**") and expected in status and "\n" not in status
+
+
+def test_a_cancelled_synthesis_puts_the_last_finished_set_back(served):
+    """The stopped job's previews used to stay beside the previous set's download and manifest."""
+    demo, _ = served
+    job = next(f.fn for f in demo.fns.values() if f.api_name == "synthesize")
+    workspace = default_workspace()
+    inputs = [GEN, 2, 2, "5", 12, 0.2, 1, 1, 0.2, 3]
+    quiet = {"progress": lambda *_, **__: None}
+    *_, finished = job(workspace, None, *inputs, Run(), **quiet)
+    made = finished[-1]
+    assert made[0] == workspace.fingerprint and len(finished[2]) == 2
+    stopped_run = Run()
+    stopped_run.cancel.set()
+    *_, last = job(workspace, made, *inputs[:2], 5, *inputs[3:], stopped_run, **quiet)  # 5 iterations: not cached
+    status, losses, gallery, *rest = last
+    assert status.startswith("**Stopped:**") and "cancelled at iteration 0" in status
+    assert [caption for _, caption in gallery] == [item[1] for item in finished[2]]  # the finished set's images
+    assert losses.layout.title.text == "losses (mean over batches)"
+    assert all(isinstance(value, type(gr.skip())) for value in rest)  # download, manifest… still that set's
+
+
+def test_sets_with_different_settings_never_share_a_folder():
+    """The folder names what a person reads (source, count, iterations, seed), then a digest of the other
+    settings: a set made with another λ used to overwrite the first one in place."""
+    first = GenConfig(count=2, iterations=2, output_weight=1.0)
+    names = {set_name(config, 2, "f" * 64) for config in (first, replace(first, output_weight=0.5),
+                                                          replace(first, lr=0.05), replace(first, top_k=3))}
+    assert len(names) == 4 and all(name.startswith("ouromamba_2_it2_seed0_") for name in names)
+    assert set_name(first, 2, "f" * 64) == set_name(replace(first), 2, "f" * 64)  # the same settings: the same set
+    real = GenConfig(source="real", count=2, iterations=50)
+    assert set_name(real, 2, "f" * 64) == "real_2_seed0_ffffffff"  # no iterations: it is not optimised
+
+
+def test_a_bug_in_a_job_is_one_line_and_the_tab_keeps_what_it_showed():
+    """Whatever escapes a job becomes a gr.Error of one line (a StudioError as it is), for functions and for
+    generators, after what the generator already yielded."""
+    def broken(value: int) -> int:
+        return {}["missing"] + value
+
+    def failing_generator(value: int):
+        yield value
+        raise StudioError("the seed needs a value")
+
+    with pytest.raises(gr.Error) as caught:
+        guarded(broken)(1)
+    assert "unexpected KeyError ('missing')" in str(caught.value) and "\n" not in str(caught.value)
+    outputs = guarded(failing_generator)(5)
+    assert next(outputs) == 5
+    with pytest.raises(gr.Error, match="the seed needs a value"):
+        next(outputs)
+    assert guarded(broken).__name__ == "broken"  # gradio reads the wrapped signature (gr.Progress hooks)
 
 
 def test_noise_source_needs_no_iterations(served):

@@ -33,7 +33,7 @@ from core.experiments import RunRecord, append_record, load_records
 from core.quant import QuantConfig
 from core.quant.config import parse_overrides, set_override
 from core.quant.packed import load_packed
-from core.report import accuracy_figure, html_report, latency_figure, runs_frame, write_report
+from core.report import accuracy_figure, html_report, latency_figure, run_label, runs_frame, write_report
 from core.workspace import default_workspace
 from tests.test_app import plotly_values
 
@@ -172,8 +172,11 @@ def test_bad_overrides_are_one_line(served, overrides: str, expected: str):
 
 @pytest.mark.parametrize(("position", "value", "expected"), [
     (10, 20_000, "test images must be from 1 to 10,000 (got 20000)"), (8, -1, "epochs must be from 0 to 100"),
-    (5, 0, "n_refresh must be at least 1"), (6, "no/such/folder", "neither 'real', 'noise' nor a folder"),
-    (7, 2000, "calibration images must be from 1 to 1,024 (got 2000)"), (4, -0.5, "k must be ≥ 0"),
+    (5, 0, "n_refresh must be from 1 to 50 (got 0)"), (6, "no/such/folder", "neither 'real', 'noise' nor a folder"),
+    (5, 1_000_000, "n_refresh must be from 1 to 50"),  # was a run padding every scan to a million steps
+    (7, 2000, "calibration images must be from 1 to 1,024 (got 2000)"), (4, -0.5, "k must be from 0.5 to 8"),
+    (4, 1e9, "k must be from 0.5 to 8"), (9, 10**23, "the seed must be a whole number from 0 to 4,294,967,295"),
+    (11, '{"*": {"skip": true}}', "the overrides skip every quantizer"),
     (10, None, "test images must be from 1 to 10,000 (got nothing)"),
     (11, '{"layers.0.*": {"w_bits": 12}}', "w_bits must be an integer from 2 to 8"),
     (11, '{"layers.0.*": {"n_refresh": 0}}', "n_refresh must be a whole number of time-steps ≥ 1, got 0"),
@@ -239,8 +242,9 @@ def test_compare_lists_runs_and_downloads(served, runs: Path):
     assert "<script src=" not in page and len(page) > 1_000_000  # plotly.js inlined: no server, no network
     # the two runs quantizer by quantizer: B, the newest (8-bit), minus A (4-bit) per layer and tensor
     assert (first["value"], second["value"]) == (0, 1) and [label for label, _ in first["choices"]] == [
-        "#2 per_tensor W8A8", "#1 ouromamba W4A4O8"]
-    assert pair_status.startswith("#2 per_tensor W8A8 against #1 ouromamba W4A4O8") and "first 32" in pair_status
+        "#2 per_tensor W8A8 +1 override", "#1 ouromamba W4A4O8"]
+    assert pair_status.startswith("#2 per_tensor W8A8 +1 override against #1 ouromamba W4A4O8")
+    assert "first 32" in pair_status
     logged = {i: {row["site"]: row["sqnr_db"] for row in r.site_errors["rows"]} for i, r in enumerate(load_records(
         runs))}
     difference = plotly_values(json.loads(pair["plot"])["data"][0]["z"])
@@ -347,6 +351,18 @@ def test_the_site_picker_lists_worst_first_and_writes_overrides():
     for box, site, expected in (("{oops", "layers.1.fwd.B", "not valid JSON"), ("", None, "quantize first")):
         unchanged, status = with_site_override(box, site, RAISED)
         assert isinstance(unchanged, type(gr.skip())) and status.startswith("**Error:**") and expected in status
+
+
+def test_run_labels_name_what_sets_a_run_apart():
+    """Runs that differ only in k, n_refresh or overrides used to share one label in every table and menu."""
+    base = {"w_bits": 4, "a_bits": 4, "k": 3.0, "n_refresh": 10, "overrides": {}}
+    labels = [run_label(i, _record(setting="W4A4O8", config={**base, **change})) for i, change in enumerate((
+        {}, {"k": 2.0}, {"n_refresh": 5, "k": 4.5}, {"overrides": {"*.x_proj.input": {"a_bits": 8}}},
+        {"overrides": {"layers.0.*": {"skip": True}, "layers.1.*": {"w_bits": 8}}}))]
+    assert labels == ["#1 ouromamba W4A4O8", "#2 ouromamba W4A4O8 k 2", "#3 ouromamba W4A4O8 k 4.5 n_refresh 5",
+                      "#4 ouromamba W4A4O8 +1 override", "#5 ouromamba W4A4O8 +2 overrides"]
+    per_tensor = _record(method="per_tensor", setting="W4A4", config={**base, "k": 2.0})
+    assert run_label(0, per_tensor) == "#1 per_tensor W4A4"  # k means nothing to a method without the rule
 
 
 def test_table_figures_and_report():
@@ -465,8 +481,11 @@ def test_the_sweep_scores_each_pair_on_validation_images_and_caches(served):
 
 
 @pytest.mark.parametrize(("ks", "refreshes", "images", "expected"), [
-    ("2, x", "10", 100, "k values: type numbers separated by commas"), ("0, 3", "10", 100, "k values must be above 0"),
-    ("3", "0", 100, "n_refresh values must be at least 1"), ("3", "2.5", 100, "n_refresh values: type numbers"),
+    ("2, x", "10", 100, "k values: type numbers separated by commas"),
+    ("0, 3", "10", 100, "k values must each be from 0.5 to 8"), ("nan", "10", 100, "k values must each be from 0.5"),
+    ("3, inf", "10", 100, "k values must each be from 0.5"),
+    ("3", "100000", 100, "n_refresh values must each be from 1 to 50"),
+    ("3", "0", 100, "n_refresh values must each be from 1 to 50"), ("3", "2.5", 100, "n_refresh values: type numbers"),
     ("1 2 3 4 5 6", "1 2 3 4 5 6", 100, "36 points; at most 30"), ("3", "10", 9000, "validation images must be from 1"),
 ])
 def test_the_sweeps_bad_input_is_one_line(served, ks: str, refreshes: str, images: int, expected: str):

@@ -79,8 +79,10 @@ def test_bad_uploads_are_one_line(client: Client, tmp_path: Path, monkeypatch):
     assert client.predict(5, api_name="/evaluate")[1]["total"] == 5
 
 
-def test_nothing_to_load_is_a_message(client: Client):
+def test_nothing_to_load_is_a_message(client: Client, tmp_path: Path):
     assert _is_one_line_error(_load(client)) and "type the path of a checkpoint" in _load(client)
+    status = _load(client, data=str(tmp_path))  # test images alone: said to be unread, not silently ignored
+    assert _is_one_line_error(status) and "test images load with their model, so they were not read" in status
 
 
 @pytest.mark.parametrize(("folder", "expected"), [

@@ -36,6 +36,8 @@ def test_folder_source_and_its_errors(tmp_path: Path):
         calibration_images("imagenet", 1, seed=0)
     with pytest.raises(StudioError, match="at least 1 image"):
         calibration_images("noise", 0, seed=0)
+    with pytest.raises(StudioError, match="the seed must be a whole number from 0"):
+        calibration_images("noise", 1, seed=2**64)
 
 
 def test_quantize_command_writes_records_with_provenance(tmp_path: Path, capsys):
@@ -85,6 +87,10 @@ def test_quantize_command_bad_input_is_one_line(capsys):
     assert main(["quantize", "--overrides", '{"layers.9.*": {"w_bits": 8}}', "--limit", "5", "--n-calib", "2",
                  "--recon-epochs", "0"]) == 2
     assert "override 'layers.9.*' matches no site of this model" in capsys.readouterr().err
+    assert main(["quantize", "--overrides", '{"*": {"skip": true}}', "--limit", "5", "--n-calib", "2"]) == 2
+    assert "the overrides skip every quantizer" in capsys.readouterr().err  # not a record of the FP model as W4A4
+    assert main(["quantize", "--seed", str(10**23), "--limit", "5", "--n-calib", "2"]) == 2
+    assert "the seed must be a whole number from 0 to 4,294,967,295" in capsys.readouterr().err
 
 
 def test_quantize_command_applies_per_site_overrides(tmp_path: Path, capsys):

@@ -234,7 +234,15 @@ def test_settings_that_do_not_fit_the_model_are_rejected(model, overrides, messa
     ({"neighbourhood": 4}, "odd size"), ({"source": "dream"}, "unknown image source"),
     ({"count": 0}, "count must be at least 1"), ({"output_weight": -1}, "output_weight must be ≥ 0"),
     ({"temperature": 0}, "temperature must be > 0"), ({"output_loss": "l3"}, "output loss"),
+    ({"contrastive_weight": 0, "output_weight": 0}, "every loss weight this source uses is 0"),
+    ({"source": "output_only", "output_weight": 0}, "give λ output a value above 0"),
+    ({"seed": -1}, "the seed must be"),
 ])
 def test_bad_configs_are_rejected_in_one_line(overrides, message):
     with pytest.raises(StudioError, match=message):
         GenConfig(**overrides)
+
+
+def test_zero_weights_are_fine_where_nothing_is_optimised():
+    assert GenConfig(source="noise", contrastive_weight=0, output_weight=0).source == "noise"
+    assert GenConfig(contrastive_weight=0, output_weight=0, iterations=0).iterations == 0

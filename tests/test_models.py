@@ -222,6 +222,11 @@ def test_non_checkpoint_files(tmp_path: Path):
     (tmp_path / "notes.pth").write_text("this is not a checkpoint\n")
     with pytest.raises(StudioError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "notes.pth")
+    for name, content in (("passwd", "root:x:0:0:root:/root:/bin/bash\n"), ("image.png", "\x89PNG\r\n\x1a\n")):
+        (tmp_path / name).write_text(content)  # the unpickler's own words ('list index out of range', '101') stay out
+        with pytest.raises(StudioError, match=r"is not a readable checkpoint: neither safetensors nor a PyTorch file, "
+                                              r"or truncated \(re-save or re-download it\)$"):
+            load_checkpoint(tmp_path / name)
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(StudioError, match="empty"):
         load_checkpoint(tmp_path / "empty.pth")

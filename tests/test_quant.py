@@ -17,6 +17,7 @@ from core.quant.fake import (
 from core.quant.outliers import max_abs_scale, outlier_masks, range_scale, strip_outliers
 from core.quant.quantizers import OutlierAwareQuantizer, PerTokenStaticQuantizer, WeightQuantizer
 from core.quant.reconstruct import block_parameters, grid_bits, reconstruct
+from kernels.detect_quant import window_outlier_masks
 
 STATIC_ONLY = ReconstructionConfig(epochs=0)
 
@@ -307,6 +308,27 @@ def test_bad_per_site_thresholds_are_one_line(change, message):
     with pytest.raises(StudioError, match=message) as caught:
         QuantConfig(overrides={"layers.0.*": change})
     assert "\n" not in str(caught.value) and "layers.0.*" in str(caught.value)
+
+
+def test_a_window_longer_than_the_scan_is_the_whole_scan():
+    """n_refresh beyond the sequence length gives the masks of one window over it, without padding the scan to
+    the window (a typed n_refresh of a million took minutes and 10 GB)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 16)
+    x[:, 5:, 3] *= 20
+    scale = torch.full((30,), 0.05)
+    whole = outlier_masks(x, scale, max_abs_scale(7), 3.0, 30)
+    assert whole.any() and torch.equal(outlier_masks(x, scale, max_abs_scale(7), 3.0, 10**9), whole)
+    assert torch.equal(strip_outliers(x, 3.0, 10**9), strip_outliers(x, 3.0, 30))
+    reference = window_outlier_masks(x, scale, 3.0, 10**9, lambda row, mask: (row.abs() * ~mask).amax(-1) / 7)
+    assert torch.equal(reference, whole)
+
+
+def test_seeds_outside_the_generators_range_are_one_line():
+    with pytest.raises(StudioError, match="the seed must be a whole number from 0 to 4,294,967,295"):
+        ReconstructionConfig(seed=10**23)
+    with pytest.raises(StudioError, match="the seed must be"):
+        ReconstructionConfig(seed=-1)
 
 
 def test_skipping_every_site_gives_the_fp_model(small_vim):

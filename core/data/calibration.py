@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.data.fashion_mnist import VALIDATION_SIZE, load_fashion_mnist
 from core.data.image_folder import input_normalization, pixel_transform
-from core.errors import StudioError
+from core.errors import StudioError, check_seed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 BUILTIN_SOURCES = ("real", "noise")
@@ -25,7 +25,7 @@ def calibration_images(source: str, count: int, seed: int, img_size: int = 28, i
     the normalised input space) or a folder of images."""
     if count < 1:
         raise StudioError(f"the calibration set needs at least 1 image, got {count}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     if source == "noise":
         return torch.randn(count, in_chans, img_size, img_size, generator=generator)
     if source == "real":

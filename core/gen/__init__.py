@@ -4,6 +4,7 @@ from core.gen.attention import attention_maps, attention_rows, patch_features, t
 from core.gen.generate import (
     GEN_PRESETS,
     GEN_SOURCES,
+    OPTIMISED_SOURCES,
     GenConfig,
     GenProgress,
     GenResult,
@@ -16,6 +17,7 @@ from core.gen.generate import (
 
 __all__ = [
     "attention_maps", "attention_rows", "patch_features", "trace_scans",
-    "GEN_PRESETS", "GEN_SOURCES", "GenConfig", "GenProgress", "GenResult", "generate", "load_manifest",
+    "GEN_PRESETS", "GEN_SOURCES", "OPTIMISED_SOURCES",
+    "GenConfig", "GenProgress", "GenResult", "generate", "load_manifest",
     "save_generated", "saved_sets", "to_pixels",
 ]

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from core.data import calibration_images, input_normalization
-from core.errors import StudioError
+from core.errors import StudioError, check_seed
 from core.eval import Cancelled
 from core.gen.attention import check_layers, check_neighbourhood, drop_cls, patch_features, trace_scans
 from core.gen.losses import OUTPUT_LOSSES, output_loss, patch_contrastive_loss, similarity_entropy_loss, total_variation
@@ -78,8 +78,13 @@ class GenConfig:
             "contrastive_weight", "output_weight", "pse_weight", "tv_weight", "l2_weight") if getattr(self, name) < 0]
         problems += [f"{name} must be > 0, got {getattr(self, name)}" for name in ("lr", "temperature")
                      if not getattr(self, name) > 0]
+        if self.source in OPTIMISED_SOURCES and self.iterations > 0 and not self.weights:
+            problems.append("every loss weight this source uses is 0, so there is nothing to optimise: give "
+                            + ("λ output or λ contrastive" if self.source == "ouromamba" else "λ output")
+                            + " a value above 0, or run 0 iterations")
         if problems:
             raise StudioError("; ".join(problems))
+        check_seed(self.seed)
 
     @property
     def weights(self) -> dict[str, float]:

@@ -25,6 +25,8 @@ from core.models.vim import VimConfig, VisionMamba, checkpoint_filter_fn
 
 CONFIG_METADATA_KEY = "vim_config"
 PACKED_FORMAT_PREFIX = "ouromamba-packed/"  # core.quant.packed's files carry it in their metadata
+UNREADABLE = ("{} is not a readable checkpoint: neither safetensors nor a PyTorch file, or truncated (re-save or "
+              "re-download it)")
 
 
 def _describe(path: Path) -> str:
@@ -48,11 +50,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], VimConfi
         if "Unsupported global" in str(err) or "GLOBAL" in str(err):  # it names a callable to import
             raise StudioError(f"{_describe(path)} is a pickle that wants to run code, which we never do; "
                               "re-save it as a plain state dict or as safetensors") from None
-        raise StudioError(f"{_describe(path)} is not a readable checkpoint (truncated or not a PyTorch file)") from None
-    except Exception as err:  # noqa: BLE001 - the unpickler raises many kinds on garbage; all mean "unreadable"
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        raise StudioError(f"{_describe(path)} is not a readable checkpoint (truncated or not a PyTorch file: "
-                          f"{reason})") from None
+        raise StudioError(UNREADABLE.format(_describe(path))) from None
+    except Exception:  # noqa: BLE001 - on garbage the unpickler raises anything ('101', 'list index out of range')
+        raise StudioError(UNREADABLE.format(_describe(path))) from None
     if not isinstance(obj, dict):
         raise StudioError(f"{_describe(path)} holds a {type(obj).__name__}, not a state dict")
     for wrapper in ("model", "state_dict", "model_ema"):

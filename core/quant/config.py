@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from core.errors import StudioError
+from core.errors import StudioError, check_seed
 from core.records import checked_fields
 
 METHODS = {
@@ -20,6 +20,7 @@ METHODS = {
     "per_tensor": "static per-tensor min-max (weights and activations)",
 }
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
+OUTLIER_METHODS = ("ouromamba", "static_outliers")  # the methods with the k·σ rule and an outlier path
 OVERRIDE_FIELDS = {"w_bits", "a_bits", "o_bits", "k", "k_delta", "n_refresh", "skip"}
 # progress(stage, done, total, loss): stage "calibrate" counts sites, "reconstruct" counts blocks (with loss)
 Progress = Callable[[str, int, int, float | None], None]
@@ -45,6 +46,7 @@ class ReconstructionConfig:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise StudioError(f"reconstruction needs epochs ≥ 0, batch_size ≥ 1 and lr > 0 (got epochs="
                               f"{self.epochs}, batch_size={self.batch_size}, lr={self.lr})")
+        check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,13 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        outliers = f"O{self.o_bits}" if self.method in ("ouromamba", "static_outliers") else ""
-        return f"{self.method} W{self.w_bits}A{self.a_bits}{outliers}"
+        return f"{self.method} {self.setting}"
+
+    @property
+    def setting(self) -> str:
+        """'W4A4O8': the bit-widths, and the outliers' where the method has an outlier path."""
+        outliers = f"O{self.o_bits}" if self.method in OUTLIER_METHODS else ""
+        return f"W{self.w_bits}A{self.a_bits}{outliers}"
 
     def for_site(self, name: str) -> QuantConfig | None:
         """The config as it applies to one site after overrides (in order), or None if the site is skipped."""

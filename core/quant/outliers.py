@@ -64,6 +64,7 @@ def outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, dynamic_scale: Dy
     All windows run in parallel; the loop is over the n_refresh positions inside a window.
     """
     batch, length, channels = x.shape
+    n_refresh = min(n_refresh, length)  # a longer window is the whole scan: the same masks, no padding to it
     windows = -(-length // n_refresh)
     pad = windows * n_refresh - length
     # time-major (L, batch, C), as Vim's out_proj input already is in memory (other sites take one copy), so
@@ -95,6 +96,7 @@ def strip_outliers(x: torch.Tensor, k: float, n_refresh: int) -> torch.Tensor:
         return x
     magnitude = x.abs()
     flags = magnitude > (magnitude.mean(-1, keepdim=True) + k * magnitude.std(-1, keepdim=True))
+    n_refresh = min(n_refresh, length)  # a longer window is the whole scan: the same masks, no padding to it
     windows = -(-length // n_refresh)
     pad = windows * n_refresh - length
     accumulated = F.pad(flags, (0, 0, 0, pad)).view(batch, windows, n_refresh, channels)
