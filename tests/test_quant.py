@@ -377,9 +377,11 @@ def test_reconstruction_lowers_every_block_loss_and_trains_every_scale(default_m
     assert len(block_parameters(qmodel, 0)) == len(before) // 4
 
 
-def test_reconstruction_keeps_the_scales_of_grids_finer_than_4_bits(default_model_and_calibration):
-    """An 8-bit site in a 4-bit model keeps its calibrated scale (the release's lr only made it drift) while every
-    4-bit scale learns; a 4-bit model trains exactly as the release does (the same steps: bit for bit)."""
+def test_reconstruction_can_keep_the_scales_of_grids_finer_than_4_bits(default_model_and_calibration):
+    """With ``max_learned_bits=4`` an 8-bit site in a 4-bit model keeps its calibrated scale while every 4-bit
+    scale learns; by default (the release's way) every scale moves; a 4-bit model trains the same either way
+    (the same steps: bit for bit)."""
+    assert ReconstructionConfig().max_learned_bits is None
     model, images = default_model_and_calibration
 
     def scales(calibrated: QuantizedVim, limit: int | None) -> dict[str, torch.Tensor]:

@@ -28,11 +28,13 @@ Progress = Callable[[str, int, int, float | None], None]
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
-    """Block-wise reconstruction after the static calibration (defaults: the release's, §7.7, but for
-    ``max_learned_bits``). ``epochs`` 0 keeps the clip-searched scales. Only the scales of grids of at most
-    ``max_learned_bits`` bits learn; finer grids keep their calibrated scales (None: every scale learns, as in
-    the release). AdamW moves a scale by about lr a step whatever its size, and the release's lr suits 4-bit
-    scales: an 8-bit one, ~18× smaller, drifted 2× and some below zero (docs/method-decisions.md)."""
+    """Block-wise reconstruction after the static calibration (defaults: the release's, §7.7). ``epochs`` 0
+    keeps the clip-searched scales. ``max_learned_bits`` b: only the scales of grids of at most b bits learn,
+    finer grids keep their calibrated scales (None, the default: every scale learns, as in the release). AdamW
+    moves a scale by about lr a step whatever its size, so an 8-bit scale, ~18× smaller than a 4-bit one, moves
+    far (x_proj's 8-bit weights fell from 44 to 8–15 dB SQNR), yet on held-out images that never cost top-1 and
+    it rescued badly calibrated grids: kept at 4, static-outlier W8A8 on noise lost 2.4 points
+    (docs/method-decisions.md, results/quant/fine_grid_reconstruction.md)."""
 
     epochs: int = 10
     lr: float = 5e-4
@@ -40,7 +42,7 @@ class ReconstructionConfig:
     batch_size: int = 32
     grad_clip: float = 2.0
     seed: int = 0
-    max_learned_bits: int | None = 4
+    max_learned_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:

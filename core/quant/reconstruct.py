@@ -6,8 +6,8 @@ on the FP model's inputs. The loss is 1 − cosine similarity over the hidden di
 stream after the block (residual + block output, what the next block normalises), averaged over tokens and
 images. Every scale of the block's quantizers (weights and static activation scales) is a parameter and
 learns through the straight-through rounding; the release learned only out_proj's (we test that all move).
-Scales of grids finer than ``ReconstructionConfig.max_learned_bits`` (4) keep their calibrated values: the
-release's lr suits 4-bit scales, and an 8-bit one, ~18× smaller, only drifted (docs/method-decisions.md).
+With ``ReconstructionConfig.max_learned_bits`` the scales of finer grids keep their calibrated values instead
+(off by default: docs/method-decisions.md says why).
 """
 
 from __future__ import annotations
