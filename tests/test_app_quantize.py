@@ -365,6 +365,13 @@ def test_run_labels_name_what_sets_a_run_apart():
     assert run_label(0, per_tensor) == "#1 per_tensor W4A4"  # k means nothing to a method without the rule
 
 
+def test_fp32_references_a_hair_apart_keep_readable_labels():
+    """Two FP32 lines (15 and 40 test images) printed their labels on top of each other."""
+    figure = accuracy_figure([_record(fp_top1=88.9, test_images=15), _record(fp_top1=89.0, test_images=40)])
+    corners = [(a.xanchor, a.yanchor) for a in figure.layout.annotations if a.text.startswith("FP32")]
+    assert len(corners) == 2 and corners[0] != corners[1]
+
+
 def test_table_figures_and_report():
     records = [_record(), _record(method="per_tensor", setting="W8A8", top1=88.5, delta_vs_fp=-0.44,
                                   config={"w_bits": 8, "a_bits": 8, "overrides": {}},
