@@ -171,6 +171,17 @@ def zoom(pixels: np.ndarray) -> np.ndarray:
     return pixels.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
+class ClampedSlider(gr.Slider):
+    """A slider for a live view (the layer of a figure) that clamps a typed value into its range, as dragging
+    already does. Gradio refuses an out-of-range value with an error that replaces the figure the slider drives,
+    and the browser's own clamping afterwards fires no event to draw it again. Drawn by gr.Slider's frontend."""
+
+    is_template = True  # gradio: use the parent's Svelte component
+
+    def preprocess(self, payload: float) -> float:
+        return super().preprocess(min(max(payload, self.minimum), self.maximum))
+
+
 def slider_top(last: int, first: int = 0) -> int:
     """A slider's maximum for the values first..last: gradio wants maximum > minimum, so a one-layer model's
     slider still offers 0..1, and the job says that 1 is out of range."""

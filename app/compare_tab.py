@@ -31,6 +31,8 @@ def pair_figure(records: list[RunRecord] | None, first: int | None, second: int 
     count = len(records or [])
     if first is None or second is None or not (0 <= first < count and 0 <= second < count):
         return None, NO_PAIR
+    if first == second:
+        return None, error(StudioError("run A and run B are the same run: pick two different runs"))
     frames = [site_errors_frame(records[i]) for i in (first, second)]
     if any(frame is None for frame in frames):
         return None, NO_PAIR

@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 
 from app.common import (
     K_RANGE,
+    ClampedSlider,
     RecentResults,
     Run,
     calibration_dropdown,
@@ -227,12 +228,17 @@ def view_csv(folder: Path, header: dict, timeline_steps: pd.DataFrame, grid: Gri
     return path
 
 
+def count_text(mean: float) -> str:
+    """A mean count for a sentence: one decimal, two below 1 so that a rare outlier does not read as none."""
+    return f"{mean:.2f}" if 0 < mean < 1 else f"{mean:.1f}"
+
+
 def static_sentence(static: torch.Tensor, misses: pd.DataFrame, mask: torch.Tensor) -> str:
     """What a fixed list with the rule's budget would miss, or that there is nothing to list."""
     if not mask.any():
         return "Nothing is flagged here, so a static list has nothing to keep."
     return (f"A static list of the {int(static.sum())} most frequent outlier channel(s) misses "
-            f"{misses['missed'].mean():.1f} outlier channels per token.")
+            f"{count_text(misses['missed'].mean())} outlier channels per token.")
 
 
 def grid_sentence(grid: GridView, quantizer: OutlierAwareQuantizer) -> str:
@@ -341,8 +347,8 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
             timeline = outlier_timeline(x, rule, image=chosen)
             mask = timeline.mask
             static = most_frequent_channels(mask)
-            misses = static_list_misses(x if chosen is None else x[chosen:chosen + 1],
-                                        mask if chosen is None else mask[chosen:chosen + 1], static)
+            shown_mask = mask if chosen is None else mask[chosen:chosen + 1]
+            misses = static_list_misses(x if chosen is None else x[chosen:chosen + 1], shown_mask, static)
             grid = quantization_grid(x, quantizer, mask, chosen)
         except (StudioError, KeyError, ValueError, IndexError) as err:
             return error(err), *(gr.skip(),) * (len(view_outputs) - 1)  # the last good view stays
@@ -352,11 +358,11 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         windows = timeline.windows
         moving = ("one window only: nothing to compare" if len(windows) < 2 else
                   f"{windows['new_channels_vs_previous_window'].mean():.1f} of them new versus the previous window")
-        text = (f"**{site}**, {shown}: {per_token:.1f} of {x.shape[-1]} channels per token are outliers "
+        text = (f"**{site}**, {shown}: {count_text(per_token)} of {x.shape[-1]} channels per token are outliers "
                 f"(k = {k:g}, n_refresh = {n_refresh}); a window's O_list holds "
-                f"{windows['olist_size'].mean():.1f} channels, {moving}, and grows at "
-                f"{windows['growing_steps'].mean():.1f} of its steps. {static_sentence(static, misses, mask)} "
-                f"{grid_sentence(grid, quantizer)} ({inspection.label}.)")
+                f"{count_text(windows['olist_size'].mean())} channels, {moving}, and grows at "
+                f"{count_text(windows['growing_steps'].mean())} of its steps. "
+                f"{static_sentence(static, misses, shown_mask)} {grid_sentence(grid, quantizer)} ({inspection.label}.)")
         title = f"|x| at {site} ({shown}); red: detected outliers; dotted: window starts"
         header = {"site": site, "images": pooled, "k": k, "n_refresh": n_refresh, "inlier_bits": quantizer.bits,
                   "capture": inspection.label, **ws.provenance(), **provenance()}
@@ -381,7 +387,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         cancel_button = gr.Button("Cancel", variant="stop", scale=1)
     status = gr.Markdown(READY, elem_id="outliers-status")
     with gr.Row():
-        layer = gr.Slider(0, slider_top(cfg.depth - 1), min(1, cfg.depth - 1), step=1, label="Layer")
+        layer = ClampedSlider(0, slider_top(cfg.depth - 1), min(1, cfg.depth - 1), step=1, label="Layer")
         tensor = gr.Dropdown(list(TENSORS), value="x_proj input (u, after conv1d + SiLU)", label="Tensor")
         direction = gr.Radio(list(DIRECTIONS), value=DIRECTIONS[0], label="Scan direction",
                              info="in_proj/out_proj inputs are shared by both.")

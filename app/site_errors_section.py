@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import error, slider_top
+from app.common import ClampedSlider, error, slider_top
 from core.error_figures import (
     DEFAULT_METRIC,
     METRICS,
@@ -65,8 +65,13 @@ def with_site_override(text: str | None, site: str | None, change: dict) -> tupl
     except StudioError as err:
         return gr.skip(), error(err)
     what = "in floating point" if change.get("skip") else "at 8 bits"
+    side, other = ("input", "weight") if site.endswith(".input") else ("weight", "input")
+    packing = (f" Its projection's {other} stays quantized, so this run will have no packed integer model (the "
+               f"kernels need a projection's input and weight both in floating point or neither): add "
+               f"`{site.removesuffix(side)}{other}` too for one." if change.get("skip") and site.endswith(
+                   (".input", ".weight")) else "")
     return (json.dumps(overrides),
-            f"Overrides now keep `{site}` {what}: press **Quantize** to measure what it buys.")
+            f"Overrides now keep `{site}` {what}: press **Quantize** to measure what it buys.{packing}")
 
 
 @dataclass
@@ -111,7 +116,7 @@ def show_block_diagram(report: pd.DataFrame | None, layer: float | None, metric:
 def build_site_errors_section(overrides: gr.Textbox, depth: int) -> SiteErrorsSection:
     """The section under the Quantize tab's SQNR heatmap; its buttons edit ``overrides``."""
     with gr.Row():
-        layer = gr.Slider(0, slider_top(depth - 1), 0, step=1, label="Layer in the block diagram",
+        layer = ClampedSlider(0, slider_top(depth - 1), 0, step=1, label="Layer in the block diagram",
                           elem_id="quant-diagram-layer", info="A run opens on the layer with its lowest SQNR")
         metric = gr.Radio(list(METRICS), value=DEFAULT_METRIC, label="Colour by", elem_id="quant-diagram-metric")
     diagram = gr.Plot(label="One block's quantizers where they sit in the dataflow", elem_id="quant-diagram")

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.common import (
+    ClampedSlider,
     RecentResults,
     Run,
     cell,
@@ -200,7 +201,8 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
 
     def finished(ws: Workspace, result: GenResult, cached: bool) -> tuple:
         folder, archive = _save(result, ws)
-        return (_summary(result, ws, folder, cached), loss_figure(result.history, "losses (mean over batches)"),
+        losses = loss_figure(result.history, "losses (mean over batches)") if result.history else None
+        return (_summary(result, ws, folder, cached), losses,
                 gallery_items(result, ws), real_examples(result, ws), result.manifest(), archive,
                 (ws.fingerprint, result))
 
@@ -213,8 +215,9 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
         of the stopped job's previews (the rest of the tab still shows that set)."""
         if made is None or made[0] != ws.fingerprint:
             return text, None, [], *(gr.skip(),) * 4
-        return (text, loss_figure(made[1].history, "losses (mean over batches)"), gallery_items(made[1], ws),
-                *(gr.skip(),) * 4)
+        history = made[1].history
+        return (text, loss_figure(history, "losses (mean over batches)") if history else None,
+                gallery_items(made[1], ws), *(gr.skip(),) * 4)
 
     def synthesize(ws: Workspace, made: tuple[str, GenResult] | None, source: str, count: float | None,
                    iterations: float | None, neighbourhood: str, top_k: float, temperature: float,
@@ -357,7 +360,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
     with gr.Row():
         origin = gr.Radio(["generated set", "test set"], value="test set", label="Image from")
         index = gr.Number(0, label="Image #", precision=0)
-        layer = gr.Slider(0, slider_top(cfg.depth - 1), cfg.depth - 1, step=1, label="Layer")
+        layer = ClampedSlider(0, slider_top(cfg.depth - 1), cfg.depth - 1, step=1, label="Layer")
         direction = gr.Radio(["fwd", "bwd"], value="fwd", label="Scan direction")
         query = gr.Dropdown(queries, value=default_query, label="Query token", allow_custom_value=True)
         map_neighbourhood = gr.Dropdown(["3", "5", "7"], value="5", label="Neighbourhood")

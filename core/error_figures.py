@@ -114,8 +114,9 @@ def layer_nodes(report: pd.DataFrame, layer: int, metric: str, colour_range: tup
                    "symbols": symbols(quantized)},
         floating={"x": [_place(*s)[0] for s in left], "y": [_place(*s)[1] for s in left],
                   "text": [f"{SITE_LABELS[t]}<br>FP" for t, _ in left], "symbols": symbols(left)},
-        title=f"Layer {layer}: {name}<br><sup>one colour scale for all layers ({low:.1f} to {high:.1f} dB); "
-              "squares are weights; hollow nodes stay in floating point</sup>")
+        title=(f"Layer {layer}: {name}" if quantized else f"Layer {layer}: every quantizer left in floating point")
+        + f"<br><sup>one colour scale for all layers ({low:.1f} to {high:.1f} dB); squares are weights; hollow "
+          "nodes stay in floating point</sup>")
 
 
 def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metric: str) -> go.Figure | None:
@@ -123,8 +124,9 @@ def block_diagram_figure(report: pd.DataFrame | None, layer: float | None, metri
     ``metric`` on the run's common scale; tensors the run left in floating point are hollow grey nodes, the
     operations grey boxes. Hover: site, bits, both SQNRs and the cosine. Always three traces (edges, quantized
     nodes, floating-point nodes; either node trace may be empty), so that a menu can swap layers. None without
-    a report, or for a layer the report does not have."""
-    if report is None or layer is None or metric not in METRICS.values() or int(layer) not in set(report["layer"]):
+    a report, or for a layer past the report's last (one before it without rows was left in floating point)."""
+    if (report is None or layer is None or metric not in METRICS.values()
+            or not 0 <= int(layer) <= report["layer"].max()):
         return None
     low, high = colour_range = _colour_range(report, metric)
     nodes = layer_nodes(report, int(layer), metric, colour_range)
@@ -200,9 +202,13 @@ def layer_tensor_grids(frame: pd.DataFrame, names: list[str]) -> tuple[list[str]
 
 
 def cell_text(grid: np.ndarray, form: str) -> list[list[str]]:
-    """Each cell's value as the heatmap prints it, '' where there is none: formatted here, since Chromium's
-    plotly printed the difference map's floats in full through ``texttemplate="%{z:+.0f}"``."""
-    return [["" if np.isnan(value) else form.format(value) for value in row] for row in grid]
+    """Each cell's value as the heatmap prints it, '' where there is none and never '-0' (a value that rounds to
+    zero prints as zero): formatted here, since Chromium's plotly printed the difference map's floats in full
+    through ``texttemplate="%{z:+.0f}"``."""
+    def text(value: float) -> str:
+        shown = form.format(value)
+        return form.format(0.0) if float(shown) == 0 else shown
+    return [["" if np.isnan(value) else text(value) for value in row] for row in grid]
 
 
 def sqnr_heatmap(report: pd.DataFrame, images: int, source: str = "test images") -> go.Figure:
@@ -260,7 +266,7 @@ def sqnr_difference_heatmap(first: pd.DataFrame, second: pd.DataFrame, first_lab
     figure = go.Figure(go.Heatmap(
         z=difference, x=columns, y=layers, customdata=np.dstack(values),
         colorscale="RdBu", zmid=0, zmin=-reach, zmax=reach, colorbar={"title": "ΔSQNR (dB)"},
-        text=cell_text(difference, "{:+.0f}"), texttemplate="%{text}",
+        text=cell_text(difference, "{:+.1f}"), texttemplate="%{text}",  # differences are often below 1 dB
         hovertemplate="%{y}, %{x}<br>%{z:+.1f} dB: " + f"{second_label} " + "%{customdata[1]:.1f} dB "
                       "(%{customdata[3]} bits), " + f"{first_label} " + "%{customdata[0]:.1f} dB "
                       "(%{customdata[2]} bits)<extra></extra>"))

@@ -22,7 +22,6 @@ from core.quant.config import OUTLIER_METHODS
 from core.records import utc_now, versions
 
 DEFAULT_CONFIG = QuantConfig()
-LABEL_CORNERS = ("top right", "bottom right", "top left", "bottom left")
 SITE_ERROR_RUNS = 12  # the newest runs whose per-site errors a report draws (two figures each)
 FAKE_QUANT_NOTE = ("Fake-quant timings: quantizers are simulated in floating point, so these times show the "
                    "simulation's cost on the hardware named, not the speed of integer kernels.")
@@ -87,6 +86,13 @@ def _series(record: RunRecord, several_models: bool, several_splits: bool) -> st
     return model + record.method + (f" O{outliers}" if outliers else "") + overrides + split
 
 
+def reference_corner(index: int, count: int) -> str:
+    """Where the label of the ``index``-th lowest of ``count`` FP32 lines goes: the lower half's below their
+    lines, the upper half's above, sides alternating, so that lines a hair apart (FP32 on 15 and on 40 images)
+    push their labels apart instead of onto each other."""
+    return f"{'top' if index >= count // 2 else 'bottom'} {'left' if index % 2 else 'right'}"
+
+
 def accuracy_figure(records: list[RunRecord]) -> go.Figure:
     """Top-1 per weight/activation bit-width, one marker series per method, FP32 as dashed lines."""
     bits = {(r.config.get("a_bits"), r.config.get("w_bits")) for r in records}
@@ -104,10 +110,10 @@ def accuracy_figure(records: list[RunRecord]) -> go.Figure:
                   f"{r.test_images} images of {scored_on(r)}<br>{r.date}" for i, r in runs],
             hovertemplate="%{text}<br>top-1 %{y:.2f} %<extra></extra>")
     references = sorted({(r.fp_top1, r.test_images, scored_on(r)) for r in records})
-    for index, (fp_top1, images, split) in enumerate(references):  # labels take turns at the corners: FP32
-        figure.add_hline(y=fp_top1, line_dash="dash", line_color="gray",  # on 15 and 40 images may be a hair apart
+    for index, (fp_top1, images, split) in enumerate(references):
+        figure.add_hline(y=fp_top1, line_dash="dash", line_color="gray",
                          annotation_text=f"FP32 {fp_top1:.2f} % ({images} images of {split})",
-                         annotation_position=LABEL_CORNERS[index % len(LABEL_CORNERS)])
+                         annotation_position=reference_corner(index, len(references)))
     figure.update_xaxes(categoryorder="array", categoryarray=order, title="bit-widths (weights W, activations A)")
     figure.update_layout(title="Top-1 accuracy vs bit-width", yaxis_title="top-1 (%)", height=420,
                          margin={"l": 50, "r": 10, "t": 50, "b": 50})

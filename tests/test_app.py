@@ -16,10 +16,11 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from gradio_client import Client
 
 from app import outliers_tab
-from app.common import RecentResults, Run, calibration_choices, guarded, sets_dir
+from app.common import ClampedSlider, RecentResults, Run, calibration_choices, guarded, sets_dir
 from app.synthesize_tab import set_name
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.default_model import load_card
@@ -186,6 +187,20 @@ def test_sets_with_different_settings_never_share_a_folder():
     assert set_name(real, 2, "f" * 64) == "real_2_seed0_ffffffff"  # no iterations: it is not optimised
 
 
+def test_live_view_sliders_clamp_typed_values_and_draw_as_sliders():
+    """A layer typed past the last one replaced the figure with an error badge; now it is the last layer."""
+    with gr.Blocks():
+        slider = ClampedSlider(0, 3, 1, step=1)
+    assert (slider.preprocess(9), slider.preprocess(-2), slider.preprocess(2)) == (3, 0, 2)
+    assert slider.get_block_name() == "slider"  # gradio's own frontend component
+
+
+def test_outlier_sentences_never_round_a_rare_outlier_to_none():
+    assert [outliers_tab.count_text(v) for v in (0.0, 0.04, 0.2, 1.0, 12.34)] == ["0.0", "0.04", "0.20", "1.0", "12.3"]
+    nothing = torch.zeros(1, 4, 3, dtype=torch.bool)
+    assert "Nothing is flagged" in outliers_tab.static_sentence(torch.tensor([True, False, False]), None, nothing)
+
+
 def test_a_bug_in_a_job_is_one_line_and_the_tab_keeps_what_it_showed():
     """Whatever escapes a job becomes a gr.Error of one line (a StudioError as it is), for functions and for
     generators, after what the generator already yielded."""
@@ -208,9 +223,10 @@ def test_a_bug_in_a_job_is_one_line_and_the_tab_keeps_what_it_showed():
 
 def test_noise_source_needs_no_iterations(served):
     _, client = served
-    status, _, gallery, real, manifest, _ = client.predict(
+    status, losses, gallery, real, manifest, _ = client.predict(
         "Gaussian noise (no optimisation)", 2, 0, "5", 12, 0.2, 1, 1, 0.2, 0, api_name="/synthesize")
     assert "2 images from `noise`" in status and len(gallery) == 2 and real == []
+    assert losses is None  # no curves to draw (an empty plot kept the previous set's axes)
     assert [image["target"] for image in manifest["images"]] == [None, None]
 
 

@@ -348,6 +348,9 @@ def test_the_site_picker_lists_worst_first_and_writes_overrides():
     assert "keep `layers.1.fwd.B` at 8 bits" in status
     text, status = with_site_override(text, "layers.1.fwd.B", KEPT_FLOAT)
     assert json.loads(text)["layers.1.fwd.B"] == {"skip": True} and "in floating point" in status
+    assert "packed" not in status  # not a projection's operand
+    _, status = with_site_override(text, "layers.3.out_proj.input", KEPT_FLOAT)  # the kernels need both or neither
+    assert "no packed integer model" in status and "add `layers.3.out_proj.weight` too" in status
     for box, site, expected in (("{oops", "layers.1.fwd.B", "not valid JSON"), ("", None, "quantize first")):
         unchanged, status = with_site_override(box, site, RAISED)
         assert isinstance(unchanged, type(gr.skip())) and status.startswith("**Error:**") and expected in status
@@ -368,8 +371,9 @@ def test_run_labels_name_what_sets_a_run_apart():
 def test_fp32_references_a_hair_apart_keep_readable_labels():
     """Two FP32 lines (15 and 40 test images) printed their labels on top of each other."""
     figure = accuracy_figure([_record(fp_top1=88.9, test_images=15), _record(fp_top1=89.0, test_images=40)])
-    corners = [(a.xanchor, a.yanchor) for a in figure.layout.annotations if a.text.startswith("FP32")]
-    assert len(corners) == 2 and corners[0] != corners[1]
+    labels = {a.text[:10]: (a.xanchor, a.yanchor) for a in figure.layout.annotations if a.text.startswith("FP32")}
+    assert labels["FP32 88.90"][1] == "top" and labels["FP32 89.00"][1] == "bottom"  # below the lower line,
+    assert labels["FP32 88.90"][0] != labels["FP32 89.00"][0]  # above the upper one, at opposite ends
 
 
 def test_table_figures_and_report():
@@ -523,4 +527,6 @@ def test_the_pair_of_runs_says_when_it_was_measured_on_other_images():
     assert "#1 ouromamba W4A8O8: first 2 of fashion-mnist/test" in status
     assert pair_figure(records, 0, 2, "SQNR of the quantizer alone") == (None, NO_PAIR)  # #3 measured nothing
     assert pair_figure(records, 0, 7, "SQNR of the quantizer alone") == (None, NO_PAIR)
+    figure, status = pair_figure(records, 1, 1, "SQNR of the quantizer alone")  # a heatmap of zeros said nothing
+    assert figure is None and status.startswith("**Error:**") and "the same run" in status
     assert measured_runs(records) == [("#2 ouromamba W4A8O8", 1), ("#1 ouromamba W4A8O8", 0)]

@@ -12,6 +12,7 @@ import pandas as pd
 from core.error_figures import (
     METRICS,
     block_diagram_figure,
+    cell_text,
     diagram_with_layer_menu,
     sqnr_difference_heatmap,
     sqnr_heatmap,
@@ -57,6 +58,9 @@ def test_block_diagram_draws_each_quantizer_of_the_layer_on_the_runs_colour_scal
     vs_fp = block_diagram_figure(report, 1, "sqnr_db_vs_fp_model").data[1]
     assert sorted(vs_fp.marker.color) == sorted(layer["sqnr_db_vs_fp_model"])
     assert block_diagram_figure(report, 2, "sqnr_db") is None and block_diagram_figure(None, 0, "sqnr_db") is None
+    all_float = block_diagram_figure(report[report["layer"] == 1], 0, "sqnr_db")  # layer 0 skipped by overrides:
+    assert len(all_float.data[1].x) == 0 and len(all_float.data[2].x) == 22  # drawn hollow, not a blank plot
+    assert "every quantizer left in floating point" in all_float.layout.title.text
     assert block_diagram_figure(report, 0, "top1") is None
     assert set(METRICS.values()) == {"sqnr_db", "sqnr_db_vs_fp_model"}
 
@@ -166,3 +170,9 @@ def test_a_quantizers_sqnr_along_the_scan_marks_its_windows_and_mean():
     assert "refresh windows of 3 steps" in figure.layout.title.text
     plain = step_sqnr_figure(values[:2], "layers.0.in_proj.input", 32)
     assert all(shape.y0 == shape.y1 for shape in plain.layout.shapes) and "token order" in plain.layout.xaxis.title.text
+
+
+def test_cells_print_rounded_values_and_never_minus_zero():
+    grid = np.array([[0.04, -0.04, -1.26], [np.nan, 12.5, -0.0]])
+    assert cell_text(grid, "{:+.1f}") == [["+0.0", "+0.0", "-1.3"], ["", "+12.5", "+0.0"]]
+    assert cell_text(grid, "{:.0f}")[1] == ["", "12", "0"]

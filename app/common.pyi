@@ -1,0 +1,229 @@
+"""What every tab shares: per-tab runs that can be cancelled, range checks, images for galleries and message
+formatting. The session's model and data (a :class:`core.workspace.Workspace`) live in a ``gr.State`` made by
+:func:`app.ui.build_app` and passed to every tab."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import gradio as gr
+import numpy as np
+
+from core.data import BUILTIN_SOURCES
+from core.errors import StudioError, check_seed
+from core.gen import saved_sets
+from core.workspace import Workspace, fits_fashion_mnist
+
+
+@dataclass
+class Run:
+    """One job started from one browser tab; kept in that tab's ``gr.State`` so tabs never cancel
+    each other's work."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
+
+
+def arm(previous: Run | None) -> Run:
+    """A fresh Run for this tab before its job is queued, so Cancel also works while it waits; pressing
+    Run again replaces (cancels) the tab's previous run."""
+    if previous is not None:
+        previous.cancel.set()
+    return Run()
+
+
+def cancel(run: Run | None) -> None:
+    """Stop this tab's job at its next check; other tabs' jobs go on."""
+    if run is None or run.done:
+        gr.Info("Nothing to cancel: nothing is running in this tab.")
+        return
+    run.cancel.set()
+    gr.Info("Cancelling: the job stops at its next step.")
+
+
+def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.State, job, inputs: list,
+             outputs: list, api_name: str, **queueing: object) -> None:
+    """Run arms a fresh :class:`Run` (instant, never queued), then queues ``job(*inputs, run)``; Cancel sets
+    the tab's event. The job follows the queue's default concurrency limit (set where the app is launched)
+    unless ``queueing`` (``concurrency_limit``, ``concurrency_id``) says otherwise."""
+    run_button.click(arm, run_state, run_state, concurrency_limit=None, api_visibility="private").then(
+        guarded(job), [*inputs, run_state], outputs, api_name=api_name, **queueing)
+    cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
+
+
+def guarded(job: Callable) -> Callable:
+    """``job`` (a function or a generator) with what escapes it turned into one line in the page: a
+    :class:`StudioError` as it is, anything else (a bug) named with the server log's traceback behind it. What
+    the tab shows stays as it was."""
+
+    def one_line(err: Exception) -> gr.Error:
+        if isinstance(err, StudioError):
+            return gr.Error(str(err))
+        logging.getLogger("ouromamba.app").exception("%s failed", job.__name__)
+        return gr.Error(f"unexpected {type(err).__name__} ({err}); what the tab showed is kept, and the server "
+                        "log has the traceback: please report it")
+
+    if inspect.isgeneratorfunction(job):
+        @functools.wraps(job)
+        def generator(*args, **kwargs):
+            try:
+                yield from job(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as err:
+                raise one_line(err) from err
+        return generator
+
+    @functools.wraps(job)
+    def function(*args, **kwargs):
+        try:
+            return job(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as err:
+            raise one_line(err) from err
+    return function
+
+
+Value = TypeVar("Value")
+
+
+class RecentResults(Generic[Value]):
+    """Finished jobs by configuration, shared by every session of the app, forgetting the least recently used
+    beyond ``max_items`` entries or ``max_bytes`` (as ``size`` counts them). A demo server runs for days and
+    every configuration anyone tries would otherwise stay in memory (a Vim-T activation capture is over a GB).
+    The newest entry is kept even when it alone is over ``max_bytes``: it is what its session is looking at.
+    Jobs finish on Gradio's worker threads, so every access holds a lock."""
+
+    def __init__(self, max_items: int, max_bytes: int | None = None, size: Callable[[Value], int] = lambda _: 0):
+        self.max_items, self.max_bytes, self.size = max_items, max_bytes, size
+        self._entries: OrderedDict[Hashable, Value] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Value | None:
+        """The entry, now the most recently used, or None when it was never made or has been forgotten."""
+        with self._lock:
+            if key not in self._entries:
+                return None
+            self._entries.move_to_end(key)
+            return self._entries[key]
+
+    def put(self, key: Hashable, value: Value) -> Value:
+        """Keep ``value`` as the most recent entry, forget the oldest ones beyond the limits; returns ``value``."""
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > 1 and (len(self._entries) > self.max_items or self._over_bytes()):
+                self._entries.popitem(last=False)
+        return value
+
+    def _over_bytes(self) -> bool:
+        return self.max_bytes is not None and sum(map(self.size, self._entries.values())) > self.max_bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+SETS_DIR_ENV = "OUROMAMBA_SETS_DIR"
+COMMITTED_SETS = REPOSITORY / "results" / "gen" / "sets"  # the evidence sets (results/gen/README.md)
+
+
+def sets_dir() -> Path:
+    """Where Synthesize saves its sets for Quantize: ``$OUROMAMBA_SETS_DIR``, else ``results/app_sets``."""
+    return Path(os.environ.get(SETS_DIR_ENV) or REPOSITORY / "results" / "app_sets")
+
+
+def calibration_choices() -> list[str]:
+    """The built-in sources, then every saved set: this session's (Synthesize) and the committed evidence sets."""
+    return [*BUILTIN_SOURCES, *(str(folder) for folder in saved_sets(sets_dir(), COMMITTED_SETS))]
+
+
+def default_calibration(workspace: Workspace) -> str:
+    """Real images where there are real calibration images for the model (Fashion-MNIST's), else noise."""
+    return "real" if fits_fashion_mnist(workspace.model.cfg) else "noise"
+
+
+def calibration_dropdown(workspace: Workspace, **options) -> gr.Dropdown:
+    """A calibration-source box: real, noise, a set saved by Synthesize, or a typed folder of images; sets saved
+    since the page loaded appear when it is opened."""
+    box = gr.Dropdown(calibration_choices(), value=default_calibration(workspace), allow_custom_value=True,
+                      **options)
+    box.focus(lambda: gr.update(choices=calibration_choices()), None, box, api_visibility="private")
+    return box
+
+
+GALLERY_SIZE = 112  # 28×28 images shown 4× as 112×112, nearest neighbour: every pixel stays visible
+
+
+def zoom(pixels: np.ndarray) -> np.ndarray:
+    """A small image enlarged for a gallery without blurring its pixels (images of 112 px and more as they are)."""
+    factor = max(1, GALLERY_SIZE // pixels.shape[0])
+    return pixels.repeat(factor, axis=0).repeat(factor, axis=1)
+
+from gradio.events import Dependency
+
+class ClampedSlider(gr.Slider):
+    """A slider for a live view (the layer of a figure) that clamps a typed value into its range, as dragging
+    already does. Gradio refuses an out-of-range value with an error that replaces the figure the slider drives,
+    and the browser's own clamping afterwards fires no event to draw it again. Drawn by gr.Slider's frontend."""
+
+    is_template = True  # gradio: use the parent's Svelte component
+
+    def preprocess(self, payload: float) -> float:
+        return super().preprocess(min(max(payload, self.minimum), self.maximum))
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def slider_top(last: int, first: int = 0) -> int:
+    """A slider's maximum for the values first..last: gradio wants maximum > minimum, so a one-layer model's
+    slider still offers 0..1, and the job says that 1 is out of range."""
+    return max(last, first + 1)
+
+
+def in_range(name: str, value: float | None, low: float, high: float) -> float:
+    """``value`` when it lies in [low, high], else a one-line :class:`StudioError` that names the setting and its
+    range: typed numbers reach the job unchecked, and the tab's status line says what is wrong."""
+    if value is None or not low <= value <= high:
+        typed = "nothing" if value is None else int(value) if float(value).is_integer() else value
+        raise StudioError(f"{name} must be from {low:,g} to {high:,g} (got {typed})")
+    return value
+
+
+K_RANGE = (0.5, 8)  # the outlier threshold k, in standard deviations, wherever a tab takes it
+
+
+def seed_of(value: float | None) -> int:
+    """A seed typed into a number box, checked (``core.errors.check_seed``): one line when it is missing,
+    fractional or out of range."""
+    if value is None:
+        raise StudioError("the seed needs a value")
+    if not float(value).is_integer():
+        raise StudioError(f"the seed must be a whole number (got {value})")
+    return check_seed(int(value))
+
+
+def error(message: object) -> str:
+    return f"**Error:** {message}"
+
+
+def stopped(message: object) -> str:
+    return f"**Stopped:** {message}."
+
+
+def cell(value: object) -> str:
+    """A table cell: '—' for a missing value, and pipes escaped so they cannot split the row."""
+    return "—" if value is None else str(value).replace("|", "\\|")
