@@ -171,15 +171,18 @@ def zoom(pixels: np.ndarray) -> np.ndarray:
     return pixels.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
-class ClampedSlider(gr.Slider):
-    """A slider for a live view (the layer of a figure) that clamps a typed value into its range, as dragging
-    already does. Gradio refuses an out-of-range value with an error that replaces the figure the slider drives,
-    and the browser's own clamping afterwards fires no event to draw it again. Drawn by gr.Slider's frontend."""
+def clamped(slider: gr.Slider) -> gr.Slider:
+    """``slider`` clamping a typed value into its range, as dragging already does: for live views (the layer of
+    a figure). Gradio refuses an out-of-range value with an error that replaces the figure the slider drives,
+    and the browser's own clamping afterwards fires no event to draw it again. The instance's ``preprocess`` is
+    replaced rather than the class subclassed: gradio writes a .pyi stub beside every Component subclass."""
+    refuse = slider.preprocess
 
-    is_template = True  # gradio: use the parent's Svelte component
+    def preprocess(payload: float) -> float:
+        return refuse(min(max(payload, slider.minimum), slider.maximum))
 
-    def preprocess(self, payload: float) -> float:
-        return super().preprocess(min(max(payload, self.minimum), self.maximum))
+    slider.preprocess = preprocess
+    return slider
 
 
 def slider_top(last: int, first: int = 0) -> int:

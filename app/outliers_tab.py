@@ -15,10 +15,10 @@ from plotly.subplots import make_subplots
 
 from app.common import (
     K_RANGE,
-    ClampedSlider,
     RecentResults,
     Run,
     calibration_dropdown,
+    clamped,
     default_calibration,
     error,
     in_range,
@@ -387,7 +387,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         cancel_button = gr.Button("Cancel", variant="stop", scale=1)
     status = gr.Markdown(READY, elem_id="outliers-status")
     with gr.Row():
-        layer = ClampedSlider(0, slider_top(cfg.depth - 1), min(1, cfg.depth - 1), step=1, label="Layer")
+        layer = clamped(gr.Slider(0, slider_top(cfg.depth - 1), min(1, cfg.depth - 1), step=1, label="Layer"))
         tensor = gr.Dropdown(list(TENSORS), value="x_proj input (u, after conv1d + SiLU)", label="Tensor")
         direction = gr.Radio(list(DIRECTIONS), value=DIRECTIONS[0], label="Scan direction",
                              info="in_proj/out_proj inputs are shared by both.")

@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import ClampedSlider, error, slider_top
+from app.common import clamped, error, slider_top
 from core.error_figures import (
     DEFAULT_METRIC,
     METRICS,
@@ -116,8 +116,8 @@ def show_block_diagram(report: pd.DataFrame | None, layer: float | None, metric:
 def build_site_errors_section(overrides: gr.Textbox, depth: int) -> SiteErrorsSection:
     """The section under the Quantize tab's SQNR heatmap; its buttons edit ``overrides``."""
     with gr.Row():
-        layer = ClampedSlider(0, slider_top(depth - 1), 0, step=1, label="Layer in the block diagram",
-                          elem_id="quant-diagram-layer", info="A run opens on the layer with its lowest SQNR")
+        layer = clamped(gr.Slider(0, slider_top(depth - 1), 0, step=1, label="Layer in the block diagram",
+                                  elem_id="quant-diagram-layer", info="A run opens on the layer with its lowest SQNR"))
         metric = gr.Radio(list(METRICS), value=DEFAULT_METRIC, label="Colour by", elem_id="quant-diagram-metric")
     diagram = gr.Plot(label="One block's quantizers where they sit in the dataflow", elem_id="quant-diagram")
     with gr.Row():

@@ -16,10 +16,10 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.common import (
-    ClampedSlider,
     RecentResults,
     Run,
     cell,
+    clamped,
     error,
     in_range,
     seed_of,
@@ -360,7 +360,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
     with gr.Row():
         origin = gr.Radio(["generated set", "test set"], value="test set", label="Image from")
         index = gr.Number(0, label="Image #", precision=0)
-        layer = ClampedSlider(0, slider_top(cfg.depth - 1), cfg.depth - 1, step=1, label="Layer")
+        layer = clamped(gr.Slider(0, slider_top(cfg.depth - 1), cfg.depth - 1, step=1, label="Layer"))
         direction = gr.Radio(["fwd", "bwd"], value="fwd", label="Scan direction")
         query = gr.Dropdown(queries, value=default_query, label="Query token", allow_custom_value=True)
         map_neighbourhood = gr.Dropdown(["3", "5", "7"], value="5", label="Neighbourhood")
