@@ -117,6 +117,12 @@ def loss_figure(history: list[dict[str, float]], title: str) -> go.Figure:
     return figure
 
 
+def set_losses(result: GenResult) -> go.Figure | None:
+    """A finished set's loss curves; None for a set made without optimisation (an empty plot kept the previous
+    set's axes)."""
+    return loss_figure(result.history, "losses (mean over batches)") if result.history else None
+
+
 def attention_figure(image: np.ndarray, maps: dict, query: int | str, grid: int, title: str) -> go.Figure:
     """The image and the plain/enhanced maps (each scaled to its own maximum), the query patch marked."""
     figure = make_subplots(1, 3, subplot_titles=("image", "plain α (query row)", "enhanced α_p (neighbourhood)"))
@@ -201,8 +207,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
 
     def finished(ws: Workspace, result: GenResult, cached: bool) -> tuple:
         folder, archive = _save(result, ws)
-        losses = loss_figure(result.history, "losses (mean over batches)") if result.history else None
-        return (_summary(result, ws, folder, cached), losses,
+        return (_summary(result, ws, folder, cached), set_losses(result),
                 gallery_items(result, ws), real_examples(result, ws), result.manifest(), archive,
                 (ws.fingerprint, result))
 
@@ -215,9 +220,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
         of the stopped job's previews (the rest of the tab still shows that set)."""
         if made is None or made[0] != ws.fingerprint:
             return text, None, [], *(gr.skip(),) * 4
-        history = made[1].history
-        return (text, loss_figure(history, "losses (mean over batches)") if history else None,
-                gallery_items(made[1], ws), *(gr.skip(),) * 4)
+        return text, set_losses(made[1]), gallery_items(made[1], ws), *(gr.skip(),) * 4
 
     def synthesize(ws: Workspace, made: tuple[str, GenResult] | None, source: str, count: float | None,
                    iterations: float | None, neighbourhood: str, top_k: float, temperature: float,
