@@ -176,7 +176,7 @@ def html_report(records: list[RunRecord], title: str = "OuroMamba Studio: quanti
 body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 table.runs {{ border-collapse: collapse; font-size: 0.85em; }}
 table.runs th, table.runs td {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; }}
-td:last-child {{ font-family: monospace; max-width: 40em; word-break: break-all; }}
+td:nth-last-child(-n+2) {{ font-family: monospace; max-width: 40em; word-break: break-all; }}  /* config, file */
 </style>
 </head>
 <body>
@@ -210,7 +210,8 @@ def site_error_sections(records: list[RunRecord]) -> str:
         frame = site_errors_frame(record)
         images = record.site_errors["images"]
         parts += [f"<h3>{html.escape(run_label(index, record))}: top-1 {record.top1:.2f} % "
-                  f"(Δ {record.delta_vs_fp:+.2f})</h3>",
+                  f"(Δ {record.delta_vs_fp:+.2f}) on {record.test_images:,} images of "
+                  f"{html.escape(scored_on(record))}</h3>",
                   sqnr_heatmap(frame, images, f"images of {scored_on(record)}").to_html(full_html=False,
                                                                                          include_plotlyjs=False),
                   diagram_with_layer_menu(frame).to_html(full_html=False, include_plotlyjs=False)]

@@ -123,6 +123,9 @@ def test_the_html_report_draws_the_newest_runs_site_errors():
                for i in range(2 * SITE_ERROR_RUNS + 2)]
     page = html_report(records)
     assert page.count("<h3>") == SITE_ERROR_RUNS and "Where each run loses precision" in page
+    headings = page.split("<h3>")[1:]
+    assert all(" images of " in heading.split("</h3>")[0] for heading in headings)  # what each top-1 was scored on
+    assert "td:nth-last-child(-n+2)" in page  # the config and file columns wrap instead of widening the page
     drawn = [f"#{i + 1} ouromamba W4A4O8: top-1 {60.0 + i:.2f} %" for i in range(len(records))]
     shown = sorted((label for label in drawn if label in page), key=page.index)
     assert shown == drawn[-1:1:-2]  # the newest measured runs, newest first
