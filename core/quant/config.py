@@ -32,8 +32,8 @@ class ReconstructionConfig:
     keeps the clip-searched scales. ``max_learned_bits`` b: only the scales of grids of at most b bits learn,
     finer grids keep their calibrated scales (None, the default: every scale learns, as in the release). AdamW
     moves a scale by about lr a step whatever its size, so an 8-bit scale, ~18× smaller than a 4-bit one, moves
-    far (x_proj's 8-bit weights fell from 44 to 8–15 dB SQNR), yet on held-out images that never cost top-1 and
-    it rescued badly calibrated grids: kept at 4, static-outlier W8A8 on noise lost 2.4 points
+    far (x_proj's 8-bit weights fell from 44 to 8–15 dB SQNR), yet on held-out images that never cost top-1
+    beyond the noise, and it rescued badly calibrated grids: kept at 4, static-outlier W8A8 on noise lost 2.4 points
     (docs/method-decisions.md, results/quant/fine_grid_reconstruction.md)."""
 
     epochs: int = 10
