@@ -27,7 +27,7 @@ from core.models.fused import FusedVim
 from core.observe import dynamic_outlier_summary, error_report, parse_site
 from core.observe.probe import site_columns
 from core.quant import QuantConfig, QuantizedVim, quantize, quantized_sites
-from core.quant.config import Progress
+from core.quant.config import OUTLIER_METHODS, Progress
 from core.quant.packed import PackedVim
 from core.records import checked_fields, utc_now, versions
 
@@ -210,11 +210,12 @@ def threshold_sweep(model: VisionMamba, base: QuantConfig, calib: torch.Tensor, 
 
 
 def write_records(records: list[RunRecord], directory: str | Path, name: str) -> tuple[Path, Path]:
-    """``name``.csv (one row per run) and ``name``.json (full records) under ``directory``."""
+    """``name``.csv (one row per run: its label and weakest quantizer as tables show them, then the record's
+    fields) and ``name``.json (full records, which ``read_records`` reads back) under ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = directory / f"{name}.csv", directory / f"{name}.json"
-    rows = [r.flat() for r in records]
+    rows = [{"run": run_label(i, r), "lowest SQNR": lowest_sqnr_text(r), **r.flat()} for i, r in enumerate(records)]
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -280,6 +281,29 @@ def lowest_site(frame: pd.DataFrame, metric: str = "sqnr_db") -> pd.Series | Non
     values = frame[metric].to_numpy(dtype=float).copy()
     values[np.isposinf(values)] = np.nan
     return None if np.isnan(values).all() else frame.iloc[int(np.nanargmin(values))]
+
+
+DEFAULT_QUANT_CONFIG = QuantConfig()  # what a run label leaves unsaid
+
+
+def run_label(index: int, record: RunRecord) -> str:
+    """How one run is named in tables, figures and menus: its position in the log, method and setting, then
+    what else sets it apart: the outlier rule's k and n_refresh where they are not the defaults (for the methods
+    that have the rule) and its per-site overrides, counted (the config column spells them out)."""
+    config, parts = record.config, [f"#{index + 1} {record.method} {record.setting}"]
+    if record.method in OUTLIER_METHODS:
+        parts += [f"{name} {config[name]:g}" for name in ("k", "n_refresh")
+                  if name in config and config[name] != getattr(DEFAULT_QUANT_CONFIG, name)]
+    if overrides := config.get("overrides"):
+        parts.append(f"+{len(overrides)} override{'s' if len(overrides) > 1 else ''}")
+    return " ".join(parts)
+
+
+def lowest_sqnr_text(record: RunRecord) -> str | None:
+    """The run's weakest quantizer, 'layers.3.out_proj.input 6.8 dB' (None if it measured none)."""
+    frame = site_errors_frame(record)
+    worst = None if frame is None else lowest_site(frame)
+    return None if worst is None else f"{worst['site']} {worst['sqnr_db']:.1f} dB"
 
 
 def run_name(record: RunRecord) -> str:

@@ -16,28 +16,12 @@ import plotly.graph_objects as go
 
 from core.error_figures import diagram_with_layer_menu, sqnr_heatmap
 from core.errors import StudioError
-from core.experiments import RunRecord, lowest_site, scored_on, site_errors_frame
-from core.quant import QuantConfig
-from core.quant.config import OUTLIER_METHODS
+from core.experiments import RunRecord, lowest_sqnr_text, run_label, scored_on, site_errors_frame
 from core.records import utc_now, versions
 
-DEFAULT_CONFIG = QuantConfig()
 SITE_ERROR_RUNS = 12  # the newest runs whose per-site errors a report draws (two figures each)
 FAKE_QUANT_NOTE = ("Fake-quant timings: quantizers are simulated in floating point, so these times show the "
                    "simulation's cost on the hardware named, not the speed of integer kernels.")
-
-
-def run_label(index: int, record: RunRecord) -> str:
-    """How one run is named in tables, figures and menus: its position in the log, method and setting, then
-    what else sets it apart: the outlier rule's k and n_refresh where they are not the defaults (for the methods
-    that have the rule) and its per-site overrides, counted (the config column spells them out)."""
-    config, parts = record.config, [f"#{index + 1} {record.method} {record.setting}"]
-    if record.method in OUTLIER_METHODS:
-        parts += [f"{name} {config[name]:g}" for name in ("k", "n_refresh")
-                  if name in config and config[name] != getattr(DEFAULT_CONFIG, name)]
-    if overrides := config.get("overrides"):
-        parts.append(f"+{len(overrides)} override{'s' if len(overrides) > 1 else ''}")
-    return " ".join(parts)
 
 
 def _calibration(record: RunRecord) -> str:
@@ -49,20 +33,13 @@ def _ms_per_image(record: RunRecord) -> float:
     return round(1000 * record.eval_seconds / max(record.test_images, 1), 3)
 
 
-def _lowest_sqnr(record: RunRecord) -> str | None:
-    """The run's weakest quantizer, 'layers.3.out_proj.input 6.8 dB' (None if it measured none)."""
-    frame = site_errors_frame(record)
-    worst = None if frame is None else lowest_site(frame)
-    return None if worst is None else f"{worst['site']} {worst['sqnr_db']:.1f} dB"
-
-
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
     """One row per run, with everything needed to reproduce its numbers (the config as compact JSON). The
     columns people compare come first (the run's label names its method and setting), so a narrow table still
     shows them; provenance follows."""
     return pd.DataFrame([{
         "run": run_label(index, r), "top-1 (%)": r.top1, "Δ vs FP": r.delta_vs_fp, "FP top-1 (%)": r.fp_top1,
-        "test images": r.test_images, "lowest SQNR": _lowest_sqnr(r), "calibration": _calibration(r),
+        "test images": r.test_images, "lowest SQNR": lowest_sqnr_text(r), "calibration": _calibration(r),
         "eval ms / image": _ms_per_image(r),
         "hardware": r.hardware, "method": r.method, "setting": r.setting, "model": r.model, "data": r.data or None,
         "calibration s": r.calibration_seconds, "date": r.date,

@@ -233,8 +233,10 @@ def test_compare_lists_runs_and_downloads(served, runs: Path):
     assert json.loads(rows[1]["config"])["overrides"] == {"layers.0.*": {"w_bits": 6}}
     assert "CPU fake-quant" in json.loads(latency["plot"])["layout"]["title"]["text"]
     assert {t["name"] for t in json.loads(accuracy["plot"])["data"]} == {"ouromamba O8", "per_tensor + overrides"}
-    with open(csv_file, newline="") as f:
-        assert [r["method"] for r in csv.DictReader(f)] == ["ouromamba", "per_tensor"]
+    with open(csv_file, newline="") as f:  # the table's run labels and weakest quantizers, then the records
+        exported = list(csv.DictReader(f))
+    assert [r["method"] for r in exported] == ["ouromamba", "per_tensor"]
+    assert [(r["run"], r["lowest SQNR"]) for r in exported] == [(r["run"], r["lowest SQNR"]) for r in rows]
     assert [r["top1"] for r in json.loads(Path(json_file).read_text())] == [r["top-1 (%)"] for r in rows]
     page = Path(html_file).read_text()
     assert page.startswith("<!DOCTYPE html>") and "Top-1 accuracy vs bit-width" in page
