@@ -148,11 +148,12 @@ def attention_figure(image: np.ndarray, maps: dict, query: int | str, grid: int,
 
 def set_name(config: GenConfig, count: int, fingerprint: str) -> str:
     """The folder name of a saved set: what a person reads in the calibration list (source, images, iterations,
-    seed), then a digest of every other setting of an optimised source, then the model's fingerprint. So a set
-    is only ever replaced by the same images (the same settings are seeded, hence the same set)."""
+    seed), then a digest of the other settings that shaped an optimised set (``GenConfig.shaping``), then the
+    model's fingerprint. So a set is only ever replaced by the same images (the same settings are seeded, hence
+    the same set)."""
     if config.source not in OPTIMISED_SOURCES:
         return f"{config.source}_{count}_seed{config.seed}_{fingerprint[:8]}"
-    settings = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
+    settings = hashlib.sha256(json.dumps(config.shaping(), sort_keys=True).encode()).hexdigest()[:6]
     return f"{config.source}_{count}_it{config.iterations}_seed{config.seed}_{settings}_{fingerprint[:8]}"
 
 

@@ -246,3 +246,23 @@ def test_bad_configs_are_rejected_in_one_line(overrides, message):
 def test_zero_weights_are_fine_where_nothing_is_optimised():
     assert GenConfig(source="noise", contrastive_weight=0, output_weight=0).source == "noise"
     assert GenConfig(contrastive_weight=0, output_weight=0, iterations=0).iterations == 0
+
+
+def test_manifests_record_only_the_settings_that_shaped_the_images(model, tmp_path):
+    """A noise or real set records source, count and seed, not a schedule it never ran; an output-only set
+    records no contrastive setting; settings a source ignores are not checked against the model either."""
+    unused = {"iterations": 7, "lr": 0.5, "neighbourhood": 9, "top_k": 49, "layers": (99,), "contrastive_weight": 3}
+    noise = generate(model, GenConfig(source="noise", count=2, seed=4, **unused))
+    assert noise.manifest()["config"] == {"source": "noise", "count": 2, "seed": 4}
+    real = generate(model, GenConfig(source="real", count=2, seed=4, **unused))
+    assert set(real.manifest()["config"]) == {"source", "count", "seed"} and len(real.images) == 2
+    unscheduled = GenConfig(count=2, iterations=0, neighbourhood=9).shaping()
+    assert unscheduled == {"source": "ouromamba", "count": 2, "iterations": 0, "seed": 0}
+    output_only = generate(model, GenConfig(source="output_only", count=2, iterations=1, neighbourhood=9))
+    shaping = output_only.manifest()["config"]
+    assert shaping["iterations"] == 1 and shaping["output_loss"] == "ce" and shaping["lr"] == 0.1
+    assert not {"neighbourhood", "top_k", "contrastive_weight", "layers", "pse_weight", "preview_every"} & set(shaping)
+    assert {"neighbourhood", "top_k", "temperature", "layers"} <= set(GenConfig(iterations=1).shaping())
+    assert "output_loss" not in GenConfig(iterations=1, output_weight=0).shaping()
+    saved = load_manifest(save_generated(noise, tmp_path / "noise"))  # the defaults fill in what is not recorded
+    assert GenConfig.from_dict(saved["config"]).source == "noise"

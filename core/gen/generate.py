@@ -78,7 +78,7 @@ class GenConfig:
             "contrastive_weight", "output_weight", "pse_weight", "tv_weight", "l2_weight") if getattr(self, name) < 0]
         problems += [f"{name} must be > 0, got {getattr(self, name)}" for name in ("lr", "temperature")
                      if not getattr(self, name) > 0]
-        if self.source in OPTIMISED_SOURCES and self.iterations > 0 and not self.weights:
+        if self.optimised and not self.weights:
             problems.append("every loss weight this source uses is 0, so there is nothing to optimise: give "
                             + ("λ output or λ contrastive" if self.source == "ouromamba" else "λ output")
                             + " a value above 0, or run 0 iterations")
@@ -96,10 +96,30 @@ class GenConfig:
             weights["pse"] = self.pse_weight
         return {name: w for name, w in weights.items() if w > 0}
 
+    @property
+    def optimised(self) -> bool:
+        """Whether images are optimised at all (noise, real images and 0 iterations are taken as they are)."""
+        return self.source in OPTIMISED_SOURCES and self.iterations > 0
+
     def to_dict(self) -> dict:
         values = asdict(self)
         values["layers"] = None if self.layers is None else list(self.layers)
         return values
+
+    def shaping(self) -> dict:
+        """The settings that shaped the images: what a manifest records and a set's name digests. Source, count
+        and seed always; for an optimised set also the schedule, the augmentation and the settings of the loss
+        terms its source uses. Never the preview rate (only the UI sees it), nor a setting that did nothing, so
+        a noise set's manifest does not claim 1000 iterations at lr 0.1."""
+        used = {"source", "count", "seed"} | ({"iterations"} if self.source in OPTIMISED_SOURCES else set())
+        if self.optimised:
+            used |= {"batch_size", "lr", "max_shift", "flip", "output_weight", "tv_weight", "l2_weight"}
+            used |= {"output_loss"} if self.output_weight > 0 else set()
+            if self.source == "ouromamba":
+                used |= {"contrastive_weight", "neighbourhood", "top_k", "temperature", "layers"}
+            elif self.source == "psaq":
+                used |= {"pse_weight", "layers"}
+        return {name: value for name, value in self.to_dict().items() if name in used}
 
     @classmethod
     def from_dict(cls, values: dict) -> GenConfig:
@@ -158,7 +178,7 @@ class GenResult:
     def manifest(self) -> dict:
         files = self.file_names()
         return {
-            "config": self.config.to_dict(), "seconds": round(self.seconds, 2), **self.provenance,
+            "config": self.config.shaping(), "seconds": round(self.seconds, 2), **self.provenance,
             "images": [{"file": f, "target": t, "prediction": p, "confidence": round(c, 5)}
                        for f, t, p, c in zip(files, self.targets, self.predictions, self.confidences, strict=True)],
             "history": self.history,
@@ -263,13 +283,14 @@ def generate(model: VisionMamba, config: GenConfig, progress: GenCallback | None
     """Make ``config.count`` calibration images for ``model`` (never modified). Seeded: the same config and model
     give the same images. Raises :class:`~core.eval.Cancelled` when ``cancel`` is set."""
     cfg = model.cfg
-    layers = check_layers(model, config.layers)
-    if config.neighbourhood > cfg.grid_size:
-        raise StudioError(f"the neighbourhood ({config.neighbourhood}×{config.neighbourhood}) is larger than the "
-                          f"model's {cfg.grid_size}×{cfg.grid_size} patch grid")
-    if config.top_k >= cfg.num_patches:
-        raise StudioError(f"top-K ({config.top_k}) must be below the number of patches ({cfg.num_patches}): "
-                          "the other patches of an image are the positives and negatives")
+    layers = check_layers(model, config.layers) if config.optimised else []
+    if "contrastive" in config.weights and config.optimised:
+        if config.neighbourhood > cfg.grid_size:
+            raise StudioError(f"the neighbourhood ({config.neighbourhood}×{config.neighbourhood}) is larger than "
+                              f"the model's {cfg.grid_size}×{cfg.grid_size} patch grid")
+        if config.top_k >= cfg.num_patches:
+            raise StudioError(f"top-K ({config.top_k}) must be below the number of patches ({cfg.num_patches}): "
+                              "the other patches of an image are the positives and negatives")
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
     if config.source == "real":
@@ -283,7 +304,7 @@ def generate(model: VisionMamba, config: GenConfig, progress: GenCallback | None
     images = images.to(device)
     targets = None if targets is None else targets.to(device)
     history: list[dict[str, float]] = []
-    if config.source in OPTIMISED_SOURCES and config.iterations > 0:
+    if config.optimised:
         bounds = tuple(bound.to(device) for bound in _pixel_bounds(cfg.in_chans))
         images = torch.maximum(torch.minimum(images, bounds[1]), bounds[0])
         batches = math.ceil(config.count / config.batch_size)
