@@ -284,7 +284,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
     inspections = RecentResults[Inspection](KEPT_INSPECTIONS, KEPT_CAPTURE_BYTES, size=lambda i: i.nbytes)
     csv_folder = Path(tempfile.mkdtemp(prefix="ouromamba-outliers-"))
 
-    def prepare(ws: Workspace, a_bits: str, calib: str, n_calib: float, n_images: float, seed: float | None,
+    def prepare(ws: Workspace, a_bits: int, calib: str, n_calib: float, n_images: float, seed: float | None,
                 run: Run | None, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
         """Calibrate the inlier scales of this session's model and capture its quantizer inputs on the first N
         test images (noise images when it has none)."""
@@ -300,13 +300,13 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                                   f"of activations (limit {MAX_CAPTURE_BYTES / 1e6:,.0f} MB): use at most "
                                   f"{fits} image{plural}")
             seed = seed_of(seed)
-            key = (ws.fingerprint, int(a_bits), calib, n_calib, n_images, seed)
+            key = (ws.fingerprint, a_bits, calib, n_calib, n_images, seed)
             inspection = inspections.get(key)
             if inspection is None:
                 model_cfg = ws.model.cfg
                 progress(0, desc="Calibrating inlier scales")
                 calib_images = calibration_images(calib, n_calib, seed, model_cfg.img_size, model_cfg.in_chans)
-                config = QuantConfig(method="ouromamba", w_bits=4, a_bits=int(a_bits),
+                config = QuantConfig(method="ouromamba", w_bits=4, a_bits=a_bits,
                                      reconstruction=ReconstructionConfig(epochs=0))
                 qmodel = quantize(ws.model, config, calib_images, cancel=run.cancel,
                                   progress=lambda stage, done, total, _: progress((done, total), desc=stage))
@@ -315,7 +315,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                 label = (f"A{a_bits} inlier scales from {n_calib} {calib} images (seed {seed}); "
                          f"statistics of {described}")
                 inspection = inspections.put(key, Inspection(qmodel, calib_images, images, label,
-                                                             "test" if ws.data is not None else "noise", int(a_bits)))
+                                                             "test" if ws.data is not None else "noise", a_bits))
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip(), gr.skip()
         except StudioError as err:
@@ -376,15 +376,16 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
 
     gr.Markdown(EXPLAIN)
     with gr.Row(equal_height=True):
-        a_bits = gr.Dropdown(["4", "6", "8"], value="4", label="Inlier bits", scale=1,
-                             info="Sets the calibrated inlier scale that triggers detection.")
+        a_bits = gr.Radio([4, 6, 8], value=4, label="Inlier bits", scale=2, min_width=200,
+                          info="Sets the calibrated inlier scale that triggers detection.")
         calib = calibration_dropdown(startup, label="Calibration source", scale=2)
         n_calib = gr.Slider(1, MAX_IMAGES, 64, step=1, label="Calibration images", scale=2)
-        n_images = gr.Slider(1, MAX_IMAGES, 32, step=1, label="Images to inspect", scale=2,
-                             info="The first test images (noise images for a model without any)")
+        n_images = gr.Slider(1, MAX_IMAGES, 32, step=1, label="Images to inspect", scale=2, min_width=200,
+                             info="The first test images (noise for a model without any)")
         seed = gr.Number(0, label="Seed", precision=0, scale=1)
-        prepare_button = gr.Button("Calibrate & capture", variant="primary", elem_id="outliers-prepare", scale=1)
-        cancel_button = gr.Button("Cancel", variant="stop", scale=1)
+        with gr.Column(scale=1, min_width=160):
+            prepare_button = gr.Button("Calibrate & capture", variant="primary", elem_id="outliers-prepare")
+            cancel_button = gr.Button("Cancel", variant="stop")
     status = gr.Markdown(READY, elem_id="outliers-status")
     with gr.Row():
         layer = clamped(gr.Slider(0, slider_top(cfg.depth - 1), min(1, cfg.depth - 1), step=1, label="Layer"))

@@ -243,7 +243,7 @@ def test_attention_maps_of_a_test_image_and_clear_errors(served):
 
 def test_outliers_over_time_calibrate_then_rerun_detection_live(served):
     _, client = served
-    status, summary, images = client.predict("4", "real", 8, 4, 0, api_name="/outliers_prepare")  # the key is state
+    status, summary, images = client.predict(4, "real", 8, 4, 0, api_name="/outliers_prepare")  # the key is state
     assert status.startswith("Ready") and "8 real images" in status and summary["type"] == "plotly"
     names = [trace["name"] for trace in json.loads(summary["plot"])["data"]]
     assert "x_proj.input" in names and {"SQNR with the outliers", "SQNR, all on the inlier grid"} <= set(names)
@@ -339,9 +339,9 @@ def test_a_released_outlier_capture_asks_for_a_new_one(monkeypatch):
     try:
         first, second = Client(demo.local_url, verbose=False), Client(demo.local_url, verbose=False)
         view = (1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #0", 3, 10)
-        assert first.predict("4", "real", 4, 2, 0, api_name="/outliers_prepare")[0].startswith("Ready")
+        assert first.predict(4, "real", 4, 2, 0, api_name="/outliers_prepare")[0].startswith("Ready")
         assert first.predict(*view, api_name="/outliers_view")[0].startswith("**layers.1.fwd.x_proj.input**")
-        assert second.predict("4", "real", 4, 2, 1, api_name="/outliers_prepare")[0].startswith("Ready")
+        assert second.predict(4, "real", 4, 2, 1, api_name="/outliers_prepare")[0].startswith("Ready")
         released = first.predict(*view, api_name="/outliers_view")[0]
         assert "released to free memory" in released and "Calibrate & capture" in released
         assert second.predict(*view, api_name="/outliers_view")[0].startswith("**layers.1.fwd.x_proj.input**")

@@ -116,7 +116,7 @@ def test_another_model_with_its_folder_runs_in_every_tab(client: Client, tiny: t
     assert all(item["caption"].startswith("real class_") for item in real)
     plot, message = client.predict("test set", 11, 1, "fwd", "patch 10 (row 1, col 2)", "3", api_name="/attention")
     assert message == "" and plot["type"] == "plotly"
-    ready = client.predict("4", "noise", 4, 6, 0, api_name="/outliers_prepare")[0]
+    ready = client.predict(4, "noise", 4, 6, 0, api_name="/outliers_prepare")[0]
     assert ready.startswith("Ready") and "the first 6 test images" in ready
     text, _, _, _, record, *_ = client.predict(*FAST_QUANT, api_name="/quantize")
     assert record["model"] == "tiny.safetensors" and record["checkpoint"].startswith(f"{checkpoint} (sha256 ")
@@ -153,7 +153,7 @@ def test_model_without_test_images_says_so_where_they_are_needed(client: Client,
     assert needs in client.predict("test set", 0, 1, "fwd", "CLS token", "3", api_name="/attention")[1]
     status, _, gallery, real, *_ = client.predict(NOISE, 2, 0, "5", 12, 0.2, 1, 1, 0.2, 0, api_name="/synthesize")
     assert "2 images from `noise`" in status and len(gallery) == 2 and real == []  # data-free: still works
-    ready = client.predict("4", "noise", 4, 3, 0, api_name="/outliers_prepare")[0]
+    ready = client.predict(4, "noise", 4, 3, 0, api_name="/outliers_prepare")[0]
     assert ready.startswith("Ready") and "3 N(0, 1) noise images" in ready
     view = client.predict(1, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #1", 3, 10,
                           api_name="/outliers_view")[0]
@@ -206,7 +206,7 @@ def test_out_of_range_outlier_settings_are_one_line(client: Client, layer, k, n_
     bad = client.predict(layer, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #0", k, n_refresh,
                          api_name="/outliers_view")[0]
     assert bad == "Press **Calibrate & capture** first."  # nothing captured in this session yet
-    assert client.predict("4", "real", 4, 2, 0, api_name="/outliers_prepare")[0].startswith("Ready")
+    assert client.predict(4, "real", 4, 2, 0, api_name="/outliers_prepare")[0].startswith("Ready")
     bad = client.predict(layer, "x_proj input (u, after conv1d + SiLU)", "fwd", "image #0", k, n_refresh,
                          api_name="/outliers_view")[0]
     assert _is_one_line_error(bad) and expected in bad
@@ -216,7 +216,7 @@ def test_out_of_range_outlier_settings_are_one_line(client: Client, layer, k, n_
 
 
 @pytest.mark.parametrize(("endpoint", "inputs", "expected"), [
-    ("/outliers_prepare", ("4", "noise", 4, 0, 0), "Value 0 is less than minimum value 1"),
+    ("/outliers_prepare", (4, "noise", 4, 0, 0), "Value 0 is less than minimum value 1"),
     ("/synthesize", (GEN, 4, 2, "5", 60, 0.2, 1, 1, 0.2, 0), "Value 60 is greater than maximum value 48"),
 ])
 def test_slider_values_outside_their_range_are_refused_before_the_job(client: Client, endpoint: str, inputs: tuple,
@@ -237,13 +237,13 @@ def test_cancelling_outlier_capture_mid_run(served):
         if isinstance(value, tuple) and value[0] >= 2:
             run.cancel.set()
 
-    status, *_ = prepare(default_workspace(), "4", "noise", 9, 3, 5, run, progress=progress)
+    status, *_ = prepare(default_workspace(), 4, "noise", 9, 3, 5, run, progress=progress)
     assert status.startswith("**Stopped:**") and "cancelled after" in status and run.done
 
 
 def test_an_inspection_too_big_for_memory_is_refused_with_the_count_that_fits(client: Client, monkeypatch):
     import app.outliers_tab as outliers_tab
     monkeypatch.setattr(outliers_tab, "MAX_CAPTURE_BYTES", 1_000_000)  # the default model: ~0.62 MB per image
-    text = client.predict("4", "noise", 4, 6, 0, api_name="/outliers_prepare")[0]
+    text = client.predict(4, "noise", 4, 6, 0, api_name="/outliers_prepare")[0]
     assert text.startswith("**Error:**") and "inspecting 6 images of this model would hold 4 MB" in text
     assert "use at most 1 image" in text and "\n" not in text
