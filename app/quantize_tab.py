@@ -60,8 +60,8 @@ from core.experiments import (
 )
 from core.gen import to_pixels
 from core.observe import WeightGridView, run_layer_sensitivity, suggest_precision, weight_grids
-from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig
-from core.quant.config import parse_overrides
+from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig, quantized_sites
+from core.quant.config import parse_overrides, unmatched_patterns
 from core.quant.packed import PackedVim, pack, save_packed
 from core.report import FAKE_QUANT_NOTE
 from core.workspace import Workspace
@@ -266,6 +266,21 @@ def suggestion_text(suggestion: dict[str, dict], config: dict) -> str:
             f"`{cell(json.dumps(suggestion))}`; **Use suggestion** puts it in Per-layer overrides")
 
 
+def overrides_for(ws: Workspace, text: str | None) -> tuple[str, dict[str, dict]]:
+    """The Per-layer overrides text kept for a newly loaded model, and the overrides taken out because their
+    patterns match none of its sites (``layers.11.*`` on a 4-layer model). Text that is not valid JSON stays as
+    typed: the next run says what is wrong with it."""
+    try:
+        overrides = parse_overrides(text or "")
+    except StudioError:
+        return text or "", {}
+    gone = unmatched_patterns(overrides, [site.name for site in quantized_sites(ws.model, include_states=True)])
+    if not gone:
+        return text or "", {}
+    kept = {pattern: change for pattern, change in overrides.items() if pattern not in gone}
+    return json.dumps(kept) if kept else "", {pattern: overrides[pattern] for pattern in gone}
+
+
 def overrides_from_record(record: dict | None) -> str:
     """The Per-layer overrides text of a shown run's suggestion (unchanged text when it has none)."""
     if not record or not record.get("suggested_overrides"):
@@ -464,12 +479,17 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                       concurrency_limit=None)
     gallery.select(show_top_k, top_k, top_k_plot, api_visibility="private", concurrency_limit=None)
 
-    def cleared(ws: Workspace) -> tuple:
-        """Every output emptied for a new model, the diagram's layers its layers."""
-        return (READY, None, None, [], None, None, gr.update(choices=[], value=None), None, None,
+    def cleared(ws: Workspace, typed: str) -> tuple:
+        """Every output emptied for a new model, the diagram's layers its layers, and the overrides that match
+        none of its sites taken out (named in the status, so they can be typed back)."""
+        kept, gone = overrides_for(ws, typed)
+        status = READY if not gone else (
+            f"{READY}\n\n**Overrides taken out** (no site of this model matches them; the box keeps the others): "
+            f"`{cell(json.dumps(gone))}`")
+        return (status, None, None, [], None, None, gr.update(choices=[], value=None), None, None,
                 *site_errors.cleared(ws.model.cfg.depth), None, None, default_calibration(ws),
-                gr.update(**count_box(ws)))
+                gr.update(**count_box(ws)), kept)
 
-    workspace.change(cleared, workspace,
-                     [*outputs, calib_source, test_count], api_visibility="private", concurrency_limit=None)
+    workspace.change(cleared, [workspace, overrides], [*outputs, calib_source, test_count, overrides],
+                     api_visibility="private", concurrency_limit=None)
     return record

@@ -22,6 +22,7 @@ from app.quantize_tab import (
     RUNS_DIR_ENV,
     RUNS_FILE,
     build_quantize_tab,
+    overrides_for,
     overrides_from_record,
     runs_file,
     top_k_figure,
@@ -36,6 +37,7 @@ from core.quant.packed import load_packed
 from core.report import accuracy_figure, html_report, latency_figure, run_label, runs_frame, write_report
 from core.workspace import default_workspace
 from tests.test_app import plotly_values
+from tests.test_workspace import tiny_vim
 
 # method, w_bits, a_bits, o_bits, k, n_refresh, calibration source, count, epochs, seed, test images, overrides
 FAST = ("ouromamba", 4, 4, 8, 3, 10, "real", 8, 0, 0, 40, "")
@@ -148,6 +150,25 @@ def test_use_suggestion_puts_the_suggested_overrides_in_the_box():
     assert parse_overrides(overrides_from_record({"suggested_overrides": suggested})) == suggested
     for nothing in (None, {"suggested_overrides": {}}):  # no run shown, or nothing to suggest: the box stays
         assert overrides_from_record(nothing) == gr.skip()
+
+
+def test_a_new_model_takes_out_the_overrides_that_match_none_of_its_sites(served):
+    """Overrides typed for the 4-layer default model, then a 2-layer model loaded: the patterns it has no site for
+    leave the box (the next run would refuse them) and the status spells them out, so none is lost."""
+    two_layers = replace(default_workspace(), model=tiny_vim())
+    typed = '{"layers.0.*": {"w_bits": 8}, "layers.3.out_proj.input": {"a_bits": 8}, "*.h": {"skip": true}}'
+    kept, gone = overrides_for(two_layers, typed)
+    assert parse_overrides(kept) == {"layers.0.*": {"w_bits": 8}, "*.h": {"skip": True}}
+    assert gone == {"layers.3.out_proj.input": {"a_bits": 8}}
+    assert overrides_for(default_workspace(), typed) == (typed, {})
+    assert overrides_for(two_layers, '{"layers.2.*": {"w_bits": 8}}') == ("", {"layers.2.*": {"w_bits": 8}})
+    assert overrides_for(two_layers, "{not json") == ("{not json", {})  # the next run says what is wrong
+    demo, _ = served
+    cleared = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "cleared")
+    status, *_, box = cleared(two_layers, typed)
+    assert box == kept and "**Overrides taken out**" in status
+    assert '{"layers.3.out_proj.input": {"a_bits": 8}}' in status
+    assert cleared(default_workspace(), typed)[-1] == typed
 
 
 def test_repeated_run_is_cached_and_not_logged_again(served, runs: Path):

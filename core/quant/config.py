@@ -131,11 +131,10 @@ class QuantConfig:
 
     def check_overrides(self, site_names: list[str]) -> None:
         """Every override pattern must match at least one site of the model."""
-        for pattern in self.overrides:
-            if not fnmatch.filter(site_names, pattern):
-                example = site_names[0] if site_names else "?"
-                raise StudioError(f"override {pattern!r} matches no site of this model (site names look like "
-                                  f"{example!r})")
+        if unmatched := unmatched_patterns(self.overrides, site_names):
+            example = site_names[0] if site_names else "?"
+            raise StudioError(f"override {unmatched[0]!r} matches no site of this model (site names look like "
+                              f"{example!r})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,6 +161,11 @@ def parse_overrides(text: str) -> dict[str, dict]:
         raise StudioError('overrides must map site patterns to field changes, e.g. {"layers.0.*": {"w_bits": 8}} '
                           'or {"*.out_proj.*": {"skip": true}}')
     return overrides
+
+
+def unmatched_patterns(overrides: dict[str, dict], site_names: list[str]) -> list[str]:
+    """The override patterns that match none of ``site_names``, in their order."""
+    return [pattern for pattern in overrides if not fnmatch.filter(site_names, pattern)]
 
 
 def set_override(overrides: dict[str, dict], pattern: str, change: dict) -> dict[str, dict]:
