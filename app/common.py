@@ -200,6 +200,15 @@ def in_range(name: str, value: float | None, low: float, high: float) -> float:
     return value
 
 
+def whole_in_range(name: str, value: float | None, low: int, high: int) -> int:
+    """``value`` as an int when it is a whole number in [low, high], else one line naming the setting: counts
+    are typed into number boxes that do not round (gradio's precision=0 would turn 1.5 into 2 silently)."""
+    in_range(name, value, low, high)
+    if not float(value).is_integer():
+        raise StudioError(f"{name} must be a whole number from {low:,} to {high:,} (got {value:g})")
+    return int(value)
+
+
 K_RANGE = (0.5, 8)  # the outlier threshold k, in standard deviations, wherever a tab takes it
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.common import RecentResults, Run, cell, error, in_range, stopped, wire_run
+from app.common import RecentResults, Run, cell, error, stopped, whole_in_range, wire_run
 from core.default_model import CARD_FILE, DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
@@ -143,7 +143,7 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         """Top-1 of the first ``count`` test images, as text for people and a record for the API."""
         try:
             data = ws.test_data("evaluating")
-            count = int(in_range("the number of test images", count, 1, len(data)))
+            count = whole_in_range("the number of test images", count, 1, len(data))
         except StudioError as err:
             return error(err), None
         key = (ws.fingerprint, count)
@@ -189,7 +189,7 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
     card = gr.Markdown(card_markdown(startup), elem_id="model-card")
     gr.Markdown("## Evaluate FP32 accuracy")
     with gr.Row(equal_height=True):
-        count = gr.Number(label="Test images", precision=0, elem_id="eval-count", scale=2, **count_box(startup))
+        count = gr.Number(label="Test images", elem_id="eval-count", scale=2, **count_box(startup))
         run_button = gr.Button("Run", variant="primary", elem_id="eval-run")
         cancel_button = gr.Button("Cancel", variant="stop", elem_id="eval-cancel")
     result = gr.Markdown("Choose how many test images to use and press **Run**.", elem_id="eval-result")

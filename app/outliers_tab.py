@@ -25,6 +25,7 @@ from app.common import (
     seed_of,
     slider_top,
     stopped,
+    whole_in_range,
     wire_run,
 )
 from core.data import calibration_images
@@ -290,8 +291,8 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         test images (noise images when it has none)."""
         run = run or Run()
         try:
-            n_calib = int(in_range("calibration images", n_calib, 1, MAX_IMAGES))
-            n_images = int(in_range("images to inspect", n_images, 1, MAX_IMAGES))
+            n_calib = whole_in_range("calibration images", n_calib, 1, MAX_IMAGES)
+            n_images = whole_in_range("images to inspect", n_images, 1, MAX_IMAGES)
             needed = quantizer_inputs_bytes(ws.model.cfg, n_images)
             if needed > MAX_CAPTURE_BYTES:
                 fits = max(1, MAX_CAPTURE_BYTES // quantizer_inputs_bytes(ws.model.cfg, 1))
@@ -339,8 +340,8 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         model_cfg = ws.model.cfg
         try:
             k = in_range("k", k, *K_RANGE)
-            n_refresh = int(in_range("n_refresh", n_refresh, 1, model_cfg.seq_len))
-            site = _site(int(in_range("the layer", layer, 0, model_cfg.depth - 1)), TENSORS[tensor], direction)
+            n_refresh = whole_in_range("n_refresh", n_refresh, 1, model_cfg.seq_len)
+            site = _site(whole_in_range("the layer", layer, 0, model_cfg.depth - 1), TENSORS[tensor], direction)
             x, quantizer = inspection.tensor_and_quantizer(site)
             chosen = None if image == ALL_IMAGES else int(image.split("#")[1])
             rule = rule_of(quantizer, k=float(k), n_refresh=n_refresh)
@@ -382,7 +383,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         n_calib = gr.Slider(1, MAX_IMAGES, 64, step=1, label="Calibration images", scale=2)
         n_images = gr.Slider(1, MAX_IMAGES, 32, step=1, label="Images to inspect", scale=2, min_width=200,
                              info="The first test images (noise for a model without any)")
-        seed = gr.Number(0, label="Seed", precision=0, scale=1)
+        seed = gr.Number(0, label="Seed", scale=1)
         with gr.Column(scale=1, min_width=160):
             prepare_button = gr.Button("Calibrate & capture", variant="primary", elem_id="outliers-prepare")
             cancel_button = gr.Button("Cancel", variant="stop")
@@ -396,7 +397,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
     with gr.Row():
         k = gr.Number(3, step=0.25, label="k (threshold = mean + k·std)", elem_id="outliers-k",
                       info=f"{K_RANGE[0]:g} to {K_RANGE[1]:g}; the arrows step by 0.25")
-        n_refresh = gr.Number(10, precision=0, label="n_refresh (window length in time-steps)",
+        n_refresh = gr.Number(10, label="n_refresh (window length in time-steps)",
                               elem_id="outliers-refresh", info=_refresh_range(startup))
     text = gr.Markdown(elem_id="outliers-text")
     heatmap = gr.Plot(label="Outliers over time", elem_id="outliers-heatmap")

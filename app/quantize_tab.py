@@ -40,6 +40,7 @@ from app.common import (
     in_range,
     seed_of,
     stopped,
+    whole_in_range,
     wire_run,
     zoom,
 )
@@ -340,11 +341,11 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         unchanged = (gr.skip(), gr.skip(), gr.skip(), None, *(gr.skip(),) * (len(outputs) - 5))  # record clears
         try:
             test_split = ws.test_data("comparing the quantized model with FP32")
-            test_count = int(in_range("test images", test_count, 1, len(test_split)))
-            epochs = int(in_range("reconstruction epochs", epochs, 0, MAX_EPOCHS))
-            calib_count = int(in_range("calibration images", calib_count, 1, MAX_CALIB))
+            test_count = whole_in_range("test images", test_count, 1, len(test_split))
+            epochs = whole_in_range("reconstruction epochs", epochs, 0, MAX_EPOCHS)
+            calib_count = whole_in_range("calibration images", calib_count, 1, MAX_CALIB)
             k = in_range("k", k, *K_RANGE)
-            n_refresh = int(in_range("n_refresh", n_refresh, 1, ws.model.cfg.seq_len))
+            n_refresh = whole_in_range("n_refresh", n_refresh, 1, ws.model.cfg.seq_len)
             seed = seed_of(seed)
             source = (calib_source or "").strip()
             if not source:
@@ -429,19 +430,19 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             with gr.Row():
                 k = gr.Number(3, label="k (outlier threshold, std devs)", elem_id="quant-k",
                               info=f"{K_RANGE[0]:g} to {K_RANGE[1]:g}")
-                n_refresh = gr.Number(10, label="n_refresh (time-steps)", precision=0, elem_id="quant-n-refresh",
+                n_refresh = gr.Number(10, label="n_refresh (time-steps)", elem_id="quant-n-refresh",
                                       info="1 to the scan's length")
             with gr.Row():
                 calib_source = calibration_dropdown(startup, label="Calibration source", elem_id="quant-calib-source",
                                                     info="real, noise, a set saved by Synthesize, or type a folder "
                                                          "of images")
-                calib_count = gr.Number(128, label="Calibration images", precision=0, elem_id="quant-calib-count",
+                calib_count = gr.Number(128, label="Calibration images", elem_id="quant-calib-count",
                                         info=f"1 to {MAX_CALIB:,}")
             with gr.Row():
-                epochs = gr.Number(10, label="Reconstruction epochs (0 = none)", precision=0, elem_id="quant-epochs",
+                epochs = gr.Number(10, label="Reconstruction epochs (0 = none)", elem_id="quant-epochs",
                                    info=f"0 to {MAX_EPOCHS}")
-                seed = gr.Number(0, label="Seed", precision=0, elem_id="quant-seed")
-                test_count = gr.Number(label="Test images", precision=0, elem_id="quant-test-count",
+                seed = gr.Number(0, label="Seed", elem_id="quant-seed")
+                test_count = gr.Number(label="Test images", elem_id="quant-test-count",
                                        **count_box(startup))
             overrides = gr.Textbox("", label="Per-layer overrides (JSON)", placeholder=EXAMPLE_OVERRIDES, lines=2,
                                    elem_id="quant-overrides",

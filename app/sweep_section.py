@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import K_RANGE, RecentResults, Run, error, in_range, seed_of, stopped, wire_run
+from app.common import K_RANGE, RecentResults, Run, error, seed_of, stopped, whole_in_range, wire_run
 from core.data import calibration_images, load_validation
 from core.errors import StudioError
 from core.eval import Cancelled, evaluate
@@ -78,8 +78,8 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
             if len(ks) * len(refreshes) > MAX_POINTS:
                 raise StudioError(f"{len(ks)} k × {len(refreshes)} n_refresh values make "
                                   f"{len(ks) * len(refreshes)} points; at most {MAX_POINTS}")
-            count = int(in_range("calibration images", count, 1, max_calib))
-            images = int(in_range("validation images", images, 1, MAX_VALIDATION))
+            count = whole_in_range("calibration images", count, 1, max_calib)
+            images = whole_in_range("validation images", images, 1, MAX_VALIDATION)
             seed = seed_of(seed_value)
             if not (source or "").strip():
                 raise StudioError("the calibration source (above) needs a value")
@@ -120,7 +120,7 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
         with gr.Row(equal_height=True):
             ks = gr.Textbox("2, 3, 4", label="k values", elem_id="sweep-k", scale=2)
             refreshes = gr.Textbox("5, 10, 25", label="n_refresh values", elem_id="sweep-n-refresh", scale=2)
-            images = gr.Number(1000, label="Validation images", precision=0, elem_id="sweep-images",
+            images = gr.Number(1000, label="Validation images", elem_id="sweep-images",
                                info=f"1 to {MAX_VALIDATION:,}", scale=2)
             run_button = gr.Button("Sweep", variant="primary", elem_id="sweep-run", scale=1)
             cancel_button = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel", scale=1)

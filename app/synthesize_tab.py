@@ -26,6 +26,7 @@ from app.common import (
     sets_dir,
     slider_top,
     stopped,
+    whole_in_range,
     wire_run,
     zoom,
 )
@@ -233,8 +234,8 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
         try:
             if source not in SOURCES:
                 raise StudioError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
-            count = int(in_range("images", count, 1, MAX_COUNT))
-            iterations = int(in_range("iterations", iterations, 0, MAX_ITERATIONS))
+            count = whole_in_range("images", count, 1, MAX_COUNT)
+            iterations = whole_in_range("iterations", iterations, 0, MAX_ITERATIONS)
             for name, weight in (("λ contrastive", contrastive_weight), ("λ output", output_weight)):
                 in_range(name, weight, 0, MAX_WEIGHT)
             in_range("the learning rate", lr, *LR_RANGE)
@@ -293,20 +294,15 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
         """Plain and enhanced attention maps of one image of the generated set or of the test images."""
         model = ws.model
         try:
-            if index is None or index < 0:
-                raise StudioError(f"the image number must be 0 or more (got {index})")
-            index = int(index)
             if origin == "generated set":
                 if made is None or made[0] != ws.fingerprint:
                     raise StudioError("generate a set for this model first, or pick a test image")
-                result = made[1]
-                if not index < len(result.images):
-                    raise StudioError(f"the set has images #0–#{len(result.images) - 1}, not #{index}")
-                image = result.images[index]
+                images = made[1].images
+                index = whole_in_range("the image number", index, 0, len(images) - 1)
+                image = images[index]
             else:
                 test = ws.test_data("a test image's map")
-                if not index < len(test):
-                    raise StudioError(f"test images are #0–#{len(test) - 1}, not #{index}")
+                index = whole_in_range("the image number", index, 0, len(test) - 1)
                 image = test.normalized(index, index + 1)[0]
             position = _query_position(query, model.cfg)
             maps = attention_maps(model, image, int(layer), direction, position, int(neighbourhood))
@@ -321,9 +317,9 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
         with gr.Column(scale=1):
             source = gr.Radio(list(SOURCES), value=next(iter(SOURCES)), label="Source", elem_id="gen-source")
             with gr.Row():
-                count = gr.Number(APP_COUNT, label="Images", precision=0, elem_id="gen-count",
+                count = gr.Number(APP_COUNT, label="Images", elem_id="gen-count",
                                   info=f"1 to {MAX_COUNT}; the paper calibrates with 128.")
-                iterations = gr.Number(INTERACTIVE.iterations, label="Iterations", precision=0,
+                iterations = gr.Number(INTERACTIVE.iterations, label="Iterations",
                                        elem_id="gen-iterations",
                                        info=f"0 to {MAX_ITERATIONS}; the paper: 1000. On 2 CPU cores ~0.05 s per "
                                             "28×28 image and iteration. From 200 on, random shifts and flips.")
@@ -339,7 +335,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
                 output_weight = gr.Number(INTERACTIVE.output_weight, label="λ output", info=f"0 to {MAX_WEIGHT}")
             with gr.Row():
                 lr = gr.Number(INTERACTIVE.lr, label="Learning rate", info=f"{LR_RANGE[0]} to {LR_RANGE[1]}")
-                seed = gr.Number(INTERACTIVE.seed, label="Seed", precision=0)
+                seed = gr.Number(INTERACTIVE.seed, label="Seed")
             with gr.Row():
                 run_button = gr.Button("Synthesize", variant="primary", elem_id="gen-run")
                 cancel_button = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
@@ -363,7 +359,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
     queries, default_query = _query_tokens(cfg)
     with gr.Row():
         origin = gr.Radio(["generated set", "test set"], value="test set", label="Image from")
-        index = gr.Number(0, label="Image #", precision=0)
+        index = gr.Number(0, label="Image #")
         layer = clamped(gr.Slider(0, slider_top(cfg.depth - 1), cfg.depth - 1, step=1, label="Layer"))
         direction = gr.Radio(["fwd", "bwd"], value="fwd", label="Scan direction")
         query = gr.Dropdown(queries, value=default_query, label="Query token", allow_custom_value=True)

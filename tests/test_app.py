@@ -238,7 +238,9 @@ def test_attention_maps_of_a_test_image_and_clear_errors(served):
     assert [trace["type"] for trace in figure["data"]] == ["heatmap", "heatmap", "scatter", "heatmap", "scatter"]
     assert "enhanced" in json.dumps(figure["layout"]["annotations"])
     plot, message = client.predict("test set", 12_000, 2, "bwd", "CLS token", "5", api_name="/attention")
-    assert plot is None and message.startswith("**Error:**") and "#0–#9999" in message
+    assert plot is None and message.startswith("**Error:**") and "from 0 to 9,999 (got 12000)" in message
+    plot, message = client.predict("test set", 2.5, 2, "bwd", "CLS token", "5", api_name="/attention")
+    assert plot is None and "the image number must be a whole number from 0 to 9,999 (got 2.5)" in message
 
 
 def test_outliers_over_time_calibrate_then_rerun_detection_live(served):

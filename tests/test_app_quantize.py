@@ -196,6 +196,8 @@ def test_bad_overrides_are_one_line(served, overrides: str, expected: str):
     (5, 0, "n_refresh must be from 1 to 50 (got 0)"), (6, "no/such/folder", "neither 'real', 'noise' nor a folder"),
     (5, 1_000_000, "n_refresh must be from 1 to 50"),  # was a run padding every scan to a million steps
     (7, 2000, "calibration images must be from 1 to 1,024 (got 2000)"), (4, -0.5, "k must be from 0.5 to 8"),
+    (7, 8.5, "calibration images must be a whole number from 1 to 1,024 (got 8.5)"),  # was rounded to 8 silently
+    (9, 1.5, "the seed must be a whole number"), (5, 9.99, "n_refresh must be a whole number from 1 to 50"),
     (4, 1e9, "k must be from 0.5 to 8"), (9, 10**23, "the seed must be a whole number from 0 to 4,294,967,295"),
     (11, '{"*": {"skip": true}}', "the overrides skip every quantizer"),
     (10, None, "test images must be from 1 to 10,000 (got nothing)"),

@@ -190,6 +190,7 @@ def test_two_sessions_run_at_once_and_each_gets_its_own_result(served, tiny: tup
     ((GEN, 0, 2, "5", 12, 0.2, 1, 1, 0.2, 0), "images must be from 1 to 256 (got 0)"),
     ((GEN, 4, 2001, "5", 12, 0.2, 1, 1, 0.2, 0), "iterations must be from 0 to 2,000 (got 2001)"),
     ((GEN, 4, None, "5", 12, 0.2, 1, 1, 0.2, 0), "iterations must be from 0 to 2,000 (got nothing)"),
+    ((GEN, 4.5, 2, "5", 12, 0.2, 1, 1, 0.2, 0), "images must be a whole number from 1 to 256 (got 4.5)"),
     ((GEN, 4, 2, "5", 12, 0.2, -1, 1, 0.2, 0), "λ contrastive must be from 0 to 100 (got -1)"),
     ((GEN, 4, 2, "5", 12, 0.2, 1, 1, 50, 0), "the learning rate must be from 0.001 to 10 (got 50)"),
 ])
