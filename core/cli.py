@@ -86,9 +86,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     config = replace(GEN_PRESETS[args.preset], **overrides)
     result = generate(model, config, progress=_gen_progress, data_root=args.data)
     folder = save_generated(result, args.out)
-    hits = sum(t is None or p == t for p, t in zip(result.predictions, result.targets, strict=True))
-    print(f"{len(result.images)} {config.source} images in {result.seconds:.1f} s → {folder} (FP prediction = target "
-          f"for {hits}; mean confidence {sum(result.confidences) / len(result.confidences):.3f})")
+    targeted = [(p, t) for p, t in zip(result.predictions, result.targets, strict=True) if t is not None]
+    hits = f"FP prediction = target for {sum(p == t for p, t in targeted)} of {len(targeted)}; " if targeted else ""
+    print(f"{len(result.images)} {config.source} images in {result.seconds:.1f} s → {folder} ({hits}mean FP "
+          f"confidence {sum(result.confidences) / len(result.confidences):.3f})")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

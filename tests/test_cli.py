@@ -26,6 +26,19 @@ def test_eval_subset(capsys):
     assert '"total": 20' in capsys.readouterr().out
 
 
+def test_generate_saves_a_set_and_counts_hits_only_where_there_are_targets(tmp_path: Path, capsys):
+    assert main(["generate", "--source", "output_only", "--count", "2", "--iterations", "1", "--seed", "5",
+                 "--out", str(tmp_path / "gen")]) == 0
+    printed = capsys.readouterr().out
+    assert "2 output_only images in" in printed and "FP prediction = target for " in printed and " of 2;" in printed
+    manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
+    assert manifest["config"]["seed"] == 5 and manifest["config"]["iterations"] == 1
+    assert main(["generate", "--source", "noise", "--count", "3", "--out", str(tmp_path / "noise")]) == 0
+    printed = capsys.readouterr().out  # noise has no target classes: no hits to count
+    assert "3 noise images in" in printed and "target" not in printed and "mean FP confidence" in printed
+    assert len(list((tmp_path / "noise").glob("*.png"))) == 3
+
+
 def test_missing_data_directory(tmp_path: Path, capsys):
     assert main(["eval", "--data", str(tmp_path), "--limit", "5"]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
