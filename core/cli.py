@@ -32,7 +32,7 @@ from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, qua
 from core.quant.config import parse_overrides
 from core.quant.packed import agreement, pack, save_packed
 from core.records import provenance
-from core.workspace import architecture, file_sha256, fits_fashion_mnist
+from core.workspace import architecture, checkpoint_label, file_sha256, fits_fashion_mnist
 
 
 def _progress(done: int, total: int) -> None:
@@ -95,7 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_quantize(args: argparse.Namespace) -> None:
     """Quantize with every requested method × setting, print an accuracy table, write CSV + JSON records."""
     overrides = parse_overrides(args.overrides)  # before any work: a typo costs nothing
-    model = load_checkpoint(args.checkpoint)
+    checkpoint = Path(args.checkpoint)
+    model = load_checkpoint(checkpoint)
     data = load_validation(args.data) if args.eval_split == "val" else load_fashion_mnist("test", args.data)
     if args.limit:
         data = data.subset(args.limit)
@@ -113,7 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             print(f"{config.label}: calibrating on {args.n_calib} {args.calib} images", file=sys.stderr)
             record = quantize_and_evaluate(model, Path(args.checkpoint).parent.name, config, data, fp.top1,
                                            args.calib, args.n_calib, args.seed, args.data,
-                                           eval_progress=_progress, checkpoint=str(args.checkpoint),
+                                           eval_progress=_progress, checkpoint=checkpoint_label(checkpoint),
                                            error_images=args.error_images).record
             print(f"  top-1 {record.top1:.2f}% ({record.delta_vs_fp:+.2f}), calibration "
                   f"{record.calibration_seconds:.1f} s, eval {record.eval_seconds:.1f} s", file=sys.stderr)
@@ -243,6 +244,35 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"{len(records)} run(s) → {out} (one HTML file: opens with no server and no network)")
 
 
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """Make logged runs again from their records alone; exit 1 when a top-1 came out different."""
+    from core.experiments import run_label
+    from core.reproduce import rerun
+
+    records = read_records(args.records)
+    if not records:
+        raise StudioError(f"'{args.records}' holds no runs")
+    picked = args.runs or [len(records)]
+    if bad := [n for n in picked if not 1 <= n <= len(records)]:
+        raise StudioError(f"--run {bad[0]}: the file holds runs #1 to #{len(records)}")
+    differ = 0
+    for number in picked:
+        recorded = records[number - 1]
+        label = run_label(number - 1, recorded)
+        print(f"{label}: calibrating on {recorded.calibration['images']} {recorded.calibration['source']} images "
+              f"(seed {recorded.calibration['seed']}), scoring {recorded.test_images:,} images of "
+              f"{scored_on(recorded)}", file=sys.stderr)
+        again = rerun(recorded)
+        now = again.again.record
+        verdict = "the same" if again.same else (f"DIFFERENT: {now.top1 - recorded.top1:+.2f} points, FP32 "
+                                                 f"{recorded.fp_top1:.2f} % then, {again.fp_top1:.2f} % now")
+        print(f"{label}: top-1 {recorded.top1:.2f} % recorded ({recorded.hardware}, torch "
+              f"{recorded.versions.get('torch', '?')}, {recorded.date[:10]}), {now.top1:.2f} % now ({now.hardware}, "
+              f"torch {now.versions.get('torch')}): {verdict}")
+        differ += not again.same
+    return 1 if differ else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.cli", description="OuroMamba Studio engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--out", default="results/quant", help="directory for the CSV/JSON records")
     quant.add_argument("--name", default="runs", help="file name (without extension) of the records")
     quant.set_defaults(run=cmd_quantize)
+    again = sub.add_parser("rerun", help="make logged runs again from their records; exit 1 if a top-1 differs")
+    again.add_argument("records", help="a run file: the app's runs.jsonl or the quantize command's .json")
+    again.add_argument("--run", dest="runs", metavar="N", type=int, nargs="+",
+                       help="the runs' numbers (#N in the app and the report; default: the newest)")
+    again.set_defaults(run=cmd_rerun)
     packer = sub.add_parser("pack", help="OuroMamba as a packed integer model (codes + scales) in one safetensors file")
     packer.add_argument("checkpoint", nargs="?", default=default_weights)
     packer.add_argument("--setting", choices=["W4A4", "W4A8", "W8A8"], default="W4A4")
@@ -352,11 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     report.set_defaults(run=cmd_report)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except StudioError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -109,6 +109,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_label(path: Path, shown: str | None = None, digest: str | None = None) -> str:
+    """How records name a weights file: 'path (sha256 <first 12 hex digits>)', which ``core.reproduce`` checks
+    before it runs a record again."""
+    return f"{shown or path} (sha256 {(digest or file_sha256(path))[:12]})"
+
+
 def _evaluation_data(cfg: VimConfig, data_folder: Path | None, progress: Callable[[int, int], None] | None,
                      shown_as: str | None = None) -> tuple[LabelledImages | None, str]:
     """The folder's (or .zip archive's) images when one is given, else Fashion-MNIST's test split when the model
@@ -169,7 +175,7 @@ def open_workspace(checkpoint: str | Path, data_folder: str | Path | None = None
         for part in (data.images, data.labels):
             fingerprint.update(part.numpy().tobytes())
         fingerprint.update("|".join(data.classes).encode())
-    return Workspace(checkpoint=path, label=f"{shown} (sha256 {digest[:12]})",
+    return Workspace(checkpoint=path, label=checkpoint_label(path, shown, digest),
                      name=path.parent.name if card is not None else Path(shown).name, model=model, card=card,
                      data=data, no_data=no_data, fingerprint=fingerprint.hexdigest()[:16])
 

@@ -28,6 +28,7 @@ from app.quantize_tab import (
     top_k_figure,
 )
 from app.site_errors_section import KEPT_FLOAT, RAISED, site_choices, with_site_override
+from core.cli import main
 from core.error_figures import DEFAULT_METRIC
 from core.errors import StudioError
 from core.experiments import RunRecord, append_record, load_records
@@ -288,6 +289,20 @@ def test_runs_persist_for_a_new_app(served, runs: Path):
         demo.close()
     first = dict(zip(table["headers"], table["data"][0], strict=True))
     assert status.startswith(f"{len(load_records(runs))} run(s)") and first["method"] == "ouromamba"
+
+
+def test_a_run_made_in_the_app_is_made_again_by_the_command_line(served, runs: Path, capsys):
+    """The record alone (weights checked by SHA-256, test images, calibration, seed, config) gives the app's
+    top-1 again, through the engine's own evaluation batch size."""
+    _, client = served
+    record = client.predict(*FAST, api_name="/quantize")[4]
+    number = next(i for i, r in enumerate(load_records(runs), start=1)
+                  if (r.date, r.config) == (record["date"], record["config"]))
+    capsys.readouterr()
+    assert main(["rerun", str(runs), "--run", str(number)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"#{number} ouromamba W4A4O8: top-1 {record['top1']:.2f} % recorded")
+    assert f"{record['top1']:.2f} % now" in printed and printed.endswith(": the same")
 
 
 def test_empty_and_broken_logs_are_messages(tmp_path: Path):
