@@ -47,18 +47,27 @@ def asymmetric_params(low: torch.Tensor, high: torch.Tensor, levels: int) -> tup
     return scale, torch.round(-low / scale)
 
 
+def _row_errors(quantized: torch.Tensor, groups: torch.Tensor, p: float) -> torch.Tensor:
+    """mean |Q(x) − x|^p per row, computed in place in ``quantized`` (the searches' scratch buffer)."""
+    return quantized.sub_(groups).abs_().pow_(p).mean(dim=1)
+
+
 def search_symmetric_clip(groups: torch.Tensor, qmax: int, p: float = 2.4, steps: int = 100) -> torch.Tensor:
     """Per row of ``groups`` (G, M): the clip m ∈ {1/steps, …, 1}·max|row| minimising mean |x − Q(x)|^p.
 
-    Returns the scales m / qmax, shape (G,). Rows that are all zero get the minimum scale.
+    Returns the scales m / qmax, shape (G,). Rows that are all zero get the minimum scale. Each candidate is
+    :func:`fake_quant_symmetric`, the same operations in one reused buffer: calibration spends most of its time
+    here, and fresh tensors for every step of every candidate cost more than the arithmetic on small sites.
     """
     peak = groups.abs().amax(dim=1)
     best_err = torch.full_like(peak, float("inf"))
     best = peak.clone()
+    work = torch.empty_like(groups)
     for i in range(1, steps + 1):
         clip = peak * (i / steps)
         scale = (clip / qmax).clamp(min=MIN_SCALE)[:, None]
-        err = (fake_quant_symmetric(groups, scale, qmax) - groups).abs().pow(p).mean(dim=1)
+        torch.div(groups, scale, out=work).round_().clamp_(-qmax, qmax).mul_(scale)
+        err = _row_errors(work, groups, p)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, clip, best)
@@ -68,14 +77,18 @@ def search_symmetric_clip(groups: torch.Tensor, qmax: int, p: float = 2.4, steps
 def search_asymmetric_clip(groups: torch.Tensor, levels: int, p: float = 2.4,
                            steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: shrink [min, max] towards each other by α ∈ {0, 1/steps, …, 0.49}; keep the range (widened to
-    include 0, as stored) minimising mean |x − Q(x)|^p. Returns (scale, zero point), shape (G,) each."""
+    include 0, as stored) minimising mean |x − Q(x)|^p. Returns (scale, zero point), shape (G,) each. Each
+    candidate is :func:`fake_quant_asymmetric` in one reused buffer, as in :func:`search_symmetric_clip`."""
     low, high = groups.amin(dim=1), groups.amax(dim=1)
     best_err = torch.full_like(low, float("inf"))
     best_scale, best_zero = asymmetric_params(low, high, levels)
+    work = torch.empty_like(groups)
     for i in range(steps // 2):
         alpha = i / steps
         scale, zero = asymmetric_params(low + alpha * (high - low), high - alpha * (high - low), levels)
-        err = (fake_quant_asymmetric(groups, scale[:, None], zero[:, None], levels) - groups).abs().pow(p).mean(1)
+        torch.div(groups, scale.clamp(min=MIN_SCALE)[:, None], out=work).round_().add_(zero[:, None])
+        work.clamp_(0, levels).sub_(zero[:, None]).mul_(scale.clamp(min=MIN_SCALE)[:, None])
+        err = _row_errors(work, groups, p)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
