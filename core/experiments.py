@@ -104,6 +104,16 @@ def site_errors_frame(record: RunRecord) -> pd.DataFrame | None:
     return frame.astype({name: float for name in SITE_ERROR_COLUMNS})
 
 
+def check_runnable(model: VisionMamba, config: QuantConfig) -> None:
+    """Refuse, before any work, a config whose overrides name no site of ``model`` or skip every quantizer
+    (the run would be the FP model under a quantized label)."""
+    sites = [site.name for site in quantized_sites(model, config.quantize_state)]
+    config.check_overrides(sites)
+    if all(config.for_site(name) is None for name in sites):
+        raise StudioError("the overrides skip every quantizer, so the run would be the FP model under a quantized "
+                          'label: narrow the skip patterns (e.g. {"layers.0.*": {"skip": true}})')
+
+
 def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConfig, test: LabelledImages,
                           fp_top1: float, calib_source: str, n_calib: int, seed: int, data_root: str | None = None,
                           progress: Progress | None = None, cancel: Event | None = None,
@@ -116,9 +126,7 @@ def quantize_and_evaluate(model: VisionMamba, model_name: str, config: QuantConf
     is measured on the first ``error_images`` of the scored images (0: not measured) and travels in the record."""
     if error_images < 0:
         raise StudioError(f"the per-site error images must be 0 (none) or more (got {error_images})")
-    if all(config.for_site(site.name) is None for site in quantized_sites(model, config.quantize_state)):
-        raise StudioError("the overrides skip every quantizer, so the run would be the FP model under a quantized "
-                          'label: narrow the skip patterns (e.g. {"layers.0.*": {"skip": true}})')
+    check_runnable(model, config)
     cfg = model.cfg
     calib = calibration_images(calib_source, n_calib, seed, cfg.img_size, cfg.in_chans, data_root)
     torch.manual_seed(seed)
@@ -178,7 +186,7 @@ def kernel_latency(model: VisionMamba, packed: PackedVim, images: torch.Tensor, 
 def threshold_sweep(model: VisionMamba, base: QuantConfig, calib: torch.Tensor, images: LabelledImages,
                     ks: list[float], n_refreshes: list[int], fp_top1: float, outlier_images: int = 256,
                     progress: Callable[[int, int], None] | None = None, cancel: Event | None = None,
-                    eval_batch_size: int = 500) -> list[dict]:
+                    eval_batch_size: int = 500, rows: list[dict] | None = None) -> list[dict]:
     """OuroMamba-Quant's two knobs of the outlier rule against what they cost, one row per (k, n_refresh):
     top-1 on ``images`` (held-out images to choose on, never the test set) and the share of activation
     channels at outlier precision. A larger k flags fewer channels; a larger n_refresh lets a window's outlier
@@ -187,11 +195,12 @@ def threshold_sweep(model: VisionMamba, base: QuantConfig, calib: torch.Tensor, 
     settings (Δ keeps its own ``k_delta``). ``outlier_share_pct``: per token, the outlier channels over all
     channels of every outlier-aware site (``core.observe.dynamic_outlier_summary`` on the first
     ``outlier_images`` images), i.e. the share of the activation GEMMs' reduction that runs at 8 bits;
-    ``olist_share_pct``: the same for a window's final set."""
+    ``olist_share_pct``: the same for a window's final set. The points are appended to ``rows`` as they
+    finish (pass a list of your own to keep them when the sweep is interrupted)."""
     if base.method != "ouromamba":
         raise StudioError(f"the sweep varies OuroMamba's per-time-step rule; method {base.method!r} has none")
     points = [(k, n) for k in ks for n in n_refreshes]
-    rows = []
+    rows = [] if rows is None else rows
     for index, (k, n_refresh) in enumerate(points):
         config = replace(base, k=float(k), n_refresh=int(n_refresh))
         torch.manual_seed(base.reconstruction.seed)
@@ -242,7 +251,11 @@ def load_records(path: str | Path) -> list[RunRecord]:
     if not path.is_file():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise StudioError(f"'{path}' is not text, so not a log of run records") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -260,7 +273,18 @@ def read_records(path: str | Path) -> list[RunRecord]:
     if not path.is_file():
         raise StudioError(f"'{path}' is not a file of run records (the quantize command's .json or the app's "
                           "runs.jsonl)")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise StudioError(f"'{path}' is not text, so not a file of run records") from None
+    if text.lstrip().startswith("{") and "\n" in text.strip():  # one pretty-printed object, not JSON lines
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            kind = "a sweep's points (python -m core sweep)" if "points" in whole else "one JSON object"
+            raise StudioError(f"'{path}' holds {kind}, not run records")
     if not text.lstrip().startswith("["):
         return load_records(path)
     try:
@@ -333,13 +357,35 @@ def site_error_table(records: list[RunRecord], metric: str = "sqnr_db") -> str:
     return "\n".join(lines)
 
 
+def _what_differs(records: list[RunRecord]) -> Callable[[RunRecord], str]:
+    """Each run described by the aspects that vary across ``records`` (outlier bits, calibration, the rule's
+    k and n_refresh, the scored images, the model): what tells apart runs that would share a table cell."""
+    aspects = [lambda r: r.setting.partition("O")[2] and f"O{r.setting.partition('O')[2]}",
+               lambda r: f"{r.calibration.get('source')} × {r.calibration.get('images')}, seed "
+                         f"{r.calibration.get('seed')}",
+               lambda r: f"k {r.config.get('k')}", lambda r: f"n_refresh {r.config.get('n_refresh')}",
+               lambda r: f"{r.test_images:,} images of {scored_on(r)}", lambda r: r.model]
+    varying = [aspect for aspect in aspects if len({aspect(r) for r in records}) > 1]
+    return lambda r: ", ".join(text for aspect in varying if (text := aspect(r)))
+
+
 def accuracy_table(records: list[RunRecord], row: Callable[[RunRecord], str] = run_name,
                    label: str = "method") -> str:
     """Markdown: one row per ``row(record)`` (default: the method and its overrides), one column per setting
-    (top-1, Δ vs FP)."""
-    settings = list(dict.fromkeys(r.setting.split("O")[0] for r in records))
-    rows = list(dict.fromkeys(row(r) for r in records))
-    cell = {(row(r), r.setting.split("O")[0]): f"{r.top1:.2f} ({r.delta_vs_fp:+.2f})" for r in records}
+    (top-1, Δ vs FP). Runs that would share a cell (another calibration, seed, k, outlier bits or set of
+    images) get rows of their own, named by what differs; identical configurations by their run number."""
+    def setting(r: RunRecord) -> str:
+        return r.setting.split("O")[0]
+
+    names = [row(r) for r in records]
+    if len({(n, setting(r)) for n, r in zip(names, records, strict=True)}) < len(records):
+        apart = _what_differs(records)
+        names = [f"{n} ({apart(r)})" if apart(r) else n for n, r in zip(names, records, strict=True)]
+    if len({(n, setting(r)) for n, r in zip(names, records, strict=True)}) < len(records):
+        names = [f"#{i} {n}" for i, n in enumerate(names, start=1)]
+    settings = list(dict.fromkeys(setting(r) for r in records))
+    cell = {(n, setting(r)): f"{r.top1:.2f} ({r.delta_vs_fp:+.2f})" for n, r in zip(names, records, strict=True)}
     lines = [f"| {label} | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
-    lines += [f"| {name} | " + " | ".join(cell.get((name, s), "–") for s in settings) + " |" for name in rows]
+    lines += [f"| {name} | " + " | ".join(cell.get((name, s), "–") for s in settings) + " |"
+              for name in dict.fromkeys(names)]
     return "\n".join(lines)

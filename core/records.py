@@ -10,13 +10,36 @@ import torch
 
 from core.errors import StudioError
 
+PLAIN_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,),
+               "list": (list,), "tuple": (list, tuple)}
+
+
+def _fits(value: object, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated ``annotation`` ('float', 'list[dict]', 'int | None', …);
+    annotations of other kinds (a nested config) are left to that config's own checks."""
+    kinds = [part.strip().split("[")[0] for part in annotation.split("|")]
+    if value is None:
+        return "None" in kinds or not all(kind in PLAIN_TYPES for kind in kinds if kind != "None")
+    accepted = [PLAIN_TYPES.get(kind) for kind in kinds if kind != "None"]
+    if any(kind is None for kind in accepted):
+        return True
+    return any(isinstance(value, kind) and not (isinstance(value, bool) and bool not in kind) for kind in accepted)
+
 
 def checked_fields(cls: type, values: dict, label: str) -> dict:
-    """``values`` after checking that every key is a field of the dataclass ``cls``."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    """``values`` after checking that every key is a field of the dataclass ``cls`` and every plain value has
+    the field's type (a record edited by hand, or another program's JSON, fails here in one line instead of
+    deep in a table)."""
+    if not isinstance(values, dict):
+        raise StudioError(f"a {label} must be a JSON object, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise StudioError(f"unknown {label} fields {unknown}; known fields: {sorted(known)}")
+    wrong = [f"{name} = {value!r} (expected {known[name].type})" for name, value in values.items()
+             if isinstance(known[name].type, str) and not _fits(value, known[name].type)]
+    if wrong:
+        raise StudioError(f"{label}: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))
     return dict(values)
 
 

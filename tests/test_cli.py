@@ -4,6 +4,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from core.cli import main
 from core.experiments import append_record, read_records
 from core.report import accuracy_figure
@@ -85,7 +87,7 @@ def test_sweep_trades_accuracy_for_eight_bit_channels_on_validation_images(tmp_p
 def test_sweep_refuses_a_knob_out_of_range(tmp_path: Path, capsys):
     assert main(["sweep", "--k", "0", "3", "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: k must be positive") and "\n" not in err
+    assert err == "error: argument --k: must be a finite number > 0, got 0 (see python -m core sweep --help)"
     assert not (tmp_path / "never.csv").exists()
 
 
@@ -103,8 +105,10 @@ def test_outliers_writes_per_site_statistics_with_what_the_outliers_buy(tmp_path
     assert main(["outliers", "--n-calib", "8", "--images", "16", "--top", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "48 sites →" in printed and "statistics on the first 16 test images" in printed
-    with out.open() as f:
+    with out.open() as f:  # provenance first, as '#' lines
+        provenance = [f.readline() for _ in range(3)]
         rows = list(csv.DictReader(f))
+    assert provenance[0].startswith("# ") and "(sha256 " in provenance[0] and "seed 0" in provenance[1]
     assert len(rows) == 48 and {"sqnr_db", "sqnr_db_without_outliers", "growing_steps_per_window"} <= set(rows[0])
     x_proj = [row for row in rows if row["tensor"] == "x_proj.input"]
     assert all(float(row["sqnr_db"]) > float(row["sqnr_db_without_outliers"]) + 3 for row in x_proj)
@@ -147,3 +151,94 @@ def test_report_keeps_runs_scored_on_other_images_apart(tmp_path: Path, capsys):
     assert [trace.name for trace in figure.data] == ["ouromamba O8 on fashion-mnist/test",
                                                       "ouromamba O8 on fashion-mnist/train[55000:], validation"]
     assert "5000 images of fashion-mnist/train[55000:], validation" in figure.data[1].text[0]
+
+
+QUICK = ["--limit", "5", "--n-calib", "2", "--recon-epochs", "0", "--error-images", "0"]
+
+
+def test_quantize_never_overwrites_earlier_records(tmp_path: Path, capsys):
+    run = ["quantize", "--method", "dynamic_per_token", "--setting", "W8A8", *QUICK, "--out", str(tmp_path)]
+    assert main(run) == 0
+    assert main(run) == 2  # the same name again: refused before any work, the first run kept
+    assert "already holds runs: --append adds to them" in capsys.readouterr().err
+    assert main([*run, "--append"]) == 0
+    assert "(1 earlier run(s) kept)" in capsys.readouterr().out
+    assert [r.setting for r in read_records(tmp_path / "runs.json")] == ["W8A8", "W8A8"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["eval", "--limit", "-1"], "argument --limit: must be a whole number ≥ 1, got -1"),
+    (["eval", "--limit", "0"], "argument --limit: must be a whole number ≥ 1, got 0"),
+    (["pack", "--check", "-1", "--out", "x.safetensors"], "argument --check: must be a whole number ≥ 0, got -1"),
+    (["quantize", "--k", "nan"], "argument --k: must be a finite number > 0, got nan"),
+    (["generate", "--lr", "inf", "--out", "x"], "argument --lr: must be a finite number > 0, got inf"),
+    (["generate", "--output-weight", "nan", "--out", "x"], "argument --output-weight: must be a finite number ≥ 0"),
+    (["info", "--img-size", "100000"], "the image size must be from 1 to 2048 pixels, got 100000"),
+    (["quantize", *QUICK, "--calib", ""], "the calibration source is empty"),
+    (["quantize", "--calib", "noise", "--n-calib", "100000000"], "at most 684,784 (the paper calibrates on 128)"),
+    (["quantize", *QUICK, "--name", "../x"], "--name must be a plain file name"),
+    (["info", "assets/default_model"], "is a folder: give the weights file in it"),
+    (["rerun", "assets/default_model/model.safetensors"], "is not text, so not a file of run records"),
+])
+def test_bad_numbers_and_paths_are_one_line_before_any_work(argv: list[str], message: str, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path: Path, capsys):
+    a_file, a_folder = tmp_path / "file", tmp_path / "folder"
+    a_file.write_text("x")
+    (a_folder / "old").mkdir(parents=True)
+    for argv, message in (
+        (["quantize", *QUICK, "--out", str(a_file)], "part of that path is a file"),
+        (["pack", "--out", str(a_folder)], "is a folder: give a file name in it"),
+        (["outliers", "--out", str(a_file / "x.csv")], "part of that path is a file"),
+        (["sweep", "--out", str(a_file / "x")], "part of that path is a file"),
+        (["generate", "--out", str(a_folder)], "already holds files: name a new folder"),
+        (["generate", "--out", ""], "the calibration set folder is empty"),
+        (["card-eval", str(a_file)], "is not a model folder"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_calibration_folder_smaller_than_asked_is_refused(tmp_path: Path, capsys):
+    from PIL import Image
+    for index in range(3):
+        Image.new("L", (28, 28), index * 60).save(tmp_path / f"{index}.png")
+    assert main(["quantize", *QUICK[:2], "--calib", str(tmp_path), "--n-calib", "100"]) == 2
+    assert "holds 3 images, fewer than the 100 asked for: calibrate on 3 or fewer" in capsys.readouterr().err
+
+
+def test_sweep_names_keep_their_dots():
+    from core.cli import with_suffix
+    assert with_suffix("out/sweep_k2.5", ".csv") == Path("out/sweep_k2.5.csv")
+    assert with_suffix("out/sweep.json", ".csv") == Path("out/sweep.csv")
+
+
+def test_checkpoints_that_cannot_give_a_meaningful_top1_are_refused(tmp_path: Path, capsys):
+    import torch
+
+    from core.models import create_vim, save_safetensors
+    five = save_safetensors(create_vim("vim_fmnist_patch4_28_midclstok", num_classes=5, embed_dim=16, depth=1),
+                            tmp_path / "five.safetensors")
+    assert main(["eval", str(five), "--limit", "5"]) == 2
+    assert "(28×28, 1 channel, 5 classes) does not read it" in capsys.readouterr().err
+    broken = create_vim("vim_fmnist_patch4_28_midclstok", embed_dim=16, depth=1)
+    with torch.no_grad():
+        broken.head.weight[0, 0] = float("nan")
+    assert main(["info", str(save_safetensors(broken, tmp_path / "nan.safetensors"))]) == 2
+    assert "holds NaN or infinite values in 1 tensor(s) (head.weight…)" in capsys.readouterr().err
+
+
+def test_interrupting_a_command_is_one_line(monkeypatch, capsys):
+    import core.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core.cli, "evaluate", interrupted)
+    assert main(["eval", "--limit", "5"]) == 130
+    assert capsys.readouterr().err.strip().startswith("interrupted: what was written before stays")

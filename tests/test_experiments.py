@@ -81,7 +81,7 @@ def test_quantize_command_bad_input_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "w_bits must be" in err
     assert main(["quantize", "--error-images", "-1", "--limit", "5", "--n-calib", "2"]) == 2
-    assert "per-site error images must be 0 (none) or more (got -1)" in capsys.readouterr().err
+    assert "argument --error-images: must be a whole number ≥ 0, got -1" in capsys.readouterr().err
     assert main(["quantize", "--overrides", "{oops", "--limit", "5"]) == 2
     assert "overrides are not valid JSON" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main(["quantize", "--overrides", '{"layers.9.*": {"w_bits": 8}}', "--limit", "5", "--n-calib", "2",
@@ -108,7 +108,7 @@ def test_outliers_command_writes_per_site_statistics(tmp_path: Path, capsys):
     out = tmp_path / "stats.csv"
     assert main(["outliers", "--images", "8", "--n-calib", "8", "--out", str(out), "--top", "3"]) == 0
     import pandas as pd
-    frame = pd.read_csv(out)
+    frame = pd.read_csv(out, comment="#")
     assert len(frame) == 4 * (2 + 2 * 5)  # per layer: in/out_proj inputs + per direction x/dt_proj, Δ, B, C
     assert (frame["olist_size"] >= frame["outlier_channels_per_token"]).all()
     assert "sites →" in capsys.readouterr().out
@@ -143,6 +143,16 @@ def test_tables_keep_runs_with_other_overrides_apart():
     assert run_name(plain) == "ptq4vm" and run_name(raised) == 'ptq4vm + {"*.out_proj.input":{"a_bits":8}}'
     rows = accuracy_table([plain, raised]).splitlines()[2:]
     assert rows == ["| ptq4vm | 80.00 (-10.00) |", '| ptq4vm + {"*.out_proj.input":{"a_bits":8}} | 89.00 (-10.00) |']
+    # runs that would share a cell get rows of their own, named by what differs (it used to keep the last one)
+    noise = RunRecord.from_dict({**fields, "top1": 70.0, "calibration": {"source": "noise", "images": 8, "seed": 1}})
+    assert accuracy_table([plain, noise]).splitlines()[2:] == [
+        "| ptq4vm (real × 8, seed 0) | 80.00 (-10.00) |", "| ptq4vm (noise × 8, seed 1) | 70.00 (-10.00) |"]
+    bigger = RunRecord.from_dict({**fields, "test_images": 300})
+    assert "| ptq4vm (300 images of test images) | 80.00 (-10.00) |" in accuracy_table([plain, bigger])
+    assert accuracy_table([plain, plain]).splitlines()[2:] == ["| #1 ptq4vm | 80.00 (-10.00) |",
+                                                               "| #2 ptq4vm | 80.00 (-10.00) |"]
+    with pytest.raises(StudioError, match="run record: top1 = 'x' .expected float."):
+        RunRecord.from_dict({**fields, "top1": "x"})
 
 
 def test_the_lowest_site_counts_minus_infinity_and_skips_exact_and_unmeasured_ones():

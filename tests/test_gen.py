@@ -232,8 +232,10 @@ def test_settings_that_do_not_fit_the_model_are_rejected(model, overrides, messa
 
 @pytest.mark.parametrize("overrides, message", [
     ({"neighbourhood": 4}, "odd size"), ({"source": "dream"}, "unknown image source"),
-    ({"count": 0}, "count must be at least 1"), ({"output_weight": -1}, "output_weight must be ≥ 0"),
-    ({"temperature": 0}, "temperature must be > 0"), ({"output_loss": "l3"}, "output loss"),
+    ({"count": 0}, "count must be at least 1"), ({"output_weight": -1}, "output_weight must be a finite number ≥ 0"),
+    ({"output_weight": float("nan")}, "output_weight must be a finite"), ({"lr": float("inf")}, "lr must be a finite"),
+    ({"contrastive_weight": float("inf")}, "contrastive_weight must be a finite"),
+    ({"temperature": 0}, "temperature must be a finite number > 0"), ({"output_loss": "l3"}, "output loss"),
     ({"contrastive_weight": 0, "output_weight": 0}, "every loss weight this source uses is 0"),
     ({"source": "output_only", "output_weight": 0}, "give λ output a value above 0"),
     ({"seed": -1}, "the seed must be"),

@@ -18,6 +18,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 BUILTIN_SOURCES = ("real", "noise")
 
 
+MAX_CALIBRATION_BYTES = 2 << 30  # 680,000 Fashion-MNIST images, 3,500 at 224×224×3: a typo must not fill memory
+
+
 def calibration_images(source: str, count: int, seed: int, img_size: int = 28, in_chans: int = 1,
                        data_root: str | None = None) -> torch.Tensor:
     """``count`` images (count, in_chans, img_size, img_size) from ``source``: "real" (a seeded sample of
@@ -25,6 +28,13 @@ def calibration_images(source: str, count: int, seed: int, img_size: int = 28, i
     the normalised input space) or a folder of images."""
     if count < 1:
         raise StudioError(f"the calibration set needs at least 1 image, got {count}")
+    if count * in_chans * img_size**2 * 4 > MAX_CALIBRATION_BYTES:
+        fits = MAX_CALIBRATION_BYTES // (in_chans * img_size**2 * 4)
+        raise StudioError(f"{count:,} calibration images of {in_chans}×{img_size}×{img_size} would take "
+                          f"{count * in_chans * img_size**2 * 4 / 1e9:,.1f} GB: at most {fits:,} (the paper "
+                          "calibrates on 128)")
+    if not source.strip():
+        raise StudioError("the calibration source is empty: give 'real', 'noise' or a folder of images")
     generator = torch.Generator().manual_seed(check_seed(seed))
     if source == "noise":
         return torch.randn(count, in_chans, img_size, img_size, generator=generator)
@@ -48,6 +58,9 @@ def _folder_images(folder: Path, count: int, generator: torch.Generator, img_siz
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise StudioError(f"no images (.png, .jpg, …) under '{folder}'")
+    if len(files) < count:
+        raise StudioError(f"'{folder}' holds {len(files)} images, fewer than the {count} asked for: calibrate on "
+                          f"{len(files)} or fewer")
     transform = pixel_transform(img_size, in_chans)
     order = torch.randperm(len(files), generator=generator).tolist()
     images = []

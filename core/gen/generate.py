@@ -74,10 +74,11 @@ class GenConfig:
         problems = [f"{name} must be at least {low}, got {getattr(self, name)}" for name, low in (
             ("count", 1), ("iterations", 0), ("batch_size", 1), ("top_k", 1), ("max_shift", 0), ("preview_every", 1))
             if getattr(self, name) < low]
-        problems += [f"{name} must be ≥ 0, got {getattr(self, name)}" for name in (
-            "contrastive_weight", "output_weight", "pse_weight", "tv_weight", "l2_weight") if getattr(self, name) < 0]
-        problems += [f"{name} must be > 0, got {getattr(self, name)}" for name in ("lr", "temperature")
-                     if not getattr(self, name) > 0]
+        problems += [f"{name} must be a finite number ≥ 0, got {getattr(self, name)}" for name in (
+            "contrastive_weight", "output_weight", "pse_weight", "tv_weight", "l2_weight")
+            if not 0 <= getattr(self, name) < math.inf]
+        problems += [f"{name} must be a finite number > 0, got {getattr(self, name)}" for name in ("lr", "temperature")
+                     if not 0 < getattr(self, name) < math.inf]
         if self.optimised and not self.weights:
             problems.append("every loss weight this source uses is 0, so there is nothing to optimise: give "
                             + ("λ output or λ contrastive" if self.source == "ouromamba" else "λ output")

@@ -24,6 +24,7 @@ from core.errors import StudioError
 from core.models.vim import VimConfig, VisionMamba, checkpoint_filter_fn
 
 CONFIG_METADATA_KEY = "vim_config"
+MAX_IMG_SIZE = 2048  # 16,384 tokens at Vim's 16-pixel patches; beyond it a typo would fill the memory
 PACKED_FORMAT_PREFIX = "ouromamba-packed/"  # core.quant.packed's files carry it in their metadata
 UNREADABLE = ("{} is not a readable checkpoint: neither safetensors nor a PyTorch file, or truncated (re-save or "
               "re-download it)")
@@ -36,8 +37,12 @@ def _describe(path: Path) -> str:
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], VimConfig | None]:
     """Tensors of a checkpoint file (unwrapped from ``{'model': ...}``) and its config if it carries one."""
     path = Path(path)
+    if path.is_dir():
+        raise StudioError(f"checkpoint {_describe(path)} is a folder: give the weights file in it (.pth or "
+                          ".safetensors)")
     if not path.is_file():
-        raise StudioError(f"checkpoint {_describe(path)} does not exist")
+        raise StudioError(f"checkpoint {_describe(path)} does not exist" if not path.exists() else
+                          f"checkpoint {_describe(path)} is not a regular file")
     if path.stat().st_size == 0:
         raise StudioError(f"checkpoint {_describe(path)} is empty")
     with path.open("rb") as f:
@@ -78,7 +83,14 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], VimConfig | 
                           "with core.quant.packed.load_packed; quantizing starts from the float model")
     config = None
     if CONFIG_METADATA_KEY in metadata:
-        config = VimConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        try:
+            values = json.loads(metadata[CONFIG_METADATA_KEY])
+        except json.JSONDecodeError:
+            raise StudioError(f"{_describe(path)} carries a {CONFIG_METADATA_KEY!r} entry that is not JSON: re-save "
+                              "it with core.models.save_safetensors") from None
+        if not isinstance(values, dict):
+            raise StudioError(f"{_describe(path)}: its {CONFIG_METADATA_KEY!r} entry is not a config object")
+        config = VimConfig.from_dict(values)
     return tensors, config
 
 
@@ -131,6 +143,12 @@ def load_checkpoint(path: str | Path, model: VisionMamba | None = None, img_size
     for ViTs); the patch grid must then still tile the image.
     """
     state_dict, config = read_state_dict(path)
+    if img_size is not None and not 1 <= img_size <= MAX_IMG_SIZE:
+        raise StudioError(f"the image size must be from 1 to {MAX_IMG_SIZE} pixels, got {img_size}")
+    if broken := [name for name, tensor in state_dict.items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]:
+        raise StudioError(f"'{path}' holds NaN or infinite values in {len(broken)} tensor(s) ({broken[0]}…): the "
+                          "weights are broken, re-export them")
     if model is None:
         config = config or infer_config(state_dict)
         if img_size and img_size != config.img_size:

@@ -84,8 +84,8 @@ class QuantConfig:
         for name in ("w_bits", "a_bits"):
             _check_bits(name, getattr(self, name))
         _check_bits("o_bits", self.o_bits, allow_float=True)
-        if self.k < 0 or self.k_delta < 0:
-            raise StudioError(f"k must be ≥ 0 (got k={self.k}, k_delta={self.k_delta})")
+        if not (_is_number(self.k) and _is_number(self.k_delta) and self.k >= 0 and self.k_delta >= 0):
+            raise StudioError(f"k must be a finite number ≥ 0 (got k={self.k}, k_delta={self.k_delta})")
         if self.n_refresh < 1:
             raise StudioError(f"n_refresh must be at least 1 time-step (got {self.n_refresh})")
         if self.weight_group_size < 0:
@@ -105,6 +105,8 @@ class QuantConfig:
             for name in ("k", "k_delta"):
                 if name in change and not (_is_number(change[name]) and change[name] >= 0):
                     raise StudioError(f"{pattern}: {name} must be a number ≥ 0, got {change[name]!r}")
+            if not isinstance(change.get("skip", False), bool):
+                raise StudioError(f"{pattern}: skip must be true or false, got {change['skip']!r}")
             refresh = change.get("n_refresh", 1)
             if not (isinstance(refresh, int) and not isinstance(refresh, bool) and refresh >= 1):
                 raise StudioError(f"{pattern}: n_refresh must be a whole number of time-steps ≥ 1, got {refresh!r}")
@@ -185,4 +187,4 @@ def _check_bits(name: str, bits: int, allow_float: bool = False) -> None:
     allowed = set(range(2, 9)) | ({16} if allow_float else set())
     if bits not in allowed:
         extra = " or 16 (floating point)" if allow_float else ""
-        raise StudioError(f"{name} must be an integer from 2 to 8{extra}, got {bits}")
+        raise StudioError(f"{name} must be an integer from 2 to 8{extra}, got {bits!r}")
