@@ -19,6 +19,7 @@ import gradio as gr
 import numpy as np
 
 from core.data import BUILTIN_SOURCES
+from core.data.calibration import folder_image_files
 from core.errors import StudioError, check_seed
 from core.gen import saved_sets
 from core.workspace import Workspace, fits_fashion_mnist
@@ -160,6 +161,20 @@ def calibration_dropdown(workspace: Workspace, **options) -> gr.Dropdown:
                       **options)
     box.focus(lambda: gr.update(choices=calibration_choices()), None, box, api_visibility="private")
     return box
+
+
+def count_for_source(source: str | None, count: float | None) -> int | dict:
+    """The calibration-count box after a source is picked: lowered to the size of a smaller folder (a set of 16
+    from Synthesize against the default 128: the engine refuses to calibrate on more images than a folder
+    holds), with a note; unchanged otherwise."""
+    folder = Path(source or "")
+    if source in BUILTIN_SOURCES or not (source or "").strip() or not folder.is_dir() or count is None:
+        return gr.skip()
+    size = len(folder_image_files(folder))
+    if not 0 < size < count:
+        return gr.skip()
+    gr.Info(f"{folder.name} holds {size} images: calibration images set to {size}.")
+    return size
 
 
 GALLERY_SIZE = 112  # 28×28 images shown 4× as 112×112, nearest neighbour: every pixel stays visible

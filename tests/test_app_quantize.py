@@ -570,3 +570,17 @@ def test_the_pair_of_runs_says_when_it_was_measured_on_other_images():
     figure, status = pair_figure(records, 1, 1, "SQNR of the quantizer alone")  # a heatmap of zeros said nothing
     assert figure is None and status.startswith("**Error:**") and "the same run" in status
     assert measured_runs(records) == [("#2 ouromamba W4A8O8", 1), ("#1 ouromamba W4A8O8", 0)]
+
+
+def test_picking_a_smaller_set_lowers_the_calibration_count(tmp_path: Path):
+    """A set of 3 images against the default 128: the box follows the set (the engine refuses to calibrate on
+    more images than a folder holds, where it used to use 3 and record 128)."""
+    from PIL import Image
+
+    from app.common import count_for_source
+    for index in range(3):
+        Image.new("L", (28, 28), index).save(tmp_path / f"{index}.png")
+    assert count_for_source(str(tmp_path), 128) == 3
+    skipped = gr.skip()
+    assert count_for_source(str(tmp_path), 2) == skipped and count_for_source("real", 128) == skipped
+    assert count_for_source(str(tmp_path / "missing"), 128) == skipped and count_for_source("", 128) == skipped

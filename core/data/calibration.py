@@ -51,11 +51,16 @@ def calibration_images(source: str, count: int, seed: int, img_size: int = 28, i
     return _folder_images(Path(source), count, generator, img_size, in_chans)
 
 
+def folder_image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (any depth), in a fixed order: what a folder source draws from."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _folder_images(folder: Path, count: int, generator: torch.Generator, img_size: int,
                    in_chans: int) -> torch.Tensor:
     if not folder.is_dir():
         raise StudioError(f"calibration source {str(folder)!r} is neither 'real', 'noise' nor a folder")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = folder_image_files(folder)
     if not files:
         raise StudioError(f"no images (.png, .jpg, …) under '{folder}'")
     if len(files) < count:
