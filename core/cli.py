@@ -60,26 +60,23 @@ def whole(low: int) -> Callable[[str], int]:
     return parse
 
 
-def positive(text: str) -> float:
-    """An argparse type: a finite number > 0 (k, learning rates: NaN would switch a rule off silently)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def finite(low: float, strict: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number above ``low`` (``strict``) or from it: a NaN k would switch the outlier
+    rule off, an infinite weight would blacken every image, silently."""
+    sign = ">" if strict else "≥"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number {sign} {low:g}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {sign} {low:g}, got {text}")
+        return value
+    return parse
 
 
-def non_negative(text: str) -> float:
-    """An argparse type: a finite number ≥ 0 (loss weights)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number ≥ 0, got {text!r}") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
-    return value
+positive, non_negative = finite(0, strict=True), finite(0, strict=False)
 
 
 def writable_file(path: str | Path, what: str) -> Path:
