@@ -282,6 +282,19 @@ def test_unknown_override_names_are_rejected(small_vim):
         quantize(model, QuantConfig(overrides={"layers.7.*": {"skip": True}}, reconstruction=STATIC_ONLY), images)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"*.out_proj.input": {"w_bits": 8}}, "its sites are activations, and it sets w_bits .only a_bits"),
+    ({"*.in_proj.weight": {"a_bits": 8, "k": 2}}, "its sites are weights, and it sets a_bits, k .only w_bits"),
+    ({"*.in_proj.weight": {}}, "sets no field"),
+])
+def test_overrides_that_change_nothing_are_refused(change, message):
+    """Before, they were taken and silently did nothing; a mixed change (the app's Keep at 8 bits) is fine."""
+    sites = ["layers.0.in_proj.input", "layers.0.in_proj.weight", "layers.0.out_proj.input"]
+    with pytest.raises(StudioError, match=message):
+        QuantConfig(overrides=change).check_overrides(sites)
+    QuantConfig(overrides={"layers.0.out_proj.input": {"w_bits": 8, "a_bits": 8}}).check_overrides(sites)
+
+
 def test_per_site_outlier_thresholds_reach_the_quantizers_and_the_packed_model(small_vim):
     """k / k_delta / n_refresh in an override set the outlier rule of the matching sites only; the packed
     integer model detects with them too."""

@@ -22,6 +22,7 @@ METHODS = {
 SETTINGS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8), "W4A4": (4, 4)}
 OUTLIER_METHODS = ("ouromamba", "static_outliers")  # the methods with the k·σ rule and an outlier path
 OVERRIDE_FIELDS = {"w_bits", "a_bits", "o_bits", "k", "k_delta", "n_refresh", "skip"}
+ACTIVATION_FIELDS = {"a_bits", "o_bits", "k", "k_delta", "n_refresh"}  # what an override changes at non-weight sites
 # progress(stage, done, total, loss): stage "calibrate" counts sites, "reconstruct" counts blocks (with loss)
 Progress = Callable[[str, int, int, float | None], None]
 
@@ -137,6 +138,18 @@ class QuantConfig:
             example = site_names[0] if site_names else "?"
             raise StudioError(f"override {unmatched[0]!r} matches no site of this model (site names look like "
                               f"{example!r})")
+        for pattern, change in self.overrides.items():
+            matched = fnmatch.filter(site_names, pattern)
+            weights = any(name.endswith(".weight") for name in matched)
+            activations = any(not name.endswith(".weight") for name in matched)
+            if not change:
+                raise StudioError(f'override {pattern!r} sets no field: e.g. {{"a_bits": 8}} or {{"skip": true}}')
+            if not (change.get("skip") or ("w_bits" in change and weights)
+                    or (set(change) & ACTIVATION_FIELDS and activations)):
+                kind, other = ("weights", "w_bits") if not activations else ("activations", "a_bits, o_bits, k, "
+                                                                                             "k_delta, n_refresh")
+                raise StudioError(f"override {pattern!r} changes nothing: its sites are {kind}, and it sets "
+                                  f"{', '.join(sorted(change))} (only {other} apply to them)")
 
     def to_dict(self) -> dict:
         return asdict(self)
