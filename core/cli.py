@@ -395,57 +395,104 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 1 if differ else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names each option's default, except where there is none to name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def _checkpoint(command: argparse.ArgumentParser, default: str) -> None:
+    command.add_argument("checkpoint", nargs="?", default=default,
+                         help="a Vim checkpoint: .safetensors, or a .pth/.pt state dict")
+
+
+def _data(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--data", help="Fashion-MNIST directory (default: Debian's dataset-fashion-mnist package)")
+
+
+def _calibration(command: argparse.ArgumentParser, epochs: int | None) -> None:
+    """The calibration images (source, count, seed) and, where the command reconstructs, its epochs."""
+    command.add_argument("--calib", default="real", help="real | noise | a folder of images")
+    command.add_argument("--n-calib", type=whole(1), default=128, help="calibration images")
+    command.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and the reconstruction")
+    if epochs is not None:
+        command.add_argument("--recon-epochs", type=whole(0), default=epochs,
+                             help="block reconstruction epochs (0: none)")
+
+
+def _rule(command: argparse.ArgumentParser, several: bool = False) -> None:
+    """OuroMamba's per-time-step outlier rule: threshold k and window n_refresh (several values for a sweep)."""
+    many = {"nargs": "+"} if several else {}
+    command.add_argument("--k", type=positive, default=[2.0, 2.5, 3.0, 4.0, 5.0] if several else 3.0, **many,
+                         help="outlier threshold: mean + k·std of a token's inlier channels")
+    command.add_argument("--n-refresh", type=whole(1), default=[1, 5, 10, 25, 50] if several else 10, **many,
+                         help="window length in time-steps; the outlier set is reset at each window's start")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m core", description="OuroMamba Studio engine")
     sub = parser.add_subparsers(dest="command", required=True)
     default_weights = str(DEFAULT_MODEL_DIR / WEIGHTS_FILE)
-    info = sub.add_parser("info", help="architecture of a checkpoint")
-    info.add_argument("checkpoint", nargs="?", default=default_weights)
+
+    def command(name: str, what: str, run: Callable[[argparse.Namespace], int | None]) -> argparse.ArgumentParser:
+        made = sub.add_parser(name, help=what, description=what, formatter_class=DefaultsShown)
+        made.set_defaults(run=run)
+        return made
+
+    info = command("info", "architecture of a checkpoint", cmd_info)
+    _checkpoint(info, default_weights)
     info.add_argument("--img-size", type=whole(1), help="resample the position embedding to this image size")
-    info.set_defaults(run=cmd_info)
-    ev = sub.add_parser("eval", help="Fashion-MNIST test top-1 of a checkpoint")
-    ev.add_argument("checkpoint", nargs="?", default=default_weights)
-    ev.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
-    ev.add_argument("--limit", type=whole(1), help="only the first N test images")
-    ev.add_argument("--batch-size", type=whole(1), default=500)
-    ev.set_defaults(run=cmd_eval)
-    card = sub.add_parser("card-eval", help="measure test top-1 of a model directory and write it into its card")
-    card.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR))
-    card.add_argument("--data")
-    card.set_defaults(run=cmd_card_eval)
-    gen = sub.add_parser("generate", help="synthetic calibration images (OuroMamba-Gen) or a baseline set")
-    gen.add_argument("checkpoint", nargs="?", default=default_weights)
-    gen.add_argument("--preset", choices=list(GEN_PRESETS), default="fidelity", help="defaults the flags override")
-    gen.add_argument("--source", choices=list(GEN_SOURCES))
-    for flag, kind in (("count", whole(1)), ("iterations", whole(0)), ("batch-size", whole(1)), ("lr", positive),
-                       ("neighbourhood", whole(1)), ("top-k", whole(1)), ("temperature", positive),
-                       ("contrastive-weight", non_negative), ("output-weight", non_negative),
-                       ("pse-weight", non_negative), ("tv-weight", non_negative), ("l2-weight", non_negative),
-                       ("max-shift", whole(0)), ("seed", int)):
-        gen.add_argument(f"--{flag}", type=kind)
-    gen.add_argument("--output-loss", choices=["ce", "mae"])
-    gen.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None)
+    ev = command("eval", "Fashion-MNIST test top-1 of a checkpoint", cmd_eval)
+    _checkpoint(ev, default_weights)
+    _data(ev)
+    ev.add_argument("--limit", type=whole(1), help="only the first N test images (default: all 10,000)")
+    ev.add_argument("--batch-size", type=whole(1), default=500, help="images per forward pass")
+    card = command("card-eval", "measure test top-1 of a model directory and write it into its card", cmd_card_eval)
+    card.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), help=f"a folder with {WEIGHTS_FILE} "
+                                                                                    f"and {CARD_FILE}")
+    _data(card)
+    gen = command("generate", "synthetic calibration images (OuroMamba-Gen) or a baseline set", cmd_generate)
+    _checkpoint(gen, default_weights)
+    gen.add_argument("--preset", choices=list(GEN_PRESETS), default="fidelity",
+                     help="the settings the flags below override (fidelity: the paper's 1000 iterations; "
+                          "interactive: 20, for a first look)")
+    gen.add_argument("--source", choices=list(GEN_SOURCES), help="what makes the images (default: the preset's, "
+                                                                 "ouromamba)")
+    for flag, kind, what in (
+            ("count", whole(1), "images"), ("iterations", whole(0), "optimisation steps"),
+            ("batch-size", whole(1), "images optimised together"), ("lr", positive, "Adam's learning rate"),
+            ("neighbourhood", whole(1), "odd side of the patch neighbourhood the contrastive loss aggregates"),
+            ("top-k", whole(1), "positives per patch of the contrastive loss"),
+            ("temperature", positive, "the contrastive loss's temperature"),
+            ("contrastive-weight", non_negative, "λ of the patch contrastive loss"),
+            ("output-weight", non_negative, "λ of the output (class) loss"),
+            ("pse-weight", non_negative, "λ of PSAQ's patch-similarity entropy (--source psaq)"),
+            ("tv-weight", non_negative, "λ of a total-variation prior"),
+            ("l2-weight", non_negative, "λ of an L2 prior"),
+            ("max-shift", whole(0), "random shift per iteration, pixels"), ("seed", int, "seed of everything random")):
+        gen.add_argument(f"--{flag}", type=kind, help=f"{what} (default: the preset's)")
+    gen.add_argument("--output-loss", choices=["ce", "mae"], help="the output loss (default: the preset's)")
+    gen.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                     help="random horizontal flips (default: the preset's)")
     gen.add_argument("--layers", type=whole(0), nargs="+", help="layers of the contrastive loss (default: all)")
     gen.add_argument("--data", help="Fashion-MNIST directory, for --source real")
-    gen.add_argument("--out", required=True, help="folder for the PNGs and manifest.json")
-    gen.set_defaults(run=cmd_generate)
-    quant = sub.add_parser("quantize", help="quantize the model and report test top-1 per method and setting")
-    quant.add_argument("checkpoint", nargs="?", default=default_weights)
-    quant.add_argument("--method", nargs="+", default=["ouromamba"], choices=list(METHODS))
+    gen.add_argument("--out", required=True, help="a new (or empty) folder for the PNGs and manifest.json")
+    quant = command("quantize", "quantize the model and report test top-1 per method and setting", cmd_quantize)
+    _checkpoint(quant, default_weights)
+    quant.add_argument("--method", nargs="+", default=["ouromamba"], choices=list(METHODS), help="one or more")
     quant.add_argument("--setting", nargs="+", choices=list(SETTINGS), help="e.g. W4A4 W4A8 (overrides the bits)")
-    quant.add_argument("--w-bits", type=int, default=4)
-    quant.add_argument("--a-bits", type=int, default=4)
+    quant.add_argument("--w-bits", type=int, default=4, help="weight bits (2 to 8)")
+    quant.add_argument("--a-bits", type=int, default=4, help="activation (inlier) bits (2 to 8)")
     quant.add_argument("--outlier-bits", type=int, default=8, help="8, or 16 to keep outliers in floating point")
-    quant.add_argument("--k", type=positive, default=3.0)
-    quant.add_argument("--n-refresh", type=whole(1), default=10)
-    quant.add_argument("--release-compatible", action="store_true")
+    _rule(quant)
+    quant.add_argument("--release-compatible", action="store_true",
+                       help="as the released code: a batch-wide outlier trigger, mean/std over all channels, S6 "
+                            "quantizers shared by both scan directions (docs/method-decisions.md)")
     quant.add_argument("--quantize-state", action="store_true", help="quantize h inside the recurrence")
-    quant.add_argument("--calib", default="real", help="real | noise | a folder of images")
-    quant.add_argument("--n-calib", type=whole(1), default=128)
-    quant.add_argument("--recon-epochs", type=whole(0), default=10, help="block reconstruction epochs (0: none)")
-    quant.add_argument("--seed", type=int, default=0)
-    quant.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
-    quant.add_argument("--limit", type=whole(1), help="only the first N test images")
+    _calibration(quant, epochs=10)
+    _data(quant)
+    quant.add_argument("--limit", type=whole(1), help="only the first N scored images (default: all)")
     quant.add_argument("--eval-split", choices=["test", "val"], default="test",
                        help="val: the 5,000 held-out training images (train[55000:]), to choose settings without "
                             "touching the test set")
@@ -459,59 +506,46 @@ def main(argv: list[str] | None = None) -> int:
     quant.add_argument("--name", default="runs", help="file name (without extension) of the records")
     quant.add_argument("--append", action="store_true", help="add the runs to an existing <name>.json (without "
                                                               "it an existing file is refused, never overwritten)")
-    quant.set_defaults(run=cmd_quantize)
-    again = sub.add_parser("rerun", help="make logged runs again from their records; exit 1 if a top-1 differs")
+    again = command("rerun", "make logged runs again from their records; exit 1 if a top-1 differs", cmd_rerun)
     again.add_argument("records", help="a run file: the app's runs.jsonl or the quantize command's .json")
     again.add_argument("--run", dest="runs", metavar="N", type=whole(1), nargs="+",
                        help="the runs' numbers (#N in the app and the report; default: the newest)")
-    again.set_defaults(run=cmd_rerun)
-    packer = sub.add_parser("pack", help="OuroMamba as a packed integer model (codes + scales) in one safetensors file")
-    packer.add_argument("checkpoint", nargs="?", default=default_weights)
-    packer.add_argument("--setting", choices=["W4A4", "W4A8", "W8A8"], default="W4A4")
-    packer.add_argument("--k", type=positive, default=3.0)
-    packer.add_argument("--n-refresh", type=whole(1), default=10)
-    packer.add_argument("--calib", default="real", help="real | noise | a folder of images")
-    packer.add_argument("--n-calib", type=whole(1), default=128)
-    packer.add_argument("--recon-epochs", type=whole(0), default=10)
-    packer.add_argument("--seed", type=int, default=0)
-    packer.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
+    packer = command("pack", "OuroMamba as a packed integer model (codes + scales) in one safetensors file", cmd_pack)
+    _checkpoint(packer, default_weights)
+    packer.add_argument("--setting", choices=["W4A4", "W4A8", "W8A8"], default="W4A4", help="what the kernels run")
+    _rule(packer)
+    _calibration(packer, epochs=10)
+    _data(packer)
     packer.add_argument("--check", type=whole(0), default=0,
                         help="agreement with the simulation on the first N test images (0: none)")
     packer.add_argument("--out", required=True, help="the .safetensors file to write")
-    packer.set_defaults(run=cmd_pack)
-    outl = sub.add_parser("outliers", help="per-site statistics of the per-time-step outlier rule")
-    outl.add_argument("checkpoint", nargs="?", default=default_weights)
+    outl = command("outliers", "per-site statistics of the per-time-step outlier rule", cmd_outliers)
+    _checkpoint(outl, default_weights)
     outl.add_argument("--a-bits", type=int, default=4, help="inlier bits (sets the calibrated inlier scales)")
-    outl.add_argument("--k", type=positive, default=3.0)
-    outl.add_argument("--n-refresh", type=whole(1), default=10)
-    outl.add_argument("--calib", default="real")
-    outl.add_argument("--n-calib", type=whole(1), default=128)
+    _rule(outl)
+    _calibration(outl, epochs=None)
     outl.add_argument("--images", type=whole(1), default=256, help="test images the statistics are measured on")
-    outl.add_argument("--seed", type=int, default=0)
-    outl.add_argument("--data")
+    _data(outl)
     outl.add_argument("--top", type=whole(1), default=12, help="rows to print")
-    outl.add_argument("--out", default="results/quant/outlier_stats.csv")
-    outl.set_defaults(run=cmd_outliers)
-    sweep = sub.add_parser("sweep", help="validation top-1 and 8-bit channel share of OuroMamba for each k × n_refresh")
-    sweep.add_argument("checkpoint", nargs="?", default=default_weights)
-    sweep.add_argument("--setting", choices=["W4A4", "W4A8", "W8A8"], default="W4A4")
-    sweep.add_argument("--k", type=positive, nargs="+", default=[2.0, 2.5, 3.0, 4.0, 5.0])
-    sweep.add_argument("--n-refresh", type=whole(1), nargs="+", default=[1, 5, 10, 25, 50])
-    sweep.add_argument("--calib", default="real", help="real | noise | a folder of images")
-    sweep.add_argument("--n-calib", type=whole(1), default=128)
-    sweep.add_argument("--recon-epochs", type=whole(0), default=0,
-                       help="block reconstruction epochs per point (0: none)")
-    sweep.add_argument("--seed", type=int, default=0)
+    outl.add_argument("--out", default="results/quant/outlier_stats.csv", help="the CSV to write")
+    sweep = command("sweep", "validation top-1 and 8-bit channel share of OuroMamba for each k × n_refresh", cmd_sweep)
+    _checkpoint(sweep, default_weights)
+    sweep.add_argument("--setting", choices=["W4A4", "W4A8", "W8A8"], default="W4A4", help="the bits of every point")
+    _rule(sweep, several=True)
+    _calibration(sweep, epochs=0)
     sweep.add_argument("--val", type=whole(1), default=5000, help="the first N of the 5,000 validation images")
     sweep.add_argument("--outlier-images", type=whole(1), default=256, help="images the outlier shares are measured on")
-    sweep.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package)")
+    _data(sweep)
     sweep.add_argument("--out", default="results/quant/threshold_sweep", help="path of the .csv / .json, no suffix")
-    sweep.set_defaults(run=cmd_sweep)
-    report = sub.add_parser("report", help="one standalone HTML page (figures, table, full records) from run files")
+    report = command("report", "one standalone HTML page (figures, table, full records) from run files", cmd_report)
     report.add_argument("records", nargs="+", help="the quantize command's .json files or the app's runs.jsonl")
     report.add_argument("--out", default="report.html", help="the .html file to write")
-    report.add_argument("--title", default="OuroMamba Studio: quantization runs")
-    report.set_defaults(run=cmd_report)
+    report.add_argument("--title", default="OuroMamba Studio: quantization runs", help="the page's title")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, or a usage mistake already printed in one line

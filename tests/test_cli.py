@@ -242,3 +242,12 @@ def test_interrupting_a_command_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(core.cli, "evaluate", interrupted)
     assert main(["eval", "--limit", "5"]) == 130
     assert capsys.readouterr().err.strip().startswith("interrupted: what was written before stays")
+
+
+def test_help_names_every_default(capsys):
+    commands = ("info", "eval", "card-eval", "generate", "quantize", "rerun", "pack", "outliers", "sweep", "report")
+    for command in commands:
+        assert main([command, "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration images (default: 128)" in printed and "usage: python -m core quantize" in printed
+    assert "(default: None)" not in printed and "(default: False)" not in printed
