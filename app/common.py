@@ -54,17 +54,24 @@ def cancel(run: Run | None) -> None:
 def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.State, job, inputs: list,
              outputs: list, api_name: str, **queueing: object) -> None:
     """Run arms a fresh :class:`Run` (instant, never queued), then queues ``job(*inputs, run)``; Cancel sets
-    the tab's event. The job follows the queue's default concurrency limit (set where the app is launched)
-    unless ``queueing`` (``concurrency_limit``, ``concurrency_id``) says otherwise."""
+    the tab's event. A second Run while a job runs cancels it and runs the job again with the new inputs
+    (``trigger_mode="always_last"``: gradio's default dropped the second trigger, so both runs were lost). The
+    job follows the queue's default concurrency limit (set where the app is launched) unless ``queueing``
+    (``concurrency_limit``, ``concurrency_id``) says otherwise."""
     run_button.click(arm, run_state, run_state, concurrency_limit=None, api_visibility="private").then(
-        guarded(job), [*inputs, run_state], outputs, api_name=api_name, **queueing)
+        guarded(job), [*inputs, run_state], outputs, api_name=api_name, trigger_mode="always_last", **queueing)
     cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
 
 
 def guarded(job: Callable) -> Callable:
     """``job`` (a function or a generator) with what escapes it turned into one line in the page: a
     :class:`StudioError` as it is, anything else (a bug) named with the server log's traceback behind it. What
-    the tab shows stays as it was."""
+    the tab shows stays as it was. However it ends, its :class:`Run` (the last argument) is marked done, so that
+    Cancel after a refused input says there is nothing to cancel."""
+
+    def finished(args: tuple) -> None:
+        if args and isinstance(args[-1], Run):
+            args[-1].done = True
 
     def one_line(err: Exception) -> gr.Error:
         if isinstance(err, StudioError):
@@ -82,6 +89,8 @@ def guarded(job: Callable) -> Callable:
                 raise
             except Exception as err:
                 raise one_line(err) from err
+            finally:
+                finished(args)
         return generator
 
     @functools.wraps(job)
@@ -92,6 +101,8 @@ def guarded(job: Callable) -> Callable:
             raise
         except Exception as err:
             raise one_line(err) from err
+        finally:
+            finished(args)
     return function
 
 
@@ -238,7 +249,10 @@ def seed_of(value: float | None) -> int:
 
 
 def error(message: object) -> str:
-    return f"**Error:** {message}"
+    """The status line of a refused input. An exception's text is plain (the engine writes no Markdown), so its
+    asterisks, in site patterns like ``layers.0.*``, are escaped rather than read as emphasis."""
+    text = str(message).replace("*", "\\*") if isinstance(message, Exception) else message
+    return f"**Error:** {text}"
 
 
 def stopped(message: object) -> str:

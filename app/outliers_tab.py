@@ -389,7 +389,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
             prepare_button = gr.Button("Calibrate & capture", variant="primary", elem_id="outliers-prepare")
             cancel_button = gr.Button("Cancel", variant="stop")
     status = gr.Markdown(READY, elem_id="outliers-status")
-    calib.input(count_for_source, [calib, n_calib], n_calib, api_visibility="private", concurrency_limit=None)
+    calib.change(count_for_source, [calib, n_calib], n_calib, api_visibility="private", concurrency_limit=None)
     with gr.Row():
         layer = clamped(gr.Slider(0, slider_top(cfg.depth - 1), min(1, cfg.depth - 1), step=1, label="Layer"))
         tensor = gr.Dropdown(list(TENSORS), value="x_proj input (u, after conv1d + SiLU)", label="Tensor")

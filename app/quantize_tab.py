@@ -477,8 +477,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                *site_errors.outputs, weights, top_k]
     wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
     use_suggestion.click(overrides_from_record, record, overrides, api_visibility="private", concurrency_limit=None)
-    calib_source.input(count_for_source, [calib_source, calib_count], calib_count, api_visibility="private",
-                       concurrency_limit=None)
+    calib_source.change(count_for_source, [calib_source, calib_count], calib_count, api_visibility="private",
+                        concurrency_limit=None)
     weight_site.input(weight_figure, [weights, weight_site], weight_plot, api_visibility="private",
                       concurrency_limit=None)
     gallery.select(show_top_k, top_k, top_k_plot, api_visibility="private", concurrency_limit=None)

@@ -176,7 +176,7 @@ def _summary(result: GenResult, workspace: Workspace, folder: Path, cached: bool
     agreement = f" The FP model predicts the target class for {hits} of {targeted}." if targeted else ""
     again = " Cached: made earlier with the same settings (same seed, same images)." if cached else ""
     return (f"### {len(result.images)} images from `{config.source}` for `{cell(workspace.name)}`\n\n"
-            f"{config.iterations if config.source in ('ouromamba', 'output_only', 'psaq') else 0} iterations, "
+            f"{f'{config.iterations} iterations, ' if config.optimised else ''}"
             f"seed {config.seed}, {result.seconds:.1f} s on the CPU.{agreement} Mean FP confidence "
             f"{np.mean(result.confidences):.2f}.{again}\n\nSaved as `{folder}`: pick it as the calibration source "
             f"in **Quantize**.")

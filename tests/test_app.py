@@ -219,6 +219,8 @@ def test_a_bug_in_a_job_is_one_line_and_the_tab_keeps_what_it_showed():
     with pytest.raises(gr.Error, match="the seed needs a value"):
         next(outputs)
     assert guarded(broken).__name__ == "broken"  # gradio reads the wrapped signature (gr.Progress hooks)
+    run = Run()  # a job that returns early (a refused input) leaves its run done: Cancel has nothing to stop
+    assert guarded(lambda value, run: value)(3, run) == 3 and run.done
 
 
 def test_noise_source_needs_no_iterations(served):

@@ -142,6 +142,22 @@ def test_outliers_heatmap_follows_k(browser: Browser, url: str):
     page.close()
 
 
+def test_pressing_quantize_again_mid_run_runs_the_new_settings(browser: Browser, url: str):
+    """The second press cancels the first run and runs with what the boxes say now (it used to be dropped,
+    leaving only the first run's "Stopped")."""
+    page = _open(browser, url, "Quantize")
+    _type(page, "quant-calib-count", 8)
+    _type(page, "quant-epochs", 0)
+    _type(page, "quant-test-count", 3000)
+    page.locator("#quant-run").click()
+    expect(page.locator("#quant-summary")).to_contain_text(re.compile("Calibrating|Evaluating"), timeout=60_000)
+    _type(page, "quant-test-count", 40)
+    page.locator("#quant-run").click()
+    expect(page.locator("#quant-summary")).to_contain_text(re.compile(r"Top-1: \d+\.\d\d % · FP32"), timeout=120_000)
+    expect(page.locator("#quant-summary")).to_contain_text("40 test images")
+    page.close()
+
+
 def test_quantize_then_compare(browser: Browser, url: str):
     page = _open(browser, url, "Quantize")
     _type(page, "quant-calib-count", 8)

@@ -183,7 +183,8 @@ def test_repeated_run_is_cached_and_not_logged_again(served, runs: Path):
 
 @pytest.mark.parametrize(("overrides", "expected"), [
     ("{bad", "overrides are not valid JSON"),
-    ('["layers.0.*"]', "overrides must map site patterns"),
+    ('["layers.0.*"]', 'overrides must map site patterns to field changes, e.g. {"layers.0.\\*": {"w_bits": 8}}'),
+    ('{"*.out_proj.input": {"w_bits": 8}}', "override '\\*.out_proj.input' changes nothing"),  # * shown, not italics
     ('{"layers.0.*": {"bits": 8}}', "unknown fields ['bits']"),
 ])
 def test_bad_overrides_are_one_line(served, overrides: str, expected: str):
