@@ -4,13 +4,14 @@ formatting. The session's model and data (a :class:`core.workspace.Workspace`) l
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -69,40 +70,33 @@ def guarded(job: Callable) -> Callable:
     the tab shows stays as it was. However it ends, its :class:`Run` (the last argument) is marked done, so that
     Cancel after a refused input says there is nothing to cancel."""
 
-    def finished(args: tuple) -> None:
-        if args and isinstance(args[-1], Run):
-            args[-1].done = True
-
-    def one_line(err: Exception) -> gr.Error:
-        if isinstance(err, StudioError):
-            return gr.Error(str(err))
-        logging.getLogger("ouromamba.app").exception("%s failed", job.__name__)
-        return gr.Error(f"unexpected {type(err).__name__} ({err}); what the tab showed is kept, and the server "
-                        "log has the traceback: please report it")
+    @contextlib.contextmanager
+    def reported(args: tuple) -> Iterator[None]:
+        try:
+            yield
+        except gr.Error:
+            raise
+        except StudioError as err:
+            raise gr.Error(str(err)) from err
+        except Exception as err:
+            logging.getLogger("ouromamba.app").exception("%s failed", job.__name__)
+            raise gr.Error(f"unexpected {type(err).__name__} ({err}); what the tab showed is kept, and the server "
+                           "log has the traceback: please report it") from err
+        finally:
+            if args and isinstance(args[-1], Run):
+                args[-1].done = True
 
     if inspect.isgeneratorfunction(job):
         @functools.wraps(job)
         def generator(*args, **kwargs):
-            try:
+            with reported(args):
                 yield from job(*args, **kwargs)
-            except gr.Error:
-                raise
-            except Exception as err:
-                raise one_line(err) from err
-            finally:
-                finished(args)
         return generator
 
     @functools.wraps(job)
     def function(*args, **kwargs):
-        try:
+        with reported(args):
             return job(*args, **kwargs)
-        except gr.Error:
-            raise
-        except Exception as err:
-            raise one_line(err) from err
-        finally:
-            finished(args)
     return function
 
 
