@@ -37,7 +37,7 @@ from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, qua
 from core.quant.config import parse_overrides
 from core.quant.packed import agreement, pack, save_packed
 from core.records import provenance
-from core.workspace import architecture, checkpoint_label, file_sha256, fits_fashion_mnist
+from core.workspace import architecture, checkpoint_label, fits_fashion_mnist
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -127,7 +127,7 @@ def with_suffix(path: str, suffix: str) -> Path:
 def fashion_model(model: VisionMamba, what: str) -> VisionMamba:
     """The model, refused when it does not read Fashion-MNIST as it is: its top-1 there would mean nothing."""
     if not fits_fashion_mnist(model.cfg):
-        raise StudioError(f"{what} on Fashion-MNIST, and this checkpoint ({architecture(model.cfg)}) does not read "
+        raise StudioError(f"{what}, and this checkpoint ({architecture(model.cfg)}) does not read "
                           "it: use the app's Model tab with a folder of its own test images")
     return model
 
@@ -147,7 +147,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint)
-    model = fashion_model(load_checkpoint(checkpoint), "eval scores")
+    model = fashion_model(load_checkpoint(checkpoint), "eval scores on Fashion-MNIST")
     data = load_fashion_mnist("test", args.data)
     if args.limit:
         data = data.subset(args.limit)
@@ -162,7 +162,7 @@ def cmd_card_eval(args: argparse.Namespace) -> None:
         raise StudioError(f"'{directory}' is not a model folder (one holding {WEIGHTS_FILE} and {CARD_FILE})")
     card = load_card(directory)
     writable_file(directory / CARD_FILE, "model card")
-    model = fashion_model(load_checkpoint(directory / WEIGHTS_FILE), "card-eval scores")
+    model = fashion_model(load_checkpoint(directory / WEIGHTS_FILE), "card-eval scores on Fashion-MNIST")
     result = evaluate(model, load_fashion_mnist("test", args.data), progress=_progress)
     card.update(test_top1=round(result.top1, 2), test_eval={**result.to_dict(),
                 "command": f"python -m core card-eval {directory}" + (f" --data {args.data}" if args.data else "")})
@@ -206,7 +206,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     records = read_records(records_file) if records_file.exists() else []
     overrides = parse_overrides(args.overrides)
     checkpoint = Path(args.checkpoint)
-    model = fashion_model(load_checkpoint(checkpoint), "quantize scores")
+    model = fashion_model(load_checkpoint(checkpoint), "quantize scores on Fashion-MNIST")
     settings = [SETTINGS[s] for s in args.setting] if args.setting else [(args.w_bits, args.a_bits)]
     configs = [QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, o_bits=args.outlier_bits, k=args.k,
                            n_refresh=args.n_refresh, release_compatible=args.release_compatible,
@@ -245,7 +245,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint)
     model = load_checkpoint(checkpoint)
     if args.check:
-        fashion_model(model, "--check scores")
+        fashion_model(model, "--check scores on Fashion-MNIST")
     cfg = model.cfg
     w_bits, a_bits = SETTINGS[args.setting]
     config = QuantConfig(w_bits=w_bits, a_bits=a_bits, k=args.k, n_refresh=args.n_refresh,
@@ -271,7 +271,7 @@ def cmd_outliers(args: argparse.Namespace) -> None:
     """Per-site statistics of the per-time-step outlier rule: does the outlier set move across time-steps?"""
     out = writable_file(args.out, "statistics CSV")
     checkpoint = Path(args.checkpoint)
-    model = fashion_model(load_checkpoint(checkpoint), "the statistics are measured")
+    model = fashion_model(load_checkpoint(checkpoint), "the statistics are measured on Fashion-MNIST")
     cfg = model.cfg
     calib = calibration_images(args.calib, args.n_calib, args.seed, cfg.img_size, cfg.in_chans, args.data)
     config = QuantConfig(method="ouromamba", w_bits=4, a_bits=args.a_bits, k=args.k, n_refresh=args.n_refresh,
@@ -310,11 +310,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     printed."""
     csv_path, json_path = (writable_file(with_suffix(args.out, suffix), "sweep") for suffix in (".csv", ".json"))
     checkpoint = Path(args.checkpoint)
-    model = load_checkpoint(checkpoint)
+    model = fashion_model(load_checkpoint(checkpoint), "the sweep scores on Fashion-MNIST's validation images")
     cfg = model.cfg
-    if not fits_fashion_mnist(cfg):
-        raise StudioError(f"the sweep scores on Fashion-MNIST's validation images, and this checkpoint "
-                          f"({architecture(cfg)}) does not read them")
     w_bits, a_bits = SETTINGS[args.setting]
     base = QuantConfig(w_bits=w_bits, a_bits=a_bits,
                        reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
@@ -323,7 +320,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     fp = evaluate(model, images)
     total = len(args.k) * len(args.n_refresh)
     print(f"FP32 {fp.top1:.2f}% on {fp.total} validation images; {total} points", file=sys.stderr)
-    header = {"checkpoint": f"{_shown_path(args.checkpoint)} (sha256 {file_sha256(checkpoint)[:12]})",
+    header = {"checkpoint": checkpoint_label(checkpoint, _shown_path(args.checkpoint)),
               "images": images.source, "fp_top1": round(fp.top1, 2), "base_config": base.to_dict(),
               "calibration": {"source": args.calib, "images": args.n_calib, "seed": args.seed},
               "outlier_images": min(args.outlier_images, fp.total), "hardware": fp.device, **provenance(),
