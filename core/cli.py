@@ -34,7 +34,7 @@ from core.gen import GEN_PRESETS, GEN_SOURCES, GenConfig, GenProgress, generate,
 from core.models import VisionMamba, load_checkpoint
 from core.observe import dynamic_outlier_summary
 from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, quantize
-from core.quant.config import parse_overrides
+from core.quant.config import OUTLIER_METHODS, parse_overrides
 from core.quant.packed import agreement, pack, save_packed
 from core.records import provenance
 from core.workspace import architecture, checkpoint_label, fits_fashion_mnist
@@ -45,6 +45,26 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class Distinct(argparse.Action):
+    """A list whose items are given once each: a method, setting, threshold, file or run named twice would be
+    run or shown twice. ``key`` says when two items are the same (a file's real path)."""
+
+    def __init__(self, *args, key: Callable[[object], object] = lambda value: value, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.key = key
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: list,
+                 option_string: str | None = None) -> None:
+        keys = [self.key(value) for value in values]
+        for i, key in enumerate(keys):
+            if key in keys[:i]:
+                same, value = values[keys.index(key)], values[i]
+                name = option_string or self.metavar or self.dest
+                parser.error(f"argument {name}: {value} is given twice" if same == value
+                             else f"argument {name}: {value} and {same} are the same")
+        setattr(namespace, self.dest, values)
 
 
 def whole(low: int) -> Callable[[str], int]:
@@ -208,8 +228,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint)
     model = fashion_model(load_checkpoint(checkpoint), "quantize scores on Fashion-MNIST")
     settings = [SETTINGS[s] for s in args.setting] if args.setting else [(args.w_bits, args.a_bits)]
-    configs = [QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits, o_bits=args.outlier_bits, k=args.k,
-                           n_refresh=args.n_refresh, release_compatible=args.release_compatible,
+    rule = {"o_bits": args.outlier_bits, "k": args.k, "n_refresh": args.n_refresh}  # for the methods that have it
+    configs = [QuantConfig(method=method, w_bits=w_bits, a_bits=a_bits,
+                           **(rule if method in OUTLIER_METHODS else {}),
+                           release_compatible=args.release_compatible,
                            quantize_state=args.quantize_state, overrides=overrides,
                            reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
                for method in args.method for w_bits, a_bits in settings]
@@ -420,7 +442,7 @@ def _calibration(command: argparse.ArgumentParser, epochs: int | None) -> None:
 
 def _rule(command: argparse.ArgumentParser, several: bool = False) -> None:
     """OuroMamba's per-time-step outlier rule: threshold k and window n_refresh (several values for a sweep)."""
-    many = {"nargs": "+"} if several else {}
+    many = {"nargs": "+", "action": Distinct} if several else {}
     command.add_argument("--k", type=positive, default=[2.0, 2.5, 3.0, 4.0, 5.0] if several else 3.0, **many,
                          help="outlier threshold: mean + k·std of a token's inlier channels")
     command.add_argument("--n-refresh", type=whole(1), default=[1, 5, 10, 25, 50] if several else 10, **many,
@@ -472,16 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output-loss", choices=["ce", "mae"], help="the output loss (default: the preset's)")
     gen.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                      help="random horizontal flips (default: the preset's)")
-    gen.add_argument("--layers", type=whole(0), nargs="+", help="layers of the contrastive loss (default: all)")
+    gen.add_argument("--layers", type=whole(0), nargs="+", action=Distinct, help="layers of the contrastive loss (default: all)")
     gen.add_argument("--data", help="Fashion-MNIST directory, for --source real")
     gen.add_argument("--out", required=True, help="a new (or empty) folder for the PNGs and manifest.json")
     quant = command("quantize", "quantize the model and report test top-1 per method and setting", cmd_quantize)
     _checkpoint(quant, default_weights)
-    quant.add_argument("--method", nargs="+", default=["ouromamba"], choices=list(METHODS), help="one or more")
-    quant.add_argument("--setting", nargs="+", choices=list(SETTINGS), help="e.g. W4A4 W4A8 (overrides the bits)")
+    quant.add_argument("--method", nargs="+", action=Distinct, default=["ouromamba"], choices=list(METHODS), help="one or more")
+    quant.add_argument("--setting", nargs="+", action=Distinct, choices=list(SETTINGS), help="e.g. W4A4 W4A8 (overrides the bits)")
     quant.add_argument("--w-bits", type=int, default=4, help="weight bits (2 to 8)")
     quant.add_argument("--a-bits", type=int, default=4, help="activation (inlier) bits (2 to 8)")
-    quant.add_argument("--outlier-bits", type=int, default=8, help="8, or 16 to keep outliers in floating point")
+    quant.add_argument("--outlier-bits", type=int, default=8, help="8, or 16 to keep outliers in floating point; with --k and --n-refresh, for the "
+                            f"methods that have outlier channels ({', '.join(OUTLIER_METHODS)}), the others' "
+                            "records keep the defaults")
     _rule(quant)
     quant.add_argument("--release-compatible", action="store_true",
                        help="as the released code: a batch-wide outlier trigger, mean/std over all channels, S6 "
@@ -505,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "it an existing file is refused, never overwritten)")
     again = command("rerun", "make logged runs again from their records; exit 1 if a top-1 differs", cmd_rerun)
     again.add_argument("records", help="a run file: the app's runs.jsonl or the quantize command's .json")
-    again.add_argument("--run", dest="runs", metavar="N", type=whole(1), nargs="+",
+    again.add_argument("--run", dest="runs", metavar="N", type=whole(1), nargs="+", action=Distinct,
                        help="the runs' numbers (#N in the app and the report; default: the newest)")
     packer = command("pack", "OuroMamba as a packed integer model (codes + scales) in one safetensors file", cmd_pack)
     _checkpoint(packer, default_weights)
@@ -535,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data(sweep)
     sweep.add_argument("--out", default="results/quant/threshold_sweep", help="path of the .csv / .json, no suffix")
     report = command("report", "one standalone HTML page (figures, table, full records) from run files", cmd_report)
-    report.add_argument("records", nargs="+", help="the quantize command's .json files or the app's runs.jsonl")
+    report.add_argument("records", nargs="+", action=Distinct, key=os.path.realpath, help="the quantize command's .json files or the app's runs.jsonl")
     report.add_argument("--out", default="report.html", help="the .html file to write")
     report.add_argument("--title", default="OuroMamba Studio: quantization runs", help="the page's title")
     return parser

@@ -157,13 +157,17 @@ QUICK = ["--limit", "5", "--n-calib", "2", "--recon-epochs", "0", "--error-image
 
 
 def test_quantize_never_overwrites_earlier_records(tmp_path: Path, capsys):
-    run = ["quantize", "--method", "dynamic_per_token", "--setting", "W8A8", *QUICK, "--out", str(tmp_path)]
+    run = ["quantize", "--method", "dynamic_per_token", "--setting", "W8A8", *QUICK, "--out", str(tmp_path),
+           "--outlier-bits", "16", "--k", "2"]
     assert main(run) == 0
     assert main(run) == 2  # the same name again: refused before any work, the first run kept
     assert "already holds runs: --append adds to them" in capsys.readouterr().err
     assert main([*run, "--append"]) == 0
     assert "(1 earlier run(s) kept)" in capsys.readouterr().out
-    assert [r.setting for r in read_records(tmp_path / "runs.json")] == ["W8A8", "W8A8"]
+    records = read_records(tmp_path / "runs.json")
+    assert [r.setting for r in records] == ["W8A8", "W8A8"]
+    # the outlier rule's options are for the methods with outlier channels: this record keeps the defaults
+    assert (records[0].config["o_bits"], records[0].config["k"]) == (8, 3.0)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -179,6 +183,10 @@ def test_quantize_never_overwrites_earlier_records(tmp_path: Path, capsys):
     (["quantize", *QUICK, "--name", "../x"], "--name must be a plain file name"),
     (["info", "assets/default_model"], "is a folder: give the weights file in it"),
     (["rerun", "assets/default_model/model.safetensors"], "is not text, so not a file of run records"),
+    (["quantize", "--method", "ouromamba", "ptq4vm", "ouromamba"], "argument --method: ouromamba is given twice"),
+    (["sweep", "--k", "2", "2.0"], "argument --k: 2.0 is given twice"),
+    (["generate", "--layers", "1", "1", "--out", "x"], "argument --layers: 1 is given twice"),
+    (["report", "a.json", "./a.json"], "argument records: ./a.json and a.json are the same"),
 ])
 def test_bad_numbers_and_paths_are_one_line_before_any_work(argv: list[str], message: str, capsys):
     assert main(argv) == 2
