@@ -8,6 +8,7 @@ across the run's layers, so two layers compare at a glance. The app shows them; 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,9 +229,10 @@ def sqnr_heatmap(report: pd.DataFrame, images: int, source: str = "test images")
     return figure
 
 
-def step_sqnr_figure(step_sqnr_db: np.ndarray, site: str, images: int, window: int | None = None) -> go.Figure:
+def step_sqnr_figure(step_sqnr_db: Sequence[float], site: str, images: int, window: int | None = None) -> go.Figure:
     """One quantizer's SQNR per time-step (its scan direction's order), with its mean over the steps and, for a
     per-time-step outlier rule, the starts of its refresh windows (where the outlier set is emptied)."""
+    step_sqnr_db = np.asarray(step_sqnr_db, dtype=float)
     steps = np.arange(len(step_sqnr_db))
     finite = step_sqnr_db[np.isfinite(step_sqnr_db)]
     figure = go.Figure(go.Scatter(x=steps, y=np.where(np.isfinite(step_sqnr_db), step_sqnr_db, np.nan),

@@ -5,6 +5,7 @@ import math
 import threading
 from dataclasses import fields
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -241,12 +242,13 @@ def test_error_report_has_one_row_per_quantized_site(default_setup):
     assert first["sqnr_db_vs_fp_model"] == pytest.approx(first["sqnr_db"])
     # along the scan: every activation with time-steps, 50 of them (7 × 7 patches + the class token); the
     # pooled SQNR, Σsignal / Σnoise over the steps, lies between the steps' own ratios
-    steps = report.attrs["step_sqnr_db"]
+    steps = {site: np.array(values) for site, values in report.attrs["step_sqnr_db"].items()}
     with_steps = report[(report["kind"] == "activation") & ~report["tensor"].isin(["A", "D"])]["site"]
     assert sorted(steps) == sorted(with_steps) and len(steps) == 4 * 12
     for site, pooled in report.set_index("site").loc[list(steps), "sqnr_db"].items():
         assert steps[site].shape == (50,) and steps[site].min() - 1e-9 <= pooled <= steps[site].max() + 1e-9
         assert steps[site].max() - steps[site].min() > 0.01  # the steps differ: not one value repeated
+    assert "layers.0.in_proj.input" in repr(report) and len(pd.concat([report, report])) == 2 * len(report)
 
     layers = layer_output_error(model, qmodel, images[:8])
     assert layers["layer"].tolist() == [0, 1, 2, 3]

@@ -35,7 +35,7 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
     ``kind`` is ``weight`` for linear weights (w_bits) and ``activation`` for everything quantized with
     a_bits (A, D and, with ``quantize_state``, the scan states h, per step).
     Columns: ``site, layer, direction, tensor, kind, bits, sqnr_db, cosine, sqnr_db_vs_fp_model,
-    cosine_vs_fp_model``. ``attrs["step_sqnr_db"]``: site → the quantizer's SQNR per time-step (in its scan
+    cosine_vs_fp_model``. ``attrs["step_sqnr_db"]``: site → the quantizer's SQNR per time-step, a tuple (in its scan
     direction's order), for the activations that have time-steps (not weights, A, D or h). Sums run over all
     images; the FP tensors of one batch at every site are held at once, so lower ``batch_size`` for large models.
     """
@@ -79,7 +79,8 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
             "cosine_vs_fp_model": end_to_end[name].cosine,
         })
     frame = pd.DataFrame(rows)
-    frame.attrs["step_sqnr_db"] = {name: sums.sqnr_db for name, sums in steps.items()}
+    # tuples, not arrays: pandas compares attrs with == when it prints, concatenates or merges frames
+    frame.attrs["step_sqnr_db"] = {name: tuple(sums.sqnr_db.tolist()) for name, sums in steps.items()}
     return frame
 
 
