@@ -163,7 +163,7 @@ def _save(result: GenResult, workspace: Workspace) -> tuple[Path, str]:
     and the same folder zipped into a fresh temporary folder for the download. The name ends with the model's
     fingerprint: sets of two models never overwrite each other."""
     name = set_name(result.config, len(result.images), workspace.fingerprint)
-    folder = save_generated(result, sets_dir() / name)
+    folder = save_generated(result, sets_dir() / name, replace=True)  # the same name: the same images
     archive = shutil.make_archive(str(Path(tempfile.mkdtemp(prefix="ouromamba-gen-")) / name), "zip",
                                   folder.parent, name)
     return folder, archive

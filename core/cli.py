@@ -494,16 +494,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--output-loss", choices=["ce", "mae"], help="the output loss (default: the preset's)")
     gen.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                      help="random horizontal flips (default: the preset's)")
-    gen.add_argument("--layers", type=whole(0), nargs="+", action=Distinct, help="layers of the contrastive loss (default: all)")
+    gen.add_argument("--layers", type=whole(0), nargs="+", action=Distinct,
+                     help="layers of the contrastive loss (default: all)")
     gen.add_argument("--data", help="Fashion-MNIST directory, for --source real")
     gen.add_argument("--out", required=True, help="a new (or empty) folder for the PNGs and manifest.json")
     quant = command("quantize", "quantize the model and report test top-1 per method and setting", cmd_quantize)
     _checkpoint(quant, default_weights)
-    quant.add_argument("--method", nargs="+", action=Distinct, default=["ouromamba"], choices=list(METHODS), help="one or more")
-    quant.add_argument("--setting", nargs="+", action=Distinct, choices=list(SETTINGS), help="e.g. W4A4 W4A8 (overrides the bits)")
+    quant.add_argument("--method", nargs="+", action=Distinct, default=["ouromamba"], choices=list(METHODS),
+                       help="one or more")
+    quant.add_argument("--setting", nargs="+", action=Distinct, choices=list(SETTINGS),
+                       help="e.g. W4A4 W4A8 (overrides the bits)")
     quant.add_argument("--w-bits", type=int, default=4, help="weight bits (2 to 8)")
     quant.add_argument("--a-bits", type=int, default=4, help="activation (inlier) bits (2 to 8)")
-    quant.add_argument("--outlier-bits", type=int, default=8, help="8, or 16 to keep outliers in floating point; with --k and --n-refresh, for the "
+    quant.add_argument("--outlier-bits", type=int, default=8,
+                       help="8, or 16 to keep outliers in floating point; with --k and --n-refresh, for the "
                             f"methods that have outlier channels ({', '.join(OUTLIER_METHODS)}), the others' "
                             "records keep the defaults")
     _rule(quant)
@@ -559,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data(sweep)
     sweep.add_argument("--out", default="results/quant/threshold_sweep", help="path of the .csv / .json, no suffix")
     report = command("report", "one standalone HTML page (figures, table, full records) from run files", cmd_report)
-    report.add_argument("records", nargs="+", action=Distinct, key=os.path.realpath, help="the quantize command's .json files or the app's runs.jsonl")
+    report.add_argument("records", nargs="+", action=Distinct, key=os.path.realpath,
+                        help="the quantize command's .json files or the app's runs.jsonl")
     report.add_argument("--out", default="report.html", help="the .html file to write")
     report.add_argument("--title", default="OuroMamba Studio: quantization runs", help="the page's title")
     return parser

@@ -18,3 +18,10 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise StudioError(f"the seed must be a whole number from 0 to {MAX_SEED:,} (got {seed!r})")
     return seed
+
+
+def expect(value: object, kind: type, what: str) -> None:
+    """A one-line StudioError when ``value`` is not a ``kind``: the float model passed where the quantized one
+    belongs (or the reverse) fails here, not as an AttributeError deep inside."""
+    if not isinstance(value, kind):
+        raise StudioError(f"{what} must be a {kind.__name__}, got a {type(value).__name__}")

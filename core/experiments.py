@@ -202,13 +202,13 @@ def threshold_sweep(model: VisionMamba, base: QuantConfig, calib: torch.Tensor, 
     points = [(k, n) for k in ks for n in n_refreshes]
     rows = [] if rows is None else rows
     for index, (k, n_refresh) in enumerate(points):
-        config = replace(base, k=float(k), n_refresh=int(n_refresh))
+        config = replace(base, k=float(k), n_refresh=n_refresh)  # QuantConfig refuses a fractional window
         torch.manual_seed(base.reconstruction.seed)
         qmodel = quantize(model, config, calib, cancel=cancel)
         result = evaluate(qmodel, images, eval_batch_size, cancel=cancel)
         summary = dynamic_outlier_summary(qmodel, images.normalized(0, outlier_images))
         channels = summary["channels"].sum()
-        rows.append({"k": float(k), "n_refresh": int(n_refresh), "top1": round(result.top1, 2),
+        rows.append({"k": float(k), "n_refresh": n_refresh, "top1": round(result.top1, 2),
                      "delta_vs_fp": round(result.top1 - fp_top1, 2),
                      "outlier_share_pct": round(float(100 * summary["outlier_channels_per_token"].sum() / channels), 2),
                      "olist_share_pct": round(float(100 * summary["olist_size"].sum() / channels), 2),
@@ -221,6 +221,8 @@ def threshold_sweep(model: VisionMamba, base: QuantConfig, calib: torch.Tensor, 
 def write_records(records: list[RunRecord], directory: str | Path, name: str) -> tuple[Path, Path]:
     """``name``.csv (one row per run: its label and weakest quantizer as tables show them, then the record's
     fields) and ``name``.json (full records, which ``read_records`` reads back) under ``directory``."""
+    if not records:
+        raise StudioError("no runs to write: the records list is empty")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = directory / f"{name}.csv", directory / f"{name}.json"

@@ -36,11 +36,24 @@ def checked_fields(cls: type, values: dict, label: str) -> dict:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise StudioError(f"unknown {label} fields {unknown}; known fields: {sorted(known)}")
+    _refuse_misfits(cls, values, label)
+    return dict(values)
+
+
+def check_types(config: object, label: str) -> None:
+    """A one-line StudioError when a plain field of the dataclass instance ``config`` holds another type
+    (``n_refresh=2.5``, ``release_compatible="no"``, ``overrides=None``): for the configs' ``__post_init__``,
+    so that a wrong value fails where it is given, not as a TypeError deep in a run (or, for a truthy string,
+    not at all)."""
+    _refuse_misfits(type(config), {f.name: getattr(config, f.name) for f in fields(config)}, label)
+
+
+def _refuse_misfits(cls: type, values: dict, label: str) -> None:
+    known = {f.name: f for f in fields(cls)}
     wrong = [f"{name} = {value!r} (expected {known[name].type})" for name, value in values.items()
              if isinstance(known[name].type, str) and not _fits(value, known[name].type)]
     if wrong:
         raise StudioError(f"{label}: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))
-    return dict(values)
 
 
 def versions() -> dict:

@@ -1,5 +1,6 @@
 """OuroMamba-Gen: enhanced implicit attention, loss terms, the generation loop, saved sets."""
 
+import copy
 import json
 import threading
 
@@ -106,10 +107,19 @@ def test_attention_maps_on_the_patch_grid(model):
     assert patch_maps["plain"].flatten()[31:].max() == 0  # causal: nothing after patch 30 in the forward scan
     with pytest.raises(StudioError, match="query"):
         attention_maps(model, image, layer=1, direction="fwd", query=49)
-    with pytest.raises(StudioError, match="layers"):
-        attention_maps(model, image, layer=4, direction="fwd")
+    for layer in (4, 1.5, "3", True):
+        with pytest.raises(StudioError, match="layers must be indices in 0..3"):
+            attention_maps(model, image, layer=layer, direction="fwd")
     with pytest.raises(StudioError, match="direction"):
         attention_maps(model, image, layer=0, direction="up")
+
+
+def test_generation_and_attention_maps_give_a_training_model_back_in_training_mode(model):
+    training = copy.deepcopy(model).train()
+    generate(training, GenConfig(source="noise", count=1))
+    generate(training, GenConfig(count=1, iterations=1))
+    attention_maps(training, torch.randn(1, 28, 28), layer=0, direction="fwd")
+    assert all(module.training for module in training.modules())
 
 
 def test_contrastive_loss_matches_the_formula():
@@ -210,13 +220,24 @@ def test_saved_sets_are_calibration_sources(model, tmp_path):
     manifest = load_manifest(folder)
     assert manifest["config"]["seed"] == 3 and manifest["config"]["source"] == "output_only"
     assert [i["target"] for i in manifest["images"]] == result.targets and "torch" in manifest["versions"]
-    images = calibration_images(str(folder), 5, seed=0)
-    assert images.shape == (5, 1, 28, 28)
+    images = calibration_images(folder, 5, seed=0)  # a Path or its text
+    assert images.shape == (5, 1, 28, 28) and torch.equal(images, calibration_images(str(folder), 5, seed=0))
     one_level = 1 / 255 / 0.3530
     reloaded = {float(img.sum()) for img in images}
     assert all(min(abs(r - float(img.sum())) for r in reloaded) < one_level * 28 * 28 for img in result.images)
     (tmp_path / "not-a-set").mkdir()
     assert saved_sets(tmp_path, tmp_path / "missing") == [folder]
+
+    smaller = generate(model, GenConfig(source="noise", count=2, seed=4))
+    with pytest.raises(StudioError, match="already holds files: name a new or empty folder"):
+        save_generated(smaller, folder)  # the two sets would calibrate as one
+    assert len(list(folder.glob("*.png"))) == 5
+    save_generated(smaller, folder, replace=True)  # the old set's images go: none stays to mix in
+    assert sorted(p.name for p in folder.glob("*.png")) == ["00000.png", "00001.png"]
+    (tmp_path / "not-a-set" / "notes.txt").write_text("mine")
+    with pytest.raises(StudioError, match="holds files besides a saved set"):
+        save_generated(smaller, tmp_path / "not-a-set", replace=True)
+    assert (tmp_path / "not-a-set" / "notes.txt").read_text() == "mine"
     (folder / "manifest.json").write_text(json.dumps({"config": {"source": "dream"}}))
     with pytest.raises(StudioError, match="unknown image source"):
         load_manifest(folder)
@@ -239,6 +260,8 @@ def test_settings_that_do_not_fit_the_model_are_rejected(model, overrides, messa
     ({"contrastive_weight": 0, "output_weight": 0}, "every loss weight this source uses is 0"),
     ({"source": "output_only", "output_weight": 0}, "give λ output a value above 0"),
     ({"seed": -1}, "the seed must be"),
+    ({"count": 2.5}, r"count = 2.5 \(expected int\)"), ({"top_k": "12"}, "top_k = '12'"),
+    ({"layers": 3}, r"layers = 3 \(expected tuple"), ({"layers": (1.5,)}, "layers must be whole layer numbers"),
 ])
 def test_bad_configs_are_rejected_in_one_line(overrides, message):
     with pytest.raises(StudioError, match=message):

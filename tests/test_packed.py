@@ -9,20 +9,32 @@ TRITON_INTERPRET=1 on a tiny model; the reference path runs the default model.
 from __future__ import annotations
 
 import copy
+import errno
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from core.data import load_fashion_mnist
 from core.default_model import DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_default_model
 from core.errors import StudioError
 from core.eval import capture_cuda_graph
-from core.models import VimConfig, VisionMamba
+from core.models import VimConfig, VisionMamba, loading
+from core.models.loading import CONFIG_METADATA_KEY
 from core.quant import QuantConfig, ReconstructionConfig, quantize
 from core.quant import packed as packed_module
-from core.quant.packed import PackedFusedForward, PackedVim, agreement, load_packed, pack, save_packed
+from core.quant.packed import (
+    PackedFusedForward,
+    PackedVim,
+    _read_packed_file,
+    agreement,
+    load_packed,
+    pack,
+    save_packed,
+)
 from kernels.mixed_gemm import GATHER_MIN_K
 from kernels.packing import unpack_int4
 from tests.test_kernels import DEVICE, real_shapes
@@ -274,6 +286,17 @@ def test_configs_the_kernels_cannot_run_are_refused_clearly(config, dt_rank, mes
         pack(qmodel)
 
 
+def test_a_projection_whose_weight_alone_is_skipped_is_refused_not_packed_without_its_input_quantizer():
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
+    qmodel = quantize(VisionMamba(cfg).eval(), QuantConfig(overrides={"layers.0.in_proj.weight": {"skip": True}},
+                                                          reconstruction=STATIC_ONLY), torch.randn(2, 1, 16, 16))
+    with pytest.raises(StudioError, match="cannot pack layers.0.in_proj.weight: .* only its weight or only its input"):
+        pack(qmodel)
+    with pytest.raises(StudioError, match="pack's model .* got a VisionMamba"):
+        pack(qmodel.model)
+
+
 def test_a_skipped_projection_stays_float_and_still_agrees():
     torch.manual_seed(0)
     cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)
@@ -301,6 +324,38 @@ def test_files_that_are_not_packed_models_are_refused_clearly(tmp_path, default_
         load_packed(truncated)
     with pytest.raises(StudioError, match="backend"):
         pack(default_w4a4[0], backend="gpu")
+    with pytest.raises(StudioError, match="is a folder: give the .safetensors file in it"):
+        load_packed(tmp_path)
+    with pytest.raises(StudioError, match="is a folder: give a file name in it"):
+        save_packed(default_w4a4[1], tmp_path)
+    with pytest.raises(StudioError, match="save_packed's model .* got a QuantizedVim"):
+        save_packed(default_w4a4[0], tmp_path / "simulation.safetensors")
+
+
+def test_damaged_packed_files_are_one_line_and_a_failed_save_keeps_the_old_file(tmp_path, default_w4a4,
+                                                                                 monkeypatch):
+    path = save_packed(default_w4a4[1], tmp_path / "whole.safetensors")
+    tensors, metadata = _read_packed_file(path)
+    scale = next(key for key in tensors if key.endswith("weight_scale"))
+    damaged = {"no config": ({k: v for k, v in metadata.items() if k != CONFIG_METADATA_KEY}, tensors),
+               "bad json": ({**metadata, "quant_config": "{"}, tensors),
+               "a tensor missing": (metadata, {k: v for k, v in tensors.items() if k != scale}),
+               "NaN scale": (metadata, {**tensors, scale: torch.full_like(tensors[scale], float("nan"))})}
+    for name, (meta, values) in damaged.items():
+        broken = tmp_path / f"{name}.safetensors"
+        save_file(values, str(broken), metadata=meta)
+        with pytest.raises(StudioError, match="is a damaged packed model|holds NaN or infinite values"):
+            load_packed(broken)
+
+    def full_disk(tensors: dict, filename: str, metadata: dict) -> None:
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = path.read_bytes()
+    monkeypatch.setattr(loading, "save_file", full_disk)
+    with pytest.raises(StudioError, match="cannot write .*whole.safetensors': No space left on device"):
+        save_packed(default_w4a4[1], path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_the_end_to_end_benchmark_runs_every_variant():

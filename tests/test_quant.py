@@ -238,10 +238,27 @@ def test_weight_quantizer_groups_and_rows():
     (dict(n_refresh=0), "n_refresh must be at least 1"),
     (dict(method="gptq"), "unknown method"),
     (dict(overrides={"layers.0.*": {"bits": 3}}), "unknown fields"),
+    # wrong types fail where they are given, not as a TypeError deep in a run (or, a truthy string, not at all)
+    (dict(n_refresh=2.5), r"n_refresh = 2.5 \(expected int\)"),
+    (dict(release_compatible="no"), r"release_compatible = 'no' \(expected bool\)"),
+    (dict(w_bits=4.0), r"w_bits = 4.0 \(expected int\)"), (dict(overrides=None), "overrides = None"),
+    (dict(overrides={"layers.0.*": None}), "override 'layers.0.*' must map to fields"),
+    (dict(clip_p=float("nan")), "clip_p, the clip search's error norm, must be a finite number > 0"),
+    (dict(clip_p=0), "clip_p"), (dict(reconstruction={"epochs": 0}), "must be a ReconstructionConfig"),
 ])
 def test_bad_configs_are_rejected_clearly(kwargs, message):
     with pytest.raises(StudioError, match=message):
         QuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=float("inf")), "a finite lr > 0"), (dict(lr=float("nan")), "a finite lr > 0"),
+    (dict(grad_clip=float("nan")), "grad_clip > 0"), (dict(grad_clip=-1.0), "grad_clip > 0"),
+    (dict(weight_decay=-5.0), "weight_decay ≥ 0"), (dict(epochs=1.5), r"epochs = 1.5 \(expected int\)"),
+])
+def test_bad_reconstruction_settings_are_rejected_before_they_make_nan_scales(kwargs, message):
+    with pytest.raises(StudioError, match=message):
+        ReconstructionConfig(**kwargs)
 
 
 def test_config_round_trip_and_overrides():
@@ -274,6 +291,22 @@ def test_quantize_leaves_the_fp_model_untouched_and_covers_every_site(small_vim)
     assert len(names) == 2 * (4 + 2 * (4 + 5))
     with torch.no_grad():
         assert not torch.allclose(qmodel(images), model(images))
+
+
+def test_the_wrong_model_or_images_are_one_line_not_a_deep_error(small_vim):
+    model, images = small_vim
+    qmodel = quantize(model, QuantConfig(reconstruction=STATIC_ONLY), images)
+    for call, message in ((lambda: quantize(qmodel, QuantConfig(), images), "quantize's model .* got a QuantizedVim"),
+                          (lambda: quantize(model, None, images), "quantize's config must be a QuantConfig"),
+                          (lambda: quantize(model, QuantConfig(), images.double()),
+                           "the images are torch.float64 and the model's weights torch.float32"),
+                          (lambda: quantize(model, QuantConfig(), images.to(torch.uint8)),
+                           r"the images are torch.uint8: .*LabelledImages.normalized\(\)"),
+                          (lambda: quantize(model, QuantConfig(), images.clone().index_fill_(0, torch.tensor([3]),
+                                                                                             float("nan"))),
+                           "the calibration images hold NaN")):
+        with pytest.raises(StudioError, match=message):
+            call()
 
 
 def test_unknown_override_names_are_rejected(small_vim):

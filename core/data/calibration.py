@@ -21,13 +21,18 @@ BUILTIN_SOURCES = ("real", "noise")
 MAX_CALIBRATION_BYTES = 2 << 30  # 680,000 Fashion-MNIST images, 3,500 at 224×224×3: a typo must not fill memory
 
 
-def calibration_images(source: str, count: int, seed: int, img_size: int = 28, in_chans: int = 1,
+def calibration_images(source: str | Path, count: int, seed: int, img_size: int = 28, in_chans: int = 1,
                        data_root: str | None = None) -> torch.Tensor:
     """``count`` images (count, in_chans, img_size, img_size) from ``source``: "real" (a seeded sample of
     Fashion-MNIST's training images, never the held-out validation or the test set), "noise" (N(0, 1) in
     the normalised input space) or a folder of images."""
-    if count < 1:
-        raise StudioError(f"the calibration set needs at least 1 image, got {count}")
+    for what, value in (("at least 1 image (a whole number)", count), ("an img_size of 1 or more pixels", img_size),
+                        ("in_chans of 1 or more", in_chans)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise StudioError(f"the calibration set needs {what}, got {value!r}")
+    if not isinstance(source, str | Path):
+        raise StudioError(f"the calibration source must be 'real', 'noise' or a folder, got {source!r}")
+    source = str(source)
     if count * in_chans * img_size**2 * 4 > MAX_CALIBRATION_BYTES:
         fits = MAX_CALIBRATION_BYTES // (in_chans * img_size**2 * 4)
         raise StudioError(f"{count:,} calibration images of {in_chans}×{img_size}×{img_size} would take "

@@ -20,7 +20,10 @@ grid operation. The CLS token has no place on the grid, so its neighbourhood is 
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,10 +84,11 @@ def check_layers(model: VisionMamba, layers: list[int] | tuple[int, ...] | None)
     """The chosen layer indices (all when None), validated with a one-line message."""
     depth = model.cfg.depth
     chosen = list(range(depth)) if layers is None else list(layers)
-    bad = [layer for layer in chosen if not 0 <= layer < depth]
+    bad = [layer for layer in chosen
+           if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < depth]
     if bad or not chosen:
         raise StudioError(f"layers must be indices in 0..{depth - 1} (the model has {depth}), got {list(chosen)}")
-    return chosen
+    return [int(layer) for layer in chosen]
 
 
 def trace_scans(model: VisionMamba, images: torch.Tensor, layers: list[int]) -> tuple[torch.Tensor, list[ScanTrace]]:
@@ -184,6 +188,20 @@ def attention_rows(trace: ScanTrace, query: int | str, cls_position: int, grid: 
     return plain.float(), enhanced.float()
 
 
+@contextmanager
+def frozen(model: VisionMamba) -> Iterator[VisionMamba]:
+    """Eval mode and no parameter gradients while images are optimised; the model comes back as it was."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    model.eval().requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        model.train(training)
+
+
 def attention_maps(model: VisionMamba, image: torch.Tensor, layer: int, direction: str, query: int | str = "cls",
                    neighbourhood: int = 5) -> dict[str, torch.Tensor]:
     """Plain and enhanced implicit-attention maps of one image: the query's row, mean |α| over channels,
@@ -193,8 +211,8 @@ def attention_maps(model: VisionMamba, image: torch.Tensor, layer: int, directio
     (layer,) = check_layers(model, [layer])
     cfg = model.cfg
     model.check_input(image.unsqueeze(0))
-    with torch.no_grad():
-        _, traces = trace_scans(model.eval(), image.unsqueeze(0), [layer])
+    with frozen(model), torch.no_grad():
+        _, traces = trace_scans(model, image.unsqueeze(0), [layer])
     trace = next(t for t in traces if t.direction == direction)
     maps = {}
     rows = attention_rows(trace, query, cfg.cls_position, cfg.grid_size, neighbourhood)

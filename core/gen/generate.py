@@ -17,8 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from threading import Event
@@ -30,10 +29,10 @@ from PIL import Image
 from core.data import calibration_images, input_normalization
 from core.errors import StudioError, check_seed
 from core.eval import Cancelled
-from core.gen.attention import check_layers, check_neighbourhood, drop_cls, patch_features, trace_scans
+from core.gen.attention import check_layers, check_neighbourhood, drop_cls, frozen, patch_features, trace_scans
 from core.gen.losses import OUTPUT_LOSSES, output_loss, patch_contrastive_loss, similarity_entropy_loss, total_variation
 from core.models import VisionMamba
-from core.records import checked_fields, provenance
+from core.records import check_types, checked_fields, provenance
 
 GEN_SOURCES = ("ouromamba", "output_only", "psaq", "noise", "real")
 OPTIMISED_SOURCES = ("ouromamba", "output_only", "psaq")
@@ -66,6 +65,9 @@ class GenConfig:
     preview_every: int = 10
 
     def __post_init__(self):
+        check_types(self, "GenConfig")
+        if self.layers is not None and not all(isinstance(n, int) and not isinstance(n, bool) for n in self.layers):
+            raise StudioError(f"GenConfig: layers must be whole layer numbers, got {self.layers!r}")
         if self.source not in GEN_SOURCES:
             raise StudioError(f"unknown image source {self.source!r}; choose one of {', '.join(GEN_SOURCES)}")
         if self.output_loss not in OUTPUT_LOSSES:
@@ -239,20 +241,6 @@ def gen_losses(model: VisionMamba, images: torch.Tensor, targets: torch.Tensor, 
     return terms
 
 
-@contextmanager
-def _frozen(model: VisionMamba) -> Iterator[VisionMamba]:
-    """Eval mode and no parameter gradients while images are optimised; the model comes back as it was."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    model.eval().requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        model.train(training)
-
-
 def _optimise_batch(model: VisionMamba, start: torch.Tensor, targets: torch.Tensor, config: GenConfig,
                     layers: list[int], bounds: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator,
                     report: Callable[[int, dict[str, float], torch.Tensor], None],
@@ -311,7 +299,7 @@ def generate(model: VisionMamba, config: GenConfig, progress: GenCallback | None
         batches = math.ceil(config.count / config.batch_size)
         sums: list[dict[str, float]] = [{} for _ in range(config.iterations)]
         finished = []
-        with _frozen(model):
+        with frozen(model):
             for index in range(batches):
                 rows = slice(index * config.batch_size, (index + 1) * config.batch_size)
 
@@ -332,8 +320,8 @@ def generate(model: VisionMamba, config: GenConfig, progress: GenCallback | None
 
 def _finish(model: VisionMamba, images: torch.Tensor, targets: torch.Tensor | None, config: GenConfig,
             seconds: float, history: list[dict[str, float]]) -> GenResult:
-    with torch.no_grad():
-        probabilities = model.eval()(images).float().softmax(-1)
+    with frozen(model), torch.no_grad():
+        probabilities = model(images).float().softmax(-1)
     predictions = probabilities.argmax(-1)
     scored = predictions if targets is None else targets
     confidences = probabilities.gather(1, scored.unsqueeze(1)).squeeze(1)
@@ -351,11 +339,24 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
     return pixels[..., 0] if pixels.shape[-1] == 1 else pixels
 
 
-def save_generated(result: GenResult, folder: str | Path) -> Path:
+def save_generated(result: GenResult, folder: str | Path, replace: bool = False) -> Path:
     """PNG files (``00007_class3.png``) plus ``manifest.json`` (config, seed, versions, per-image target label,
-    prediction and FP confidence, loss history). Returns the folder; the images in it are a calibration source."""
+    prediction and FP confidence, loss history). Returns the folder; the images in it are a calibration source.
+    The folder must be new or empty: two sets in one folder would calibrate as one. ``replace``: a set saved
+    there before is removed first (its PNGs and manifest; a folder holding anything else is still refused)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise StudioError(f"'{folder}' is a file: name a new folder for the set")
+    old = list(folder.iterdir()) if folder.is_dir() else []
+    if old and not replace:
+        raise StudioError(f"'{folder}' already holds files: name a new or empty folder for the set (two sets in "
+                          "one folder would calibrate as one), or replace=True to replace the set saved there")
+    if old and not ((folder / MANIFEST).is_file() and all(p.name == MANIFEST or p.suffix == ".png" for p in old)):
+        raise StudioError(f"'{folder}' holds files besides a saved set: only a set's PNGs and {MANIFEST} are "
+                          "replaced; name a new folder")
     try:
+        for path in old:
+            path.unlink()
         folder.mkdir(parents=True, exist_ok=True)
         for pixels, name in zip(to_pixels(result.images), result.file_names(), strict=True):
             Image.fromarray(pixels).save(folder / name)

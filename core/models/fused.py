@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import StudioError
+from core.errors import StudioError, expect
 from core.intercept import BACKWARD, FORWARD
 from core.models.vim import BiMambaMixer, Block, VimConfig, VisionMamba
 from core.ssm import selective_scan
@@ -153,6 +153,7 @@ class FusedVim(nn.Module):
 
     def __init__(self, model: VisionMamba, backend: str = "auto", concurrent_directions: bool = True):
         super().__init__()
+        expect(model, VisionMamba, "FusedVim's model (a float Vim; a quantized one packs with core.quant.packed)")
         self.model, self.backend = model, check_backend(backend)
         self.concurrent_directions = concurrent_directions
         self._scan_parameters: dict = {}

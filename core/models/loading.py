@@ -9,8 +9,10 @@ architecture is inferred from the tensor shapes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -136,6 +138,15 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict, strict=True)
 
 
+def refuse_nonfinite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A one-line StudioError when a float tensor of the file at ``path`` holds NaN or ±inf: such weights load
+    without complaint and turn every output into NaN."""
+    if broken := [name for name, tensor in tensors.items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]:
+        raise StudioError(f"'{path}' holds NaN or infinite values in {len(broken)} tensor(s) ({broken[0]}…): the "
+                          "weights are broken, re-export them")
+
+
 def load_checkpoint(path: str | Path, model: VisionMamba | None = None, img_size: int | None = None) -> VisionMamba:
     """Load a Vim checkpoint into ``model`` (or a model built from the file's config) and return it in eval mode.
 
@@ -143,12 +154,10 @@ def load_checkpoint(path: str | Path, model: VisionMamba | None = None, img_size
     for ViTs); the patch grid must then still tile the image.
     """
     state_dict, config = read_state_dict(path)
-    if img_size is not None and not 1 <= img_size <= MAX_IMG_SIZE:
+    if img_size is not None and not (isinstance(img_size, int) and not isinstance(img_size, bool)
+                                     and 1 <= img_size <= MAX_IMG_SIZE):
         raise StudioError(f"the image size must be from 1 to {MAX_IMG_SIZE} pixels, got {img_size}")
-    if broken := [name for name, tensor in state_dict.items()
-                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]:
-        raise StudioError(f"'{path}' holds NaN or infinite values in {len(broken)} tensor(s) ({broken[0]}…): the "
-                          "weights are broken, re-export them")
+    refuse_nonfinite(state_dict, path)
     if model is None:
         config = config or infer_config(state_dict)
         if img_size and img_size != config.img_size:
@@ -160,9 +169,23 @@ def load_checkpoint(path: str | Path, model: VisionMamba | None = None, img_size
 
 def save_safetensors(model: VisionMamba, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Save weights and the config (as JSON metadata) so that :func:`load_checkpoint` needs nothing else."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {CONFIG_METADATA_KEY: json.dumps(model.cfg.to_dict()), **(metadata or {})}
-    save_file(tensors, str(path), metadata=meta)
+    return write_safetensors(model.state_dict(), path, meta)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """One safetensors file at ``path`` (replacing a file there), written beside it first and then renamed: an
+    interrupted or failed save leaves the old file whole. A folder or an unwritable place is one line."""
+    path = Path(path)
+    if path.is_dir():
+        raise StudioError(f"'{path}' is a folder: give a file name in it")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    except (OSError, SafetensorError) as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise StudioError(f"cannot write '{path}': {getattr(err, 'strerror', None) or err}") from None
     return path

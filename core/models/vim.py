@@ -263,6 +263,13 @@ class VisionMamba(nn.Module):
             raise StudioError(f"the model takes batches of {'×'.join(map(str, expected))} images, got {got}; "
                               f"resize the images, or load the checkpoint with img_size={x.shape[-1]} "
                               "to resample its position embedding")
+        weights = self.patch_embed.proj.weight.dtype
+        if not x.is_floating_point():
+            raise StudioError(f"the images are {x.dtype}: the model takes float images normalized as in training "
+                              "(LabelledImages.normalized() makes them)")
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+            raise StudioError(f"the images are {x.dtype} and the model's weights {weights}: convert the images "
+                              f"with .to({weights})")
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The token sequence entering the first block: patches, the CLS token in the middle, positions."""

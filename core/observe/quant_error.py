@@ -6,6 +6,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from core.errors import expect
 from core.intercept import Site
 from core.observe.probe import (
     STATE,
@@ -39,6 +40,7 @@ def error_report(fp_model: nn.Module, qmodel: QuantizedVim, images: torch.Tensor
     direction's order), for the activations that have time-steps (not weights, A, D or h). Sums run over all
     images; the FP tensors of one batch at every site are held at once, so lower ``batch_size`` for large models.
     """
+    expect(qmodel, QuantizedVim, "error_report's qmodel (what quantize() returns)")
     stored = site_quantizers(qmodel)
     order = [site.name for site in quantized_sites(vim_of(qmodel), include_states=True)]
     quantizers = {name: stored[name] for name in order if name in stored}

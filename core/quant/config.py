@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from core.errors import StudioError, check_seed
-from core.records import checked_fields
+from core.records import check_types, checked_fields
 
 METHODS = {
     "ouromamba": "OuroMamba: per-time-step dynamic outlier channels at high precision, static per-token inliers",
@@ -46,9 +46,14 @@ class ReconstructionConfig:
     max_learned_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise StudioError(f"reconstruction needs epochs ≥ 0, batch_size ≥ 1 and lr > 0 (got epochs="
+        check_types(self, "ReconstructionConfig")
+        if self.epochs < 0 or self.batch_size < 1 or not (_is_number(self.lr) and self.lr > 0):
+            raise StudioError(f"reconstruction needs epochs ≥ 0, batch_size ≥ 1 and a finite lr > 0 (got epochs="
                               f"{self.epochs}, batch_size={self.batch_size}, lr={self.lr})")
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0
+                and _is_number(self.grad_clip) and self.grad_clip > 0):
+            raise StudioError(f"reconstruction needs a finite weight_decay ≥ 0 and grad_clip > 0 (got "
+                              f"weight_decay={self.weight_decay}, grad_clip={self.grad_clip})")
         check_seed(self.seed)
 
 
@@ -80,6 +85,7 @@ class QuantConfig:
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 
     def __post_init__(self) -> None:
+        check_types(self, "QuantConfig")
         if self.method not in METHODS:
             raise StudioError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         for name in ("w_bits", "a_bits"):
@@ -93,7 +99,13 @@ class QuantConfig:
             raise StudioError(f"weight_group_size must be 0 (per channel) or positive (got {self.weight_group_size})")
         if not 0 <= self.smoothing_alpha <= 1:
             raise StudioError(f"smoothing_alpha must be in [0, 1] (got {self.smoothing_alpha})")
+        if not (_is_number(self.clip_p) and self.clip_p > 0):
+            raise StudioError(f"clip_p, the clip search's error norm, must be a finite number > 0 (got {self.clip_p})")
+        if not isinstance(self.reconstruction, ReconstructionConfig):
+            raise StudioError(f"reconstruction must be a ReconstructionConfig, got {self.reconstruction!r}")
         for pattern, change in self.overrides.items():
+            if not isinstance(change, dict):
+                raise StudioError(f"override {pattern!r} must map to fields, e.g. {{\"a_bits\": 8}}, got {change!r}")
             unknown = set(change) - OVERRIDE_FIELDS
             if unknown:
                 raise StudioError(f"override {pattern!r} sets unknown fields {sorted(unknown)}; "

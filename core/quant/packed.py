@@ -26,14 +26,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from core.errors import StudioError
+from core.errors import StudioError, expect
 from core.intercept import Interceptor, Site, set_interceptor
 from core.models import VimConfig, VisionMamba
 from core.models.fused import FusedForward, check_backend, uses_kernels
-from core.models.loading import CONFIG_METADATA_KEY, PACKED_FORMAT_PREFIX, load_state_dict_strict
+from core.models.loading import (
+    CONFIG_METADATA_KEY,
+    PACKED_FORMAT_PREFIX,
+    load_state_dict_strict,
+    refuse_nonfinite,
+    write_safetensors,
+)
 from core.quant.config import QuantConfig
 from core.quant.fake import MIN_SCALE
 from core.quant.model import QuantizedVim
@@ -340,6 +345,7 @@ def _projection_configs(config: QuantConfig, weight_site: str) -> tuple[QuantCon
 
 def pack(qmodel: QuantizedVim, backend: str = "auto") -> PackedVim:
     """The integer model of a calibrated OuroMamba simulation (``qmodel`` itself is left untouched)."""
+    expect(qmodel, QuantizedVim, "pack's model (what quantize() returns)")
     config = qmodel.config
     _check_packable(config)
     model = VisionMamba(qmodel.cfg).to(next(qmodel.model.parameters()).device)  # where the simulation lives
@@ -348,10 +354,10 @@ def pack(qmodel: QuantizedVim, backend: str = "auto") -> PackedVim:
     linears, dynamic, static = {}, {}, {}
     for site in quantized_sites(model):
         quantizer = quantizers.get(site.name)
-        if quantizer is None:
-            continue
         if site.tensor.endswith(".weight"):
-            weight_config, input_config = _projection_configs(config, site.name)
+            if quantizer is None and site.name.replace(".weight", ".input") not in quantizers:
+                continue  # the projection stays in floating point
+            weight_config, input_config = _projection_configs(config, site.name)  # one of the two: refused
             input_quantizer = quantizers[site.name.replace(".weight", ".input")]
             weight = qmodel.model.linear_at(site.name).weight
             if 4 in (weight_config.w_bits, input_config.a_bits) and weight.shape[1] % 2:
@@ -359,6 +365,8 @@ def pack(qmodel: QuantizedVim, backend: str = "auto") -> PackedVim:
                                   f"{weight.shape[1]} inputs, an odd count; give it 8 bits with an override")
             linears[site.name] = PackedLinear.from_simulation(weight, quantizer, input_quantizer,
                                                               weight_config.w_bits, input_config.a_bits)
+        elif quantizer is None:
+            continue
         elif site.tensor in DYNAMIC_S6:
             dynamic[site.name] = quantizer
         elif site.tensor in STATIC_S6:
@@ -378,8 +386,7 @@ def pack(qmodel: QuantizedVim, backend: str = "auto") -> PackedVim:
 
 def save_packed(packed: PackedVim, path: str | Path) -> Path:
     """Codes, scales, float tensors and (metadata) the configs and provenance, in one safetensors file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    expect(packed, PackedVim, "save_packed's model (what pack() makes)")
     tensors = {f"model.{k}": v for k, v in packed.model.state_dict().items()}
     for name, module in packed.linears.items():
         tensors.update({f"linears.{name}.{k}": v for k, v in module.state_dict().items()})
@@ -391,11 +398,12 @@ def save_packed(packed: PackedVim, path: str | Path) -> Path:
     metadata = {"format": FORMAT, CONFIG_METADATA_KEY: json.dumps(packed.cfg.to_dict()),
                 "quant_config": json.dumps(packed.config.to_dict()),
                 "provenance": json.dumps(packed.provenance, default=str)}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
+    return write_safetensors(tensors, path, metadata)
 
 
 def _read_packed_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.is_dir():
+        raise StudioError(f"packed model '{path}' is a folder: give the .safetensors file in it")
     if not path.is_file():
         raise StudioError(f"packed model '{path}' does not exist")
     try:
@@ -425,6 +433,15 @@ def load_packed(path: str | Path, backend: str = "auto") -> PackedVim:
     """A :class:`PackedVim` from :func:`save_packed`'s file, with a one-line message for anything else."""
     path = Path(path)
     tensors, metadata = _read_packed_file(path)
+    refuse_nonfinite(tensors, path)
+    try:
+        return _packed_from(tensors, metadata, path, backend)
+    except (KeyError, ValueError, TypeError, AttributeError) as err:  # json's errors are ValueErrors
+        raise StudioError(f"'{path}' is a damaged packed model ({type(err).__name__}: {str(err)[:80]}); make it "
+                          "again with core.quant.packed.save_packed") from None
+
+
+def _packed_from(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, backend: str) -> PackedVim:
     cfg = VimConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
     config = QuantConfig.from_dict(json.loads(metadata["quant_config"]))
     model = VisionMamba(cfg)

@@ -18,7 +18,7 @@ from threading import Event
 import torch
 from torch import nn
 
-from core.errors import StudioError
+from core.errors import StudioError, expect
 from core.eval import Cancelled
 from core.intercept import DIRECTIONS, Interceptor, Site, intercepting, set_interceptor
 from core.models import VisionMamba
@@ -117,9 +117,14 @@ def quantize(model: VisionMamba, config: QuantConfig, calib_images: torch.Tensor
              progress: Progress | None = None, cancel: Event | None = None) -> QuantizedVim:
     """Quantize a copy of ``model`` as ``config`` says, calibrated on ``calib_images`` (n, C, H, W):
     static scales from one FP pass, then block-wise reconstruction (``config.reconstruction``)."""
+    expect(model, VisionMamba, "quantize's model (a float Vim, as load_checkpoint gives)")
+    expect(config, QuantConfig, "quantize's config")
+    expect(calib_images, torch.Tensor, "the calibration images")
     if calib_images.ndim != 4 or len(calib_images) == 0:
         raise StudioError("calibration needs at least one image batch shaped (n, channels, height, width)")
     model.check_input(calib_images)
+    if not torch.isfinite(calib_images).all():
+        raise StudioError("the calibration images hold NaN or infinite values: every scale would be NaN")
     start = time.perf_counter()
     qmodel = copy.deepcopy(model).eval()
     set_interceptor(qmodel, None)
