@@ -297,6 +297,16 @@ def test_a_projection_whose_weight_alone_is_skipped_is_refused_not_packed_withou
         pack(qmodel.model)
 
 
+def test_an_empty_batch_gives_no_logits_as_the_float_model_does():
+    torch.manual_seed(0)
+    cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
+    model = VisionMamba(cfg).eval()
+    qmodel = quantize(model, QuantConfig(reconstruction=STATIC_ONLY), torch.randn(2, 1, 16, 16))
+    empty = torch.zeros(0, 1, 16, 16)
+    with torch.no_grad():
+        assert [tuple(m(empty).shape) for m in (model, qmodel, pack(qmodel))] == [(0, 4)] * 3
+
+
 def test_a_skipped_projection_stays_float_and_still_agrees():
     torch.manual_seed(0)
     cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=2)

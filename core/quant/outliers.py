@@ -85,7 +85,7 @@ def outlier_masks(x: torch.Tensor, static_scale: torch.Tensor, dynamic_scale: Dy
         # 1 where |x| > θ: the sign of the difference, negatives clamped to 0 (exact for finite values)
         flagged = (magnitude - theta[..., None]).sign_().clamp_(min=0).mul_(trigger[..., None].to(x.dtype))
         mask = torch.maximum(mask, flagged, out=masks[:, i])
-    return masks.view(-1, batch, channels)[:length].transpose(0, 1).bool()
+    return masks.view(windows * n_refresh, batch, channels)[:length].transpose(0, 1).bool()
 
 
 def strip_outliers(x: torch.Tensor, k: float, n_refresh: int) -> torch.Tensor:

@@ -130,15 +130,16 @@ class PackedLinear(nn.Module):
         batch, length, _ = codes.inlier_codes.shape
         rows = batch * length
         inliers = codes.inlier_codes if use_kernels or self.a_bits == 8 else codes.inlier_packed
-        operands = (inliers.reshape(rows, -1), codes.inlier_scale.reshape(rows),
+        operands = (inliers.reshape(rows, inliers.shape[-1]), codes.inlier_scale.reshape(rows),
                     self.int8_weight if use_kernels else self.weight_codes, self.weight_scale,
-                    codes.outlier_codes.reshape(rows, -1), codes.outlier_scale.reshape(rows), bias)
+                    codes.outlier_codes.reshape(rows, codes.outlier_codes.shape[-1]), codes.outlier_scale.reshape(rows),
+                    bias)
         if use_kernels:
             y = mixed_gemm(*operands, out_dtype=dtype if dtype in OUTPUT_DTYPES else torch.float32,
                            outlier_weight_t=self.outlier_weight_t, tune=tune)
         else:
             y = mixed_gemm_reference(*operands)
-        return y.to(dtype).reshape(batch, length, -1)
+        return y.to(dtype).reshape(batch, length, y.shape[-1])
 
 
 class PackedInterceptor(Interceptor):
