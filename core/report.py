@@ -197,6 +197,9 @@ def site_error_sections(records: list[RunRecord]) -> str:
 
 def write_report(records: list[RunRecord], path: str | Path,
                  title: str = "OuroMamba Studio: quantization runs") -> Path:
+    if not isinstance(records, list | tuple) or not all(isinstance(r, RunRecord) for r in records):
+        raise StudioError("write_report takes a list of RunRecords (read_records gives one), got "
+                          f"{type(records).__name__}")
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -155,6 +155,17 @@ def test_tables_keep_runs_with_other_overrides_apart():
         RunRecord.from_dict({**fields, "top1": "x"})
 
 
+def test_writing_no_runs_or_one_run_not_in_a_list_is_one_line(tmp_path: Path):
+    from core.experiments import read_records, write_records
+    from core.report import write_report
+    record = read_records(Path(__file__).resolve().parent.parent / "results" / "quant" / "real128_W4A4.json")[0]
+    with pytest.raises(StudioError, match="no runs to write"):
+        write_records([], tmp_path, "runs")
+    with pytest.raises(StudioError, match="write_report takes a list of RunRecords .* got RunRecord"):
+        write_report(record, tmp_path / "report.html")
+    assert write_report([record], tmp_path / "report.html").is_file()
+
+
 def test_the_lowest_site_counts_minus_infinity_and_skips_exact_and_unmeasured_ones():
     import math
 

@@ -4,6 +4,7 @@ import copy
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,6 +111,14 @@ def test_attention_maps_on_the_patch_grid(model):
     for layer in (4, 1.5, "3", True):
         with pytest.raises(StudioError, match="layers must be indices in 0..3"):
             attention_maps(model, image, layer=layer, direction="fwd")
+    with pytest.raises(StudioError, match=r"one image shaped \(channels, height, width\), got \(1, 1, 28, 28\)"):
+        attention_maps(model, image[None], layer=0, direction="fwd")
+    with pytest.raises(StudioError, match="the query must be 'cls' or a patch index in 0..48, got True"):
+        attention_maps(model, image, layer=0, direction="fwd", query=True)
+    with pytest.raises(StudioError, match="the neighbourhood must be an odd size"):
+        attention_maps(model, image, layer=0, direction="fwd", query=3, neighbourhood=5.0)
+    assert torch.equal(attention_maps(model, image, layer=0, direction="fwd", query=np.int64(30))["enhanced"],
+                       attention_maps(model, image, layer=0, direction="fwd", query=30)["enhanced"])
     with pytest.raises(StudioError, match="direction"):
         attention_maps(model, image, layer=0, direction="up")
 

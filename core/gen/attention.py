@@ -104,7 +104,7 @@ def drop_cls(x: torch.Tensor, cls_position: int) -> torch.Tensor:
 
 
 def check_neighbourhood(size: int) -> None:
-    if size < 1 or size % 2 == 0:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
         raise StudioError(f"the neighbourhood must be an odd size ≥ 1 (1, 3, 5, …), got {size}")
 
 
@@ -169,7 +169,8 @@ def attention_rows(trace: ScanTrace, query: int | str, cls_position: int, grid: 
     length = trace.u.shape[1]
     if query == "cls":
         tokens = [cls_position]
-    elif isinstance(query, int) and 0 <= query < grid * grid:
+    elif isinstance(query, numbers.Integral) and not isinstance(query, bool) and 0 <= query < grid * grid:
+        query = int(query)
         tokens = neighbour_tokens(query, grid, neighbourhood, cls_position)
     else:
         raise StudioError(f"the query must be 'cls' or a patch index in 0..{grid * grid - 1}, got {query!r}")
@@ -210,6 +211,10 @@ def attention_maps(model: VisionMamba, image: torch.Tensor, layer: int, directio
         raise StudioError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     (layer,) = check_layers(model, [layer])
     cfg = model.cfg
+    if not isinstance(image, torch.Tensor) or image.dim() != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise StudioError(f"attention_maps takes one image shaped (channels, height, width), got {shape}: pass "
+                          "images[i] of a batch")
     model.check_input(image.unsqueeze(0))
     with frozen(model), torch.no_grad():
         _, traces = trace_scans(model, image.unsqueeze(0), [layer])
