@@ -9,7 +9,6 @@ system's file cache stays warm after the first).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -19,7 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine_header, write_results  # noqa: E402
+from bench.common import bench_parser, machine_header, regenerate_command, run, write_results  # noqa: E402
+from core.arguments import whole  # noqa: E402
+from core.errors import StudioError  # noqa: E402
+from core.eval import hardware_label  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = """
@@ -41,19 +43,23 @@ print(json.dumps({"imports_s": imported - start, "build_s": built - imported, "l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = bench_parser("bench_app.py", "seconds until the app serves its first page, in fresh processes")
+    parser.add_argument("--repeats", type=whole(1), default=3, help="fresh processes to time")
     args = parser.parse_args()
     rows = []
     for repeat in range(args.repeats):
-        out = subprocess.run([sys.executable, "-c", STARTUP], cwd=ROOT, capture_output=True, text=True, check=True,
+        out = subprocess.run([sys.executable, "-c", STARTUP], cwd=ROOT, capture_output=True, text=True,
                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        if out.returncode:
+            last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise StudioError(f"the app did not start (exit {out.returncode}): {last}")
         times = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({"repeat": repeat + 1, **{k: round(v, 2) for k, v in times.items()}})
+        rows.append({"repeat": repeat + 1, **{k: round(v, 2) for k, v in times.items()},
+                     "hardware": hardware_label(torch.device("cpu"))})
         print(rows[-1])
-    write_results("app_startup", rows, machine_header(torch.device("cpu")),
-                  f"python bench/bench_app.py --repeats {args.repeats}")
+    write_results("app_startup", rows, machine_header(torch.device("cpu")), regenerate_command("bench_app.py"),
+                  args.out)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -39,8 +39,6 @@ results/e2e_<gpu>[_<models>].{csv,md}.
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -50,9 +48,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine_header, write_results  # noqa: E402
+from bench.common import bench_parser, machine_header, regenerate_command, run, write_results  # noqa: E402
+from core.arguments import Distinct, positive, whole  # noqa: E402
 from core.default_model import load_default_model  # noqa: E402
-from core.eval import graph_latency, time_forward  # noqa: E402
+from core.eval import graph_latency, hardware_label, time_forward  # noqa: E402
 from core.models import VimConfig, VisionMamba, create_vim  # noqa: E402
 from core.models.fused import FusedVim  # noqa: E402
 from core.quant import QuantConfig, ReconstructionConfig, quantize  # noqa: E402
@@ -156,15 +155,17 @@ def tuner_picks() -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["Vim-T", "Vim-S", "Vim-B", "default"],
+    parser = bench_parser("bench_e2e.py", __doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", action=Distinct, default=["Vim-T", "Vim-S", "Vim-B", "default"],
                         choices=[*MODELS, "default"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
+    parser.add_argument("--batches", nargs="+", action=Distinct, type=whole(1), default=[1, 16, 64, 256])
+    parser.add_argument("--variants", nargs="+", action=Distinct, choices=VARIANTS, metavar="VARIANT",
                         help=f"only these (default: all of {', '.join(VARIANTS)})")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget-s", type=float, default=300.0, help="stop adding rows after this many seconds")
-    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the plumbing only")
+    parser.add_argument("--repeats", type=whole(1), default=5)
+    parser.add_argument("--budget-s", type=positive, default=300.0, help="stop adding rows after this many seconds")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny model at batch 2 on the CPU, in fp32 whatever the variant says, written nowhere: "
+                             "checks the plumbing only (--models and --batches do not apply)")
     parser.add_argument("--warm-only", action="store_true",
                         help="one forward per variant and batch, nothing timed or written: compiles the kernels "
                              "into Triton's cache (the tuner's candidates included) so that a later timed run "
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.smoke:
         device, names, batches = torch.device("cpu"), ["smoke"], [2]
+        if any(getattr(args, name) != parser.get_default(name) for name in ("models", "batches")):
+            print("--smoke: a tiny model at batch 2; --models and --batches do not apply", file=sys.stderr)
     elif not torch.cuda.is_available():
         sys.exit("bench_e2e.py: no CUDA device; `--smoke` runs the plumbing on the CPU")
     else:
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append({"model": name, "variant": label, "batch": batch, "latency_ms": round(seconds * 1e3, 3),
                              "images_per_s": round(batch / seconds, 1), "peak_MiB": round(peak / 2**20, 1),
                              "graph_ms": round(graphed * 1e3, 3) if isinstance(graphed, float) else graphed or "",
-                             **ratios(baselines, batch, seconds, graphed)})
+                             **ratios(baselines, batch, seconds, graphed), "hardware": hardware_label(device)})
                 print(rows[-1], flush=True)
             del variant
             if device.type == "cuda":
@@ -223,9 +226,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tag = torch.cuda.get_device_name(device).lower().replace(" ", "_")
     if args.models != parser.get_default("models"):
         tag += "_" + "_".join(args.models)
-    write_results(f"e2e_{tag}", rows, header, "python bench/bench_e2e.py " + shlex.join(argv or sys.argv[1:]))
+    if args.batches != parser.get_default("batches"):  # a run at other batches never replaces this one's file
+        tag += "_b" + "_".join(map(str, args.batches))
+    write_results(f"e2e_{tag}", rows, header, regenerate_command("bench_e2e.py", argv), args.out)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,7 +9,6 @@ row is the interactive preset end to end (goal: 128 images in under 120 s on the
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,16 +16,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine_header, write_results  # noqa: E402
+from bench.common import bench_parser, machine_header, regenerate_command, run, write_results  # noqa: E402
+from core.arguments import whole  # noqa: E402
 from core.default_model import load_default_model  # noqa: E402
 from core.eval import hardware_label  # noqa: E402
 from core.gen import GEN_PRESETS, GenConfig, generate  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--iterations", type=int, default=3)
+    parser = bench_parser("bench_gen.py", "OuroMamba-Gen seconds per iteration, per source")
+    parser.add_argument("--batch", type=whole(1), default=64, help="images optimised together")
+    parser.add_argument("--iterations", type=whole(1), default=3, help="iterations timed per source")
+    parser.add_argument("--quick", action="store_true",
+                        help="without the interactive preset's end-to-end row (writes gen_<device>_quick)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_default_model()
@@ -44,17 +46,18 @@ def main() -> None:
                                                                        1),
                      "hardware": hardware_label(device)})
         print(rows[-1])
-    preset = GEN_PRESETS["interactive"]
-    result = generate(model, preset)
-    rows.append({"source": f"{preset.source}, interactive preset (all {preset.count} images, no augmentation)",
-                 "images": preset.count, "iterations": preset.iterations,
-                 "seconds_per_iteration": round(result.seconds / preset.iterations, 3),
-                 "ms_per_image_iteration": round(1000 * result.seconds / preset.iterations / preset.count, 2),
-                 "total_seconds": round(result.seconds, 1), "hardware": hardware_label(device)})
-    print(rows[-1])
-    command = f"python bench/bench_gen.py --batch {args.batch} --iterations {args.iterations}"
-    write_results(f"gen_{device.type}", rows, machine_header(device), command)
+    if not args.quick:
+        preset = GEN_PRESETS["interactive"]
+        result = generate(model, preset)
+        rows.append({"source": f"{preset.source}, interactive preset (all {preset.count} images, no augmentation)",
+                     "images": preset.count, "iterations": preset.iterations,
+                     "seconds_per_iteration": round(result.seconds / preset.iterations, 3),
+                     "ms_per_image_iteration": round(1000 * result.seconds / preset.iterations / preset.count, 2),
+                     "total_seconds": round(result.seconds, 1), "hardware": hardware_label(device)})
+        print(rows[-1])
+    write_results(f"gen_{device.type}", rows, machine_header(device), regenerate_command("bench_gen.py"), args.out,
+                  quick=args.quick)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -33,7 +33,6 @@ Writes results/kernels_<gpu>.{csv,md} and prints a summary last.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import statistics
@@ -48,7 +47,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine_header, write_results  # noqa: E402
+from bench import common  # noqa: E402
+from bench.common import bench_parser, machine_header, regenerate_command, write_results  # noqa: E402
+from core.arguments import Distinct, positive  # noqa: E402
 from core.ssm.scan import _mamba_ssm_scan, selective_scan_fast  # noqa: E402
 from kernels import tuning  # noqa: E402
 from kernels.conv_silu import conv_silu, conv_silu_reference  # noqa: E402
@@ -760,11 +761,12 @@ def gpu_slug(device: torch.device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="Vim-T and Vim-B at batch 1 and 64 only")
-    parser.add_argument("--only", nargs="+", choices=("gemm", "detect", "scan", "train", "fusion"),
+    parser = bench_parser("bench_kernels.py", "the Triton kernels against cuBLAS and PyTorch at Vim's shapes")
+    parser.add_argument("--quick", action="store_true",
+                        help="Vim-T and Vim-B at batch 1 and 64 only (writes kernels_<gpu>…_quick)")
+    parser.add_argument("--only", nargs="+", action=Distinct, choices=("gemm", "detect", "scan", "train", "fusion"),
                         help="these kernels' sections only (written to kernels_<gpu>_<sections>)")
-    parser.add_argument("--budget-s", type=float, default=math.inf,
+    parser.add_argument("--budget-s", type=positive, default=math.inf,
                         help="add no more shapes after this many seconds; what ran is still written")
     parser.add_argument("--warm-only", action="store_true",
                         help="run every launch once and time nothing, writing nothing: compiles the kernels into "
@@ -790,15 +792,13 @@ def main() -> None:
     if WARM_ONLY:
         print(f"warm-only: {len(rows)} configurations launched, nothing timed or written")
         return
-    command = "python bench/bench_kernels.py" + (" --quick" if args.quick else "") + \
-        (f" --only {' '.join(args.only)}" if args.only else "")
     suffix = "_" + "_".join(args.only) if args.only else ""
     header = machine_header(device)
     if SKIPPED:
         header["not measured (budget spent)"] = ", ".join(SKIPPED)
-    write_results(f"kernels_{gpu_slug(device)}{suffix}", rows, header, command)
-    print("\n" + summary(rows, bandwidth))
+    write_results(f"kernels_{gpu_slug(device)}{suffix}", rows, header, regenerate_command("bench_kernels.py"),
+                  args.out, quick=args.quick, footer=summary(rows, bandwidth))
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main)

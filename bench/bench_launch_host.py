@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine_header, write_results  # noqa: E402
+from bench.common import bench_parser, machine_header, regenerate_command, run, write_results  # noqa: E402
 from kernels import conv_silu as conv_module  # noqa: E402
 from kernels import detect_fake_quant as fake_quant_module  # noqa: E402
 from kernels import detect_quant as detect_module  # noqa: E402
@@ -56,14 +56,16 @@ def stubbed_kernels() -> Iterator[None]:
             setattr(module, name, kernel)
 
 
-def main() -> list[dict]:
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = bench_parser("bench_launch_host.py", "host time per call of each kernel launcher, the launch stubbed")
+    args = parser.parse_args(argv)
     with stubbed_kernels():
         rows = time_launchers()
     header = machine_header(torch.device("cpu"))
     header["note"] = ("calls without out= allocate their outputs with the CPU allocator here (~13 µs per buffer on "
                       "this machine); on CUDA the caching allocator's are cheaper, so those rows overstate the GPU "
                       "host's cost")
-    write_results("launch_host_cpu", rows, header, "python bench/bench_launch_host.py")
+    write_results("launch_host_cpu", rows, header, regenerate_command("bench_launch_host.py", argv), args.out)
     return rows
 
 
@@ -111,4 +113,4 @@ def time_launchers() -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -34,11 +34,17 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=. TRITON_INTERPRET=0 FASHION_MNIST_DIR=${FASHION_MNIST_DIR:-$PWD/.data/fashion-mnist}
 part=${1:-1}
 deadline=${DEADLINE_S:-540}
+case "$part" in train|1|2) ;; *) echo "usage: bash scripts/gpu_session.sh train|1|2"; exit 2 ;; esac
+case "$deadline" in ''|*[!0-9]*) echo "DEADLINE_S must be whole seconds, got '$deadline'"; exit 2 ;; esac
 stage_dir=results/gpu_part$part
 mkdir -p "$stage_dir"
+touch "$stage_dir/.started"
 start=$SECONDS
-collect() {  # what the benchmarks wrote so far, plus the logs, into one archive
-  cp results/kernels_*.* results/e2e_*.* results/gen_cuda.* results/profile_*.md results/packed/agreement_cuda* "$stage_dir/" 2>/dev/null
+collect() {  # what the benchmarks wrote since this part started (never a committed older file), the logs: one archive
+  local f
+  for f in results/kernels_*.* results/e2e_*.* results/gen_cuda.* results/profile_*.md results/packed/agreement_cuda*; do
+    [ "$f" -nt "$stage_dir/.started" ] && cp "$f" "$stage_dir/"
+  done
   [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_part$part.tgz" -C "$stage_dir" .
 }
 stage() {  # name, cap in seconds, command (a shell function of this file or a program)...
@@ -139,6 +145,5 @@ case "$part" in
      stage gen 60 python3 bench/bench_gen.py
      stage e2e_vim_b_256 50 python3 bench/bench_e2e.py --models Vim-B --batches 256 --budget-s 40 \
        --variants fp16 "fp16 fused" W8A8O8 W4A4O8 ;;
-  *) echo "usage: bash scripts/gpu_session.sh train|1|2"; exit 2 ;;
 esac
 echo "== total $((SECONDS - start)) s"

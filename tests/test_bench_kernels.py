@@ -101,8 +101,6 @@ def test_a_spent_budget_skips_the_remaining_shapes_and_says_so(monkeypatch):
 def test_the_launchers_host_cost_benchmark_runs_and_puts_the_kernels_back(monkeypatch, tmp_path):
     """bench_launch_host stubs every kernel to time the launchers' Python alone; the real kernels return after."""
     bench = pytest.importorskip("bench.bench_launch_host")
-    from bench import common
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr(bench, "time_launchers", lambda: [{"launcher call": "stubbed", "host_us": 1.0}])
     before = [getattr(module, name) for module, name in bench.KERNELS]
     with bench.stubbed_kernels():
@@ -111,5 +109,5 @@ def test_the_launchers_host_cost_benchmark_runs_and_puts_the_kernels_back(monkey
         x = torch.randn(1, 4, 8)
         detect_quant(x, torch.ones(4), 3.0, 2, 4)  # launches nothing, on the CPU, whatever TRITON_INTERPRET says
     assert [getattr(module, name) for module, name in bench.KERNELS] == before
-    bench.main()
+    bench.main(["--out", str(tmp_path)])
     assert (tmp_path / "launch_host_cpu.md").read_text().count("stubbed") == 1
