@@ -358,7 +358,8 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
     """--help names each option's default, except where there is none to name."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        none = action.default is None or action.default is False  # not `in (None, False)`: 0 == False
+        return action.help if none else super()._get_help_string(action)
 
 
 def _checkpoint(command: argparse.ArgumentParser, default: str) -> None:
@@ -374,7 +375,8 @@ def _calibration(command: argparse.ArgumentParser, epochs: int | None) -> None:
     """The calibration images (source, count, seed) and, where the command reconstructs, its epochs."""
     command.add_argument("--calib", default="real", help="real | noise | a folder of images")
     command.add_argument("--n-calib", type=whole(1), default=128, help="calibration images")
-    command.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and the reconstruction")
+    command.add_argument("--seed", type=int, default=0, help="seed of the calibration draw" +
+                         (" and the reconstruction" if epochs is not None else ""))
     if epochs is not None:
         command.add_argument("--recon-epochs", type=whole(0), default=epochs,
                              help="block reconstruction epochs (0: none)")

@@ -272,6 +272,9 @@ def read_records(path: str | Path) -> list[RunRecord]:
     """The runs in a file either writer makes: a JSON array (``write_records``, the command line's
     ``<name>.json``) or a JSON-lines log (``append_record``, the app's run log)."""
     path = Path(path)
+    if not path.exists():
+        raise StudioError(f"'{path}' does not exist: give a file of run records (the quantize command's .json or "
+                          "the app's runs.jsonl, written by its first run)")
     if not path.is_file():
         raise StudioError(f"'{path}' is not a file of run records (the quantize command's .json or the app's "
                           "runs.jsonl)")

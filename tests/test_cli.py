@@ -127,7 +127,7 @@ def test_report_makes_one_html_page_from_the_quantize_records_and_the_apps_log(t
     page = out.read_text()
     assert "<title>W4A4 &lt;vs&gt; W8A8</title>" in page and f"<p>{runs} run(s)." in page
     assert page.count("<tr") == runs + 1  # a row per run under the header
-    for bad, message in ((tmp_path / "none.json", "is not a file of run records"),
+    for bad, message in ((tmp_path / "none.json", "does not exist: give a file of run records"),
                          (results / "outlier_stats_default_model.csv", "is not a run record"),
                          (results / "real128_W4A4.csv", "is not a run record")):
         assert main(["report", str(bad), "--out", str(tmp_path / "x.html")]) == 2
