@@ -315,14 +315,22 @@ def lowest_site(frame: pd.DataFrame, metric: str = "sqnr_db") -> pd.Series | Non
 DEFAULT_QUANT_CONFIG = QuantConfig()  # what a run label leaves unsaid
 
 
+DEFAULT_CALIBRATION = {"source": "real", "images": 128, "seed": 0}  # the paper's 128 images; ours real, seed 0
+
+
 def run_label(index: int, record: RunRecord) -> str:
     """How one run is named in tables, figures and menus: its position in the log, method and setting, then
     what else sets it apart: the outlier rule's k and n_refresh where they are not the defaults (for the methods
-    that have the rule) and its per-site overrides, counted (the config column spells them out)."""
+    that have the rule), the calibration images where they are not 128 real ones with seed 0 ('noise×128',
+    'my_set×64 seed 3'), and its per-site overrides, counted (the config column spells them out)."""
     config, parts = record.config, [f"#{index + 1} {record.method} {record.setting}"]
     if record.method in OUTLIER_METHODS:
         parts += [f"{name} {config[name]:g}" for name in ("k", "n_refresh")
                   if name in config and config[name] != getattr(DEFAULT_QUANT_CONFIG, name)]
+    calibration = {**DEFAULT_CALIBRATION, **record.calibration}
+    if calibration != DEFAULT_CALIBRATION:
+        parts.append(f"{Path(str(calibration['source'])).name}×{calibration['images']}"
+                     + (f" seed {calibration['seed']}" if calibration["seed"] != DEFAULT_CALIBRATION["seed"] else ""))
     if overrides := config.get("overrides"):
         parts.append(f"+{len(overrides)} override{'s' if len(overrides) > 1 else ''}")
     return " ".join(parts)

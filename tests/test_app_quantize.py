@@ -269,8 +269,8 @@ def test_compare_lists_runs_and_downloads(served, runs: Path):
     assert "<script src=" not in page and len(page) > 1_000_000  # plotly.js inlined: no server, no network
     # the two runs quantizer by quantizer: B, the newest (8-bit), minus A (4-bit) per layer and tensor
     assert (first["value"], second["value"]) == (0, 1) and [label for label, _ in first["choices"]] == [
-        "#2 per_tensor W8A8 +1 override", "#1 ouromamba W4A4O8"]
-    assert pair_status.startswith("#2 per_tensor W8A8 +1 override against #1 ouromamba W4A4O8")
+        "#2 per_tensor W8A8 noise×8 seed 1 +1 override", "#1 ouromamba W4A4O8 real×8"]
+    assert pair_status.startswith("#2 per_tensor W8A8 noise×8 seed 1 +1 override against #1 ouromamba W4A4O8 real×8")
     assert "first 32" in pair_status
     logged = {i: {row["site"]: row["sqnr_db"] for row in r.site_errors["rows"]} for i, r in enumerate(load_records(
         runs))}
@@ -302,7 +302,7 @@ def test_a_run_made_in_the_app_is_made_again_by_the_command_line(served, runs: P
     capsys.readouterr()
     assert main(["rerun", str(runs), "--run", str(number)]) == 0
     printed = capsys.readouterr().out.strip()
-    assert printed.startswith(f"#{number} ouromamba W4A4O8: top-1 {record['top1']:.2f} % recorded")
+    assert printed.startswith(f"#{number} ouromamba W4A4O8 real×8: top-1 {record['top1']:.2f} % recorded")
     assert f"{record['top1']:.2f} % now" in printed and printed.endswith(": the same")
 
 
@@ -407,6 +407,11 @@ def test_run_labels_name_what_sets_a_run_apart():
                       "#4 ouromamba W4A4O8 +1 override", "#5 ouromamba W4A4O8 +2 overrides"]
     per_tensor = _record(method="per_tensor", setting="W4A4", config={**base, "k": 2.0})
     assert run_label(0, per_tensor) == "#1 per_tensor W4A4"  # k means nothing to a method without the rule
+    # runs that differ only in their calibration images: named by them, beyond the paper's 128 real ones
+    calibrations = ({"source": "noise", "images": 128, "seed": 0}, {"source": "/sets/gen_128_it20", "images": 64,
+                                                                    "seed": 3})
+    assert [run_label(i, _record(calibration=c)) for i, c in enumerate(calibrations)] == [
+        "#1 ouromamba W4A8O8 noise×128", "#2 ouromamba W4A8O8 gen_128_it20×64 seed 3"]
 
 
 def test_fp32_references_a_hair_apart_keep_readable_labels():

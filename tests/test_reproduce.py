@@ -35,7 +35,8 @@ def test_a_run_made_again_gives_the_same_top1(logged: Path, capsys):
     assert main(["rerun", str(logged), "--run", "1", "2"]) == 0
     printed = capsys.readouterr().out.splitlines()
     records = read_records(logged)
-    assert [line.split(":")[0] for line in printed] == ["#1 ouromamba W4A8O8", "#2 dynamic_per_token W4A8"]
+    assert [line.split(":")[0] for line in printed] == ["#1 ouromamba W4A8O8 real×4",
+                                                        "#2 dynamic_per_token W4A8 real×4"]
     assert all(line.endswith(": the same") for line in printed)
     assert f"top-1 {records[0].top1:.2f} % recorded" in printed[0] and f"{records[0].top1:.2f} % now" in printed[0]
     assert records[0].checkpoint == checkpoint_label(logged.parent / "model.safetensors")
