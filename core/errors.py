@@ -1,4 +1,6 @@
-"""The one exception type whose message is meant for people, not for stack traces."""
+"""The one exception type whose message is meant for people, not for stack traces, and small checks that raise it."""
+
+import numbers
 
 
 class StudioError(Exception):
@@ -9,13 +11,20 @@ class StudioError(Exception):
     """
 
 
+def is_whole(value: object, plain: bool = False) -> bool:
+    """Whether ``value`` is a whole number, not a bool, a float or a string: what counts, sizes and indices must
+    be before they reach torch, which fails on 2.5 deep inside and takes True as 1. numpy's integers count, except
+    with ``plain`` (values that configs and records write as JSON, which has no numpy types)."""
+    return isinstance(value, int if plain else numbers.Integral) and not isinstance(value, bool)
+
+
 MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range; torch takes it too
 
 
 def check_seed(seed: int) -> int:
     """``seed`` when it is a whole number from 0 to :data:`MAX_SEED`, else a one-line :class:`StudioError`:
     torch refuses larger ones with an overflow deep in a run."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    if not is_whole(seed) or not 0 <= seed <= MAX_SEED:
         raise StudioError(f"the seed must be a whole number from 0 to {MAX_SEED:,} (got {seed!r})")
     return seed
 

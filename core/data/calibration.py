@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.data.fashion_mnist import VALIDATION_SIZE, load_fashion_mnist
 from core.data.image_folder import input_normalization, pixel_transform
-from core.errors import StudioError, check_seed
+from core.errors import StudioError, check_seed, is_whole
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 BUILTIN_SOURCES = ("real", "noise")
@@ -28,7 +28,7 @@ def calibration_images(source: str | Path, count: int, seed: int, img_size: int 
     the normalised input space) or a folder of images."""
     for what, value in (("at least 1 image (a whole number)", count), ("an img_size of 1 or more pixels", img_size),
                         ("in_chans of 1 or more", in_chans)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_whole(value) or value < 1:
             raise StudioError(f"the calibration set needs {what}, got {value!r}")
     if not isinstance(source, str | Path):
         raise StudioError(f"the calibration source must be 'real', 'noise' or a folder, got {source!r}")

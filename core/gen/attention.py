@@ -20,7 +20,6 @@ grid operation. The CLS token has no place on the grid, so its neighbourhood is 
 
 from __future__ import annotations
 
-import numbers
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.errors import StudioError
+from core.errors import StudioError, is_whole
 from core.intercept import BACKWARD, DIRECTIONS, Interceptor, Site, intercepting
 from core.models import VisionMamba
 
@@ -84,8 +83,7 @@ def check_layers(model: VisionMamba, layers: list[int] | tuple[int, ...] | None)
     """The chosen layer indices (all when None), validated with a one-line message."""
     depth = model.cfg.depth
     chosen = list(range(depth)) if layers is None else list(layers)
-    bad = [layer for layer in chosen
-           if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < depth]
+    bad = [layer for layer in chosen if not is_whole(layer) or not 0 <= layer < depth]
     if bad or not chosen:
         raise StudioError(f"layers must be indices in 0..{depth - 1} (the model has {depth}), got {list(chosen)}")
     return [int(layer) for layer in chosen]
@@ -104,7 +102,7 @@ def drop_cls(x: torch.Tensor, cls_position: int) -> torch.Tensor:
 
 
 def check_neighbourhood(size: int) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+    if not is_whole(size) or size < 1 or size % 2 == 0:
         raise StudioError(f"the neighbourhood must be an odd size ≥ 1 (1, 3, 5, …), got {size}")
 
 
@@ -169,7 +167,7 @@ def attention_rows(trace: ScanTrace, query: int | str, cls_position: int, grid: 
     length = trace.u.shape[1]
     if query == "cls":
         tokens = [cls_position]
-    elif isinstance(query, numbers.Integral) and not isinstance(query, bool) and 0 <= query < grid * grid:
+    elif is_whole(query) and 0 <= query < grid * grid:
         query = int(query)
         tokens = neighbour_tokens(query, grid, neighbourhood, cls_position)
     else:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from core.data import calibration_images, input_normalization
-from core.errors import StudioError, check_seed
+from core.errors import StudioError, check_seed, is_whole
 from core.eval import Cancelled
 from core.gen.attention import check_layers, check_neighbourhood, drop_cls, frozen, patch_features, trace_scans
 from core.gen.losses import OUTPUT_LOSSES, output_loss, patch_contrastive_loss, similarity_entropy_loss, total_variation
@@ -66,7 +66,7 @@ class GenConfig:
 
     def __post_init__(self):
         check_types(self, "GenConfig")
-        if self.layers is not None and not all(isinstance(n, int) and not isinstance(n, bool) for n in self.layers):
+        if self.layers is not None and not all(is_whole(n, plain=True) for n in self.layers):
             raise StudioError(f"GenConfig: layers must be whole layer numbers, got {self.layers!r}")
         if self.source not in GEN_SOURCES:
             raise StudioError(f"unknown image source {self.source!r}; choose one of {', '.join(GEN_SOURCES)}")

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from core.errors import StudioError
+from core.errors import StudioError, is_whole
 from core.models.vim import VimConfig, VisionMamba, checkpoint_filter_fn
 
 CONFIG_METADATA_KEY = "vim_config"
@@ -154,8 +154,7 @@ def load_checkpoint(path: str | Path, model: VisionMamba | None = None, img_size
     for ViTs); the patch grid must then still tile the image.
     """
     state_dict, config = read_state_dict(path)
-    if img_size is not None and not (isinstance(img_size, int) and not isinstance(img_size, bool)
-                                     and 1 <= img_size <= MAX_IMG_SIZE):
+    if img_size is not None and not (is_whole(img_size, plain=True) and 1 <= img_size <= MAX_IMG_SIZE):
         raise StudioError(f"the image size must be from 1 to {MAX_IMG_SIZE} pixels, got {img_size}")
     refuse_nonfinite(state_dict, path)
     if model is None:

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from core.errors import StudioError, check_seed
+from core.errors import StudioError, check_seed, is_whole
 from core.records import check_types, checked_fields
 
 METHODS = {
@@ -121,7 +121,7 @@ class QuantConfig:
             if not isinstance(change.get("skip", False), bool):
                 raise StudioError(f"{pattern}: skip must be true or false, got {change['skip']!r}")
             refresh = change.get("n_refresh", 1)
-            if not (isinstance(refresh, int) and not isinstance(refresh, bool) and refresh >= 1):
+            if not (is_whole(refresh, plain=True) and refresh >= 1):
                 raise StudioError(f"{pattern}: n_refresh must be a whole number of time-steps ≥ 1, got {refresh!r}")
 
     @property
