@@ -33,12 +33,14 @@ class Run:
 
     cancel: threading.Event = field(default_factory=threading.Event)
     done: bool = False
+    replaced: bool = False  # cancelled by a second Run press: the page belongs to the new run
 
 
 def arm(previous: Run | None) -> Run:
     """A fresh Run for this tab before its job is queued, so Cancel also works while it waits; pressing
     Run again replaces (cancels) the tab's previous run."""
     if previous is not None:
+        previous.replaced = not previous.done
         previous.cancel.set()
     return Run()
 
@@ -86,17 +88,25 @@ def guarded(job: Callable) -> Callable:
             if args and isinstance(args[-1], Run):
                 args[-1].done = True
 
+    def shown(args: tuple, update: object) -> object:
+        """``update``, or nothing at all for a run a second Run press replaced: its 'Stopped' would sit under
+        the new run's progress."""
+        if not (args and isinstance(args[-1], Run) and args[-1].replaced):
+            return update
+        return tuple(gr.skip() for _ in update) if isinstance(update, tuple) else gr.skip()
+
     if inspect.isgeneratorfunction(job):
         @functools.wraps(job)
         def generator(*args, **kwargs):
             with reported(args):
-                yield from job(*args, **kwargs)
+                for update in job(*args, **kwargs):
+                    yield shown(args, update)
         return generator
 
     @functools.wraps(job)
     def function(*args, **kwargs):
         with reported(args):
-            return job(*args, **kwargs)
+            return shown(args, job(*args, **kwargs))
     return function
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -226,7 +228,10 @@ def view_csv(folder: Path, header: dict, timeline_steps: pd.DataFrame, grid: Gri
     lines = [f"# {key}: {json.dumps(value) if isinstance(value, dict) else value}" for key, value in header.items()]
     digest = hashlib.sha256(repr({k: v for k, v in header.items() if k != "date"}).encode()).hexdigest()[:12]
     path = folder / f"outliers_{header['site']}_{digest}.csv"
-    path.write_text("\n".join(lines) + "\n" + steps.to_csv(index=False))
+    # written beside and renamed: the same view shown again must not rewrite a file the page may be fetching
+    partial = path.with_name(f".{path.name}.{threading.get_ident()}")
+    partial.write_text("\n".join(lines) + "\n" + steps.to_csv(index=False))
+    os.replace(partial, path)
     return path
 
 
@@ -314,7 +319,8 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                                   progress=lambda stage, done, total, _: progress((done, total), desc=stage))
                 progress(1, desc="Capturing activations")
                 images, described = ws.inspection_images(n_images, seed)
-                label = (f"A{a_bits} inlier scales from {n_calib} {calib} images (seed {seed}); "
+                label = (f"A{a_bits} inlier scales from {n_calib} {calib} image{'s' if n_calib != 1 else ''} "
+                         f"(seed {seed}); "
                          f"statistics of {described}")
                 inspection = inspections.put(key, Inspection(qmodel, calib_images, images, label,
                                                              "test" if ws.data is not None else "noise", a_bits))

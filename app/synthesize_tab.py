@@ -154,7 +154,8 @@ def set_name(config: GenConfig, count: int, fingerprint: str) -> str:
     the same set)."""
     if config.source not in OPTIMISED_SOURCES:
         return f"{config.source}_{count}_seed{config.seed}_{fingerprint[:8]}"
-    settings = hashlib.sha256(json.dumps(config.shaping(), sort_keys=True).encode()).hexdigest()[:6]
+    others = {k: v for k, v in config.shaping().items() if k not in ("source", "count", "iterations", "seed")}
+    settings = hashlib.sha256(json.dumps(others, sort_keys=True).encode()).hexdigest()[:6]
     return f"{config.source}_{count}_it{config.iterations}_seed{config.seed}_{settings}_{fingerprint[:8]}"
 
 
@@ -290,7 +291,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
 
     def show_attention(ws: Workspace, made: tuple[str, GenResult] | None, origin: str, index: float | None,
                        layer: float, direction: str, query: str,
-                       neighbourhood: str) -> tuple[go.Figure | None, str]:
+                       neighbourhood: str) -> tuple[go.Figure | dict, str]:
         """Plain and enhanced attention maps of one image of the generated set or of the test images."""
         model = ws.model
         try:
@@ -307,7 +308,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
             position = _query_position(query, model.cfg)
             maps = attention_maps(model, image, int(layer), direction, position, int(neighbourhood))
         except (StudioError, ValueError) as err:
-            return None, error(err)
+            return gr.skip(), error(err)  # the last maps stay beside the message
         pixels = to_pixels(image.unsqueeze(0))[0]
         title = f"{origin} #{index}, layer {int(layer)}, {direction} scan, query {query}"
         return attention_figure(pixels, maps, position, model.cfg.grid_size, title), ""

@@ -20,7 +20,7 @@ import torch
 from gradio_client import Client
 
 from app import outliers_tab
-from app.common import RecentResults, Run, calibration_choices, clamped, guarded, sets_dir
+from app.common import RecentResults, Run, arm, calibration_choices, clamped, guarded, sets_dir
 from app.synthesize_tab import set_name
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.default_model import load_card
@@ -183,6 +183,9 @@ def test_sets_with_different_settings_never_share_a_folder():
                                                           replace(first, lr=0.05), replace(first, top_k=3))}
     assert len(names) == 4 and all(name.startswith("ouromamba_2_it2_seed0_") for name in names)
     assert set_name(first, 2, "f" * 64) == set_name(replace(first), 2, "f" * 64)  # the same settings: the same set
+    # the name spells out the seed and the iterations; the digest covers only the other settings
+    renamed = (first, replace(first, seed=1), replace(first, iterations=9))
+    assert len({set_name(config, 2, "f" * 64).split("_")[-2] for config in renamed}) == 1
     real = GenConfig(source="real", count=2, iterations=50)
     assert set_name(real, 2, "f" * 64) == "real_2_seed0_ffffffff"  # no iterations: it is not optimised
 
@@ -221,6 +224,13 @@ def test_a_bug_in_a_job_is_one_line_and_the_tab_keeps_what_it_showed():
     assert guarded(broken).__name__ == "broken"  # gradio reads the wrapped signature (gr.Progress hooks)
     run = Run()  # a job that returns early (a refused input) leaves its run done: Cancel has nothing to stop
     assert guarded(lambda value, run: value)(3, run) == 3 and run.done
+    # a run that a second Run press replaced shows nothing: its "Stopped" would sit under the new run's progress
+    running, finished = Run(), Run(done=True)
+    assert arm(running).done is False and arm(finished).done is False
+    assert running.replaced and running.cancel.is_set() and not finished.replaced
+    skipped = guarded(lambda value, run: ("**Stopped:** cancelled.", value))(3, running)
+    assert all(isinstance(update, type(gr.skip())) for update in skipped) and len(skipped) == 2
+    assert guarded(lambda value, run: ("**Stopped:** cancelled.", value))(3, finished) == ("**Stopped:** cancelled.", 3)
 
 
 def test_noise_source_needs_no_iterations(served):
@@ -240,9 +250,10 @@ def test_attention_maps_of_a_test_image_and_clear_errors(served):
     assert [trace["type"] for trace in figure["data"]] == ["heatmap", "heatmap", "scatter", "heatmap", "scatter"]
     assert "enhanced" in json.dumps(figure["layout"]["annotations"])
     plot, message = client.predict("test set", 12_000, 2, "bwd", "CLS token", "5", api_name="/attention")
-    assert plot is None and message.startswith("**Error:**") and "from 0 to 9,999 (got 12000)" in message
+    kept = {"__type__": "update"}  # no new figure: the last maps stay on the page beside the message
+    assert plot == kept and message.startswith("**Error:**") and "from 0 to 9,999 (got 12000)" in message
     plot, message = client.predict("test set", 2.5, 2, "bwd", "CLS token", "5", api_name="/attention")
-    assert plot is None and "the image number must be a whole number from 0 to 9,999 (got 2.5)" in message
+    assert plot == kept and "the image number must be a whole number from 0 to 9,999 (got 2.5)" in message
 
 
 def test_outliers_over_time_calibrate_then_rerun_detection_live(served):

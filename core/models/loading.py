@@ -81,8 +81,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], VimConfig | 
         raise StudioError(f"{_describe(path)} is not a readable safetensors file (truncated or corrupt: "
                           f"{str(err)[:120]})") from None
     if metadata.get("format", "").startswith(PACKED_FORMAT_PREFIX):
-        raise StudioError(f"{_describe(path)} is a packed (integer) OuroMamba model, not a float checkpoint: load it "
-                          "with core.quant.packed.load_packed; quantizing starts from the float model")
+        raise StudioError(f"{_describe(path)} is a packed (integer) OuroMamba model, not a float checkpoint: "
+                          "quantizing and evaluating start from the float checkpoint it was made from (in Python, "
+                          "core.quant.packed.load_packed reads packed files)")
     config = None
     if CONFIG_METADATA_KEY in metadata:
         try:
