@@ -126,7 +126,7 @@ def test_the_html_report_draws_the_newest_runs_site_errors():
     headings = page.split("<h3>")[1:]
     assert all(" images of " in heading.split("</h3>")[0] for heading in headings)  # what each top-1 was scored on
     assert "td:nth-last-child(-n+2)" in page  # the config and file columns wrap instead of widening the page
-    drawn = [f"#{i + 1} ouromamba W4A4O8: top-1 {60.0 + i:.2f} %" for i in range(len(records))]
+    drawn = [f"#{i + 1} ouromamba W4A4O8 real×8: top-1 {60.0 + i:.2f} %" for i in range(len(records))]
     shown = sorted((label for label in drawn if label in page), key=page.index)
     assert shown == drawn[-1:1:-2]  # the newest measured runs, newest first
     assert '"label":"layer 1"' in page  # the diagram's layer menu
