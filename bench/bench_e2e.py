@@ -34,7 +34,7 @@ latency (> 1: faster), ``vs_fp16_fused`` the same against ``fp16 fused`` (each w
 each is also timed as a replayed CUDA graph (``graph_ms``, ``graph_vs_…`` against the baseline's graph): eager
 PyTorch pays Python and launch overhead per kernel, which at these sizes can exceed the GPU work; the graph shows
 what the kernels themselves cost. Stops adding rows when ``--budget-s`` is spent, and says so. Writes
-results/e2e_<gpu>[_<models>].{csv,md}.
+results/e2e_<gpu>[_<models>][_b<batches>].{csv,md} (models and batches named where they are not the defaults).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ the real shape before it is timed (the ``check`` column). Times are medians of `
 microseconds. ``floor_us`` is the time to move the operation's fewest bytes at the copy bandwidth measured at
 start.
 
-Writes results/kernels_<gpu>.{csv,md} and prints a summary last.
+Writes results/kernels_<gpu>[_<sections>][_quick].{csv,md}, the summary under the table, and prints it last.
 """
 
 from __future__ import annotations
