@@ -72,7 +72,8 @@ kernel_tests() {  # one pytest per file, side by side: compiling is most of thei
       tests/test_packed.py::test_packed_default_model_on_cuda_agrees_with_its_simulation
       tests/test_packed.py::test_the_gpu_path_fp16_activations_triton_kernels_and_scan_agrees_with_the_simulation
       tests/test_packed.py::test_the_scan_inputs_go_through_one_kernel_each_when_the_kernels_run
-      tests/test_packed.py::test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logit")
+      tests/test_packed.py::test_detection_runs_in_rounds_where_the_set_seldom_grows_and_changes_no_logit
+      tests/test_packed.py::test_an_empty_batch_gives_no_logits_as_the_float_model_does")
   declare -A pids
   for name in "${!files[@]}"; do
     # shellcheck disable=SC2086 - the packed entry is several test ids

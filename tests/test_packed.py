@@ -298,13 +298,22 @@ def test_a_projection_whose_weight_alone_is_skipped_is_refused_not_packed_withou
 
 
 def test_an_empty_batch_gives_no_logits_as_the_float_model_does():
+    """On CUDA the Triton launches get a grid of 0 programs (Triton's launcher skips those): every path of the
+    packed model, fused and one kernel per operation, fp32 and fp16 activations."""
     torch.manual_seed(0)
     cfg = VimConfig(img_size=16, patch_size=4, stride=4, in_chans=1, num_classes=4, embed_dim=32, depth=1)
-    model = VisionMamba(cfg).eval()
-    qmodel = quantize(model, QuantConfig(reconstruction=STATIC_ONLY), torch.randn(2, 1, 16, 16))
-    empty = torch.zeros(0, 1, 16, 16)
+    model = VisionMamba(cfg).eval().to(DEVICE)
+    qmodel = quantize(model, QuantConfig(reconstruction=STATIC_ONLY), torch.randn(2, 1, 16, 16, device=DEVICE))
+    empty = torch.zeros(0, 1, 16, 16, device=DEVICE)
+    reference, kernels = pack(qmodel, backend="reference"), pack(qmodel, backend="triton")
     with torch.no_grad():
-        assert [tuple(m(empty).shape) for m in (model, qmodel, pack(qmodel))] == [(0, 4)] * 3
+        shapes = [tuple(m(empty).shape) for m in (model, qmodel, reference, kernels)]
+        kernels.fused = False
+        shapes.append(tuple(kernels(empty).shape))
+        kernels.fused = True
+        half = kernels.half_activations()(empty.half())
+    assert shapes == [(0, 4)] * 5
+    assert (half.shape, half.dtype) == ((0, 4), torch.float16)
 
 
 def test_a_skipped_projection_stays_float_and_still_agrees():
