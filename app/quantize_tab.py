@@ -63,7 +63,7 @@ from core.experiments import (
 from core.gen import to_pixels
 from core.observe import WeightGridView, run_layer_sensitivity, suggest_precision, weight_grids
 from core.quant import METHODS, QuantConfig, QuantizedVim, ReconstructionConfig, quantized_sites
-from core.quant.config import parse_overrides, unmatched_patterns
+from core.quant.config import parse_overrides, set_override, unmatched_patterns
 from core.quant.packed import PackedVim, pack, save_packed
 from core.report import FAKE_QUANT_NOTE
 from core.workspace import Workspace
@@ -283,12 +283,25 @@ def overrides_for(ws: Workspace, text: str | None) -> tuple[str, dict[str, dict]
     return json.dumps(kept) if kept else "", {pattern: overrides[pattern] for pattern in gone}
 
 
-def overrides_from_record(record: dict | None) -> str:
-    """The Per-layer overrides text of a shown run's suggestion (unchanged text when it has none)."""
+def overrides_from_record(record: dict | None, text: str | None) -> str:
+    """The Per-layer overrides box with the shown run's suggestion added last, so that its layers win over broader
+    patterns: what was typed or written by the site picker since the run stays (the box used to be replaced by
+    the suggestion, losing it). The box is unchanged, with a note, when there is no suggestion or it is not valid
+    JSON."""
     if not record or not record.get("suggested_overrides"):
         gr.Info("No suggestion to use: run Quantize first, or this run has none (its summary says why).")
         return gr.skip()
-    return json.dumps(record["suggested_overrides"])
+    try:
+        overrides = parse_overrides(text or "")
+    except StudioError as err:
+        gr.Warning(f"Suggestion not added: {err}")
+        return gr.skip()
+    ran_with = record["config"]["overrides"]  # the suggestion repeats the run's own overrides: the box has them
+    for pattern, change in record["suggested_overrides"].items():
+        if ran_with.get(pattern) != change:
+            overrides = set_override(overrides, pattern, change)
+    gr.Info("Suggestion added to Per-layer overrides: press Quantize to measure what it buys.")
+    return json.dumps(overrides)
 
 
 def summary_markdown(shown: Shown, cached: bool) -> str:
@@ -476,7 +489,8 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
     outputs = [summary, sqnr, sensitivity, gallery, record, model_file, weight_site, weight_plot, top_k_plot,
                *site_errors.outputs, weights, top_k]
     wire_run(run_button, cancel_button, gr.State(), quantize_run, inputs, outputs, "quantize")
-    use_suggestion.click(overrides_from_record, record, overrides, api_visibility="private", concurrency_limit=None)
+    use_suggestion.click(overrides_from_record, [record, overrides], overrides, api_visibility="private",
+                         concurrency_limit=None)
     calib_source.change(count_for_source, [calib_source, calib_count], calib_count, api_visibility="private",
                         concurrency_limit=None)
     weight_site.input(weight_figure, [weights, weight_site], weight_plot, api_visibility="private",

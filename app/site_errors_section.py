@@ -28,7 +28,6 @@ from core.errors import StudioError
 from core.quant import QuantConfig
 from core.quant.config import parse_overrides, set_override
 
-RAISED = {"w_bits": 8, "a_bits": 8}  # "keep at 8 bits": the site's weights or activations, whichever it holds
 KEPT_FLOAT = {"skip": True}
 PICKER_HELP = "Pick a site (worst first) to see its layer, then keep it at 8 bits or in floating point."
 
@@ -53,6 +52,11 @@ def site_steps_figure(report: pd.DataFrame | None, site: str | None) -> go.Figur
     site_config = QuantConfig.from_dict(config).for_site(site) if config else None
     window = site_config.n_refresh if site_config is not None and site_config.method == "ouromamba" else None
     return step_sqnr_figure(steps, site, report.attrs.get("images", 0), window)
+
+
+def raised(site: str | None) -> dict[str, int]:
+    """"Keep at 8 bits" for ``site``: the one field that applies there (w_bits on a weight, a_bits elsewhere)."""
+    return {"w_bits": 8} if site and site.endswith(".weight") else {"a_bits": 8}
 
 
 def with_site_override(text: str | None, site: str | None, change: dict) -> tuple[str, str]:
@@ -146,7 +150,7 @@ def build_site_errors_section(overrides: gr.Textbox, depth: int) -> SiteErrorsSe
     layer.input(show_block_diagram, [report, layer, metric], diagram, **private)
     metric.input(recolour, [report, layer, metric], [diagram, site], **private)
     site.input(follow, [report, site, metric], [layer, diagram, steps], **private)
-    raise_button.click(lambda text, picked: with_site_override(text, picked, RAISED), [overrides, site],
+    raise_button.click(lambda text, picked: with_site_override(text, picked, raised(picked)), [overrides, site],
                        [overrides, status], **private)
     float_button.click(lambda text, picked: with_site_override(text, picked, KEPT_FLOAT), [overrides, site],
                        [overrides, status], **private)

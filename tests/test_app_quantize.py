@@ -27,7 +27,7 @@ from app.quantize_tab import (
     runs_file,
     top_k_figure,
 )
-from app.site_errors_section import KEPT_FLOAT, RAISED, site_choices, with_site_override
+from app.site_errors_section import KEPT_FLOAT, raised, site_choices, with_site_override
 from core.cli import main
 from core.error_figures import DEFAULT_METRIC
 from core.errors import StudioError
@@ -146,11 +146,23 @@ def test_run_reports_top1_against_fp_and_is_logged(served, runs: Path):
     assert packed.config.to_dict() == record["config"] and packed.linears["layers:0:in_proj:weight"].w_bits == 4
 
 
-def test_use_suggestion_puts_the_suggested_overrides_in_the_box():
-    suggested = {"layers.0.*": {"w_bits": 8, "a_bits": 8}}
-    assert parse_overrides(overrides_from_record({"suggested_overrides": suggested})) == suggested
+def test_use_suggestion_adds_the_suggested_overrides_to_the_box():
+    ran_with = {"*.out_proj.*": {"k": 2}}
+    record = {"config": {"overrides": ran_with},
+              "suggested_overrides": {**ran_with, "layers.0.*": {"w_bits": 8, "a_bits": 8}}}
+    assert parse_overrides(overrides_from_record(record, json.dumps(ran_with))) == record["suggested_overrides"]
+    # a site the picker kept since the run stays, and the suggestion goes last; pressing twice adds nothing
+    picked = '{"*.out_proj.*": {"k": 2}, "layers.3.fwd.B": {"skip": true}}'
+    text = overrides_from_record(record, picked)
+    assert list(parse_overrides(text).items()) == [*parse_overrides(picked).items(),
+                                                   ("layers.0.*", {"w_bits": 8, "a_bits": 8})]
+    assert overrides_from_record(record, text) == text
+    # the run's own overrides taken out of the box by hand are not put back
+    assert parse_overrides(overrides_from_record(record, "")) == {"layers.0.*": {"w_bits": 8, "a_bits": 8}}
     for nothing in (None, {"suggested_overrides": {}}):  # no run shown, or nothing to suggest: the box stays
-        assert overrides_from_record(nothing) == gr.skip()
+        assert overrides_from_record(nothing, text) == gr.skip()
+    with pytest.warns(UserWarning, match="Suggestion not added: overrides are not valid JSON"):  # gradio's toast
+        assert overrides_from_record(record, '{"layers.0.*": ') == gr.skip()  # a typo is kept, to be fixed
 
 
 def test_a_new_model_takes_out_the_overrides_that_match_none_of_its_sites(served):
@@ -384,8 +396,11 @@ def test_the_site_picker_lists_worst_first_and_writes_overrides():
                                                ("layers.0.in_proj.input: 20.0 dB, 4 bits", "layers.0.in_proj.input"),
                                                ("layers.0.in_proj.weight: n/a, 4 bits", "layers.0.in_proj.weight")]
     assert [site for _, site in site_choices(report, "sqnr_db_vs_fp_model")][0] == "layers.0.in_proj.weight"
-    text, status = with_site_override('{"layers.0.*": {"w_bits": 8}}', "layers.1.fwd.B", RAISED)
-    assert json.loads(text) == {"layers.0.*": {"w_bits": 8}, "layers.1.fwd.B": {"w_bits": 8, "a_bits": 8}}
+    text, status = with_site_override('{"layers.0.*": {"w_bits": 8}}', "layers.1.fwd.B", raised("layers.1.fwd.B"))
+    assert json.loads(text) == {"layers.0.*": {"w_bits": 8}, "layers.1.fwd.B": {"a_bits": 8}}  # the field that applies
+    weight, _ = with_site_override("", "layers.0.in_proj.weight", raised("layers.0.in_proj.weight"))
+    assert json.loads(weight) == {"layers.0.in_proj.weight": {"w_bits": 8}}
+    QuantConfig(overrides=json.loads(weight)).check_overrides(["layers.0.in_proj.weight", "layers.0.in_proj.input"])
     assert "keep `layers.1.fwd.B` at 8 bits" in status
     text, status = with_site_override(text, "layers.1.fwd.B", KEPT_FLOAT)
     assert json.loads(text)["layers.1.fwd.B"] == {"skip": True} and "in floating point" in status
@@ -393,7 +408,7 @@ def test_the_site_picker_lists_worst_first_and_writes_overrides():
     _, status = with_site_override(text, "layers.3.out_proj.input", KEPT_FLOAT)  # the kernels need both or neither
     assert "no packed integer model" in status and "add `layers.3.out_proj.weight` too" in status
     for box, site, expected in (("{oops", "layers.1.fwd.B", "not valid JSON"), ("", None, "quantize first")):
-        unchanged, status = with_site_override(box, site, RAISED)
+        unchanged, status = with_site_override(box, site, raised(site))
         assert isinstance(unchanged, type(gr.skip())) and status.startswith("**Error:**") and expected in status
 
 

@@ -449,6 +449,11 @@ def test_precision_suggestion_raises_the_fewest_layers_that_carry_the_loss():
         "*.out_proj.*": {"skip": True}, "layers.1.*": {"w_bits": 8, "a_bits": 8}}
     already = QuantConfig(w_bits=4, a_bits=4, overrides={"layers.1.*": {"w_bits": 8, "a_bits": 8}})
     assert precision_suggestion(sensitivity_frame([0.0, 3.0]), already) == {}
+    # the run's own pattern for that layer moves last, where a broader pattern after it can no longer lower it
+    lowered = QuantConfig(w_bits=4, a_bits=4, overrides={"layers.1.*": {"a_bits": 6}, "*.in_proj.*": {"w_bits": 4}})
+    suggestion = precision_suggestion(sensitivity_frame([0.0, 3.0]), lowered)
+    assert list(suggestion.items()) == [("*.in_proj.*", {"w_bits": 4}), ("layers.1.*", {"w_bits": 8, "a_bits": 8})]
+    assert QuantConfig(w_bits=4, a_bits=4, overrides=suggestion).for_site("layers.1.in_proj.weight").w_bits == 8
 
 
 def test_suggested_precision_comes_from_calibration_images_without_labels(default_setup):

@@ -16,6 +16,7 @@ from core.eval import Cancelled
 from core.intercept import intercepting
 from core.observe.probe import batches, eval_mode, model_device, vim_of
 from core.quant import QuantConfig, QuantizedVim, quantize
+from core.quant.config import set_override
 from core.quant.model import QuantInterceptor
 
 Progress = Callable[[int, int], None]
@@ -116,8 +117,10 @@ def precision_suggestion(frame: pd.DataFrame, config: QuantConfig, share: float 
             break
         chosen.append(int(layer))
         covered += drop
-    suggested = {**config.overrides, **{f"layers.{layer}.*": {"w_bits": 8, "a_bits": 8} for layer in sorted(chosen)}}
-    return {} if suggested == config.overrides else suggested
+    suggested = config.overrides
+    for layer in sorted(chosen):  # each last, so that a broader pattern of the run's cannot lower it again
+        suggested = set_override(suggested, f"layers.{layer}.*", {"w_bits": 8, "a_bits": 8})
+    return {} if list(suggested.items()) == list(config.overrides.items()) else suggested  # order matters
 
 
 def suggest_precision(qmodel: QuantizedVim, calib_images: torch.Tensor, config: QuantConfig,
