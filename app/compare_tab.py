@@ -25,6 +25,17 @@ def measured_runs(records: list[RunRecord]) -> list[tuple[str, int]]:
     return [(run_label(i, r), i) for i, r in enumerate(records) if r.site_errors.get("rows")][::-1]
 
 
+def kept_pair(choices: list[tuple[str, int]], first: int | None, second: int | None) -> tuple[int | None, int | None]:
+    """The pair to show from ``choices`` (``measured_runs``): the one picked, while both runs are still listed and
+    differ (Refresh used to drop a person's pick), else the two newest, B the newest; (None, None) below two."""
+    listed = {i for _, i in choices}
+    if first in listed and second in listed and first != second:
+        return first, second
+    if len(choices) < 2:
+        return None, None
+    return choices[1][1], choices[0][1]
+
+
 def pair_figure(records: list[RunRecord] | None, first: int | None, second: int | None,
                 metric: str) -> tuple[go.Figure | None, str]:
     """The second run's SQNR minus the first's per layer and tensor, and a one-line status."""
@@ -54,9 +65,9 @@ def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
     """The Compare tab, refreshed on page load, on Refresh and whenever ``updated`` (the Quantize tab's record)
     changes."""
 
-    def show() -> tuple:
+    def show(first: int | None = None, second: int | None = None, metric: str = DEFAULT_METRIC) -> tuple:
         """Status, table, accuracy and latency figures, the CSV / JSON / HTML files of every logged run, the
-        packed models, and the two newest runs with per-site errors as the pair (B the newest)."""
+        packed models, and the pair (``kept_pair``) with its SQNR ``metric``."""
         empty = (runs_frame([]), None, None, None, None, None, None, gr.update(choices=[], value=None),
                  gr.update(choices=[], value=None), gr.skip(), None, NO_PAIR, [])
         try:
@@ -72,11 +83,12 @@ def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
                   f"on the same test images. {FAKE_QUANT_NOTE}")
         models = [r.quantized_model for r in records if r.quantized_model and Path(r.quantized_model).is_file()]
         choices = measured_runs(records)
-        second, first = [i for _, i in choices[:2]] if len(choices) > 1 else (None, None)
-        figure, pair_status = pair_figure(records, first, second, DEFAULT_METRIC)
+        first, second = kept_pair(choices, first, second)
+        metric = metric if metric in METRICS else DEFAULT_METRIC
+        figure, pair_status = pair_figure(records, first, second, metric)
         return (status, runs_frame(records), accuracy_figure(records), latency_figure(records), str(csv_path),
                 str(json_path), str(html_path), models or None, gr.update(choices=choices, value=first),
-                gr.update(choices=choices, value=second), gr.update(value=DEFAULT_METRIC), figure, pair_status,
+                gr.update(choices=choices, value=second), gr.update(value=metric), figure, pair_status,
                 records)
 
     gr.Markdown("## Compare runs")
@@ -103,8 +115,10 @@ def build_compare_tab(runs: Path, updated: gr.JSON) -> None:
     records = gr.State([])
     outputs = [status, table, accuracy, latency, csv_file, json_file, html_file, model_files, first, second, metric,
                pair, pair_status, records]
-    # reading the log is quick: never queue it behind a running quantization
-    gr.on([refresh.click, updated.change], show, None, outputs, api_name="compare", concurrency_limit=None)
+    # reading the log is quick: never queue it behind a running quantization. A new run shows itself against the
+    # run before it; Refresh keeps the pair and the SQNR a person picked
+    gr.on([updated.change], show, None, outputs, api_name="compare", concurrency_limit=None)
+    refresh.click(show, [first, second, metric], outputs, api_visibility="private", concurrency_limit=None)
     gr.on(None, show, None, outputs, api_visibility="private", concurrency_limit=None)  # on page load
     gr.on([first.input, second.input, metric.input], pair_figure, [records, first, second, metric],
           [pair, pair_status], api_visibility="private", concurrency_limit=None)

@@ -17,7 +17,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from app.common import Run
-from app.compare_tab import NO_PAIR, build_compare_tab, measured_runs, pair_figure
+from app.compare_tab import NO_PAIR, build_compare_tab, kept_pair, measured_runs, pair_figure
 from app.quantize_tab import (
     RUNS_DIR_ENV,
     RUNS_FILE,
@@ -591,6 +591,17 @@ def test_the_pair_of_runs_says_when_it_was_measured_on_other_images():
     figure, status = pair_figure(records, 1, 1, "SQNR of the quantizer alone")  # a heatmap of zeros said nothing
     assert figure is None and status.startswith("**Error:**") and "the same run" in status
     assert measured_runs(records) == [("#2 ouromamba W4A8O8", 1), ("#1 ouromamba W4A8O8", 0)]
+
+
+def test_refresh_keeps_the_picked_pair_while_both_runs_are_listed():
+    """Refresh used to put the two newest runs back in place of a person's pick."""
+    choices = [("#5", 4), ("#3", 2), ("#2", 1)]  # measured_runs: newest first
+    assert kept_pair(choices, 1, 2) == (1, 2)  # the pick, as picked (A older here, but any order is a pick)
+    assert kept_pair(choices, 4, 1) == (4, 1)
+    assert kept_pair(choices, None, None) == (2, 4)  # nothing picked: the two newest, B the newest
+    assert kept_pair(choices, 1, 1) == (2, 4)  # the same run twice is no pair
+    assert kept_pair(choices, 3, 4) == (2, 4)  # run #4 measured no site errors (or the log was replaced)
+    assert kept_pair(choices[:1], 4, None) == (None, None)
 
 
 def test_picking_a_smaller_set_lowers_the_calibration_count(tmp_path: Path):
