@@ -24,8 +24,19 @@ def test_info_on_default_model(capsys):
 
 
 def test_eval_subset(capsys):
+    """Batches of 7 over 20 images (the last one short): the printed count is the model's own argmax over the
+    first 20 test images, in one batch."""
+    import torch
+
+    from core.data import load_fashion_mnist
+    from core.default_model import load_default_model
     assert main(["eval", "--limit", "20", "--batch-size", "7"]) == 0
-    assert '"total": 20' in capsys.readouterr().out
+    printed = json.loads(capsys.readouterr().out)
+    test = load_fashion_mnist("test")
+    with torch.no_grad():
+        correct = int((load_default_model()[0](test.normalized(0, 20)).argmax(-1) == test.labels[:20]).sum())
+    assert printed["total"] == 20 and printed["correct"] == correct
+    assert printed["top1"] == pytest.approx(100 * correct / 20)
 
 
 def test_generate_saves_a_set_and_counts_hits_only_where_there_are_targets(tmp_path: Path, capsys):

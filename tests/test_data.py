@@ -80,6 +80,10 @@ def test_image_folder_with_vim_eval_transform(tmp_path: Path):
     assert folder.classes == ["cat", "dog"] and len(folder) == 2
     x, label = folder[1]
     assert x.shape == (3, 224, 224) and label == 1
+    # one colour, resized and cropped, stays that colour: ImageNet's normalization of (10, 200, 30) everywhere
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    expected = (torch.tensor([10.0, 200.0, 30.0]) / 255 - mean) / std
+    assert torch.allclose(x, expected[:, None, None].expand_as(x), atol=1e-5)
     resize = vim_eval_transform().transforms[0]
     assert resize.size == 256 and resize.interpolation.value == "bicubic"
 

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from core.cli import main
-from core.data import calibration_images
+from core.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, calibration_images, load_fashion_mnist
+from core.data.fashion_mnist import VALIDATION_SIZE
 from core.errors import StudioError
 
 
@@ -16,6 +17,11 @@ def test_real_and_noise_sets_are_seeded_and_shaped():
     real = calibration_images("real", 6, seed=3)
     assert real.shape == (6, 1, 28, 28) and torch.equal(real, calibration_images("real", 6, seed=3))
     assert not torch.equal(real, calibration_images("real", 6, seed=4))
+    # each is a training image, normalized, from before the held-out validation images
+    train = load_fashion_mnist("train")
+    pool = train.images[:len(train) - VALIDATION_SIZE].flatten(1)
+    pixels = torch.round((real * FASHION_MNIST_STD + FASHION_MNIST_MEAN) * 255).to(torch.uint8).flatten(1)
+    assert all((pool == image).all(1).any() for image in pixels)
     noise = calibration_images("noise", 4, seed=0)
     assert noise.shape == (4, 1, 28, 28) and torch.equal(noise, calibration_images("noise", 4, seed=0))
 
@@ -25,6 +31,12 @@ def test_folder_source_and_its_errors(tmp_path: Path):
         Image.new("RGB", (40 + i, 30), (i * 50, 100, 200)).save(tmp_path / f"im{i}.png")
     images = calibration_images(str(tmp_path), 2, seed=0)
     assert images.shape == (2, 1, 28, 28)
+    # one colour each: its grey level (ITU-R 601-2, as PIL converts), normalized as Fashion-MNIST
+    grey = [round((i * 50 * 299 + 100 * 587 + 200 * 114) / 1000) for i in range(3)]
+    for image in images:
+        level = image.flatten()[0] * FASHION_MNIST_STD + FASHION_MNIST_MEAN
+        assert torch.equal(image, torch.full_like(image, image.flatten()[0]))
+        assert min(abs(float(level) * 255 - g) for g in grey) < 1e-3
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(StudioError, match="not a readable image"):
         calibration_images(str(tmp_path), 4, seed=0)

@@ -91,6 +91,7 @@ def test_every_candidate_of_every_detecting_kernel_writes_the_fixed_rules_values
                                tune=True)]
     assert torch.equal(tuned[0], fixed[0])
     for got, want in ((tuned[1], fixed[1]), (tuned[2][0], fixed[2][0])):
+        assert [a is None for a in got] == [b is None for b in want]  # lean: the same buffers left out
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True) if a is not None)
     assert torch.equal(tuned[2][1], fixed[2][1])
     assert len(recording_tuner.choices()) == 4  # detect_quant's, Δ's, the merge's and the norm's shapes

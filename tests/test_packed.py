@@ -325,7 +325,8 @@ def test_a_skipped_projection_stays_float_and_still_agrees():
     qmodel = quantize(model, config, images)
     packed = pack(qmodel)
     assert "layers:1:out_proj:weight" not in packed.linears
-    assert packed.model.layers[1].mixer.out_proj.weight is not None
+    assert torch.equal(packed.model.layers[1].mixer.out_proj.weight, model.layers[1].mixer.out_proj.weight)
+    assert packed.model.layers[0].mixer.out_proj.weight is None  # the packed one keeps only its codes
     with torch.no_grad():
         simulated = qmodel(images)
         assert torch.linalg.norm(packed(images) - simulated) / torch.linalg.norm(simulated) < 1e-4

@@ -46,11 +46,13 @@ def test_asymmetric_zero_point_by_hand():
 
 
 def test_straight_through_gradients_reach_input_and_scale():
+    """LSQ's scale gradient, by hand: round(x/s) − x/s on the grid, ±qmax where clamped. 0.3/0.5 = 0.6 → 1 gives
+    0.4, −0.8/0.5 = −1.6 → −2 gives −0.4, 5.0/0.5 = 10 clamps to 7 and gives 7: a sum of 7."""
     x = torch.tensor([0.3, -0.8, 5.0], requires_grad=True)
     scale = torch.tensor(0.5, requires_grad=True)
     fake_quant_symmetric(x, scale, 7).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0]  # the clamped element gets none
-    assert scale.grad is not None and scale.grad != 0
+    assert scale.grad.item() == pytest.approx(7.0, abs=1e-6)
 
 
 def test_clip_search_clips_a_gaussian_and_keeps_a_uniform_row():
@@ -134,9 +136,17 @@ def test_release_compatible_trigger_is_batch_wide():
 
 
 def test_strip_outliers_zeroes_flags_for_the_rest_of_the_window():
+    """The 40 planted at step τ in channel 3τ mod 32 is zeroed from τ to its window's end (and not after); every
+    value it keeps is x's own."""
     x = planted(batch=1)
     stripped = strip_outliers(x, 3.0, 10)
     assert stripped[0, 0, 0] == 0 and stripped[0, 5, 0] == 0 and stripped[0, 12, 0] != 0
+    expected = torch.zeros_like(x, dtype=torch.bool)  # a 40 lifts mean + 3·std far above every Gaussian value
+    for t in range(30):
+        for tau in range(t - t % 10, t + 1):
+            expected[0, t, (3 * tau) % 32] = True
+    assert torch.equal(stripped == 0, expected)
+    assert torch.equal(stripped[~expected], x[~expected])
 
 
 def test_static_list_misses_a_moving_outlier_that_dynamic_detection_keeps():

@@ -27,11 +27,19 @@ def test_one_training_step_reduces_loss_on_its_batch():
 
 
 def test_augment_shifts_and_flips_within_bounds():
+    """Every output is one of the 9 one-pixel shifts (filled with the batch minimum, 0 here) of the image,
+    flipped or not; 64 draws show shifted and flipped ones besides the image itself."""
     x = torch.arange(16.0).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
     out = augment(x, torch.Generator().manual_seed(0), pad=1)
     assert out.shape == x.shape
     assert set(out.unique().tolist()) <= set(range(16))  # zero-fill uses the batch minimum (0 here)
     assert any(torch.equal(o, x[0].flip(-1)) for o in out) and any(torch.equal(o, x[0]) for o in out)
+    padded = torch.zeros(1, 6, 6)
+    padded[:, 1:5, 1:5] = x[0]
+    shifts = {(dy, dx): padded[:, dy:dy + 4, dx:dx + 4] for dy in range(3) for dx in range(3)}
+    drawn = [next((key, flipped) for key, shifted in shifts.items() for flipped in (False, True)
+                  if torch.equal(o, shifted.flip(-1) if flipped else shifted)) for o in out]
+    assert len({key for key, _ in drawn}) > 5 and {flipped for _, flipped in drawn} == {False, True}
     unflipped = augment(x, torch.Generator().manual_seed(0), pad=0, flip=False)
     assert torch.equal(unflipped, x)
 
