@@ -32,8 +32,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def one_openmp_thread_outside_the_engine() -> None:
+    """Torch's CPU work runs on one engine thread with every core (OMP_NUM_THREADS if given) and every other
+    thread of the server gets one OpenMP thread, so that no second OpenMP team ever competes with it
+    (``app.common.ENGINE``). OpenMP reads its settings once, as torch loads: a process that already imported
+    torch keeps its threads."""
+    if "torch" in sys.modules:
+        return
+    os.environ.setdefault("OUROMAMBA_ENGINE_THREADS",  # app.common.ENGINE_THREADS_ENV (importing it imports torch)
+                          os.environ.get("OMP_NUM_THREADS") or str(len(os.sched_getaffinity(0))))
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    one_openmp_thread_outside_the_engine()
     from app.quantize_tab import runs_file
     from app.ui import DEFAULT_CHECKPOINT, build_app  # imports gradio, so only after the defaults above
     from core.errors import StudioError

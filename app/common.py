@@ -5,6 +5,7 @@ formatting. The session's model and data (a :class:`core.workspace.Workspace`) l
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -12,18 +13,52 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
 import gradio as gr
 import numpy as np
+import torch
 
 from core.data import BUILTIN_SOURCES
 from core.data.calibration import folder_image_files
 from core.errors import StudioError, check_seed
 from core.gen import saved_sets
 from core.workspace import Workspace, fits_fashion_mnist
+
+Value = TypeVar("Value")
+ENGINE_THREADS_ENV = "OUROMAMBA_ENGINE_THREADS"
+
+
+def _start_engine() -> None:
+    """The engine thread's OpenMP threads: ``$OUROMAMBA_ENGINE_THREADS`` (app.py sets it to every core and gives
+    every other thread one), else torch's default. ``torch.set_num_threads`` sets the calling thread's count and
+    the one every thread takes on its first parallel op, which the engine must not hand on: so the engine takes
+    its own first (a thread takes it once), then sets its count, and a passing thread sets the others' back to 1
+    (tests/test_app.py checks the outcome in a fresh process)."""
+    if not (threads := os.environ.get(ENGINE_THREADS_ENV)):
+        return
+    torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    others = threading.Thread(target=torch.set_num_threads, args=(1,))
+    others.start()
+    others.join()
+
+
+ENGINE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ouromamba-engine", initializer=_start_engine)
+"""The one thread that runs the jobs' torch work. OpenMP keeps a team of threads per thread that ran a parallel
+op, for that thread's life; with a second team alive (a Gradio worker thread that ran one job, idle, and another
+running the next) libgomp counts more threads than cores and puts its threads to sleep between ops, so the
+default model's many small ops ran 3–5× slower in the served app than in one process (the default Quantize run:
+201 s served, 89 s called directly; bench/bench_app.py --job quantize). Jobs queue one at a time anyway."""
+
+
+def on_engine(fn: Callable[..., Value], *args: object, **kwargs: object) -> Value:
+    """``fn(*args, **kwargs)`` on :data:`ENGINE`, the caller waiting for it, in the caller's context variables
+    (Gradio's progress bar finds its event through them)."""
+    return ENGINE.submit(contextvars.copy_context().run, fn, *args, **kwargs).result()
 
 
 @dataclass
@@ -55,22 +90,28 @@ def cancel(run: Run | None) -> None:
 
 
 def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.State, job, inputs: list,
-             outputs: list, api_name: str, **queueing: object) -> None:
+             outputs: list, api_name: str, engine: bool = True, **queueing: object) -> None:
     """Run arms a fresh :class:`Run` (instant, never queued), then queues ``job(*inputs, run)``; Cancel sets
     the tab's event. A second Run while a job runs cancels it and runs the job again with the new inputs
     (``trigger_mode="always_last"``: gradio's default dropped the second trigger, so both runs were lost). The
     job follows the queue's default concurrency limit (set where the app is launched) unless ``queueing``
-    (``concurrency_limit``, ``concurrency_id``) says otherwise."""
+    (``concurrency_limit``, ``concurrency_id``) says otherwise, and runs on :data:`ENGINE` unless ``engine`` is
+    False: a job in a lane of its own (loading a model never waits behind a quantization) or a generator that
+    hands its work to the engine itself."""
     run_button.click(arm, run_state, run_state, concurrency_limit=None, api_visibility="private").then(
-        guarded(job), [*inputs, run_state], outputs, api_name=api_name, trigger_mode="always_last", **queueing)
+        guarded(job, engine), [*inputs, run_state], outputs, api_name=api_name, trigger_mode="always_last",
+        **queueing)
     cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
 
 
-def guarded(job: Callable) -> Callable:
+def guarded(job: Callable, engine: bool = False) -> Callable:
     """``job`` (a function or a generator) with what escapes it turned into one line in the page: a
     :class:`StudioError` as it is, anything else (a bug) named with the server log's traceback behind it. What
     the tab shows stays as it was. However it ends, its :class:`Run` (the last argument) is marked done, so that
-    Cancel after a refused input says there is nothing to cancel."""
+    Cancel after a refused input says there is nothing to cancel. ``engine``: a function job runs on
+    :data:`ENGINE`."""
+    if engine and inspect.isgeneratorfunction(job):
+        raise ValueError(f"{job.__name__} is a generator: it hands its torch work to ENGINE itself (on_engine)")
 
     @contextlib.contextmanager
     def reported(args: tuple) -> Iterator[None]:
@@ -106,11 +147,8 @@ def guarded(job: Callable) -> Callable:
     @functools.wraps(job)
     def function(*args, **kwargs):
         with reported(args):
-            return shown(args, job(*args, **kwargs))
+            return shown(args, on_engine(job, *args, **kwargs) if engine else job(*args, **kwargs))
     return function
-
-
-Value = TypeVar("Value")
 
 
 class RecentResults(Generic[Value]):

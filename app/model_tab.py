@@ -197,7 +197,7 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         record = gr.JSON(show_label=False)
     # loading waits for no job (its own queue lane), and two loads never compete for memory
     wire_run(load_button, load_cancel, gr.State(), load, [path, upload, data_folder, data_upload, workspace],
-             [workspace, status], "load_model", concurrency_limit=1, concurrency_id="load")
+             [workspace, status], "load_model", engine=False, concurrency_limit=1, concurrency_id="load")
     default_button.click(use_default, None, [workspace, status], api_name="default_model", concurrency_limit=None)
     wire_run(run_button, cancel_button, gr.State(), run_evaluation, [workspace, count], [result, record], "evaluate")
     workspace.change(lambda ws: (card_markdown(ws), gr.update(**count_box(ws)), "Press **Run** to evaluate it.", None),

@@ -7,7 +7,6 @@ import json
 import queue
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 
 import gradio as gr
@@ -16,6 +15,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.common import (
+    ENGINE,
     RecentResults,
     Run,
     cell,
@@ -266,7 +266,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
             finally:
                 updates.put(None)
 
-        threading.Thread(target=work, daemon=True).start()
+        ENGINE.submit(work)  # this generator yields its updates meanwhile
         history: list[dict[str, float]] = []
         progress(0, desc="Synthesizing")
         while (update := updates.get()) is not None:
@@ -354,7 +354,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
     inputs = [workspace, made_state, source, count, iterations, neighbourhood, top_k, temperature, contrastive_weight,
               output_weight, lr, seed]
     set_outputs = [status, losses, gallery, real, manifest, download, made_state]
-    wire_run(run_button, cancel_button, gr.State(), synthesize, inputs, set_outputs, "synthesize")
+    wire_run(run_button, cancel_button, gr.State(), synthesize, inputs, set_outputs, "synthesize", engine=False)
 
     gr.Markdown("## Implicit-attention maps\n\n" + ATTENTION_EXPLAIN)
     queries, default_query = _query_tokens(cfg)

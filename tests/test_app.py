@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextvars
 import importlib.util
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from dataclasses import replace
@@ -20,7 +23,7 @@ import torch
 from gradio_client import Client
 
 from app import outliers_tab
-from app.common import RecentResults, Run, arm, calibration_choices, clamped, guarded, sets_dir
+from app.common import ENGINE, RecentResults, Run, arm, calibration_choices, clamped, guarded, sets_dir
 from app.synthesize_tab import set_name
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.default_model import load_card
@@ -91,6 +94,61 @@ def test_page_shows_header_and_model_card(served):
                      card["training_command"], f"| **Seed** | {card['seed']} |", f"{card['val_top1']:.2f} %",
                      f"{card['test_top1']:.2f} %"):
         assert expected in texts, expected
+
+
+def test_jobs_run_one_at_a_time_on_the_engine_thread_in_their_callers_context():
+    """Every job's torch work on one thread, wherever Gradio calls it from (its progress bar is found through the
+    caller's context variables); a generator hands its work to the engine itself."""
+    event = contextvars.ContextVar("event", default=None)
+
+    def job(run: Run) -> tuple[str, str | None]:
+        return threading.current_thread().name, event.get()
+
+    def from_a_worker(name: str, results: dict) -> None:
+        event.set(name)
+        results[name] = guarded(job, engine=True)(Run())
+
+    results: dict = {}
+    workers = [threading.Thread(target=from_a_worker, args=(name, results)) for name in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    (first, seen_a), (second, seen_b) = results["a"], results["b"]
+    assert first == second and first.startswith("ouromamba-engine") and (seen_a, seen_b) == ("a", "b")
+    assert guarded(job)(Run())[0] == threading.current_thread().name  # engine=False: where it is called
+
+    def generator(run: Run):
+        yield 1
+
+    with pytest.raises(ValueError, match="generator"):
+        guarded(generator, engine=True)
+    assert ENGINE.submit(lambda: threading.current_thread().name).result() == first
+
+
+def test_the_served_app_gives_the_engine_every_core_and_other_threads_one():
+    """In a fresh process as app.py starts: one OpenMP team (the engine's) and never a second one, whose idle
+    threads made the default Quantize run 2× slower served than called directly (app.common.ENGINE)."""
+    script = f"""
+import importlib.util, threading
+spec = importlib.util.spec_from_file_location("script", {str(ROOT / "app.py")!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.one_openmp_thread_outside_the_engine()
+import torch
+from app.common import on_engine
+engine = on_engine(torch.get_num_threads)
+later = []
+thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+thread.start()
+thread.join()
+torch.randn(2000, 2000).exp()
+print(torch.get_num_threads(), engine, later[0], on_engine(torch.get_num_threads))
+"""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "3"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "3", "1", "3"]  # main, engine, a thread started later, the engine again
 
 
 def test_checkpoint_without_card_shows_its_architecture(tmp_path: Path):
