@@ -400,6 +400,15 @@ def test_state_outliers_sees_every_channel_state_pair_and_calibrates_a_rule(defa
     cfg = model.cfg
     assert states.shape == (3, cfg.seq_len, cfg.d_inner * cfg.d_state)
     assert quantizer.scale.shape == (cfg.seq_len,) and (quantizer.scale > 0).all()
+    # the states are the scan's own (the recorded h of the inspected images), the rule calibrated on the others'
+    site = "layers.1.fwd.h"
+    inspected, calibration = (capture(qmodel, batch, [site], record_states=True)[site].flatten(2)
+                              for batch in (data.normalized(0, 3), images[:6]))
+    assert torch.equal(states, inspected)
+    for values, same in ((calibration, True), (inspected, False)):
+        rule = OutlierAwareQuantizer(4, 8, k=3.0, n_refresh=10)
+        rule.calibrate(values)
+        assert torch.equal(rule.scale, quantizer.scale) is same
     timeline = outlier_timeline(states, rule_of(quantizer, k=3.0, n_refresh=10))
     assert timeline.mask.shape == states.shape
     with pytest.raises(StudioError, match="not a scan-state site"):
