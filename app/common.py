@@ -48,11 +48,12 @@ def _start_engine() -> None:
 
 
 ENGINE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ouromamba-engine", initializer=_start_engine)
-"""The one thread that runs the jobs' torch work. OpenMP keeps a team of threads per thread that ran a parallel
-op, for that thread's life; with a second team alive (a Gradio worker thread that ran one job, idle, and another
-running the next) libgomp counts more threads than cores and puts its threads to sleep between ops, so the
-default model's many small ops ran 3–5× slower in the served app than in one process (the default Quantize run:
-201 s served, 89 s called directly; bench/bench_app.py --job quantize). Jobs queue one at a time anyway."""
+"""The one thread that runs the jobs' torch work, one job after another (on 2 cores jobs side by side only slow
+each other down). OpenMP keeps a team of threads per thread that ran a parallel op, for that thread's life; with a
+second team alive (a Gradio worker thread that ran one job, idle, and another running the next) libgomp counts
+more threads than cores and puts its threads to sleep between ops, so the default model's many small ops ran
+3–5× slower in the served app than in one process: the default Quantize run took 174 s served and 87 s called
+directly, now 90 s and 77 s (``python bench/bench_app.py --job quantize``)."""
 
 
 def on_engine(fn: Callable[..., Value], *args: object, **kwargs: object) -> Value:
