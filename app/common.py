@@ -13,7 +13,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -47,19 +47,46 @@ def _start_engine() -> None:
     others.join()
 
 
-ENGINE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ouromamba-engine", initializer=_start_engine)
-"""The one thread that runs the jobs' torch work, one job after another (on 2 cores jobs side by side only slow
-each other down). OpenMP keeps a team of threads per thread that ran a parallel op, for that thread's life; with a
-second team alive (a Gradio worker thread that ran one job, idle, and another running the next) libgomp counts
-more threads than cores and puts its threads to sleep between ops, so the default model's many small ops ran
-3–5× slower in the served app than in one process: the default Quantize run took 174 s served and 87 s called
-directly, now 90 s and 77 s (``python bench/bench_app.py --job quantize``)."""
+class Engine:
+    """The one thread that runs the jobs' torch work, one job after another (on 2 cores jobs side by side only slow
+    each other down). OpenMP keeps a team of threads per thread that ran a parallel op, for that thread's life;
+    with a second team alive (a Gradio worker thread that ran one job, idle, and another running the next) libgomp
+    counts more threads than cores and puts its threads to sleep between ops, so the default model's many small
+    ops ran 3–5× slower in the served app than in one process: the default Quantize run took 174 s served and 87 s
+    called directly, now 90 s and 77 s (``python bench/bench_app.py --job quantize``)."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ouromamba-engine",
+                                            initializer=_start_engine)
+        self._lock = threading.Lock()
+        self._jobs = 0  # submitted, not finished
+
+    def submit(self, fn: Callable[..., Value], *args: object, **kwargs: object) -> tuple[Future[Value], bool]:
+        """``fn(*args, **kwargs)`` queued on the engine in the caller's context variables (Gradio's progress bar
+        finds its event through them), and whether it waits behind another job."""
+        with self._lock:
+            self._jobs += 1
+            behind = self._jobs > 1
+        future = self._executor.submit(contextvars.copy_context().run, fn, *args, **kwargs)
+        future.add_done_callback(self._finished)
+        return future, behind
+
+    def _finished(self, _: Future) -> None:
+        with self._lock:
+            self._jobs -= 1
+
+    def run(self, fn: Callable[..., Value], *args: object, waiting: Callable[[], object] | None = None,
+            **kwargs: object) -> Value:
+        """``fn(*args, **kwargs)`` on the engine, the caller waiting for it; ``waiting()`` first when another job
+        is ahead of it (the page says so instead of a bar that does not move)."""
+        future, behind = self.submit(fn, *args, **kwargs)
+        if behind and waiting is not None:
+            waiting()
+        return future.result()
 
 
-def on_engine(fn: Callable[..., Value], *args: object, **kwargs: object) -> Value:
-    """``fn(*args, **kwargs)`` on :data:`ENGINE`, the caller waiting for it, in the caller's context variables
-    (Gradio's progress bar finds its event through them)."""
-    return ENGINE.submit(contextvars.copy_context().run, fn, *args, **kwargs).result()
+ENGINE = Engine()
+WAITING = "Waiting for the job ahead of it (this tab's or another's): one job runs at a time"
 
 
 @dataclass
@@ -112,7 +139,7 @@ def guarded(job: Callable, engine: bool = False) -> Callable:
     Cancel after a refused input says there is nothing to cancel. ``engine``: a function job runs on
     :data:`ENGINE`."""
     if engine and inspect.isgeneratorfunction(job):
-        raise ValueError(f"{job.__name__} is a generator: it hands its torch work to ENGINE itself (on_engine)")
+        raise ValueError(f"{job.__name__} is a generator: it hands its torch work to ENGINE itself")
 
     @contextlib.contextmanager
     def reported(args: tuple) -> Iterator[None]:
@@ -148,7 +175,11 @@ def guarded(job: Callable, engine: bool = False) -> Callable:
     @functools.wraps(job)
     def function(*args, **kwargs):
         with reported(args):
-            return shown(args, on_engine(job, *args, **kwargs) if engine else job(*args, **kwargs))
+            if not engine:
+                return shown(args, job(*args, **kwargs))
+            progress = next((arg for arg in args if isinstance(arg, gr.Progress)), None)  # Gradio's, positional
+            waiting = None if progress is None else lambda: progress(0, desc=WAITING)
+            return shown(args, ENGINE.run(job, *args, waiting=waiting, **kwargs))
     return function
 
 

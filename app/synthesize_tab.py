@@ -16,6 +16,7 @@ from plotly.subplots import make_subplots
 
 from app.common import (
     ENGINE,
+    WAITING,
     RecentResults,
     Run,
     cell,
@@ -266,9 +267,9 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
             finally:
                 updates.put(None)
 
-        ENGINE.submit(work)  # this generator yields its updates meanwhile
+        _, behind = ENGINE.submit(work)  # this generator yields its updates meanwhile
         history: list[dict[str, float]] = []
-        progress(0, desc="Synthesizing")
+        progress(0, desc=WAITING if behind else "Synthesizing")
         while (update := updates.get()) is not None:
             history = history[: update.iteration - 1] + [update.losses]
             progress(update.fraction, desc=f"Synthesizing: batch {update.batch + 1}/{update.batches}")

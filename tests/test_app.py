@@ -23,7 +23,17 @@ import torch
 from gradio_client import Client
 
 from app import outliers_tab
-from app.common import ENGINE, RecentResults, Run, arm, calibration_choices, clamped, guarded, sets_dir
+from app.common import (
+    ENGINE,
+    WAITING,
+    RecentResults,
+    Run,
+    arm,
+    calibration_choices,
+    clamped,
+    guarded,
+    sets_dir,
+)
 from app.synthesize_tab import set_name
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.default_model import load_card
@@ -123,7 +133,36 @@ def test_jobs_run_one_at_a_time_on_the_engine_thread_in_their_callers_context():
 
     with pytest.raises(ValueError, match="generator"):
         guarded(generator, engine=True)
-    assert ENGINE.submit(lambda: threading.current_thread().name).result() == first
+    assert ENGINE.submit(lambda: threading.current_thread().name)[0].result() == first
+
+
+def test_a_job_behind_another_says_it_waits_and_runs_after_it():
+    """Jobs take turns on the engine (before it, a Quantize in one tab and a Synthesize in another ran side by
+    side): one that must wait says so on its progress bar rather than sitting at 0."""
+    descriptions: list[str] = []
+
+    class Bar(gr.Progress):
+        def __call__(self, progress: float, desc: str | None = None, **kwargs: object) -> None:
+            descriptions.append(desc)
+
+    def job(bar: gr.Progress, run: Run) -> str:
+        return "done"
+
+    started, release = threading.Event(), threading.Event()
+    ahead, behind = ENGINE.submit(lambda: (started.set(), release.wait(10)))
+    assert not behind and started.wait(10)
+    results: list[str] = []
+    waiting = threading.Thread(target=lambda: results.append(guarded(job, engine=True)(Bar(), Run())))
+    waiting.start()
+    for _ in range(200):  # until it has said so (it cannot run before the release)
+        if descriptions:
+            break
+        threading.Event().wait(0.05)
+    assert descriptions == [WAITING] and not results
+    release.set()
+    waiting.join(10)
+    assert ahead.result() and results == ["done"]
+    assert guarded(job, engine=True)(Bar(), Run()) == "done" and descriptions == [WAITING]  # idle: no wait to say
 
 
 def test_the_served_app_gives_the_engine_every_core_and_other_threads_one():
@@ -136,14 +175,14 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 module.one_openmp_thread_outside_the_engine()
 import torch
-from app.common import on_engine
-engine = on_engine(torch.get_num_threads)
+from app.common import ENGINE
+engine = ENGINE.run(torch.get_num_threads)
 later = []
 thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
 thread.start()
 thread.join()
 torch.randn(2000, 2000).exp()
-print(torch.get_num_threads(), engine, later[0], on_engine(torch.get_num_threads))
+print(torch.get_num_threads(), engine, later[0], ENGINE.run(torch.get_num_threads))
 """
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "3"}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env)
