@@ -132,12 +132,20 @@ def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.Stat
     cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
 
 
+def run_of(args: tuple) -> Run | None:
+    """The :class:`Run` among a job's arguments (Gradio passes the ``gr.Progress`` after it), or None (an API
+    call's job gets None for it)."""
+    return next((arg for arg in args if isinstance(arg, Run)), None)
+
+
 def guarded(job: Callable, engine: bool = False) -> Callable:
     """``job`` (a function or a generator) with what escapes it turned into one line in the page: a
     :class:`StudioError` as it is, anything else (a bug) named with the server log's traceback behind it. What
-    the tab shows stays as it was. However it ends, its :class:`Run` (the last argument) is marked done, so that
-    Cancel after a refused input says there is nothing to cancel. ``engine``: a function job runs on
-    :data:`ENGINE`."""
+    the tab shows stays as it was. However it ends, its :class:`Run` is marked done, so that Cancel after a refused
+    input says there is nothing to cancel. The Run is found among the arguments wherever it sits: Gradio passes a
+    job's ``gr.Progress`` after it, last (looking only at the last argument found no Run in any served job, so a
+    run replaced by a second Run press showed its "Stopped" under the new run's progress). ``engine``: a function
+    job runs on :data:`ENGINE`."""
     if engine and inspect.isgeneratorfunction(job):
         raise ValueError(f"{job.__name__} is a generator: it hands its torch work to ENGINE itself")
 
@@ -154,13 +162,13 @@ def guarded(job: Callable, engine: bool = False) -> Callable:
             raise gr.Error(f"unexpected {type(err).__name__} ({err}); what the tab showed is kept, and the server "
                            "log has the traceback: please report it") from err
         finally:
-            if args and isinstance(args[-1], Run):
-                args[-1].done = True
+            if (run := run_of(args)) is not None:
+                run.done = True
 
     def shown(args: tuple, update: object) -> object:
         """``update``, or nothing at all for a run a second Run press replaced: its 'Stopped' would sit under
         the new run's progress."""
-        if not (args and isinstance(args[-1], Run) and args[-1].replaced):
+        if (run := run_of(args)) is None or not run.replaced:
             return update
         return tuple(gr.skip() for _ in update) if isinstance(update, tuple) else gr.skip()
 

@@ -330,6 +330,29 @@ def test_a_bug_in_a_job_is_one_line_and_the_tab_keeps_what_it_showed():
     assert guarded(lambda value, run: ("**Stopped:** cancelled.", value))(3, finished) == ("**Stopped:** cancelled.", 3)
 
 
+def test_a_replaced_run_shows_nothing_as_gradio_calls_it_with_its_progress_bar_last():
+    """Gradio passes a job's gr.Progress after the Run (helpers.special_args): guarded looked for the Run in the
+    last argument only, so in the page a run replaced by a second Run press put its "Stopped" under the new
+    run's progress, and a refused input left its run armed. Functions (on the engine or not) and generators."""
+    from gradio.helpers import special_args
+
+    def job(value: int, run: Run, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
+        return "**Stopped:** cancelled.", value
+
+    def generator(value: int, run: Run, progress: gr.Progress = gr.Progress()):  # noqa: B008 (gradio's hook)
+        yield "**Stopped:** cancelled.", value
+
+    for wrapped in (guarded(job), guarded(job, engine=True), lambda *a: next(guarded(generator)(*a))):
+        running = Run()
+        arm(running)  # a second press replaced it
+        inputs, progress_index, *_ = special_args(guarded(job), [3, running])
+        assert progress_index == 2 and isinstance(inputs[-1], gr.Progress) and inputs[1] is running
+        assert all(isinstance(update, type(gr.skip())) for update in wrapped(*inputs)) and running.done
+        finished = Run()
+        inputs, *_ = special_args(guarded(job), [4, finished])
+        assert wrapped(*inputs) == ("**Stopped:** cancelled.", 4) and finished.done
+
+
 def test_noise_source_needs_no_iterations(served):
     _, client = served
     status, losses, gallery, real, manifest, _ = client.predict(
