@@ -117,18 +117,22 @@ def cancel(run: Run | None) -> None:
     gr.Info("Cancelling: the job stops at its next step.")
 
 
+def on_engine(work: Callable[[], Value], progress: gr.Progress | None = None) -> Value:
+    """``work()`` on :data:`ENGINE`, the caller waiting for it, ``progress`` saying so while another job is ahead.
+    A job hands over its torch work once its inputs are checked and its cache missed, so that a refused input or
+    an answer it already has never waits behind another tab's job."""
+    return ENGINE.run(work, waiting=None if progress is None else lambda: progress(0, desc=WAITING))
+
+
 def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.State, job, inputs: list,
-             outputs: list, api_name: str, engine: bool = True, **queueing: object) -> None:
+             outputs: list, api_name: str, **queueing: object) -> None:
     """Run arms a fresh :class:`Run` (instant, never queued), then queues ``job(*inputs, run)``; Cancel sets
     the tab's event. A second Run while a job runs cancels it and runs the job again with the new inputs
     (``trigger_mode="always_last"``: gradio's default dropped the second trigger, so both runs were lost). The
     job follows the queue's default concurrency limit (set where the app is launched) unless ``queueing``
-    (``concurrency_limit``, ``concurrency_id``) says otherwise, and runs on :data:`ENGINE` unless ``engine`` is
-    False: a job in a lane of its own (loading a model never waits behind a quantization) or a generator that
-    hands its work to the engine itself."""
+    (``concurrency_limit``, ``concurrency_id``) says otherwise; its torch work goes to the engine (``on_engine``)."""
     run_button.click(arm, run_state, run_state, concurrency_limit=None, api_visibility="private").then(
-        guarded(job, engine), [*inputs, run_state], outputs, api_name=api_name, trigger_mode="always_last",
-        **queueing)
+        guarded(job), [*inputs, run_state], outputs, api_name=api_name, trigger_mode="always_last", **queueing)
     cancel_button.click(cancel, run_state, None, concurrency_limit=None, api_visibility="private")
 
 
@@ -138,16 +142,13 @@ def run_of(args: tuple) -> Run | None:
     return next((arg for arg in args if isinstance(arg, Run)), None)
 
 
-def guarded(job: Callable, engine: bool = False) -> Callable:
+def guarded(job: Callable) -> Callable:
     """``job`` (a function or a generator) with what escapes it turned into one line in the page: a
     :class:`StudioError` as it is, anything else (a bug) named with the server log's traceback behind it. What
     the tab shows stays as it was. However it ends, its :class:`Run` is marked done, so that Cancel after a refused
     input says there is nothing to cancel. The Run is found among the arguments wherever it sits: Gradio passes a
     job's ``gr.Progress`` after it, last (looking only at the last argument found no Run in any served job, so a
-    run replaced by a second Run press showed its "Stopped" under the new run's progress). ``engine``: a function
-    job runs on :data:`ENGINE`."""
-    if engine and inspect.isgeneratorfunction(job):
-        raise ValueError(f"{job.__name__} is a generator: it hands its torch work to ENGINE itself")
+    run replaced by a second Run press showed its "Stopped" under the new run's progress)."""
 
     @contextlib.contextmanager
     def reported(args: tuple) -> Iterator[None]:
@@ -183,11 +184,7 @@ def guarded(job: Callable, engine: bool = False) -> Callable:
     @functools.wraps(job)
     def function(*args, **kwargs):
         with reported(args):
-            if not engine:
-                return shown(args, job(*args, **kwargs))
-            progress = next((arg for arg in args if isinstance(arg, gr.Progress)), None)  # Gradio's, positional
-            waiting = None if progress is None else lambda: progress(0, desc=WAITING)
-            return shown(args, ENGINE.run(job, *args, waiting=waiting, **kwargs))
+            return shown(args, job(*args, **kwargs))
     return function
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.common import RecentResults, Run, cell, error, stopped, whole_in_range, wire_run
+from app.common import RecentResults, Run, cell, error, on_engine, stopped, whole_in_range, wire_run
 from core.default_model import CARD_FILE, DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
@@ -156,8 +156,8 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
 
         report(0, count)
         try:
-            result = evaluate(ws.model, data.subset(count), batch_size=BATCH_SIZE, progress=report,
-                              cancel=run.cancel)
+            result = on_engine(lambda: evaluate(ws.model, data.subset(count), batch_size=BATCH_SIZE, progress=report,
+                                                cancel=run.cancel), progress)
         except Cancelled as err:
             return stopped(err), None
         except StudioError as err:
@@ -197,7 +197,7 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         record = gr.JSON(show_label=False)
     # loading waits for no job (its own queue lane), and two loads never compete for memory
     wire_run(load_button, load_cancel, gr.State(), load, [path, upload, data_folder, data_upload, workspace],
-             [workspace, status], "load_model", engine=False, concurrency_limit=1, concurrency_id="load")
+             [workspace, status], "load_model", concurrency_limit=1, concurrency_id="load")
     default_button.click(use_default, None, [workspace, status], api_name="default_model", concurrency_limit=None)
     wire_run(run_button, cancel_button, gr.State(), run_evaluation, [workspace, count], [result, record], "evaluate")
     workspace.change(lambda ws: (card_markdown(ws), gr.update(**count_box(ws)), "Press **Run** to evaluate it.", None),

@@ -25,6 +25,7 @@ from app.common import (
     default_calibration,
     error,
     in_range,
+    on_engine,
     seed_of,
     slider_top,
     stopped,
@@ -310,20 +311,21 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
             key = (ws.fingerprint, a_bits, calib, n_calib, n_images, seed)
             inspection = inspections.get(key)
             if inspection is None:
-                model_cfg = ws.model.cfg
-                progress(0, desc="Calibrating inlier scales")
-                calib_images = calibration_images(calib, n_calib, seed, model_cfg.img_size, model_cfg.in_chans)
-                config = QuantConfig(method="ouromamba", w_bits=4, a_bits=a_bits,
-                                     reconstruction=ReconstructionConfig(epochs=0))
-                qmodel = quantize(ws.model, config, calib_images, cancel=run.cancel,
-                                  progress=lambda stage, done, total, _: progress((done, total), desc=stage))
-                progress(1, desc="Capturing activations")
-                images, described = ws.inspection_images(n_images, seed)
-                label = (f"A{a_bits} inlier scales from {n_calib} {calib} image{'s' if n_calib != 1 else ''} "
-                         f"(seed {seed}); "
-                         f"statistics of {described}")
-                inspection = inspections.put(key, Inspection(qmodel, calib_images, images, label,
-                                                             "test" if ws.data is not None else "noise", a_bits))
+                def work() -> Inspection:
+                    model_cfg = ws.model.cfg
+                    progress(0, desc="Calibrating inlier scales")
+                    calib_images = calibration_images(calib, n_calib, seed, model_cfg.img_size, model_cfg.in_chans)
+                    config = QuantConfig(method="ouromamba", w_bits=4, a_bits=a_bits,
+                                         reconstruction=ReconstructionConfig(epochs=0))
+                    qmodel = quantize(ws.model, config, calib_images, cancel=run.cancel,
+                                      progress=lambda stage, done, total, _: progress((done, total), desc=stage))
+                    progress(1, desc="Capturing activations")
+                    images, described = ws.inspection_images(n_images, seed)
+                    label = (f"A{a_bits} inlier scales from {n_calib} {calib} image{'s' if n_calib != 1 else ''} "
+                             f"(seed {seed}); statistics of {described}")
+                    return Inspection(qmodel, calib_images, images, label, "test" if ws.data is not None else "noise",
+                                      a_bits)
+                inspection = inspections.put(key, on_engine(work, progress))
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip(), gr.skip()
         except StudioError as err:

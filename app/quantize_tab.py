@@ -39,6 +39,7 @@ from app.common import (
     default_calibration,
     error,
     in_range,
+    on_engine,
     seed_of,
     stopped,
     whole_in_range,
@@ -383,7 +384,10 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             desc = "Calibrating" if loss is None else f"Reconstructing (block loss {loss:.3g})"
             progress((done, total), desc=desc, unit="sites" if stage == "calibrate" else "blocks")
 
-        try:
+        sensitivity_images = min(SENSITIVITY_IMAGES, test_count)
+
+        def work() -> tuple:
+            """Everything that computes, on the engine: GPU timings too, with nothing else running."""
             fp_key = (ws.fingerprint, test_count)
             fp = fp_results.get(fp_key)
             if fp is None:
@@ -393,7 +397,6 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                            progress=quantizing, cancel=run.cancel,
                                            eval_progress=evaluating("the quantized model"),
                                            eval_batch_size=BATCH_SIZE, checkpoint=ws.label)
-            sensitivity_images = min(SENSITIVITY_IMAGES, test_count)
             sensitivity = run_layer_sensitivity(result.qmodel, test.normalized(0, sensitivity_images),
                                                 test.labels[:sensitivity_images],
                                                 lambda done, total: progress((done, total), desc="Layer sensitivity",
@@ -401,7 +404,12 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
                                                 run.cancel, BATCH_SIZE)
             progress(1, desc="Mixed-precision suggestion (calibration images)")
             suggestion = suggest_precision(result.qmodel, result.calibration, config, run.cancel, BATCH_SIZE)
-            weights = weight_grids(result.qmodel)
+            model_note, packed = save_integer_model(result.qmodel, result.record, runs)
+            model_note += gpu_kernel_note(ws, packed, test, result.record)
+            return fp, result, sensitivity, suggestion, weight_grids(result.qmodel), model_note
+
+        try:
+            fp, result, sensitivity, suggestion, weights, model_note = on_engine(work, progress)
         except Cancelled as err:
             return stopped(err), *unchanged
         except StudioError as err:
@@ -409,8 +417,6 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
         finally:
             run.done = True
         record, quantized = result.record, result.evaluation
-        model_note, packed = save_integer_model(result.qmodel, record, runs)
-        model_note += gpu_kernel_note(ws, packed, test, record)
         pairs = list(zip(test.labels.tolist(), fp.predictions, quantized.predictions, strict=True))
         changed = changed_images(fp.predictions, quantized.predictions)
         report = site_errors_frame(record)  # the figures show what the record keeps, and the run's steps

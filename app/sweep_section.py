@@ -10,10 +10,20 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import K_RANGE, RecentResults, Run, error, seed_of, stopped, whole_in_range, wire_run
+from app.common import (
+    K_RANGE,
+    RecentResults,
+    Run,
+    error,
+    on_engine,
+    seed_of,
+    stopped,
+    whole_in_range,
+    wire_run,
+)
 from core.data import calibration_images, load_validation
 from core.errors import StudioError
-from core.eval import Cancelled, evaluate
+from core.eval import Cancelled, EvalResult, evaluate
 from core.experiments import threshold_sweep
 from core.quant import QuantConfig, ReconstructionConfig
 from core.workspace import Workspace, architecture, fits_fashion_mnist
@@ -89,16 +99,20 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
                 return f"{status} Cached: swept earlier with the same settings.", sweep_figure(frame), frame
             base = QuantConfig(w_bits=int(w), a_bits=int(a), reconstruction=ReconstructionConfig(
                 epochs=0, seed=seed))
-            validation = load_validation().subset(images)
-            progress(0, desc="FP32 on the validation images")
-            fp = evaluate(ws.model, validation, cancel=run.cancel)
-            cfg = ws.model.cfg
-            calib = calibration_images(source.strip(), count, seed, cfg.img_size, cfg.in_chans)
-            progress((0, len(ks) * len(refreshes)), desc="Sweeping", unit="points")
-            rows = threshold_sweep(ws.model, base, calib, validation, ks, refreshes, fp.top1,
-                                   progress=lambda done, total: progress((done, total), desc="Sweeping",
-                                                                         unit="points"),
-                                   cancel=run.cancel, eval_batch_size=100)
+
+            def work() -> tuple[EvalResult, list[dict]]:
+                validation = load_validation().subset(images)
+                progress(0, desc="FP32 on the validation images")
+                fp = evaluate(ws.model, validation, cancel=run.cancel)
+                cfg = ws.model.cfg
+                calib = calibration_images(source.strip(), count, seed, cfg.img_size, cfg.in_chans)
+                progress((0, len(ks) * len(refreshes)), desc="Sweeping", unit="points")
+                return fp, threshold_sweep(ws.model, base, calib, validation, ks, refreshes, fp.top1,
+                                           progress=lambda done, total: progress((done, total), desc="Sweeping",
+                                                                                 unit="points"),
+                                           cancel=run.cancel, eval_batch_size=100)
+
+            fp, rows = on_engine(work, progress)
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip()
         except StudioError as err:

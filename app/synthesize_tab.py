@@ -355,7 +355,7 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
     inputs = [workspace, made_state, source, count, iterations, neighbourhood, top_k, temperature, contrastive_weight,
               output_weight, lr, seed]
     set_outputs = [status, losses, gallery, real, manifest, download, made_state]
-    wire_run(run_button, cancel_button, gr.State(), synthesize, inputs, set_outputs, "synthesize", engine=False)
+    wire_run(run_button, cancel_button, gr.State(), synthesize, inputs, set_outputs, "synthesize")
 
     gr.Markdown("## Implicit-attention maps\n\n" + ATTENTION_EXPLAIN)
     queries, default_query = _query_tokens(cfg)

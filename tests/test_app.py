@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import zipfile
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from app.common import (
     calibration_choices,
     clamped,
     guarded,
+    on_engine,
     sets_dir,
 )
 from app.synthesize_tab import set_name
@@ -106,17 +108,14 @@ def test_page_shows_header_and_model_card(served):
         assert expected in texts, expected
 
 
-def test_jobs_run_one_at_a_time_on_the_engine_thread_in_their_callers_context():
+def test_torch_work_runs_one_job_at_a_time_on_the_engine_thread_in_its_callers_context():
     """Every job's torch work on one thread, wherever Gradio calls it from (its progress bar is found through the
-    caller's context variables); a generator hands its work to the engine itself."""
+    caller's context variables)."""
     event = contextvars.ContextVar("event", default=None)
-
-    def job(run: Run) -> tuple[str, str | None]:
-        return threading.current_thread().name, event.get()
 
     def from_a_worker(name: str, results: dict) -> None:
         event.set(name)
-        results[name] = guarded(job, engine=True)(Run())
+        results[name] = on_engine(lambda: (threading.current_thread().name, event.get()))
 
     results: dict = {}
     workers = [threading.Thread(target=from_a_worker, args=(name, results)) for name in ("a", "b")]
@@ -126,43 +125,63 @@ def test_jobs_run_one_at_a_time_on_the_engine_thread_in_their_callers_context():
         worker.join()
     (first, seen_a), (second, seen_b) = results["a"], results["b"]
     assert first == second and first.startswith("ouromamba-engine") and (seen_a, seen_b) == ("a", "b")
-    assert guarded(job)(Run())[0] == threading.current_thread().name  # engine=False: where it is called
-
-    def generator(run: Run):
-        yield 1
-
-    with pytest.raises(ValueError, match="generator"):
-        guarded(generator, engine=True)
     assert ENGINE.submit(lambda: threading.current_thread().name)[0].result() == first
 
 
-def test_a_job_behind_another_says_it_waits_and_runs_after_it():
+class _Bar(gr.Progress):
+    """A progress bar that keeps what it was told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.descriptions: list[str | None] = []
+
+    def __call__(self, progress: object, desc: str | None = None, **kwargs: object) -> None:
+        self.descriptions.append(desc)
+
+
+def _engine_held() -> tuple[Future, threading.Event]:
+    """The engine busy with a job that waits for the returned event (set it to let the next ones run)."""
+    started, release = threading.Event(), threading.Event()
+    ahead, behind = ENGINE.submit(lambda: (started.set(), release.wait(60)))
+    assert not behind and started.wait(10)
+    return ahead, release
+
+
+def test_work_behind_another_job_says_it_waits_and_runs_after_it():
     """Jobs take turns on the engine (before it, a Quantize in one tab and a Synthesize in another ran side by
     side): one that must wait says so on its progress bar rather than sitting at 0."""
-    descriptions: list[str] = []
-
-    class Bar(gr.Progress):
-        def __call__(self, progress: float, desc: str | None = None, **kwargs: object) -> None:
-            descriptions.append(desc)
-
-    def job(bar: gr.Progress, run: Run) -> str:
-        return "done"
-
-    started, release = threading.Event(), threading.Event()
-    ahead, behind = ENGINE.submit(lambda: (started.set(), release.wait(10)))
-    assert not behind and started.wait(10)
-    results: list[str] = []
-    waiting = threading.Thread(target=lambda: results.append(guarded(job, engine=True)(Bar(), Run())))
+    bar, results = _Bar(), []
+    ahead, release = _engine_held()
+    waiting = threading.Thread(target=lambda: results.append(on_engine(lambda: "done", bar)))
     waiting.start()
     for _ in range(200):  # until it has said so (it cannot run before the release)
-        if descriptions:
+        if bar.descriptions:
             break
         threading.Event().wait(0.05)
-    assert descriptions == [WAITING] and not results
+    assert bar.descriptions == [WAITING] and not results
     release.set()
     waiting.join(10)
     assert ahead.result() and results == ["done"]
-    assert guarded(job, engine=True)(Bar(), Run()) == "done" and descriptions == [WAITING]  # idle: no wait to say
+    assert on_engine(lambda: "done", bar) == "done" and bar.descriptions == [WAITING]  # idle: nothing to say
+
+
+def test_a_refused_input_or_a_cached_answer_never_waits_behind_another_job(served):
+    """A job checks its inputs and its cache before it hands work to the engine: with the engine busy (another
+    tab's Quantize) both answer at once, where they used to wait for it."""
+    _, client = served
+    client.predict(7, api_name="/evaluate")
+    ahead, release = _engine_held()
+    answers: list = []
+    asking = threading.Thread(target=lambda: answers.extend([client.predict(0, api_name="/evaluate"),
+                                                             client.predict(7, api_name="/evaluate")]))
+    asking.start()
+    asking.join(30)
+    busy = not ahead.done()
+    release.set()
+    ahead.result()
+    assert busy and not asking.is_alive()
+    (refused, record), (_, cached) = answers
+    assert refused.startswith("**Error:**") and record is None and cached["cached"] and cached["total"] == 7
 
 
 def test_the_served_app_gives_the_engine_every_core_and_other_threads_one():
@@ -175,14 +194,14 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 module.one_openmp_thread_outside_the_engine()
 import torch
-from app.common import ENGINE
-engine = ENGINE.run(torch.get_num_threads)
+from app.common import on_engine
+engine = on_engine(torch.get_num_threads)
 later = []
 thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
 thread.start()
 thread.join()
 torch.randn(2000, 2000).exp()
-print(torch.get_num_threads(), engine, later[0], ENGINE.run(torch.get_num_threads))
+print(torch.get_num_threads(), engine, later[0], on_engine(torch.get_num_threads))
 """
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "3"}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -333,7 +352,7 @@ def test_a_bug_in_a_job_is_one_line_and_the_tab_keeps_what_it_showed():
 def test_a_replaced_run_shows_nothing_as_gradio_calls_it_with_its_progress_bar_last():
     """Gradio passes a job's gr.Progress after the Run (helpers.special_args): guarded looked for the Run in the
     last argument only, so in the page a run replaced by a second Run press put its "Stopped" under the new
-    run's progress, and a refused input left its run armed. Functions (on the engine or not) and generators."""
+    run's progress, and a refused input left its run armed. Functions and generators."""
     from gradio.helpers import special_args
 
     def job(value: int, run: Run, progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 (gradio's hook)
@@ -342,7 +361,7 @@ def test_a_replaced_run_shows_nothing_as_gradio_calls_it_with_its_progress_bar_l
     def generator(value: int, run: Run, progress: gr.Progress = gr.Progress()):  # noqa: B008 (gradio's hook)
         yield "**Stopped:** cancelled.", value
 
-    for wrapped in (guarded(job), guarded(job, engine=True), lambda *a: next(guarded(generator)(*a))):
+    for wrapped in (guarded(job), lambda *a: next(guarded(generator)(*a))):
         running = Run()
         arm(running)  # a second press replaced it
         inputs, progress_index, *_ = special_args(guarded(job), [3, running])
