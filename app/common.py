@@ -52,8 +52,8 @@ class Engine:
     each other down). OpenMP keeps a team of threads per thread that ran a parallel op, for that thread's life;
     with a second team alive (a Gradio worker thread that ran one job, idle, and another running the next) libgomp
     counts more threads than cores and puts its threads to sleep between ops, so the default model's many small
-    ops ran 3–5× slower in the served app than in one process: the default Quantize run took 174 s served and 87 s
-    called directly, now 90 s and 77 s (``python bench/bench_app.py --job quantize``)."""
+    ops ran 3–5× slower in the served app than in one process: the default Quantize run took 174–205 s served and
+    87 s called directly, now 79–112 s and 77–89 s (``python bench/bench_app.py --job quantize``, four runs)."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ouromamba-engine",

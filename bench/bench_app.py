@@ -2,7 +2,8 @@
 the page, starts the server and serves the first page; goal: ≤ 15 s on the 2-core CPU), and, with ``--job
 quantize``, to answer the Quantize tab's default run (OuroMamba W4A4O8, 128 real calibration images, 10
 reconstruction epochs, every test image): served (``python app.py`` in its own process, called through the API
-from this one, as a browser would press Quantize) and the same job function called directly in this process.
+from this one, as a browser would press Quantize) and the same job function called directly (a fresh process with
+app.py's threads: one OpenMP thread outside the engine, every core on it).
 
     python bench/bench_app.py [--repeats 3]
     python bench/bench_app.py --job quantize [--test-images 10000]
@@ -80,13 +81,26 @@ def served_app(runs: Path) -> tuple[subprocess.Popen, str]:
     raise StudioError("the app did not serve its page within 120 s")
 
 
+DIRECT = """
+import importlib.util, json, sys, time
+spec = importlib.util.spec_from_file_location("app_script", "app.py")
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+script.one_openmp_thread_outside_the_engine()
+from app.ui import build_app
+from core.workspace import default_workspace
+job = next(f.fn for f in build_app().fns.values() if f.api_name == "quantize").__wrapped__
+start = time.perf_counter()
+summary = job(default_workspace(), *json.loads(sys.argv[1]), None, progress=lambda *args, **kwargs: None)[0]
+print(json.dumps({"seconds": time.perf_counter() - start, "summary": summary}))
+"""
+
+
 def quantize_rows(test_images: int) -> list[dict]:
     """The default Quantize run served (through the API, from this process) and called directly (the job function
-    of the same app in this process's one thread): what serving costs on top of the engine's work."""
+    in a fresh process set up as app.py sets it up, without the server): what serving costs on top of the
+    engine's work."""
     from gradio_client import Client
-
-    from app.ui import build_app
-    from core.workspace import default_workspace
 
     inputs = (*QUANTIZE_DEFAULTS, test_images, "")
     rows = []
@@ -100,11 +114,14 @@ def quantize_rows(test_images: int) -> list[dict]:
         finally:
             server.terminate()
             server.wait()
-        os.environ["OUROMAMBA_RUNS_DIR"] = runs
-        job = next(f.fn for f in build_app().fns.values() if f.api_name == "quantize").__wrapped__
-        start = time.perf_counter()
-        summary = job(default_workspace(), *inputs, None, progress=lambda *args, **kwargs: None)[0]
-        rows.append(("direct: the same job function in one process", time.perf_counter() - start, summary))
+        out = subprocess.run([sys.executable, "-c", DIRECT, json.dumps(inputs)], cwd=ROOT, capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OUROMAMBA_RUNS_DIR": runs})
+        if out.returncode:
+            last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise StudioError(f"the direct run failed (exit {out.returncode}): {last}")
+        direct = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(("direct: the same job function, app.py's threads, no server", direct["seconds"],
+                     direct["summary"]))
     measured = []
     for path, seconds, summary in rows:
         if not (top1 := TOP1.search(summary)):
