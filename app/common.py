@@ -25,6 +25,7 @@ import torch
 from core.data import BUILTIN_SOURCES
 from core.data.calibration import folder_image_files
 from core.errors import StudioError, check_seed
+from core.eval import Cancelled
 from core.gen import saved_sets
 from core.workspace import Workspace, fits_fashion_mnist
 
@@ -76,12 +77,16 @@ class Engine:
             self._jobs -= 1
 
     def run(self, fn: Callable[..., Value], *args: object, waiting: Callable[[], object] | None = None,
-            **kwargs: object) -> Value:
+            cancel: threading.Event | None = None, **kwargs: object) -> Value:
         """``fn(*args, **kwargs)`` on the engine, the caller waiting for it; ``waiting()`` first when another job
-        is ahead of it (the page says so instead of a bar that does not move)."""
+        is ahead of it (the page says so instead of a bar that does not move), and ``cancel`` set meanwhile takes
+        it out of the line (Cancelled) rather than when its turn comes."""
         future, behind = self.submit(fn, *args, **kwargs)
         if behind and waiting is not None:
             waiting()
+        while cancel is not None and not future.running() and not future.done():
+            if cancel.wait(0.1) and future.cancel():
+                raise Cancelled("cancelled while it waited for the job ahead of it")
         return future.result()
 
 
@@ -117,11 +122,13 @@ def cancel(run: Run | None) -> None:
     gr.Info("Cancelling: the job stops at its next step.")
 
 
-def on_engine(work: Callable[[], Value], progress: gr.Progress | None = None) -> Value:
-    """``work()`` on :data:`ENGINE`, the caller waiting for it, ``progress`` saying so while another job is ahead.
-    A job hands over its torch work once its inputs are checked and its cache missed, so that a refused input or
-    an answer it already has never waits behind another tab's job."""
-    return ENGINE.run(work, waiting=None if progress is None else lambda: progress(0, desc=WAITING))
+def on_engine(work: Callable[[], Value], progress: gr.Progress | None = None,
+              cancel: threading.Event | None = None) -> Value:
+    """``work()`` on :data:`ENGINE`, the caller waiting for it, ``progress`` saying so while another job is ahead
+    and ``cancel`` (the tab's) able to take it out of the line. A job hands over its torch work once its inputs
+    are checked and its cache missed, so that a refused input or an answer it already has never waits behind
+    another tab's job."""
+    return ENGINE.run(work, waiting=None if progress is None else lambda: progress(0, desc=WAITING), cancel=cancel)
 
 
 def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.State, job, inputs: list,

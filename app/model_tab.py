@@ -157,7 +157,7 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
         report(0, count)
         try:
             result = on_engine(lambda: evaluate(ws.model, data.subset(count), batch_size=BATCH_SIZE, progress=report,
-                                                cancel=run.cancel), progress)
+                                                cancel=run.cancel), progress, run.cancel)
         except Cancelled as err:
             return stopped(err), None
         except StudioError as err:

@@ -325,7 +325,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                              f"(seed {seed}); statistics of {described}")
                     return Inspection(qmodel, calib_images, images, label, "test" if ws.data is not None else "noise",
                                       a_bits)
-                inspection = inspections.put(key, on_engine(work, progress))
+                inspection = inspections.put(key, on_engine(work, progress, run.cancel))
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip(), gr.skip()
         except StudioError as err:

@@ -409,7 +409,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             return fp, result, sensitivity, suggestion, weight_grids(result.qmodel), model_note
 
         try:
-            fp, result, sensitivity, suggestion, weights, model_note = on_engine(work, progress)
+            fp, result, sensitivity, suggestion, weights, model_note = on_engine(work, progress, run.cancel)
         except Cancelled as err:
             return stopped(err), *unchanged
         except StudioError as err:

@@ -112,7 +112,7 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
                                                                                  unit="points"),
                                            cancel=run.cancel, eval_batch_size=100)
 
-            fp, rows = on_engine(work, progress)
+            fp, rows = on_engine(work, progress, run.cancel)
         except Cancelled as err:
             return stopped(err), gr.skip(), gr.skip()
         except StudioError as err:

@@ -40,6 +40,7 @@ from app.synthesize_tab import set_name
 from app.ui import DEFAULT_CHECKPOINT, build_app
 from core.default_model import load_card
 from core.errors import StudioError
+from core.eval import Cancelled
 from core.gen import GenConfig
 from core.models import create_vim, save_safetensors
 from core.workspace import default_workspace
@@ -163,6 +164,29 @@ def test_work_behind_another_job_says_it_waits_and_runs_after_it():
     waiting.join(10)
     assert ahead.result() and results == ["done"]
     assert on_engine(lambda: "done", bar) == "done" and bar.descriptions == [WAITING]  # idle: nothing to say
+
+
+def test_cancel_takes_a_waiting_job_out_of_the_line_at_once():
+    """Cancel while a job waits behind another stops it there (it used to stop only when its turn came); its work
+    never runs, and the job ahead goes on."""
+    ran, cancel, outcome = [], threading.Event(), []
+    ahead, release = _engine_held()
+
+    def wait_then_record() -> None:
+        try:
+            on_engine(lambda: ran.append(True), _Bar(), cancel)
+        except Cancelled as err:
+            outcome.append(str(err))
+
+    waiting = threading.Thread(target=wait_then_record)
+    waiting.start()
+    cancel.set()
+    waiting.join(10)
+    still_ahead = not ahead.done()
+    release.set()
+    ahead.result()
+    assert still_ahead and not waiting.is_alive() and outcome == ["cancelled while it waited for the job ahead of it"]
+    assert ENGINE.submit(lambda: "next")[0].result() == "next" and ran == []  # the line moves on without it
 
 
 def test_a_refused_input_or_a_cached_answer_never_waits_behind_another_job(served):
