@@ -53,8 +53,7 @@ class Engine:
     each other down). OpenMP keeps a team of threads per thread that ran a parallel op, for that thread's life;
     with a second team alive (a Gradio worker thread that ran one job, idle, and another running the next) libgomp
     counts more threads than cores and puts its threads to sleep between ops, so the default model's many small
-    ops ran 3–5× slower in the served app than in one process: the default Quantize run took 174–205 s served and
-    87 s called directly, now 79–112 s and 77–89 s (``python bench/bench_app.py --job quantize``, four runs)."""
+    ops ran 3–5× slower in the served app than in one process (docs/app.md has the measurements)."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ouromamba-engine",
@@ -62,32 +61,19 @@ class Engine:
         self._lock = threading.Lock()
         self._jobs = 0  # submitted, not finished
 
-    def submit(self, fn: Callable[..., Value], *args: object, **kwargs: object) -> tuple[Future[Value], bool]:
-        """``fn(*args, **kwargs)`` queued on the engine in the caller's context variables (Gradio's progress bar
-        finds its event through them), and whether it waits behind another job."""
+    def submit(self, work: Callable[[], Value]) -> tuple[Future[Value], bool]:
+        """``work()`` queued on the engine in the caller's context variables (Gradio's progress bar finds its event
+        through them), and whether it waits behind another job."""
         with self._lock:
             self._jobs += 1
             behind = self._jobs > 1
-        future = self._executor.submit(contextvars.copy_context().run, fn, *args, **kwargs)
+        future = self._executor.submit(contextvars.copy_context().run, work)
         future.add_done_callback(self._finished)
         return future, behind
 
     def _finished(self, _: Future) -> None:
         with self._lock:
             self._jobs -= 1
-
-    def run(self, fn: Callable[..., Value], *args: object, waiting: Callable[[], object] | None = None,
-            cancel: threading.Event | None = None, **kwargs: object) -> Value:
-        """``fn(*args, **kwargs)`` on the engine, the caller waiting for it; ``waiting()`` first when another job
-        is ahead of it (the page says so instead of a bar that does not move), and ``cancel`` set meanwhile takes
-        it out of the line (Cancelled) rather than when its turn comes."""
-        future, behind = self.submit(fn, *args, **kwargs)
-        if behind and waiting is not None:
-            waiting()
-        while cancel is not None and not future.running() and not future.done():
-            if cancel.wait(0.1) and future.cancel():
-                raise Cancelled("cancelled while it waited for the job ahead of it")
-        return future.result()
 
 
 ENGINE = Engine()
@@ -124,11 +110,17 @@ def cancel(run: Run | None) -> None:
 
 def on_engine(work: Callable[[], Value], progress: gr.Progress | None = None,
               cancel: threading.Event | None = None) -> Value:
-    """``work()`` on :data:`ENGINE`, the caller waiting for it, ``progress`` saying so while another job is ahead
-    and ``cancel`` (the tab's) able to take it out of the line. A job hands over its torch work once its inputs
-    are checked and its cache missed, so that a refused input or an answer it already has never waits behind
-    another tab's job."""
-    return ENGINE.run(work, waiting=None if progress is None else lambda: progress(0, desc=WAITING), cancel=cancel)
+    """``work()`` on :data:`ENGINE`, the caller waiting for it: ``progress`` says so while another job is ahead
+    (rather than a bar that does not move), and ``cancel`` (the tab's) set meanwhile takes it out of the line
+    rather than when its turn comes. A job hands over its torch work once its inputs are checked and its cache
+    missed, so that a refused input or an answer it already has never waits behind another tab's job."""
+    future, behind = ENGINE.submit(work)
+    if behind and progress is not None:
+        progress(0, desc=WAITING)
+    while cancel is not None and not future.running() and not future.done():
+        if cancel.wait(0.1) and future.cancel():
+            raise Cancelled("cancelled while it waited for the job ahead of it")
+    return future.result()
 
 
 def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.State, job, inputs: list,
