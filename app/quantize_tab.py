@@ -284,11 +284,19 @@ def overrides_for(ws: Workspace, text: str | None) -> tuple[str, dict[str, dict]
     return json.dumps(kept) if kept else "", {pattern: overrides[pattern] for pattern in gone}
 
 
+def _followers(overrides: dict[str, dict], pattern: str) -> set[str]:
+    """The patterns after ``pattern``: the ones that win over it where both match."""
+    order = list(overrides)
+    return set(order[order.index(pattern) + 1:])
+
+
 def overrides_from_record(record: dict | None, text: str | None) -> str:
     """The Per-layer overrides box with the shown run's suggestion added last, so that its layers win over broader
     patterns: what was typed or written by the site picker since the run stays (the box used to be replaced by
-    the suggestion, losing it). The box is unchanged, with a note, when there is no suggestion or it is not valid
-    JSON."""
+    the suggestion, losing it). The suggestion repeats the run's own overrides, so what it adds is a pattern that
+    is new, changed, or moved after patterns it used to precede (``precision_suggestion`` puts a raised layer
+    last); the rest is left as the box has it, so overrides taken out by hand stay out. The box is unchanged, with
+    a note, when there is no suggestion or it is not valid JSON."""
     if not record or not record.get("suggested_overrides"):
         gr.Info("No suggestion to use: run Quantize first, or this run has none (its summary says why).")
         return gr.skip()
@@ -297,9 +305,10 @@ def overrides_from_record(record: dict | None, text: str | None) -> str:
     except StudioError as err:
         gr.Warning(f"Suggestion not added: {err}")
         return gr.skip()
-    ran_with = record["config"]["overrides"]  # the suggestion repeats the run's own overrides: the box has them
-    for pattern, change in record["suggested_overrides"].items():
-        if ran_with.get(pattern) != change:
+    ran_with, suggested = record["config"]["overrides"], record["suggested_overrides"]
+    for pattern, change in suggested.items():
+        kept = ran_with.get(pattern) == change  # then it is the run's own, and ran_with has it
+        if not kept or _followers(suggested, pattern) & set(ran_with) != _followers(ran_with, pattern):
             overrides = set_override(overrides, pattern, change)
     gr.Info("Suggestion added to Per-layer overrides: press Quantize to measure what it buys.")
     return json.dumps(overrides)

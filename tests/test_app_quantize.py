@@ -159,6 +159,11 @@ def test_use_suggestion_adds_the_suggested_overrides_to_the_box():
     assert overrides_from_record(record, text) == text
     # the run's own overrides taken out of the box by hand are not put back
     assert parse_overrides(overrides_from_record(record, "")) == {"layers.0.*": {"w_bits": 8, "a_bits": 8}}
+    # a layer the run already raised, but before a broader pattern that lowered it again: the suggestion moves it last
+    lowered = {"layers.1.*": {"w_bits": 8, "a_bits": 8}, "*.in_proj.*": {"w_bits": 4}}
+    moved = {"config": {"overrides": lowered},
+             "suggested_overrides": {"*.in_proj.*": {"w_bits": 4}, "layers.1.*": {"w_bits": 8, "a_bits": 8}}}
+    assert list(parse_overrides(overrides_from_record(moved, json.dumps(lowered)))) == ["*.in_proj.*", "layers.1.*"]
     for nothing in (None, {"suggested_overrides": {}}):  # no run shown, or nothing to suggest: the box stays
         assert overrides_from_record(nothing, text) == gr.skip()
     with pytest.warns(UserWarning, match="Suggestion not added: overrides are not valid JSON"):  # gradio's toast
