@@ -90,13 +90,52 @@ class Run:
     replaced: bool = False  # cancelled by a second Run press: the page belongs to the new run
 
 
-def arm(previous: Run | None) -> Run:
+class OpenRuns:
+    """Each page's runs that have not finished, by Gradio session, so that closing or reloading the page cancels
+    them: their results would show nowhere, and a closed page's Quantize would hold the engine, and every other
+    page's jobs behind it, for a minute and a half."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, list[Run]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, session: str, run: Run) -> None:
+        with self._lock:
+            self._runs[session] = [*(live for live in self._runs.get(session, []) if not live.done), run]
+
+    def close(self, session: str) -> int:
+        """Cancel the session's unfinished runs and forget the session; how many were cancelled."""
+        with self._lock:
+            runs = [run for run in self._runs.pop(session, []) if not run.done]
+        for run in runs:
+            run.cancel.set()
+        return len(runs)
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+OPEN_RUNS = OpenRuns()
+
+
+def arm(previous: Run | None, request: gr.Request | None = None) -> Run:
     """A fresh Run for this tab before its job is queued, so Cancel also works while it waits; pressing
-    Run again replaces (cancels) the tab's previous run."""
+    Run again replaces (cancels) the tab's previous run. Gradio passes the ``request``, whose session the run
+    is filed under for :func:`close_session`."""
     if previous is not None:
         previous.replaced = not previous.done
         previous.cancel.set()
-    return Run()
+    run = Run()
+    if request is not None and request.session_hash:
+        OPEN_RUNS.add(request.session_hash, run)
+    return run
+
+
+def close_session(request: gr.Request) -> None:
+    """Gradio's unload hook (the page was closed or reloaded, or lost its connection to the server): its runs
+    are cancelled, each at its next step, or out of the engine's line if it was waiting."""
+    if request.session_hash and (cancelled := OPEN_RUNS.close(request.session_hash)):
+        logging.getLogger("ouromamba.app").info("page closed: %d job(s) cancelled", cancelled)
 
 
 def cancel(run: Run | None) -> None:
@@ -118,9 +157,16 @@ def on_engine(work: Callable[[], Value], progress: gr.Progress | None = None,
     if behind and progress is not None:
         progress(0, desc=WAITING)
     while cancel is not None and not future.running() and not future.done():
-        if cancel.wait(0.1) and future.cancel():
-            raise Cancelled("cancelled while it waited for the job ahead of it")
+        if cancel.wait(0.1):
+            leave_the_line(future)
     return future.result()
+
+
+def leave_the_line(future: Future) -> None:
+    """Take a job whose Cancel was pressed out of the engine's line, with the one line that says so; a job that
+    has started meanwhile goes on, to stop at its own next check."""
+    if future.cancel():
+        raise Cancelled("cancelled while it waited for the job ahead of it")
 
 
 def wire_run(run_button: gr.Button, cancel_button: gr.Button, run_state: gr.State, job, inputs: list,

@@ -7,6 +7,8 @@ import json
 import queue
 import shutil
 import tempfile
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import gradio as gr
@@ -23,6 +25,7 @@ from app.common import (
     clamped,
     error,
     in_range,
+    leave_the_line,
     seed_of,
     sets_dir,
     slider_top,
@@ -32,10 +35,12 @@ from app.common import (
     zoom,
 )
 from core.errors import StudioError
+from core.eval import Cancelled
 from core.gen import (
     GEN_PRESETS,
     OPTIMISED_SOURCES,
     GenConfig,
+    GenProgress,
     GenResult,
     attention_maps,
     generate,
@@ -204,6 +209,17 @@ def _query_position(query: str, cfg: VimConfig) -> int | str:
     return position
 
 
+def next_update(updates: queue.Queue, work: Future, cancel: threading.Event) -> GenProgress | None:
+    """The generation's next progress update, None once it has ended. A Cancel pressed while the work still
+    waits for the engine takes it out of the line (:class:`Cancelled`) rather than when its turn comes."""
+    while True:
+        try:
+            return updates.get(timeout=0.1)
+        except queue.Empty:
+            if cancel.is_set():
+                leave_the_line(work)
+
+
 def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
     """The tab; controls that depend on the architecture (top-K, layer, query token) follow ``workspace``."""
     cfg = startup.model.cfg
@@ -267,18 +283,22 @@ def build_synthesize_tab(workspace: gr.State, startup: Workspace) -> None:
             finally:
                 updates.put(None)
 
-        _, behind = ENGINE.submit(work)  # this generator yields its updates meanwhile
+        future, behind = ENGINE.submit(work)  # this generator yields its updates meanwhile
         history: list[dict[str, float]] = []
         progress(0, desc=WAITING if behind else "Synthesizing")
-        while (update := updates.get()) is not None:
-            history = history[: update.iteration - 1] + [update.losses]
-            progress(update.fraction, desc=f"Synthesizing: batch {update.batch + 1}/{update.batches}")
-            if update.preview is not None:
-                status = (f"Iteration {update.iteration}/{update.iterations} of batch {update.batch + 1}/"
-                          f"{update.batches} · loss {update.losses['total']:.3f}")
-                preview = [(zoom(p), f"#{update.batch * config.batch_size + i}")
-                           for i, p in enumerate(to_pixels(update.preview))]
-                yield status, loss_figure(history, f"losses, batch {update.batch + 1}"), preview, *(gr.skip(),) * 4
+        try:
+            while (update := next_update(updates, future, run.cancel)) is not None:
+                history = history[: update.iteration - 1] + [update.losses]
+                progress(update.fraction, desc=f"Synthesizing: batch {update.batch + 1}/{update.batches}")
+                if update.preview is not None:
+                    status = (f"Iteration {update.iteration}/{update.iterations} of batch {update.batch + 1}/"
+                              f"{update.batches} · loss {update.losses['total']:.3f}")
+                    preview = [(zoom(p), f"#{update.batch * config.batch_size + i}")
+                               for i, p in enumerate(to_pixels(update.preview))]
+                    yield (status, loss_figure(history, f"losses, batch {update.batch + 1}"), preview,
+                           *(gr.skip(),) * 4)
+        except Cancelled as err:  # before its turn came
+            outcome["error"] = err
         run.done = True
         if "error" in outcome:
             failure = outcome["error"]

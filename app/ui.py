@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.common import close_session
 from app.compare_tab import build_compare_tab
 from app.model_tab import build_model_tab, workspace_markdown
 from app.outliers_tab import build_outliers_tab
@@ -65,4 +66,5 @@ def build_app(checkpoint: str | Path = DEFAULT_CHECKPOINT, data_folder: str | Pa
                 record = build_quantize_tab(workspace, startup, runs)
             with gr.Tab("Compare", id="compare"):
                 build_compare_tab(runs, record)
+        demo.unload(close_session)
     return demo

@@ -189,6 +189,74 @@ def test_cancel_takes_a_waiting_job_out_of_the_line_at_once():
     assert ENGINE.submit(lambda: "next")[0].result() == "next" and ran == []  # the line moves on without it
 
 
+def _armed(session: str, previous: Run | None = None) -> Run:
+    """A Run armed as Gradio arms it for a page of the session ``session`` (the request injected by annotation)."""
+    from gradio.helpers import special_args
+
+    inputs, *_ = special_args(arm, [previous], request=gr.Request(session_hash=session))
+    return arm(*inputs)
+
+
+def test_closing_a_page_cancels_its_unfinished_runs_and_no_other_pages(served):
+    """A closed or reloaded page's jobs ran to their end, holding the engine (and every other page's jobs behind
+    it) for a result nobody would see. Gradio's unload hook now cancels them: one waiting for the engine leaves
+    the line at once, one running stops at its next step; finished runs and other pages' runs are left alone."""
+    from gradio.helpers import special_args
+
+    demo, _ = served
+    (unload,) = [block.fn for block in demo.fns.values() if any(t[1] == "unload" for t in block.targets)]
+    finished, waiting, replaced = _armed("closed"), _armed("closed"), _armed("closed")
+    guarded(lambda run: None)(finished)
+    latest = _armed("closed", replaced)  # a second Run press in the same tab: both are the session's
+    elsewhere = _armed("open")
+    outcome: list[str] = []
+    ahead, release = _engine_held()
+
+    def wait_for_the_engine() -> None:
+        try:
+            on_engine(lambda: outcome.append("ran"), _Bar(), waiting.cancel)
+        except Cancelled as err:
+            outcome.append(str(err))
+
+    waiter = threading.Thread(target=wait_for_the_engine)
+    waiter.start()
+    inputs, *_ = special_args(unload, [], request=gr.Request(session_hash="closed"))
+    unload(*inputs)
+    waiter.join(10)
+    still_ahead = not ahead.done()
+    release.set()
+    ahead.result()
+    assert still_ahead and outcome == ["cancelled while it waited for the job ahead of it"]
+    assert waiting.cancel.is_set() and latest.cancel.is_set() and replaced.cancel.is_set()
+    assert not finished.cancel.is_set() and not elsewhere.cancel.is_set()
+    unload(*special_args(unload, [], request=gr.Request(session_hash="closed"))[0])  # twice, or never armed: nothing
+    assert not elsewhere.cancel.is_set()
+
+
+def test_a_synthesis_cancelled_while_it_waits_leaves_the_line_at_once(served):
+    """Synthesize waits for its work's updates rather than for on_engine: a Cancel pressed while another job held
+    the engine used to take effect only when its turn came."""
+    demo, _ = served
+    job = next(f.fn for f in demo.fns.values() if f.api_name == "synthesize")
+    run, bar = Run(), _Bar()
+    ahead, release = _engine_held()
+    updates: list = []
+    waiter = threading.Thread(target=lambda: updates.extend(
+        job(default_workspace(), None, GEN, 2, 3, "5", 12, 0.2, 1, 1, 0.2, 11, run, progress=bar)))
+    waiter.start()
+    for _ in range(200):  # until it is in the line
+        if bar.descriptions:
+            break
+        threading.Event().wait(0.05)
+    run.cancel.set()
+    waiter.join(10)
+    still_ahead = not ahead.done()
+    release.set()
+    ahead.result()
+    assert bar.descriptions == [WAITING] and still_ahead and not waiter.is_alive()
+    assert updates[-1][0] == "**Stopped:** cancelled while it waited for the job ahead of it."
+
+
 def test_a_refused_input_or_a_cached_answer_never_waits_behind_another_job(served):
     """A job checks its inputs and its cache before it hands work to the engine: with the engine busy (another
     tab's Quantize) both answer at once, where they used to wait for it."""

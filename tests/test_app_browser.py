@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
@@ -125,6 +126,28 @@ def test_synthesis_can_be_cancelled(browser: Browser, url: str):
     page.locator("#gen-cancel").click()
     expect(page.locator("#gen-status")).to_contain_text("Stopped", timeout=30_000)
     page.close()
+
+
+def test_closing_a_page_cancels_its_job_and_frees_the_engine(browser: Browser, url: str,
+                                                             caplog: pytest.LogCaptureFixture):
+    """A closed page's long synthesis used to run on, every other page's jobs waiting behind it; Gradio's unload
+    (the page's heartbeat connection dropping) now cancels it, so another page's evaluation runs at once."""
+    caplog.set_level(logging.INFO, logger="ouromamba.app")
+    closing = _open(browser, url, "Synthesize")
+    _type(closing, "gen-count", 8)
+    _type(closing, "gen-iterations", 2000)  # minutes of work
+    closing.locator("#gen-run").click()
+    expect(closing.locator("#gen-status")).to_contain_text("Iteration", timeout=60_000)
+    closing.close()
+    deadline = time.monotonic() + 20
+    while "page closed: 1 job(s) cancelled" not in caplog.messages and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "page closed: 1 job(s) cancelled" in caplog.messages
+    other = _open(browser, url)
+    other.locator("#eval-count input").fill("50")
+    other.locator("#eval-run").click()
+    expect(other.locator("#eval-result")).to_contain_text(TOP1, timeout=30_000)
+    other.close()
 
 
 def test_outliers_heatmap_follows_k(browser: Browser, url: str):
