@@ -8,6 +8,7 @@ with 2, like the CLI.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -47,6 +48,9 @@ def one_openmp_thread_outside_the_engine() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     one_openmp_thread_outside_the_engine()
+    # the server's own notes (a closed page's jobs cancelled) beside gradio's, warnings and errors from everything
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("ouromamba").setLevel(logging.INFO)
     from app.quantize_tab import runs_file
     from app.ui import DEFAULT_CHECKPOINT, build_app  # imports gradio, so only after the defaults above
     from core.errors import StudioError

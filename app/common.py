@@ -111,9 +111,6 @@ class OpenRuns:
             run.cancel.set()
         return len(runs)
 
-    def __len__(self) -> int:
-        return len(self._runs)
-
 
 OPEN_RUNS = OpenRuns()
 
