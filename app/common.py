@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import functools
 import inspect
 import logging
@@ -336,6 +337,22 @@ def slider_top(last: int, first: int = 0) -> int:
     """A slider's maximum for the values first..last: gradio wants maximum > minimum, so a one-layer model's
     slider still offers 0..1, and the job says that 1 is out of range."""
     return max(last, first + 1)
+
+
+def shared_state(value: object) -> gr.State:
+    """A ``gr.State`` whose default ``value`` every new session shares as is (a Workspace: its ``__deepcopy__`` is
+    itself). Gradio builds each new session's config with ``dataclasses.asdict`` of a dataclass default, which
+    deep-copies its fields (the model, the images) only to drop the value: wasted work, and it raises while a job
+    holds the model's autograd graph (OuroMamba-Gen), losing a freshly opened page's first click."""
+    state = gr.State(value)
+
+    def get_config() -> dict:
+        bare = copy.copy(state)
+        bare.value = None
+        return gr.State.get_config(bare)
+
+    state.get_config = get_config
+    return state
 
 
 def in_range(name: str, value: float | None, low: float, high: float) -> float:

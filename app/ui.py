@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.common import close_session
+from app.common import close_session, shared_state
 from app.compare_tab import build_compare_tab
 from app.model_tab import build_model_tab, workspace_markdown
 from app.outliers_tab import build_outliers_tab
@@ -51,7 +51,7 @@ def build_app(checkpoint: str | Path = DEFAULT_CHECKPOINT, data_folder: str | Pa
     startup = default_workspace() if is_default else open_workspace(checkpoint, data_folder)
     with gr.Blocks(title="OuroMamba Studio") as demo:
         gr.Markdown(HEADER, elem_id="header")
-        workspace = gr.State(startup)  # this session's model and data: every tab reads it, Model sets it
+        workspace = shared_state(startup)  # this session's model and data: every tab reads it, Model sets it
         banner = gr.Markdown(workspace_markdown(startup), elem_id="workspace-banner")
         workspace.change(workspace_markdown, workspace, banner, api_visibility="private", concurrency_limit=None)
         with gr.Tabs():

@@ -593,3 +593,21 @@ def test_a_released_outlier_capture_asks_for_a_new_one(monkeypatch):
         assert second.predict(*view, api_name="/outliers_view")[0].startswith("**layers.1.fwd.x_proj.input**")
     finally:
         demo.close()
+
+
+def test_a_new_session_starts_while_a_job_holds_the_models_graph():
+    """Gradio builds each new session's config with dataclasses.asdict on gr.State defaults, which deep-copies
+    the startup Workspace's model (bypassing Workspace.__deepcopy__): while OuroMamba-Gen runs, the model holds
+    non-leaf tensors, the copy raised, and a fresh page's first click was silently lost (a 500 on queue/join)."""
+    from gradio.state_holder import SessionState
+
+    from core.workspace import default_workspace
+
+    demo = build_app()
+    model = default_workspace().model
+    model.in_flight = torch.ones(1, requires_grad=True) * 2  # a non-leaf tensor, as mid-generation
+    try:
+        session = SessionState(demo)
+    finally:
+        del model.in_flight
+    assert session.config_values
