@@ -25,7 +25,7 @@ import torch
 
 from core.data import BUILTIN_SOURCES
 from core.data.calibration import folder_image_files
-from core.errors import StudioError, check_seed
+from core.errors import MAX_SEED, StudioError, check_seed
 from core.eval import Cancelled
 from core.gen import saved_sets
 from core.workspace import Workspace, fits_fashion_mnist
@@ -355,11 +355,16 @@ def shared_state(value: object) -> gr.State:
     return state
 
 
+def _typed(value: float) -> str:
+    """A typed number as the person wrote it, near enough: 257 rather than 257.0, 1e+30 rather than its 31 digits."""
+    return f"{int(value)}" if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
 def in_range(name: str, value: float | None, low: float, high: float) -> float:
     """``value`` when it lies in [low, high], else a one-line :class:`StudioError` that names the setting and its
     range: typed numbers reach the job unchecked, and the tab's status line says what is wrong."""
     if value is None or not low <= value <= high:
-        typed = "nothing" if value is None else int(value) if float(value).is_integer() else value
+        typed = "nothing" if value is None else _typed(value)
         raise StudioError(f"{name} must be from {low:,g} to {high:,g} (got {typed})")
     return value
 
@@ -383,6 +388,8 @@ def seed_of(value: float | None) -> int:
         raise StudioError("the seed needs a value")
     if not float(value).is_integer():
         raise StudioError(f"the seed must be a whole number (got {value})")
+    if not 0 <= value <= MAX_SEED:
+        raise StudioError(f"the seed must be a whole number from 0 to {MAX_SEED:,} (got {_typed(value)})")
     return check_seed(int(value))
 
 

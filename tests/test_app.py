@@ -611,3 +611,15 @@ def test_a_new_session_starts_while_a_job_holds_the_models_graph():
     finally:
         del model.in_flight
     assert session.config_values
+
+
+def test_an_absurd_typed_number_is_echoed_short():
+    """1e308 typed into a number box was echoed as its 309-digit integer expansion in the status line."""
+    from app.common import in_range, seed_of
+    from core.errors import StudioError
+
+    for check in (lambda: in_range("λ output", 1e308, 0, 100), lambda: seed_of(1e30)):
+        with pytest.raises(StudioError, match=r"\(got 1e\+(308|30)\)"):
+            check()
+    with pytest.raises(StudioError, match=r"\(got 257\)"):
+        in_range("images", 257.0, 1, 256)
