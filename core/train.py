@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.arguments import OneLineParser, whole
 from core.data import load_fashion_mnist
 from core.data.fashion_mnist import split_validation
 from core.eval import evaluate, hardware_label
@@ -146,19 +147,20 @@ def _without_budget(argv: list[str], epochs: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m core.train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vim_fmnist_patch4_28_midclstok")
     parser.add_argument("--embed-dim", type=int)
     parser.add_argument("--depth", type=int)
     parser.add_argument("--drop-path", type=float, default=0.05)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=whole(1), default=40)
+    parser.add_argument("--batch-size", type=whole(1), default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-epochs", type=int, default=2)
+    parser.add_argument("--warmup-epochs", type=whole(0), default=2)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shift", type=int, default=2, help="random shifts of up to this many pixels (0: none)")
+    parser.add_argument("--shift", type=whole(0), default=2, help="random shifts of up to this many pixels (0: none)")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                         help="random horizontal flips")
     parser.add_argument("--init", type=Path,

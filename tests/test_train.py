@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -74,3 +75,15 @@ def test_time_budget_uses_the_latest_epochs_pace_and_reproduces_as_an_epoch_coun
     assert epochs_within_budget(history, 0.5) == 2  # already over budget: what ran
     argv = ["--data", "d", "--time-budget-min", "5", "--epochs=60", "--seed", "0"]
     assert _without_budget(argv, 30) == ["--data", "d", "--seed", "0", "--epochs", "30"]
+
+
+def test_a_count_that_trains_nothing_is_one_line_before_any_work(tmp_path: Path, capsys):
+    """--epochs 0 used to load the data, make the folder and end in an IndexError traceback; a batch of 0
+    divided by zero."""
+    for option, value in (("--epochs", "0"), ("--batch-size", "0"), ("--epochs", "1.5")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([option, value, "--out", str(tmp_path / "model")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and option in err and "whole number" in err
+    assert not (tmp_path / "model").exists()
