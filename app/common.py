@@ -296,12 +296,25 @@ def calibration_dropdown(workspace: Workspace, **options) -> gr.Dropdown:
     return box
 
 
+def typed_path(text: str | None) -> str:
+    """A path typed into a box, as a shell would read it: surrounding spaces dropped and ``~`` expanded (it
+    names this server's files; '' when nothing was typed)."""
+    return os.path.expanduser(text.strip()) if text and text.strip() else ""
+
+
+def calibration_source(text: str | None) -> str:
+    """The calibration source a box holds (:func:`typed_path`), or one line asking for one."""
+    if not (source := typed_path(text)):
+        raise StudioError("choose a calibration source: real, noise, or a folder of images")
+    return source
+
+
 def count_for_source(source: str | None, count: float | None) -> int | dict:
     """The calibration-count box after a source is picked: lowered to the size of a smaller folder (a set of 16
     from Synthesize against the default 128: the engine refuses to calibrate on more images than a folder
     holds), with a note; unchanged otherwise."""
-    folder = Path(source or "")
-    if source in BUILTIN_SOURCES or not (source or "").strip() or not folder.is_dir() or count is None:
+    folder = Path(typed_path(source))
+    if source in BUILTIN_SOURCES or not typed_path(source) or not folder.is_dir() or count is None:
         return gr.skip()
     size = len(folder_image_files(folder))
     if not 0 < size < count:

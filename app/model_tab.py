@@ -9,7 +9,17 @@ from pathlib import Path
 
 import gradio as gr
 
-from app.common import RecentResults, Run, cell, error, on_engine, stopped, whole_in_range, wire_run
+from app.common import (
+    RecentResults,
+    Run,
+    cell,
+    error,
+    on_engine,
+    stopped,
+    typed_path,
+    whole_in_range,
+    wire_run,
+)
 from core.default_model import CARD_FILE, DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR
 from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
@@ -108,8 +118,8 @@ def build_model_tab(workspace: gr.State, startup: Workspace) -> None:
                 raise Cancelled(f"loading cancelled after {done:,} of {total:,} images")
             progress((done, total), desc="Reading images", unit="images")
 
-        path = (path or "").strip()
-        folder = data_upload or (data_folder or "").strip() or None
+        path = typed_path(path)
+        folder = data_upload or typed_path(data_folder) or None
         if not upload and not path:
             run.done = True
             images = " (test images load with their model, so they were not read)" if folder else ""

@@ -20,6 +20,7 @@ from app.common import (
     RecentResults,
     Run,
     calibration_dropdown,
+    calibration_source,
     clamped,
     count_for_source,
     default_calibration,
@@ -308,6 +309,7 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
                                   f"of activations (limit {MAX_CAPTURE_BYTES / 1e6:,.0f} MB): use at most "
                                   f"{fits} image{plural}")
             seed = seed_of(seed)
+            calib = calibration_source(calib)
             key = (ws.fingerprint, a_bits, calib, n_calib, n_images, seed)
             inspection = inspections.get(key)
             if inspection is None:

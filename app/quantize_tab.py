@@ -34,6 +34,7 @@ from app.common import (
     RecentResults,
     Run,
     calibration_dropdown,
+    calibration_source,
     cell,
     count_for_source,
     default_calibration,
@@ -371,9 +372,7 @@ def build_quantize_tab(workspace: gr.State, startup: Workspace, runs: Path) -> g
             k = in_range("k", k, *K_RANGE)
             n_refresh = whole_in_range("n_refresh", n_refresh, 1, ws.model.cfg.seq_len)
             seed = seed_of(seed)
-            source = (calib_source or "").strip()
-            if not source:
-                raise StudioError("choose a calibration source: real, noise, or a folder of images")
+            source = calibration_source(calib_source)
             config = QuantConfig(method=method, w_bits=int(w_bits), a_bits=int(a_bits), o_bits=int(o_bits), k=float(k),
                                  n_refresh=int(n_refresh), overrides=parse_overrides(overrides or ""),
                                  reconstruction=ReconstructionConfig(epochs=epochs, seed=seed))

@@ -18,6 +18,7 @@ from app.common import (
     on_engine,
     seed_of,
     stopped,
+    typed_path,
     whole_in_range,
     wire_run,
 )
@@ -91,7 +92,7 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
             count = whole_in_range("calibration images", count, 1, max_calib)
             images = whole_in_range("validation images", images, 1, MAX_VALIDATION)
             seed = seed_of(seed_value)
-            if not (source or "").strip():
+            if not (source := typed_path(source)):
                 raise StudioError("the calibration source (above) needs a value")
             key = json.dumps([ws.fingerprint, w, a, source, count, seed, ks, refreshes, images])
             if (earlier := kept.get(key)) is not None:
@@ -105,7 +106,7 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
                 progress(0, desc="FP32 on the validation images")
                 fp = evaluate(ws.model, validation, cancel=run.cancel)
                 cfg = ws.model.cfg
-                calib = calibration_images(source.strip(), count, seed, cfg.img_size, cfg.in_chans)
+                calib = calibration_images(source, count, seed, cfg.img_size, cfg.in_chans)
                 progress((0, len(ks) * len(refreshes)), desc="Sweeping", unit="points")
                 return fp, threshold_sweep(ws.model, base, calib, validation, ks, refreshes, fp.top1,
                                            progress=lambda done, total: progress((done, total), desc="Sweeping",

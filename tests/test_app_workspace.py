@@ -125,6 +125,20 @@ def test_another_model_with_its_folder_runs_in_every_tab(client: Client, tiny: t
     assert record is None and "real calibration images are Fashion-MNIST" in text
 
 
+def test_typed_paths_expand_the_home_folder_as_a_shell_does(client: Client, tiny: tuple[Path, Path], monkeypatch):
+    """A person types ~/… into a path box as into a shell: the checkpoint, its test images and a calibration folder
+    were reported missing."""
+    checkpoint, folder = tiny
+    monkeypatch.setenv("HOME", str(checkpoint.parent))
+    status = _load(client, " ~/tiny.safetensors ", data="~/data")
+    assert status.startswith("Loaded `") and "tiny.safetensors (sha256 " in status
+    assert client.predict(12, api_name="/evaluate")[1]["total"] == 12
+    ready = client.predict(4, "~/data", 4, 6, 0, api_name="/outliers_prepare")[0]
+    assert ready.startswith("Ready") and str(folder) in ready
+    text, _, _, _, record, *_ = client.predict(*FAST_QUANT[:6], "~/data", *FAST_QUANT[7:], api_name="/quantize")
+    assert record["calibration"]["source"] == str(folder), text  # the record names the folder it read
+
+
 def test_test_images_uploaded_as_a_zip(client: Client, tiny: tuple[Path, Path], tmp_path: Path):
     """What a browser on another machine can do: the folder zipped (under a top folder, as zipping one by hand
     makes), named in the page and the records as the user knows it; a bad archive is one line."""
