@@ -2,6 +2,8 @@
 
 import io
 import math
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -162,6 +164,19 @@ def test_plain_state_dict_and_safetensors_round_trip(tmp_path: Path):
             loaded = load_checkpoint(tmp_path / name)  # architecture inferred / read from metadata
             assert loaded.cfg.num_classes == 7
             assert torch.equal(loaded(x), model(x)), name
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_saved_safetensors_file_has_the_permissions_the_umask_gives(tmp_path: Path, umask: int):
+    """safetensors writes owner-only files (0600): a model saved for a team's shared folder was unreadable there,
+    unlike every other file the studio writes. A crashed save's leftover does not pass its mode on."""
+    (tmp_path / ".m.safetensors.partial").touch(mode=0o600)
+    previous = os.umask(umask)
+    try:
+        path = save_safetensors(tiny(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask and not (tmp_path / ".m.safetensors.partial").exists()
 
 
 def test_other_image_size_resamples_position_embedding(tmp_path: Path):

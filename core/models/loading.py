@@ -175,14 +175,19 @@ def save_safetensors(model: VisionMamba, path: str | Path, metadata: dict[str, s
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
     """One safetensors file at ``path`` (replacing a file there), written beside it first and then renamed: an
-    interrupted or failed save leaves the old file whole. A folder or an unwritable place is one line."""
+    interrupted or failed save leaves the old file whole. Its permissions follow the umask like every other file
+    the studio writes (safetensors' own are owner-only). A folder or an unwritable place is one line."""
     path = Path(path)
     if path.is_dir():
         raise StudioError(f"'{path}' is a folder: give a file name in it")
     partial = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        partial.unlink(missing_ok=True)  # a crashed save's leftover keeps its mode
+        partial.touch()  # created as any file is, under the umask
+        mode = partial.stat().st_mode
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial), metadata=metadata)
+        partial.chmod(mode)
         os.replace(partial, path)
     except (OSError, SafetensorError) as err:
         with contextlib.suppress(OSError):
