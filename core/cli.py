@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="layers of the contrastive loss (default: all)")
     gen.add_argument("--data", help="Fashion-MNIST directory, for --source real")
     gen.add_argument("--out", required=True, help="a new (or empty) folder for the PNGs and manifest.json")
-    quant = command("quantize", "quantize the model and report test top-1 per method and setting", cmd_quantize)
+    quant = command("quantize", "quantize the model and report top-1 (test images, or --eval-split val) per method "
+                    "and setting", cmd_quantize)
     _checkpoint(quant, default_weights)
     quant.add_argument("--method", nargs="+", action=Distinct, default=["ouromamba"], choices=list(METHODS),
                        help="one or more")
