@@ -171,6 +171,16 @@ def misses_figure(misses: pd.DataFrame) -> go.Figure:
     return figure
 
 
+def log_axis(values) -> dict:
+    """A log axis's settings for ``values``: a tick per decade (dtick 1) where they span one, else plotly's own
+    ticks, since a range inside one decade has no decade to label and forced decade ticks left it unlabelled
+    (Ā's calibrated step, nearly constant, drew a line on a bare axis)."""
+    positive = pd.Series(values, dtype=float)
+    positive = positive[positive > 0]
+    spans_a_decade = not positive.empty and positive.max() >= 10 * positive.min()
+    return {"type": "log", **({"dtick": 1} if spans_a_decade else {})}
+
+
 def grid_histogram_figure(view: GridView, quantizer: OutlierAwareQuantizer, title: str) -> go.Figure:
     """The values of the inlier and of the outlier channels in steps of the inlier grid (log counts), with the
     grid's ends: what lies beyond them on an inlier channel is clipped."""
@@ -189,7 +199,7 @@ def grid_histogram_figure(view: GridView, quantizer: OutlierAwareQuantizer, titl
                           text=f"{quantizer.bits}-bit inlier grid: codes {first}…{last}")
     axis = "x / S^I(t) + z(t)" if quantizer.asymmetric else "x / S^I(t)"
     figure.update_layout(title=title, xaxis_title=f"{axis} (steps of the time-step's calibrated inlier grid)",
-                         yaxis={"title": "values", "type": "log", "dtick": 1}, barmode="overlay", height=360,
+                         yaxis={"title": "values", **log_axis(pd.concat([bins["inlier"], bins["outlier"]]))}, barmode="overlay", height=360,
                          margin={"l": 50, "r": 10, "t": 60, "b": 40}, legend={"orientation": "h", "y": -0.25})
     return figure
 
@@ -215,10 +225,12 @@ def grid_steps_figure(view: GridView, quantizer: OutlierAwareQuantizer, n_refres
                        line={"color": "#1f77b4"}, name=f"SQNR, all channels {quantizer.bits}-bit", row=2, col=1)
     for start in range(n_refresh, len(steps), n_refresh):
         figure.add_vline(x=start - 0.5, line={"color": "grey", "width": 1, "dash": "dot"})
-    figure.update_yaxes(type="log", dtick=1, title_text="step size", row=1, col=1)
+    scales = [steps[c] for c in ("static_scale", "token_scale", "inlier_token_scale", "outlier_scale") if c in steps]
+    figure.update_yaxes(**log_axis(pd.concat(scales)), title_text="step size", row=1, col=1)
     figure.update_yaxes(title_text="SQNR (dB)", row=2, col=1)
     figure.update_xaxes(title_text="time-step", row=2, col=1)
-    figure.update_layout(title=f"The grid per time-step, and what the outliers buy ({shown})", height=460,
+    # what was shown goes on a line of its own: "all 32 test images; steps: the largest of them" ran off the figure
+    figure.update_layout(title=f"The grid per time-step, and what the outliers buy<br><sup>{shown}</sup>", height=460,
                          margin={"l": 50, "r": 10, "t": 50, "b": 40}, legend={"orientation": "h", "y": -0.2})
     return figure
 

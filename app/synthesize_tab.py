@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -200,10 +201,10 @@ def _query_position(query: str, cfg: VimConfig) -> int | str:
     """'CLS token' → 'cls', 'patch 30 (…)' → 30, checked against this model's patches."""
     if query == "CLS token":
         return "cls"
-    try:
-        position = int(query.split()[1])
-    except (IndexError, ValueError):
-        raise StudioError(f"the query token must be 'CLS token' or 'patch N', not {query!r}") from None
+    match = re.fullmatch(r"\s*patch\s+(-?\d+)\b.*", query or "", flags=re.DOTALL)
+    if match is None:  # "hello 3" used to be read as patch 3
+        raise StudioError(f"the query token must be 'CLS token' or 'patch N', not {query!r}")
+    position = int(match.group(1))
     if not 0 <= position < cfg.num_patches:
         raise StudioError(f"this model has patches 0–{cfg.num_patches - 1}, not {position}")
     return position

@@ -623,3 +623,46 @@ def test_an_absurd_typed_number_is_echoed_short():
             check()
     with pytest.raises(StudioError, match=r"\(got 257\)"):
         in_range("images", 257.0, 1, 256)
+
+
+def _grid_view(static_scale: list[float]) -> tuple:
+    from types import SimpleNamespace
+
+    from core.observe import GridView
+    n = len(static_scale)
+    steps = pd.DataFrame({"time_step": range(n), "static_scale": static_scale, "token_scale": static_scale,
+                          "inlier_token_scale": static_scale, "outlier_scale": [float("nan")] * n,
+                          "sqnr_db": [20.0] * n, "sqnr_db_without_outliers": [20.0] * n})
+    histogram = pd.DataFrame({"bin_left": [-1.0, 0.0], "bin_right": [0.0, 1.0], "inlier": [500, 700],
+                              "outlier": [0, 0]})
+    quantizer = SimpleNamespace(bits=4, outlier=None, outlier_bits=8, asymmetric=False)
+    return GridView(histogram, steps, (-7, 7), 20.0, 20.0, 0.0), quantizer
+
+
+def test_grid_charts_label_a_log_axis_whose_values_span_less_than_a_decade():
+    """Ā's calibrated step is nearly constant: a log axis forced to decade ticks (dtick 1) had no tick to show,
+    and the step-size panel drew its line on a bare axis; so did a histogram whose counts span under 10×."""
+    view, quantizer = _grid_view([0.0714, 0.0716] * 5)
+    steps = outliers_tab.grid_steps_figure(view, quantizer, 4, "test image #0")
+    assert steps.layout.yaxis.type == "log" and steps.layout.yaxis.dtick is None
+    values = outliers_tab.grid_histogram_figure(view, quantizer, "Values")
+    assert values.layout.yaxis.type == "log" and values.layout.yaxis.dtick is None
+    wide, _ = _grid_view([0.001, 0.1] * 5)  # across decades, a tick per decade as before
+    assert outliers_tab.grid_steps_figure(wide, quantizer, 4, "x").layout.yaxis.dtick == 1
+
+
+def test_grid_steps_title_keeps_what_it_shows_on_a_line_of_its_own():
+    """'(all 32 test images; steps: the largest of them)' ran off the half-width figure's one-line title."""
+    view, quantizer = _grid_view([0.1] * 10)
+    shown = "all 4 test images; steps: the largest of them"
+    title = outliers_tab.grid_steps_figure(view, quantizer, 4, shown).layout.title.text
+    assert title.endswith(f"<br><sup>{shown}</sup>")
+
+
+@pytest.mark.parametrize("query", ["hello 3", "row 3", "3"])
+def test_attention_query_must_name_a_patch(query: str):
+    """A typed query that is not 'CLS token' or 'patch N' is refused (its second word used to be read as N)."""
+    from app.synthesize_tab import _query_position
+    from core.models import VimConfig
+    with pytest.raises(StudioError, match="must be 'CLS token' or 'patch N'"):
+        _query_position(query, VimConfig(img_size=28, patch_size=4, stride=4, in_chans=1, num_classes=10))
