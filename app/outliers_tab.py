@@ -199,7 +199,8 @@ def grid_histogram_figure(view: GridView, quantizer: OutlierAwareQuantizer, titl
                           text=f"{quantizer.bits}-bit inlier grid: codes {first}…{last}")
     axis = "x / S^I(t) + z(t)" if quantizer.asymmetric else "x / S^I(t)"
     figure.update_layout(title=title, xaxis_title=f"{axis} (steps of the time-step's calibrated inlier grid)",
-                         yaxis={"title": "values", **log_axis(pd.concat([bins["inlier"], bins["outlier"]]))}, barmode="overlay", height=360,
+                         yaxis={"title": "values", **log_axis(pd.concat([bins["inlier"], bins["outlier"]]))},
+                         barmode="overlay", height=360,
                          margin={"l": 50, "r": 10, "t": 60, "b": 40}, legend={"orientation": "h", "y": -0.25})
     return figure
 
