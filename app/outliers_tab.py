@@ -171,7 +171,7 @@ def misses_figure(misses: pd.DataFrame) -> go.Figure:
     return figure
 
 
-def log_axis(values) -> dict:
+def log_axis(values: pd.Series) -> dict:
     """A log axis's settings for ``values``: a tick per decade (dtick 1) where they span one, else plotly's own
     ticks, since a range inside one decade has no decade to label and forced decade ticks left it unlabelled
     (Ā's calibrated step, nearly constant, drew a line on a bare axis)."""
