@@ -135,19 +135,27 @@ def _site(layer: int, tensor: str, direction: str) -> str:
     return Site(layer, tensor, None if tensor in SHARED_TENSORS else direction).name
 
 
-def heatmap_figure(x: torch.Tensor, mask: torch.Tensor, image: int | None, n_refresh: int, title: str) -> go.Figure:
-    """|x| (max over images, or one image's) over time-step × channel; detected outlier cells marked."""
+def heatmap_figure(x: torch.Tensor, mask: torch.Tensor, image: int | None, n_refresh: int, title: str,
+                   channels: str = "channel") -> go.Figure:
+    """|x| (max over images, or one image's) over time-step × channel; detected outlier cells marked (over all
+    images: the cells flagged in at least half of them). ``channels`` names the rows (the scan state's are
+    channel × state)."""
     stats = time_channel_stats(x, image)
     grid = stats.pivot(index="channel", columns="time_step", values=stats.columns[-1])
+    magnitude = "|x|" if image is not None else "max |x| over the images"
     figure = go.Figure(go.Heatmap(z=grid.values, x=grid.columns, y=grid.index, colorscale="Viridis",
-                                  colorbar={"title": "|x|"}))
+                                  colorbar={"title": "|x|"},
+                                  hovertemplate=f"time-step %{{x}}<br>{channels} %{{y}}<br>{magnitude} %{{z:.4g}}"
+                                                "<extra></extra>"))
     flagged = (mask[image] if image is not None else mask.float().mean(0) >= 0.5).nonzero()
-    figure.add_scatter(x=flagged[:, 0].tolist(), y=flagged[:, 1].tolist(), mode="markers", name="outlier",
+    figure.add_scatter(x=flagged[:, 0].tolist(), y=flagged[:, 1].tolist(), mode="markers",
+                       name="outlier" if image is not None else "outlier in at least half of the images",
+                       hovertemplate=f"time-step %{{x}}<br>{channels} %{{y}}: outlier<extra></extra>",
                        marker={"symbol": "square-open", "size": 6, "color": "red"})
     for start in range(n_refresh, x.shape[1], n_refresh):
         figure.add_vline(x=start - 0.5, line={"color": "white", "width": 1, "dash": "dot"})
     figure.update_layout(title=title, xaxis_title="time-step (token position along the scan)",
-                         yaxis_title="channel", height=460, margin={"l": 50, "r": 10, "t": 50, "b": 40},
+                         yaxis_title=channels, height=460, margin={"l": 50, "r": 10, "t": 50, "b": 40},
                          legend={"orientation": "h", "y": -0.15})
     return figure
 
@@ -382,18 +390,21 @@ def build_outliers_tab(workspace: gr.State, startup: Workspace) -> None:
         per_token = timeline.steps["outlier_channels"].mean()
         windows = timeline.windows
         moving = ("one window only: nothing to compare" if len(windows) < 2 else
-                  f"{windows['new_channels_vs_previous_window'].mean():.1f} of them new versus the previous window")
+                  f"{count_text(windows['new_channels_vs_previous_window'].mean())} of them new versus the previous "
+                  "window")
         text = (f"**{site}**, {shown}: {count_text(per_token)} of {x.shape[-1]} channels per token are outliers "
                 f"(k = {k:g}, n_refresh = {n_refresh}); a window's O_list holds "
                 f"{count_text(windows['olist_size'].mean())} channels, {moving}, and grows at "
                 f"{count_text(windows['growing_steps'].mean())} of its steps. "
                 f"{static_sentence(static, misses, shown_mask)} {grid_sentence(grid, quantizer)} ({inspection.label}.)")
-        title = f"|x| at {site} ({shown}); red: detected outliers; dotted: window starts"
+        flagged = "detected outliers" if chosen is not None else "outliers in at least half of the images"
+        title = f"|x| at {site} ({shown}); red: {flagged}; dotted: window starts"
         header = {"site": site, "images": pooled, "k": k, "n_refresh": n_refresh, "inlier_bits": quantizer.bits,
                   "capture": inspection.label, **ws.provenance(), **provenance()}
         data = view_csv(csv_folder, header, timeline.steps, grid)
         values_title = f"Values of {site} on the grids ({pooled})"
-        return (text, heatmap_figure(x, mask, chosen, n_refresh, title), windows_figure(timeline.windows),
+        rows = "channel × state" if TENSORS[tensor] == STATE else "channel"
+        return (text, heatmap_figure(x, mask, chosen, n_refresh, title, rows), windows_figure(timeline.windows),
                 misses_figure(misses), grid_histogram_figure(grid, quantizer, values_title),
                 grid_steps_figure(grid, quantizer, n_refresh,
                                   pooled if chosen is not None else f"{pooled}; steps: the largest of them"),

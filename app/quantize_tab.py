@@ -250,7 +250,7 @@ def lowest_sqnr_text(report: pd.DataFrame) -> str:
     parts = []
     for column, what in (("sqnr_db", "alone"), ("sqnr_db_vs_fp_model", "against the FP model")):
         if (row := lowest_site(report, column)) is not None:
-            parts.append(f"`{row['site']}` {row[column]:.1f} dB {what}")
+            parts.append(f"`{row['site']}` {round(row[column], 1) + 0.0:.1f} dB {what}")  # + 0.0: never "-0.0"
     if not parts:
         return "not measured"
     images = report.attrs.get("images")

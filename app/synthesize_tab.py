@@ -187,7 +187,7 @@ def _summary(result: GenResult, workspace: Workspace, folder: Path, cached: bool
             f"{f'{config.iterations} iterations, ' if config.optimised else ''}"
             f"seed {config.seed}, {result.seconds:.1f} s on the CPU.{agreement} Mean FP confidence "
             f"{np.mean(result.confidences):.2f}.{again}\n\nSaved as `{folder}`: pick it as the calibration source "
-            f"in **Quantize**.")
+            f"in **Quantize** or **Outliers over time**.")
 
 
 def _query_tokens(cfg: VimConfig) -> tuple[list[str], str]:

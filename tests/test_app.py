@@ -666,3 +666,19 @@ def test_attention_query_must_name_a_patch(query: str):
     from core.models import VimConfig
     with pytest.raises(StudioError, match="must be 'CLS token' or 'patch N'"):
         _query_position(query, VimConfig(img_size=28, patch_size=4, stride=4, in_chans=1, num_classes=10))
+
+
+def test_the_outlier_heatmap_names_its_axes_and_cells_on_hover():
+    """Hovering a cell said 'trace 0 x: 14 y: 64 z: 0.335'; the scan state's rows are channel × state, not
+    channels; over all images a red square marks a cell flagged in at least half of them, and says so."""
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    mask = torch.zeros(2, 5, 3, dtype=torch.bool)
+    mask[:, 1, 2] = True
+    one = outliers_tab.heatmap_figure(x, mask, 0, 2, "t")
+    heat, marks = one.data
+    assert "time-step %{x}" in heat.hovertemplate and "channel %{y}" in heat.hovertemplate
+    assert "|x| %{z" in heat.hovertemplate and marks.name == "outlier" and (marks.x, marks.y) == ((1,), (2,))
+    pooled = outliers_tab.heatmap_figure(x, mask, None, 2, "t", channels="channel × state")
+    assert pooled.layout.yaxis.title.text == "channel × state"
+    assert "max |x| over the images" in pooled.data[0].hovertemplate
+    assert pooled.data[1].name == "outlier in at least half of the images"

@@ -22,6 +22,7 @@ from app.quantize_tab import (
     RUNS_DIR_ENV,
     RUNS_FILE,
     build_quantize_tab,
+    lowest_sqnr_text,
     overrides_for,
     overrides_from_record,
     runs_file,
@@ -621,3 +622,9 @@ def test_picking_a_smaller_set_lowers_the_calibration_count(tmp_path: Path):
     skipped = gr.skip()
     assert count_for_source(str(tmp_path), 2) == skipped and count_for_source("real", 128) == skipped
     assert count_for_source(str(tmp_path / "missing"), 128) == skipped and count_for_source("", 128) == skipped
+
+
+def test_the_weakest_quantizer_never_reads_minus_zero_db():
+    """A per_tensor run's weakest site at −0.04 dB read '-0.0 dB'; below −0.05 the sign stays."""
+    report = pd.DataFrame({"site": ["a", "b"], "sqnr_db": [-0.04, 3.0], "sqnr_db_vs_fp_model": [-0.3, 1.0]})
+    assert lowest_sqnr_text(report) == "`a` 0.0 dB alone; `a` -0.3 dB against the FP model"
