@@ -42,15 +42,15 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
         "test images": r.test_images, "lowest SQNR": lowest_sqnr_text(r), "calibration": _calibration(r),
         "eval ms / image": _ms_per_image(r),
         "hardware": r.hardware, "method": r.method, "setting": r.setting, "model": r.model, "data": r.data or None,
-        "calibration s": r.calibration_seconds, "date": r.date,
+        "calibration time (s)": r.calibration_seconds, "date": r.date,
         "versions": ", ".join(f"{k} {v}" for k, v in r.versions.items()), "checkpoint": r.checkpoint or None,
         "config": json.dumps(r.config, separators=(",", ":")), "quantized model": r.quantized_model or None,
     } for index, r in enumerate(records)], columns=RUN_COLUMNS)
 
 
 RUN_COLUMNS = ["run", "top-1 (%)", "Δ vs FP", "FP top-1 (%)", "test images", "lowest SQNR", "calibration",
-               "eval ms / image", "hardware", "method", "setting", "model", "data", "calibration s", "date", "versions",
-               "checkpoint", "config", "quantized model"]
+               "eval ms / image", "hardware", "method", "setting", "model", "data", "calibration time (s)", "date",
+               "versions", "checkpoint", "config", "quantized model"]
 
 
 def _series(record: RunRecord, several_models: bool, several_splits: bool) -> str:
@@ -153,7 +153,8 @@ def html_report(records: list[RunRecord], title: str = "OuroMamba Studio: quanti
 body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 table.runs {{ border-collapse: collapse; font-size: 0.85em; }}
 table.runs th, table.runs td {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; }}
-td:nth-last-child(-n+2) {{ font-family: monospace; max-width: 40em; word-break: break-all; }}  /* config, file */
+td:nth-last-child(-n+2) {{ font-family: monospace; min-width: 24em; max-width: 40em; word-break: break-all; }}
+div.scrolls {{ overflow-x: auto; }}  /* a wide table scrolls in place; the page keeps the window's width */
 </style>
 </head>
 <body>
@@ -167,7 +168,7 @@ calibration (source × images, seed), test images, hardware, software versions a
 {latency}
 {errors}
 <h2>Runs</h2>
-{table}
+<div class="scrolls">{table}</div>
 <details><summary>Full records (JSON)</summary><pre>{full}</pre></details>
 </body>
 </html>

@@ -346,6 +346,10 @@ def test_the_html_reports_block_diagram_changes_layer_offline(browser: Browser, 
     diagram = page.locator(".js-plotly-plot").filter(has=page.locator(".updatemenu-container"))
     title = diagram.locator(".gtitle")
     expect(title).to_contain_text("Layer 0: SQNR of the quantizer alone", timeout=20_000)  # _report's lowest
+    # the runs table scrolls in its own box (the page was 2122 px wide) with a readable config column (it was
+    # ~50 px, a few characters a line)
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    assert page.locator("table.runs td:nth-last-child(2)").first.bounding_box()["width"] > 250
     diagram.locator(".updatemenu-header").click()
     diagram.locator(".updatemenu-dropdown-button", has_text="layer 2").click()
     expect(title).to_contain_text("Layer 2: SQNR of the quantizer alone", timeout=10_000)
