@@ -8,6 +8,7 @@ import contextlib
 import contextvars
 import copy
 import functools
+import hashlib
 import inspect
 import logging
 import os
@@ -294,6 +295,18 @@ def calibration_dropdown(workspace: Workspace, **options) -> gr.Dropdown:
                       **options)
     box.focus(lambda: gr.update(choices=calibration_choices()), None, box, api_visibility="private")
     return box
+
+
+def download_file(folder: Path, stem: str, suffix: str, settings: object, text: str) -> Path:
+    """``text`` saved for the page to download as ``folder/<stem>_<digest of settings><suffix>``: one file per
+    distinct result, whatever its date. Written beside and renamed, since the page may be fetching the file that
+    the same result wrote before."""
+    digest = hashlib.sha256(repr(settings).encode()).hexdigest()[:12]
+    path = folder / f"{stem}_{digest}{suffix}"
+    partial = path.with_name(f".{path.name}.{threading.get_ident()}")
+    partial.write_text(text)
+    os.replace(partial, path)
+    return path
 
 
 def typed_path(text: str | None) -> str:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tempfile
-import threading
 from pathlib import Path
 
 import gradio as gr
@@ -24,6 +21,7 @@ from app.common import (
     clamped,
     count_for_source,
     default_calibration,
+    download_file,
     error,
     in_range,
     on_engine,
@@ -249,13 +247,8 @@ def view_csv(folder: Path, header: dict, timeline_steps: pd.DataFrame, grid: Gri
     (``pandas.read_csv(path, comment="#")`` reads the table); one file per distinct view, whatever its date."""
     steps = timeline_steps.merge(grid.steps.drop(columns=["static_scale", "outlier_share"]), on="time_step")
     lines = [f"# {key}: {json.dumps(value) if isinstance(value, dict) else value}" for key, value in header.items()]
-    digest = hashlib.sha256(repr({k: v for k, v in header.items() if k != "date"}).encode()).hexdigest()[:12]
-    path = folder / f"outliers_{header['site']}_{digest}.csv"
-    # written beside and renamed: the same view shown again must not rewrite a file the page may be fetching
-    partial = path.with_name(f".{path.name}.{threading.get_ident()}")
-    partial.write_text("\n".join(lines) + "\n" + steps.to_csv(index=False))
-    os.replace(partial, path)
-    return path
+    return download_file(folder, f"outliers_{header['site']}", ".csv", {k: v for k, v in header.items() if k != "date"},
+                         "\n".join(lines) + "\n" + steps.to_csv(index=False))
 
 
 def count_text(mean: float) -> str:

@@ -5,6 +5,8 @@ costs). The work is ``core.experiments.threshold_sweep``; this module parses, ru
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -14,6 +16,7 @@ from app.common import (
     K_RANGE,
     RecentResults,
     Run,
+    download_file,
     error,
     on_engine,
     seed_of,
@@ -27,11 +30,13 @@ from core.errors import StudioError
 from core.eval import Cancelled, EvalResult, evaluate
 from core.experiments import threshold_sweep
 from core.quant import QuantConfig, ReconstructionConfig
+from core.records import provenance
 from core.workspace import Workspace, architecture, fits_fashion_mnist
 
 MAX_POINTS = 30  # a point takes ~5 s plus ~3 s per 1,000 images on 2 CPU cores (default model)
 MAX_VALIDATION = 5000
 KEPT_SWEEPS = 16
+SHARE_IMAGES = 256  # the 8-bit channel share is measured on the first of the validation images
 EXPLAIN = """\
 **Choose k and n_refresh on validation images.** Each (k, n_refresh) pair calibrates OuroMamba anew with the
 bit-widths, calibration images and seed above (no reconstruction, so a point takes seconds) and is scored on
@@ -69,11 +74,20 @@ def sweep_figure(frame: pd.DataFrame) -> go.Figure:
     return figure
 
 
+def sweep_json(folder: Path, header: dict, frame: pd.DataFrame) -> Path:
+    """The sweep's points with what reproduces them (model, config, calibration, images, hardware, versions, date)
+    as one JSON file, named by its settings (written beside and renamed: the page may be fetching the last one)."""
+    settings = {key: value for key, value in header.items() if key not in ("versions", "date")}
+    return download_file(folder, "sweep", ".json", sorted(settings.items()),
+                         json.dumps({**header, "points": frame.to_dict("records")}, indent=2) + "\n")
+
+
 def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio, calib_source: gr.Dropdown,
                         calib_count: gr.Number, seed: gr.Number, max_calib: int) -> None:
     """The section, under the Quantize tab's controls it reads (``max_calib``: the tab's limit on
     calibration images)."""
-    kept = RecentResults[tuple[str, pd.DataFrame]](KEPT_SWEEPS)
+    kept = RecentResults[tuple[str, pd.DataFrame, str]](KEPT_SWEEPS)
+    json_folder = Path(tempfile.mkdtemp(prefix="ouromamba-sweeps-"))
 
     def sweep(ws: Workspace, w: int, a: int, source: str, count: float | None, seed_value: float | None,
               ks_text: str, refresh_text: str, images: float | None, run: Run | None,
@@ -96,8 +110,8 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
                 raise StudioError("the calibration source (above) needs a value")
             key = json.dumps([ws.fingerprint, w, a, source, count, seed, ks, refreshes, images])
             if (earlier := kept.get(key)) is not None:
-                status, frame = earlier
-                return f"{status} Cached: swept earlier with the same settings.", sweep_figure(frame), frame
+                status, frame, saved = earlier
+                return f"{status} Cached: swept earlier with the same settings.", sweep_figure(frame), frame, saved
             base = QuantConfig(w_bits=int(w), a_bits=int(a), reconstruction=ReconstructionConfig(
                 epochs=0, seed=seed))
 
@@ -108,27 +122,32 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
                 cfg = ws.model.cfg
                 calib = calibration_images(source, count, seed, cfg.img_size, cfg.in_chans)
                 progress((0, len(ks) * len(refreshes)), desc="Sweeping", unit="points")
-                return fp, threshold_sweep(ws.model, base, calib, validation, ks, refreshes, fp.top1,
+                return fp, threshold_sweep(ws.model, base, calib, validation, ks, refreshes, fp.top1, SHARE_IMAGES,
                                            progress=lambda done, total: progress((done, total), desc="Sweeping",
                                                                                  unit="points"),
                                            cancel=run.cancel, eval_batch_size=100)
 
             fp, rows = on_engine(work, progress, run.cancel)
         except Cancelled as err:
-            return stopped(err), gr.skip(), gr.skip()
+            return stopped(err), gr.skip(), gr.skip(), gr.skip()
         except StudioError as err:
-            return error(err), gr.skip(), gr.skip()
+            return error(err), gr.skip(), gr.skip(), gr.skip()
         finally:
             run.done = True
         frame = pd.DataFrame(rows)
         standard_error = 100 * (fp.top1 / 100 * (1 - fp.top1 / 100) / fp.total) ** 0.5
         status = (f"W{w}A{a}O8 on the first {fp.total:,} validation images (FP32 {fp.top1:.2f} %), calibrated on "
                   f"{count} {source} images, seed {seed}, no reconstruction; 8-bit shares on the first "
-                  f"{min(256, fp.total)} of them; {fp.device}. A top-1 on {fp.total:,} images is uncertain by "
+                  f"{min(SHARE_IMAGES, fp.total)} of them; {fp.device}. A top-1 on {fp.total:,} images is uncertain by "
                   f"about ±{standard_error:.1f} points (one binomial standard error): smaller differences may be "
                   "noise.")
-        kept.put(key, (status, frame))
-        return status, sweep_figure(frame), frame
+        header = {**ws.provenance(), "setting": f"W{w}A{a}O8", "base_config": base.to_dict(),
+                  "calibration": {"source": source, "images": count, "seed": seed},
+                  "validation_images": fp.total, "fp_top1": round(fp.top1, 2),
+                  "outlier_images": min(SHARE_IMAGES, fp.total), "hardware": fp.device, **provenance()}
+        saved = str(sweep_json(json_folder, header, frame))  # gradio's File takes a str
+        kept.put(key, (status, frame, saved))
+        return status, sweep_figure(frame), frame, saved
 
     with gr.Accordion("Sweep k × n_refresh on validation images", open=False, elem_id="sweep"):
         gr.Markdown(EXPLAIN)
@@ -142,8 +161,9 @@ def build_sweep_section(workspace: gr.State, w_bits: gr.Radio, a_bits: gr.Radio,
         status = gr.Markdown("Pick the values and press **Sweep**.", elem_id="sweep-status")
         plot = gr.Plot(label="Accuracy against the outlier path", elem_id="sweep-plot")
         table = gr.Dataframe(label="Points", interactive=False, elem_id="sweep-table")
+        saved = gr.File(label="The points with their provenance (JSON)", elem_id="sweep-json")
     wire_run(run_button, cancel_button, gr.State(), sweep,
-             [workspace, w_bits, a_bits, calib_source, calib_count, seed, ks, refreshes, images], [status, plot, table],
-             "sweep")
-    workspace.change(lambda _: ("Pick the values and press **Sweep**.", None, None), workspace,
-                     [status, plot, table], api_visibility="private", concurrency_limit=None)
+             [workspace, w_bits, a_bits, calib_source, calib_count, seed, ks, refreshes, images],
+             [status, plot, table, saved], "sweep")
+    workspace.change(lambda _: ("Pick the values and press **Sweep**.", None, None, None), workspace,
+                     [status, plot, table, saved], api_visibility="private", concurrency_limit=None)

@@ -544,7 +544,7 @@ def test_the_sweep_scores_each_pair_on_validation_images_and_caches(served):
     """k × n_refresh with the tab's bits and calibration: one row and one plotted point per pair, scored on
     the held-out validation images; the same request again comes from the cache."""
     _, client = served
-    status, plot, table = client.predict(4, 4, "real", 8, 0, "2, 5", "10", 150, api_name="/sweep")
+    status, plot, table, saved = client.predict(4, 4, "real", 8, 0, "2, 5", "10", 150, api_name="/sweep")
     assert "W4A4O8 on the first 150 validation images" in status and "no reconstruction" in status
     assert re.search(r"uncertain by about ±\d\.\d points", status)
     rows = table["data"]
@@ -554,8 +554,15 @@ def test_the_sweep_scores_each_pair_on_validation_images_and_caches(served):
     assert rows[0][share] > rows[1][share] > 0  # a lower threshold keeps more channels at 8 bits
     figure = json.loads(plot["plot"])
     assert [trace["name"] for trace in figure["data"]] == ["n_refresh 10"] and len(figure["data"][0]["x"]) == 2
-    again = client.predict(4, 4, "real", 8, 0, "2, 5", "10", 150, api_name="/sweep")[0]
+    # the points travel with what reproduces them (the table alone named neither the model nor the versions)
+    record = json.loads(Path(saved).read_text())
+    assert [point["k"] for point in record["points"]] == [2.0, 5.0] and record["setting"] == "W4A4O8"
+    assert record["calibration"] == {"source": "real", "images": 8, "seed": 0} and record["validation_images"] == 150
+    assert record["model"] == "default_model" and record["fingerprint"] and record["versions"]["torch"]
+    assert record["base_config"]["reconstruction"]["epochs"] == 0 and record["outlier_images"] == 150
+    again, *_, saved_again = client.predict(4, 4, "real", 8, 0, "2, 5", "10", 150, api_name="/sweep")
     assert again.endswith("Cached: swept earlier with the same settings.")
+    assert json.loads(Path(saved_again).read_text())["points"] == record["points"]
 
 
 @pytest.mark.parametrize(("ks", "refreshes", "images", "expected"), [
@@ -568,7 +575,7 @@ def test_the_sweep_scores_each_pair_on_validation_images_and_caches(served):
 ])
 def test_the_sweeps_bad_input_is_one_line(served, ks: str, refreshes: str, images: int, expected: str):
     _, client = served
-    status, _, _ = client.predict(4, 4, "real", 8, 0, ks, refreshes, images, api_name="/sweep")
+    status, *_ = client.predict(4, 4, "real", 8, 0, ks, refreshes, images, api_name="/sweep")
     assert status.startswith("**Error:**") and expected in status and "\n" not in status
 
 
