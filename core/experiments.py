@@ -10,6 +10,7 @@ import copy
 import csv
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -239,10 +240,22 @@ def append_record(record: RunRecord, path: str | Path) -> None:
     """Add one run to a JSON-lines log (one record a line): every finished run is kept, whatever comes after,
     and the runs of earlier sessions stay beside it."""
     path = Path(path)
+    line = (json.dumps(asdict(record)) + "\n").encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(asdict(record)) + "\n")
+        with path.open("a+b", buffering=0) as log:
+            end = log.seek(0, os.SEEK_END)
+            if end:
+                log.seek(end - 1)  # appending writes at the end wherever the file is read
+                if log.read(1) != b"\n":
+                    line = b"\n" + line  # a line torn by an earlier crash stays on its own, not glued to this run
+            try:
+                written = 0
+                while written < len(line):
+                    written += log.write(line[written:])
+            except OSError:
+                log.truncate(end)  # a disk that filled mid-line: no torn line left behind
+                raise
     except OSError as err:
         raise StudioError(f"could not save the run to '{path}' ({err.strerror or err})") from None
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -372,6 +374,49 @@ def test_run_log_round_trip_and_errors(tmp_path: Path):
     blocked.write_text("")
     with pytest.raises(StudioError, match="could not save the run"):
         append_record(records[0], blocked / "runs.jsonl")
+
+
+def test_a_torn_line_in_the_run_log_never_swallows_the_next_run(tmp_path: Path):
+    """A crash mid-append left a line without its newline, and the next run's record was glued onto it: both
+    lost to the log's reader. The next record now starts a line of its own, so removing the torn line (what the
+    reader's message asks) keeps every run."""
+    log = tmp_path / "runs.jsonl"
+    first, second = _record(), _record(method="ptq4vm")
+    append_record(first, log)
+    with log.open("a") as f:
+        f.write('{"model": "torn')
+    append_record(second, log)
+    lines = log.read_text().splitlines()
+    assert lines[1] == '{"model": "torn' and RunRecord.from_dict(json.loads(lines[2])) == second
+    with pytest.raises(StudioError, match="line 2 of .* is not a run record"):
+        load_records(log)
+
+
+def test_a_disk_that_fills_mid_append_leaves_no_torn_line(tmp_path: Path):
+    """Out of space halfway through a record: the log is cut back to where it was (a file-size limit stands in
+    for the full disk, in a child process so that the limit and its signal stay there)."""
+    log = tmp_path / "runs.jsonl"
+    append_record(_record(), log)
+    before = log.read_bytes()
+    root = Path(__file__).resolve().parent.parent
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(root)!r})
+from core.errors import StudioError
+from core.experiments import append_record, load_records
+from pathlib import Path
+log = Path({str(log)!r})
+record = load_records(log)[0]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (log.stat().st_size + 100, resource.RLIM_INFINITY))
+try:
+    append_record(record, log)
+except StudioError as err:
+    print(err)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "could not save the run" in result.stdout, result.stderr
+    assert log.read_bytes() == before and len(load_records(log)) == 1
 
 
 def test_parse_overrides():
