@@ -29,6 +29,7 @@ from core.data.calibration import folder_image_files
 from core.errors import MAX_SEED, StudioError, check_seed
 from core.eval import Cancelled
 from core.gen import saved_sets
+from core.records import write_replacing
 from core.workspace import Workspace, fits_fashion_mnist
 
 Value = TypeVar("Value")
@@ -299,14 +300,10 @@ def calibration_dropdown(workspace: Workspace, **options) -> gr.Dropdown:
 
 def download_file(folder: Path, stem: str, suffix: str, settings: object, text: str) -> Path:
     """``text`` saved for the page to download as ``folder/<stem>_<digest of settings><suffix>``: one file per
-    distinct result, whatever its date. Written beside and renamed, since the page may be fetching the file that
-    the same result wrote before."""
+    distinct result, whatever its date (replaced whole: the page may be fetching the one the same result wrote
+    before)."""
     digest = hashlib.sha256(repr(settings).encode()).hexdigest()[:12]
-    path = folder / f"{stem}_{digest}{suffix}"
-    partial = path.with_name(f".{path.name}.{threading.get_ident()}")
-    partial.write_text(text)
-    os.replace(partial, path)
-    return path
+    return write_replacing(folder / f"{stem}_{digest}{suffix}", text)
 
 
 def typed_path(text: str | None) -> str:

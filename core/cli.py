@@ -4,7 +4,6 @@ input: one line, exit 2, before any work."""
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ from core.observe import dynamic_outlier_summary
 from core.quant import METHODS, SETTINGS, QuantConfig, ReconstructionConfig, quantize
 from core.quant.config import OUTLIER_METHODS, parse_overrides
 from core.quant.packed import agreement, pack, save_packed
-from core.records import provenance
+from core.records import provenance, rows_csv, write_replacing
 from core.workspace import architecture, checkpoint_label, fits_fashion_mnist
 
 
@@ -126,7 +125,7 @@ def cmd_card_eval(args: argparse.Namespace) -> None:
     result = evaluate(model, load_fashion_mnist("test", args.data), progress=_progress)
     card.update(test_top1=round(result.top1, 2), test_eval={**result.to_dict(),
                 "command": f"python -m core card-eval {directory}" + (f" --data {args.data}" if args.data else "")})
-    (directory / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    write_replacing(directory / CARD_FILE, json.dumps(card, indent=2) + "\n")
     print(f"test top-1 {result.top1:.2f}% ({result.correct}/{result.total}) in {result.seconds:.1f} s on "
           f"{result.device}; written to {directory / CARD_FILE}")
 
@@ -244,9 +243,9 @@ def cmd_outliers(args: argparse.Namespace) -> None:
                                                                   ascending=False)
     how = (f"inlier scales from {args.n_calib} {args.calib} images, seed {args.seed}; statistics on the first "
            f"{args.images} test images; a_bits {args.a_bits}, k {args.k}, n_refresh {args.n_refresh}")
-    with out.open("w", newline="") as f:  # provenance first, as '#' lines (pandas: read_csv(comment="#"))
-        f.write(f"# {checkpoint_label(checkpoint)}\n# {how}\n# {json.dumps(provenance())}\n")
-        summary.to_csv(f, index=False)
+    # provenance first, as '#' lines (pandas: read_csv(comment="#"))
+    write_replacing(out, f"# {checkpoint_label(checkpoint)}\n# {how}\n# {json.dumps(provenance())}\n"
+                         + summary.to_csv(index=False))
     print(summary.head(args.top).to_string(index=False))
     print(f"{len(summary)} sites → {out} ({how})")
 
@@ -291,12 +290,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     def finished(done: int, total: int) -> None:
         print(f"\r{done}/{total} points", file=sys.stderr, end="\n" if done == total else "", flush=True)
-        with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        json_path.write_text(json.dumps({**header, "points_done": f"{done} of {total}", "points": rows},
-                                        indent=2) + "\n")
+        write_replacing(csv_path, rows_csv(rows))
+        write_replacing(json_path, json.dumps({**header, "points_done": f"{done} of {total}", "points": rows},
+                                              indent=2) + "\n")
 
     threshold_sweep(model, base, calib, images, args.k, args.n_refresh, fp.top1, args.outlier_images,
                     progress=finished, rows=rows)

@@ -7,7 +7,6 @@ to reproduce it (model, config, calibration source/count/seed, data, versions, h
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from core.observe.probe import site_columns
 from core.quant import QuantConfig, QuantizedVim, quantize, quantized_sites
 from core.quant.config import OUTLIER_METHODS, Progress
 from core.quant.packed import PackedVim
-from core.records import checked_fields, utc_now, versions
+from core.records import checked_fields, rows_csv, utc_now, versions, write_replacing
 
 
 @dataclass
@@ -228,11 +227,8 @@ def write_records(records: list[RunRecord], directory: str | Path, name: str) ->
     directory.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = directory / f"{name}.csv", directory / f"{name}.json"
     rows = [{"run": run_label(i, r), "lowest SQNR": lowest_sqnr_text(r), **r.flat()} for i, r in enumerate(records)]
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path.write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
+    write_replacing(csv_path, rows_csv(rows))  # after every run: an interruption keeps the previous files whole
+    write_replacing(json_path, json.dumps([asdict(r) for r in records], indent=2) + "\n")
     return csv_path, json_path
 
 

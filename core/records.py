@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import platform
+import threading
 from dataclasses import fields
 from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 
@@ -67,3 +72,26 @@ def utc_now() -> str:
 def provenance() -> dict:
     """What every saved result carries besides its config: software versions and the date (UTC)."""
     return {"versions": versions(), "date": utc_now()}
+
+
+def write_replacing(path: Path, text: str) -> Path:
+    """``text`` as the file ``path``, written beside it and then renamed over it: an interruption or a full disk
+    leaves the previous file whole, and a reader (a page fetching it) never sees half of one. Each thread of each
+    process writes its own partial file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def rows_csv(rows: list[dict]) -> str:
+    """Rows of one shape as CSV text, their keys the header."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from core.error_figures import diagram_with_layer_menu, sqnr_heatmap
 from core.errors import StudioError
 from core.experiments import RunRecord, lowest_sqnr_text, run_label, scored_on, site_errors_frame
-from core.records import utc_now, versions
+from core.records import utc_now, versions, write_replacing
 
 SITE_ERROR_RUNS = 12  # the newest runs whose per-site errors a report draws (two figures each)
 FAKE_QUANT_NOTE = ("Fake-quant timings: quantizers are simulated in floating point, so these times show the "
@@ -204,7 +204,7 @@ def write_report(records: list[RunRecord], path: str | Path,
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(html_report(records, title), encoding="utf-8")
+        write_replacing(path, html_report(records, title))
     except OSError as err:
         raise StudioError(f"could not write the report to '{path}' ({err.strerror or err})") from None
     return path

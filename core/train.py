@@ -25,7 +25,7 @@ from core.data import load_fashion_mnist
 from core.data.fashion_mnist import split_validation
 from core.eval import evaluate, hardware_label
 from core.models import VisionMamba, create_vim, load_checkpoint, save_safetensors
-from core.records import utc_now
+from core.records import utc_now, write_replacing
 from core.ssm import SCAN_IMPLEMENTATIONS
 
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                 "date": utc_now(), **info}
         if status is not None:
             full["status"] = status
-        (args.out / "card.json").write_text(json.dumps(full, indent=2) + "\n")
+        write_replacing(args.out / "card.json", json.dumps(full, indent=2) + "\n")
 
     def checkpoint(model: VisionMamba, info: dict) -> None:
         write(model, info, f"in progress: epoch {len(info['history'])} of {info['epochs']}")

@@ -1,6 +1,8 @@
 """Calibration sources, run records and the quantize command line."""
 
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from core.cli import main
 from core.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, calibration_images, load_fashion_mnist
 from core.data.fashion_mnist import VALIDATION_SIZE
 from core.errors import StudioError
+from core.experiments import RunRecord, read_records, write_records
 
 
 def test_real_and_noise_sets_are_seeded_and_shaped():
@@ -189,3 +192,23 @@ def test_the_lowest_site_counts_minus_infinity_and_skips_exact_and_unmeasured_on
     frame.loc[frame["site"] == "a", "sqnr_db"] = -math.inf
     assert lowest_site(frame)["site"] == "a"
     assert lowest_site(frame.assign(sqnr_db=[math.inf, math.nan, math.inf, math.nan])) is None
+
+
+def test_records_written_after_every_run_survive_an_interrupted_write(tmp_path: Path, monkeypatch):
+    """The quantize command rewrites its .csv/.json after every run; a Ctrl-C or a full disk in the middle of
+    the write truncated the file and lost the runs before it. Now the previous file stays whole."""
+    first = [RunRecord(model="m", method="ouromamba", setting="W4A4", calibration={}, top1=1.0, fp_top1=2.0,
+                       delta_vs_fp=-1.0, test_images=1, calibration_seconds=0.0, eval_seconds=0.0, hardware="CPU",
+                       config={}, reconstruction=[], versions={}, date="2026-01-01")]
+    csv_path, json_path = write_records(first, tmp_path, "runs")
+    before = csv_path.read_text(), json_path.read_text()
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_records([*first, replace(first[0], method="ptq4vm")], tmp_path, "runs")
+    assert (csv_path.read_text(), json_path.read_text()) == before
+    assert read_records(json_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv", "runs.json"]  # no partial file left
