@@ -1,8 +1,9 @@
 """How long the app takes: to be ready (a fresh Python process imports the app, loads the default model, builds
 the page, starts the server and serves the first page; goal: ≤ 15 s on the 2-core CPU), and, with ``--job
-quantize``, to answer the Quantize tab's default run (OuroMamba W4A4O8, 128 real calibration images, 10
-reconstruction epochs, every test image): served (``python app.py`` in its own process, called through the API
-from this one, as a browser would press Quantize) and the same job function called directly (a fresh process with
+quantize``, to answer the Quantize tab's default configuration (OuroMamba W4A4O8, 128 real calibration
+images, 10 reconstruction epochs) scored on every test image (``--test-images 1000``: the page's own default
+count): served (``python app.py`` in its own process, called through the API from this one, as a browser would
+press Quantize) and the same job function called directly (a fresh process with
 app.py's threads: one OpenMP thread outside the engine, every core on it).
 
     python bench/bench_app.py [--repeats 3]
@@ -138,7 +139,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=whole(1), default=3, help="fresh processes to time (startup)")
     parser.add_argument("--job", choices=["startup", "quantize"], default="startup", help="what to time")
     parser.add_argument("--test-images", type=whole(1), default=10_000,
-                        help="test images the Quantize run scores (default: all of Fashion-MNIST's, as the page)")
+                        help="test images the Quantize run scores (default: all of Fashion-MNIST's; the page "
+                             "starts at 1000)")
     args = parser.parse_args()
     if args.job == "quantize":
         write_results("app_quantize", quantize_rows(args.test_images), machine_header(torch.device("cpu")),
