@@ -462,6 +462,24 @@ def test_reconstruction_can_keep_the_scales_of_grids_finer_than_4_bits(default_m
     assert grid_bits(torch.nn.Identity()) is None
 
 
+def test_reflected_scales_never_leave_a_channel_dead_under_the_floor(default_model_and_calibration):
+    """AdamW moves a scale by about lr a step: a small one crosses zero, where the fake quantizer's floor gives it no
+    gradient and its channel rounds to 0 for good (two of in_proj's output channels in the default run).
+    ``reflect_scales`` makes it |s| instead; off by default, so every committed result stays what it was. A large
+    lr makes the crossing certain on 16 images."""
+    assert ReconstructionConfig().reflect_scales is False
+    model, images = default_model_and_calibration
+    calibrated = quantize(model, QuantConfig(w_bits=4, a_bits=4, reconstruction=STATIC_ONLY), images)
+
+    def below_zero(reflect: bool) -> int:
+        qmodel = copy.deepcopy(calibrated)
+        reconstruct(qmodel, model, images, ReconstructionConfig(epochs=2, batch_size=8, lr=0.02,
+                                                                reflect_scales=reflect))
+        return sum(int((p <= 0).sum()) for p in qmodel.quantizers.parameters())
+
+    assert below_zero(False) > 0 and below_zero(True) == 0
+
+
 def test_reconstruction_can_be_cancelled(small_vim):
     import threading
 

@@ -35,7 +35,11 @@ class ReconstructionConfig:
     moves a scale by about lr a step whatever its size, so an 8-bit scale, ~18× smaller than a 4-bit one, moves
     far (x_proj's 8-bit weights fell from 44 to 8–15 dB SQNR), yet on held-out images that never cost top-1
     beyond the noise, and it rescued badly calibrated grids: kept at 4, static-outlier W8A8 on noise lost 2.4 points
-    (docs/method-decisions.md, results/quant/fine_grid_reconstruction.md)."""
+    (docs/method-decisions.md, results/quant/fine_grid_reconstruction.md). ``reflect_scales``: a scale that a step
+    takes below zero becomes |s| (in a quantizer without a floor, s and −s make the same grid, so it would keep
+    learning); off (the default, and every committed result), it stays under the fake quantizer's floor, where it
+    gets no gradient, and its channel rounds to zero for good (docs/method-decisions.md, "Scales that cross
+    zero")."""
 
     epochs: int = 10
     lr: float = 5e-4
@@ -44,6 +48,7 @@ class ReconstructionConfig:
     grad_clip: float = 2.0
     seed: int = 0
     max_learned_bits: int | None = None
+    reflect_scales: bool = False
 
     def __post_init__(self) -> None:
         check_types(self, "ReconstructionConfig")

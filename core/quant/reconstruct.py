@@ -93,6 +93,10 @@ def reconstruct(qmodel: QuantizedVim, fp_model: VisionMamba, calib_images: torch
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                     optimizer.step()
+                    if config.reflect_scales:
+                        with torch.no_grad():
+                            for scale in params:
+                                scale.abs_()
         with torch.no_grad():
             q_hidden, q_residual = q_block(q_hidden, q_residual)
             after = block_loss(target, _stream(q_hidden, q_residual)).item()
