@@ -175,13 +175,18 @@ def weight_figure(weights: dict[str, WeightGridView] | None, site: str | None) -
     bins = view.histogram
     figure.add_bar(x=((bins["bin_left"] + bins["bin_right"]) / 2).tolist(), y=bins["count"].tolist(), name="weights",
                    width=float(bins["bin_right"].iloc[0] - bins["bin_left"].iloc[0]), row=1, col=1)
-    channels = view.channels
+    floored, channels = view.channels[view.channels["floored"]], view.channels[~view.channels["floored"]]
     figure.add_scatter(x=channels["output_channel"].tolist(), y=channels["max_code"].tolist(), mode="markers",
                        name="output channels",
                        customdata=channels[["scale", "sqnr_db", "clipped"]].to_numpy(),
                        hovertemplate="channel %{x}: largest |W| %{y:.2f} steps<br>scale %{customdata[0]:.3g}, "
                                      "SQNR %{customdata[1]:.1f} dB, %{customdata[2]:.1%} clipped<extra></extra>",
                        row=1, col=2)
+    if len(floored):  # on the grid's end: their real |W| / scale is in the millions
+        figure.add_scatter(x=floored["output_channel"].tolist(), y=[last + 0.5] * len(floored), mode="markers",
+                           name="scale at the floor", marker={"symbol": "x", "color": "red", "size": 9},
+                           hovertemplate="channel %{x}: scale at the floor (reconstruction took it below zero), "
+                                         "so every weight rounds to 0<extra></extra>", row=1, col=2)
     for edge in (first - 0.5, last + 0.5):
         figure.add_vline(x=edge, line={"color": "black", "width": 1, "dash": "dash"}, row=1, col=1)
     figure.add_hline(y=last + 0.5, line={"color": "black", "width": 1, "dash": "dash"}, row=1, col=2)
@@ -189,8 +194,10 @@ def weight_figure(weights: dict[str, WeightGridView] | None, site: str | None) -
     figure.update_yaxes(title_text="|W| / scale", rangemode="tozero", row=1, col=2)
     figure.update_xaxes(title_text="W / s_W (codes)", row=1, col=1)
     figure.update_xaxes(title_text="output channel", row=1, col=2)
+    dead = (f"<br><sup>red ×: {len(floored)} channel(s) whose scale is at the floor round to 0</sup>"
+            if len(floored) else "")
     figure.update_layout(title=f"{site}: {bits}-bit grid (codes {first}…{last}), SQNR {view.sqnr_db:.1f} dB, "
-                               f"{view.clipped:.2%} of the weights clipped",
+                               f"{view.clipped:.2%} of the weights clipped{dead}",
                          height=340, showlegend=False, margin={"l": 60, "r": 10, "t": 70, "b": 40})
     return figure
 

@@ -15,6 +15,7 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
@@ -680,3 +681,22 @@ def test_the_weakest_quantizer_never_reads_minus_zero_db():
     """A per_tensor run's weakest site at −0.04 dB read '-0.0 dB'; below −0.05 the sign stays."""
     report = pd.DataFrame({"site": ["a", "b"], "sqnr_db": [-0.04, 3.0], "sqnr_db_vs_fp_model": [-0.3, 1.0]})
     assert lowest_sqnr_text(report) == "`a` 0.0 dB alone; `a` -0.3 dB against the FP model"
+
+
+def test_the_weight_plot_marks_channels_whose_scale_is_at_the_floor():
+    """The default run's first weight plot (layers.0.in_proj.weight) ran to ±12 million codes: two channels'
+    scales at the floor. They are drawn on the grid's end as red crosses and named in the title."""
+    from app.quantize_tab import weight_figure
+    from core.observe import weight_grid
+    from core.quant.quantizers import WeightQuantizer
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4)
+    quantizer = WeightQuantizer(weight, 4)
+    with torch.no_grad():
+        quantizer.scale[[1, 4]] = -0.004
+    figure = weight_figure({"w": weight_grid(weight, quantizer)}, "w")
+    crosses = [trace for trace in figure.data if trace.name == "scale at the floor"]
+    assert len(crosses) == 1 and list(crosses[0].x) == [1, 4] and set(crosses[0].y) == {7.5}
+    assert "2 channel(s) whose scale is at the floor round to 0" in figure.layout.title.text
+    assert max(max(trace.y) for trace in figure.data if trace.name == "output channels") < 10

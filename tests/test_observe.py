@@ -587,6 +587,20 @@ def test_weight_grid_measures_each_output_channel_in_its_own_steps(per_tensor: b
     assert view.sqnr_db == pytest.approx(sqnr_db(weight, quantizer(weight)))
 
 
+def test_a_channel_whose_scale_fell_below_zero_is_named_and_kept_out_of_the_histogram():
+    """Reconstruction can leave a scale below zero (docs/method-decisions.md, "scales that cross zero"): at the
+    floor its weights measure millions of steps, which stretched the histogram past reading."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4)
+    quantizer = WeightQuantizer(weight, 4)
+    with torch.no_grad():
+        quantizer.scale[3] = -0.004
+    view = weight_grid(weight, quantizer)
+    assert view.channels["floored"].tolist() == [False, False, False, True, False, False]
+    assert view.histogram["count"].sum() == 20 and view.histogram["bin_right"].max() < 10
+    assert view.channels["max_code"][3] > 1e6  # the channel's own numbers stay what they are
+
+
 def test_weight_grids_cover_every_quantized_projection_in_forward_order(tiny_ouromamba):
     model, qmodel, _ = tiny_ouromamba
     views = weight_grids(qmodel)

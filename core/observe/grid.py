@@ -145,7 +145,9 @@ class WeightGridView:
     """Result of :func:`weight_grid`. ``histogram``: ``bin_left, bin_right, count`` of the weights in codes of
     their output channel's (and group's) step. ``channels``: ``output_channel, scale`` (the largest of its
     groups'), ``max_code`` (its largest |W| in steps: above qmax + ½ it is clipped, far below it the grid is
-    under-used), ``clipped`` (share of its weights past the grid), ``sqnr_db``. ``codes``: the grid's ends."""
+    under-used), ``clipped`` (share of its weights past the grid), ``sqnr_db``, ``floored`` (its scale is at the
+    fake quantizer's floor, where reconstruction left it below zero: the channel rounds to 0, and the histogram
+    leaves its millions of steps out). ``codes``: the grid's ends."""
 
     histogram: pd.DataFrame
     channels: pd.DataFrame
@@ -164,6 +166,7 @@ def weight_grid(weight: torch.Tensor, quantizer: WeightQuantizer, bins: int = 12
     smoothed = quantizer.smoothed(weight)
     groups = columns // quantizer.group_size
     scale = quantizer.scale.detach().clamp(min=MIN_SCALE).expand(rows, groups, 1)  # one per tensor, or per group
+    floored = (scale.reshape(rows, -1) <= MIN_SCALE).any(1)
     codes = (smoothed.reshape(rows, -1, quantizer.group_size) / scale).reshape(rows, -1)
     first, last = -int(quantizer.qmax), int(quantizer.qmax)
     clipped = _off_grid(codes, first, last)
@@ -175,8 +178,10 @@ def weight_grid(weight: torch.Tensor, quantizer: WeightQuantizer, bins: int = 12
         "max_code": codes.abs().amax(1).cpu().numpy(),
         "clipped": clipped.float().mean(1).cpu().numpy(),
         "sqnr_db": _sqnr_db(signal, noise),
+        "floored": floored.cpu().numpy(),
     })
-    return WeightGridView(histogram(codes, bins, value_range=_code_range(codes, first, last)), channels,
+    shown = codes[~floored]
+    return WeightGridView(histogram(shown, bins, value_range=_code_range(shown, first, last)), channels,
                           (first, last), float(_sqnr_db(signal.sum(), noise.sum())), float(clipped.float().mean()))
 
 
