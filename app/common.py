@@ -323,9 +323,10 @@ def count_for_source(source: str | None, count: float | None) -> int | dict:
     """The calibration-count box after a source is picked: lowered to the size of a smaller folder (a set of 16
     from Synthesize against the default 128: the engine refuses to calibrate on more images than a folder
     holds), with a note; unchanged otherwise."""
-    folder = Path(typed_path(source))
-    if source in BUILTIN_SOURCES or not typed_path(source) or not folder.is_dir() or count is None:
+    path = typed_path(source)
+    if source in BUILTIN_SOURCES or not path or not Path(path).is_dir() or count is None:
         return gr.skip()
+    folder = Path(path)
     size = len(folder_image_files(folder))
     if not 0 < size < count:
         return gr.skip()
