@@ -172,7 +172,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                            **(rule if method in OUTLIER_METHODS else {}),
                            release_compatible=args.release_compatible,
                            quantize_state=args.quantize_state, overrides=overrides,
-                           reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
+                           reconstruction=_reconstruction(args))
                for method in args.method for w_bits, a_bits in settings]
     for config in configs:
         check_runnable(model, config)
@@ -210,7 +210,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
     cfg = model.cfg
     w_bits, a_bits = SETTINGS[args.setting]
     config = QuantConfig(w_bits=w_bits, a_bits=a_bits, k=args.k, n_refresh=args.n_refresh,
-                         reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
+                         reconstruction=_reconstruction(args))
     calib = calibration_images(args.calib, args.n_calib, args.seed, cfg.img_size, cfg.in_chans, args.data)
     print(f"{config.label}: calibrating on {args.n_calib} {args.calib} images", file=sys.stderr)
     qmodel = quantize(model, config, calib)
@@ -261,7 +261,8 @@ def _sweep_command(args: argparse.Namespace) -> str:
     return (f"python -m core sweep {_shown_path(args.checkpoint)} --setting {args.setting} "
             f"--k {' '.join(map(str, args.k))} "
             f"--n-refresh {' '.join(map(str, args.n_refresh))} --calib {args.calib} --n-calib {args.n_calib} "
-            f"--recon-epochs {args.recon_epochs} --seed {args.seed} --val {args.val} "
+            f"--recon-epochs {args.recon_epochs}{' --reflect-scales' if args.reflect_scales else ''} "
+            f"--seed {args.seed} --val {args.val} "
             f"--outlier-images {args.outlier_images} --out {args.out}" + (f" --data {args.data}" if args.data else ""))
 
 
@@ -275,7 +276,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     cfg = model.cfg
     w_bits, a_bits = SETTINGS[args.setting]
     base = QuantConfig(w_bits=w_bits, a_bits=a_bits,
-                       reconstruction=ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed))
+                       reconstruction=_reconstruction(args))
     calib = calibration_images(args.calib, args.n_calib, args.seed, cfg.img_size, cfg.in_chans, args.data)
     images = load_validation(args.data).subset(args.val)
     fp = evaluate(model, images)
@@ -376,6 +377,14 @@ def _calibration(command: argparse.ArgumentParser, epochs: int | None) -> None:
     if epochs is not None:
         command.add_argument("--recon-epochs", type=whole(0), default=epochs,
                              help="block reconstruction epochs (0: none)")
+        command.add_argument("--reflect-scales", action="store_true",
+                             help="a scale that reconstruction takes below zero becomes |s| instead of staying under "
+                                  "the floor with its channel rounded to 0 (docs/method-decisions.md)")
+
+
+def _reconstruction(args: argparse.Namespace) -> ReconstructionConfig:
+    """The reconstruction that ``_calibration``'s options ask for."""
+    return ReconstructionConfig(epochs=args.recon_epochs, seed=args.seed, reflect_scales=args.reflect_scales)
 
 
 def _rule(command: argparse.ArgumentParser, several: bool = False) -> None:

@@ -78,6 +78,18 @@ def test_quantize_command_writes_records_with_provenance(tmp_path: Path, capsys)
     assert all(0.9 < r["cosine"] <= 1 and r["cosine_vs_fp_model"] <= 1 for r in errors["rows"])
 
 
+def test_quantize_command_can_reflect_scales_and_records_it(tmp_path: Path, capsys):
+    """--reflect-scales reaches the reconstruction and the record (which `rerun` rebuilds the run from); without
+    it the record says False, as every run before the option."""
+    for name, flag in (("reflected", ["--reflect-scales"]), ("plain", [])):
+        assert main(["quantize", "--setting", "W4A4", "--limit", "20", "--n-calib", "8", "--recon-epochs", "1",
+                     *flag, "--out", str(tmp_path), "--name", name]) == 0
+    capsys.readouterr()
+    reflected, plain = (json.loads((tmp_path / f"{name}.json").read_text())[0] for name in ("reflected", "plain"))
+    assert reflected["config"]["reconstruction"]["reflect_scales"] is True
+    assert plain["config"]["reconstruction"]["reflect_scales"] is False
+
+
 def test_quantize_command_can_score_on_the_held_out_validation_images(tmp_path: Path, capsys):
     """--eval-split val: the records say which images scored them, and they are not the test images."""
     args = ["quantize", "--method", "per_tensor", "--setting", "W8A8", "--limit", "30", "--n-calib", "4",
