@@ -412,9 +412,7 @@ def seed_of(value: float | None) -> int:
         raise StudioError("the seed needs a value")
     if not float(value).is_integer():
         raise StudioError(f"the seed must be a whole number (got {value})")
-    if not 0 <= value <= MAX_SEED:
-        raise StudioError(f"the seed must be a whole number from 0 to {MAX_SEED:,} (got {_typed(value)})")
-    return check_seed(int(value))
+    return check_seed(int(value) if abs(value) <= MAX_SEED else value)  # 1e30 is refused as 1e+30, not 31 digits
 
 
 def error(message: object) -> str:
